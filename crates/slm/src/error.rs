@@ -1,0 +1,67 @@
+//! One error type for the library. Every variant that comes from a file names the file, so the
+//! binary can print a single line that tells the user what to fix.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Something is wrong inside a file: malformed, truncated, or inconsistent with the config.
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("unknown architecture '{found}' (from {origin}); supported: {supported}")]
+    UnknownArchitecture {
+        found: String,
+        origin: String,
+        supported: String,
+    },
+
+    #[error("prompt has {tokens} tokens but the model's context length is {context}")]
+    ContextOverflow { tokens: usize, context: usize },
+
+    #[error("{0}")]
+    Msg(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
+        Error::File {
+            path: path.into(),
+            msg: msg.to_string(),
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn msg(msg: impl std::fmt::Display) -> Self {
+        Error::Msg(msg.to_string())
+    }
+}
+
+/// Attaches a file to errors from crates that do not know which file they were reading.
+pub trait Context<T> {
+    fn in_file(self, path: &std::path::Path) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
+    fn in_file(self, path: &std::path::Path) -> Result<T> {
+        self.map_err(|e| Error::file(path, e))
+    }
+}

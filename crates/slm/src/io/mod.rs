@@ -1,0 +1,119 @@
+//! Reading model files: folder discovery, and one `WeightStore` per weight format, so models
+//! never know whether their tensors came from safetensors, a PyTorch zip-pickle or GGUF.
+
+pub mod folder;
+pub mod gguf;
+pub mod pickle;
+pub mod safetensors;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+pub use folder::{ModelFiles, WeightFormat};
+
+/// A weight exactly as stored when it is block-quantized: raw GGUF blocks, row-major, one row per
+/// output feature. Kept as bytes so our own kernels can run on it without a copy.
+#[derive(Debug)]
+pub struct QuantWeight {
+    pub dtype: GgmlDType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<u8>,
+}
+
+impl QuantWeight {
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.dtype.block_size() * self.dtype.type_size()
+    }
+
+    /// Reorders whole rows; quantization blocks never cross rows, so this is exact.
+    pub fn permute_rows(&mut self, src_of_dst: &[usize]) {
+        let rb = self.row_bytes();
+        let mut out = vec![0u8; self.data.len()];
+        for (dst, &src) in src_of_dst.iter().enumerate() {
+            out[dst * rb..(dst + 1) * rb].copy_from_slice(&self.data[src * rb..(src + 1) * rb]);
+        }
+        self.data = out;
+    }
+
+    pub fn to_qtensor(&self) -> Result<candle_core::quantized::QTensor> {
+        Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+            self.dtype,
+            &self.data,
+            vec![self.rows, self.cols],
+            &Device::Cpu,
+        )?)
+    }
+
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Ok(self.to_qtensor()?.dequantize(&Device::Cpu)?)
+    }
+}
+
+/// A loaded tensor: dense (always f32 in memory) or still quantized.
+pub enum Weight {
+    Dense(Tensor),
+    Quant(QuantWeight),
+}
+
+impl Weight {
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Weight::Dense(t) => t.dims().to_vec(),
+            Weight::Quant(q) => vec![q.rows, q.cols],
+        }
+    }
+
+    pub fn into_dense(self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t),
+            Weight::Quant(q) => q.dequantize(),
+        }
+    }
+}
+
+/// What `slm info` reports per tensor.
+#[derive(Debug, Clone)]
+pub struct TensorMeta {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+/// A source of named tensors. Names are the format's own names; `models::names` maps HF names to
+/// GGUF names where they differ.
+pub trait WeightStore: Send + Sync {
+    /// The file a tensor lives in, for error messages.
+    fn file_of(&self, name: &str) -> &Path;
+    fn tensors(&self) -> Vec<TensorMeta>;
+    fn contains(&self, name: &str) -> bool;
+    /// Loads a tensor; block-quantized tensors stay quantized when `keep_quant` is set and are
+    /// dequantized to f32 otherwise. Dense tensors are always converted to f32.
+    fn load(&self, name: &str, keep_quant: bool) -> Result<Weight>;
+}
+
+pub(crate) fn to_f32(t: Tensor) -> Result<Tensor> {
+    Ok(if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.to_dtype(DType::F32)?
+    })
+}
+
+/// Opens the weights of a located model.
+pub fn open_weights(files: &ModelFiles) -> Result<Arc<dyn WeightStore>> {
+    Ok(match &files.format {
+        WeightFormat::Safetensors(paths) => Arc::new(safetensors::SafetensorsStore::open(paths)?),
+        WeightFormat::PyTorch(paths) => Arc::new(pickle::PickleStore::open(paths)?),
+        WeightFormat::Gguf(path) => Arc::new(gguf::GgufFile::open(path)?),
+    })
+}
+
+pub(crate) fn missing(path: &Path, name: &str) -> Error {
+    Error::file(path, format!("tensor '{name}' not found"))
+}

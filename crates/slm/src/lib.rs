@@ -1,0 +1,23 @@
+//! slm: small language models on the CPU.
+//!
+//! The data flow: [`io`] finds and reads model files, [`models`] builds a family from a config
+//! and a weight store using the shared layers in [`nn`], [`tokenize`] turns text into ids and
+//! renders chat templates, and [`generate`] samples continuations.
+
+pub mod error;
+pub mod generate;
+pub mod io;
+pub mod models;
+pub mod nn;
+pub mod tokenize;
+
+pub use error::{Error, Result};
+
+/// Where tests and examples find the shared assets: `$SLM_ASSETS`, default `../shared/assets`
+/// relative to the workspace root.
+pub fn assets_dir() -> std::path::PathBuf {
+    match std::env::var_os("SLM_ASSETS") {
+        Some(p) => p.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/assets"),
+    }
+}

@@ -1,0 +1,229 @@
+//! Model families and the one entry point that builds the right one from a model's files.
+
+pub mod gpt2;
+pub mod llama;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::error::{Context, Error, Result};
+use crate::io::gguf::GgufFile;
+use crate::io::{open_weights, ModelFiles, WeightFormat, WeightStore};
+use crate::nn::Vb;
+
+/// A decoder-only language model with a KV cache.
+pub trait CausalLM: Send {
+    /// Runs `ids` at positions `pos..`, appending to the cache (which must hold exactly `pos`
+    /// positions). Returns logits `[t, vocab]` when `all_logits`, else `[1, vocab]` for the last
+    /// position only, which spares the large head matmul over the prompt.
+    fn forward(&mut self, ids: &[u32], pos: usize, all_logits: bool) -> Result<Tensor>;
+    fn clear_cache(&mut self);
+    fn context_length(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+}
+
+pub(crate) fn check_context(needed: usize, context: usize) -> Result<()> {
+    if needed > context {
+        return Err(Error::ContextOverflow {
+            tokens: needed,
+            context,
+        });
+    }
+    Ok(())
+}
+
+/// The families slm builds, as named by HF `model_type` and GGUF `general.architecture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Gpt2,
+    Llama(llama::Variant),
+}
+
+pub const SUPPORTED: &str = "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3";
+
+impl Architecture {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "gpt2" | "GPT2LMHeadModel" | "GPT2Model" => Architecture::Gpt2,
+            "llama" | "mistral" | "LlamaForCausalLM" | "MistralForCausalLM" => {
+                Architecture::Llama(llama::Variant::Llama)
+            }
+            "qwen2" | "Qwen2ForCausalLM" => Architecture::Llama(llama::Variant::Qwen2),
+            "phi3" | "Phi3ForCausalLM" => Architecture::Llama(llama::Variant::Phi3),
+            _ => return None,
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::Gpt2 => "gpt2",
+            Architecture::Llama(llama::Variant::Llama) => "llama",
+            Architecture::Llama(llama::Variant::Qwen2) => "qwen2",
+            Architecture::Llama(llama::Variant::Phi3) => "phi3",
+        }
+    }
+}
+
+/// The model's configuration as a family understands it.
+#[derive(Debug, Clone)]
+pub enum ModelConfig {
+    Gpt2(gpt2::Config),
+    Llama(llama::Config),
+}
+
+impl ModelConfig {
+    pub fn architecture(&self) -> Architecture {
+        match self {
+            ModelConfig::Gpt2(_) => Architecture::Gpt2,
+            ModelConfig::Llama(c) => Architecture::Llama(c.variant),
+        }
+    }
+
+    pub fn context_length(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.n_positions,
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.vocab_size,
+            ModelConfig::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// Reads config.json; a missing key is reported with the key's name by serde.
+    pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).in_file(path)?;
+        let model_type = json.get("model_type").and_then(|v| v.as_str());
+        let first_arch = json
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|v| v.as_str());
+        let found = model_type.or(first_arch).unwrap_or("<none>");
+        let arch = model_type
+            .and_then(Architecture::from_name)
+            .or_else(|| first_arch.and_then(Architecture::from_name))
+            .ok_or_else(|| Error::UnknownArchitecture {
+                found: found.to_string(),
+                origin: path.display().to_string(),
+                supported: SUPPORTED.to_string(),
+            })?;
+        Ok(match arch {
+            Architecture::Gpt2 => ModelConfig::Gpt2(serde_json::from_value(json).in_file(path)?),
+            Architecture::Llama(variant) => {
+                let mut c: llama::Config = serde_json::from_value(json).in_file(path)?;
+                c.variant = variant;
+                ModelConfig::Llama(c)
+            }
+        })
+    }
+
+    /// Builds the config from GGUF metadata (`{arch}.*` keys), as llama.cpp reads it.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let name = g.architecture()?;
+        let arch = Architecture::from_name(name).ok_or_else(|| Error::UnknownArchitecture {
+            found: name.to_string(),
+            origin: format!("{} general.architecture", g.path.display()),
+            supported: SUPPORTED.to_string(),
+        })?;
+        let key = |k: &str| format!("{name}.{k}");
+        let req = |k: &str| g.require_u64(&key(k)).map(|v| v as usize);
+        let vocab_size = match g.meta("tokenizer.ggml.tokens") {
+            Some(v) => v.to_vec().map(|v| v.len()).unwrap_or(0),
+            None => req("vocab_size")?,
+        };
+        let heads = req("attention.head_count")?;
+        Ok(match arch {
+            Architecture::Gpt2 => ModelConfig::Gpt2(gpt2::Config {
+                vocab_size,
+                n_positions: req("context_length")?,
+                n_embd: req("embedding_length")?,
+                n_layer: req("block_count")?,
+                n_head: heads,
+                n_inner: Some(req("feed_forward_length")?),
+                layer_norm_epsilon: g.meta_f64(&key("attention.layer_norm_epsilon")).unwrap_or(1e-5),
+                activation_function: crate::nn::Activation::GeluNew,
+            }),
+            Architecture::Llama(variant) => {
+                let hidden = req("embedding_length")?;
+                let head_dim = g
+                    .meta_u64(&key("attention.key_length"))
+                    .map(|v| v as usize)
+                    .filter(|&d| d != hidden / heads);
+                ModelConfig::Llama(llama::Config {
+                    vocab_size,
+                    hidden_size: hidden,
+                    intermediate_size: req("feed_forward_length")?,
+                    num_hidden_layers: req("block_count")?,
+                    num_attention_heads: heads,
+                    num_key_value_heads: g.meta_u64(&key("attention.head_count_kv")).map(|v| v as usize),
+                    head_dim,
+                    max_position_embeddings: req("context_length")?,
+                    rms_norm_eps: g
+                        .meta_f64(&key("attention.layer_norm_rms_epsilon"))
+                        .unwrap_or(1e-5),
+                    rope_theta: g.meta_f64(&key("rope.freq_base")).unwrap_or(10000.0),
+                    rope_scaling: None,
+                    tie_word_embeddings: !g.content.tensor_infos.contains_key("output.weight"),
+                    attention_bias: false,
+                    mlp_bias: false,
+                    sliding_window: None,
+                    use_sliding_window: None,
+                    hidden_act: crate::nn::Activation::Silu,
+                    variant,
+                })
+            }
+        })
+    }
+}
+
+/// A model ready to run: its config, its weights' origin and the network itself.
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub files: ModelFiles,
+    pub weights: Arc<dyn WeightStore>,
+    pub model: Box<dyn CausalLM>,
+}
+
+/// How to hold the weights in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDtype {
+    /// Keep GGUF block-quantized weights quantized and use quantized matmuls (fast).
+    #[default]
+    Auto,
+    /// Dequantize everything to f32 (exact reference arithmetic).
+    F32,
+}
+
+pub fn config_of(files: &ModelFiles, weights: &Arc<dyn WeightStore>) -> Result<ModelConfig> {
+    match (&files.format, &files.config) {
+        (_, Some(cfg)) => ModelConfig::from_hf_json(cfg),
+        (WeightFormat::Gguf(p), None) => ModelConfig::from_gguf(&GgufFile::open(p)?),
+        _ => {
+            let _ = weights;
+            Err(Error::file(&files.root, "config.json not found"))
+        }
+    }
+}
+
+pub fn load_causal(path: &Path, dtype: ComputeDtype) -> Result<LoadedModel> {
+    let files = ModelFiles::locate(path)?;
+    let weights = open_weights(&files)?;
+    let config = config_of(&files, &weights)?;
+    let vb = Vb::new(weights.clone(), dtype == ComputeDtype::Auto);
+    let model: Box<dyn CausalLM> = match &config {
+        ModelConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(c, &vb)?),
+        ModelConfig::Llama(c) => Box::new(llama::Llama::new(c, &vb)?),
+    };
+    Ok(LoadedModel {
+        config,
+        files,
+        weights,
+        model,
+    })
+}

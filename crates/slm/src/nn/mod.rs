@@ -1,0 +1,19 @@
+//! Layers shared by every model family. A family file wires these together under HF weight names;
+//! none of them knows which file format its weights came from.
+
+pub mod activation;
+pub mod attention;
+pub mod linear;
+pub mod mlp;
+pub mod norm;
+pub mod qmatmul;
+pub mod rope;
+pub mod vb;
+
+pub use activation::Activation;
+pub use attention::{Attention, QkvProj};
+pub use linear::{Embedding, Linear};
+pub use mlp::Mlp;
+pub use norm::{LayerNorm, RmsNorm};
+pub use rope::{Rope, RopeScaling};
+pub use vb::Vb;

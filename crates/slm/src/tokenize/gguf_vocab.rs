@@ -1,0 +1,159 @@
+//! Tokenizers rebuilt from GGUF metadata (`tokenizer.ggml.*`), as `tokenizer.json` documents in the
+//! shape transformers' converters write, so the same `tokenizers` engine runs them.
+
+use serde_json::{json, Value};
+
+use super::spm::{self, Piece};
+use crate::error::{Error, Result};
+use crate::io::gguf::GgufFile;
+
+fn strings(g: &GgufFile, key: &str) -> Result<Option<Vec<String>>> {
+    let Some(v) = g.meta(key) else { return Ok(None) };
+    let arr = v
+        .to_vec()
+        .map_err(|_| Error::file(&g.path, format!("'{key}' is not an array")))?;
+    arr.iter()
+        .map(|x| {
+            x.to_string()
+                .cloned()
+                .map_err(|_| Error::file(&g.path, format!("'{key}' holds a non-string")))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn numbers(g: &GgufFile, key: &str) -> Vec<f64> {
+    use candle_core::quantized::gguf_file::Value as V;
+    let Some(Ok(arr)) = g.meta(key).map(|v| v.to_vec()) else {
+        return Vec::new();
+    };
+    arr.iter()
+        .map(|x| match x {
+            V::F32(f) => *f as f64,
+            V::I32(i) => *i as f64,
+            V::U32(i) => *i as f64,
+            V::I8(i) => *i as f64,
+            V::U8(i) => *i as f64,
+            _ => 0.0,
+        })
+        .collect()
+}
+
+/// The `tokenizer.json` for a GGUF file's vocabulary.
+pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
+    let model = g
+        .meta_str("tokenizer.ggml.model")
+        .ok_or_else(|| Error::file(&g.path, "no tokenizer in GGUF metadata ('tokenizer.ggml.model' missing)"))?;
+    let tokens = strings(g, "tokenizer.ggml.tokens")?
+        .ok_or_else(|| Error::file(&g.path, "'tokenizer.ggml.tokens' missing"))?;
+    let types: Vec<i32> = numbers(g, "tokenizer.ggml.token_type").iter().map(|&t| t as i32).collect();
+    let kind = |i: usize| types.get(i).copied().unwrap_or(1);
+    match model {
+        "gpt2" => {
+            let merges = strings(g, "tokenizer.ggml.merges")?
+                .ok_or_else(|| Error::file(&g.path, "'tokenizer.ggml.merges' missing"))?;
+            let merges: Vec<Value> = merges
+                .iter()
+                .map(|m| {
+                    let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+                    json!([a, b])
+                })
+                .collect();
+            let vocab: serde_json::Map<String, Value> =
+                tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+            let added: Vec<Value> = (0..tokens.len())
+                .filter(|&i| matches!(kind(i), 3 | 4))
+                .map(|i| super::added_token(i as u32, &tokens[i], kind(i) == 3))
+                .collect();
+            let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or("default");
+            Ok(json!({
+                "version": "1.0",
+                "added_tokens": added,
+                "normalizer": null,
+                "pre_tokenizer": byte_level_pre_tokenizer(pre),
+                "post_processor": null,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {
+                    "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                    "ignore_merges": pre == "llama-bpe", "vocab": vocab, "merges": merges
+                }
+            }))
+        }
+        "llama" => {
+            let scores = numbers(g, "tokenizer.ggml.scores");
+            let pieces: Vec<Piece> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Piece {
+                    text: t.clone(),
+                    score: scores.get(i).copied().unwrap_or(0.0) as f32,
+                    kind: kind(i),
+                })
+                .collect();
+            let unk = g
+                .meta_u64("tokenizer.ggml.unknown_token_id")
+                .and_then(|i| tokens.get(i as usize))
+                .map(|s| s.as_str());
+            spm::tokenizer_json(&pieces, unk)
+        }
+        "bert" => {
+            // llama.cpp stores word-initial pieces with a leading "▁" and continuation pieces
+            // without WordPiece's "##"; undo that to get the original vocab.txt.
+            let vocab: serde_json::Map<String, Value> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let orig = if t.starts_with('[') && t.ends_with(']') {
+                        t.clone()
+                    } else if let Some(rest) = t.strip_prefix('\u{2581}') {
+                        rest.to_string()
+                    } else {
+                        format!("##{t}")
+                    };
+                    (orig, json!(i))
+                })
+                .collect();
+            let added: Vec<Value> = (0..tokens.len())
+                .filter(|&i| kind(i) == 3)
+                .map(|i| super::added_token(i as u32, &tokens[i], true))
+                .collect();
+            Ok(json!({
+                "version": "1.0",
+                "added_tokens": added,
+                "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                               "strip_accents": null, "lowercase": true},
+                "pre_tokenizer": {"type": "BertPreTokenizer"},
+                "post_processor": null,
+                "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+                "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                          "max_input_chars_per_word": 100, "vocab": vocab}
+            }))
+        }
+        other => Err(Error::file(
+            &g.path,
+            format!("tokenizer model '{other}' is not supported (supported: gpt2, llama, bert)"),
+        )),
+    }
+}
+
+/// The pre-tokenizer HF uses for each of llama.cpp's `tokenizer.ggml.pre` names.
+fn byte_level_pre_tokenizer(pre: &str) -> Value {
+    let byte_level = |regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex})
+    };
+    let split = |pattern: &str| {
+        json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
+    };
+    match pre {
+        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        _ => byte_level(true),
+    }
+}

@@ -1,0 +1,270 @@
+//! Tokenizers from every place a model keeps one: `tokenizer.json`, GPT-2 style `vocab.json` +
+//! `merges.txt` (or `encoder.json` + `vocab.bpe`), SentencePiece `tokenizer.model`, and GGUF
+//! metadata. All become a HF `tokenizers` pipeline, so ids equal transformers'.
+
+pub mod chat;
+pub mod gguf_vocab;
+pub mod spm;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde_json::{json, Value};
+
+use crate::error::{Context, Error, Result};
+use crate::io::gguf::GgufFile;
+use crate::io::{ModelFiles, WeightFormat};
+
+pub use chat::{ChatTemplate, Message};
+
+pub(crate) fn added_token(id: u32, content: &str, special: bool) -> Value {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+           "normalized": !special, "special": special})
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Where the tokenizer came from, for error messages.
+    pub origin: PathBuf,
+    pub bos: Option<u32>,
+    /// Every id that ends generation (the EOS token, plus generation_config's list).
+    pub eos: Vec<u32>,
+    /// Whether BOS/EOS are added by us (GGUF and legacy files) rather than by the tokenizer's own
+    /// post-processor (tokenizer.json).
+    manual_specials: bool,
+    pub add_bos: bool,
+    pub add_eos: bool,
+    pub chat_template: Option<String>,
+}
+
+fn from_json(doc: &Value, origin: &Path) -> Result<tokenizers::Tokenizer> {
+    tokenizers::Tokenizer::from_str(&doc.to_string())
+        .map_err(|e| Error::file(origin, format!("cannot build tokenizer: {e}")))
+}
+
+/// A `tokenizer.json` for GPT-2's original files: a byte-level BPE with the GPT-2 regex.
+pub fn gpt2_json(vocab: &Path, merges: &Path) -> Result<Value> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(vocab).map_err(|e| Error::io(vocab, e))?)
+        .in_file(vocab)?;
+    let text = std::fs::read_to_string(merges).map_err(|e| Error::io(merges, e))?;
+    let merges: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap_or((l, ""));
+            json!([a, b])
+        })
+        .collect();
+    Ok(json!({
+        "version": "1.0", "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": v, "merges": merges}
+    }))
+}
+
+/// A token given in tokenizer_config.json as a string or as `{"content": ...}`.
+fn token_str(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(String::from),
+        _ => None,
+    }
+}
+
+fn ids_of(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).in_file(path)
+}
+
+impl Tokenizer {
+    pub fn from_tokenizer(inner: tokenizers::Tokenizer, origin: PathBuf) -> Self {
+        Self {
+            inner,
+            origin,
+            bos: None,
+            eos: Vec::new(),
+            manual_specials: true,
+            add_bos: false,
+            add_eos: false,
+            chat_template: None,
+        }
+    }
+
+    /// The tokenizer of a located model.
+    pub fn load(files: &ModelFiles) -> Result<Self> {
+        match &files.format {
+            WeightFormat::Gguf(p) if files.file("tokenizer.json").is_none() => Self::from_gguf(&GgufFile::open(p)?),
+            _ => Self::from_hf_folder(&files.root),
+        }
+    }
+
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let doc = gguf_vocab::tokenizer_json(g)?;
+        let mut t = Self::from_tokenizer(from_json(&doc, &g.path)?, g.path.clone());
+        let id = |k: &str| g.meta_u64(k).map(|v| v as u32);
+        t.bos = id("tokenizer.ggml.bos_token_id");
+        t.eos = [id("tokenizer.ggml.eos_token_id"), id("tokenizer.ggml.eot_token_id")]
+            .into_iter()
+            .flatten()
+            .collect();
+        t.eos.dedup();
+        let spm = g.meta_str("tokenizer.ggml.model") == Some("llama");
+        t.add_bos = g.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(spm);
+        t.add_eos = g.meta_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        t.chat_template = g.meta_str("tokenizer.chat_template").map(String::from);
+        Ok(t)
+    }
+
+    pub fn from_hf_folder(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        let mut t = if tj.exists() {
+            let inner = tokenizers::Tokenizer::from_file(&tj)
+                .map_err(|e| Error::file(&tj, format!("cannot read tokenizer: {e}")))?;
+            let mut t = Self::from_tokenizer(inner, tj.clone());
+            t.manual_specials = false;
+            t
+        } else if let Some((v, m)) = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
+            .iter()
+            .map(|(v, m)| (dir.join(v), dir.join(m)))
+            .find(|(v, m)| v.exists() && m.exists())
+        {
+            Self::from_tokenizer(from_json(&gpt2_json(&v, &m)?, &v)?, v)
+        } else if dir.join("tokenizer.model").exists() {
+            let p = dir.join("tokenizer.model");
+            let t = Self::from_spm_file(&p)?;
+            Self { add_bos: true, ..t }
+        } else {
+            return Err(Error::file(
+                dir,
+                "no tokenizer found (tokenizer.json, vocab.json + merges.txt, or tokenizer.model)",
+            ));
+        };
+        let tc = dir.join("tokenizer_config.json");
+        if tc.exists() {
+            let cfg = read_json(&tc)?;
+            t.chat_template = match cfg.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|e| e.get("template")?.as_str().map(String::from)),
+                _ => None,
+            };
+            let id = |k: &str| token_str(cfg.get(k)).and_then(|s| t.inner.token_to_id(&s));
+            t.bos = id("bos_token");
+            t.eos.extend(id("eos_token"));
+            if let Some(b) = cfg.get("add_bos_token").and_then(|v| v.as_bool()) {
+                t.add_bos = b;
+            }
+            if let Some(b) = cfg.get("add_eos_token").and_then(|v| v.as_bool()) {
+                t.add_eos = b;
+            }
+        }
+        if dir.join("chat_template.jinja").exists() {
+            let p = dir.join("chat_template.jinja");
+            t.chat_template = Some(std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?);
+        }
+        for f in ["generation_config.json", "config.json"] {
+            let p = dir.join(f);
+            if p.exists() {
+                let v = read_json(&p)?;
+                t.eos.extend(ids_of(v.get("eos_token_id")));
+                if t.bos.is_none() {
+                    t.bos = ids_of(v.get("bos_token_id")).first().copied();
+                }
+            }
+        }
+        t.eos.sort();
+        t.eos.dedup();
+        Ok(t)
+    }
+
+    /// A SentencePiece `tokenizer.model`, converted the way transformers does.
+    pub fn from_spm_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let pieces = spm::parse_model_proto(&bytes).in_file(path)?;
+        let unk = pieces.iter().find(|p| p.kind == 2).map(|p| p.text.clone());
+        let doc = spm::tokenizer_json(&pieces, unk.as_deref())?;
+        let mut t = Self::from_tokenizer(from_json(&doc, path)?, path.to_path_buf());
+        let find = |s: &str| pieces.iter().position(|p| p.text == s).map(|i| i as u32);
+        t.bos = find("<s>");
+        t.eos = find("</s>").into_iter().collect();
+        Ok(t)
+    }
+
+    /// Token ids for `text`. With `add_special`, BOS/EOS are added as the model's tokenizer would.
+    /// Special-token text such as `<|im_start|>` always maps to its id, as in transformers.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special && !self.manual_specials)
+            .map_err(|e| Error::msg(format!("tokenization failed: {e}")))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special && self.manual_specials {
+            if self.add_bos {
+                if let Some(b) = self.bos {
+                    ids.insert(0, b);
+                }
+            }
+            if self.add_eos {
+                ids.extend(self.eos.first());
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::msg(format!("detokenization failed: {e}")))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos.contains(&id)
+    }
+
+    /// A tokenizer with more ids than the model has embedding rows would index out of range.
+    pub fn check_matches(&self, model_vocab: usize) -> Result<()> {
+        let n = self.vocab_size();
+        if n > model_vocab {
+            return Err(Error::file(
+                &self.origin,
+                format!("tokenizer has {n} tokens but the model's vocabulary has {model_vocab}: they do not belong together"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The model's chat template, ready to render.
+    pub fn chat(&self) -> Result<ChatTemplate> {
+        let src = self.chat_template.as_deref().ok_or_else(|| {
+            Error::file(&self.origin, "the model has no chat template (tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template')")
+        })?;
+        let tok = |id: Option<u32>| id.and_then(|i| self.id_to_token(i)).unwrap_or_default();
+        ChatTemplate::new(src, &tok(self.bos), &tok(self.eos.first().copied()))
+    }
+}

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Builds the reference fixtures under tests/fixtures/ with Hugging Face transformers.
+
+Pinned (tools/requirements.txt): torch==2.5.1, transformers==4.46.3, gguf==0.10.0, numpy<2.
+
+For every causal family (gpt2, llama, qwen2, phi3) a tiny random-init model of the real architecture
+is saved as safetensors (llama: sharded) AND pytorch_model.bin, with the logits of a few prompts and a
+greedy continuation. The real SmolLM2-135M-Instruct GGUF from SLM_ASSETS is dequantized by
+transformers' own GGUF loader and its greedy continuation and last-position logits are recorded, and
+its chat template is rendered by `apply_chat_template` on several message lists.
+
+Run: python tools/make_fixtures.py   (SLM_ASSETS defaults to ../shared/assets)
+"""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures"
+ASSETS = Path(os.environ.get("SLM_ASSETS", ROOT.parent / "shared" / "assets"))
+VOCAB = 320
+PROMPTS = [[1, 17, 42, 99, 3, 250], [5], [300, 301, 302, 7, 7, 7, 7, 9, 11, 13, 200, 100, 64]]
+GREEDY_NEW = 10
+
+
+def tiny_models():
+    yield "gpt2", GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                   bos_token_id=0, eos_token_id=0)
+    ), {}
+    yield "llama", LlamaForCausalLM(
+        LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                    rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    ), {"max_shard_size": "100KB"}
+    yield "qwen2", Qwen2ForCausalLM(
+        Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                    rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                    use_sliding_window=False)
+    ), {}
+    yield "phi3", Phi3ForCausalLM(
+        Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                   original_max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=False,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0, sliding_window=None)
+    ), {}
+
+
+def record_tiny(name, model, save_kw):
+    d = OUT / name
+    if d.exists():
+        shutil.rmtree(d)
+    # Random weights are drawn larger than the default init so that logits differ meaningfully.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    model.eval()
+    model.save_pretrained(d / "safetensors", safe_serialization=True, **save_kw)
+    model.save_pretrained(d / "bin", safe_serialization=False)
+    cases = []
+    for ids in PROMPTS:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(x).logits[0]
+            out = model.generate(x, max_new_tokens=GREEDY_NEW, do_sample=False, min_new_tokens=GREEDY_NEW,
+                                 pad_token_id=0, eos_token_id=None)
+        cases.append({
+            "input_ids": ids,
+            "logits": logits.numpy().round(7).tolist(),
+            "greedy": out[0, len(ids):].tolist(),
+        })
+    (d / "expected.json").write_text(json.dumps({"family": name, "cases": cases}))
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} params")
+
+
+SMOL_PROMPT = "Once upon a time, there was a little"
+CHATS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is 2+2?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a joke about cats."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another  one\nplease ✨"}],
+]
+
+
+def record_smollm2():
+    gguf = ASSETS / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.exists():
+        sys.exit(f"missing {gguf}: set SLM_ASSETS")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    # The GGUF has no output.weight: the head is tied to the embeddings, which transformers 4.46's
+    # GGUF loader does not infer.
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.eval()
+    ids = tok(SMOL_PROMPT, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(x).logits[0, -1]
+        out = model.generate(x, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    top = torch.topk(logits, 20)
+    from gguf import GGUFReader
+    reader = GGUFReader(str(gguf))
+    field = reader.fields["tokenizer.chat_template"]
+    template = bytes(field.parts[field.data[0]]).decode("utf-8")
+    tok.chat_template = template
+    chats = []
+    for msgs in CHATS:
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        chats.append({"messages": msgs, "rendered": text,
+                      "ids": tok(text, add_special_tokens=False)["input_ids"]})
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "smollm2.json").write_text(json.dumps({
+        "prompt": SMOL_PROMPT,
+        "prompt_ids": ids,
+        "greedy_ids": new,
+        "greedy_text": tok.decode(new),
+        "last_logits_top20": {"ids": top.indices.tolist(), "values": top.values.numpy().round(6).tolist()},
+        "last_logits_sum": float(logits.sum()),
+        "chats": chats,
+    }, indent=1, ensure_ascii=False))
+    print("smollm2:", repr(tok.decode(new)))
+
+
+def main():
+    torch.manual_seed(1234)
+    print("torch", torch.__version__, "transformers", transformers.__version__)
+    OUT.mkdir(parents=True, exist_ok=True)
+    only = sys.argv[1:]
+    for name, model, kw in tiny_models():
+        if not only or name in only:
+            record_tiny(name, model, kw)
+    if not only or "smollm2" in only:
+        record_smollm2()
+
+
+if __name__ == "__main__":
+    main()
