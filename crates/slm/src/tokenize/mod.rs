@@ -130,8 +130,14 @@ impl Tokenizer {
     pub fn from_hf_folder(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         let mut t = if tj.exists() {
-            let inner = tokenizers::Tokenizer::from_file(&tj)
+            let mut inner = tokenizers::Tokenizer::from_file(&tj)
                 .map_err(|e| Error::file(&tj, format!("cannot read tokenizer: {e}")))?;
+            // Padding and truncation are the caller's business (batching, --max-length), not a
+            // property of the vocabulary; sentence-transformers' files ship with both enabled.
+            inner.with_padding(None);
+            inner
+                .with_truncation(None)
+                .map_err(|e| Error::file(&tj, e))?;
             let mut t = Self::from_tokenizer(inner, tj.clone());
             t.manual_specials = false;
             t
