@@ -1,1 +1,82 @@
-fn main(){}
+//! The `slm` binary: argument parsing and printing. All work happens in the `slm` library.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "slm", version, about = "Small language models on the CPU: run, inspect and benchmark")]
+struct Cli {
+    /// Worker threads for matrix products (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream a continuation of a prompt.
+    Generate(commands::generate::Args),
+    /// Chat interactively using the model's chat template.
+    Chat(commands::chat::Args),
+    /// Print the token ids of a text (or of a rendered chat).
+    Tokenize(commands::tokenize::Args),
+    /// Describe a model: architecture, parameters, tensor types, context, vocabulary.
+    Info(commands::info::Args),
+    /// Measure load time, prefill and decode speed, and peak memory.
+    Bench(commands::bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    if let Some(n) = cli.threads {
+        // candle's CPU kernels size their pools from RAYON_NUM_THREADS.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon_init(n);
+    }
+    let result = match cli.command {
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Chat(a) => commands::chat::run(a),
+        Command::Tokenize(a) => commands::tokenize::run(a),
+        Command::Info(a) => commands::info::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if std::env::var_os("RUST_BACKTRACE").is_some() {
+                eprintln!("error: {e:?}");
+            } else {
+                eprintln!("error: {}", one_line(&e));
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The error and its causes on one line; candle appends backtraces to some messages, which
+/// are cut here.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        let s = s.split("\n   0:").next().unwrap_or("").replace('\n', " ");
+        if !parts.iter().any(|p| p.contains(s.trim())) {
+            parts.push(s.trim().to_string());
+        }
+    }
+    parts.join(": ")
+}
+
+fn rayon_init(n: usize) -> Result<(), rayon::ThreadPoolBuildError> {
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global()
+}

@@ -1,0 +1,100 @@
+//! `slm bench`: the figures BENCHMARKS.md quotes, measured the way llama-bench does (a prefill of a
+//! fixed prompt, then greedy decoding of a fixed number of tokens), repeated, medians reported.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use slm::generate::{GenerateOptions, SamplingParams, Session};
+
+use super::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 256)]
+    prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Runs to take the median over.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Text the prompt is cut from (default: tiny shakespeare from SLM_ASSETS).
+    #[arg(long)]
+    text: Option<std::path::PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let text_path = a
+        .text
+        .clone()
+        .unwrap_or_else(|| slm::assets_dir().join("corpora/tinyshakespeare/input.txt"));
+    let text = std::fs::read_to_string(&text_path).map_err(|e| anyhow::anyhow!("{}: {e}", text_path.display()))?;
+    let (mut loads, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
+    let mut threads = 0;
+    for _ in 0..a.repeats {
+        let t = Instant::now();
+        let (mut m, tok) = super::load(&a.model)?;
+        loads.push(t.elapsed().as_secs_f64());
+        let mut ids = tok.encode(&text[..text.len().min(a.prompt_tokens * 8)], false)?;
+        if ids.len() < a.prompt_tokens {
+            bail!("{}: too short for a {}-token prompt", text_path.display(), a.prompt_tokens);
+        }
+        ids.truncate(a.prompt_tokens);
+        let mut session = Session::new(m.model.as_mut());
+        let opts = GenerateOptions {
+            max_tokens: a.gen_tokens + 1,
+            sampling: SamplingParams::greedy(),
+            stop: vec![],
+            ignore_eos: true,
+        };
+        let (_, stats) = session.generate(&tok, &ids, &opts, &mut |_| Ok(()))?;
+        prefill.push(ids.len() as f64 / stats.prefill_time.as_secs_f64());
+        // The first sampled token comes from the prefill's logits; the rest each cost one forward.
+        decode.push(a.gen_tokens as f64 / stats.decode_time.as_secs_f64());
+        threads = rayon::current_num_threads();
+    }
+    let (load, pp, tg, rss) = (median(loads), median(prefill), median(decode), peak_rss_mib());
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"model": a.model.model, "threads": threads, "load_s": load, "prefill_tok_s": pp,
+                               "decode_tok_s": tg, "peak_rss_mib": rss, "prompt_tokens": a.prompt_tokens,
+                               "gen_tokens": a.gen_tokens, "repeats": a.repeats})
+        );
+    } else {
+        println!("model:        {}", a.model.model.display());
+        println!("threads:      {threads}");
+        println!("load:         {:.3} s", load);
+        println!("prefill:      {:.1} tok/s ({} tokens)", pp, a.prompt_tokens);
+        println!("decode:       {:.1} tok/s ({} tokens)", tg, a.gen_tokens);
+        println!("peak RSS:     {:.0} MiB", rss);
+        println!("(medians of {} runs)", a.repeats);
+    }
+    Ok(())
+}

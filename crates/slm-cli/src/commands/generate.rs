@@ -1,0 +1,52 @@
+use std::io::Write;
+
+use anyhow::Result;
+use slm::generate::Session;
+
+use super::{ModelArgs, SamplingArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt (default: read from stdin).
+    prompt: Option<String>,
+    /// Do not add BOS/special tokens to the prompt.
+    #[arg(long)]
+    no_special: bool,
+    /// Print timings to stderr at the end.
+    #[arg(long, short = 'v')]
+    verbose: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let prompt = match a.prompt {
+        Some(p) => p,
+        None => std::io::read_to_string(std::io::stdin())?,
+    };
+    let (mut m, tok) = super::load(&a.model)?;
+    let ids = tok.encode(&prompt, !a.no_special)?;
+    let mut session = Session::new(m.model.as_mut());
+    let mut out = std::io::stdout().lock();
+    let (_, stats) = session.generate(&tok, &ids, &a.sampling.options(), &mut |t| {
+        out.write_all(t.as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(|e| slm::Error::msg(format!("writing to stdout: {e}")))
+    })?;
+    writeln!(out)?;
+    if a.verbose {
+        eprintln!(
+            "prompt: {} tokens in {:.2}s ({:.1} tok/s); generated: {} tokens in {:.2}s ({:.1} tok/s); stop: {:?}",
+            stats.prompt_tokens,
+            stats.prefill_time.as_secs_f64(),
+            stats.prefill_tokens as f64 / stats.prefill_time.as_secs_f64(),
+            stats.generated_tokens,
+            stats.decode_time.as_secs_f64(),
+            stats.generated_tokens as f64 / stats.decode_time.as_secs_f64(),
+            stats.stop
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,95 @@
+pub mod bench;
+pub mod chat;
+pub mod generate;
+pub mod info;
+pub mod tokenize;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use slm::models::{load_causal, ComputeDtype, LoadedModel};
+use slm::tokenize::Tokenizer;
+
+/// Options every command that loads a model shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face model folder (config.json + tokenizer + safetensors/.bin) or a .gguf file.
+    #[arg(long, short = 'm', default_value_os_t = default_model())]
+    pub model: PathBuf,
+    /// `f32` dequantizes every weight (exact reference arithmetic); `auto` keeps GGUF weights
+    /// quantized and uses quantized matmuls (fast).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: Dtype,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum Dtype {
+    Auto,
+    F32,
+}
+
+/// The embedded default until slm ships its own model: SmolLM2-135M-Instruct from SLM_ASSETS.
+pub fn default_model() -> PathBuf {
+    slm::assets_dir().join("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer)> {
+    let dtype = match args.dtype {
+        Dtype::Auto => ComputeDtype::Auto,
+        Dtype::F32 => ComputeDtype::F32,
+    };
+    let m = load_causal(&args.model, dtype)?;
+    let tok = Tokenizer::load(&m.files)?;
+    tok.check_matches(m.config.vocab_size())?;
+    Ok((m, tok))
+}
+
+/// Sampling flags shared by generate and chat, with llama.cpp's defaults.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 means greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p times the most likely one.
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalise tokens seen in the last 64 (1.0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Stop when this text is generated (repeatable); the stop text is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    pub fn options(&self) -> slm::generate::GenerateOptions {
+        slm::generate::GenerateOptions {
+            max_tokens: self.max_tokens,
+            sampling: slm::generate::SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                repeat_last_n: 64,
+                seed: self.seed,
+            },
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
