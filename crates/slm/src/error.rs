@@ -33,13 +33,19 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+/// candle appends a backtrace to its messages when RUST_BACKTRACE is set; our messages stay one
+/// line.
+fn without_backtrace(msg: &str) -> String {
+    msg.split("\n   0:").next().unwrap_or(msg).trim_end().to_string()
+}
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
         Error::File {
             path: path.into(),
-            msg: msg.to_string(),
+            msg: without_backtrace(&msg.to_string()),
         }
     }
 
