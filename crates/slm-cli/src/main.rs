@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "slm", version, about = "Small language models on the CPU: run, inspect and benchmark")]
+#[command(
+    name = "slm",
+    version,
+    about = "Small language models on the CPU: run, inspect and benchmark"
+)]
 struct Cli {
     /// Worker threads for matrix products (default: all cores).
     #[arg(long, global = true)]
@@ -35,21 +39,36 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     if let Some(n) = cli.threads {
         // candle's CPU kernels size their pools from RAYON_NUM_THREADS.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon_init(n);
     }
-    let result = match cli.command {
+    // The command runs on a worker of the pool, so parallel kernels start without waking a
+    // thread and blocking this one on a futex: that hand-off costs more than a small matmul.
+    let pool = match rayon::ThreadPoolBuilder::new()
+        .num_threads(cli.threads.unwrap_or(0))
+        .build()
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot start worker threads: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = pool.install(|| match cli.command {
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Info(a) => commands::info::run(a),
         Command::Bench(a) => commands::bench::run(a),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -75,8 +94,4 @@ fn one_line(e: &anyhow::Error) -> String {
         }
     }
     parts.join(": ")
-}
-
-fn rayon_init(n: usize) -> Result<(), rayon::ThreadPoolBuildError> {
-    rayon::ThreadPoolBuilder::new().num_threads(n).build_global()
 }

@@ -16,7 +16,11 @@ fn fixtures() -> PathBuf {
 
 fn assets() -> PathBuf {
     let dir = slm::assets_dir();
-    assert!(dir.join("MANIFEST.md").exists(), "assets not found at {} (set SLM_ASSETS)", dir.display());
+    assert!(
+        dir.join("MANIFEST.md").exists(),
+        "assets not found at {} (set SLM_ASSETS)",
+        dir.display()
+    );
     dir
 }
 
@@ -54,7 +58,12 @@ fn fails(args: &[&str], stdin: Option<&str>, code: i32) -> String {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     } else {
         cmd.output().unwrap()
@@ -87,7 +96,10 @@ fn truncated_safetensors() {
     let len = std::fs::metadata(&f).unwrap().len();
     truncate(&f, len / 2);
     let err = fails(&["info", "--model", d.to_str().unwrap()], None, 1);
-    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -96,7 +108,10 @@ fn corrupted_safetensors_header() {
     let f = d.join("model.safetensors");
     scribble(&f, 8, b"{\"x\": garbage");
     let err = fails(&["info", "--model", d.to_str().unwrap()], None, 1);
-    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -106,7 +121,10 @@ fn truncated_pytorch_bin() {
     let len = std::fs::metadata(&f).unwrap().len();
     truncate(&f, len / 3);
     let err = fails(&["info", "--model", d.to_str().unwrap()], None, 1);
-    assert!(err.contains("pytorch_model.bin") && err.contains("not a readable PyTorch checkpoint"), "{err}");
+    assert!(
+        err.contains("pytorch_model.bin") && err.contains("not a readable PyTorch checkpoint"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -131,11 +149,17 @@ fn truncated_gguf() {
     let data = std::fs::read(smollm2()).unwrap();
     std::fs::write(&f, &data[..data.len() / 2]).unwrap();
     let err = fails(&["generate", "--model", f.to_str().unwrap(), "hi"], None, 1);
-    assert!(err.contains("model.gguf") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("model.gguf") && err.contains("truncated"),
+        "{err}"
+    );
     // Cut inside the metadata too.
     std::fs::write(&f, &data[..4096]).unwrap();
     let err = fails(&["info", "--model", f.to_str().unwrap()], None, 1);
-    assert!(err.contains("model.gguf") && err.contains("not a valid GGUF file"), "{err}");
+    assert!(
+        err.contains("model.gguf") && err.contains("not a valid GGUF file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -146,7 +170,10 @@ fn corrupted_gguf() {
     data[0..4].copy_from_slice(b"GGXX");
     std::fs::write(&f, &data).unwrap();
     let err = fails(&["info", "--model", f.to_str().unwrap()], None, 1);
-    assert!(err.contains("model.gguf") && err.contains("not a valid GGUF file"), "{err}");
+    assert!(
+        err.contains("model.gguf") && err.contains("not a valid GGUF file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -154,11 +181,15 @@ fn config_with_a_missing_key() {
     let d = tempdir("missing-key");
     copy_dir(&fixtures().join("llama/safetensors"), &d);
     let cfg = d.join("config.json");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     json.as_object_mut().unwrap().remove("hidden_size");
     std::fs::write(&cfg, json.to_string()).unwrap();
     let err = fails(&["info", "--model", d.to_str().unwrap()], None, 1);
-    assert!(err.contains("config.json") && err.contains("hidden_size"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("hidden_size"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -166,13 +197,28 @@ fn config_that_disagrees_with_the_weights() {
     let d = tempdir("wrong-shape");
     copy_dir(&fixtures().join("qwen2/safetensors"), &d);
     let cfg = d.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
     std::fs::write(&cfg, text).unwrap();
-    std::fs::copy(assets().join("tokenizers/gpt2/encoder.json"), d.join("vocab.json")).unwrap();
-    std::fs::copy(assets().join("tokenizers/gpt2/vocab.bpe"), d.join("merges.txt")).unwrap();
+    std::fs::copy(
+        assets().join("tokenizers/gpt2/encoder.json"),
+        d.join("vocab.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        assets().join("tokenizers/gpt2/vocab.bpe"),
+        d.join("merges.txt"),
+    )
+    .unwrap();
     // The tokenizer is checked after the weights, so the shape error comes first.
     let err = fails(&["generate", "--model", d.to_str().unwrap(), "hi"], None, 1);
-    assert!(err.contains("model.safetensors") && err.contains("gate_proj.weight") && err.contains("[128, 64]"), "{err}");
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains("gate_proj.weight")
+            && err.contains("[128, 64]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -186,30 +232,61 @@ fn unknown_architecture() {
         .replace("GPT2LMHeadModel", "MambaForCausalLM");
     std::fs::write(&cfg, text).unwrap();
     let err = fails(&["info", "--model", d.to_str().unwrap()], None, 1);
-    assert!(err.contains("unknown architecture 'mamba'") && err.contains("supported: gpt2"), "{err}");
+    assert!(
+        err.contains("unknown architecture 'mamba'") && err.contains("supported: gpt2"),
+        "{err}"
+    );
 }
 
 #[test]
 fn tokenizer_that_does_not_match_the_weights() {
     let d = gpt2_model("tok-mismatch", "safetensors");
-    std::fs::copy(assets().join("tokenizers/gpt2/encoder.json"), d.join("vocab.json")).unwrap();
-    std::fs::copy(assets().join("tokenizers/gpt2/vocab.bpe"), d.join("merges.txt")).unwrap();
-    let err = fails(&["generate", "--model", d.to_str().unwrap(), "Hello"], None, 1);
-    assert!(err.contains("vocab.json") && err.contains("50257 tokens") && err.contains("320"), "{err}");
+    std::fs::copy(
+        assets().join("tokenizers/gpt2/encoder.json"),
+        d.join("vocab.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        assets().join("tokenizers/gpt2/vocab.bpe"),
+        d.join("merges.txt"),
+    )
+    .unwrap();
+    let err = fails(
+        &["generate", "--model", d.to_str().unwrap(), "Hello"],
+        None,
+        1,
+    );
+    assert!(
+        err.contains("vocab.json") && err.contains("50257 tokens") && err.contains("320"),
+        "{err}"
+    );
 }
 
 #[test]
 fn prompt_longer_than_the_context() {
     let text = std::fs::read_to_string(assets().join("corpora/tinyshakespeare/input.txt")).unwrap();
     let long = &text[..60_000];
-    let err = fails(&["generate", "--model", smollm2().to_str().unwrap(), "-n", "1"], Some(long), 1);
+    let err = fails(
+        &[
+            "generate",
+            "--model",
+            smollm2().to_str().unwrap(),
+            "-n",
+            "1",
+        ],
+        Some(long),
+        1,
+    );
     assert!(err.contains("context length is 8192"), "{err}");
 }
 
 #[test]
 fn missing_model_and_usage_errors() {
     let err = fails(&["info", "--model", "/nonexistent/model"], None, 1);
-    assert!(err.contains("/nonexistent/model") && err.contains("no such file"), "{err}");
+    assert!(
+        err.contains("/nonexistent/model") && err.contains("no such file"),
+        "{err}"
+    );
     fails(&["generate", "--temperature", "hot"], None, 2);
     fails(&["no-such-command"], None, 2);
 }
@@ -217,6 +294,10 @@ fn missing_model_and_usage_errors() {
 #[test]
 fn damaged_vocab_gguf_from_the_assets() {
     let f = assets().join("tokenizers/vectors/ggml-vocab-gpt-2.gguf");
-    let err = fails(&["tokenize", "--model", f.to_str().unwrap(), "hello"], None, 1);
+    let err = fails(
+        &["tokenize", "--model", f.to_str().unwrap(), "hello"],
+        None,
+        1,
+    );
     assert!(err.contains("ggml-vocab-gpt-2.gguf"), "{err}");
 }

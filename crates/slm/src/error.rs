@@ -36,7 +36,11 @@ pub enum Error {
 /// candle appends a backtrace to its messages when RUST_BACKTRACE is set; our messages stay one
 /// line.
 fn without_backtrace(msg: &str) -> String {
-    msg.split("\n   0:").next().unwrap_or(msg).trim_end().to_string()
+    msg.split("\n   0:")
+        .next()
+        .unwrap_or(msg)
+        .trim_end()
+        .to_string()
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

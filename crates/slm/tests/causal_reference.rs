@@ -25,18 +25,33 @@ fn check(family: &str, format: &str) {
                 max_diff = max_diff.max((a - b.as_f64().unwrap() as f32).abs());
             }
         }
-        assert!(max_diff <= 1e-4, "{family}/{format} {ids:?}: max |diff| {max_diff}");
+        assert!(
+            max_diff <= 1e-4,
+            "{family}/{format} {ids:?}: max |diff| {max_diff}"
+        );
 
         // Greedy decoding with the KV cache, one token at a time.
         model.clear_cache();
-        let mut last = model.forward(&ids, 0, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut last = model
+            .forward(&ids, 0, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let mut pos = ids.len();
         let mut out = Vec::new();
         let want_greedy = common::ids(&case["greedy"]);
         for _ in 0..want_greedy.len() {
             let next = argmax(&last);
             out.push(next);
-            last = model.forward(&[next], pos, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            last = model
+                .forward(&[next], pos, false)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             pos += 1;
         }
         assert_eq!(out, want_greedy, "{family}/{format} greedy from {ids:?}");

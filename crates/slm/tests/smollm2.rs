@@ -11,7 +11,9 @@ fn greedy(dtype: ComputeDtype) -> (Vec<u32>, String, Vec<u32>) {
     let path = common::smollm2_gguf();
     let mut m = load_causal(&path, dtype).unwrap();
     let tok = Tokenizer::load(&m.files).unwrap();
-    let prompt = tok.encode(expected["prompt"].as_str().unwrap(), false).unwrap();
+    let prompt = tok
+        .encode(expected["prompt"].as_str().unwrap(), false)
+        .unwrap();
     let opts = GenerateOptions {
         max_tokens: 12,
         sampling: SamplingParams::greedy(),
@@ -44,16 +46,29 @@ fn f32_last_logits_match_transformers() {
     let expected = common::read_json(common::fixtures().join("smollm2.json"));
     let mut m = load_causal(&common::smollm2_gguf(), ComputeDtype::F32).unwrap();
     let prompt = common::ids(&expected["prompt_ids"]);
-    let logits = m.model.forward(&prompt, 0, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let logits = m
+        .model
+        .forward(&prompt, 0, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let top = &expected["last_logits_top20"];
-    for (id, want) in common::ids(&top["ids"]).iter().zip(top["values"].as_array().unwrap()) {
+    for (id, want) in common::ids(&top["ids"])
+        .iter()
+        .zip(top["values"].as_array().unwrap())
+    {
         let got = logits[*id as usize];
         let want = want.as_f64().unwrap() as f32;
         assert!((got - want).abs() <= 1e-4, "logit of {id}: {got} vs {want}");
     }
     let sum: f64 = logits.iter().map(|&x| x as f64).sum();
     let want_sum = expected["last_logits_sum"].as_f64().unwrap();
-    assert!((sum - want_sum).abs() / want_sum.abs() < 1e-4, "sum {sum} vs {want_sum}");
+    assert!(
+        (sum - want_sum).abs() / want_sum.abs() < 1e-4,
+        "sum {sum} vs {want_sum}"
+    );
 }
 
 #[test]

@@ -19,7 +19,13 @@ fn vectors(name: &str) -> Vec<(String, Vec<u32>)> {
         .lines()
         .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
         .collect();
-    assert_eq!(cases.len(), ids.len(), "{name}: {} cases, {} outputs", cases.len(), ids.len());
+    assert_eq!(
+        cases.len(),
+        ids.len(),
+        "{name}: {} cases, {} outputs",
+        cases.len(),
+        ids.len()
+    );
     cases.into_iter().map(String::from).zip(ids).collect()
 }
 
@@ -32,7 +38,13 @@ fn check_all(name: &str, tok: &Tokenizer) {
             (&got != want).then(|| format!("{text:?}: got {got:?}, want {want:?}"))
         })
         .collect();
-    assert!(failures.is_empty(), "{name}: {}/{} differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{name}: {}/{} differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 fn gguf_tokenizer(name: &str) -> Tokenizer {
@@ -53,9 +65,14 @@ fn damaged_gguf_is_a_clear_error(name: &str) {
         check_all(name, &gguf_tokenizer(name));
         return;
     }
-    let err = GgufFile::open(&p).err().expect("a damaged GGUF must not open");
+    let err = GgufFile::open(&p)
+        .err()
+        .expect("a damaged GGUF must not open");
     let msg = err.to_string();
-    assert!(msg.contains(name) && msg.contains("not a valid GGUF file"), "{msg}");
+    assert!(
+        msg.contains(name) && msg.contains("not a valid GGUF file"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -94,7 +111,10 @@ fn llama2_from_tokenizer_model() {
 #[test]
 fn bert_bge_from_minilm_tokenizer_json() {
     let dir = common::assets().join("models/all-MiniLM-L6-v2");
-    check_all("ggml-vocab-bert-bge.gguf", &Tokenizer::from_hf_folder(&dir).unwrap());
+    check_all(
+        "ggml-vocab-bert-bge.gguf",
+        &Tokenizer::from_hf_folder(&dir).unwrap(),
+    );
 }
 
 #[test]

@@ -54,7 +54,8 @@ pub fn run(a: Args) -> Result<()> {
         .text
         .clone()
         .unwrap_or_else(|| slm::assets_dir().join("corpora/tinyshakespeare/input.txt"));
-    let text = std::fs::read_to_string(&text_path).map_err(|e| anyhow::anyhow!("{}: {e}", text_path.display()))?;
+    let text = std::fs::read_to_string(&text_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", text_path.display()))?;
     let (mut loads, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
     let mut threads = 0;
     for _ in 0..a.repeats {
@@ -63,7 +64,11 @@ pub fn run(a: Args) -> Result<()> {
         loads.push(t.elapsed().as_secs_f64());
         let mut ids = tok.encode(&text[..text.len().min(a.prompt_tokens * 8)], false)?;
         if ids.len() < a.prompt_tokens {
-            bail!("{}: too short for a {}-token prompt", text_path.display(), a.prompt_tokens);
+            bail!(
+                "{}: too short for a {}-token prompt",
+                text_path.display(),
+                a.prompt_tokens
+            );
         }
         ids.truncate(a.prompt_tokens);
         let mut session = Session::new(m.model.as_mut());
@@ -79,7 +84,12 @@ pub fn run(a: Args) -> Result<()> {
         decode.push(a.gen_tokens as f64 / stats.decode_time.as_secs_f64());
         threads = rayon::current_num_threads();
     }
-    let (load, pp, tg, rss) = (median(loads), median(prefill), median(decode), peak_rss_mib());
+    let (load, pp, tg, rss) = (
+        median(loads),
+        median(prefill),
+        median(decode),
+        peak_rss_mib(),
+    );
     if a.json {
         println!(
             "{}",

@@ -32,7 +32,9 @@ pub fn run(a: Args) -> Result<()> {
         if interactive {
             eprint!("> ");
         }
-        let Some(line) = lines.next().transpose()? else { break };
+        let Some(line) = lines.next().transpose()? else {
+            break;
+        };
         let line = line.trim_end().to_string();
         if line.is_empty() {
             break;

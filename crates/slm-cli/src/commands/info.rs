@@ -18,12 +18,23 @@ pub fn run(a: Args) -> Result<()> {
     let config = config_of(&files, &weights)?;
     let tok = Tokenizer::load(&files)?;
     let format = match &files.format {
-        WeightFormat::Safetensors(p) => format!("safetensors ({} file{})", p.len(), if p.len() > 1 { "s" } else { "" }),
-        WeightFormat::PyTorch(p) => format!("pytorch zip-pickle ({} file{})", p.len(), if p.len() > 1 { "s" } else { "" }),
+        WeightFormat::Safetensors(p) => format!(
+            "safetensors ({} file{})",
+            p.len(),
+            if p.len() > 1 { "s" } else { "" }
+        ),
+        WeightFormat::PyTorch(p) => format!(
+            "pytorch zip-pickle ({} file{})",
+            p.len(),
+            if p.len() > 1 { "s" } else { "" }
+        ),
         WeightFormat::Gguf(_) => "gguf".to_string(),
     };
     let tensors = weights.tensors();
-    let params: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let params: usize = tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     let mut by_type: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     for t in &tensors {
         let e = by_type.entry(&t.dtype).or_default();
@@ -38,14 +49,36 @@ pub fn run(a: Args) -> Result<()> {
         println!("  {dtype:<12}  {n:>4} tensors, {p:>11} parameters");
     }
     println!("context length: {}", config.context_length());
-    println!("vocab size:     {} (tokenizer: {})", config.vocab_size(), tok.vocab_size());
+    println!(
+        "vocab size:     {} (tokenizer: {})",
+        config.vocab_size(),
+        tok.vocab_size()
+    );
     let name = |id: u32| format!("{:?} ({id})", tok.id_to_token(id).unwrap_or_default());
-    println!("bos:            {}", tok.bos.map(name).unwrap_or_else(|| "none".into()));
+    println!(
+        "bos:            {}",
+        tok.bos.map(name).unwrap_or_else(|| "none".into())
+    );
     println!(
         "eos:            {}",
-        if tok.eos.is_empty() { "none".into() } else { tok.eos.iter().map(|&i| name(i)).collect::<Vec<_>>().join(", ") }
+        if tok.eos.is_empty() {
+            "none".into()
+        } else {
+            tok.eos
+                .iter()
+                .map(|&i| name(i))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
     );
     println!("add bos/eos:    {}/{}", tok.add_bos, tok.add_eos);
-    println!("chat template:  {}", if tok.chat_template.is_some() { "yes" } else { "no" });
+    println!(
+        "chat template:  {}",
+        if tok.chat_template.is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
     Ok(())
 }

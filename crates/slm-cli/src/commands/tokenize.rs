@@ -28,8 +28,12 @@ pub fn run(a: Args) -> Result<()> {
     let tok = Tokenizer::load(&files)?;
     let text = if let Some(chat) = &a.chat {
         let raw = std::fs::read_to_string(chat).with_context(|| format!("{}", chat.display()))?;
-        let msgs: Vec<Message> = serde_json::from_str(&raw)
-            .with_context(|| format!("{}: expected a JSON list of {{\"role\", \"content\"}} messages", chat.display()))?;
+        let msgs: Vec<Message> = serde_json::from_str(&raw).with_context(|| {
+            format!(
+                "{}: expected a JSON list of {{\"role\", \"content\"}} messages",
+                chat.display()
+            )
+        })?;
         let rendered = tok.chat()?.render(&msgs, true)?;
         if !a.json {
             println!("{rendered}");
@@ -43,10 +47,22 @@ pub fn run(a: Args) -> Result<()> {
     };
     let ids = tok.encode(&text, a.special)?;
     if a.json {
-        let tokens: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).unwrap_or_default()).collect();
-        println!("{}", serde_json::json!({"text": text, "ids": ids, "tokens": tokens}));
+        let tokens: Vec<String> = ids
+            .iter()
+            .map(|&i| tok.id_to_token(i).unwrap_or_default())
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"text": text, "ids": ids, "tokens": tokens})
+        );
     } else {
-        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
+        println!(
+            "{}",
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
     Ok(())
 }

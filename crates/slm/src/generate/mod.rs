@@ -65,7 +65,12 @@ impl<'a> Session<'a> {
     /// Brings the cache to `prompt`, reusing the longest cached prefix; returns the logits of
     /// the last prompt position and how many tokens were run.
     fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
-        let common = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
         if common < self.cached.len() || common == prompt.len() {
             // The cache cannot be truncated, and at least one token must run to get logits.
             self.model.clear_cache();
@@ -86,7 +91,9 @@ impl<'a> Session<'a> {
     ) -> Result<(Vec<u32>, GenerateStats)> {
         let context = self.model.context_length();
         if prompt.is_empty() {
-            return Err(Error::msg("the prompt is empty (no tokens); pass some text or use --special to add BOS"));
+            return Err(Error::msg(
+                "the prompt is empty (no tokens); pass some text or use --special to add BOS",
+            ));
         }
         if prompt.len() > context {
             return Err(Error::ContextOverflow {

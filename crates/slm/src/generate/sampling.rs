@@ -60,15 +60,27 @@ impl Sampler {
             for id in seen {
                 if let Some(l) = logits.get_mut(id as usize) {
                     // As in transformers and llama.cpp: shrink positive logits, grow negative ones.
-                    *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repeat_penalty
+                    } else {
+                        *l * p.repeat_penalty
+                    };
                 }
             }
         }
         if p.temperature <= 0.0 {
             return argmax(logits);
         }
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-        let k = if p.top_k == 0 { cand.len() } else { p.top_k.min(cand.len()) };
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        let k = if p.top_k == 0 {
+            cand.len()
+        } else {
+            p.top_k.min(cand.len())
+        };
         if k < cand.len() {
             cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
             cand.truncate(k);
@@ -135,7 +147,10 @@ mod tests {
 
     #[test]
     fn repeat_penalty_moves_the_choice() {
-        let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, ..SamplingParams::greedy() });
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 2.0,
+            ..SamplingParams::greedy()
+        });
         // 4.0 / 2 = 2.0 < 3.0, so the repeated token loses.
         assert_eq!(s.sample(&mut [4.0, 3.0], &[0]), 1);
         // Negative logits are multiplied: -1 * 2 = -2 < -1.5.
@@ -145,23 +160,45 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seeds_repeat() {
         let logits = [0.5f32, 2.0, 1.0, 1.9];
-        let mut s = Sampler::new(SamplingParams { top_k: 1, temperature: 1.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            temperature: 1.0,
+            ..Default::default()
+        });
         for _ in 0..20 {
             assert_eq!(s.sample(&mut logits.clone(), &[]), 1);
         }
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() });
-            (0..50).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                temperature: 1.5,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                ..Default::default()
+            });
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         let d = draw(7);
-        assert!(d.iter().any(|&x| x != 1), "temperature 1.5 over close logits must vary: {d:?}");
+        assert!(
+            d.iter().any(|&x| x != 1),
+            "temperature 1.5 over close logits must vary: {d:?}"
+        );
     }
 
     #[test]
     fn min_p_drops_unlikely_tokens() {
         // With min_p 0.5 only tokens at least half as likely as the best survive: 1 and 3.
-        let mut s = Sampler::new(SamplingParams { min_p: 0.5, top_k: 0, top_p: 1.0, temperature: 1.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.5,
+            top_k: 0,
+            top_p: 1.0,
+            temperature: 1.0,
+            ..Default::default()
+        });
         for _ in 0..50 {
             let t = s.sample(&mut [-5.0, 2.0, -5.0, 1.9], &[]);
             assert!(t == 1 || t == 3);

@@ -37,6 +37,7 @@ impl TextStream {
         let full = tok.decode(&self.ids[self.prefix_offset..], false)?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        Ok((full.len() > prefix.len() && full.starts_with(&prefix)).then(|| full[prefix.len()..].to_string()))
+        Ok((full.len() > prefix.len() && full.starts_with(&prefix))
+            .then(|| full[prefix.len()..].to_string()))
     }
 }

@@ -107,8 +107,8 @@ fn find_weights(dir: &Path) -> Result<WeightFormat> {
 /// The distinct shard files named by a `*.index.json` weight map, in order of first appearance.
 fn shards(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::file(index, format!("invalid JSON: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(index, format!("invalid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -120,7 +120,10 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>> {
             .as_str()
             .ok_or_else(|| Error::file(index, "weight_map values must be file names"))?;
         if name.contains("..") || Path::new(name).is_absolute() {
-            return Err(Error::file(index, format!("shard name '{name}' points outside the folder")));
+            return Err(Error::file(
+                index,
+                format!("shard name '{name}' points outside the folder"),
+            ));
         }
         let p = dir.join(name);
         if !out.contains(&p) {

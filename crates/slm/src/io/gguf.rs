@@ -30,8 +30,9 @@ impl GgufFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let len = mmap.len() as u64;
         for (name, info) in &content.tensor_infos {
-            let (start, size) = byte_range(&content, info)
-                .ok_or_else(|| Error::file(path, format!("tensor '{name}' has a malformed size")))?;
+            let (start, size) = byte_range(&content, info).ok_or_else(|| {
+                Error::file(path, format!("tensor '{name}' has a malformed size"))
+            })?;
             if start.checked_add(size).is_none_or(|end| end > len) {
                 return Err(Error::file(
                     path,
@@ -54,7 +55,9 @@ impl GgufFile {
     }
 
     pub fn meta_str(&self, key: &str) -> Option<&str> {
-        self.meta(key).and_then(|v| v.to_string().ok()).map(|s| s.as_str())
+        self.meta(key)
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str())
     }
 
     pub fn meta_u64(&self, key: &str) -> Option<u64> {
@@ -85,8 +88,12 @@ impl GgufFile {
 
     /// A required metadata key, with an error naming the file and key when it is absent.
     pub fn require_u64(&self, key: &str) -> Result<u64> {
-        self.meta_u64(key)
-            .ok_or_else(|| Error::file(&self.path, format!("metadata key '{key}' missing or not an integer")))
+        self.meta_u64(key).ok_or_else(|| {
+            Error::file(
+                &self.path,
+                format!("metadata key '{key}' missing or not an integer"),
+            )
+        })
     }
 
     pub fn architecture(&self) -> Result<&str> {
@@ -119,7 +126,10 @@ impl GgufFile {
     }
 }
 
-fn byte_range(content: &Content, info: &candle_core::quantized::gguf_file::TensorInfo) -> Option<(u64, u64)> {
+fn byte_range(
+    content: &Content,
+    info: &candle_core::quantized::gguf_file::TensorInfo,
+) -> Option<(u64, u64)> {
     let elems = info.shape.elem_count();
     let bs = info.ggml_dtype.block_size();
     if bs == 0 || elems % bs != 0 {
@@ -208,13 +218,18 @@ impl WeightStore for GgufFile {
     fn load(&self, name: &str, keep_quant: bool) -> Result<Weight> {
         let arch = self.architecture()?;
         let g = gguf_name(arch, name).ok_or_else(|| super::missing(&self.path, name))?;
-        let (dtype, dims, bytes) = self
-            .raw(&g)
-            .ok_or_else(|| Error::file(&self.path, format!("tensor '{g}' (HF '{name}') not found")))?;
+        let (dtype, dims, bytes) = self.raw(&g).ok_or_else(|| {
+            Error::file(&self.path, format!("tensor '{g}' (HF '{name}') not found"))
+        })?;
         let (rows, cols) = match dims.as_slice() {
             [n] => (1, *n),
             [r, c] => (*r, *c),
-            _ => return Err(Error::file(&self.path, format!("tensor '{g}' has rank {}", dims.len()))),
+            _ => {
+                return Err(Error::file(
+                    &self.path,
+                    format!("tensor '{g}' has rank {}", dims.len()),
+                ))
+            }
         };
         let mut q = QuantWeight {
             dtype,
@@ -224,15 +239,26 @@ impl WeightStore for GgufFile {
         };
         if let Some(heads) = self.qk_heads(name) {
             if rows % heads != 0 || (rows / heads) % 2 != 0 {
-                return Err(Error::file(&self.path, format!("tensor '{g}': {rows} rows do not split into {heads} heads")));
+                return Err(Error::file(
+                    &self.path,
+                    format!("tensor '{g}': {rows} rows do not split into {heads} heads"),
+                ));
             }
             if dims.len() == 2 {
                 q.permute_rows(&unpermute_qk_rows(rows, heads));
             } else {
                 // 1-D biases: each element is its own row.
-                let mut p = QuantWeight { rows: dims[0], cols: 1, ..q };
+                let mut p = QuantWeight {
+                    rows: dims[0],
+                    cols: 1,
+                    ..q
+                };
                 p.permute_rows(&unpermute_qk_rows(p.rows, heads));
-                q = QuantWeight { rows: 1, cols: p.rows, ..p };
+                q = QuantWeight {
+                    rows: 1,
+                    cols: p.rows,
+                    ..p
+                };
             }
         }
         let quantized = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);

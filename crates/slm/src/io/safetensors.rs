@@ -86,7 +86,10 @@ impl WeightStore for SafetensorsStore {
         let st = SafeTensors::deserialize(mmap).map_err(|e| Error::file(path, e))?;
         let view = st.tensor(name).map_err(|e| Error::file(path, e))?;
         let dtype = candle_dtype(view.dtype()).ok_or_else(|| {
-            Error::file(path, format!("tensor '{name}' has unsupported dtype {:?}", view.dtype()))
+            Error::file(
+                path,
+                format!("tensor '{name}' has unsupported dtype {:?}", view.dtype()),
+            )
         })?;
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
         Ok(Weight::Dense(to_f32(t)?))

@@ -115,11 +115,18 @@ impl CausalLM for Gpt2 {
         let ids_t = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
         let positions: Vec<u32> = (pos as u32..(pos + t) as u32).collect();
         let pos_t = Tensor::new(positions.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let mut x = self.wte.forward(&ids_t)?.broadcast_add(&self.wpe.forward(&pos_t)?)?;
+        let mut x = self
+            .wte
+            .forward(&ids_t)?
+            .broadcast_add(&self.wpe.forward(&pos_t)?)?;
         for b in self.blocks.iter_mut() {
             x = b.forward(&x, pos)?;
         }
-        let x = if all_logits { x } else { x.narrow(1, t - 1, 1)? };
+        let x = if all_logits {
+            x
+        } else {
+            x.narrow(1, t - 1, 1)?
+        };
         let x = self.ln_f.forward(&x)?;
         Ok(self.lm_head.forward(&x)?.squeeze(0)?)
     }

@@ -8,7 +8,9 @@ use serde::Deserialize;
 
 use super::CausalLM;
 use crate::error::Result;
-use crate::nn::{Activation, Attention, Embedding, Linear, Mlp, QkvProj, RmsNorm, Rope, RopeScaling, Vb};
+use crate::nn::{
+    Activation, Attention, Embedding, Linear, Mlp, QkvProj, RmsNorm, Rope, RopeScaling, Vb,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
@@ -91,7 +93,12 @@ impl Layer {
         let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
         let att = vb.pp("self_attn");
         let qkv = match cfg.variant {
-            Variant::Phi3 => QkvProj::Fused(Linear::new(h, (nh + 2 * nkv) * hd, false, &att.pp("qkv_proj"))?),
+            Variant::Phi3 => QkvProj::Fused(Linear::new(
+                h,
+                (nh + 2 * nkv) * hd,
+                false,
+                &att.pp("qkv_proj"),
+            )?),
             Variant::Llama | Variant::Qwen2 => {
                 let bias = cfg.attention_bias || cfg.variant == Variant::Qwen2;
                 QkvProj::Separate {
@@ -121,14 +128,23 @@ impl Layer {
         Ok(Self {
             input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, &vb.pp("input_layernorm"))?,
             self_attn,
-            post_attention_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, &vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: RmsNorm::new(
+                h,
+                cfg.rms_norm_eps,
+                &vb.pp("post_attention_layernorm"),
+            )?,
             mlp,
         })
     }
 
     fn forward(&mut self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let x = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, pos)?)?;
-        Ok((&x + self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?)?)
+        let x = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, pos)?)?;
+        Ok((&x
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&x)?)?)?)
     }
 }
 
@@ -181,13 +197,19 @@ impl CausalLM for Llama {
         for l in self.layers.iter_mut() {
             x = l.forward(&x, pos)?;
         }
-        let x = if all_logits { x } else { x.narrow(1, t - 1, 1)? };
+        let x = if all_logits {
+            x
+        } else {
+            x.narrow(1, t - 1, 1)?
+        };
         let x = self.norm.forward(&x)?;
         Ok(self.lm_head.forward(&x)?.squeeze(0)?)
     }
 
     fn clear_cache(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.self_attn.clear_cache());
+        self.layers
+            .iter_mut()
+            .for_each(|l| l.self_attn.clear_cache());
     }
 
     fn context_length(&self) -> usize {

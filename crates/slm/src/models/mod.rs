@@ -146,7 +146,9 @@ impl ModelConfig {
                 n_layer: req("block_count")?,
                 n_head: heads,
                 n_inner: Some(req("feed_forward_length")?),
-                layer_norm_epsilon: g.meta_f64(&key("attention.layer_norm_epsilon")).unwrap_or(1e-5),
+                layer_norm_epsilon: g
+                    .meta_f64(&key("attention.layer_norm_epsilon"))
+                    .unwrap_or(1e-5),
                 activation_function: crate::nn::Activation::GeluNew,
             }),
             Architecture::Llama(variant) => {
@@ -161,7 +163,9 @@ impl ModelConfig {
                     intermediate_size: req("feed_forward_length")?,
                     num_hidden_layers: req("block_count")?,
                     num_attention_heads: heads,
-                    num_key_value_heads: g.meta_u64(&key("attention.head_count_kv")).map(|v| v as usize),
+                    num_key_value_heads: g
+                        .meta_u64(&key("attention.head_count_kv"))
+                        .map(|v| v as usize),
                     head_dim,
                     max_position_embeddings: req("context_length")?,
                     rms_norm_eps: g

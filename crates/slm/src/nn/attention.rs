@@ -104,7 +104,13 @@ impl Attention {
 
 /// Additive mask for `t` new queries at `pos..pos+t` over `total` keys, repeated for the
 /// `groups` query heads folded into the rows; None when nothing is masked.
-fn mask(t: usize, total: usize, pos: usize, window: Option<usize>, groups: usize) -> Result<Option<Tensor>> {
+fn mask(
+    t: usize,
+    total: usize,
+    pos: usize,
+    window: Option<usize>,
+    groups: usize,
+) -> Result<Option<Tensor>> {
     let needs_window = window.is_some_and(|w| total > w);
     if t == 1 && !needs_window {
         return Ok(None);

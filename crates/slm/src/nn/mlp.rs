@@ -6,16 +6,34 @@ use crate::error::Result;
 /// Feed-forward blocks: plain (GPT-2, BERT) or gated (Llama family; Phi-3 fuses gate and up).
 #[derive(Clone)]
 pub enum Mlp {
-    Plain { fc: Linear, proj: Linear, act: Activation },
-    Gated { gate: Linear, up: Linear, down: Linear, act: Activation },
-    GatedFused { gate_up: Linear, down: Linear, act: Activation },
+    Plain {
+        fc: Linear,
+        proj: Linear,
+        act: Activation,
+    },
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+        act: Activation,
+    },
+    GatedFused {
+        gate_up: Linear,
+        down: Linear,
+        act: Activation,
+    },
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Mlp::Plain { fc, proj, act } => proj.forward(&act.forward(&fc.forward(x)?)?),
-            Mlp::Gated { gate, up, down, act } => {
+            Mlp::Gated {
+                gate,
+                up,
+                down,
+                act,
+            } => {
                 let h = (act.forward(&gate.forward(x)?)? * up.forward(x)?)?;
                 down.forward(&h)
             }

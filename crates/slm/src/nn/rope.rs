@@ -24,7 +24,12 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f64, max_pos: usize, scaling: Option<&RopeScaling>) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        max_pos: usize,
+        scaling: Option<&RopeScaling>,
+    ) -> Result<Self> {
         let mut inv_freq: Vec<f64> = (0..head_dim / 2)
             .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
             .collect();

@@ -43,7 +43,11 @@ fn tojson(v: Value, indent: Option<usize>) -> std::result::Result<Value, JinjaEr
 
 fn py_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
     use serde_json::Value as J;
-    let (item_sep, key_sep) = if indent.is_some() { (",", ": ") } else { (", ", ": ") };
+    let (item_sep, key_sep) = if indent.is_some() {
+        (",", ": ")
+    } else {
+        (", ", ": ")
+    };
     let newline = |out: &mut String, d: usize| {
         if let Some(n) = indent {
             out.push('\n');
@@ -123,8 +127,13 @@ mod tests {
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let v = Value::from(minijinja::value::Serde(serde_json::json!({"a": [1, "é"], "b": {}})));
-        assert_eq!(tojson(v.clone(), None).unwrap().to_string(), r#"{"a": [1, "é"], "b": {}}"#);
+        let v = Value::from(minijinja::value::Serde(
+            serde_json::json!({"a": [1, "é"], "b": {}}),
+        ));
+        assert_eq!(
+            tojson(v.clone(), None).unwrap().to_string(),
+            r#"{"a": [1, "é"], "b": {}}"#
+        );
         assert_eq!(
             tojson(v, Some(2)).unwrap().to_string(),
             "{\n  \"a\": [\n    1,\n    \"é\"\n  ],\n  \"b\": {}\n}"

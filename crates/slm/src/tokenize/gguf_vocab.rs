@@ -8,7 +8,9 @@ use crate::error::{Error, Result};
 use crate::io::gguf::GgufFile;
 
 fn strings(g: &GgufFile, key: &str) -> Result<Option<Vec<String>>> {
-    let Some(v) = g.meta(key) else { return Ok(None) };
+    let Some(v) = g.meta(key) else {
+        return Ok(None);
+    };
     let arr = v
         .to_vec()
         .map_err(|_| Error::file(&g.path, format!("'{key}' is not an array")))?;
@@ -41,12 +43,18 @@ fn numbers(g: &GgufFile, key: &str) -> Vec<f64> {
 
 /// The `tokenizer.json` for a GGUF file's vocabulary.
 pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
-    let model = g
-        .meta_str("tokenizer.ggml.model")
-        .ok_or_else(|| Error::file(&g.path, "no tokenizer in GGUF metadata ('tokenizer.ggml.model' missing)"))?;
+    let model = g.meta_str("tokenizer.ggml.model").ok_or_else(|| {
+        Error::file(
+            &g.path,
+            "no tokenizer in GGUF metadata ('tokenizer.ggml.model' missing)",
+        )
+    })?;
     let tokens = strings(g, "tokenizer.ggml.tokens")?
         .ok_or_else(|| Error::file(&g.path, "'tokenizer.ggml.tokens' missing"))?;
-    let types: Vec<i32> = numbers(g, "tokenizer.ggml.token_type").iter().map(|&t| t as i32).collect();
+    let types: Vec<i32> = numbers(g, "tokenizer.ggml.token_type")
+        .iter()
+        .map(|&t| t as i32)
+        .collect();
     let kind = |i: usize| types.get(i).copied().unwrap_or(1);
     match model {
         "gpt2" => {
@@ -59,8 +67,11 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
                     json!([a, b])
                 })
                 .collect();
-            let vocab: serde_json::Map<String, Value> =
-                tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+            let vocab: serde_json::Map<String, Value> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.clone(), json!(i)))
+                .collect();
             let added: Vec<Value> = (0..tokens.len())
                 .filter(|&i| matches!(kind(i), 3 | 4))
                 .map(|i| super::added_token(i as u32, &tokens[i], kind(i) == 3))
@@ -139,12 +150,8 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
 
 /// The pre-tokenizer HF uses for each of llama.cpp's `tokenizer.ggml.pre` names.
 fn byte_level_pre_tokenizer(pre: &str) -> Value {
-    let byte_level = |regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex})
-    };
-    let split = |pattern: &str| {
-        json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
     match pre {
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),

@@ -44,8 +44,9 @@ fn from_json(doc: &Value, origin: &Path) -> Result<tokenizers::Tokenizer> {
 
 /// A `tokenizer.json` for GPT-2's original files: a byte-level BPE with the GPT-2 regex.
 pub fn gpt2_json(vocab: &Path, merges: &Path) -> Result<Value> {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(vocab).map_err(|e| Error::io(vocab, e))?)
-        .in_file(vocab)?;
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(vocab).map_err(|e| Error::io(vocab, e))?)
+            .in_file(vocab)?;
     let text = std::fs::read_to_string(merges).map_err(|e| Error::io(merges, e))?;
     let merges: Vec<Value> = text
         .lines()
@@ -78,7 +79,11 @@ fn token_str(v: Option<&Value>) -> Option<String> {
 fn ids_of(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -105,7 +110,9 @@ impl Tokenizer {
     /// The tokenizer of a located model.
     pub fn load(files: &ModelFiles) -> Result<Self> {
         match &files.format {
-            WeightFormat::Gguf(p) if files.file("tokenizer.json").is_none() => Self::from_gguf(&GgufFile::open(p)?),
+            WeightFormat::Gguf(p) if files.file("tokenizer.json").is_none() => {
+                Self::from_gguf(&GgufFile::open(p)?)
+            }
             _ => Self::from_hf_folder(&files.root),
         }
     }
@@ -115,10 +122,13 @@ impl Tokenizer {
         let mut t = Self::from_tokenizer(from_json(&doc, &g.path)?, g.path.clone());
         let id = |k: &str| g.meta_u64(k).map(|v| v as u32);
         t.bos = id("tokenizer.ggml.bos_token_id");
-        t.eos = [id("tokenizer.ggml.eos_token_id"), id("tokenizer.ggml.eot_token_id")]
-            .into_iter()
-            .flatten()
-            .collect();
+        t.eos = [
+            id("tokenizer.ggml.eos_token_id"),
+            id("tokenizer.ggml.eot_token_id"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         t.eos.dedup();
         let spm = g.meta_str("tokenizer.ggml.model") == Some("llama");
         t.add_bos = g.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(spm);

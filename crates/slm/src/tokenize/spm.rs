@@ -78,13 +78,20 @@ impl<'a> Reader<'a> {
     }
     fn bytes(&mut self) -> std::result::Result<&'a [u8], String> {
         let n = self.varint()? as usize;
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or("truncated field")?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or("truncated field")?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
     }
     fn fixed<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
-        let s = self.b.get(self.pos..self.pos + N).ok_or("truncated field")?;
+        let s = self
+            .b
+            .get(self.pos..self.pos + N)
+            .ok_or("truncated field")?;
         self.pos += N;
         Ok(s.try_into().unwrap())
     }
@@ -102,8 +109,11 @@ impl<'a> Reader<'a> {
 /// Merges in the order transformers' `SentencePieceExtractor` produces: every split of a piece into
 /// two pieces of the vocabulary, ranked by the merged piece's score.
 fn merges_from_scores(pieces: &[Piece]) -> Vec<(String, String)> {
-    let vocab: std::collections::HashMap<&str, usize> =
-        pieces.iter().enumerate().map(|(i, p)| (p.text.as_str(), i)).collect();
+    let vocab: std::collections::HashMap<&str, usize> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.text.as_str(), i))
+        .collect();
     let mut merges: Vec<(usize, usize, f32, usize)> = Vec::new(); // (left, right, score, order)
     for p in pieces {
         let mut local: Vec<(usize, usize)> = Vec::new();
@@ -176,13 +186,27 @@ mod tests {
 
     #[test]
     fn merges_rank_by_score_of_the_merged_piece() {
-        let p = |t: &str, s: f32| Piece { text: t.into(), score: s, kind: 1 };
-        let pieces = vec![p("a", 0.0), p("b", 0.0), p("c", 0.0), p("bc", -2.0), p("ab", -1.0), p("abc", -3.0)];
+        let p = |t: &str, s: f32| Piece {
+            text: t.into(),
+            score: s,
+            kind: 1,
+        };
+        let pieces = vec![
+            p("a", 0.0),
+            p("b", 0.0),
+            p("c", 0.0),
+            p("bc", -2.0),
+            p("ab", -1.0),
+            p("abc", -3.0),
+        ];
         let m = merges_from_scores(&pieces);
         assert_eq!(m[0], ("a".to_string(), "b".to_string()));
         assert_eq!(m[1], ("b".to_string(), "c".to_string()));
         // "abc" splits as a+bc and ab+c, ordered by the ids of the halves.
-        assert_eq!(&m[2..], &[("a".into(), "bc".into()), ("ab".into(), "c".into())]);
+        assert_eq!(
+            &m[2..],
+            &[("a".into(), "bc".into()), ("ab".into(), "c".into())]
+        );
     }
 
     #[test]

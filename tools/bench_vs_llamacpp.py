@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Side-by-side decode/prefill benchmark: slm vs llama.cpp (llama-cpp-python) on the same GGUF,
+the same 256-token prompt (tiny shakespeare) and the same thread count, alternating runs.
+
+    pip install llama-cpp-python==0.3.2 numpy
+    cargo build --release && python tools/bench_vs_llamacpp.py [--threads 2] [--repeats 5]
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(os.environ.get("SLM_ASSETS", ROOT.parent / "shared" / "assets"))
+MODEL = ASSETS / "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = ASSETS / "corpora/tinyshakespeare/input.txt"
+
+
+def llamacpp_once(threads, prompt_tokens, gen_tokens):
+    """Runs in a child process so its load time and peak RSS are its own."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    t = time.perf_counter()
+    llm = Llama(model_path=str(MODEL), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                n_batch=512, verbose=False)
+    load = time.perf_counter() - t
+    text = TEXT.read_text()[: prompt_tokens * 8]
+    ids = llm.tokenize(text.encode(), add_bos=False)[:prompt_tokens]
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill = len(ids) / (time.perf_counter() - t)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t = time.perf_counter()
+    for _ in range(gen_tokens):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode = gen_tokens / (time.perf_counter() - t)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"load_s": load, "prefill_tok_s": prefill, "decode_tok_s": decode, "peak_rss_mib": rss}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--child", action="store_true")
+    a = ap.parse_args()
+    if a.child:
+        return llamacpp_once(a.threads, a.prompt_tokens, a.gen_tokens)
+    slm = ROOT / "target/release/slm"
+    runs = {"slm": [], "llama.cpp": []}
+    for _ in range(a.repeats):
+        out = subprocess.check_output([str(slm), "bench", "--threads", str(a.threads), "--repeats", "1",
+                                       "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens",
+                                       str(a.gen_tokens), "--json", "--model", str(MODEL)])
+        runs["slm"].append(json.loads(out))
+        out = subprocess.check_output([sys.executable, __file__, "--child", "--threads", str(a.threads),
+                                       "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens",
+                                       str(a.gen_tokens)])
+        runs["llama.cpp"].append(json.loads(out))
+    keys = ["load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mib"]
+    med = {k: {n: statistics.median(r[k] for r in rs) for n, rs in runs.items()} for k in keys}
+    print(f"SmolLM2-135M-Instruct Q4_1, {a.threads} threads, prompt {a.prompt_tokens}, "
+          f"decode {a.gen_tokens}, medians of {a.repeats} alternating runs")
+    print(f"| metric | slm | llama.cpp | slm / llama.cpp |\n|---|---|---|---|")
+    for k in keys:
+        s, l = med[k]["slm"], med[k]["llama.cpp"]
+        print(f"| {k} | {s:.3f} | {l:.3f} | {s / l:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

