@@ -39,10 +39,9 @@ fn check(family: &str, format: &str) {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let mut pos = ids.len();
         let mut out = Vec::new();
         let want_greedy = common::ids(&case["greedy"]);
-        for _ in 0..want_greedy.len() {
+        for pos in ids.len()..ids.len() + want_greedy.len() {
             let next = argmax(&last);
             out.push(next);
             last = model
@@ -52,7 +51,6 @@ fn check(family: &str, format: &str) {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            pos += 1;
         }
         assert_eq!(out, want_greedy, "{family}/{format} greedy from {ids:?}");
     }

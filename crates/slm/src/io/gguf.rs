@@ -132,7 +132,7 @@ fn byte_range(
 ) -> Option<(u64, u64)> {
     let elems = info.shape.elem_count();
     let bs = info.ggml_dtype.block_size();
-    if bs == 0 || elems % bs != 0 {
+    if bs == 0 || !elems.is_multiple_of(bs) {
         return None;
     }
     let size = (elems / bs * info.ggml_dtype.type_size()) as u64;

@@ -64,7 +64,7 @@ impl QMatMul {
             _ => None,
         };
         Ok(match kind {
-            Some(kind) if w.cols % QK == 0 => QMatMul::Own(OwnQ {
+            Some(kind) if w.cols.is_multiple_of(QK) => QMatMul::Own(OwnQ {
                 kind,
                 rows: w.rows,
                 cols: w.cols,
@@ -190,9 +190,9 @@ fn dot_scalar(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
                     &blk[4..20]
                 };
                 let mut s = 0i32;
-                for j in 0..16 {
-                    s += (qs[j] & 0x0F) as i32 * xb.qs[j] as i32;
-                    s += (qs[j] >> 4) as i32 * xb.qs[j + 16] as i32;
+                for (j, &q) in qs.iter().enumerate() {
+                    s += (q & 0x0F) as i32 * xb.qs[j] as i32;
+                    s += (q >> 4) as i32 * xb.qs[j + 16] as i32;
                 }
                 if kind == Kind::Q4_0 {
                     // Weights are q - 8.
@@ -276,7 +276,7 @@ mod tests {
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
             .collect();
         let x: Vec<f32> = (0..m * cols)
-            .map(|i| ((i * 104729 % 997) as f32 / 498.0 - 1.0))
+            .map(|i| (i * 104729 % 997) as f32 / 498.0 - 1.0)
             .collect();
         let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
