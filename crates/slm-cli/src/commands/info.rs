@@ -16,7 +16,8 @@ pub fn run(a: Args) -> Result<()> {
     let files = ModelFiles::locate(&a.model)?;
     let weights = open_weights(&files)?;
     let config = config_of(&files, &weights)?;
-    let tok = Tokenizer::load(&files)?;
+    // Weights without a tokenizer (bare checkpoints) can still be described.
+    let tok = Tokenizer::load(&files).ok();
     let format = match &files.format {
         WeightFormat::Safetensors(p) => format!(
             "safetensors ({} file{})",
@@ -49,6 +50,13 @@ pub fn run(a: Args) -> Result<()> {
         println!("  {dtype:<12}  {n:>4} tensors, {p:>11} parameters");
     }
     println!("context length: {}", config.context_length());
+    let Some(tok) = tok else {
+        println!(
+            "vocab size:     {} (no tokenizer found)",
+            config.vocab_size()
+        );
+        return Ok(());
+    };
     println!(
         "vocab size:     {} (tokenizer: {})",
         config.vocab_size(),

@@ -24,8 +24,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let files = ModelFiles::locate(&a.model)?;
-    let tok = Tokenizer::load(&files)?;
+    // A folder with only tokenizer files is enough here; no weights are needed.
+    let tok = if a.model.is_dir() {
+        Tokenizer::from_hf_folder(&a.model)?
+    } else {
+        Tokenizer::load(&ModelFiles::locate(&a.model)?)?
+    };
     let text = if let Some(chat) = &a.chat {
         let raw = std::fs::read_to_string(chat).with_context(|| format!("{}", chat.display()))?;
         let msgs: Vec<Message> = serde_json::from_str(&raw).with_context(|| {
