@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if std::env::var_os("RUST_BACKTRACE").is_some() {
+            if std::env::var("RUST_BACKTRACE").is_ok_and(|v| v != "0") {
                 eprintln!("error: {e:?}");
             } else {
                 eprintln!("error: {}", one_line(&e));
