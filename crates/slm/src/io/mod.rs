@@ -114,6 +114,44 @@ pub fn open_weights(files: &ModelFiles) -> Result<Arc<dyn WeightStore>> {
     })
 }
 
+/// Which file of a multi-file checkpoint holds each tensor.
+pub(crate) struct ShardIndex {
+    pub paths: Vec<std::path::PathBuf>,
+    index: std::collections::HashMap<String, usize>,
+}
+
+impl ShardIndex {
+    pub fn new() -> Self {
+        Self {
+            paths: Vec::new(),
+            index: Default::default(),
+        }
+    }
+
+    pub fn add(&mut self, path: &Path, names: impl IntoIterator<Item = String>) -> usize {
+        let i = self.paths.len();
+        self.paths.push(path.to_path_buf());
+        self.index.extend(names.into_iter().map(|n| (n, i)));
+        i
+    }
+
+    pub fn file_of(&self, name: &str) -> &Path {
+        &self.paths[self.index.get(name).copied().unwrap_or(0)]
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The shard holding `name`, or an error naming the first file.
+    pub fn find(&self, name: &str) -> Result<usize> {
+        self.index
+            .get(name)
+            .copied()
+            .ok_or_else(|| missing(&self.paths[0], name))
+    }
+}
+
 pub(crate) fn missing(path: &Path, name: &str) -> Error {
     Error::file(path, format!("tensor '{name}' not found"))
 }

@@ -1,47 +1,43 @@
 //! PyTorch `.bin`/`.pth` zip-pickle checkpoints. candle's reader interprets only the pickle opcodes
 //! that describe tensors; no Python object is ever constructed or called.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::pickle::PthTensors;
 
-use super::{to_f32, TensorMeta, Weight, WeightStore};
+use super::{to_f32, ShardIndex, TensorMeta, Weight, WeightStore};
 use crate::error::{Error, Result};
 
 pub struct PickleStore {
-    files: Vec<(PathBuf, PthTensors)>,
-    index: HashMap<String, usize>,
+    files: Vec<PthTensors>,
+    shards: ShardIndex,
 }
 
 impl PickleStore {
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
-        let mut index = HashMap::new();
-        for (i, path) in paths.iter().enumerate() {
+        let mut shards = ShardIndex::new();
+        for path in paths {
             let pth = PthTensors::new(path, None).map_err(|e| {
                 Error::file(path, format!("not a readable PyTorch checkpoint: {e}"))
             })?;
-            for name in pth.tensor_infos().keys() {
-                index.insert(name.clone(), i);
-            }
-            files.push((path.clone(), pth));
+            shards.add(path, pth.tensor_infos().keys().cloned());
+            files.push(pth);
         }
-        Ok(Self { files, index })
+        Ok(Self { files, shards })
     }
 }
 
 impl WeightStore for PickleStore {
     fn file_of(&self, name: &str) -> &Path {
-        let i = self.index.get(name).copied().unwrap_or(0);
-        &self.files[i].0
+        self.shards.file_of(name)
     }
 
     fn tensors(&self) -> Vec<TensorMeta> {
         let mut out: Vec<TensorMeta> = self
             .files
             .iter()
-            .flat_map(|(_, f)| f.tensor_infos().values())
+            .flat_map(|f| f.tensor_infos().values())
             .map(|t| TensorMeta {
                 name: t.name.clone(),
                 dtype: format!("{:?}", t.dtype),
@@ -53,16 +49,13 @@ impl WeightStore for PickleStore {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.shards.contains(name)
     }
 
     fn load(&self, name: &str, _keep_quant: bool) -> Result<Weight> {
-        let i = *self
-            .index
-            .get(name)
-            .ok_or_else(|| super::missing(&self.files[0].0, name))?;
-        let (path, pth) = &self.files[i];
-        let t = pth
+        let i = self.shards.find(name)?;
+        let path = &self.shards.paths[i];
+        let t = self.files[i]
             .get(name)
             .map_err(|e| Error::file(path, format!("tensor '{name}': {e}")))?
             .ok_or_else(|| super::missing(path, name))?;

@@ -1,19 +1,18 @@
 //! Memory-mapped safetensors, single or sharded. Every file is validated when opened so a
 //! truncated or corrupted shard fails early with its own name.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use super::{to_f32, TensorMeta, Weight, WeightStore};
+use super::{to_f32, ShardIndex, TensorMeta, Weight, WeightStore};
 use crate::error::{Error, Result};
 
 pub struct SafetensorsStore {
-    files: Vec<(PathBuf, Mmap)>,
-    index: HashMap<String, usize>,
+    files: Vec<Mmap>,
+    shards: ShardIndex,
 }
 
 fn candle_dtype(d: Dtype) -> Option<DType> {
@@ -32,33 +31,30 @@ fn candle_dtype(d: Dtype) -> Option<DType> {
 impl SafetensorsStore {
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
-        let mut index = HashMap::new();
-        for (i, path) in paths.iter().enumerate() {
+        let mut shards = ShardIndex::new();
+        for path in paths {
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the file is opened read-only; like every mmap-based loader we assume it is
             // not modified underneath us while the model is loaded.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
             let st = SafeTensors::deserialize(&mmap)
                 .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
-            for name in st.names() {
-                index.insert(name.to_string(), i);
-            }
+            shards.add(path, st.names().into_iter().map(String::from));
             drop(st);
-            files.push((path.clone(), mmap));
+            files.push(mmap);
         }
-        Ok(Self { files, index })
+        Ok(Self { files, shards })
     }
 }
 
 impl WeightStore for SafetensorsStore {
     fn file_of(&self, name: &str) -> &Path {
-        let i = self.index.get(name).copied().unwrap_or(0);
-        &self.files[i].0
+        self.shards.file_of(name)
     }
 
     fn tensors(&self) -> Vec<TensorMeta> {
         let mut out = Vec::new();
-        for (_, mmap) in &self.files {
+        for mmap in &self.files {
             if let Ok(st) = SafeTensors::deserialize(mmap) {
                 for (name, view) in st.tensors() {
                     out.push(TensorMeta {
@@ -74,15 +70,12 @@ impl WeightStore for SafetensorsStore {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.shards.contains(name)
     }
 
     fn load(&self, name: &str, _keep_quant: bool) -> Result<Weight> {
-        let i = *self
-            .index
-            .get(name)
-            .ok_or_else(|| super::missing(&self.files[0].0, name))?;
-        let (path, mmap) = &self.files[i];
+        let i = self.shards.find(name)?;
+        let (path, mmap) = (&self.shards.paths[i], &self.files[i]);
         let st = SafeTensors::deserialize(mmap).map_err(|e| Error::file(path, e))?;
         let view = st.tensor(name).map_err(|e| Error::file(path, e))?;
         let dtype = candle_dtype(view.dtype()).ok_or_else(|| {
