@@ -15,7 +15,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let files = ModelFiles::locate(&a.model)?;
     let weights = open_weights(&files)?;
-    let config = config_of(&files, &weights)?;
+    let config = config_of(&files)?;
     // Weights without a tokenizer (bare checkpoints) can still be described.
     let tok = Tokenizer::load(&files).ok();
     let format = match &files.format {

@@ -4,7 +4,6 @@
 //! the Q and K projections to suit its interleaved rotary embedding. This store undoes both, so a
 //! model file sees exactly the tensors transformers would give it.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -269,6 +268,3 @@ impl WeightStore for GgufFile {
         Ok(Weight::Dense(t))
     }
 }
-
-/// GGUF metadata as a map, for tokenizer construction.
-pub type Metadata = HashMap<String, Value>;

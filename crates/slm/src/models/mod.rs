@@ -204,21 +204,18 @@ pub enum ComputeDtype {
     F32,
 }
 
-pub fn config_of(files: &ModelFiles, weights: &Arc<dyn WeightStore>) -> Result<ModelConfig> {
+pub fn config_of(files: &ModelFiles) -> Result<ModelConfig> {
     match (&files.format, &files.config) {
         (_, Some(cfg)) => ModelConfig::from_hf_json(cfg),
         (WeightFormat::Gguf(p), None) => ModelConfig::from_gguf(&GgufFile::open(p)?),
-        _ => {
-            let _ = weights;
-            Err(Error::file(&files.root, "config.json not found"))
-        }
+        _ => Err(Error::file(&files.root, "config.json not found")),
     }
 }
 
 pub fn load_causal(path: &Path, dtype: ComputeDtype) -> Result<LoadedModel> {
     let files = ModelFiles::locate(path)?;
     let weights = open_weights(&files)?;
-    let config = config_of(&files, &weights)?;
+    let config = config_of(&files)?;
     let vb = Vb::new(weights.clone(), dtype == ComputeDtype::Auto);
     let model: Box<dyn CausalLM> = match &config {
         ModelConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(c, &vb)?),
