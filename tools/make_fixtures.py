@@ -9,7 +9,10 @@ greedy continuation. The real SmolLM2-135M-Instruct GGUF from SLM_ASSETS is dequ
 transformers' own GGUF loader and its greedy continuation and last-position logits are recorded, and
 its chat template is rendered by `apply_chat_template` on several message lists.
 
-Run: python tools/make_fixtures.py   (SLM_ASSETS defaults to ../shared/assets)
+Encoders: tiny BERT/DistilBERT/RoBERTa models with each head (base, masked LM, sequence and token
+classification), and the real all-MiniLM-L6-v2 embedded by sentence-transformers (pinned).
+
+Run: python tools/make_fixtures.py [gpt2 llama qwen2 phi3 smollm2 encoders minilm]   (SLM_ASSETS defaults to ../shared/assets)
 """
 import json
 import os
@@ -146,6 +149,148 @@ def record_smollm2():
     print("smollm2:", repr(tok.decode(new)))
 
 
+# ---------------------------------------------------------------------------------------------
+# Encoders: tiny random-init BERT / DistilBERT / RoBERTa with every head, sharing one small
+# WordPiece vocabulary cut from MiniLM's, and the real all-MiniLM-L6-v2 through sentence-transformers.
+
+ENC_TEXTS = [
+    ("the capital of france is [MASK].", None),
+    ("hello world!", None),
+    ("a man is playing a guitar.", "someone plays music on stage"),
+    ("unbelievably, the cats sat quietly on the old red mat while it rained", None),
+]
+
+
+def tiny_vocab():
+    words = sorted({w for a, b in ENC_TEXTS for w in (a + " " + (b or "")).replace("[MASK]", "").split()})
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars[:36]]
+    for w in words + ["the", "un", "##believ", "##ably", "cat", "##s", "play", "##ing", "rain", "##ed"]:
+        w = w.strip(".,!?")
+        if w and w not in vocab:
+            vocab.append(w)
+    return vocab
+
+
+def tiny_encoders(n_vocab):
+    from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification,
+                              BertForTokenClassification, BertModel, DistilBertConfig,
+                              DistilBertForMaskedLM, DistilBertForSequenceClassification,
+                              DistilBertForTokenClassification, RobertaConfig, RobertaForMaskedLM,
+                              RobertaForSequenceClassification)
+    bert = dict(vocab_size=n_vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
+    labels3 = {"id2label": {0: "negative", 1: "neutral", 2: "positive"},
+               "label2id": {"negative": 0, "neutral": 1, "positive": 2}}
+    distil = dict(vocab_size=n_vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+                  pad_token_id=0)
+    roberta = dict(bert, type_vocab_size=1, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+                   max_position_embeddings=66)
+    yield "bert_base", BertModel(BertConfig(**bert)), False
+    yield "bert_mlm", BertForMaskedLM(BertConfig(**bert)), False
+    yield "bert_cls", BertForSequenceClassification(BertConfig(**bert, **labels3)), False
+    yield "bert_tok", BertForTokenClassification(BertConfig(**bert, num_labels=5)), False
+    yield "distilbert_mlm", DistilBertForMaskedLM(DistilBertConfig(**distil)), False
+    # Saved without id2label: slm must name the labels LABEL_0.. from the weight shape.
+    yield "distilbert_cls", DistilBertForSequenceClassification(DistilBertConfig(**distil, num_labels=3)), True
+    yield "distilbert_tok", DistilBertForTokenClassification(DistilBertConfig(**distil, num_labels=4)), False
+    yield "roberta_mlm", RobertaForMaskedLM(RobertaConfig(**roberta)), False
+    yield "roberta_cls", RobertaForSequenceClassification(RobertaConfig(**roberta, **labels3)), False
+
+
+def record_encoders():
+    from transformers import BertTokenizerFast
+    vocab = tiny_vocab()
+    root = OUT / "encoders"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(4321)
+    enc_single = [tok(t, p) for t, p in ENC_TEXTS]
+    # HF does not take a list that mixes pairs and single texts: encode each, then pad as HF pads.
+    batch = tok.pad([{k: v for k, v in e.items()} for e in enc_single], return_tensors="pt")
+    cases = {"texts": [[t, p] for t, p in ENC_TEXTS],
+             "input_ids": [e["input_ids"] for e in enc_single]}
+    models = {}
+    for name, model, strip_labels in tiny_encoders(len(vocab)):
+        d = root / name
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.08)
+        model.eval()
+        model.save_pretrained(d / "safetensors", safe_serialization=True)
+        model.save_pretrained(d / "bin", safe_serialization=False)
+        if strip_labels:
+            for sub in ("safetensors", "bin"):
+                cfg = json.loads((d / sub / "config.json").read_text())
+                cfg.pop("id2label", None)
+                cfg.pop("label2id", None)
+                (d / sub / "config.json").write_text(json.dumps(cfg, indent=2))
+        for sub in ("safetensors", "bin"):
+            tok.save_pretrained(d / sub)
+        inputs = dict(batch)
+        if not name.startswith("bert"):
+            # DistilBERT has no segments; RoBERTa has one, and its tokenizer gives all zeros.
+            inputs.pop("token_type_ids")
+        with torch.no_grad():
+            out = model(**inputs)
+        rec = {}
+        if hasattr(out, "logits"):
+            lg = out.logits
+            if lg.dim() == 3:
+                rec["logits"] = [lg[i, :len(e["input_ids"])].numpy().round(7).tolist()
+                                 for i, e in enumerate(enc_single)]
+            else:
+                rec["logits"] = lg.numpy().round(7).tolist()
+        else:
+            rec["hidden"] = [out.last_hidden_state[i, :len(e["input_ids"])].numpy().round(7).tolist()
+                             for i, e in enumerate(enc_single)]
+            rec["pooled"] = out.pooler_output.numpy().round(7).tolist()
+        models[name] = rec
+        print(f"{name}: {sum(p.numel() for p in model.parameters())} params")
+    cases["models"] = models
+    (root / "expected.json").write_text(json.dumps(cases))
+
+
+MINILM_SENTENCES = [
+    "This is an example sentence.",
+    "Each sentence is converted",
+    "The quick brown fox jumps over the lazy dog.",
+    "Crème brûlée costs €5 — naïve café prices!",
+    "A",
+    "Sentence embeddings map text to vectors; similar meanings end up close together in that space.",
+    "东京 is the capital of Japan.",
+    " ".join(["long"] * 300) + " end",
+]
+
+
+def record_minilm():
+    from sentence_transformers import SentenceTransformer
+    import sentence_transformers
+    path = ASSETS / "models" / "all-MiniLM-L6-v2"
+    st = SentenceTransformer(str(path), device="cpu")
+    single = [st.encode([s], convert_to_numpy=True)[0] for s in MINILM_SENTENCES]
+    batched = st.encode(MINILM_SENTENCES, batch_size=4, convert_to_numpy=True)
+    assert np.abs(np.stack(single) - batched).max() < 1e-5
+    tok = AutoTokenizer.from_pretrained(str(path))
+    pairs_a = ["How old are you?", "What is the weather like in Paris today, and tomorrow?", "Hi"]
+    pairs_b = ["I am six years old.", "It will rain.", "An extremely long second text that needs truncating " * 3]
+    pair_batch = tok(pairs_a, pairs_b, padding=True, truncation=True, max_length=24)
+    single_batch = tok(MINILM_SENTENCES[:4], padding=True, truncation=True, max_length=10)
+    (OUT / "minilm.json").write_text(json.dumps({
+        "sentence_transformers": sentence_transformers.__version__,
+        "max_seq_length": st.max_seq_length,
+        "sentences": MINILM_SENTENCES,
+        "embeddings": np.stack(single).round(8).tolist(),
+        "pairs": {"a": pairs_a, "b": pairs_b, "max_length": 24, **{k: v for k, v in pair_batch.items()}},
+        "truncated": {"texts": MINILM_SENTENCES[:4], "max_length": 10,
+                      **{k: v for k, v in single_batch.items()}},
+    }, ensure_ascii=False))
+    print("minilm: dim", len(single[0]))
+
+
 def main():
     torch.manual_seed(1234)
     print("torch", torch.__version__, "transformers", transformers.__version__)
@@ -156,6 +301,10 @@ def main():
             record_tiny(name, model, kw)
     if not only or "smollm2" in only:
         record_smollm2()
+    if not only or "encoders" in only:
+        record_encoders()
+    if not only or "minilm" in only:
+        record_minilm()
 
 
 if __name__ == "__main__":

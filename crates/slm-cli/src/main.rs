@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "slm",
     version,
-    about = "Small language models on the CPU: run, inspect and benchmark"
+    about = "Small language models on the CPU: generate, chat, embed, classify, inspect and benchmark"
 )]
 struct Cli {
     /// Worker threads for matrix products (default: all cores).
@@ -30,6 +30,14 @@ enum Command {
     Tokenize(commands::tokenize::Args),
     /// Describe a model: architecture, parameters, tensor types, context, vocabulary.
     Info(commands::info::Args),
+    /// Sentence embeddings of texts (JSONL or .npy), with the model's pooling.
+    Embed(commands::embed::Args),
+    /// Cosine similarity matrix of texts.
+    Similarity(commands::similarity::Args),
+    /// Label and probabilities per text, with a sequence-classification model.
+    Classify(commands::classify::Args),
+    /// Most likely tokens for each [MASK] in a text, with a masked-LM model.
+    FillMask(commands::fill_mask::Args),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(commands::bench::Args),
 }
@@ -68,6 +76,10 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Info(a) => commands::info::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Embed(a) => commands::embed::run(a),
+        Command::Similarity(a) => commands::similarity::run(a),
+        Command::Classify(a) => commands::classify::run(a),
+        Command::FillMask(a) => commands::fill_mask::run(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

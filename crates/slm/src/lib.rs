@@ -2,8 +2,11 @@
 //!
 //! The data flow: [`io`] finds and reads model files, [`models`] builds a family from a config
 //! and a weight store using the shared layers in [`nn`], [`tokenize`] turns text into ids and
-//! renders chat templates, and [`generate`] samples continuations.
+//! renders chat templates, [`generate`] samples continuations, [`encode`] runs encoders
+//! (embeddings, classification, fill-mask) over [`data`] read from text files.
 
+pub mod data;
+pub mod encode;
 pub mod error;
 pub mod generate;
 pub mod io;

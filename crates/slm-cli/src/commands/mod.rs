@@ -1,7 +1,12 @@
 pub mod bench;
 pub mod chat;
+pub mod classify;
+pub mod embed;
+pub mod encoder;
+pub mod fill_mask;
 pub mod generate;
 pub mod info;
+pub mod similarity;
 pub mod tokenize;
 
 use std::path::PathBuf;

@@ -5,6 +5,7 @@ pub mod folder;
 pub mod gguf;
 pub mod pickle;
 pub mod safetensors;
+pub mod write;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! Model families and the one entry point that builds the right one from a model's files.
 
+pub mod bert;
 pub mod gpt2;
 pub mod llama;
 
@@ -39,9 +40,12 @@ pub(crate) fn check_context(needed: usize, context: usize) -> Result<()> {
 pub enum Architecture {
     Gpt2,
     Llama(llama::Variant),
+    /// Encoders (BERT, DistilBERT, RoBERTa): embeddings, classification, fill-mask.
+    Bert(bert::Flavor),
 }
 
-pub const SUPPORTED: &str = "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3";
+pub const SUPPORTED: &str =
+    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3; encoders: bert, distilbert, roberta";
 
 impl Architecture {
     pub fn from_name(name: &str) -> Option<Self> {
@@ -52,6 +56,14 @@ impl Architecture {
             }
             "qwen2" | "Qwen2ForCausalLM" => Architecture::Llama(llama::Variant::Qwen2),
             "phi3" | "Phi3ForCausalLM" => Architecture::Llama(llama::Variant::Phi3),
+            "bert" => Architecture::Bert(bert::Flavor::Bert),
+            "distilbert" => Architecture::Bert(bert::Flavor::DistilBert),
+            "roberta" | "xlm-roberta" => Architecture::Bert(bert::Flavor::Roberta),
+            n if n.starts_with("Bert") => Architecture::Bert(bert::Flavor::Bert),
+            n if n.starts_with("DistilBert") => Architecture::Bert(bert::Flavor::DistilBert),
+            n if n.starts_with("Roberta") || n.starts_with("XLMRoberta") => {
+                Architecture::Bert(bert::Flavor::Roberta)
+            }
             _ => return None,
         })
     }
@@ -62,7 +74,14 @@ impl Architecture {
             Architecture::Llama(llama::Variant::Llama) => "llama",
             Architecture::Llama(llama::Variant::Qwen2) => "qwen2",
             Architecture::Llama(llama::Variant::Phi3) => "phi3",
+            Architecture::Bert(bert::Flavor::Bert) => "bert",
+            Architecture::Bert(bert::Flavor::DistilBert) => "distilbert",
+            Architecture::Bert(bert::Flavor::Roberta) => "roberta",
         }
+    }
+
+    pub fn is_encoder(&self) -> bool {
+        matches!(self, Architecture::Bert(_))
     }
 }
 
@@ -71,6 +90,7 @@ impl Architecture {
 pub enum ModelConfig {
     Gpt2(gpt2::Config),
     Llama(llama::Config),
+    Bert(bert::Config),
 }
 
 impl ModelConfig {
@@ -78,6 +98,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(_) => Architecture::Gpt2,
             ModelConfig::Llama(c) => Architecture::Llama(c.variant),
+            ModelConfig::Bert(c) => Architecture::Bert(c.flavor),
         }
     }
 
@@ -85,6 +106,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.n_positions,
             ModelConfig::Llama(c) => c.max_position_embeddings,
+            ModelConfig::Bert(c) => c.max_tokens(),
         }
     }
 
@@ -92,6 +114,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size,
             ModelConfig::Llama(c) => c.vocab_size,
+            ModelConfig::Bert(c) => c.vocab_size,
         }
     }
 
@@ -120,6 +143,9 @@ impl ModelConfig {
                 c.variant = variant;
                 ModelConfig::Llama(c)
             }
+            Architecture::Bert(flavor) => {
+                ModelConfig::Bert(bert::Config::from_json(json, flavor).in_file(path)?)
+            }
         })
     }
 
@@ -131,6 +157,14 @@ impl ModelConfig {
             origin: format!("{} general.architecture", g.path.display()),
             supported: SUPPORTED.to_string(),
         })?;
+        if arch.is_encoder() {
+            return Err(Error::file(
+                &g.path,
+                format!(
+                    "GGUF encoder models ('{name}') are not supported; use the Hugging Face folder"
+                ),
+            ));
+        }
         let key = |k: &str| format!("{name}.{k}");
         let req = |k: &str| g.require_u64(&key(k)).map(|v| v as usize);
         let vocab_size = match g.meta("tokenizer.ggml.tokens") {
@@ -182,6 +216,7 @@ impl ModelConfig {
                     variant,
                 })
             }
+            Architecture::Bert(_) => unreachable!("encoders are rejected above"),
         })
     }
 }
@@ -220,6 +255,15 @@ pub fn load_causal(path: &Path, dtype: ComputeDtype) -> Result<LoadedModel> {
     let model: Box<dyn CausalLM> = match &config {
         ModelConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(c, &vb)?),
         ModelConfig::Llama(c) => Box::new(llama::Llama::new(c, &vb)?),
+        ModelConfig::Bert(_) => {
+            return Err(Error::file(
+                &files.root,
+                format!(
+                    "'{}' is an encoder model, not a text generator; use embed, similarity, classify or fill-mask",
+                    config.architecture().name()
+                ),
+            ))
+        }
     };
     Ok(LoadedModel {
         config,
@@ -227,4 +271,31 @@ pub fn load_causal(path: &Path, dtype: ComputeDtype) -> Result<LoadedModel> {
         weights,
         model,
     })
+}
+
+/// An encoder ready to run.
+pub struct LoadedEncoder {
+    pub files: ModelFiles,
+    pub model: bert::Bert,
+}
+
+pub fn load_encoder(path: &Path) -> Result<LoadedEncoder> {
+    let files = ModelFiles::locate(path)?;
+    let config = config_of(&files)?;
+    let ModelConfig::Bert(cfg) = &config else {
+        let origin = match &files.format {
+            WeightFormat::Gguf(p) => p.clone(),
+            _ => files.root.clone(),
+        };
+        return Err(Error::file(
+            origin,
+            format!(
+                "'{}' is a causal language model, not an encoder (supported encoders: bert, distilbert, roberta); use generate or chat",
+                config.architecture().name()
+            ),
+        ));
+    };
+    let weights = open_weights(&files)?;
+    let model = bert::Bert::new(cfg, &Vb::new(weights, false))?;
+    Ok(LoadedEncoder { files, model })
 }

@@ -15,6 +15,7 @@ pub enum Activation {
     #[serde(alias = "swish")]
     Silu,
     Relu,
+    Tanh,
 }
 
 impl Activation {
@@ -24,6 +25,7 @@ impl Activation {
             Activation::GeluNew => x.gelu()?,
             Activation::Silu => candle_nn::ops::silu(x)?,
             Activation::Relu => x.relu()?,
+            Activation::Tanh => x.tanh()?,
         })
     }
 }

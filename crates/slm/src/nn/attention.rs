@@ -53,9 +53,8 @@ impl Attention {
         self.cache = None;
     }
 
-    /// Causal self-attention over `x` (`[b, t, hidden]`) at positions `pos..pos+t`, appending to
-    /// the KV cache.
-    pub fn forward(&mut self, x: &Tensor, pos: usize) -> Result<Tensor> {
+    /// Q, K and V as `[b, heads, t, head_dim]`.
+    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
         let (q, k, v) = match &self.qkv {
@@ -69,9 +68,41 @@ impl Attention {
                 )
             }
         };
-        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let heads = |x: Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        Ok((heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?))
+    }
+
+    /// Scaled dot-product attention of `q` (`[b, nh, t, hd]`) over `k`, `v` (`[b, nkv, total,
+    /// hd]`) with an additive `mask` broadcastable to `[b, nkv, groups*t, total]`, then the
+    /// output projection.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let groups = nh / self.n_kv_heads;
+        // Grouped-query attention: fold the query heads of a group into the row dimension so
+        // each KV head is used by one matmul, with no copy of K or V per query head.
+        let q = q.reshape((b, self.n_kv_heads, groups * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(v)?; // [b, nkv, groups*t, hd]
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        self.o.forward(&y)
+    }
+
+    /// Causal self-attention over `x` (`[b, t, hidden]`) at positions `pos..pos+t`, appending to
+    /// the KV cache.
+    pub fn forward(&mut self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        let (q, k, v) = self.project(x)?;
         let (q, k) = match &self.rope {
             Some(r) => (r.apply(&q, pos)?, r.apply(&k, pos)?),
             None => (q, k),
@@ -81,24 +112,20 @@ impl Attention {
             _ => (k, v),
         };
         self.cache = Some((k.clone(), v.clone()));
-        let total = k.dim(2)?;
-        let groups = nh / nkv;
-        // Grouped-query attention: fold the query heads of a group into the row dimension so
-        // each KV head is used by one matmul, with no copy of K or V per query head.
-        let q = q.reshape((b, nkv, groups * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = match mask(t, total, pos, self.sliding_window, groups)? {
-            Some(m) => att.broadcast_add(&m)?,
-            None => att,
+        let groups = self.n_heads / self.n_kv_heads;
+        let m = mask(t, k.dim(2)?, pos, self.sliding_window, groups)?;
+        self.attend(&q, &k, &v, m.as_ref())
+    }
+
+    /// Bidirectional self-attention (encoders): every token sees every unmasked token.
+    /// `key_mask` is additive, `[b, 1, 1, t]`: 0 for real tokens, -inf for padding.
+    pub fn forward_bidirectional(&self, x: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (q, k, v) = self.project(x)?;
+        let (q, k) = match &self.rope {
+            Some(r) => (r.apply(&q, 0)?, r.apply(&k, 0)?),
+            None => (q, k),
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?; // [b, nkv, groups*t, hd]
-        let y = y
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        self.o.forward(&y)
+        self.attend(&q, &k, &v, key_mask)
     }
 }
 

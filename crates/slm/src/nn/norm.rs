@@ -35,9 +35,16 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(size: usize, eps: f64, vb: &Vb) -> Result<Self> {
+        // Checkpoints from the original TensorFlow BERT port name the parameters gamma/beta;
+        // transformers renames them on load, and so do we.
+        let (w, b) = if !vb.contains("weight") && vb.contains("gamma") {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
         Ok(Self {
-            weight: vb.get("weight", &[size])?,
-            bias: vb.get("bias", &[size])?,
+            weight: vb.get(w, &[size])?,
+            bias: vb.get(b, &[size])?,
             eps: eps as f32,
         })
     }

@@ -75,6 +75,21 @@ impl Vb {
         Ok(w)
     }
 
+    /// The stored shape of a tensor, when the store has it.
+    pub fn shape_of(&self, n: &str) -> Option<Vec<usize>> {
+        let full = self.name(n);
+        self.store
+            .tensors()
+            .into_iter()
+            .find(|t| t.name == full)
+            .map(|t| t.shape)
+    }
+
+    /// The file the weights come from, for error messages about missing tensors.
+    pub fn store_path(&self) -> &std::path::Path {
+        self.store.file_of("")
+    }
+
     pub fn is_gguf(&self) -> bool {
         self.store
             .file_of("")

@@ -129,17 +129,8 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
                 .filter(|&i| kind(i) == 3)
                 .map(|i| super::added_token(i as u32, &tokens[i], true))
                 .collect();
-            Ok(json!({
-                "version": "1.0",
-                "added_tokens": added,
-                "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
-                               "strip_accents": null, "lowercase": true},
-                "pre_tokenizer": {"type": "BertPreTokenizer"},
-                "post_processor": null,
-                "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
-                "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
-                          "max_input_chars_per_word": 100, "vocab": vocab}
-            }))
+            // Specials are added by the caller, as for every GGUF vocabulary.
+            Ok(super::wordpiece_json(vocab, added, true, None, false))
         }
         other => Err(Error::file(
             &g.path,

@@ -67,6 +67,77 @@ pub fn gpt2_json(vocab: &Path, merges: &Path) -> Result<Value> {
     }))
 }
 
+/// A `tokenizer.json` for a WordPiece vocabulary (BERT family), as transformers' converter writes
+/// it. `post_processor` adds `[CLS]`/`[SEP]` when the vocabulary has them.
+pub(crate) fn wordpiece_json(
+    vocab: serde_json::Map<String, Value>,
+    added: Vec<Value>,
+    lowercase: bool,
+    strip_accents: Option<bool>,
+    with_specials: bool,
+) -> Value {
+    let id = |t: &str| vocab.get(t).cloned();
+    let post = match (with_specials, id("[CLS]"), id("[SEP]")) {
+        (true, Some(cls), Some(sep)) => json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+                     {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+            "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [cls], "tokens": ["[CLS]"]},
+                               "[SEP]": {"id": "[SEP]", "ids": [sep], "tokens": ["[SEP]"]}}
+        }),
+        _ => Value::Null,
+    };
+    json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                       "strip_accents": strip_accents, "lowercase": lowercase},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": post,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": vocab}
+    })
+}
+
+/// A BERT `vocab.txt` with the casing rules of the folder's tokenizer_config.json.
+fn wordpiece_txt_json(dir: &Path, vocab_txt: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(vocab_txt).map_err(|e| Error::io(vocab_txt, e))?;
+    let vocab: serde_json::Map<String, Value> = text
+        .lines()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    let tc = dir.join("tokenizer_config.json");
+    let cfg = if tc.exists() {
+        read_json(&tc)?
+    } else {
+        Value::Null
+    };
+    let lowercase = cfg
+        .get("do_lower_case")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    let strip = cfg.get("strip_accents").and_then(|v| v.as_bool());
+    let added = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .iter()
+        .filter_map(|t| Some(added_token(vocab.get(*t)?.as_u64()? as u32, t, true)))
+        .collect();
+    Ok(wordpiece_json(vocab, added, lowercase, strip, true))
+}
+
+/// Ids, segment ids and the untruncated length of one encoder input.
+#[derive(Debug, Clone)]
+pub struct EncoderInput {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    /// Length with special tokens before truncation; above `ids.len()` when truncated.
+    pub full_len: usize,
+}
+
 /// A token given in tokenizer_config.json as a string or as `{"content": ...}`.
 fn token_str(v: Option<&Value>) -> Option<String> {
     match v? {
@@ -157,6 +228,11 @@ impl Tokenizer {
             .find(|(v, m)| v.exists() && m.exists())
         {
             Self::from_tokenizer(from_json(&gpt2_json(&v, &m)?, &v)?, v)
+        } else if dir.join("vocab.txt").exists() {
+            let p = dir.join("vocab.txt");
+            let mut t = Self::from_tokenizer(from_json(&wordpiece_txt_json(dir, &p)?, &p)?, p);
+            t.manual_specials = false;
+            t
         } else if dir.join("tokenizer.model").exists() {
             let p = dir.join("tokenizer.model");
             let t = Self::from_spm_file(&p)?;
@@ -164,7 +240,7 @@ impl Tokenizer {
         } else {
             return Err(Error::file(
                 dir,
-                "no tokenizer found (tokenizer.json, vocab.json + merges.txt, or tokenizer.model)",
+                "no tokenizer found (tokenizer.json, vocab.json + merges.txt, vocab.txt, or tokenizer.model)",
             ));
         };
         let tc = dir.join("tokenizer_config.json");
@@ -239,6 +315,52 @@ impl Tokenizer {
             }
         }
         Ok(ids)
+    }
+
+    /// Encodes a text, or a pair of texts, for an encoder: with the tokenizer's special tokens
+    /// (`[CLS] a [SEP] b [SEP]`), segment ids, and truncation to `max_len` tokens by HF's
+    /// longest-first rule.
+    pub fn encode_pair(&self, a: &str, b: Option<&str>, max_len: usize) -> Result<EncoderInput> {
+        use tokenizers::utils::truncation::{
+            truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
+        };
+        use tokenizers::PostProcessor;
+        let err = |e| Error::msg(format!("tokenization failed: {e}"));
+        let ea = self.inner.encode(a, false).map_err(err)?;
+        let eb = b
+            .map(|b| self.inner.encode(b, false))
+            .transpose()
+            .map_err(err)?;
+        let added = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(b.is_some()));
+        let full_len = ea.len() + eb.as_ref().map_or(0, |e| e.len()) + added;
+        let (ea, eb) = if full_len > max_len {
+            let params = TruncationParams {
+                max_length: max_len.saturating_sub(added),
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            };
+            truncate_encodings(ea, eb, &params).map_err(err)?
+        } else {
+            (ea, eb)
+        };
+        let enc = self.inner.post_process(ea, eb, true).map_err(err)?;
+        Ok(EncoderInput {
+            ids: enc.get_ids().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+            full_len,
+        })
+    }
+
+    /// The id padding positions take: the tokenizer's `[PAD]`/`<pad>`, else 0 as transformers does.
+    pub fn pad_id(&self) -> u32 {
+        ["[PAD]", "<pad>"]
+            .iter()
+            .find_map(|t| self.token_to_id(t))
+            .unwrap_or(0)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {

@@ -1,0 +1,81 @@
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use slm::encode::{Encoder, PoolMode, Pooling};
+
+use super::encoder::{default_encoder, InputArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A BERT, DistilBERT or RoBERTa model folder (sentence-transformers folders included).
+    #[arg(long, short = 'm', default_value_os_t = default_encoder())]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Write here instead of standard output: `.npy` gives a float32 matrix, anything else JSONL.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub pooling: PoolingArgs,
+}
+
+/// Overrides of the pooling the model folder declares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PoolingArgs {
+    /// mean, cls, max or mean-sqrt-len (default: from 1_Pooling/config.json, else mean).
+    #[arg(long)]
+    pub pooling: Option<PoolMode>,
+    /// Scale embeddings to unit length (default: when modules.json lists Normalize).
+    #[arg(long, overrides_with = "no_normalize")]
+    pub normalize: bool,
+    #[arg(long)]
+    pub no_normalize: bool,
+}
+
+impl PoolingArgs {
+    pub fn resolve(&self, from_model: Pooling) -> Pooling {
+        Pooling {
+            mode: self.pooling.unwrap_or(from_model.mode),
+            normalize: if self.normalize {
+                true
+            } else if self.no_normalize {
+                false
+            } else {
+                from_model.normalize
+            },
+        }
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let enc = Encoder::load(&args.model)?;
+    let records = args.input.records()?;
+    let inputs = args.input.prepare(&enc, &records)?;
+    let vectors = enc.embed(
+        &inputs,
+        args.input.batch_size,
+        args.pooling.resolve(enc.pooling),
+    )?;
+    let jsonl = |w: &mut dyn Write| -> std::io::Result<()> {
+        for (r, v) in records.iter().zip(&vectors) {
+            let line = serde_json::json!({"text": r.text, "embedding": v});
+            writeln!(w, "{line}")?;
+        }
+        Ok(())
+    };
+    match &args.output {
+        Some(p) if p.extension().is_some_and(|e| e == "npy") => {
+            slm::io::write::write_atomic(p, |w| slm::io::write::write_npy(w, &vectors))?;
+            eprintln!(
+                "wrote {} x {} float32 to {}",
+                vectors.len(),
+                vectors[0].len(),
+                p.display()
+            );
+        }
+        Some(p) => slm::io::write::write_atomic(p, jsonl)?,
+        None => jsonl(&mut std::io::stdout().lock())?,
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+use slm::encode::{cosine_matrix, Encoder};
+
+use super::embed::PoolingArgs;
+use super::encoder::{default_encoder, InputArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(long, short = 'm', default_value_os_t = default_encoder())]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub input: InputArgs,
+    #[command(flatten)]
+    pub pooling: PoolingArgs,
+    /// Print the matrix as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let enc = Encoder::load(&args.model)?;
+    let records = args.input.records()?;
+    let inputs = args.input.prepare(&enc, &records)?;
+    let vectors = enc.embed(
+        &inputs,
+        args.input.batch_size,
+        args.pooling.resolve(enc.pooling),
+    )?;
+    let m = cosine_matrix(&vectors);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"texts": records.iter().map(|r| &r.text).collect::<Vec<_>>(), "cosine": m})
+        );
+        return Ok(());
+    }
+    for (i, r) in records.iter().enumerate() {
+        println!("[{i}] {}", r.text);
+    }
+    print!("{:>6}", "");
+    (0..m.len()).for_each(|j| print!("{:>8}", format!("[{j}]")));
+    println!();
+    for (i, row) in m.iter().enumerate() {
+        print!("{:>6}", format!("[{i}]"));
+        row.iter().for_each(|c| print!("{c:>8.4}"));
+        println!();
+    }
+    Ok(())
+}
