@@ -203,11 +203,6 @@ impl EncoderBatch {
             lengths: inputs.iter().map(|i| i.ids.len()).collect(),
         })
     }
-
-    fn has_padding(&self) -> bool {
-        let t = self.ids.dims()[1];
-        self.lengths.iter().any(|&l| l < t)
-    }
 }
 
 struct Embeddings {
@@ -288,11 +283,12 @@ impl Layer {
                 "output.LayerNorm",
             ],
         };
-        let qkv = QkvProj::Separate {
-            q: lin(h, h, q)?,
-            k: lin(h, h, k)?,
-            v: lin(h, h, v)?,
-        };
+        // One GEMM for Q, K and V, read in place by the attention kernel.
+        let qkv = QkvProj::Fused(Linear::concat(&[
+            lin(h, h, q)?,
+            lin(h, h, k)?,
+            lin(h, h, v)?,
+        ])?);
         Ok(Self {
             attn: Attention::new(qkv, lin(h, h, o)?, heads, heads, h / heads, None, None),
             attn_norm: LayerNorm::new(h, cfg.eps(), &vb.pp(attn_norm))?,
@@ -305,11 +301,11 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = self
-            .attn_norm
-            .forward(&(x + self.attn.forward_bidirectional(x, mask)?)?)?;
-        self.out_norm.forward(&(&x + self.mlp.forward(&x)?)?)
+    fn forward(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let a = self.attn.forward_bidirectional(x, lengths)?;
+        let x = self.attn_norm.forward_residual(&a, Some(x))?;
+        self.out_norm
+            .forward_residual(&self.mlp.forward(&x)?, Some(&x))
     }
 }
 
@@ -501,16 +497,9 @@ impl Bert {
 
     /// The last hidden states, `[b, t, hidden]`.
     pub fn hidden_states(&self, batch: &EncoderBatch) -> Result<Tensor> {
-        let mask = if batch.has_padding() {
-            // transformers adds the dtype's lowest value, not -inf, at padded keys.
-            let m = ((batch.mask.ones_like()? - &batch.mask)? * f32::MIN as f64)?;
-            Some(m.unsqueeze(1)?.unsqueeze(1)?)
-        } else {
-            None
-        };
         let mut x = self.embeddings.forward(batch)?;
         for l in &self.layers {
-            x = l.forward(&x, mask.as_ref())?;
+            x = l.forward(&x, &batch.lengths)?;
         }
         Ok(x)
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::{Linear, Rope};
+use super::{kernels, Linear, Rope};
 use crate::error::Result;
 
 /// How Q, K and V are projected: separately (Llama, Qwen2) or by one fused matrix (GPT-2, Phi-3).
@@ -117,15 +117,32 @@ impl Attention {
         self.attend(&q, &k, &v, m.as_ref())
     }
 
-    /// Bidirectional self-attention (encoders): every token sees every unmasked token.
-    /// `key_mask` is additive, `[b, 1, 1, t]`: 0 for real tokens, -inf for padding.
-    pub fn forward_bidirectional(&self, x: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
+    /// Bidirectional self-attention (encoders): row `i` of sequence `s` sees the first
+    /// `lengths[s]` tokens (right padding is never attended to).
+    pub fn forward_bidirectional(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if let (QkvProj::Fused(l), None) = (&self.qkv, &self.rope) {
+            let qkv = l.forward(x)?;
+            let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+            let y = kernels::with_f32(&qkv, |s| {
+                kernels::bidirectional_attention(s, t, nh, nkv, hd, lengths)
+            })?;
+            return self.o.forward(&kernels::tensor(y, vec![b, t, nh * hd])?);
+        }
         let (q, k, v) = self.project(x)?;
         let (q, k) = match &self.rope {
             Some(r) => (r.apply(&q, 0)?, r.apply(&k, 0)?),
             None => (q, k),
         };
-        self.attend(&q, &k, &v, key_mask)
+        let mask = if lengths.iter().any(|&l| l < t) {
+            let m: Vec<f32> = (lengths.iter())
+                .flat_map(|&l| (0..t).map(move |j| if j < l { 0.0 } else { f32::MIN }))
+                .collect();
+            Some(Tensor::from_vec(m, (b, 1, 1, t), &Device::Cpu)?)
+        } else {
+            None
+        };
+        self.attend(&q, &k, &v, mask.as_ref())
     }
 }
 

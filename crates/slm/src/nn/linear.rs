@@ -2,8 +2,9 @@ use std::sync::Arc;
 
 use candle_core::{Module, Tensor};
 
+use super::kernels::{self, with_f32};
 use super::qmatmul::QMatMul;
-use super::Vb;
+use super::{Activation, Vb};
 use crate::error::Result;
 use crate::io::Weight;
 
@@ -25,7 +26,8 @@ impl Linear {
     pub fn from_weight(w: Weight, bias: Option<Tensor>) -> Result<Self> {
         let out_features = w.dims()[0];
         let weight = match w {
-            Weight::Dense(t) => LinearWeight::Dense(t),
+            // Kept as [in, out]: the GEMM then reads it in place, with no per-call packing.
+            Weight::Dense(t) => LinearWeight::Dense(t.t()?.contiguous()?),
             Weight::Quant(q) => LinearWeight::Quant(Arc::new(QMatMul::new(q)?)),
         };
         Ok(Self {
@@ -67,21 +69,70 @@ impl Linear {
 
     /// `x` is `[.., in]`; the result is `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
+        self.forward_act(x, None)
+    }
+
+    /// `act(x·Wᵀ + b)`; on dense weights the bias and activation are fused into the GEMM pass.
+    pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let m = dims.iter().product::<usize>() / k.max(1);
+        *dims.last_mut().unwrap() = self.out_features;
+        match &self.weight {
             LinearWeight::Dense(w) => {
-                let dims = x.dims().to_vec();
-                let inner = dims[dims.len() - 1];
-                let rows: usize = dims[..dims.len() - 1].iter().product();
-                let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
-                let mut out = dims;
-                *out.last_mut().unwrap() = self.out_features;
-                y.reshape(out)?
+                let n = self.out_features;
+                let y = with_f32(x, |xs| {
+                    with_f32(w, |ws| match &self.bias {
+                        Some(b) => {
+                            with_f32(b, |bs| kernels::linear(xs, m, k, ws, n, Some(bs), act))
+                        }
+                        None => Ok(kernels::linear(xs, m, k, ws, n, None, act)),
+                    })
+                })???;
+                kernels::tensor(y, dims)
             }
-            LinearWeight::Quant(q) => q.forward(x)?,
+            LinearWeight::Quant(q) => {
+                let y = q.forward(x)?;
+                let y = match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                match act {
+                    Some(a) => a.forward(&y),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+
+    /// One layer computing several layers' outputs side by side (e.g. Q, K and V), so one GEMM
+    /// replaces several smaller ones. Dense weights only.
+    pub fn concat(parts: &[Linear]) -> Result<Self> {
+        let mut ws = Vec::new();
+        let mut bs = Vec::new();
+        for p in parts {
+            let LinearWeight::Dense(w) = &p.weight else {
+                return Err(crate::error::Error::msg(
+                    "internal: cannot concatenate quantized weights",
+                ));
+            };
+            ws.push(w.clone());
+            bs.push(p.bias.clone());
+        }
+        let bias = if bs.iter().all(|b| b.is_some()) {
+            Some(Tensor::cat(
+                &bs.into_iter().flatten().collect::<Vec<_>>(),
+                0,
+            )?)
+        } else {
+            None
         };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let wt = Tensor::cat(&ws, 1)?;
+        let out_features = wt.dim(1)?;
+        Ok(Self {
+            weight: LinearWeight::Dense(wt),
+            bias,
+            out_features,
         })
     }
 }

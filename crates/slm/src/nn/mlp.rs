@@ -27,7 +27,7 @@ pub enum Mlp {
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Mlp::Plain { fc, proj, act } => proj.forward(&act.forward(&fc.forward(x)?)?),
+            Mlp::Plain { fc, proj, act } => proj.forward(&fc.forward_act(x, Some(*act))?),
             Mlp::Gated {
                 gate,
                 up,

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod kernels;
 pub mod linear;
 pub mod mlp;
 pub mod norm;

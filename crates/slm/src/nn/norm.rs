@@ -1,5 +1,6 @@
 use candle_core::Tensor;
 
+use super::kernels::{self, with_f32};
 use super::Vb;
 use crate::error::Result;
 
@@ -50,11 +51,22 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+        self.forward_residual(x, None)
+    }
+
+    /// `layer_norm(x + res)` in one pass (post-LN encoders add the residual right before).
+    pub fn forward_residual(&self, x: &Tensor, res: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.weight.dim(0)?;
+        let y = with_f32(x, |xs| {
+            with_f32(&self.weight, |w| {
+                with_f32(&self.bias, |b| match res {
+                    Some(r) => with_f32(r, |rs| {
+                        kernels::add_layer_norm(xs, Some(rs), w, b, self.eps, h)
+                    }),
+                    None => Ok(kernels::add_layer_norm(xs, None, w, b, self.eps, h)),
+                })
+            })
+        })????;
+        kernels::tensor(y, x.dims().to_vec())
     }
 }

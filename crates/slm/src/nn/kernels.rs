@@ -1,0 +1,398 @@
+//! Fused f32 CPU kernels for the dense (unquantized) path. candle runs a layer as a chain of
+//! separate ops (matmul, broadcast bias add, libm `erf` per element, transposes for attention,
+//! residual add, layer norm), each a full pass over memory; on two cores those passes cost as
+//! much as the matmuls themselves. These kernels fold them: the bias is the GEMM's initial
+//! value, activations run on the GEMM output in place with a vectorisable `erf`/`exp`,
+//! attention reads Q/K/V straight from the fused projection, and the residual add is part of
+//! the layer norm.
+
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::Activation;
+use crate::error::{Error, Result};
+
+/// Runs `f` on the f32 data of `t` (made contiguous first, which is free when it already is).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            Ok(f(&v[start..start + layout.shape().elem_count()]))
+        }
+        _ => Err(Error::msg(format!(
+            "internal: expected an f32 CPU tensor, got {:?}",
+            t.dtype()
+        ))),
+    }
+}
+
+pub fn tensor(data: Vec<f32>, dims: Vec<usize>) -> Result<Tensor> {
+    Ok(Tensor::from_vec(data, dims, &Device::Cpu)?)
+}
+
+/// Below this many multiply-adds a GEMM runs on one thread: waking the pool costs more.
+const PAR_MACS: usize = 1 << 18;
+
+/// `y[m, n] = x[m, k] · wt[k, n] + bias`, then `act` in place.
+pub fn linear(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    wt: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    act: Option<Activation>,
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(wt.len(), n * k);
+    let mut y = match bias {
+        Some(b) => {
+            let mut y = Vec::with_capacity(m * n);
+            (0..m).for_each(|_| y.extend_from_slice(b));
+            y
+        }
+        None => vec![0f32; m * n],
+    };
+    let threads = rayon::current_num_threads();
+    let par = if m * n * k >= PAR_MACS && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the strides describe exactly the three buffers checked above, all row-major:
+    // y m×n, x m×k, wt k×n.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            bias.is_some(),
+            x.as_ptr(),
+            1,
+            k as isize,
+            wt.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    if let Some(act) = act {
+        activate(&mut y, act);
+    }
+    y
+}
+
+/// Applies `act` in place, in parallel chunks for large buffers.
+pub fn activate(y: &mut [f32], act: Activation) {
+    let f = |c: &mut [f32]| match act {
+        Activation::Gelu => c.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+        Activation::Relu => c.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Silu => c.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v)),
+        Activation::GeluNew => c.iter_mut().for_each(|v| {
+            let x = *v;
+            let u = 0.797_884_6 * (x + 0.044715 * x * x * x);
+            *v = 0.5 * x * (1.0 + tanh(u));
+        }),
+        Activation::Tanh => c.iter_mut().for_each(|v| *v = tanh(*v)),
+    };
+    if y.len() >= 1 << 15 {
+        y.par_chunks_mut(1 << 13).for_each(f);
+    } else {
+        f(y);
+    }
+}
+
+/// `exp` to ~1 ulp (Cephes' polynomial on a ln2 range reduction), written so that loops over
+/// it vectorise: no libm call, no branches.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_2e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let p = p * r * r + r + 1.0;
+    // SAFETY: after the clamp, n + 127 lies in [1, 254], a valid biased exponent.
+    let bits = unsafe { (n + 127.0).to_int_unchecked::<i32>() } << 23;
+    p * f32::from_bits(bits as u32)
+}
+
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    let e = exp(2.0 * x.clamp(-15.0, 15.0));
+    (e - 1.0) / (e + 1.0)
+}
+
+/// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), branch-free.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let p = 1.061_405_4;
+    let p = p * t - 1.453_152;
+    let p = p * t + 1.421_413_8;
+    let p = p * t - 0.284_496_74;
+    let p = p * t + 0.254_829_6;
+    let y = 1.0 - p * t * exp(-a * a);
+    y.copysign(x)
+}
+
+/// GELU with the exact (erf) form, as BERT's `gelu`.
+#[inline(always)]
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `layer_norm(x + res)` per row of `h` values (`res` optional).
+pub fn add_layer_norm(
+    x: &[f32],
+    res: Option<&[f32]>,
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    h: usize,
+) -> Vec<f32> {
+    let mut y = match res {
+        Some(r) => x.iter().zip(r).map(|(a, b)| a + b).collect(),
+        None => x.to_vec(),
+    };
+    let norm = |row: &mut [f32]| {
+        let mean = row.iter().sum::<f32>() / h as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((v, g), bb) in row.iter_mut().zip(w).zip(b) {
+            *v = (*v - mean) * inv * g + bb;
+        }
+    };
+    if y.len() >= 1 << 15 {
+        y.par_chunks_mut(h).for_each(norm);
+    } else {
+        y.chunks_mut(h).for_each(norm);
+    }
+    y
+}
+
+/// Softmax of one row. Max and sum use lane-wise partial results so that every loop
+/// vectorises (a plain fold is a serial dependency chain).
+#[inline]
+pub fn softmax_in_place(row: &mut [f32]) {
+    let mut m8 = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for c in chunks {
+        for l in 0..8 {
+            m8[l] = m8[l].max(c[l]);
+        }
+    }
+    max = m8.iter().fold(max, |m, &x| m.max(x));
+    row.iter_mut().for_each(|x| *x = exp(*x - max));
+    let mut s8 = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let mut sum: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            s8[l] += c[l];
+        }
+    }
+    sum += s8.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// A raw pointer that tasks share to write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every task writes a region no other task touches (see bidirectional_attention).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method, so closures capture the Send wrapper rather than the bare pointer.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Bidirectional attention straight from a fused projection `qkv` (`[b, t, (nh + 2·nkv)·hd]`,
+/// Q then K then V): row `i` of sequence `s` attends to keys `0..lengths[s]`, so padding is
+/// excluded exactly as transformers' additive mask of the dtype minimum does. Returns
+/// `[b, t, nh·hd]` with heads side by side, ready for the output projection. Each (sequence,
+/// head) is one task doing `S = QKᵀ`, a row softmax and `O = PV` with strided GEMMs, so no
+/// head is ever copied out of the projection.
+pub fn bidirectional_attention(
+    qkv: &[f32],
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    lengths: &[usize],
+) -> Vec<f32> {
+    let b = lengths.len();
+    assert_eq!(qkv.len(), b * t * (nh + 2 * nkv) * hd);
+    let width = (nh + 2 * nkv) * hd;
+    let hidden = nh * hd;
+    let groups = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut y = vec![0f32; b * t * hidden];
+    let out = SharedMut(y.as_mut_ptr());
+    (0..b * nh).into_par_iter().for_each(|task| {
+        let (s, h) = (task / nh, task % nh);
+        let kvh = h / groups;
+        let len = lengths[s].clamp(1, t);
+        let base = s * t * width;
+        let q = qkv[base + h * hd..].as_ptr();
+        let k = qkv[base + hidden + kvh * hd..].as_ptr();
+        let v = qkv[base + hidden + (nkv + kvh) * hd..].as_ptr();
+        let mut scores = vec![0f32; t * len];
+        // SAFETY: Q, K, V rows are `width` apart inside `qkv` (length checked above); the
+        // scores are t×len row-major; this task alone writes rows s·t.. of head h's columns
+        // of `y`, which is b·t×hidden row-major.
+        unsafe {
+            gemm::gemm(
+                t,
+                len,
+                hd,
+                scores.as_mut_ptr(),
+                1,
+                len as isize,
+                false,
+                q,
+                1,
+                width as isize,
+                k,
+                width as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        scores.chunks_mut(len).for_each(softmax_in_place);
+        unsafe {
+            gemm::gemm(
+                t,
+                hd,
+                len,
+                out.ptr().add(s * t * hidden + h * hd),
+                1,
+                hidden as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                len as isize,
+                v,
+                1,
+                width as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_erf_match_libm() {
+        let mut worst_exp = 0f64;
+        let mut worst_erf = 0f64;
+        for i in -20000..=20000 {
+            let x = i as f32 * 0.004;
+            let e = exp(x) as f64;
+            let r = (x as f64).exp();
+            worst_exp = worst_exp.max(((e - r) / r).abs());
+            let ours = erf(x) as f64;
+            let want = libm_erf(x as f64);
+            worst_erf = worst_erf.max((ours - want).abs());
+        }
+        assert!(worst_exp < 3e-7, "exp relative error {worst_exp}");
+        assert!(worst_erf < 5e-7, "erf absolute error {worst_erf}");
+        assert_eq!(exp(-1000.0), exp(-87.3));
+    }
+
+    /// erf by its Taylor series, in f64, as an independent reference for |x| ≤ 4.
+    fn libm_erf(x: f64) -> f64 {
+        if x.abs() > 4.0 {
+            return x.signum() * (1.0 - 1e-8);
+        }
+        let mut sum = 0.0;
+        let mut term = x;
+        let mut n = 0;
+        while term.abs() > 1e-17 || n < 3 {
+            sum += term / (2 * n + 1) as f64;
+            n += 1;
+            term *= -x * x / n as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn linear_matches_naive_product_with_bias() {
+        let (m, k, n) = (5, 19, 7);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
+            .collect();
+        let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+        let y = linear(&x, m, k, &wt, n, Some(&b), None);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = b[j] + (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum::<f32>();
+                assert!((y[i * n + j] - want).abs() < 1e-4, "{i},{j}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_ignores_padded_keys() {
+        // One head, hd 2, a sequence of length 2 padded to 3: the padding row's K/V are huge
+        // and must not change the real rows.
+        let (t, hd) = (3, 2);
+        let mut qkv = vec![
+            1.0, 0.0, 1.0, 0.0, 1.0, 2.0, //
+            0.0, 1.0, 0.0, 1.0, 3.0, 4.0, //
+            0.0, 0.0, 9e3, 9e3, 9e3, 9e3,
+        ];
+        let y = bidirectional_attention(&qkv, t, 1, 1, hd, &[2]);
+        let s = 1.0 / 2f32.sqrt();
+        let (e1, e0) = (s.exp(), 1.0f32);
+        let p = e1 / (e1 + e0);
+        assert!((y[0] - (p * 1.0 + (1.0 - p) * 3.0)).abs() < 1e-5);
+        assert!((y[1] - (p * 2.0 + (1.0 - p) * 4.0)).abs() < 1e-5);
+        qkv[14] = -5.0;
+        assert_eq!(
+            bidirectional_attention(&qkv, t, 1, 1, hd, &[2])[..4],
+            y[..4]
+        );
+    }
+}
