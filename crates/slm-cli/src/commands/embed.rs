@@ -59,8 +59,9 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     let jsonl = |w: &mut dyn Write| -> std::io::Result<()> {
         for (r, v) in records.iter().zip(&vectors) {
-            let line = serde_json::json!({"text": r.text, "embedding": v});
-            writeln!(w, "{line}")?;
+            // Written by hand so that "text" comes first, as users read it.
+            let text = serde_json::Value::from(r.text.as_str());
+            writeln!(w, "{{\"text\":{text},\"embedding\":{}}}", serde_json::Value::from(v.clone()))?;
         }
         Ok(())
     };
