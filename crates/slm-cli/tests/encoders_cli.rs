@@ -190,6 +190,29 @@ fn classify_prints_id2label_or_default_names() {
         None,
     );
     assert!(out.starts_with("LABEL_"), "{out}");
+    // A token-classification checkpoint gets one label per token, special tokens included.
+    let (out, _) = ok(
+        &[
+            "classify",
+            "--json",
+            "-m",
+            enc.join("bert_tok/safetensors").to_str().unwrap(),
+            "hello world",
+        ],
+        None,
+    );
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let tokens: Vec<&str> = r["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, ["[CLS]", "hello", "world", "[SEP]"]);
+    assert!(r["tokens"][1]["label"]
+        .as_str()
+        .unwrap()
+        .starts_with("LABEL_"));
 }
 
 #[test]

@@ -7,7 +7,7 @@ use super::encoder::InputArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A *ForSequenceClassification model folder.
+    /// A *ForSequenceClassification model folder (or *ForTokenClassification: a label per token).
     #[arg(long, short = 'm')]
     pub model: PathBuf,
     #[command(flatten)]
@@ -21,8 +21,39 @@ pub fn run(args: Args) -> Result<()> {
     let enc = Encoder::load(&args.model)?;
     let records = args.input.records()?;
     let inputs = args.input.prepare(&enc, &records)?;
-    let probs = enc.classify(&inputs, args.input.batch_size)?;
     let labels = &enc.model.labels;
+    let best = |p: &[f32]| {
+        (0..p.len())
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
+            .unwrap_or(0)
+    };
+    if enc.model.task == slm::models::bert::Task::TokenClassification {
+        let per_token = enc.classify_tokens(&inputs, args.input.batch_size)?;
+        for ((r, inp), probs) in records.iter().zip(&inputs).zip(&per_token) {
+            let tags: Vec<serde_json::Value> = (inp.ids.iter().zip(probs))
+                .map(|(&id, p)| {
+                    let token = enc.tokenizer.id_to_token(id).unwrap_or_default();
+                    let b = best(p);
+                    serde_json::json!({"token": token, "label": labels[b], "score": p[b]})
+                })
+                .collect();
+            if args.json {
+                println!("{}", serde_json::json!({"text": r.text, "tokens": tags}));
+            } else {
+                println!("{}", r.text);
+                for t in &tags {
+                    println!(
+                        "  {}\t{}\t{:.4}",
+                        t["token"].as_str().unwrap_or(""),
+                        t["label"].as_str().unwrap_or(""),
+                        t["score"].as_f64().unwrap_or(0.0)
+                    );
+                }
+            }
+        }
+        return Ok(());
+    }
+    let probs = enc.classify(&inputs, args.input.batch_size)?;
     for (r, p) in records.iter().zip(&probs) {
         let best = (0..p.len())
             .max_by(|&a, &b| p[a].total_cmp(&p[b]))

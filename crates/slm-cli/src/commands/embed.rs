@@ -61,7 +61,11 @@ pub fn run(args: Args) -> Result<()> {
         for (r, v) in records.iter().zip(&vectors) {
             // Written by hand so that "text" comes first, as users read it.
             let text = serde_json::Value::from(r.text.as_str());
-            writeln!(w, "{{\"text\":{text},\"embedding\":{}}}", serde_json::Value::from(v.clone()))?;
+            writeln!(
+                w,
+                "{{\"text\":{text},\"embedding\":{}}}",
+                serde_json::Value::from(v.clone())
+            )?;
         }
         Ok(())
     };

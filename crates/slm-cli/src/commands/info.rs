@@ -45,10 +45,16 @@ pub fn run(a: Args) -> Result<()> {
     println!("model:          {}", a.model.display());
     println!("architecture:   {}", config.architecture().name());
     if let slm::models::ModelConfig::Bert(c) = &config {
-        let head = c.architectures.first().map_or("(none: bare encoder)", |s| s.as_str());
+        let head = c
+            .architectures
+            .first()
+            .map_or("(none: bare encoder)", |s| s.as_str());
         println!("head:           {head}");
         if let Some(labels) = &c.id2label {
-            println!("labels:         {}", labels.values().cloned().collect::<Vec<_>>().join(", "));
+            println!(
+                "labels:         {}",
+                labels.values().cloned().collect::<Vec<_>>().join(", ")
+            );
         }
     }
     println!("format:         {format}");

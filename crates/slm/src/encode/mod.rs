@@ -163,6 +163,30 @@ impl Encoder {
         Ok(out)
     }
 
+    /// Per-token label probabilities (`[tokens][labels]`, special tokens included) for
+    /// token-classification checkpoints (NER, POS tagging).
+    pub fn classify_tokens(
+        &self,
+        inputs: &[EncoderInput],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        self.require(
+            Task::TokenClassification,
+            "token classification",
+            "ForTokenClassification",
+        )?;
+        let mut out = vec![Vec::new(); inputs.len()];
+        self.for_each_batch(inputs, batch_size, |rows, batch| {
+            let p = bert::probabilities(&self.model.logits(batch)?, self.model.multi_label())?;
+            for (r, &i) in rows.iter().enumerate() {
+                let len = inputs[i].ids.len();
+                out[i] = p.get(r)?.narrow(0, 0, len)?.to_vec2::<f32>()?;
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// The `top_k` most likely tokens at each mask position of `text`, in order of position.
     pub fn fill_mask(&self, text: &str, top_k: usize) -> Result<Vec<Vec<Prediction>>> {
         self.require(Task::MaskedLm, "fill-mask", "ForMaskedLM")?;
