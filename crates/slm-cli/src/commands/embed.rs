@@ -34,6 +34,19 @@ pub struct PoolingArgs {
 }
 
 impl PoolingArgs {
+    /// Loads the model, reads the input and embeds every text with the resolved pooling.
+    pub fn embed(
+        &self,
+        model: &std::path::Path,
+        input: &InputArgs,
+    ) -> Result<(Vec<slm::data::Record>, Vec<Vec<f32>>)> {
+        let enc = Encoder::load(model)?;
+        let records = input.records()?;
+        let inputs = input.prepare(&enc, &records)?;
+        let vectors = enc.embed(&inputs, input.batch_size, self.resolve(enc.pooling))?;
+        Ok((records, vectors))
+    }
+
     pub fn resolve(&self, from_model: Pooling) -> Pooling {
         Pooling {
             mode: self.pooling.unwrap_or(from_model.mode),
@@ -49,14 +62,7 @@ impl PoolingArgs {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let enc = Encoder::load(&args.model)?;
-    let records = args.input.records()?;
-    let inputs = args.input.prepare(&enc, &records)?;
-    let vectors = enc.embed(
-        &inputs,
-        args.input.batch_size,
-        args.pooling.resolve(enc.pooling),
-    )?;
+    let (records, vectors) = args.pooling.embed(&args.model, &args.input)?;
     let jsonl = |w: &mut dyn Write| -> std::io::Result<()> {
         for (r, v) in records.iter().zip(&vectors) {
             // Written by hand so that "text" comes first, as users read it.

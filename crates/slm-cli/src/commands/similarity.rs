@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use slm::encode::{cosine_matrix, Encoder};
+use slm::encode::cosine_matrix;
 
 use super::embed::PoolingArgs;
 use super::encoder::{default_encoder, InputArgs};
@@ -20,14 +20,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let enc = Encoder::load(&args.model)?;
-    let records = args.input.records()?;
-    let inputs = args.input.prepare(&enc, &records)?;
-    let vectors = enc.embed(
-        &inputs,
-        args.input.batch_size,
-        args.pooling.resolve(enc.pooling),
-    )?;
+    let (records, vectors) = args.pooling.embed(&args.model, &args.input)?;
     let m = cosine_matrix(&vectors);
     if args.json {
         println!(
