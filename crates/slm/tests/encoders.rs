@@ -301,3 +301,34 @@ fn fill_mask_on_tiny_bert_returns_softmax_of_reference_logits() {
         "{err}"
     );
 }
+
+#[test]
+fn vocab_txt_alone_tokenizes_like_tokenizer_json() {
+    // Older BERT checkpoints ship vocab.txt + tokenizer_config.json only.
+    let src = common::fixtures().join("encoders/bert_mlm/safetensors");
+    let dir = std::env::temp_dir().join(format!("slm-vocab-txt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "tokenizer.json" {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    let expected = common::read_json(common::fixtures().join("encoders/expected.json"));
+    let enc = Encoder::load(&dir).unwrap();
+    assert!(enc.tokenizer.origin.ends_with("vocab.txt"));
+    for (t, want) in expected["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(expected["input_ids"].as_array().unwrap())
+    {
+        let got = enc
+            .tokenizer
+            .encode_pair(t[0].as_str().unwrap(), t[1].as_str(), 64)
+            .unwrap();
+        assert_eq!(got.ids, common::ids(want), "{t}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
