@@ -128,12 +128,28 @@ impl OwnQ {
         };
         let row_bytes = nb * self.kind.block_bytes();
         let rows = self.rows;
+        let vnni = has_vnni();
         let run = |r0: usize, wchunk: &[u8], out: &SendPtr| {
-            for (ri, wrow) in wchunk.chunks_exact(row_bytes).enumerate() {
+            let n = wchunk.len() / row_bytes;
+            let mut r = 0;
+            // Four rows at a time share each activation block and keep four independent
+            // accumulator chains in flight.
+            while vnni && r + 4 <= n {
+                let w4 = &wchunk[r * row_bytes..(r + 4) * row_bytes];
+                for i in 0..m {
+                    let v = dot4(self.kind, w4, row_bytes, &xq[i * nb..(i + 1) * nb]);
+                    for (j, vj) in v.into_iter().enumerate() {
+                        // SAFETY: each (i, r) is written by exactly one task; y has m*rows slots.
+                        unsafe { *out.0.add(i * rows + r0 + r + j) = vj };
+                    }
+                }
+                r += 4;
+            }
+            for (ri, wrow) in wchunk[r * row_bytes..].chunks_exact(row_bytes).enumerate() {
                 for i in 0..m {
                     let v = dot(self.kind, wrow, &xq[i * nb..(i + 1) * nb]);
-                    // SAFETY: each (i, r) is written by exactly one task; y has m*rows slots.
-                    unsafe { *out.0.add(i * rows + r0 + ri) = v };
+                    // SAFETY: as above.
+                    unsafe { *out.0.add(i * rows + r0 + r + ri) = v };
                 }
             }
         };
@@ -144,11 +160,14 @@ impl OwnQ {
             run(0, &self.data, &out);
             return;
         }
-        let chunk = rows.div_ceil(threads * 4).max(16);
-        self.data
-            .par_chunks(row_bytes * chunk)
-            .enumerate()
-            .for_each(|(ci, wchunk)| run(ci * chunk, wchunk, &out));
+        // candle's barrier pool: its workers spin briefly between calls, so the ~200 small
+        // products of one decoded token start without a futex wake-up each.
+        let data = &self.data;
+        let out = &out;
+        candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(16), |blocks| {
+            let (r0, r1) = (blocks.start * 16, (blocks.end * 16).min(rows));
+            run(r0, &data[r0 * row_bytes..r1 * row_bytes], out);
+        });
     }
 }
 
@@ -162,6 +181,36 @@ fn dot(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
         }
     }
     dot_scalar(kind, w, x)
+}
+
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        *VNNI.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Dots of four consecutive weight rows (`row_bytes` apart in `w4`) with the same activations.
+/// Only called when [`has_vnni`] is true.
+fn dot4(kind: Kind, w4: &[u8], row_bytes: usize, x: &[BlockQ8]) -> [f32; 4] {
+    assert!(w4.len() >= 4 * row_bytes && row_bytes >= x.len() * kind.block_bytes());
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: has_vnni() checked the CPU features; the assert bounds every block read.
+        unsafe { vnni::dot4(kind, w4, row_bytes, x) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!()
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -262,6 +311,76 @@ mod avx2 {
     }
 }
 
+/// AVX-512 VNNI on 256-bit registers: `vpdpbusd` multiplies unsigned by signed bytes and sums
+/// groups of four into 32-bit lanes in one instruction, where AVX2 needs `maddubs` + `madd`.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{BlockQ8, Kind};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn f16(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (p as *const u16).read_unaligned() as i32,
+        )))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn nibbles(qs: *const u8) -> __m256i {
+        let q = _mm_loadu_si128(qs as *const __m128i);
+        let m = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(q, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot4(kind: Kind, w4: &[u8], row_bytes: usize, x: &[BlockQ8]) -> [f32; 4] {
+        let bb = kind.block_bytes();
+        let base = w4.as_ptr();
+        let zero = _mm256_setzero_si256();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut extra = [0f32; 4];
+        for (b, xb) in x.iter().enumerate() {
+            let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
+            for r in 0..4 {
+                let blk = base.add(r * row_bytes + b * bb);
+                let d = f16(blk);
+                let s = match kind {
+                    Kind::Q8_0 => {
+                        let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                        // vpdpbusd needs an unsigned left operand: move the signs onto y.
+                        _mm256_dpbusd_epi32(zero, _mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
+                    }
+                    Kind::Q4_0 => {
+                        extra[r] -= 8.0 * d * xb.sum;
+                        _mm256_dpbusd_epi32(zero, nibbles(blk.add(2)), y)
+                    }
+                    Kind::Q4_1 => {
+                        extra[r] += f16(blk.add(2)) * xb.sum;
+                        _mm256_dpbusd_epi32(zero, nibbles(blk.add(4)), y)
+                    }
+                };
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xb.d), acc[r]);
+            }
+        }
+        [
+            hsum(acc[0]) + extra[0],
+            hsum(acc[1]) + extra[1],
+            hsum(acc[2]) + extra[2],
+            hsum(acc[3]) + extra[3],
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +430,20 @@ mod tests {
                 }
             }
             // SIMD and scalar agree to rounding.
+            if has_vnni() {
+                for r in (0..rows - 3).step_by(4) {
+                    let got = dot4(own.kind, &own.data[r * bb..], bb, &xq);
+                    for (j, g) in got.iter().enumerate() {
+                        let want =
+                            dot_scalar(own.kind, &own.data[(r + j) * bb..(r + j + 1) * bb], &xq);
+                        assert!(
+                            (g - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{dtype:?} row {}: {g} vs {want}",
+                            r + j
+                        );
+                    }
+                }
+            }
             for r in 0..rows {
                 let wr = &own.data[r * bb..(r + 1) * bb];
                 let (a, b) = (dot(own.kind, wr, &xq), dot_scalar(own.kind, wr, &xq));
