@@ -136,7 +136,24 @@ impl OwnQ {
             // accumulator chains in flight.
             while vnni && r + 4 <= n {
                 let w4 = &wchunk[r * row_bytes..(r + 4) * row_bytes];
-                for i in 0..m {
+                let xr = |i: usize| &xq[i * nb..(i + 1) * nb];
+                let mut i = 0;
+                while i + 4 <= m {
+                    let t = dot4x4(
+                        self.kind,
+                        w4,
+                        row_bytes,
+                        [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)],
+                    );
+                    for (j, row) in t.iter().enumerate() {
+                        for (ii, &v) in row.iter().enumerate() {
+                            // SAFETY: each (i, r) is written by exactly one task.
+                            unsafe { *out.0.add((i + ii) * rows + r0 + r + j) = v };
+                        }
+                    }
+                    i += 4;
+                }
+                for i in i..m {
                     let v = dot4(self.kind, w4, row_bytes, &xq[i * nb..(i + 1) * nb]);
                     for (j, vj) in v.into_iter().enumerate() {
                         // SAFETY: each (i, r) is written by exactly one task; y has m*rows slots.
@@ -208,6 +225,20 @@ fn dot4(kind: Kind, w4: &[u8], row_bytes: usize, x: &[BlockQ8]) -> [f32; 4] {
     {
         // SAFETY: has_vnni() checked the CPU features; the assert bounds every block read.
         unsafe { vnni::dot4(kind, w4, row_bytes, x) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!()
+}
+
+/// Four weight rows against four activation rows; only called when [`has_vnni`] is true.
+fn dot4x4(kind: Kind, w4: &[u8], row_bytes: usize, x: [&[BlockQ8]; 4]) -> [[f32; 4]; 4] {
+    let nb = x[0].len();
+    assert!(x.iter().all(|r| r.len() == nb));
+    assert!(w4.len() >= 4 * row_bytes && row_bytes >= nb * kind.block_bytes());
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: has_vnni() checked the CPU features; the asserts bound every block read.
+        unsafe { vnni::dot4x4(kind, w4, row_bytes, x) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!()
@@ -379,6 +410,70 @@ mod vnni {
             hsum(acc[3]) + extra[3],
         ]
     }
+
+    /// A 4×4 tile for prefill: four weight rows against four activation rows, so each weight
+    /// block is unpacked once for four tokens. Result `[row][token]`. (A 512-bit form with two
+    /// blocks per register measured 25% slower here: 16 accumulators plus operands spill.)
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot4x4(
+        kind: Kind,
+        w4: &[u8],
+        row_bytes: usize,
+        x: [&[BlockQ8]; 4],
+    ) -> [[f32; 4]; 4] {
+        let bb = kind.block_bytes();
+        let base = w4.as_ptr();
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+        let mut extra = [[0f32; 4]; 4];
+        for b in 0..x[0].len() {
+            let mut q = [zero; 4];
+            let mut d = [0f32; 4];
+            for r in 0..4 {
+                let blk = base.add(r * row_bytes + b * bb);
+                d[r] = f16(blk);
+                q[r] = match kind {
+                    Kind::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+                    Kind::Q4_0 => nibbles(blk.add(2)),
+                    Kind::Q4_1 => nibbles(blk.add(4)),
+                };
+                let off = match kind {
+                    Kind::Q8_0 => 0.0,
+                    Kind::Q4_0 => -8.0 * d[r],
+                    Kind::Q4_1 => f16(blk.add(2)),
+                };
+                for i in 0..4 {
+                    extra[r][i] += off * x[i][b].sum;
+                }
+            }
+            for i in 0..4 {
+                let xb = &x[i][b];
+                let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
+                for r in 0..4 {
+                    let s = match kind {
+                        Kind::Q8_0 => _mm256_dpbusd_epi32(
+                            zero,
+                            _mm256_sign_epi8(q[r], q[r]),
+                            _mm256_sign_epi8(y, q[r]),
+                        ),
+                        _ => _mm256_dpbusd_epi32(zero, q[r], y),
+                    };
+                    acc[r][i] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(s),
+                        _mm256_set1_ps(d[r] * xb.d),
+                        acc[r][i],
+                    );
+                }
+            }
+        }
+        let mut out = [[0f32; 4]; 4];
+        for r in 0..4 {
+            for i in 0..4 {
+                out[r][i] = hsum(acc[r][i]) + extra[r][i];
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -390,7 +485,7 @@ mod tests {
     /// difference allowed is the 8-bit quantization of the activations.
     #[test]
     fn own_kernels_match_dequantized_matmul() {
-        let (rows, cols, m) = (70, 256, 3);
+        let (rows, cols, m) = (70, 256, 6);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
             .collect();
