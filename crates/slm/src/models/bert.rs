@@ -284,11 +284,11 @@ impl Layer {
             ],
         };
         // One GEMM for Q, K and V, read in place by the attention kernel.
-        let qkv = QkvProj::Fused(Linear::concat(&[
-            lin(h, h, q)?,
-            lin(h, h, k)?,
-            lin(h, h, v)?,
-        ])?);
+        let (q, k, v) = (lin(h, h, q)?, lin(h, h, k)?, lin(h, h, v)?);
+        let qkv = match Linear::try_concat(&[&q, &k, &v])? {
+            Some(l) => QkvProj::Fused(l),
+            None => QkvProj::Separate { q, k, v },
+        };
         Ok(Self {
             attn: Attention::new(qkv, lin(h, h, o)?, heads, heads, h / heads, None, None),
             attn_norm: LayerNorm::new(h, cfg.eps(), &vb.pp(attn_norm))?,

@@ -101,10 +101,13 @@ impl Layer {
             )?),
             Variant::Llama | Variant::Qwen2 => {
                 let bias = cfg.attention_bias || cfg.variant == Variant::Qwen2;
-                QkvProj::Separate {
-                    q: Linear::new(h, nh * hd, bias, &att.pp("q_proj"))?,
-                    k: Linear::new(h, nkv * hd, bias, &att.pp("k_proj"))?,
-                    v: Linear::new(h, nkv * hd, bias, &att.pp("v_proj"))?,
+                let q = Linear::new(h, nh * hd, bias, &att.pp("q_proj"))?;
+                let k = Linear::new(h, nkv * hd, bias, &att.pp("k_proj"))?;
+                let v = Linear::new(h, nkv * hd, bias, &att.pp("v_proj"))?;
+                // One product (and one quantization of x) instead of three.
+                match Linear::try_concat(&[&q, &k, &v])? {
+                    Some(l) => QkvProj::Fused(l),
+                    None => QkvProj::Separate { q, k, v },
                 }
             }
         };
@@ -118,12 +121,21 @@ impl Layer {
                 down: Linear::new(i, h, false, &m.pp("down_proj"))?,
                 act: cfg.hidden_act,
             },
-            _ => Mlp::Gated {
-                gate: Linear::new(h, i, cfg.mlp_bias, &m.pp("gate_proj"))?,
-                up: Linear::new(h, i, cfg.mlp_bias, &m.pp("up_proj"))?,
-                down: Linear::new(i, h, cfg.mlp_bias, &m.pp("down_proj"))?,
-                act: cfg.hidden_act,
-            },
+            _ => {
+                let gate = Linear::new(h, i, cfg.mlp_bias, &m.pp("gate_proj"))?;
+                let up = Linear::new(h, i, cfg.mlp_bias, &m.pp("up_proj"))?;
+                let down = Linear::new(i, h, cfg.mlp_bias, &m.pp("down_proj"))?;
+                let act = cfg.hidden_act;
+                match Linear::try_concat(&[&gate, &up])? {
+                    Some(gate_up) => Mlp::GatedFused { gate_up, down, act },
+                    None => Mlp::Gated {
+                        gate,
+                        up,
+                        down,
+                        act,
+                    },
+                }
+            }
         };
         Ok(Self {
             input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, &vb.pp("input_layernorm"))?,

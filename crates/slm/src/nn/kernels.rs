@@ -112,6 +112,19 @@ pub fn activate(y: &mut [f32], act: Activation) {
     }
 }
 
+/// `act(gate) * up` from a fused `[m, 2n]` projection (gate columns first), in one pass.
+pub fn gated(gu: &[f32], n: usize, act: Activation) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(gu.len() / 2);
+    for row in gu.chunks_exact(2 * n) {
+        out.extend_from_slice(&row[..n]);
+    }
+    activate(&mut out, act);
+    for (o, row) in out.chunks_exact_mut(n).zip(gu.chunks_exact(2 * n)) {
+        o.iter_mut().zip(&row[n..]).for_each(|(g, u)| *g *= u);
+    }
+    out
+}
+
 /// `exp` to ~1 ulp (Cephes' polynomial on a ln2 range reduction), written so that loops over
 /// it vectorise: no libm call, no branches.
 #[inline(always)]

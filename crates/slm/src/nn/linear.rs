@@ -105,35 +105,45 @@ impl Linear {
         }
     }
 
-    /// One layer computing several layers' outputs side by side (e.g. Q, K and V), so one GEMM
-    /// replaces several smaller ones. Dense weights only.
-    pub fn concat(parts: &[Linear]) -> Result<Self> {
-        let mut ws = Vec::new();
-        let mut bs = Vec::new();
-        for p in parts {
-            let LinearWeight::Dense(w) = &p.weight else {
-                return Err(crate::error::Error::msg(
-                    "internal: cannot concatenate quantized weights",
-                ));
-            };
-            ws.push(w.clone());
-            bs.push(p.bias.clone());
-        }
-        let bias = if bs.iter().all(|b| b.is_some()) {
-            Some(Tensor::cat(
-                &bs.into_iter().flatten().collect::<Vec<_>>(),
-                0,
-            )?)
-        } else {
-            None
+    /// One layer computing several layers' outputs side by side (Q, K and V; gate and up), so
+    /// one product (and one quantization of the input) replaces several. None when the parts
+    /// cannot share a matrix (dense mixed with quantized, different block types, some biased).
+    pub fn try_concat(parts: &[&Linear]) -> Result<Option<Self>> {
+        let biases: Vec<Tensor> = parts.iter().filter_map(|p| p.bias.clone()).collect();
+        let bias = match biases.len() {
+            0 => None,
+            n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
+            _ => return Ok(None),
         };
-        let wt = Tensor::cat(&ws, 1)?;
-        let out_features = wt.dim(1)?;
-        Ok(Self {
-            weight: LinearWeight::Dense(wt),
+        let out_features = parts.iter().map(|p| p.out_features).sum();
+        let weight = if let Some(ws) = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::Dense(w) => Some(w.clone()),
+                LinearWeight::Quant(_) => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            // Dense weights are stored [in, out]: outputs side by side are columns.
+            LinearWeight::Dense(Tensor::cat(&ws, 1)?)
+        } else {
+            let qs: Option<Vec<&QMatMul>> = parts
+                .iter()
+                .map(|p| match &p.weight {
+                    LinearWeight::Quant(q) => Some(q.as_ref()),
+                    LinearWeight::Dense(_) => None,
+                })
+                .collect();
+            match qs.and_then(|qs| QMatMul::concat_rows(&qs)) {
+                Some(q) => LinearWeight::Quant(Arc::new(q)),
+                None => return Ok(None),
+            }
+        };
+        Ok(Some(Self {
+            weight,
             bias,
             out_features,
-        })
+        }))
     }
 }
 

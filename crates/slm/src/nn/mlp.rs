@@ -1,6 +1,6 @@
 use candle_core::Tensor;
 
-use super::{Activation, Linear};
+use super::{kernels, Activation, Linear};
 use crate::error::Result;
 
 /// Feed-forward blocks: plain (GPT-2, BERT) or gated (Llama family; Phi-3 fuses gate and up).
@@ -39,10 +39,11 @@ impl Mlp {
             }
             Mlp::GatedFused { gate_up, down, act } => {
                 let gu = gate_up.forward(x)?;
-                let n = gu.dim(candle_core::D::Minus1)? / 2;
-                let gate = gu.narrow(candle_core::D::Minus1, 0, n)?;
-                let up = gu.narrow(candle_core::D::Minus1, n, n)?;
-                down.forward(&(act.forward(&gate)? * up)?)
+                let mut dims = gu.dims().to_vec();
+                let n = dims[dims.len() - 1] / 2;
+                *dims.last_mut().unwrap() = n;
+                let h = kernels::with_f32(&gu, |s| kernels::gated(s, n, *act))?;
+                down.forward(&kernels::tensor(h, dims)?)
             }
         }
     }

@@ -74,6 +74,31 @@ impl QMatMul {
         })
     }
 
+    /// The rows of several matrices as one (blocks never cross rows, so this is byte
+    /// concatenation). Only for our own block types with equal widths.
+    pub fn concat_rows(parts: &[&QMatMul]) -> Option<QMatMul> {
+        let own: Vec<&OwnQ> = parts
+            .iter()
+            .map(|p| match p {
+                QMatMul::Own(o) => Some(o),
+                QMatMul::Candle(_) => None,
+            })
+            .collect::<Option<_>>()?;
+        let first = own.first()?;
+        if own
+            .iter()
+            .any(|o| o.kind != first.kind || o.cols != first.cols)
+        {
+            return None;
+        }
+        Some(QMatMul::Own(OwnQ {
+            kind: first.kind,
+            rows: own.iter().map(|o| o.rows).sum(),
+            cols: first.cols,
+            data: own.iter().flat_map(|o| o.data.iter().copied()).collect(),
+        }))
+    }
+
     /// `x` is `[.., cols]`; the result is `[.., rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
