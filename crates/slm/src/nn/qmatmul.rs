@@ -25,7 +25,42 @@ pub struct OwnQ {
     kind: Kind,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    data: AlignedBytes,
+}
+
+/// Weight bytes starting on a cache line. The 20-byte Q4_1 blocks straddle lines anyway, but
+/// where the buffer starts decides how many of the kernel's loads split; measured: prefill ran
+/// 15% slower from an allocation at 16 mod 64 than from one on a line.
+struct AlignedBytes {
+    buf: Vec<Line>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+impl AlignedBytes {
+    fn from_slices(parts: &[&[u8]]) -> Self {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut buf = vec![Line([0; 64]); len.div_ceil(64)];
+        // SAFETY: `buf` holds at least `len` bytes and Line is plain bytes.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, len) };
+        let mut at = 0;
+        for p in parts {
+            bytes[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        Self { buf, len }
+    }
+}
+
+impl std::ops::Deref for AlignedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: as in from_slices.
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr() as *const u8, self.len) }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +103,7 @@ impl QMatMul {
                 kind,
                 rows: w.rows,
                 cols: w.cols,
-                data: w.data,
+                data: AlignedBytes::from_slices(&[&w.data]),
             }),
             _ => QMatMul::Candle(CandleQMatMul::from_qtensor(w.to_qtensor()?)?),
         })
@@ -95,7 +130,7 @@ impl QMatMul {
             kind: first.kind,
             rows: own.iter().map(|o| o.rows).sum(),
             cols: first.cols,
-            data: own.iter().flat_map(|o| o.data.iter().copied()).collect(),
+            data: AlignedBytes::from_slices(&own.iter().map(|o| &o.data[..]).collect::<Vec<_>>()),
         }))
     }
 
