@@ -189,44 +189,42 @@ impl OwnQ {
         let row_bytes = nb * self.kind.block_bytes();
         let rows = self.rows;
         let vnni = has_vnni();
+        let xr = |i: usize| &xq[i * nb..(i + 1) * nb];
         let run = |r0: usize, wchunk: &[u8], out: &SendPtr| {
             let n = wchunk.len() / row_bytes;
-            let mut r = 0;
-            // Four rows at a time share each activation block and keep four independent
-            // accumulator chains in flight.
-            while vnni && r + 4 <= n {
-                let w4 = &wchunk[r * row_bytes..(r + 4) * row_bytes];
-                let xr = |i: usize| &xq[i * nb..(i + 1) * nb];
-                let mut i = 0;
-                while i + 4 <= m {
-                    let t = dot4x4(
-                        self.kind,
-                        w4,
-                        row_bytes,
-                        [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)],
-                    );
+            // SAFETY (all writes below): each (i, r) of y is written by exactly one task, and
+            // y has m*rows slots.
+            let put = |i: usize, r: usize, v: f32| unsafe { *out.0.add(i * rows + r0 + r) = v };
+            let groups = if vnni { n / 4 } else { 0 };
+            let w4 = |g: usize| &wchunk[4 * g * row_bytes..4 * (g + 1) * row_bytes];
+            // Tokens outer, row groups inner: four tokens' activations and the chunk's weight
+            // rows both stay in L1 while every pair of them meets once.
+            let mut i = 0;
+            while groups > 0 && i + 4 <= m {
+                for g in 0..groups {
+                    let xs = [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)];
+                    let t = dot4x4(self.kind, w4(g), row_bytes, xs);
                     for (j, row) in t.iter().enumerate() {
                         for (ii, &v) in row.iter().enumerate() {
-                            // SAFETY: each (i, r) is written by exactly one task.
-                            unsafe { *out.0.add((i + ii) * rows + r0 + r + j) = v };
+                            put(i + ii, 4 * g + j, v);
                         }
                     }
-                    i += 4;
                 }
-                for i in i..m {
-                    let v = dot4(self.kind, w4, row_bytes, &xq[i * nb..(i + 1) * nb]);
+                i += 4;
+            }
+            for i in i..m {
+                for g in 0..groups {
+                    // Four rows share each activation block: four independent chains in flight.
+                    let v = dot4(self.kind, w4(g), row_bytes, xr(i));
                     for (j, vj) in v.into_iter().enumerate() {
-                        // SAFETY: each (i, r) is written by exactly one task; y has m*rows slots.
-                        unsafe { *out.0.add(i * rows + r0 + r + j) = vj };
+                        put(i, 4 * g + j, vj);
                     }
                 }
-                r += 4;
             }
-            for (ri, wrow) in wchunk[r * row_bytes..].chunks_exact(row_bytes).enumerate() {
+            let tail = &wchunk[4 * groups * row_bytes..];
+            for (ri, wrow) in tail.chunks_exact(row_bytes).enumerate() {
                 for i in 0..m {
-                    let v = dot(self.kind, wrow, &xq[i * nb..(i + 1) * nb]);
-                    // SAFETY: as above.
-                    unsafe { *out.0.add(i * rows + r0 + r + ri) = v };
+                    put(i, 4 * groups + ri, dot(self.kind, wrow, xr(i)));
                 }
             }
         };
