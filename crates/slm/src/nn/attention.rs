@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 use super::{kernels, Linear, Rope};
 use crate::error::Result;
@@ -112,9 +112,35 @@ impl Attention {
             _ => (k, v),
         };
         self.cache = Some((k.clone(), v.clone()));
-        let groups = self.n_heads / self.n_kv_heads;
-        let m = mask(t, k.dim(2)?, pos, self.sliding_window, groups)?;
-        self.attend(&q, &k, &v, m.as_ref())
+        let b = q.dim(0)?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (qn, kn) = (nh * t * hd, nkv * k.dim(2)? * hd);
+        let y = kernels::with_f32(&q, |q| {
+            kernels::with_f32(&k, |k| {
+                kernels::with_f32(&v, |v| {
+                    (0..b)
+                        .flat_map(|s| {
+                            let (qs, ks, vs) = (
+                                &q[s * qn..(s + 1) * qn],
+                                &k[s * kn..(s + 1) * kn],
+                                &v[s * kn..(s + 1) * kn],
+                            );
+                            kernels::causal_attention(
+                                qs,
+                                ks,
+                                vs,
+                                nh,
+                                nkv,
+                                hd,
+                                pos,
+                                self.sliding_window,
+                            )
+                        })
+                        .collect::<Vec<f32>>()
+                })
+            })
+        })???;
+        self.o.forward(&kernels::tensor(y, vec![b, t, nh * hd])?)
     }
 
     /// Bidirectional self-attention (encoders): row `i` of sequence `s` sees the first
@@ -144,32 +170,4 @@ impl Attention {
         };
         self.attend(&q, &k, &v, mask.as_ref())
     }
-}
-
-/// Additive mask for `t` new queries at `pos..pos+t` over `total` keys, repeated for the
-/// `groups` query heads folded into the rows; None when nothing is masked.
-fn mask(
-    t: usize,
-    total: usize,
-    pos: usize,
-    window: Option<usize>,
-    groups: usize,
-) -> Result<Option<Tensor>> {
-    let needs_window = window.is_some_and(|w| total > w);
-    if t == 1 && !needs_window {
-        return Ok(None);
-    }
-    let mut m = Vec::with_capacity(groups * t * total);
-    for _ in 0..groups {
-        for i in 0..t {
-            let qpos = pos + i;
-            for j in 0..total {
-                let masked = j > qpos || window.is_some_and(|w| qpos >= w && j <= qpos - w);
-                m.push(if masked { f32::NEG_INFINITY } else { 0.0 });
-            }
-        }
-    }
-    Ok(Some(
-        Tensor::from_vec(m, (groups * t, total), &Device::Cpu)?.to_dtype(DType::F32)?,
-    ))
 }

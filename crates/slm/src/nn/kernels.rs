@@ -243,12 +243,81 @@ impl SharedMut {
     }
 }
 
+/// One head's attention: `S = scale·QKᵀ` (`t × nk`), a softmax of each row `i` over the keys
+/// `keys(i)` only (the rest get probability 0), then `O = PV` written to `out` with row stride
+/// `out_rs`. Q, K and V are read in place with row strides `q_rs`, `k_rs`, `v_rs`.
+///
+/// # Safety
+/// Every pointer must address `t` (Q, out) or `nk` (K, V) rows of `hd` floats at the given
+/// strides, and no other thread may write the `out` rows' `hd` columns meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_attention(
+    (q, q_rs): (*const f32, usize),
+    (k, k_rs): (*const f32, usize),
+    (v, v_rs): (*const f32, usize),
+    (out, out_rs): (*mut f32, usize),
+    t: usize,
+    nk: usize,
+    hd: usize,
+    keys: impl Fn(usize) -> std::ops::Range<usize>,
+) {
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores = vec![0f32; t * nk];
+    gemm::gemm(
+        t,
+        nk,
+        hd,
+        scores.as_mut_ptr(),
+        1,
+        nk as isize,
+        false,
+        q,
+        1,
+        q_rs as isize,
+        k,
+        k_rs as isize,
+        1,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+    for (i, row) in scores.chunks_mut(nk).enumerate() {
+        let r = keys(i);
+        row[..r.start].fill(0.0);
+        row[r.end..].fill(0.0);
+        softmax_in_place(&mut row[r]);
+    }
+    gemm::gemm(
+        t,
+        hd,
+        nk,
+        out,
+        1,
+        out_rs as isize,
+        false,
+        scores.as_ptr(),
+        1,
+        nk as isize,
+        v,
+        1,
+        v_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
 /// Bidirectional attention straight from a fused projection `qkv` (`[b, t, (nh + 2·nkv)·hd]`,
 /// Q then K then V): row `i` of sequence `s` attends to keys `0..lengths[s]`, so padding is
 /// excluded exactly as transformers' additive mask of the dtype minimum does. Returns
-/// `[b, t, nh·hd]` with heads side by side, ready for the output projection. Each (sequence,
-/// head) is one task doing `S = QKᵀ`, a row softmax and `O = PV` with strided GEMMs, so no
-/// head is ever copied out of the projection.
+/// `[b, t, nh·hd]` with heads side by side, ready for the output projection. One task per
+/// (sequence, head); no head is ever copied out of the projection.
 pub fn bidirectional_attention(
     qkv: &[f32],
     t: usize,
@@ -262,7 +331,6 @@ pub fn bidirectional_attention(
     let width = (nh + 2 * nkv) * hd;
     let hidden = nh * hd;
     let groups = nh / nkv;
-    let scale = 1.0 / (hd as f32).sqrt();
     let mut y = vec![0f32; b * t * hidden];
     let out = SharedMut(y.as_mut_ptr());
     (0..b * nh).into_par_iter().for_each(|task| {
@@ -270,61 +338,75 @@ pub fn bidirectional_attention(
         let kvh = h / groups;
         let len = lengths[s].clamp(1, t);
         let base = s * t * width;
-        let q = qkv[base + h * hd..].as_ptr();
-        let k = qkv[base + hidden + kvh * hd..].as_ptr();
-        let v = qkv[base + hidden + (nkv + kvh) * hd..].as_ptr();
-        let mut scores = vec![0f32; t * len];
-        // SAFETY: Q, K, V rows are `width` apart inside `qkv` (length checked above); the
-        // scores are t×len row-major; this task alone writes rows s·t.. of head h's columns
-        // of `y`, which is b·t×hidden row-major.
+        // SAFETY: rows are `width` apart inside `qkv` (length checked above); this task alone
+        // writes head h's columns of rows s·t.. of `y` (b·t × hidden).
         unsafe {
-            gemm::gemm(
+            head_attention(
+                (qkv[base + h * hd..].as_ptr(), width),
+                (qkv[base + hidden + kvh * hd..].as_ptr(), width),
+                (qkv[base + hidden + (nkv + kvh) * hd..].as_ptr(), width),
+                (out.ptr().add(s * t * hidden + h * hd), hidden),
                 t,
                 len,
                 hd,
-                scores.as_mut_ptr(),
-                1,
-                len as isize,
-                false,
-                q,
-                1,
-                width as isize,
-                k,
-                width as isize,
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        scores.chunks_mut(len).for_each(softmax_in_place);
-        unsafe {
-            gemm::gemm(
-                t,
-                hd,
-                len,
-                out.ptr().add(s * t * hidden + h * hd),
-                1,
-                hidden as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                len as isize,
-                v,
-                1,
-                width as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+                |_| 0..len,
+            )
         }
     });
+    y
+}
+
+/// Causal attention of `t` new queries at positions `pos..pos+t` (`q`: `[nh, t, hd]`) over
+/// `total` cached keys (`k`, `v`: `[nkv, total, hd]`), with an optional sliding window.
+/// Returns `[t, nh·hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    pos: usize,
+    window: Option<usize>,
+) -> Vec<f32> {
+    let t = q.len() / (nh * hd);
+    let total = k.len() / (nkv * hd);
+    assert_eq!(q.len(), nh * t * hd);
+    assert_eq!(k.len(), v.len());
+    assert!(pos + t <= total);
+    let hidden = nh * hd;
+    let groups = nh / nkv;
+    let mut y = vec![0f32; t * hidden];
+    let out = SharedMut(y.as_mut_ptr());
+    let run = |h: usize| {
+        let kvh = h / groups;
+        let keys = |i: usize| {
+            let qpos = pos + i;
+            let lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+            lo..qpos + 1
+        };
+        // SAFETY: q, k, v are contiguous per head (lengths checked above); this call alone
+        // writes head h's columns of `y` (t × hidden).
+        unsafe {
+            head_attention(
+                (q[h * t * hd..].as_ptr(), hd),
+                (k[kvh * total * hd..].as_ptr(), hd),
+                (v[kvh * total * hd..].as_ptr(), hd),
+                (out.ptr().add(h * hd), hidden),
+                t,
+                total,
+                hd,
+                keys,
+            )
+        }
+    };
+    // A decoded token's heads are too small to be worth waking the pool.
+    if t * total >= 4096 {
+        (0..nh).into_par_iter().for_each(run);
+    } else {
+        (0..nh).for_each(run);
+    }
     y
 }
 
@@ -382,6 +464,50 @@ mod tests {
             for j in 0..n {
                 let want: f32 = b[j] + (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum::<f32>();
                 assert!((y[i * n + j] - want).abs() < 1e-4, "{i},{j}");
+            }
+        }
+    }
+
+    #[test]
+    fn causal_attention_matches_a_naive_softmax() {
+        let (nh, nkv, hd, pos, t) = (4, 2, 3, 2, 3);
+        let total = pos + t;
+        let f = |n: usize, m: usize| -> Vec<f32> {
+            (0..n).map(|i| ((i * m % 17) as f32 - 8.0) / 7.0).collect()
+        };
+        let (q, k, v) = (
+            f(nh * t * hd, 5),
+            f(nkv * total * hd, 3),
+            f(nkv * total * hd, 11),
+        );
+        for window in [None, Some(2)] {
+            let y = causal_attention(&q, &k, &v, nh, nkv, hd, pos, window);
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                for i in 0..t {
+                    let qp = pos + i;
+                    let lo = window.map_or(0, |w| (qp + 1).saturating_sub(w));
+                    let s: Vec<f32> = (lo..=qp)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| q[(h * t + i) * hd + d] * k[(kvh * total + j) * hd + d])
+                                .sum::<f32>()
+                                / (hd as f32).sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f32::MIN, f32::max);
+                    let z: f32 = s.iter().map(|x| (x - m).exp()).sum();
+                    for d in 0..hd {
+                        let want: f32 = (lo..=qp)
+                            .map(|j| (s[j - lo] - m).exp() / z * v[(kvh * total + j) * hd + d])
+                            .sum();
+                        let got = y[i * nh * hd + h * hd + d];
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{window:?} h{h} i{i} d{d}: {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }
