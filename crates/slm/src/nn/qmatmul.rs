@@ -155,15 +155,24 @@ impl QMatMul {
 pub fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
     x.chunks_exact(QK)
         .map(|c| {
-            let amax = c.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // Lane-wise max and ties-to-even rounding (as llama.cpp's SIMD quantizers round)
+            // keep this loop vectorised.
+            let mut m8 = [0f32; 8];
+            for part in c.chunks_exact(8) {
+                for l in 0..8 {
+                    m8[l] = m8[l].max(part[l].abs());
+                }
+            }
+            let amax = m8.iter().fold(0f32, |a, &v| a.max(v));
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut qs = [0i8; QK];
-            let mut s = 0i32;
             for (q, v) in qs.iter_mut().zip(c) {
-                *q = (v * id).round() as i8;
-                s += *q as i32;
+                // Adding 1.5·2²³ leaves round-to-even(v·id) in the low mantissa bits.
+                let r = (v * id + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+                *q = r as i8;
             }
+            let s: i32 = qs.iter().map(|&q| q as i32).sum();
             BlockQ8 {
                 qs,
                 d,
