@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use super::{kernels, Linear, Rope};
 use crate::error::Result;
@@ -57,21 +57,29 @@ impl Attention {
     fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
-        let (q, k, v) = match &self.qkv {
-            QkvProj::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
-            QkvProj::Fused(l) => {
-                let y = l.forward(x)?;
-                (
-                    y.narrow(D::Minus1, 0, nh * hd)?,
-                    y.narrow(D::Minus1, nh * hd, nkv * hd)?,
-                    y.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?,
-                )
+        match &self.qkv {
+            QkvProj::Separate { q, k, v } => {
+                let heads = |x: Tensor, n: usize| -> Result<Tensor> {
+                    Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+                };
+                Ok((
+                    heads(q.forward(x)?, nh)?,
+                    heads(k.forward(x)?, nkv)?,
+                    heads(v.forward(x)?, nkv)?,
+                ))
             }
-        };
-        let heads = |x: Tensor, n: usize| -> Result<Tensor> {
-            Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        Ok((heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?))
+            QkvProj::Fused(l) => {
+                // One pass from [b, t, (nh + 2·nkv)·hd] to three head-major buffers.
+                let y = l.forward(x)?;
+                let [q, k, v] =
+                    kernels::with_f32(&y, |y| kernels::split_heads(y, b, t, [nh, nkv, nkv], hd))?;
+                Ok((
+                    kernels::tensor(q, vec![b, nh, t, hd])?,
+                    kernels::tensor(k, vec![b, nkv, t, hd])?,
+                    kernels::tensor(v, vec![b, nkv, t, hd])?,
+                ))
+            }
+        }
     }
 
     /// Scaled dot-product attention of `q` (`[b, nh, t, hd]`) over `k`, `v` (`[b, nkv, total,

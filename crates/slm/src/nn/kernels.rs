@@ -112,6 +112,34 @@ pub fn activate(y: &mut [f32], act: Activation) {
     }
 }
 
+/// Splits a fused projection `[b, t, Σheads·hd]` into `N` head-major buffers
+/// `[b, heads[p], t, hd]` (Q, K, V), in one pass.
+pub fn split_heads<const N: usize>(
+    y: &[f32],
+    b: usize,
+    t: usize,
+    heads: [usize; N],
+    hd: usize,
+) -> [Vec<f32>; N] {
+    let width: usize = heads.iter().sum::<usize>() * hd;
+    assert_eq!(y.len(), b * t * width);
+    let mut offset = 0;
+    heads.map(|n| {
+        let mut out = vec![0f32; b * n * t * hd];
+        for s in 0..b {
+            for h in 0..n {
+                for i in 0..t {
+                    let src = (s * t + i) * width + offset + h * hd;
+                    let dst = ((s * n + h) * t + i) * hd;
+                    out[dst..dst + hd].copy_from_slice(&y[src..src + hd]);
+                }
+            }
+        }
+        offset += n * hd;
+        out
+    })
+}
+
 /// `act(gate) * up` from a fused `[m, 2n]` projection (gate columns first), in one pass.
 pub fn gated(gu: &[f32], n: usize, act: Activation) -> Vec<f32> {
     let mut out: Vec<f32> = Vec::with_capacity(gu.len() / 2);
