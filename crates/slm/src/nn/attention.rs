@@ -15,6 +15,61 @@ pub enum QkvProj {
     Fused(Linear),
 }
 
+/// Keys and values, `[b, nkv, cap, hd]` with spare capacity that doubles when full, so a decoded
+/// token writes its rows instead of copying the whole cache.
+#[derive(Clone, Default)]
+struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    heads: usize,
+    hd: usize,
+    cap: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// Appends `t` positions of `k`, `v` (`[b, heads, t, hd]`).
+    fn append(&mut self, k: &[f32], v: &[f32], b: usize, heads: usize, t: usize, hd: usize) {
+        if self.len == 0 {
+            *self = KvCache {
+                heads,
+                hd,
+                ..Default::default()
+            };
+        }
+        let need = self.len + t;
+        if need > self.cap {
+            // Small first capacity: the reference tests then cross a growth step.
+            let cap = need.max(2 * self.cap).max(16);
+            let grow = |old: &[f32]| {
+                let mut new = vec![0f32; b * heads * cap * hd];
+                for sh in 0..b * heads {
+                    let n = self.len * hd;
+                    new[sh * cap * hd..sh * cap * hd + n]
+                        .copy_from_slice(&old[sh * self.cap * hd..sh * self.cap * hd + n]);
+                }
+                new
+            };
+            self.k = grow(&self.k);
+            self.v = grow(&self.v);
+            self.cap = cap;
+        }
+        for sh in 0..b * heads {
+            let dst = (sh * self.cap + self.len) * hd;
+            let src = sh * t * hd;
+            self.k[dst..dst + t * hd].copy_from_slice(&k[src..src + t * hd]);
+            self.v[dst..dst + t * hd].copy_from_slice(&v[src..src + t * hd]);
+        }
+        self.len = need;
+    }
+
+    /// Sequence `s`'s keys and values, `[heads, cap, hd]`.
+    fn sequence(&self, s: usize) -> (&[f32], &[f32]) {
+        let n = self.heads * self.cap * self.hd;
+        (&self.k[s * n..(s + 1) * n], &self.v[s * n..(s + 1) * n])
+    }
+}
+
 #[derive(Clone)]
 pub struct Attention {
     qkv: QkvProj,
@@ -24,7 +79,7 @@ pub struct Attention {
     head_dim: usize,
     rope: Option<Arc<Rope>>,
     sliding_window: Option<usize>,
-    cache: Option<(Tensor, Tensor)>,
+    cache: KvCache,
 }
 
 impl Attention {
@@ -45,12 +100,12 @@ impl Attention {
             head_dim,
             rope,
             sliding_window,
-            cache: None,
+            cache: KvCache::default(),
         }
     }
 
     pub fn clear_cache(&mut self) {
-        self.cache = None;
+        self.cache = KvCache::default();
     }
 
     /// Q, K and V as `[b, heads, t, head_dim]`.
@@ -115,39 +170,34 @@ impl Attention {
             Some(r) => (r.apply(&q, pos)?, r.apply(&k, pos)?),
             None => (q, k),
         };
-        let (k, v) = match &self.cache {
-            Some((ck, cv)) if pos > 0 => (Tensor::cat(&[ck, &k], 2)?, Tensor::cat(&[cv, &v], 2)?),
-            _ => (k, v),
-        };
-        self.cache = Some((k.clone(), v.clone()));
         let b = q.dim(0)?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (qn, kn) = (nh * t * hd, nkv * k.dim(2)? * hd);
+        if pos != self.cache.len {
+            return Err(crate::error::Error::msg(format!(
+                "internal: the KV cache holds {} positions, forward called at {pos}",
+                self.cache.len
+            )));
+        }
+        kernels::with_f32(&k, |k| {
+            kernels::with_f32(&v, |v| self.cache.append(k, v, b, nkv, t, hd))
+        })??;
+        let cache = &self.cache;
+        let qn = nh * t * hd;
         let y = kernels::with_f32(&q, |q| {
-            kernels::with_f32(&k, |k| {
-                kernels::with_f32(&v, |v| {
-                    (0..b)
-                        .flat_map(|s| {
-                            let (qs, ks, vs) = (
-                                &q[s * qn..(s + 1) * qn],
-                                &k[s * kn..(s + 1) * kn],
-                                &v[s * kn..(s + 1) * kn],
-                            );
-                            kernels::causal_attention(
-                                qs,
-                                ks,
-                                vs,
-                                nh,
-                                nkv,
-                                hd,
-                                pos,
-                                self.sliding_window,
-                            )
-                        })
-                        .collect::<Vec<f32>>()
+            (0..b)
+                .flat_map(|s| {
+                    let (k, v) = cache.sequence(s);
+                    let keys = kernels::KeyView {
+                        k,
+                        v,
+                        cap: cache.cap,
+                        len: cache.len,
+                    };
+                    let qs = &q[s * qn..(s + 1) * qn];
+                    kernels::causal_attention(qs, keys, nh, nkv, hd, pos, self.sliding_window)
                 })
-            })
-        })???;
+                .collect::<Vec<f32>>()
+        })?;
         self.o.forward(&kernels::tensor(y, vec![b, t, nh * hd])?)
     }
 

@@ -384,14 +384,20 @@ pub fn bidirectional_attention(
     y
 }
 
-/// Causal attention of `t` new queries at positions `pos..pos+t` (`q`: `[nh, t, hd]`) over
-/// `total` cached keys (`k`, `v`: `[nkv, total, hd]`), with an optional sliding window.
-/// Returns `[t, nh·hd]`.
-#[allow(clippy::too_many_arguments)]
+/// A KV cache as the attention kernel reads it: per head `cap` rows of `hd`, the first `len`
+/// filled.
+pub struct KeyView<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub cap: usize,
+    pub len: usize,
+}
+
+/// Causal attention of `t` new queries at positions `pos..pos+t` (`q`: `[nh, t, hd]`) over the
+/// cached keys, with an optional sliding window. Returns `[t, nh·hd]`.
 pub fn causal_attention(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    kv: KeyView,
     nh: usize,
     nkv: usize,
     hd: usize,
@@ -399,10 +405,9 @@ pub fn causal_attention(
     window: Option<usize>,
 ) -> Vec<f32> {
     let t = q.len() / (nh * hd);
-    let total = k.len() / (nkv * hd);
     assert_eq!(q.len(), nh * t * hd);
-    assert_eq!(k.len(), v.len());
-    assert!(pos + t <= total);
+    assert!(kv.k.len() == nkv * kv.cap * hd && kv.v.len() == kv.k.len());
+    assert!(pos + t <= kv.len && kv.len <= kv.cap);
     let hidden = nh * hd;
     let groups = nh / nkv;
     let mut y = vec![0f32; t * hidden];
@@ -414,23 +419,23 @@ pub fn causal_attention(
             let lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
             lo..qpos + 1
         };
-        // SAFETY: q, k, v are contiguous per head (lengths checked above); this call alone
-        // writes head h's columns of `y` (t × hidden).
+        // SAFETY: q is [nh, t, hd] and each head of the cache holds `cap >= len` rows of hd
+        // (checked above); this call alone writes head h's columns of `y` (t × hidden).
         unsafe {
             head_attention(
                 (q[h * t * hd..].as_ptr(), hd),
-                (k[kvh * total * hd..].as_ptr(), hd),
-                (v[kvh * total * hd..].as_ptr(), hd),
+                (kv.k[kvh * kv.cap * hd..].as_ptr(), hd),
+                (kv.v[kvh * kv.cap * hd..].as_ptr(), hd),
                 (out.ptr().add(h * hd), hidden),
                 t,
-                total,
+                kv.len,
                 hd,
                 keys,
             )
         }
     };
     // A decoded token's heads are too small to be worth waking the pool.
-    if t * total >= 4096 {
+    if t * kv.len >= 4096 {
         (0..nh).into_par_iter().for_each(run);
     } else {
         (0..nh).for_each(run);
@@ -509,7 +514,13 @@ mod tests {
             f(nkv * total * hd, 11),
         );
         for window in [None, Some(2)] {
-            let y = causal_attention(&q, &k, &v, nh, nkv, hd, pos, window);
+            let kv = KeyView {
+                k: &k,
+                v: &v,
+                cap: total,
+                len: total,
+            };
+            let y = causal_attention(&q, kv, nh, nkv, hd, pos, window);
             for h in 0..nh {
                 let kvh = h / (nh / nkv);
                 for i in 0..t {
