@@ -241,7 +241,7 @@ impl Embeddings {
             .broadcast_add(&self.position.forward(&pos)?)?;
         match &self.token_type {
             // RoBERTa has a single segment row, used for every token whatever the tokenizer says.
-            Some(tt) if tt.table().dim(0)? == 1 => x = x.broadcast_add(&tt.table().get(0)?)?,
+            Some(tt) if tt.table()?.dim(0)? == 1 => x = x.broadcast_add(&tt.table()?.get(0)?)?,
             Some(tt) => x = (x + tt.forward(&batch.type_ids)?)?,
             None => {}
         }
@@ -450,7 +450,7 @@ impl Bert {
                         "lm_head.bias",
                     ],
                 };
-                Head::MaskedLm(MlmHead::new(cfg, vb, names, embeddings.word.table())?)
+                Head::MaskedLm(MlmHead::new(cfg, vb, names, &embeddings.word.table()?)?)
             }
             Task::SequenceClassification => {
                 let (dense, act, out) = match cfg.flavor {
