@@ -20,6 +20,27 @@ pub struct GgufFile {
 }
 
 impl GgufFile {
+    /// Opens `path`, reusing a parse that is still alive elsewhere: loading a model reads the
+    /// config, the weights and the tokenizer from one file, and parsing its metadata (tens of
+    /// thousands of vocabulary strings) costs more than the rest of the load.
+    pub fn open_shared(path: &Path) -> Result<std::sync::Arc<Self>> {
+        use std::sync::{Arc, Mutex, Weak};
+        static OPEN: Mutex<Vec<(std::path::PathBuf, Weak<GgufFile>)>> = Mutex::new(Vec::new());
+        let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(g) = open
+            .iter()
+            .find(|(p, _)| *p == key)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok(g);
+        }
+        let g = Arc::new(Self::open(path)?);
+        open.push((key, Arc::downgrade(&g)));
+        Ok(g)
+    }
+
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let mut reader = std::io::BufReader::new(&file);

@@ -111,7 +111,7 @@ pub fn open_weights(files: &ModelFiles) -> Result<Arc<dyn WeightStore>> {
     Ok(match &files.format {
         WeightFormat::Safetensors(paths) => Arc::new(safetensors::SafetensorsStore::open(paths)?),
         WeightFormat::PyTorch(paths) => Arc::new(pickle::PickleStore::open(paths)?),
-        WeightFormat::Gguf(path) => Arc::new(gguf::GgufFile::open(path)?),
+        WeightFormat::Gguf(path) => gguf::GgufFile::open_shared(path)?,
     })
 }
 

@@ -242,7 +242,7 @@ pub enum ComputeDtype {
 pub fn config_of(files: &ModelFiles) -> Result<ModelConfig> {
     match (&files.format, &files.config) {
         (_, Some(cfg)) => ModelConfig::from_hf_json(cfg),
-        (WeightFormat::Gguf(p), None) => ModelConfig::from_gguf(&GgufFile::open(p)?),
+        (WeightFormat::Gguf(p), None) => ModelConfig::from_gguf(&*GgufFile::open_shared(p)?),
         _ => Err(Error::file(&files.root, "config.json not found")),
     }
 }

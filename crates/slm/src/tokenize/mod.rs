@@ -182,7 +182,7 @@ impl Tokenizer {
     pub fn load(files: &ModelFiles) -> Result<Self> {
         match &files.format {
             WeightFormat::Gguf(p) if files.file("tokenizer.json").is_none() => {
-                Self::from_gguf(&GgufFile::open(p)?)
+                Self::from_gguf(&*GgufFile::open_shared(p)?)
             }
             _ => Self::from_hf_folder(&files.root),
         }
