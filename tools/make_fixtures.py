@@ -12,7 +12,7 @@ its chat template is rendered by `apply_chat_template` on several message lists.
 Encoders: tiny BERT/DistilBERT/RoBERTa models with each head (base, masked LM, sequence and token
 classification), and the real all-MiniLM-L6-v2 embedded by sentence-transformers (pinned).
 
-Run: python tools/make_fixtures.py [gpt2 llama qwen2 phi3 smollm2 encoders minilm]   (SLM_ASSETS defaults to ../shared/assets)
+Perplexity: transformers' sliding-window perplexity of the tiny models, and of SmolLM2 (dequantized)\non the first 20,000 characters of WikiText-2 valid.\n\nRun: python tools/make_fixtures.py [gpt2 llama qwen2 phi3 smollm2 encoders minilm perplexity]   (SLM_ASSETS defaults to ../shared/assets)
 """
 import json
 import os
@@ -291,6 +291,54 @@ def record_minilm():
     print("minilm: dim", len(single[0]))
 
 
+# ---------------------------------------------------------------------------------------------
+# Perplexity with transformers' sliding window, every scored token weighted once.
+
+def hf_perplexity(model, ids, max_length, stride):
+    nll_sum, n_tokens, prev_end, windows = 0.0, 0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        trg_len = end - prev_end
+        x = torch.tensor([ids[begin:end]])
+        labels = x.clone()
+        labels[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(x, labels=labels).loss.item()
+        scored = int((labels[:, 1:] != -100).sum())
+        nll_sum += loss * scored
+        n_tokens += scored
+        windows += 1
+        prev_end = end
+        if end == len(ids):
+            break
+    return {"max_length": max_length, "stride": stride, "tokens": n_tokens, "windows": windows,
+            "mean_nll": nll_sum / n_tokens, "perplexity": float(np.exp(nll_sum / n_tokens))}
+
+
+WIKITEXT_CHARS = 20000
+
+
+def record_perplexity():
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, VOCAB, 150).tolist()
+    out = {"ids": ids, "cases": []}
+    for family in ["gpt2", "llama"]:
+        model = AutoModelForCausalLM.from_pretrained(OUT / family / "safetensors", torch_dtype=torch.float32).eval()
+        for max_length, stride in [(40, 16), (32, 32), (64, 64)]:
+            out["cases"].append({"family": family, **hf_perplexity(model, ids, max_length, stride)})
+    gguf = ASSETS / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.eval()
+    text = (ASSETS / "corpora" / "wikitext-2" / "valid.txt").read_text()[:WIKITEXT_CHARS]
+    wids = tok(text, add_special_tokens=False)["input_ids"]
+    out["smollm2_wikitext2"] = {"chars": WIKITEXT_CHARS, **hf_perplexity(model, wids, 1024, 512)}
+    (OUT / "perplexity.json").write_text(json.dumps(out, indent=1))
+    print("perplexity:", out["smollm2_wikitext2"])
+
+
 def main():
     torch.manual_seed(1234)
     print("torch", torch.__version__, "transformers", transformers.__version__)
@@ -305,6 +353,8 @@ def main():
         record_encoders()
     if not only or "minilm" in only:
         record_minilm()
+    if not only or "perplexity" in only:
+        record_perplexity()
 
 
 if __name__ == "__main__":

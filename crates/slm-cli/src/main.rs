@@ -38,6 +38,9 @@ enum Command {
     Classify(commands::classify::Args),
     /// Most likely tokens for each [MASK] in a text, with a masked-LM model.
     FillMask(commands::fill_mask::Args),
+    /// Evaluate a model (perplexity).
+    #[command(subcommand)]
+    Eval(commands::eval::Command),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(commands::bench::Args),
 }
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::Similarity(a) => commands::similarity::run(a),
         Command::Classify(a) => commands::classify::run(a),
         Command::FillMask(a) => commands::fill_mask::run(a),
+        Command::Eval(c) => commands::eval::run(c),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@
 pub mod data;
 pub mod encode;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod models;

@@ -3,6 +3,7 @@ pub mod chat;
 pub mod classify;
 pub mod embed;
 pub mod encoder;
+pub mod eval;
 pub mod fill_mask;
 pub mod generate;
 pub mod info;

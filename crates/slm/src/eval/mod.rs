@@ -1,0 +1,3 @@
+//! Measuring models: perplexity of causal LMs.
+
+pub mod perplexity;
