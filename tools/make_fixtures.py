@@ -12,7 +12,7 @@ its chat template is rendered by `apply_chat_template` on several message lists.
 Encoders: tiny BERT/DistilBERT/RoBERTa models with each head (base, masked LM, sequence and token
 classification), and the real all-MiniLM-L6-v2 embedded by sentence-transformers (pinned).
 
-Perplexity: transformers' sliding-window perplexity of the tiny models, and of SmolLM2 (dequantized)\non the first 20,000 characters of WikiText-2 valid.\n\nRun: python tools/make_fixtures.py [gpt2 llama qwen2 phi3 smollm2 encoders minilm perplexity]   (SLM_ASSETS defaults to ../shared/assets)
+Metrics: scikit-learn's report on recorded predictions (one class never predicted).\nPerplexity: transformers' sliding-window perplexity of the tiny models, and of SmolLM2 (dequantized)\non the first 20,000 characters of WikiText-2 valid.\n\nRun: python tools/make_fixtures.py [gpt2 llama qwen2 phi3 smollm2 encoders minilm perplexity metrics]   (SLM_ASSETS defaults to ../shared/assets)
 """
 import json
 import os
@@ -339,6 +339,33 @@ def record_perplexity():
     print("perplexity:", out["smollm2_wikitext2"])
 
 
+# ---------------------------------------------------------------------------------------------
+# Classification metrics from scikit-learn on recorded predictions (zero_division=0).
+
+def record_metrics():
+    import sklearn
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+    rng = np.random.default_rng(11)
+    cases = []
+    for n_classes, n, never_predicted in [(2, 60, None), (4, 97, 3), (5, 40, 0)]:
+        truth = rng.integers(0, n_classes, n)
+        pred = np.where(rng.random(n) < 0.6, truth, rng.integers(0, n_classes, n))
+        if never_predicted is not None:
+            pred[pred == never_predicted] = (never_predicted + 1) % n_classes
+        labels = list(range(n_classes))
+        p, r, f, s = precision_recall_fscore_support(truth, pred, labels=labels, zero_division=0)
+        avg = {}
+        for a in ["macro", "micro", "weighted"]:
+            ap, ar, af, _ = precision_recall_fscore_support(truth, pred, labels=labels, average=a, zero_division=0)
+            avg[a] = [ap, ar, af]
+        cases.append({"labels": [f"class_{i}" for i in labels], "truth": truth.tolist(), "pred": pred.tolist(),
+                      "accuracy": accuracy_score(truth, pred), "precision": p.tolist(), "recall": r.tolist(),
+                      "f1": f.tolist(), "support": s.tolist(), "average": avg,
+                      "confusion": confusion_matrix(truth, pred, labels=labels).tolist()})
+    (OUT / "metrics.json").write_text(json.dumps({"sklearn": sklearn.__version__, "cases": cases}))
+    print("metrics: sklearn", sklearn.__version__)
+
+
 def main():
     torch.manual_seed(1234)
     print("torch", torch.__version__, "transformers", transformers.__version__)
@@ -355,6 +382,8 @@ def main():
         record_minilm()
     if not only or "perplexity" in only:
         record_perplexity()
+    if not only or "metrics" in only:
+        record_metrics()
 
 
 if __name__ == "__main__":

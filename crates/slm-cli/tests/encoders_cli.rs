@@ -304,3 +304,66 @@ fn wrong_kind_of_model_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn eval_classify_reports_metrics_and_writes_files() {
+    let model = fixtures().join("encoders/bert_cls/safetensors");
+    let model = model.to_str().unwrap();
+    let d = tempdir("evalcls");
+    let data = d.join("data.tsv");
+    // Label names and class indices are both accepted.
+    std::fs::write(
+        &data,
+        "sentence\tlabel\nhello world\tpositive\nthe cat sat\tnegative\nhello\t2\n",
+    )
+    .unwrap();
+    let report = d.join("report");
+    let (out, _) = ok(
+        &[
+            "eval",
+            "classify",
+            "-m",
+            model,
+            "--data",
+            data.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        out.contains("accuracy") && out.contains("confusion matrix"),
+        "{out}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+            .unwrap();
+    let confusion = json["report"]["confusion"].as_array().unwrap();
+    let total: u64 = confusion
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 3);
+    assert!(std::fs::read_to_string(report.join("confusion.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    std::fs::write(&data, "sentence\tlabel\nhello\tbogus\n").unwrap();
+    let err = fails(
+        &[
+            "eval",
+            "classify",
+            "-m",
+            model,
+            "--data",
+            data.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        err.contains(
+            "line 2: label 'bogus' is neither a label of the model (negative, neutral, positive)"
+        ),
+        "{err}"
+    );
+}

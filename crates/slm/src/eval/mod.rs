@@ -1,3 +1,4 @@
-//! Measuring models: perplexity of causal LMs.
+//! Measuring models: perplexity of causal LMs, classification metrics.
 
+pub mod metrics;
 pub mod perplexity;

@@ -229,7 +229,8 @@ impl OwnQ {
         candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(16), |blocks| {
             let (r0, r1) = (blocks.start * 16, (blocks.end * 16).min(rows));
             // SAFETY: rows r0..r1 of w belong to this task alone.
-            let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r0 * cols), (r1 - r0) * cols) };
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(dst.0.add(r0 * cols), (r1 - r0) * cols) };
             self.dequantize_rows(r0, r1, out);
         });
         let threads = rayon::current_num_threads();
@@ -680,7 +681,9 @@ mod tests {
             // From GEMM_FROM_TOKENS rows on, the dequantize + f32 GEMM path: no activation
             // quantization, so it agrees with the dequantized product to f32 rounding.
             let mb = GEMM_FROM_TOKENS + 3;
-            let xb: Vec<f32> = (0..mb * cols).map(|i| ((i * 31 % 101) as f32 - 50.0) / 50.0).collect();
+            let xb: Vec<f32> = (0..mb * cols)
+                .map(|i| ((i * 31 % 101) as f32 - 50.0) / 50.0)
+                .collect();
             let want_b = Tensor::from_vec(xb.clone(), (mb, cols), &Device::Cpu)
                 .unwrap()
                 .matmul(&deq.t().unwrap())
@@ -692,7 +695,10 @@ mod tests {
             for i in 0..mb {
                 for r in 0..rows {
                     let (g, w) = (got_b[i * rows + r], want_b[i][r]);
-                    assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "{dtype:?} gemm [{i},{r}]: {g} vs {w}");
+                    assert!(
+                        (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                        "{dtype:?} gemm [{i},{r}]: {g} vs {w}"
+                    );
                 }
             }
             // SIMD and scalar agree to rounding.
