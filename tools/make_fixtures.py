@@ -326,6 +326,27 @@ def record_perplexity():
         model = AutoModelForCausalLM.from_pretrained(OUT / family / "safetensors", torch_dtype=torch.float32).eval()
         for max_length, stride in [(40, 16), (32, 32), (64, 64)]:
             out["cases"].append({"family": family, **hf_perplexity(model, ids, max_length, stride)})
+    # KL(P_gpt2 || P_llama) and top-1 agreement over the same windows, as llama-perplexity reports.
+    a = AutoModelForCausalLM.from_pretrained(OUT / "gpt2" / "safetensors", torch_dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(OUT / "llama" / "safetensors", torch_dtype=torch.float32).eval()
+    max_length, stride = 40, 16
+    kls, agree, prev_end = [], 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        x = torch.tensor([ids[begin:end]])
+        with torch.no_grad():
+            la = torch.log_softmax(a(x).logits[0].double(), -1)
+            lb = torch.log_softmax(b(x).logits[0].double(), -1)
+        for target in range(max(prev_end, begin + 1), end):
+            p = target - 1 - begin
+            kls.append(float((la[p].exp() * (la[p] - lb[p])).sum()))
+            agree += int(la[p].argmax() == lb[p].argmax())
+        prev_end = end
+        if end == len(ids):
+            break
+    out["compare"] = {"a": "gpt2", "b": "llama", "max_length": max_length, "stride": stride,
+                      "mean_kl": float(np.mean(kls)), "max_kl": float(np.max(kls)),
+                      "top1_agreement": agree / len(kls), "tokens": len(kls)}
     gguf = ASSETS / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)

@@ -38,7 +38,7 @@ enum Command {
     Classify(commands::classify::Args),
     /// Most likely tokens for each [MASK] in a text, with a masked-LM model.
     FillMask(commands::fill_mask::Args),
-    /// Evaluate a model: perplexity, classification metrics.
+    /// Evaluate models: perplexity, classification metrics, comparison of two models.
     #[command(subcommand)]
     Eval(commands::eval::Command),
     /// Measure load time, prefill and decode speed, and peak memory.

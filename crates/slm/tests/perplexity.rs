@@ -65,3 +65,50 @@ fn bad_options_are_errors() {
     assert!(run(&mut m, 4096, 16, &ids).contains("exceeds the model's context of 128 tokens"));
     assert!(run(&mut m, 16, 8, &ids[..1]).contains("fewer than 2 tokens"));
 }
+
+#[test]
+fn compare_matches_a_torch_kl_divergence() {
+    let want = common::read_json(common::fixtures().join("perplexity.json"));
+    let ids = common::ids(&want["ids"]);
+    let c = &want["compare"];
+    let load = |f: &str| {
+        load_causal(
+            &common::fixtures().join(f).join("safetensors"),
+            ComputeDtype::F32,
+        )
+        .unwrap()
+    };
+    let (mut a, mut b) = (load("gpt2"), load("llama"));
+    let opts = Options {
+        max_length: c["max_length"].as_u64().unwrap() as usize,
+        stride: c["stride"].as_u64().unwrap() as usize,
+    };
+    let got =
+        slm::eval::compare::compare(a.model.as_mut(), b.model.as_mut(), &ids, opts, |_, _| {})
+            .unwrap();
+    assert_eq!(got.a.tokens as u64, c["tokens"].as_u64().unwrap());
+    let (kl, max) = (
+        c["mean_kl"].as_f64().unwrap(),
+        c["max_kl"].as_f64().unwrap(),
+    );
+    assert!(
+        (got.mean_kl - kl).abs() < 1e-6,
+        "mean KL {} vs {kl}",
+        got.mean_kl
+    );
+    assert!(
+        (got.max_kl - max).abs() < 1e-6,
+        "max KL {} vs {max}",
+        got.max_kl
+    );
+    assert_eq!(got.top1_agreement, c["top1_agreement"].as_f64().unwrap());
+    // The perplexities are the ones the single-model path gives.
+    let pa = perplexity(a.model.as_mut(), &ids, opts, |_, _| {}).unwrap();
+    assert!((got.a.mean_nll - pa.mean_nll).abs() < 1e-12);
+    // A model against itself: no divergence, full agreement.
+    let mut a2 = load("gpt2");
+    let same =
+        slm::eval::compare::compare(a.model.as_mut(), a2.model.as_mut(), &ids, opts, |_, _| {})
+            .unwrap();
+    assert!(same.max_kl < 1e-9 && same.top1_agreement == 1.0);
+}

@@ -13,6 +13,28 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Accuracy, per-class precision/recall/F1 and the confusion matrix of a classifier.
     Classify(ClassifyArgs),
+    /// Perplexity of two models (e.g. f32 and quantized), the KL divergence of the second's
+    /// next-token distribution from the first's, and their top-1 agreement.
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    /// The reference model, then the model to compare with it (give --model twice).
+    #[arg(long, short = 'm', num_args = 1, required = true)]
+    model: Vec<PathBuf>,
+    /// `f32` dequantizes GGUF weights. Once for both models, or twice (one per --model), e.g.
+    /// `--dtype f32 --dtype auto` to see what quantized matmuls cost against exact ones.
+    #[arg(long, value_enum, default_values = ["auto"])]
+    dtype: Vec<super::Dtype>,
+    #[arg(long)]
+    text: PathBuf,
+    #[arg(long)]
+    max_length: Option<usize>,
+    #[arg(long)]
+    stride: Option<usize>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -62,7 +84,88 @@ pub fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Perplexity(a) => run_perplexity(a),
         Command::Classify(a) => run_classify(a),
+        Command::Compare(a) => run_compare(a),
     }
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} windows, {elapsed} elapsed, ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    bar
+}
+
+fn window_options(max_length: Option<usize>, stride: Option<usize>, context: usize) -> Options {
+    let max_length = max_length.unwrap_or(context.min(1024));
+    Options {
+        max_length,
+        stride: stride.unwrap_or((max_length / 2).max(1)),
+    }
+}
+
+fn run_compare(a: CompareArgs) -> Result<()> {
+    let [pa, pb] = <[PathBuf; 2]>::try_from(a.model.clone())
+        .map_err(|m| anyhow::anyhow!("give exactly two --model options (got {})", m.len()))?;
+    let text = std::fs::read_to_string(&a.text).with_context(|| format!("{}", a.text.display()))?;
+    let (da, db) = match a.dtype.as_slice() {
+        [d] => (*d, *d),
+        [d1, d2] => (*d1, *d2),
+        _ => anyhow::bail!("give --dtype once (both models) or twice (one per --model)"),
+    };
+    let (mut ma, ta) = super::load(&ModelArgs {
+        model: pa.clone(),
+        dtype: da,
+    })?;
+    let (mut mb, tb) = super::load(&ModelArgs {
+        model: pb.clone(),
+        dtype: db,
+    })?;
+    let ids = ta.encode(&text, true)?;
+    anyhow::ensure!(
+        tb.encode(&text, true)? == ids,
+        "the two models tokenize the text differently: their predictions cannot be compared token by token"
+    );
+    let context = ma.model.context_length().min(mb.model.context_length());
+    let opts = window_options(a.max_length, a.stride, context);
+    let bar = progress_bar();
+    let c =
+        slm::eval::compare::compare(ma.model.as_mut(), mb.model.as_mut(), &ids, opts, |d, t| {
+            bar.set_length(t as u64);
+            bar.set_position(d as u64);
+        })?;
+    bar.finish_and_clear();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"a": pa.display().to_string(), "b": pb.display().to_string(),
+                "tokens_scored": c.a.tokens, "perplexity_a": c.a.perplexity(), "perplexity_b": c.b.perplexity(),
+                "mean_kl": c.mean_kl, "median_kl": c.median_kl, "p99_kl": c.p99_kl, "max_kl": c.max_kl,
+                "top1_agreement": c.top1_agreement})
+        );
+    } else {
+        println!("A:               {}", pa.display());
+        println!("B:               {}", pb.display());
+        println!(
+            "scored:          {} tokens ({} windows of {}, stride {})",
+            c.a.tokens, c.a.windows, opts.max_length, opts.stride
+        );
+        println!("perplexity A:    {:.4}", c.a.perplexity());
+        println!(
+            "perplexity B:    {:.4} ({:+.2}%)",
+            c.b.perplexity(),
+            100.0 * (c.b.perplexity() / c.a.perplexity() - 1.0)
+        );
+        println!(
+            "KL(A||B):        mean {:.6}, median {:.6}, p99 {:.6}, max {:.6}",
+            c.mean_kl, c.median_kl, c.p99_kl, c.max_kl
+        );
+        println!("top-1 agreement: {:.2}%", 100.0 * c.top1_agreement);
+    }
+    Ok(())
 }
 
 fn run_perplexity(a: PerplexityArgs) -> Result<()> {
@@ -70,11 +173,7 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     let (mut m, tok) = super::load(&a.model)?;
     // As transformers' tokenizer call does by default: with the model's BOS/EOS rules.
     let ids = tok.encode(&text, true)?;
-    let max_length = a.max_length.unwrap_or(m.model.context_length().min(1024));
-    let opts = Options {
-        max_length,
-        stride: a.stride.unwrap_or((max_length / 2).max(1)),
-    };
+    let opts = window_options(a.max_length, a.stride, m.model.context_length());
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

@@ -1,4 +1,5 @@
 //! Measuring models: perplexity of causal LMs, classification metrics.
 
+pub mod compare;
 pub mod metrics;
 pub mod perplexity;

@@ -48,13 +48,7 @@ pub fn windows(n: usize, opts: Options) -> Vec<(usize, usize, usize)> {
     out
 }
 
-/// Runs `model` over `ids` window by window; `progress(done, total)` after each window.
-pub fn perplexity(
-    model: &mut dyn CausalLM,
-    ids: &[u32],
-    opts: Options,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Perplexity> {
+fn check(model: &dyn CausalLM, ids: &[u32], opts: Options) -> Result<()> {
     if ids.len() < 2 {
         return Err(Error::msg(
             "the text has fewer than 2 tokens: nothing to score",
@@ -73,31 +67,73 @@ pub fn perplexity(
             model.context_length()
         )));
     }
+    Ok(())
+}
+
+/// Runs each model over every window and calls `score(target, rows)` for each scored target,
+/// with each model's logits row that predicts it.
+pub(crate) fn for_each_target(
+    models: &mut [&mut dyn CausalLM],
+    ids: &[u32],
+    opts: Options,
+    mut score: impl FnMut(usize, &[&[f32]]),
+    mut progress: impl FnMut(usize, usize),
+) -> Result<usize> {
+    for m in models.iter() {
+        check(&**m, ids, opts)?;
+    }
     let wins = windows(ids.len(), opts);
-    let (mut nll, mut tokens) = (0f64, 0usize);
     for (w, &(begin, end, first)) in wins.iter().enumerate() {
-        model.clear_cache();
-        let logits = model.forward(&ids[begin..end], 0, true)?.to_vec2::<f32>()?;
+        let logits = models
+            .iter_mut()
+            .map(|m| {
+                m.clear_cache();
+                Ok(m.forward(&ids[begin..end], 0, true)?.to_vec2::<f32>()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         for target in first..end {
             // Logits at window position p predict the token at p + 1.
-            let row = &logits[target - 1 - begin];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&x| (x as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            nll += lse - row[ids[target] as usize] as f64;
-            tokens += 1;
+            let rows: Vec<&[f32]> = logits.iter().map(|l| &l[target - 1 - begin][..]).collect();
+            score(target, &rows);
         }
         progress(w + 1, wins.len());
     }
-    model.clear_cache();
+    models.iter_mut().for_each(|m| m.clear_cache());
+    Ok(wins.len())
+}
+
+/// `log Σ exp(row)`, in f64.
+pub(crate) fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    max + row
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
+/// Runs `model` over `ids` window by window; `progress(done, total)` after each window.
+pub fn perplexity(
+    model: &mut dyn CausalLM,
+    ids: &[u32],
+    opts: Options,
+    progress: impl FnMut(usize, usize),
+) -> Result<Perplexity> {
+    let (mut nll, mut tokens) = (0f64, 0usize);
+    let windows = for_each_target(
+        &mut [model],
+        ids,
+        opts,
+        |target, rows| {
+            nll += log_sum_exp(rows[0]) - rows[0][ids[target] as usize] as f64;
+            tokens += 1;
+        },
+        progress,
+    )?;
     Ok(Perplexity {
         tokens,
         mean_nll: nll / tokens as f64,
-        windows: wins.len(),
+        windows,
     })
 }
 
