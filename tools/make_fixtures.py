@@ -12,7 +12,7 @@ its chat template is rendered by `apply_chat_template` on several message lists.
 Encoders: tiny BERT/DistilBERT/RoBERTa models with each head (base, masked LM, sequence and token
 classification), and the real all-MiniLM-L6-v2 embedded by sentence-transformers (pinned).
 
-Metrics: scikit-learn's report on recorded predictions (one class never predicted).\nPerplexity: transformers' sliding-window perplexity of the tiny models, and of SmolLM2 (dequantized)\non the first 20,000 characters of WikiText-2 valid.\n\nRun: python tools/make_fixtures.py [gpt2 llama qwen2 phi3 smollm2 encoders minilm perplexity metrics]   (SLM_ASSETS defaults to ../shared/assets)
+Quant: llama.cpp's own quantization (llama_model_quantize) of f32 rows, per type.\nMetrics: scikit-learn's report on recorded predictions (one class never predicted).\nPerplexity: transformers' sliding-window perplexity of the tiny models, and of SmolLM2 (dequantized)\non the first 20,000 characters of WikiText-2 valid.\n\nRun: python tools/make_fixtures.py [gpt2 llama qwen2 phi3 smollm2 encoders minilm perplexity metrics quant]   (SLM_ASSETS defaults to ../shared/assets)
 """
 import json
 import os
@@ -387,6 +387,50 @@ def record_metrics():
     print("metrics: sklearn", sklearn.__version__)
 
 
+# ---------------------------------------------------------------------------------------------
+# Quantization vectors: llama.cpp's own quantization of the same f32 rows. `slm quantize -t f32`
+# writes SmolLM2 (dequantized) as an f32 GGUF; llama.cpp's llama_model_quantize (llama-cpp-python)
+# quantizes it to each type; the first rows of a tensor that got exactly that type are recorded,
+# f32 input and llama.cpp's bytes. Needs `cargo build --release` first.
+
+QUANT_TYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q4_k": 14, "q5_k": 16, "q6_k": 18}
+
+
+def record_quant_vectors():
+    import subprocess
+    import tempfile
+    import llama_cpp
+    from gguf import GGUFReader
+    gguf = ASSETS / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tmp = Path(tempfile.mkdtemp())
+    f32 = tmp / "f32.gguf"
+    subprocess.run([str(ROOT / "target/release/slm"), "quantize", "-m", str(gguf), "-t", "f32", "-o", str(f32)],
+                   check=True)
+    src = {t.name: t for t in GGUFReader(str(f32)).tensors}
+    cases = []
+    for name, ftype in QUANT_TYPES.items():
+        out = tmp / f"{name}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = 2
+        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params)
+        assert rc == 0, f"llama_model_quantize {name}: {rc}"
+        want = name.upper().replace("_K", "_K")
+        for t in GGUFReader(str(out)).tensors:
+            if t.tensor_type.name == want and t.name.startswith("blk."):
+                rows = 2
+                row_bytes = t.data.shape[-1]
+                cases.append({"type": name, "tensor": t.name,
+                              "input": np.asarray(src[t.name].data[:rows]).astype(np.float32).ravel().round(9).tolist(),
+                              "cols": int(src[t.name].data.shape[-1]), "rows": rows,
+                              "bytes": np.asarray(t.data[:rows]).ravel().tolist()})
+                break
+        else:
+            raise SystemExit(f"no tensor of type {want} in llama.cpp's {name} output")
+    (OUT / "quant_vectors.json").write_text(json.dumps({"llama_cpp_python": llama_cpp.__version__, "cases": cases}))
+    print("quant vectors:", [(c["type"], c["tensor"]) for c in cases])
+
+
 def main():
     torch.manual_seed(1234)
     print("torch", torch.__version__, "transformers", transformers.__version__)
@@ -405,6 +449,8 @@ def main():
         record_perplexity()
     if not only or "metrics" in only:
         record_metrics()
+    if not only or "quant" in only:
+        record_quant_vectors()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ enum Command {
     /// Evaluate models: perplexity, classification metrics, comparison of two models.
     #[command(subcommand)]
     Eval(commands::eval::Command),
+    /// Re-quantize a GGUF model (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
+    Quantize(commands::quantize::Args),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(commands::bench::Args),
 }
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
         Command::Classify(a) => commands::classify::run(a),
         Command::FillMask(a) => commands::fill_mask::run(a),
         Command::Eval(c) => commands::eval::run(c),
+        Command::Quantize(a) => commands::quantize::run(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod io;
 pub mod models;
 pub mod nn;
+pub mod quantize;
 pub mod tokenize;
 
 pub use error::{Error, Result};

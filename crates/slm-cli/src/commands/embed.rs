@@ -85,7 +85,7 @@ pub fn run(args: Args) -> Result<()> {
                 p.display()
             );
         }
-        Some(p) => slm::io::write::write_atomic(p, jsonl)?,
+        Some(p) => slm::io::write::write_atomic(p, |w| jsonl(w))?,
         None => jsonl(&mut std::io::stdout().lock())?,
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! `slm eval`: measuring models (perplexity, classification metrics).
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};

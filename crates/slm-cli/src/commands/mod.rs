@@ -7,6 +7,7 @@ pub mod eval;
 pub mod fill_mask;
 pub mod generate;
 pub mod info;
+pub mod quantize;
 pub mod similarity;
 pub mod tokenize;
 

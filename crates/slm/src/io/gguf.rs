@@ -121,7 +121,8 @@ impl GgufFile {
             .ok_or_else(|| Error::file(&self.path, "metadata key 'general.architecture' missing"))
     }
 
-    fn raw(&self, gguf_name: &str) -> Option<(GgmlDType, Vec<usize>, &[u8])> {
+    /// A tensor as stored: type, dims (rows last, as candle reports them), bytes in the mapping.
+    pub fn raw(&self, gguf_name: &str) -> Option<(GgmlDType, Vec<usize>, &[u8])> {
         let info = self.content.tensor_infos.get(gguf_name)?;
         let (start, size) = byte_range(&self.content, info)?;
         let bytes = &self.mmap[start as usize..(start + size) as usize];

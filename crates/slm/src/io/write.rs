@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 /// previous content of `path` (if any) is untouched.
 pub fn write_atomic(
     path: &Path,
-    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
     let tmp = temp_path(path);
     let result = (|| {

@@ -164,8 +164,10 @@ pub fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
                 }
             }
             let amax = m8.iter().fold(0f32, |a, &v| a.max(v));
+            // As llama.cpp's quantize_row_q8_0/q8_1: scale by 127/amax, store the scale (and
+            // the block sum) rounded to f16, so greedy decoding follows llama.cpp's arithmetic.
             let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             let mut qs = [0i8; QK];
             for (q, v) in qs.iter_mut().zip(c) {
                 // Adding 1.5·2²³ leaves round-to-even(v·id) in the low mantissa bits.
@@ -175,8 +177,8 @@ pub fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
             let s: i32 = qs.iter().map(|&q| q as i32).sum();
             BlockQ8 {
                 qs,
-                d,
-                sum: d * s as f32,
+                d: f16::from_f32(d).to_f32(),
+                sum: f16::from_f32(d * s as f32).to_f32(),
             }
         })
         .collect()

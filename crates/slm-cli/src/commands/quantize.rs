@@ -1,0 +1,59 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The model to quantize: a GGUF file.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k (or f16, f32).
+    #[arg(long = "type", short = 't')]
+    kind: String,
+    /// The GGUF file to write.
+    #[arg(long, short = 'o')]
+    output: PathBuf,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    force: bool,
+    /// List every tensor's source and written type.
+    #[arg(long, short = 'v')]
+    verbose: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let Some(want) = slm::quantize::parse_type(&a.kind) else {
+        bail!(
+            "unknown type '{}' (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, f16, f32)",
+            a.kind
+        );
+    };
+    if a.model.is_dir() {
+        bail!(
+            "{}: quantizing from a Hugging Face folder is not supported yet; give a GGUF file",
+            a.model.display()
+        );
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    let s = slm::quantize::quantize_gguf(&a.model, want, &a.output, a.force, |d, t| {
+        bar.set_length(t as u64);
+        bar.set_position(d as u64);
+    })?;
+    bar.finish_and_clear();
+    let mut counts = std::collections::BTreeMap::new();
+    for (name, from, to) in &s.tensors {
+        *counts.entry(format!("{to:?}")).or_insert(0) += 1;
+        if a.verbose {
+            println!("{name:<32} {from:?} -> {to:?}");
+        }
+    }
+    let types: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    println!(
+        "wrote {} ({:.1} MB): {} tensors ({})",
+        a.output.display(),
+        s.bytes as f64 / 1e6,
+        s.tensors.len(),
+        types.join(", ")
+    );
+    Ok(())
+}

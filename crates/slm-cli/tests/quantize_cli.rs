@@ -1,0 +1,246 @@
+//! `slm quantize` on the real SmolLM2 GGUF: the file re-reads bit-exactly, keeps the metadata,
+//! follows llama.cpp's per-tensor type rules and still generates; bad requests fail cleanly and
+//! leave no file behind. (That llama.cpp reads these files and decodes the same tokens is checked
+//! by tools/check_quantized.py, recorded in BENCHMARKS.md.)
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use slm::io::gguf::GgufFile;
+use slm::io::QuantWeight;
+
+fn smollm2() -> PathBuf {
+    let p =
+        slm::assets_dir().join("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "missing {} (set SLM_ASSETS)", p.display());
+    p
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("slm-quantize-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn slm(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_slm"))
+        .env_remove("RUST_BACKTRACE")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn q8_0_rereads_bit_exactly_and_generates() {
+    let src = smollm2();
+    let d = tempdir("q8");
+    let out = d.join("q8.gguf");
+    let (code, stdout, err) = slm(&[
+        "quantize",
+        "-m",
+        src.to_str().unwrap(),
+        "-t",
+        "q8_0",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("61 F32, 211 Q8_0"), "{stdout}");
+    let (a, b) = (GgufFile::open(&src).unwrap(), GgufFile::open(&out).unwrap());
+    // Metadata: everything copied, the file type updated (7 = llama.cpp's MOSTLY_Q8_0).
+    for (k, v) in &a.content.metadata {
+        if k != "general.file_type" {
+            assert_eq!(
+                format!("{:?}", b.content.metadata[k]),
+                format!("{v:?}"),
+                "{k}"
+            );
+        }
+    }
+    assert_eq!(b.meta_u64("general.file_type"), Some(7));
+    assert_eq!(a.content.tensor_infos.len(), b.content.tensor_infos.len());
+    for name in a.content.tensor_infos.keys() {
+        let (ta, dims_a, bytes_a) = a.raw(name).unwrap();
+        let (tb, dims_b, bytes_b) = b.raw(name).unwrap();
+        assert_eq!(dims_a, dims_b, "{name}");
+        let want_type = if dims_a.len() == 1 {
+            GgmlDType::F32
+        } else {
+            GgmlDType::Q8_0
+        };
+        assert_eq!(tb, want_type, "{name}");
+        // What slm wrote is what quantizing the dequantized source gives, byte for byte.
+        let cols = *dims_a.last().unwrap();
+        let rows = dims_a.iter().product::<usize>() / cols;
+        let f = QuantWeight {
+            dtype: ta,
+            rows,
+            cols,
+            data: bytes_a.to_vec(),
+        }
+        .dequantize()
+        .unwrap()
+        .reshape(dims_a.clone())
+        .unwrap();
+        let q = QTensor::quantize(&f, tb).unwrap();
+        assert_eq!(q.data().unwrap().as_ref(), bytes_b, "{name}");
+    }
+    let (code, text, err) = slm(&[
+        "generate",
+        "-m",
+        out.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "-n",
+        "6",
+        "Once upon a time, there was a little",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.starts_with(" girl named Emma"), "{text}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn k_quants_fall_back_on_rows_that_are_not_multiples_of_256() {
+    let d = tempdir("q4k");
+    let out = d.join("q4k.gguf");
+    let (code, stdout, err) = slm(&[
+        "quantize",
+        "-m",
+        smollm2().to_str().unwrap(),
+        "-t",
+        "q4_k",
+        "-o",
+        out.to_str().unwrap(),
+        "-v",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // SmolLM2 is 576 wide: only ffn_down (1536 = 6 x 256 per row) can be Q4_K; the rest falls
+    // back to Q5_0 and the tied embedding/output to Q8_0, as llama-quantize does.
+    assert!(
+        stdout.contains("blk.0.ffn_down.weight") && stdout.contains("-> Q4K"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("30 Q4K, 180 Q5_0, 1 Q8_0"), "{stdout}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn bad_requests_fail_cleanly_and_leave_nothing() {
+    let src = smollm2();
+    let src = src.to_str().unwrap();
+    let d = tempdir("bad");
+    let out = d.join("out.gguf");
+    std::fs::write(&out, b"keep me").unwrap();
+    let (code, _, err) = slm(&[
+        "quantize",
+        "-m",
+        src,
+        "-t",
+        "q8_0",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("out.gguf: already exists (pass --force to overwrite)"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+    let (code, _, err) = slm(&[
+        "quantize",
+        "-m",
+        src,
+        "-t",
+        "q3_x",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown type 'q3_x'"), "{err}");
+    let missing = d.join("no/such/dir/out.gguf");
+    let (code, _, err) = slm(&[
+        "quantize",
+        "-m",
+        src,
+        "-t",
+        "q4_0",
+        "-o",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no/such/dir/out.gguf"), "{err}");
+    let (code, _, err) = slm(&[
+        "quantize",
+        "-m",
+        "/dev/full",
+        "-t",
+        "q4_0",
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    // Only the file that was there before.
+    let names: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["out.gguf"]);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Each type's bytes for the same f32 rows equal llama.cpp's own quantization of them
+/// (llama_model_quantize, recorded by tools/make_fixtures.py `quant`). Q5_K and Q6_K are not in
+/// the list: candle's quantizers for them differ from llama.cpp's current reference (about a third
+/// of the bytes), an open item of the quantization issue.
+#[test]
+fn blocks_match_llama_cpp_reference_quantization() {
+    const EXACT: [&str; 6] = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k"];
+    let mut checked = Vec::new();
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/quant_vectors.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut mismatched = Vec::new();
+    for case in v["cases"].as_array().unwrap() {
+        let kind = case["type"].as_str().unwrap();
+        if !EXACT.contains(&kind) {
+            continue;
+        }
+        checked.push(kind);
+        let t = slm::quantize::parse_type(kind).unwrap();
+        let (rows, cols) = (
+            case["rows"].as_u64().unwrap() as usize,
+            case["cols"].as_u64().unwrap() as usize,
+        );
+        let input: Vec<f32> = case["input"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let want: Vec<u8> = case["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u8)
+            .collect();
+        let x =
+            candle_core::Tensor::from_vec(input, (rows, cols), &candle_core::Device::Cpu).unwrap();
+        let got = QTensor::quantize(&x, t).unwrap().data().unwrap().to_vec();
+        assert_eq!(got.len(), want.len(), "{kind}");
+        let differing = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        if differing > 0 {
+            mismatched.push(format!("{kind}: {differing}/{} bytes differ", want.len()));
+        }
+    }
+    assert!(mismatched.is_empty(), "{}", mismatched.join("; "));
+    assert_eq!(checked, EXACT);
+}
