@@ -43,6 +43,8 @@ enum Command {
     Eval(commands::eval::Command),
     /// Re-quantize a GGUF model (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
     Quantize(commands::quantize::Args),
+    /// Write a GGUF model as a Hugging Face folder (safetensors, config, tokenizer).
+    Convert(commands::convert::Args),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(commands::bench::Args),
 }
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
         Command::FillMask(a) => commands::fill_mask::run(a),
         Command::Eval(c) => commands::eval::run(c),
         Command::Quantize(a) => commands::quantize::run(a),
+        Command::Convert(a) => commands::convert::run(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -244,3 +244,64 @@ fn blocks_match_llama_cpp_reference_quantization() {
     assert!(mismatched.is_empty(), "{}", mismatched.join("; "));
     assert_eq!(checked, EXACT);
 }
+
+/// GGUF to a Hugging Face folder: slm loads the folder and decodes exactly what transformers
+/// decodes on the dequantized GGUF (tests/fixtures/smollm2.json). (transformers loading the same
+/// folder and matching the fixture's logits is a documented check in README.md.)
+#[test]
+fn convert_to_hf_folder_decodes_like_the_gguf() {
+    let d = tempdir("convert");
+    let out = d.join("hf");
+    let (code, stdout, err) = slm(&[
+        "convert",
+        "-m",
+        smollm2().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("272 tensors"), "{stdout}");
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let (code, text, err) = slm(&[
+        "generate",
+        "-m",
+        out.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "-n",
+        "12",
+        fx["prompt"].as_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        text.trim_end_matches('\n'),
+        fx["greedy_text"].as_str().unwrap()
+    );
+    let (code, _, err) = slm(&[
+        "convert",
+        "-m",
+        smollm2().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("already holds a model.safetensors (pass --force to overwrite)"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -5,6 +5,7 @@
 //! renders chat templates, [`generate`] samples continuations, [`encode`] runs encoders
 //! (embeddings, classification, fill-mask) over [`data`] read from text files.
 
+pub mod convert;
 pub mod data;
 pub mod encode;
 pub mod error;

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod chat;
 pub mod classify;
+pub mod convert;
 pub mod embed;
 pub mod encoder;
 pub mod eval;
