@@ -1,50 +1,13 @@
 //! The encoder commands through the real binary: outputs that a user relies on (JSONL, .npy,
 //! labels) and bad input that must end in one clear line and exit status 1, never a panic.
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn minilm() -> PathBuf {
-    let p = slm::assets_dir().join("models/all-MiniLM-L6-v2");
-    assert!(
-        p.join("config.json").exists(),
-        "missing {} (set SLM_ASSETS)",
-        p.display()
-    );
-    p
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("slm-enc-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn run(args: &[&str], stdin: Option<&str>) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_slm"))
-        .env_remove("RUST_BACKTRACE")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-    drop(pipe);
-    child.wait_with_output().unwrap()
-}
+use common::{fixtures, minilm, run, tempdir};
 
 fn fails(args: &[&str], stdin: Option<&str>) -> String {
-    let out = run(args, stdin);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    let (code, _, err) = run(args, stdin);
+    assert_eq!(code, 1, "{args:?}: {err}");
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(
         err.trim_end().lines().count(),
@@ -55,12 +18,8 @@ fn fails(args: &[&str], stdin: Option<&str>) -> String {
 }
 
 fn ok(args: &[&str], stdin: Option<&str>) -> (String, String) {
-    let out = run(args, stdin);
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    );
-    assert_eq!(out.status.code(), Some(0), "{args:?}: {e}");
+    let (code, o, e) = run(args, stdin);
+    assert_eq!(code, 0, "{args:?}: {e}");
     (o, e)
 }
 

@@ -1,11 +1,14 @@
 //! `slm eval perplexity` and `slm eval compare` through the binary, on the tiny GPT-2 fixture
 //! with a small word-level tokenizer written by the test (the fixture's vocabulary has 320 ids).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+use std::path::{Path, PathBuf};
+
+use common::fixtures;
+
+fn slm(args: &[&str]) -> (i32, String, String) {
+    common::run(args, None)
 }
 
 fn model_with_tokenizer(format: &str, name: &str) -> PathBuf {
@@ -30,19 +33,6 @@ fn model_with_tokenizer(format: &str, name: &str) -> PathBuf {
     });
     std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
     d
-}
-
-fn slm(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_slm"))
-        .env_remove("RUST_BACKTRACE")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 fn text(dir: &Path) -> PathBuf {

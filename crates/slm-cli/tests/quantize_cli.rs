@@ -3,39 +3,19 @@
 //! leave no file behind. (That llama.cpp reads these files and decodes the same tokens is checked
 //! by tools/check_quantized.py, recorded in BENCHMARKS.md.)
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
+
+use common::{smollm2, tempdir};
+
+fn slm(args: &[&str]) -> (i32, String, String) {
+    common::run(args, None)
+}
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use slm::io::gguf::GgufFile;
 use slm::io::QuantWeight;
-
-fn smollm2() -> PathBuf {
-    let p =
-        slm::assets_dir().join("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "missing {} (set SLM_ASSETS)", p.display());
-    p
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("slm-quantize-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn slm(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_slm"))
-        .env_remove("RUST_BACKTRACE")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
 
 #[test]
 fn q8_0_rereads_bit_exactly_and_generates() {

@@ -1,0 +1,58 @@
+#![allow(dead_code)]
+//! Helpers shared by the binary's integration tests.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// A file or folder of the shared assets; missing is a failure that says how to get it.
+pub fn asset(rel: &str) -> PathBuf {
+    let p = slm::assets_dir().join(rel);
+    assert!(
+        p.exists(),
+        "missing {} (set SLM_ASSETS, or run tools/fetch_assets.sh)",
+        p.display()
+    );
+    p
+}
+
+pub fn smollm2() -> PathBuf {
+    asset("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn minilm() -> PathBuf {
+    asset("models/all-MiniLM-L6-v2")
+}
+
+/// A fresh, empty folder unique to this test process.
+pub fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("slm-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs the binary (without RUST_BACKTRACE, so errors are one line): exit code, stdout, stderr.
+pub fn run(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slm"))
+        .env_remove("RUST_BACKTRACE")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(pipe);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
