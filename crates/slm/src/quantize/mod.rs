@@ -3,6 +3,8 @@
 //! that serves as one) at Q6_K, and k-quant requests falling back to the legacy type llama.cpp
 //! picks when a row is not a multiple of 256. Metadata (tokenizer, chat template) is copied.
 
+pub mod q6k;
+
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
@@ -87,6 +89,28 @@ pub fn tensor_type(
     Ok(t)
 }
 
+/// Quantizes an f32 tensor (row length last) to `t`, with llama.cpp's current reference where
+/// candle's quantizer differs from it (Q6_K).
+pub fn quantize_tensor(f: &candle_core::Tensor, t: GgmlDType) -> Result<QTensor> {
+    if t == GgmlDType::Q6K {
+        let dims = f.dims().to_vec();
+        let x = f.flatten_all()?.to_vec1::<f32>()?;
+        if !x.len().is_multiple_of(256) || !dims.last().is_some_and(|c| c.is_multiple_of(256)) {
+            return Err(Error::msg(format!(
+                "rows of {dims:?} are not a multiple of 256 (Q6_K)"
+            )));
+        }
+        let bytes = q6k::quantize(&x);
+        return Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+            t,
+            &bytes,
+            dims,
+            &Device::Cpu,
+        )?);
+    }
+    Ok(QTensor::quantize(f, t)?)
+}
+
 /// What was written, per tensor: name, source type, written type.
 pub struct Summary {
     pub tensors: Vec<(String, GgmlDType, GgmlDType)>,
@@ -144,7 +168,7 @@ pub fn quantize_gguf(
             }
             .dequantize()?
             .reshape(dims.clone())?;
-            QTensor::quantize(&f, target)?
+            quantize_tensor(&f, target)?
         };
         summary.push((name.to_string(), dtype, target));
         tensors.push((name.to_string(), q));
