@@ -406,6 +406,15 @@ def record_quant_vectors():
     f32 = tmp / "f32.gguf"
     subprocess.run([str(ROOT / "target/release/slm"), "quantize", "-m", str(gguf), "-t", "f32", "-o", str(f32)],
                    check=True)
+    # The dequantized weights lie on Q4_1's grid, which makes low-bit quantization trivially
+    # exact; overwrite the first rows of every layer's tensors with Gaussian values so each type's
+    # rounding and scale search is really exercised.
+    rng = np.random.default_rng(5)
+    reader = GGUFReader(str(f32), "r+")
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and len(t.data.shape) == 2:
+            t.data[:2] = (rng.standard_normal(t.data[:2].shape) * 0.05).astype(np.float32)
+    del reader
     src = {t.name: t for t in GGUFReader(str(f32)).tensors}
     cases = []
     for name, ftype in QUANT_TYPES.items():

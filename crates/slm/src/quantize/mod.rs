@@ -3,6 +3,7 @@
 //! that serves as one) at Q6_K, and k-quant requests falling back to the legacy type llama.cpp
 //! picks when a row is not a multiple of 256. Metadata (tokenizer, chat template) is copied.
 
+pub mod q45k;
 pub mod q6k;
 
 use std::path::Path;
@@ -89,18 +90,26 @@ pub fn tensor_type(
     Ok(t)
 }
 
+/// f32 values (a multiple of 256) to the bytes of k-quant blocks.
+type BlockQuantizer = fn(&[f32]) -> Vec<u8>;
+
 /// Quantizes an f32 tensor (row length last) to `t`, with llama.cpp's current reference where
-/// candle's quantizer differs from it (Q6_K).
+/// candle's quantizers differ from it (the k-quants).
 pub fn quantize_tensor(f: &candle_core::Tensor, t: GgmlDType) -> Result<QTensor> {
-    if t == GgmlDType::Q6K {
+    let own: Option<BlockQuantizer> = match t {
+        GgmlDType::Q4K => Some(q45k::quantize_q4k),
+        GgmlDType::Q5K => Some(q45k::quantize_q5k),
+        GgmlDType::Q6K => Some(q6k::quantize),
+        _ => None,
+    };
+    if let Some(quantize) = own {
         let dims = f.dims().to_vec();
-        let x = f.flatten_all()?.to_vec1::<f32>()?;
-        if !x.len().is_multiple_of(256) || !dims.last().is_some_and(|c| c.is_multiple_of(256)) {
+        if !dims.last().is_some_and(|c| c.is_multiple_of(256)) {
             return Err(Error::msg(format!(
-                "rows of {dims:?} are not a multiple of 256 (Q6_K)"
+                "rows of {dims:?} are not a multiple of 256 ({t:?})"
             )));
         }
-        let bytes = q6k::quantize(&x);
+        let bytes = quantize(&f.flatten_all()?.to_vec1::<f32>()?);
         return Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
             t,
             &bytes,

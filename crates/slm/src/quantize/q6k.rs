@@ -8,7 +8,7 @@ const QK_K: usize = 256;
 pub const BLOCK_BYTES: usize = 210;
 
 /// Round to nearest, ties to even, as ggml's `nearest_int` (the 1.5·2²³ trick).
-fn nearest_int(v: f32) -> i32 {
+pub(crate) fn nearest_int(v: f32) -> i32 {
     ((v + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
