@@ -35,6 +35,9 @@ def llamacpp_once(threads, prompt_tokens, gen_tokens):
     t = time.perf_counter()
     llm.eval(ids)
     prefill = len(ids) / (time.perf_counter() - t)
+    # Without logits_all (which would make llama.cpp compute logits for every prompt token and
+    # slow its prefill unfairly) this row may not hold the last logits, so the decoded tokens
+    # are not meaningful; each step still costs one full forward pass, which is what is timed.
     tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     t = time.perf_counter()
     for _ in range(gen_tokens):

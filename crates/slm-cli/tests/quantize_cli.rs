@@ -157,6 +157,8 @@ fn bad_requests_fail_cleanly_and_leave_nothing() {
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("no/such/dir/out.gguf"), "{err}");
+    // A source that is not a GGUF file. (A full disk on the output side is simulated in
+    // io/write.rs's unit test: write_atomic removes its temporary file on any write error.)
     let (code, _, err) = slm(&[
         "quantize",
         "-m",
@@ -168,6 +170,7 @@ fn bad_requests_fail_cleanly_and_leave_nothing() {
         "--force",
     ]);
     assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/dev/full: not a valid GGUF file"), "{err}");
     // Only the file that was there before.
     let names: Vec<_> = std::fs::read_dir(&d)
         .unwrap()
