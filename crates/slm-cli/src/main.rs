@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "slm",
     version,
-    about = "Small language models on the CPU: generate, chat, embed, classify, inspect and benchmark"
+    about = "Small language models on the CPU: download, generate, chat, embed, classify, evaluate, quantize"
 )]
 struct Cli {
     /// Worker threads for matrix products (default: all cores).
@@ -47,6 +47,12 @@ enum Command {
     Convert(commands::convert::Args),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(commands::bench::Args),
+    /// Download a model from the Hugging Face hub into the shared cache.
+    Pull(commands::hub::PullArgs),
+    /// List the models in the Hugging Face cache.
+    List(commands::hub::ListArgs),
+    /// Remove a model from the Hugging Face cache.
+    Rm(commands::hub::RmArgs),
 }
 
 fn main() -> ExitCode {
@@ -90,6 +96,9 @@ fn main() -> ExitCode {
         Command::Eval(c) => commands::eval::run(c),
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Pull(a) => commands::hub::pull(a),
+        Command::List(a) => commands::hub::list(a),
+        Command::Rm(a) => commands::hub::rm(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

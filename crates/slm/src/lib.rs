@@ -3,7 +3,8 @@
 //! The data flow: [`io`] finds and reads model files, [`models`] builds a family from a config
 //! and a weight store using the shared layers in [`nn`], [`tokenize`] turns text into ids and
 //! renders chat templates, [`generate`] samples continuations, [`encode`] runs encoders
-//! (embeddings, classification, fill-mask) over [`data`] read from text files.
+//! (embeddings, classification, fill-mask) over [`data`] read from text files; [`hub`] fetches
+//! models from the Hugging Face hub into the cache Python's tools share.
 
 pub mod convert;
 pub mod data;
@@ -11,6 +12,7 @@ pub mod encode;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod hub;
 pub mod io;
 pub mod models;
 pub mod nn;

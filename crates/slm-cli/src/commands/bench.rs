@@ -52,7 +52,8 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    super::resolve_model(&mut a.model.model)?;
     if a.repeats == 0 {
         bail!("--repeats must be at least 1");
     }

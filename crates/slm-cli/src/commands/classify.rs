@@ -17,7 +17,8 @@ pub struct Args {
     pub json: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    super::resolve_model(&mut args.model)?;
     let enc = Encoder::load(&args.model)?;
     let records = args.input.records()?;
     let inputs = args.input.prepare(&enc, &records)?;

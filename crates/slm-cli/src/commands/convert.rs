@@ -18,7 +18,8 @@ pub struct Args {
     force: bool,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    super::resolve_model(&mut a.model)?;
     let Some(dtype) = slm::convert::parse_dtype(&a.dtype) else {
         bail!("unknown --dtype '{}' (f32, f16, bf16)", a.dtype);
     };

@@ -61,7 +61,8 @@ impl PoolingArgs {
     }
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    super::resolve_model(&mut args.model)?;
     let (records, vectors) = args.pooling.embed(&args.model, &args.input)?;
     let jsonl = |w: &mut dyn Write| -> std::io::Result<()> {
         for (r, v) in records.iter().zip(&vectors) {

@@ -108,7 +108,10 @@ fn window_options(max_length: Option<usize>, stride: Option<usize>, context: usi
     }
 }
 
-fn run_compare(a: CompareArgs) -> Result<()> {
+fn run_compare(mut a: CompareArgs) -> Result<()> {
+    for m in &mut a.model {
+        super::resolve_model(m)?;
+    }
     let [pa, pb] = <[PathBuf; 2]>::try_from(a.model.clone())
         .map_err(|m| anyhow::anyhow!("give exactly two --model options (got {})", m.len()))?;
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("{}", a.text.display()))?;
@@ -209,7 +212,8 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_classify(a: ClassifyArgs) -> Result<()> {
+fn run_classify(mut a: ClassifyArgs) -> Result<()> {
+    super::resolve_model(&mut a.model)?;
     let enc = slm::encode::Encoder::load(&a.model)?;
     let cols = slm::data::Columns {
         text: a.column.clone(),

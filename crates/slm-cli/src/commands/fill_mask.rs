@@ -16,7 +16,8 @@ pub struct Args {
     pub json: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    super::resolve_model(&mut args.model)?;
     let enc = Encoder::load(&args.model)?;
     let masks = enc.fill_mask(&args.text, args.top_k)?;
     if args.json {

@@ -12,7 +12,8 @@ pub struct Args {
     model: std::path::PathBuf,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    super::resolve_model(&mut a.model)?;
     let files = ModelFiles::locate(&a.model)?;
     let weights = open_weights(&files)?;
     let config = config_of(&files)?;

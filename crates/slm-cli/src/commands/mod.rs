@@ -7,6 +7,7 @@ pub mod encoder;
 pub mod eval;
 pub mod fill_mask;
 pub mod generate;
+pub mod hub;
 pub mod info;
 pub mod quantize;
 pub mod similarity;
@@ -21,7 +22,8 @@ use slm::tokenize::Tokenizer;
 /// Options every command that loads a model shares.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A Hugging Face model folder (config.json + tokenizer + safetensors/.bin) or a .gguf file.
+    /// A Hugging Face model folder (config.json + tokenizer + safetensors/.bin), a .gguf file,
+    /// or a hub id ORG/NAME[@REVISION][:QUANT] (taken from the cache, else downloaded).
     #[arg(long, short = 'm', default_value_os_t = default_model())]
     pub model: PathBuf,
     /// `f32` dequantizes every weight (exact reference arithmetic); `auto` keeps GGUF weights
@@ -42,11 +44,13 @@ pub fn default_model() -> PathBuf {
 }
 
 pub fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer)> {
+    let mut path = args.model.clone();
+    resolve_model(&mut path)?;
     let dtype = match args.dtype {
         Dtype::Auto => ComputeDtype::Auto,
         Dtype::F32 => ComputeDtype::F32,
     };
-    let m = load_causal(&args.model, dtype)?;
+    let m = load_causal(&path, dtype)?;
     let tok = Tokenizer::load(&m.files)?;
     tok.check_matches(m.config.vocab_size())?;
     Ok((m, tok))
@@ -100,4 +104,28 @@ impl SamplingArgs {
             ignore_eos: self.ignore_eos,
         }
     }
+}
+
+/// Turns a hub id given where a model path goes (`--model ORG/NAME[@REV][:QUANT]`) into the
+/// cached snapshot, downloading it first if needed. A path that exists is left alone.
+pub fn resolve_model(path: &mut PathBuf) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let Some(spec) = path
+        .to_str()
+        .filter(|s| slm::hub::ModelRef::parse(s).is_ok())
+    else {
+        return Ok(());
+    };
+    let cfg = slm::hub::HubConfig::from_env();
+    let bars = hub::Bars::new();
+    let resolved = slm::hub::resolve_model(spec, &cfg, &bars).map_err(|e| {
+        anyhow::anyhow!(
+            "{spec} is neither a local path nor a model on {}: {e}",
+            cfg.endpoint
+        )
+    })?;
+    *path = resolved;
+    Ok(())
 }

@@ -21,7 +21,8 @@ pub struct Args {
     verbose: bool,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    super::resolve_model(&mut a.model)?;
     let Some(want) = slm::quantize::parse_type(&a.kind) else {
         bail!(
             "unknown type '{}' (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, f16, f32)",

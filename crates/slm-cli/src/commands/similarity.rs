@@ -19,7 +19,8 @@ pub struct Args {
     pub json: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    super::resolve_model(&mut args.model)?;
     let (records, vectors) = args.pooling.embed(&args.model, &args.input)?;
     let m = cosine_matrix(&vectors);
     if args.json {

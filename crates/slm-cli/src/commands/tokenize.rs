@@ -23,7 +23,8 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    super::resolve_model(&mut a.model)?;
     // A folder with only tokenizer files is enough here; no weights are needed.
     let tok = if a.model.is_dir() {
         Tokenizer::from_hf_folder(&a.model)?

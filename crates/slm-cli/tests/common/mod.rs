@@ -37,9 +37,25 @@ pub fn tempdir(name: &str) -> PathBuf {
 
 /// Runs the binary (without RUST_BACKTRACE, so errors are one line): exit code, stdout, stderr.
 pub fn run(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    run_env(args, stdin, &[])
+}
+
+/// `run` with extra environment variables; the hub variables of the caller are not passed on.
+pub fn run_env(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> (i32, String, String) {
     use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_slm"))
-        .env_remove("RUST_BACKTRACE")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_slm"));
+    cmd.env_remove("RUST_BACKTRACE");
+    for k in [
+        "HF_TOKEN",
+        "HF_HUB_OFFLINE",
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HF_ENDPOINT",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().copied());
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
