@@ -12,7 +12,15 @@ its chat template is rendered by `apply_chat_template` on several message lists.
 Encoders: tiny BERT/DistilBERT/RoBERTa models with each head (base, masked LM, sequence and token
 classification), and the real all-MiniLM-L6-v2 embedded by sentence-transformers (pinned).
 
-Quant: llama.cpp's own quantization (llama_model_quantize) of f32 rows, per type.\nMetrics: scikit-learn's report on recorded predictions (one class never predicted).\nPerplexity: transformers' sliding-window perplexity of the tiny models, and of SmolLM2 (dequantized)\non the first 20,000 characters of WikiText-2 valid.\n\nRun: python tools/make_fixtures.py [gpt2 llama qwen2 phi3 smollm2 encoders minilm perplexity metrics quant]   (SLM_ASSETS defaults to ../shared/assets)
+Quant: llama.cpp's own quantization (llama_model_quantize) of f32 rows, per type.
+Metrics: scikit-learn's report on recorded predictions (one class never predicted).
+Perplexity: transformers' sliding-window perplexity of the tiny models, and of SmolLM2 (dequantized)
+on the first 20,000 characters of WikiText-2 valid.
+Train: loss, gradients and AdamW steps of the tiny BERT classifier (PyTorch, dropout off).
+PEFT (peft==0.13.2): an adapter PEFT made, with its logits; PEFT's logits for the adapter slm wrote.
+
+Run: python tools/make_fixtures.py [gpt2 llama qwen2 phi3 smollm2 encoders minilm perplexity metrics quant train peft]
+(SLM_ASSETS defaults to ../shared/assets)
 """
 import json
 import os
@@ -23,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+import peft
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -440,6 +449,95 @@ def record_quant_vectors():
     print("quant vectors:", [(c["type"], c["tensor"]) for c in cases])
 
 
+TRAIN_GRADS = [
+    "classifier.weight", "classifier.bias", "bert.pooler.dense.weight",
+    "bert.encoder.layer.1.output.LayerNorm.weight", "bert.encoder.layer.1.output.dense.weight",
+    "bert.encoder.layer.1.intermediate.dense.bias", "bert.encoder.layer.0.attention.self.query.weight",
+    "bert.encoder.layer.0.attention.self.key.bias", "bert.encoder.layer.0.attention.self.value.weight",
+    "bert.encoder.layer.0.attention.output.dense.weight", "bert.embeddings.LayerNorm.weight",
+    "bert.embeddings.LayerNorm.bias", "bert.embeddings.word_embeddings.weight",
+    "bert.embeddings.position_embeddings.weight", "bert.embeddings.token_type_embeddings.weight",
+]
+
+
+def record_train():
+    """Loss and gradients of the tiny BertForSequenceClassification on a padded batch (dropout
+    off), then the losses of 3 AdamW steps with HF Trainer's decay groups and a linear schedule."""
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+    src = OUT / "encoders" / "bert_cls" / "safetensors"
+    tok = BertTokenizerFast.from_pretrained(src)
+    texts = [t for t, p in ENC_TEXTS if p is None][:6]
+    labels = [0, 2, 1, 2, 0, 1][:len(texts)]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    model = BertForSequenceClassification.from_pretrained(
+        src, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    model.train()
+    y = torch.tensor(labels)
+    out = model(**enc, labels=y)
+    out.loss.backward()
+    named = dict(model.named_parameters())
+    rec = {"texts": texts, "labels": labels, "input_ids": enc["input_ids"].tolist(),
+           "loss": out.loss.item(),
+           "grads": {n: named[n].grad.flatten().tolist() for n in TRAIN_GRADS}}
+    nonzero = sum(int(p.grad.abs().sum() > 0) for p in model.parameters())
+    rec["params_with_grad"] = nonzero
+    rec["params"] = len(list(model.parameters()))
+    model.zero_grad()
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    rest = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 1, 4)
+    losses = []
+    for _ in range(3):
+        out = model(**enc, labels=y)
+        losses.append(out.loss.item())
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    rec["step_losses"] = losses
+    with torch.no_grad():
+        rec["final_loss"] = model(**enc, labels=y).loss.item()
+    (OUT / "train_bert.json").write_text(json.dumps(rec))
+    print("train_bert: loss", rec["loss"], "steps", losses, rec["final_loss"])
+
+
+def record_peft():
+    """PEFT interop on the tiny bare BERT: an adapter made by PEFT (random A and B, a new
+    classifier) with its logits, and the logits PEFT gives for the adapter slm wrote
+    (tests/fixtures/peft/slm_adapter, written by `SLM_WRITE_FIXTURES=1 cargo test --test peft`)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertForSequenceClassification
+    base = OUT / "encoders" / "bert_base" / "safetensors"
+    train = json.loads((OUT / "train_bert.json").read_text())
+    ids = torch.tensor(train["input_ids"])
+    mask = (ids != 0).long()
+    root = OUT / "peft"
+    root.mkdir(exist_ok=True)
+    torch.manual_seed(99)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=3)
+    cfg = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"],
+                     lora_dropout=0.0, init_lora_weights=False)
+    pm = get_peft_model(model, cfg)
+    pm.eval()
+    pm.save_pretrained(root / "python_adapter")
+    rec = {"peft": peft.__version__}
+    with torch.no_grad():
+        rec["python_adapter_logits"] = pm(input_ids=ids, attention_mask=mask).logits.tolist()
+    slm_dir = root / "slm_adapter"
+    if slm_dir.exists():
+        torch.manual_seed(5)
+        model = BertForSequenceClassification.from_pretrained(base, num_labels=3)
+        pm = PeftModel.from_pretrained(model, slm_dir)
+        pm.eval()
+        with torch.no_grad():
+            rec["slm_adapter_logits"] = pm(input_ids=ids, attention_mask=mask).logits.tolist()
+    (root / "expected.json").write_text(json.dumps(rec))
+    print("peft:", {k: (v if isinstance(v, str) else len(v)) for k, v in rec.items()})
+
+
 def main():
     torch.manual_seed(1234)
     print("torch", torch.__version__, "transformers", transformers.__version__)
@@ -460,6 +558,10 @@ def main():
         record_metrics()
     if not only or "quant" in only:
         record_quant_vectors()
+    if not only or "train" in only:
+        record_train()
+    if not only or "peft" in only:
+        record_peft()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ enum Command {
     Convert(commands::convert::Args),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(commands::bench::Args),
+    /// Fine-tune a model on your data (full or LoRA).
+    Finetune(commands::finetune::Args),
+    /// Merge a LoRA adapter into its base model (a folder transformers and slm load).
+    Merge(commands::merge::Args),
     /// Download a model from the Hugging Face hub into the shared cache.
     Pull(commands::hub::PullArgs),
     /// List the models in the Hugging Face cache.
@@ -96,6 +100,8 @@ fn main() -> ExitCode {
         Command::Eval(c) => commands::eval::run(c),
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Finetune(a) => commands::finetune::run(a),
+        Command::Merge(a) => commands::merge::run(a),
         Command::Pull(a) => commands::hub::pull(a),
         Command::List(a) => commands::hub::list(a),
         Command::Rm(a) => commands::hub::rm(a),

@@ -18,6 +18,7 @@ pub mod models;
 pub mod nn;
 pub mod quantize;
 pub mod tokenize;
+pub mod train;
 
 pub use error::{Error, Result};
 

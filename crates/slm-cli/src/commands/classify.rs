@@ -15,11 +15,14 @@ pub struct Args {
     /// One JSON object per text with every label's probability.
     #[arg(long)]
     pub json: bool,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 pub fn run(mut args: Args) -> Result<()> {
     super::resolve_model(&mut args.model)?;
-    let enc = Encoder::load(&args.model)?;
+    let enc = Encoder::load_with(&args.model, args.adapter.as_deref())?;
     let records = args.input.records()?;
     let inputs = args.input.prepare(&enc, &records)?;
     let labels = &enc.model.labels;

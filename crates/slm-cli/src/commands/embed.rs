@@ -31,6 +31,9 @@ pub struct PoolingArgs {
     pub normalize: bool,
     #[arg(long)]
     pub no_normalize: bool,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 impl PoolingArgs {
@@ -40,7 +43,7 @@ impl PoolingArgs {
         model: &std::path::Path,
         input: &InputArgs,
     ) -> Result<(Vec<slm::data::Record>, Vec<Vec<f32>>)> {
-        let enc = Encoder::load(model)?;
+        let enc = Encoder::load_with(model, self.adapter.as_deref())?;
         let records = input.records()?;
         let inputs = input.prepare(&enc, &records)?;
         let vectors = enc.embed(&inputs, input.batch_size, self.resolve(enc.pooling))?;

@@ -60,6 +60,9 @@ pub struct ClassifyArgs {
     /// Also write report.json and confusion.svg into this folder.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -123,10 +126,12 @@ fn run_compare(mut a: CompareArgs) -> Result<()> {
     let (mut ma, ta) = super::load(&ModelArgs {
         model: pa.clone(),
         dtype: da,
+        adapter: None,
     })?;
     let (mut mb, tb) = super::load(&ModelArgs {
         model: pb.clone(),
         dtype: db,
+        adapter: None,
     })?;
     let ids = ta.encode(&text, true)?;
     anyhow::ensure!(
@@ -214,7 +219,7 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
 
 fn run_classify(mut a: ClassifyArgs) -> Result<()> {
     super::resolve_model(&mut a.model)?;
-    let enc = slm::encode::Encoder::load(&a.model)?;
+    let enc = slm::encode::Encoder::load_with(&a.model, a.adapter.as_deref())?;
     let cols = slm::data::Columns {
         text: a.column.clone(),
         pair: None,

@@ -6,9 +6,11 @@ pub mod embed;
 pub mod encoder;
 pub mod eval;
 pub mod fill_mask;
+pub mod finetune;
 pub mod generate;
 pub mod hub;
 pub mod info;
+pub mod merge;
 pub mod quantize;
 pub mod similarity;
 pub mod tokenize;
@@ -16,7 +18,7 @@ pub mod tokenize;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use slm::models::{load_causal, ComputeDtype, LoadedModel};
+use slm::models::{load_causal_with, ComputeDtype, LoadedModel};
 use slm::tokenize::Tokenizer;
 
 /// Options every command that loads a model shares.
@@ -30,6 +32,9 @@ pub struct ModelArgs {
     /// quantized and uses quantized matmuls (fast).
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: Dtype,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -50,7 +55,7 @@ pub fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer)> {
         Dtype::Auto => ComputeDtype::Auto,
         Dtype::F32 => ComputeDtype::F32,
     };
-    let m = load_causal(&path, dtype)?;
+    let m = load_causal_with(&path, dtype, args.adapter.as_deref())?;
     let tok = Tokenizer::load(&m.files)?;
     tok.check_matches(m.config.vocab_size())?;
     Ok((m, tok))

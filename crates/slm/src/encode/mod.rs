@@ -10,7 +10,7 @@ use candle_core::D;
 
 use crate::error::{Error, Result};
 use crate::models::bert::{self, Bert, EncoderBatch, Task};
-use crate::models::load_encoder;
+use crate::models::load_encoder_with;
 use crate::tokenize::{EncoderInput, Tokenizer};
 
 pub use pooling::{PoolMode, Pooling};
@@ -39,7 +39,12 @@ fn read_max_len(path: &Path, key: &str) -> Option<usize> {
 
 impl Encoder {
     pub fn load(path: &Path) -> Result<Self> {
-        let loaded = load_encoder(path)?;
+        Self::load_with(path, None)
+    }
+
+    /// With a PEFT LoRA adapter applied.
+    pub fn load_with(path: &Path, adapter: Option<&Path>) -> Result<Self> {
+        let loaded = load_encoder_with(path, adapter)?;
         let tokenizer = Tokenizer::load(&loaded.files)?;
         tokenizer.check_matches(loaded.model.config.vocab_size)?;
         let root = &loaded.files.root;

@@ -3,6 +3,7 @@
 
 pub mod folder;
 pub mod gguf;
+pub mod peft;
 pub mod pickle;
 pub mod safetensors;
 pub mod write;

@@ -35,6 +35,55 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
+/// f32 tensors as one safetensors file, written atomically; `metadata` goes in `__metadata__`.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::file(path, e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let data = safetensors::tensor::serialize(views, metadata).map_err(|e| Error::file(path, e))?;
+    write_atomic(path, |w| w.write_all(&data))
+}
+
+/// A tensor as its shape and row-major values.
+pub type F32Tensor = (Vec<usize>, Vec<f32>);
+
+/// Every f32 tensor of a safetensors file, by name.
+pub fn read_safetensors_f32(path: &Path) -> Result<std::collections::HashMap<String, F32Tensor>> {
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| Error::file(path, e))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(Error::file(
+                    path,
+                    format!("{name} is {:?}, not F32", view.dtype()),
+                ));
+            }
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Ok((name, (view.shape().to_vec(), v)))
+        })
+        .collect()
+}
+
 /// A row-major f32 matrix as a NumPy `.npy` (format 1.0), readable by `numpy.load`.
 pub fn write_npy(w: &mut dyn Write, rows: &[Vec<f32>]) -> std::io::Result<()> {
     let cols = rows.first().map_or(0, |r| r.len());

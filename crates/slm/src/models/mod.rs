@@ -248,8 +248,28 @@ pub fn config_of(files: &ModelFiles) -> Result<ModelConfig> {
 }
 
 pub fn load_causal(path: &Path, dtype: ComputeDtype) -> Result<LoadedModel> {
+    load_causal_with(path, dtype, None)
+}
+
+/// A causal model with a PEFT LoRA adapter applied to its weights. The adapter names weights
+/// as transformers does, so the base must be a Hugging Face folder, not a GGUF file.
+pub fn load_causal_with(
+    path: &Path,
+    dtype: ComputeDtype,
+    adapter: Option<&Path>,
+) -> Result<LoadedModel> {
     let files = ModelFiles::locate(path)?;
-    let weights = open_weights(&files)?;
+    let mut weights = open_weights(&files)?;
+    if let Some(dir) = adapter {
+        if let WeightFormat::Gguf(p) = &files.format {
+            return Err(Error::file(
+                p,
+                "a LoRA adapter needs a Hugging Face base model; write one with `slm convert`",
+            ));
+        }
+        let a = crate::io::peft::PeftAdapter::open(dir)?;
+        weights = Arc::new(crate::io::peft::AdaptedStore::new(weights, a)?);
+    }
     let config = config_of(&files)?;
     let vb = Vb::new(weights.clone(), dtype == ComputeDtype::Auto);
     let model: Box<dyn CausalLM> = match &config {
@@ -280,6 +300,13 @@ pub struct LoadedEncoder {
 }
 
 pub fn load_encoder(path: &Path) -> Result<LoadedEncoder> {
+    load_encoder_with(path, None)
+}
+
+/// An encoder with a PEFT LoRA adapter applied (see [`crate::io::peft`]). A sequence
+/// classification adapter on a bare encoder turns it into a classifier: the head comes from
+/// the adapter's `modules_to_save`, the labels from its metadata.
+pub fn load_encoder_with(path: &Path, adapter: Option<&Path>) -> Result<LoadedEncoder> {
     let files = ModelFiles::locate(path)?;
     let config = config_of(&files)?;
     let ModelConfig::Bert(cfg) = &config else {
@@ -295,7 +322,31 @@ pub fn load_encoder(path: &Path) -> Result<LoadedEncoder> {
             ),
         ));
     };
-    let weights = open_weights(&files)?;
-    let model = bert::Bert::new(cfg, &Vb::new(weights, false))?;
+    let mut weights = open_weights(&files)?;
+    let mut cfg = cfg.clone();
+    if let Some(dir) = adapter {
+        let a = crate::io::peft::PeftAdapter::open(dir)?;
+        if a.config.task_type.as_deref() == Some("SEQ_CLS")
+            && cfg.task() != bert::Task::SequenceClassification
+        {
+            let body = match cfg.flavor {
+                bert::Flavor::Bert => "Bert",
+                bert::Flavor::DistilBert => "DistilBert",
+                bert::Flavor::Roberta => "Roberta",
+            };
+            cfg.architectures = vec![format!("{body}ForSequenceClassification")];
+        }
+        if let Some(labels) = &a.labels {
+            cfg.id2label = Some(
+                labels
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (i.to_string(), l.clone()))
+                    .collect(),
+            );
+        }
+        weights = Arc::new(crate::io::peft::AdaptedStore::new(weights, a)?);
+    }
+    let model = bert::Bert::new(&cfg, &Vb::new(weights, false))?;
     Ok(LoadedEncoder { files, model })
 }

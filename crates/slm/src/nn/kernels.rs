@@ -173,14 +173,14 @@ pub fn exp(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn tanh(x: f32) -> f32 {
+pub(crate) fn tanh(x: f32) -> f32 {
     let e = exp(2.0 * x.clamp(-15.0, 15.0));
     (e - 1.0) / (e + 1.0)
 }
 
 /// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), branch-free.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+pub(crate) fn erf(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let p = 1.061_405_4;

@@ -1,0 +1,309 @@
+//! `slm finetune`: train a model on your data, fully or with LoRA.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use slm::train::bert::{BertClassifier, Method as TrainMethod};
+use slm::train::classify::{eval_batches, load_data, make_batch, ClassifierRun, DataOptions};
+use slm::train::optim::{OptimConfig, Schedule};
+use slm::train::trainer::{self, Evaluation, Hooks, StepInfo, TrainConfig};
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Sequence classification from text,label rows.
+    Classify,
+    CausalLm,
+    MaskedLm,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Full,
+    Lora,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum Sched {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The model to start from: a folder, or a hub id ORG/NAME.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value = "classify")]
+    task: Task,
+    /// Training data: TSV/CSV with a header or JSONL, with text and label fields.
+    #[arg(long)]
+    train: PathBuf,
+    /// Validation data in the same format (default: --valid-split of the training data).
+    #[arg(long)]
+    valid: Option<PathBuf>,
+    /// Fraction of the training data held out for validation when there is no --valid.
+    #[arg(long, default_value_t = 0.1)]
+    valid_split: f32,
+    /// Where the model, checkpoint/, metrics.jsonl and loss.svg go.
+    #[arg(long, short = 'o')]
+    output: PathBuf,
+    #[arg(long, value_enum, default_value = "full")]
+    method: Method,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Batches whose gradients are summed before each optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    lr: f32,
+    /// Steps of linear warmup from 0 to --lr.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    #[arg(long, value_enum, default_value = "linear")]
+    schedule: Sched,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f32,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f32,
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f32,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Tokens per example, special tokens included; longer texts are truncated (and counted).
+    /// Default: 128, or the model's positions if fewer.
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Evaluate on the validation set every N steps.
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Write a checkpoint every N steps (one is always written at the end).
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Stop after N evaluations without improvement of the validation metric.
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Save the best evaluated model to OUTPUT/best.
+    #[arg(long)]
+    keep_best: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f32,
+    /// LoRA target modules (default per family: query,value for BERT).
+    #[arg(long, value_delimiter = ',')]
+    target_modules: Vec<String>,
+    /// Continue the run in OUTPUT from its last checkpoint, with the same options.
+    #[arg(long)]
+    resume: bool,
+    /// Overwrite an OUTPUT folder that already holds a run.
+    #[arg(long)]
+    force: bool,
+    /// Field (JSONL) or column (CSV/TSV) of the text (default: text, sentence, sentence1).
+    #[arg(long)]
+    text_column: Option<String>,
+    /// Field or column of the label (default: label).
+    #[arg(long)]
+    label_column: Option<String>,
+}
+
+struct Bar {
+    bar: ProgressBar,
+}
+
+impl Hooks for Bar {
+    fn step(&self, s: &StepInfo) {
+        self.bar.set_length(s.total as u64);
+        self.bar.set_position(s.step as u64);
+        self.bar.set_message(format!(
+            "epoch {} loss {:.4} lr {:.2e} {:.0} tok/s",
+            s.epoch, s.loss, s.lr, s.tokens_per_s
+        ));
+    }
+
+    fn eval(&self, step: usize, e: &Evaluation, best: bool) {
+        let metric = e
+            .metric
+            .as_ref()
+            .map(|(n, v)| format!(" {n} {v:.4}"))
+            .unwrap_or_default();
+        self.bar.println(format!(
+            "step {step}: eval loss {:.4}{metric}{}",
+            e.loss,
+            if best { " (best)" } else { "" }
+        ));
+    }
+
+    fn message(&self, m: &str) {
+        self.bar.println(m);
+    }
+}
+
+pub fn run(mut a: Args) -> Result<()> {
+    super::resolve_model(&mut a.model)?;
+    if a.task != Task::Classify {
+        bail!(
+            "--task {:?} is not implemented yet; --task classify is",
+            a.task
+        );
+    }
+    if a.batch_size == 0 || a.grad_accum == 0 {
+        bail!("--batch-size and --grad-accum must be at least 1");
+    }
+    let has_run = a.output.join("checkpoint").exists() || a.output.join("metrics.jsonl").exists();
+    if has_run && !a.resume && !a.force {
+        bail!(
+            "{} already holds a run; pass --resume to continue it or --force to start over",
+            a.output.display()
+        );
+    }
+    if a.force && !a.resume {
+        for f in ["checkpoint", "checkpoint.old", "best"] {
+            let _ = std::fs::remove_dir_all(a.output.join(f));
+        }
+        let _ = std::fs::remove_file(a.output.join("metrics.jsonl"));
+    }
+    let files = slm::io::ModelFiles::locate(&a.model)?;
+    let tok = slm::tokenize::Tokenizer::load(&files)?;
+    let positions = match slm::models::config_of(&files)? {
+        slm::models::ModelConfig::Bert(c) => c.max_tokens(),
+        other => bail!(
+            "{}: '{}' is not an encoder; --task classify fine-tunes BERT-family models",
+            a.model.display(),
+            other.architecture().name()
+        ),
+    };
+    let max_length = a.max_length.unwrap_or(128.min(positions));
+    if max_length > positions {
+        bail!("--max-length {max_length} exceeds the model's {positions} positions");
+    }
+    let data = load_data(
+        &tok,
+        &DataOptions {
+            train: &a.train,
+            valid: a.valid.as_deref(),
+            valid_split: a.valid_split,
+            seed: a.seed,
+            max_len: max_length,
+            columns: slm::data::Columns {
+                text: a.text_column.clone(),
+                pair: None,
+                label: a.label_column.clone(),
+            },
+        },
+    )?;
+    let targets = if a.target_modules.is_empty() {
+        vec!["query".to_string(), "value".to_string()]
+    } else {
+        a.target_modules.clone()
+    };
+    let method = TrainMethod {
+        lora: (a.method == Method::Lora).then_some((a.lora_r, a.lora_alpha)),
+        targets,
+        seed: a.seed,
+    };
+    let model = BertClassifier::load(&a.model, data.labels.clone(), &method)?;
+    eprintln!(
+        "{} train / {} valid examples, labels: {}; {} of {} parameters trained{}",
+        data.train.len(),
+        data.valid.len(),
+        data.labels.join(", "),
+        model.params.n_trainable(),
+        model.params.n_total(),
+        if data.truncated > 0 {
+            format!(
+                "; {} texts truncated to {max_length} tokens",
+                data.truncated
+            )
+        } else {
+            String::new()
+        }
+    );
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        optim: OptimConfig {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: 1e-8,
+            warmup_steps: a.warmup_steps,
+            schedule: match a.schedule {
+                Sched::Constant => Schedule::Constant,
+                Sched::Linear => Schedule::Linear,
+                Sched::Cosine => Schedule::Cosine,
+            },
+            max_grad_norm: a.max_grad_norm,
+        },
+        seed: a.seed,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        patience: a.patience,
+        keep_best: a.keep_best,
+    };
+    let pad = tok.pad_id();
+    let train_set = &data.train;
+    let make =
+        |idx: &[usize]| make_batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad);
+    let valid = eval_batches(&data.valid, 64, pad);
+    let bar = ProgressBar::new(cfg.total_steps(train_set.len()) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut run = ClassifierRun {
+        model,
+        source: files.root.clone(),
+    };
+    let summary = trainer::train(
+        &mut run,
+        train_set.len(),
+        &make,
+        &valid,
+        &cfg,
+        &a.output,
+        a.resume,
+        &Bar { bar: bar.clone() },
+    )
+    .with_context(|| format!("training into {}", a.output.display()))?;
+    bar.finish_and_clear();
+    let eval = summary
+        .final_eval
+        .as_ref()
+        .map(|e| {
+            let m = e
+                .metric
+                .as_ref()
+                .map(|(n, v)| format!(", {n} {v:.4}"))
+                .unwrap_or_default();
+            format!("; valid loss {:.4}{m}", e.loss)
+        })
+        .unwrap_or_default();
+    println!(
+        "{} steps in {:.1} s ({:.0} tokens/s), last train loss {:.4}{eval}{}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens as f64 / summary.seconds.max(1e-9),
+        summary.final_loss,
+        if summary.stopped_early {
+            " (stopped early)"
+        } else {
+            ""
+        }
+    );
+    println!("saved to {}", a.output.display());
+    Ok(())
+}

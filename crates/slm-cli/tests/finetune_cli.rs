@@ -1,0 +1,341 @@
+//! `slm finetune` through the binary: a SIGKILLed run resumes to the same result as an
+//! uninterrupted one, and bad data ends in one clear line.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{asset, fixtures, minilm, run, tempdir};
+
+/// The first `n` rows of SST-2's test split after skipping `skip` (real sentences).
+fn sst2_rows(skip: usize, n: usize) -> String {
+    let text = std::fs::read_to_string(asset("classification/sst2/test.tsv")).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<&str> = lines.skip(skip).take(n).collect();
+    format!("{header}\n{}\n", rows.join("\n"))
+}
+
+fn finetune_args<'a>(model: &'a str, train: &'a str, valid: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "finetune",
+        "-m",
+        model,
+        "--train",
+        train,
+        "--valid",
+        valid,
+        "-o",
+        out,
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "32",
+        "--lr",
+        "1e-4",
+        "--save-every",
+        "2",
+        "--threads",
+        "2",
+    ]
+}
+
+fn last_loss(out: &Path) -> f64 {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let v: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = v
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=6).collect::<Vec<_>>(),
+        "one record per step, none twice"
+    );
+    v.iter()
+        .rev()
+        .find_map(|r| r.get("loss")?.as_f64())
+        .unwrap()
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_result() {
+    let d = tempdir("ft-resume");
+    let (train, valid) = (d.join("train.tsv"), d.join("valid.tsv"));
+    std::fs::write(&train, sst2_rows(0, 64)).unwrap();
+    std::fs::write(&valid, sst2_rows(64, 16)).unwrap();
+    let m = minilm();
+    let (m, t, v) = (
+        m.to_str().unwrap(),
+        train.to_str().unwrap(),
+        valid.to_str().unwrap(),
+    );
+
+    let whole = d.join("whole");
+    let (code, _, err) = run(&finetune_args(m, t, v, whole.to_str().unwrap()), None);
+    assert_eq!(code, 0, "{err}");
+
+    // The same run, SIGKILLed once its step-2 checkpoint exists (it is then inside step 3 or 4).
+    let killed = d.join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slm"))
+        .args(finetune_args(m, t, v, killed.to_str().unwrap()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !killed.join("checkpoint/state.json").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint written"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(killed.join("checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
+    let at = state["state"]["step"].as_u64().unwrap();
+    assert!(at < 6, "killed after the end (step {at})");
+    assert!(
+        !killed.join("model.safetensors").exists(),
+        "no final model before the end"
+    );
+
+    // Without --resume the folder is refused, with it the run finishes.
+    let mut args = finetune_args(m, t, v, killed.to_str().unwrap());
+    let (code, _, err) = run(&args, None);
+    assert_eq!(code, 1);
+    assert!(err.contains("--resume"), "{err}");
+    args.push("--resume");
+    let (code, out, err) = run(&args, None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("6 steps"), "{out}");
+
+    assert_eq!(last_loss(&killed), last_loss(&whole));
+    let a = std::fs::read(whole.join("model.safetensors")).unwrap();
+    let b = std::fs::read(killed.join("model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed model differs from the uninterrupted one"
+    );
+    assert!(std::fs::read_to_string(whole.join("loss.svg"))
+        .unwrap()
+        .contains("<polyline"));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn bad_training_data_is_reported_with_its_line() {
+    let d = tempdir("ft-bad");
+    let model = fixtures().join("encoders/bert_cls/safetensors");
+    let m = model.to_str().unwrap();
+    let out = d.join("out");
+    let o = out.to_str().unwrap();
+    let fails = |train: &str, valid: Option<&str>| -> String {
+        let tp = d.join("train.jsonl");
+        std::fs::write(&tp, train).unwrap();
+        let mut args = vec![
+            "finetune",
+            "-m",
+            m,
+            "--train",
+            tp.to_str().unwrap(),
+            "-o",
+            o,
+            "--max-steps",
+            "1",
+        ];
+        let vp = d.join("valid.jsonl");
+        if let Some(v) = valid {
+            std::fs::write(&vp, v).unwrap();
+            args.extend(["--valid", vp.to_str().unwrap()]);
+        }
+        let (code, _, err) = run(&args, None);
+        assert_eq!(code, 1, "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        err
+    };
+    let good = "{\"text\": \"a fine film\", \"label\": \"pos\"}\n{\"text\": \"a dull film\", \"label\": \"neg\"}\n";
+    let err = fails("", None);
+    assert!(
+        err.contains("train.jsonl") && err.contains("no texts"),
+        "{err}"
+    );
+    let err = fails(
+        &format!("{good}{{\"text\": \"broken\", \"label\": \n"),
+        None,
+    );
+    assert!(err.contains("line 3"), "{err}");
+    let err = fails(good, Some("{\"text\": \"a film\", \"label\": \"meh\"}\n"));
+    assert!(
+        err.contains("line 1") && err.contains("'meh'") && err.contains("neg, pos"),
+        "{err}"
+    );
+    let err = fails(&format!("{good}{{\"text\": \"no label\"}}\n"), None);
+    assert!(err.contains("line 3") && err.contains("no label"), "{err}");
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "nothing written for bad data"
+    );
+
+    // Too long: truncated and counted, the run goes on.
+    let long = format!(
+        "{{\"text\": \"{}\", \"label\": \"pos\"}}\n",
+        "the cat sat ".repeat(40)
+    );
+    let tp = d.join("long.jsonl");
+    std::fs::write(&tp, format!("{good}{long}")).unwrap();
+    let args = [
+        "finetune",
+        "-m",
+        m,
+        "--train",
+        tp.to_str().unwrap(),
+        "-o",
+        o,
+        "--max-steps",
+        "1",
+        "--max-length",
+        "16",
+        "--valid-split",
+        "0",
+    ];
+    let (code, _, err) = run(&args, None);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 texts truncated to 16 tokens"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_lora_run_writes_a_peft_adapter_that_classify_and_merge_use() {
+    let d = tempdir("ft-lora");
+    let base = fixtures().join("encoders/bert_base/safetensors");
+    let b = base.to_str().unwrap();
+    let train = d.join("train.jsonl");
+    let rows = [
+        ("the cat sat", "pets"),
+        ("cats play", "pets"),
+        ("it rained", "weather"),
+        ("the rain", "weather"),
+    ];
+    let text: String = rows
+        .iter()
+        .map(|(t, l)| format!("{{\"text\": \"{t}\", \"label\": \"{l}\"}}\n"))
+        .collect();
+    std::fs::write(&train, text).unwrap();
+    let out = d.join("adapter");
+    let args = [
+        "finetune",
+        "-m",
+        b,
+        "--train",
+        train.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--lora-r",
+        "4",
+        "--max-steps",
+        "5",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--valid-split",
+        "0",
+    ];
+    let (code, _, err) = run(&args, None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("trained") && err.contains("pets, weather"),
+        "{err}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["target_modules"], serde_json::json!(["query", "value"]));
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "a LoRA run writes an adapter, not a model"
+    );
+
+    let probe = ["classify", "--json", "the cat sat in the rain"];
+    let (code, with_adapter, err) = run(
+        &[&probe[..], &["-m", b, "--adapter", out.to_str().unwrap()]].concat(),
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        with_adapter.contains("\"pets\"") && with_adapter.contains("\"weather\""),
+        "{with_adapter}"
+    );
+
+    let merged = d.join("merged");
+    let (code, _, err) = run(
+        &[
+            "merge",
+            "-m",
+            b,
+            "--adapter",
+            out.to_str().unwrap(),
+            "-o",
+            merged.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, from_merged, err) = run(
+        &[&probe[..], &["-m", merged.to_str().unwrap()]].concat(),
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let probs = |s: &str| -> Vec<f64> {
+        let v: serde_json::Value = serde_json::from_str(s.lines().next().unwrap()).unwrap();
+        let mut p: Vec<(String, f64)> = v["probabilities"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+            .collect();
+        p.sort_by(|a, b| a.0.cmp(&b.0));
+        p.into_iter().map(|x| x.1).collect()
+    };
+    let (a, m) = (probs(&with_adapter), probs(&from_merged));
+    assert!(
+        a.iter().zip(&m).all(|(x, y)| (x - y).abs() < 1e-5),
+        "{with_adapter} vs {from_merged}"
+    );
+    let (code, _, err) = run(
+        &[
+            "merge",
+            "-m",
+            b,
+            "--adapter",
+            out.to_str().unwrap(),
+            "-o",
+            merged.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("--force"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}

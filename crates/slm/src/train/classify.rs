@@ -1,0 +1,340 @@
+//! Sequence classification: a `text,label` dataset (TSV/CSV/JSONL) turned into batches, and
+//! the model side of the training loop for [`BertClassifier`].
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::bert::{Batch, BertClassifier};
+use super::ops;
+use super::params::seeded;
+use super::trainer::{Evaluation, Model};
+use super::{TrainError, TrainResult};
+use crate::data::{read_records, Columns, Record};
+use crate::io::write::{write_atomic, write_safetensors};
+use crate::tokenize::{EncoderInput, Tokenizer};
+use crate::Error;
+
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub input: EncoderInput,
+    pub label: u32,
+}
+
+#[derive(Debug)]
+pub struct ClassifyData {
+    pub train: Vec<Example>,
+    pub valid: Vec<Example>,
+    /// Class names by id, as saved in `id2label`.
+    pub labels: Vec<String>,
+    /// Texts cut to the maximum length (train + valid).
+    pub truncated: usize,
+}
+
+pub struct DataOptions<'a> {
+    pub train: &'a Path,
+    pub valid: Option<&'a Path>,
+    /// Held out from `train` when there is no valid file.
+    pub valid_split: f32,
+    pub seed: u64,
+    pub max_len: usize,
+    pub columns: Columns,
+}
+
+fn label_of<'r>(path: &Path, r: &'r Record) -> TrainResult<&'r str> {
+    r.label
+        .as_deref()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| TrainError::Data(format!("{}: line {}: no label", path.display(), r.line)))
+}
+
+/// Reads, labels and tokenizes the data. Labels are the training set's distinct values, in
+/// numeric order when all are integers (so `0`/`1` keep their ids), else sorted by name.
+pub fn load_data(tok: &Tokenizer, o: &DataOptions) -> TrainResult<ClassifyData> {
+    let train = read_records(o.train, &o.columns, false)?;
+    if train.is_empty() {
+        return Err(TrainError::Data(format!(
+            "{}: no rows to train on",
+            o.train.display()
+        )));
+    }
+    let mut labels: Vec<String> = Vec::new();
+    for r in &train {
+        let l = label_of(o.train, r)?;
+        if !labels.iter().any(|x| x == l) {
+            labels.push(l.to_string());
+        }
+    }
+    if labels.iter().all(|l| l.parse::<i64>().is_ok()) {
+        labels.sort_by_key(|l| l.parse::<i64>().unwrap_or(0));
+    } else {
+        labels.sort();
+    }
+    if labels.len() < 2 {
+        return Err(TrainError::Data(format!(
+            "{}: only one label ({}) in the training data",
+            o.train.display(),
+            labels.join("")
+        )));
+    }
+    let mut truncated = 0;
+    let mut examples = |path: &Path, rows: &[Record]| -> TrainResult<Vec<Example>> {
+        rows.iter()
+            .map(|r| {
+                let l = label_of(path, r)?;
+                let label = labels.iter().position(|x| x == l).ok_or_else(|| {
+                    TrainError::Data(format!(
+                        "{}: line {}: label '{l}' does not occur in the training data ({})",
+                        path.display(),
+                        r.line,
+                        labels.join(", ")
+                    ))
+                })?;
+                let input = tok.encode_pair(&r.text, r.pair.as_deref(), o.max_len)?;
+                if input.full_len > o.max_len {
+                    truncated += 1;
+                }
+                Ok(Example {
+                    input,
+                    label: label as u32,
+                })
+            })
+            .collect()
+    };
+    let (train, valid) = match o.valid {
+        Some(v) => {
+            let valid = read_records(v, &o.columns, false)?;
+            (examples(o.train, &train)?, examples(v, &valid)?)
+        }
+        None => {
+            let mut all = examples(o.train, &train)?;
+            let n_valid = ((all.len() as f32) * o.valid_split).round() as usize;
+            let mut order: Vec<usize> = (0..all.len()).collect();
+            rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut seeded(o.seed));
+            let held: std::collections::HashSet<usize> = order[..n_valid].iter().copied().collect();
+            let mut valid = Vec::new();
+            let mut i = 0;
+            all.retain(|e| {
+                let keep = !held.contains(&i);
+                if !keep {
+                    valid.push(e.clone());
+                }
+                i += 1;
+                keep
+            });
+            (all, valid)
+        }
+    };
+    Ok(ClassifyData {
+        train,
+        valid,
+        labels,
+        truncated,
+    })
+}
+
+/// Right-pads the examples to the longest of them.
+pub fn make_batch(examples: &[&Example], pad: u32) -> Batch {
+    let t = examples
+        .iter()
+        .map(|e| e.input.ids.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut b = Batch {
+        ids: Vec::with_capacity(examples.len() * t),
+        types: Vec::with_capacity(examples.len() * t),
+        lengths: Vec::with_capacity(examples.len()),
+        t,
+        labels: Vec::with_capacity(examples.len()),
+    };
+    for e in examples {
+        let n = e.input.ids.len();
+        b.ids.extend(&e.input.ids);
+        b.ids.extend(std::iter::repeat_n(pad, t - n));
+        b.types.extend(&e.input.type_ids);
+        b.types.extend(std::iter::repeat_n(0, t - n));
+        b.lengths.push(n);
+        b.labels.push(e.label);
+    }
+    b
+}
+
+/// Batches of the evaluation set in file order.
+pub fn eval_batches(examples: &[Example], batch_size: usize, pad: u32) -> Vec<Batch> {
+    examples
+        .chunks(batch_size.max(1))
+        .map(|c| make_batch(&c.iter().collect::<Vec<_>>(), pad))
+        .collect()
+}
+
+/// The model side of a classification run: the network and where its tokenizer files are.
+pub struct ClassifierRun {
+    pub model: BertClassifier,
+    pub source: PathBuf,
+}
+
+impl Model for ClassifierRun {
+    type Batch = Batch;
+
+    fn params(&self) -> &super::params::Params {
+        &self.model.params
+    }
+
+    fn params_mut(&mut self) -> &mut super::params::Params {
+        &mut self.model.params
+    }
+
+    fn forward_backward(&mut self, batch: &Batch, accum: usize) -> f64 {
+        self.model.forward_backward(batch, accum)
+    }
+
+    fn evaluate(&self, batches: &[Batch]) -> Evaluation {
+        let (mut loss, mut correct, mut n) = (0.0, 0usize, 0usize);
+        let c = self.model.labels.len();
+        for b in batches {
+            let logits = self.model.logits(b);
+            let targets: Vec<Option<u32>> = b.labels.iter().map(|&l| Some(l)).collect();
+            loss += ops::cross_entropy(&logits, &targets, c, 1.0).0;
+            for (row, &l) in logits.chunks(c).zip(&b.labels) {
+                let pred = (0..c)
+                    .max_by(|&x, &y| row[x].total_cmp(&row[y]))
+                    .unwrap_or(0);
+                correct += usize::from(pred == l as usize);
+            }
+            n += b.size();
+        }
+        Evaluation {
+            loss: loss / n.max(1) as f64,
+            metric: Some(("accuracy".into(), correct as f64 / n.max(1) as f64)),
+        }
+    }
+
+    fn tokens(batch: &Batch) -> usize {
+        batch.lengths.iter().sum()
+    }
+
+    fn save(&self, dir: &Path) -> TrainResult<()> {
+        if self.model.method.lora.is_some() {
+            save_adapter(&self.model, &self.source, dir)
+        } else {
+            save_classifier(&self.model, &self.source, dir)
+        }
+    }
+}
+
+/// Files that make a folder loadable besides the weights.
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+];
+
+/// A PEFT adapter folder (task SEQ_CLS): the LoRA factors and the classifier, with the labels
+/// in the safetensors metadata, and the tokenizer files of the base.
+pub fn save_adapter(m: &BertClassifier, source: &Path, dir: &Path) -> TrainResult<()> {
+    let Some((r, alpha)) = m.method.lora else {
+        return Err(TrainError::Unsupported("not a LoRA model".into()));
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = m
+        .params
+        .list
+        .iter()
+        .filter(|p| p.name.contains(".lora_") || p.name.starts_with("classifier."))
+        .map(|p| {
+            (
+                format!("base_model.model.{}", p.name),
+                p.shape.clone(),
+                p.value.as_slice(),
+            )
+        })
+        .collect();
+    let id2label: serde_json::Map<String, serde_json::Value> = m
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), l.clone().into()))
+        .collect();
+    let meta = std::collections::HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (
+            "id2label".to_string(),
+            serde_json::Value::from(id2label).to_string(),
+        ),
+    ]);
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": m.method.targets,
+        "modules_to_save": ["classifier", "score"],
+        "base_model_name_or_path": source.display().to_string(),
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+    });
+    let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::msg(e.to_string()))?;
+    write_atomic(&dir.join("adapter_config.json"), |w| w.write_all(&json))?;
+    copy_tokenizer(source, dir)
+}
+
+fn copy_tokenizer(source: &Path, dir: &Path) -> TrainResult<()> {
+    for f in TOKENIZER_FILES {
+        let src = source.join(f);
+        if src.is_file() && source != dir {
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            write_atomic(&dir.join(f), |w| w.write_all(&bytes))?;
+        }
+    }
+    Ok(())
+}
+
+/// A `BertForSequenceClassification` folder: model.safetensors, config.json with id2label
+/// and label2id, the tokenizer files of the source.
+pub fn save_classifier(m: &BertClassifier, source: &Path, dir: &Path) -> TrainResult<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut model = m.clone_params_merged();
+    model.list.retain(|p| !p.name.contains(".lora_"));
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = model
+        .list
+        .iter()
+        .map(|p| (p.name.clone(), p.shape.clone(), p.value.as_slice()))
+        .collect();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
+    let cfg_path = source.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, e))?;
+    let id2label: serde_json::Map<String, serde_json::Value> = m
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), l.clone().into()))
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = m
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), i.into()))
+        .collect();
+    cfg["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    cfg["id2label"] = id2label.into();
+    cfg["label2id"] = label2id.into();
+    let json = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::msg(e.to_string()))?;
+    write_atomic(&dir.join("config.json"), |w| w.write_all(&json))?;
+    copy_tokenizer(source, dir)
+}

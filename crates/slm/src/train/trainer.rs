@@ -1,0 +1,237 @@
+//! The training loop, for any model that can run a forward and backward pass on a batch:
+//! gradient accumulation, schedule, clipping, evaluation every N steps, early stopping, keeping
+//! the best model, `metrics.jsonl`, atomic checkpoints and an exact resume.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, TrainState};
+use super::optim::{clip_grad_norm, AdamW, OptimConfig};
+use super::params::{seeded, Params};
+use super::{TrainError, TrainResult};
+
+/// What the loop needs from a model.
+pub trait Model {
+    type Batch;
+    fn params(&self) -> &Params;
+    fn params_mut(&mut self) -> &mut Params;
+    /// Adds the gradients of (the batch's mean loss / `accum`); returns the batch's mean loss.
+    fn forward_backward(&mut self, batch: &Self::Batch, accum: usize) -> f64;
+    fn evaluate(&self, batches: &[Self::Batch]) -> Evaluation;
+    /// Tokens in a batch, for tokens/s.
+    fn tokens(batch: &Self::Batch) -> usize;
+    /// Writes a loadable model (or adapter) to `dir`.
+    fn save(&self, dir: &Path) -> TrainResult<()>;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub loss: f64,
+    /// A higher-is-better metric (accuracy) when the task has one.
+    pub metric: Option<(String, f64)>,
+}
+
+impl Evaluation {
+    /// What early stopping and keep-best compare: the metric, else the negated loss.
+    fn score(&self) -> f64 {
+        self.metric.as_ref().map_or(-self.loss, |m| m.1)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub optim: OptimConfig,
+    pub seed: u64,
+    pub eval_every: Option<usize>,
+    pub save_every: Option<usize>,
+    /// Stop after this many evaluations without improvement.
+    pub patience: Option<usize>,
+    pub keep_best: bool,
+}
+
+impl TrainConfig {
+    pub fn steps_per_epoch(&self, n: usize) -> usize {
+        n.div_ceil(self.batch_size).div_ceil(self.grad_accum).max(1)
+    }
+
+    /// `max_steps` when given (as transformers, it overrides the epochs), else the epochs'.
+    pub fn total_steps(&self, n: usize) -> usize {
+        self.max_steps
+            .unwrap_or(self.epochs * self.steps_per_epoch(n))
+    }
+}
+
+/// One step as the progress display sees it.
+pub struct StepInfo {
+    pub step: usize,
+    pub total: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub lr: f32,
+    pub tokens_per_s: f64,
+}
+
+/// Where the loop reports; the CLI draws a progress bar.
+pub trait Hooks {
+    fn step(&self, _s: &StepInfo) {}
+    fn eval(&self, _step: usize, _e: &Evaluation, _best: bool) {}
+    fn message(&self, _m: &str) {}
+}
+
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub final_loss: f64,
+    pub final_eval: Option<Evaluation>,
+    pub best: Option<(usize, f64)>,
+    pub stopped_early: bool,
+    pub seconds: f64,
+    pub tokens: usize,
+}
+
+/// The example order of an epoch: a shuffle seeded by (seed, epoch), so a resumed run sees
+/// the same order.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut seeded(
+        seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(epoch as u64 + 1)),
+    ));
+    order
+}
+
+/// Trains `model` on `n_train` examples that `make_batch` turns into batches, evaluating on
+/// `valid`. Output in `out`: `metrics.jsonl`, `checkpoint/`, `best/`, and the final model.
+#[allow(clippy::too_many_arguments)]
+pub fn train<M: Model>(
+    model: &mut M,
+    n_train: usize,
+    make_batch: &dyn Fn(&[usize]) -> M::Batch,
+    valid: &[M::Batch],
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    hooks: &dyn Hooks,
+) -> TrainResult<Summary> {
+    if n_train == 0 {
+        return Err(TrainError::Data("the training set is empty".into()));
+    }
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    let mut opt = AdamW::new(model.params());
+    let mut state = TrainState::default();
+    if resume {
+        state = checkpoint::load(out, model.params_mut(), &mut opt, cfg)?;
+        hooks.message(&format!(
+            "resumed at step {} (epoch {})",
+            state.step,
+            state.epoch + 1
+        ));
+    }
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = checkpoint::open_metrics(&metrics_path, state.step)?;
+    let mut log = |v: serde_json::Value| -> TrainResult<()> {
+        writeln!(metrics, "{v}")
+            .and_then(|_| metrics.flush())
+            .map_err(|e| crate::Error::io(&metrics_path, e).into())
+    };
+    let total = cfg.total_steps(n_train);
+    let started = Instant::now();
+    let mut tokens_total = 0usize;
+    let mut last_loss = state.last_loss;
+    let mut stopped_early = false;
+    model.params_mut().zero_grad();
+    'epochs: while state.step < total {
+        let order = epoch_order(n_train, cfg.seed, state.epoch);
+        let batches: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
+        while state.batch < batches.len() && state.step < total {
+            let t0 = Instant::now();
+            let mut loss = 0.0;
+            let mut tokens = 0;
+            let micro = (batches.len() - state.batch).min(cfg.grad_accum);
+            for _ in 0..micro {
+                let batch = make_batch(batches[state.batch]);
+                tokens += M::tokens(&batch);
+                loss += model.forward_backward(&batch, micro);
+                state.batch += 1;
+            }
+            loss /= micro as f64;
+            let grad_norm = clip_grad_norm(model.params_mut(), cfg.optim.max_grad_norm);
+            let lr = cfg.optim.lr_at(state.step, total);
+            opt.step(model.params_mut(), &cfg.optim, lr);
+            model.params_mut().zero_grad();
+            state.step += 1;
+            last_loss = loss;
+            tokens_total += tokens;
+            let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            log(serde_json::json!({
+                "step": state.step, "epoch": state.epoch + 1, "loss": loss, "lr": lr,
+                "grad_norm": grad_norm, "tokens_per_s": tps,
+                "elapsed_s": started.elapsed().as_secs_f64(),
+            }))?;
+            hooks.step(&StepInfo {
+                step: state.step,
+                total,
+                epoch: state.epoch + 1,
+                loss,
+                lr,
+                tokens_per_s: tps,
+            });
+            if cfg.eval_every.is_some_and(|e| state.step % e == 0) && !valid.is_empty() {
+                let e = model.evaluate(valid);
+                let improved = state.best.is_none_or(|(_, b)| e.score() > b);
+                log(serde_json::json!({"step": state.step, "eval": e}))?;
+                hooks.eval(state.step, &e, improved);
+                if improved {
+                    state.best = Some((state.step, e.score()));
+                    state.bad_evals = 0;
+                    if cfg.keep_best {
+                        model.save(&out.join("best"))?;
+                    }
+                } else {
+                    state.bad_evals += 1;
+                    if cfg.patience.is_some_and(|p| state.bad_evals >= p) {
+                        hooks.message(&format!(
+                            "early stop at step {}: no improvement in {} evaluations",
+                            state.step, state.bad_evals
+                        ));
+                        stopped_early = true;
+                        break 'epochs;
+                    }
+                }
+            }
+            if cfg.save_every.is_some_and(|s| state.step % s == 0) {
+                state.last_loss = last_loss;
+                checkpoint::save(out, model.params(), &opt, &state, cfg)?;
+            }
+        }
+        state.epoch += 1;
+        state.batch = 0;
+    }
+    let final_eval = (!valid.is_empty()).then(|| model.evaluate(valid));
+    if let Some(e) = &final_eval {
+        log(serde_json::json!({"step": state.step, "eval": e, "final": true}))?;
+    }
+    model.save(out)?;
+    state.last_loss = last_loss;
+    checkpoint::save(out, model.params(), &opt, &state, cfg)?;
+    checkpoint::loss_curve(&metrics_path, &out.join("loss.svg"))?;
+    Ok(Summary {
+        steps: state.step,
+        final_loss: last_loss,
+        final_eval,
+        best: state.best,
+        stopped_early,
+        seconds: started.elapsed().as_secs_f64(),
+        tokens: tokens_total,
+    })
+}

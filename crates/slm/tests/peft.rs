@@ -1,0 +1,235 @@
+//! LoRA: identity at initialisation, merged = base + adapter, and PEFT interop both ways on the
+//! tiny BERT fixtures (tools/make_fixtures.py, parts `peft_slm` and `peft`).
+
+use std::path::{Path, PathBuf};
+
+use slm::encode::Encoder;
+use slm::models::bert::EncoderBatch;
+use slm::train::bert::{Batch, BertClassifier, Method};
+use slm::train::classify::save_adapter;
+use slm::train::optim::{AdamW, OptimConfig, Schedule};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn base() -> PathBuf {
+    fixtures().join("encoders/bert_base/safetensors")
+}
+
+fn labels() -> Vec<String> {
+    ["negative", "neutral", "positive"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn lora(r: usize, seed: u64) -> Method {
+    Method {
+        lora: Some((r, 2.0 * r as f32)),
+        targets: vec!["query".into(), "value".into()],
+        seed,
+    }
+}
+
+/// The train fixture's padded batch (single texts of the encoder fixtures).
+fn batch() -> Batch {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("train_bert.json")).unwrap())
+            .unwrap();
+    let rows: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+    let t = rows[0].len();
+    Batch {
+        lengths: rows
+            .iter()
+            .map(|r| r.iter().filter(|&&i| i != 0).count())
+            .collect(),
+        ids: rows.concat(),
+        types: vec![0; rows.len() * t],
+        t,
+        labels: serde_json::from_value(r["labels"].clone()).unwrap(),
+    }
+}
+
+/// Logits through the inference path (the `slm classify` model) with an adapter applied.
+fn inference_logits(model: &Path, adapter: Option<&Path>, b: &Batch) -> Vec<f32> {
+    let enc = Encoder::load_with(model, adapter).unwrap();
+    let inputs: Vec<slm::tokenize::EncoderInput> = (0..b.size())
+        .map(|i| {
+            let ids = b.ids[i * b.t..][..b.lengths[i]].to_vec();
+            slm::tokenize::EncoderInput {
+                type_ids: vec![0; ids.len()],
+                full_len: ids.len(),
+                ids,
+            }
+        })
+        .collect();
+    let batch = EncoderBatch::new(&inputs, 0).unwrap();
+    enc.model
+        .logits(&batch)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(d <= tol, "{what}: max |diff| {d:e}");
+}
+
+/// A few LoRA steps on the fixture batch, deterministic.
+fn trained_lora() -> BertClassifier {
+    let mut m = BertClassifier::load(&base(), labels(), &lora(4, 7)).unwrap();
+    let cfg = OptimConfig {
+        lr: 5e-2,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        warmup_steps: 0,
+        schedule: Schedule::Constant,
+        max_grad_norm: 0.0,
+    };
+    let mut opt = AdamW::new(&m.params);
+    let b = batch();
+    for _ in 0..3 {
+        m.forward_backward(&b, 1);
+        opt.step(&mut m.params, &cfg, cfg.lr);
+        m.params.zero_grad();
+    }
+    m
+}
+
+#[test]
+fn lora_at_initialisation_gives_the_base_logits() {
+    let b = batch();
+    let full = BertClassifier::load(
+        &base(),
+        labels(),
+        &Method {
+            lora: None,
+            targets: vec![],
+            seed: 7,
+        },
+    )
+    .unwrap();
+    let with_lora = BertClassifier::load(&base(), labels(), &lora(8, 7)).unwrap();
+    assert_eq!(full.logits(&b), with_lora.logits(&b));
+    // Only the LoRA factors and the classifier train.
+    let trained: Vec<&str> = with_lora
+        .params
+        .list
+        .iter()
+        .filter(|p| p.grad.is_some())
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(trained.len(), 2 * 2 * 2 + 2, "{trained:?}");
+    assert!(trained
+        .iter()
+        .all(|n| n.contains(".lora_") || n.starts_with("classifier.")));
+}
+
+#[test]
+fn lora_gradients_reach_every_trained_tensor() {
+    let mut m = BertClassifier::load(&base(), labels(), &lora(4, 3)).unwrap();
+    // B starts at 0, so A gets no gradient on the first step; one update fixes that.
+    let b = batch();
+    m.forward_backward(&b, 1);
+    let cfg = OptimConfig {
+        lr: 1e-2,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        warmup_steps: 0,
+        schedule: Schedule::Constant,
+        max_grad_norm: 0.0,
+    };
+    let mut opt = AdamW::new(&m.params);
+    opt.step(&mut m.params, &cfg, cfg.lr);
+    m.params.zero_grad();
+    m.forward_backward(&b, 1);
+    for p in m.params.list.iter().filter(|p| p.grad.is_some()) {
+        assert!(
+            p.grad.as_ref().unwrap().iter().any(|&g| g != 0.0),
+            "{} got no gradient",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn merged_model_and_saved_adapter_give_the_trained_logits() {
+    let m = trained_lora();
+    let b = batch();
+    let want = m.logits(&b);
+    let d = std::env::temp_dir().join(format!("slm-peft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    save_adapter(&m, &base(), &d.join("adapter")).unwrap();
+    // base + adapter, unmerged on disk, through the inference model.
+    assert_close(
+        &inference_logits(&base(), Some(&d.join("adapter")), &b),
+        &want,
+        1e-5,
+        "base + adapter",
+    );
+    // The merged model.
+    slm::train::classify::save_classifier(&m, &base(), &d.join("merged")).unwrap();
+    assert_close(
+        &inference_logits(&d.join("merged"), None, &b),
+        &want,
+        1e-5,
+        "merged",
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn expected() -> serde_json::Value {
+    let p = fixtures().join("peft/expected.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+#[test]
+fn an_adapter_trained_by_python_peft_gives_peft_logits() {
+    let b = batch();
+    let want: Vec<f32> =
+        serde_json::from_value::<Vec<Vec<f32>>>(expected()["python_adapter_logits"].clone())
+            .unwrap()
+            .concat();
+    let got = inference_logits(&base(), Some(&fixtures().join("peft/python_adapter")), &b);
+    assert_close(&got, &want, 1e-5, "PEFT adapter in slm");
+}
+
+#[test]
+fn an_adapter_written_by_slm_gives_the_same_logits_in_peft() {
+    // The committed adapter is what this code writes (rewrite it with SLM_WRITE_FIXTURES=1,
+    // then rerun tools/make_fixtures.py peft to have PEFT check it).
+    let m = trained_lora();
+    let committed = fixtures().join("peft/slm_adapter");
+    if std::env::var_os("SLM_WRITE_FIXTURES").is_some() {
+        save_adapter(&m, &base(), &committed).unwrap();
+    }
+    let d = std::env::temp_dir().join(format!("slm-peft-w-{}", std::process::id()));
+    save_adapter(&m, &base(), &d).unwrap();
+    let read = |p: &Path| {
+        slm::io::write::read_safetensors_f32(&p.join("adapter_model.safetensors")).unwrap()
+    };
+    let (now, then) = (read(&d), read(&committed));
+    assert_eq!(now.len(), then.len());
+    for (k, (_, v)) in &now {
+        assert_close(v, &then[k].1, 1e-6, k);
+    }
+    let _ = std::fs::remove_dir_all(&d);
+    // PEFT loaded the committed adapter on the same base and recorded these logits.
+    let want: Vec<f32> =
+        serde_json::from_value::<Vec<Vec<f32>>>(expected()["slm_adapter_logits"].clone())
+            .unwrap()
+            .concat();
+    assert_close(&m.logits(&batch()), &want, 1e-5, "slm adapter in PEFT");
+}
