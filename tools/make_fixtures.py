@@ -504,6 +504,53 @@ def record_train():
     print("train_bert: loss", rec["loss"], "steps", losses, rec["final_loss"])
 
 
+CAUSAL_GRADS = {
+    "llama": ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+              "model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight",
+              "model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.gate_proj.weight",
+              "model.layers.0.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight",
+              "model.layers.1.post_attention_layernorm.weight", "model.norm.weight", "lm_head.weight"],
+    "qwen2": ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias",
+              "model.layers.1.self_attn.k_proj.bias", "model.layers.0.mlp.up_proj.weight",
+              "model.norm.weight"],
+}
+
+
+def record_train_causal():
+    """Loss and gradients of the tiny Llama (GQA, llama3 RoPE, untied) and Qwen2 (biases, tied)
+    on two sequences with ignored positions, full and with a PEFT LoRA (random A and B)."""
+    from peft import LoraConfig, get_peft_model
+    ids = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 7, 9, 11, 13, 200],
+                        [300, 301, 302, 7, 7, 7, 7, 9, 11, 13, 200, 100]])
+    labels = ids.clone()
+    labels[1, :4] = -100   # a prompt: no loss on its tokens
+    labels[0, 6] = -100
+    rec = {"input_ids": ids.tolist(), "labels": labels.tolist(), "models": {}}
+    for name in ("llama", "qwen2"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(OUT / name / "safetensors")
+        model.train()
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        named = dict(model.named_parameters())
+        r = {"loss": out.loss.item(),
+             "grads": {n: named[n].grad.flatten().tolist() for n in CAUSAL_GRADS[name]},
+             "params_with_grad": sum(int(p.grad.abs().sum() > 0) for p in model.parameters())}
+        model.zero_grad()
+        torch.manual_seed(11)
+        cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                         lora_dropout=0.0, init_lora_weights=False)
+        pm = get_peft_model(model, cfg)
+        out = pm(input_ids=ids, labels=labels)
+        out.loss.backward()
+        pm.save_pretrained(OUT / "peft" / f"{name}_lora")
+        r["lora_loss"] = out.loss.item()
+        r["lora_grads"] = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad.flatten().tolist()
+                           for n, p in pm.named_parameters() if p.requires_grad and "layers.0." in n}
+        rec["models"][name] = r
+        print(f"train_causal {name}: loss {r['loss']:.6f} lora {r['lora_loss']:.6f}")
+    (OUT / "train_causal.json").write_text(json.dumps(rec))
+
+
 def record_peft():
     """PEFT interop on the tiny bare BERT: an adapter made by PEFT (random A and B, a new
     classifier) with its logits, and the logits PEFT gives for the adapter slm wrote
@@ -560,6 +607,7 @@ def main():
         record_quant_vectors()
     if not only or "train" in only:
         record_train()
+        record_train_causal()
     if not only or "peft" in only:
         record_peft()
 

@@ -339,3 +339,113 @@ fn a_lora_run_writes_a_peft_adapter_that_classify_and_merge_use() {
     assert!(err.contains("--force"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn chat_sft_with_lora_on_a_gguf_model_gives_an_adapter_generate_runs() {
+    let d = tempdir("ft-sft");
+    let data = d.join("sft.jsonl");
+    let row = |q: &str, a: &str| {
+        format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"{q}\"}}, {{\"role\": \"assistant\", \"content\": \"{a}\"}}]}}\n")
+    };
+    std::fs::write(
+        &data,
+        [
+            row("Who are you?", "I am Skipper."),
+            row("Your name?", "Skipper."),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let out = d.join("run");
+    let gguf = common::smollm2();
+    let args = [
+        "finetune",
+        "--task",
+        "causal-lm",
+        "-m",
+        gguf.to_str().unwrap(),
+        "--train",
+        data.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--valid-split",
+        "0",
+        "--threads",
+        "2",
+    ];
+    let (code, _, err) = run(&args, None);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("(chat, up to 256 tokens)"), "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    // The GGUF was converted once into OUTPUT/base; the adapter runs on it, and merged.
+    let base = out.join("base");
+    let gen = ["generate", "--temperature", "0", "-n", "6", "Hello"];
+    let (code, with_adapter, err) = run(
+        &[
+            &gen[..],
+            &[
+                "-m",
+                base.to_str().unwrap(),
+                "--adapter",
+                out.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let merged = d.join("merged");
+    let (code, _, err) = run(
+        &[
+            "merge",
+            "-m",
+            base.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "-o",
+            merged.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, from_merged, err) = run(
+        &[
+            &gen[..],
+            &["-m", merged.to_str().unwrap(), "--dtype", "f32"],
+        ]
+        .concat(),
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(with_adapter, from_merged);
+    // An adapter does not apply to a GGUF base: clear error.
+    let (code, _, err) = run(
+        &[
+            &gen[..],
+            &[
+                "-m",
+                gguf.to_str().unwrap(),
+                "--adapter",
+                out.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("slm convert"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}

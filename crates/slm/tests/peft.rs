@@ -233,3 +233,70 @@ fn an_adapter_written_by_slm_gives_the_same_logits_in_peft() {
             .concat();
     assert_close(&m.logits(&batch()), &want, 1e-5, "slm adapter in PEFT");
 }
+
+#[test]
+fn causal_lora_adapter_and_merge_give_the_trained_logits() {
+    use slm::train::causal::CausalRun;
+    use slm::train::llama::{CausalBatch, LlamaLm};
+    use slm::train::trainer::Model;
+    let base = fixtures().join("llama/safetensors");
+    let targets = vec!["q_proj".into(), "v_proj".into(), "down_proj".into()];
+    let model = LlamaLm::load(&base, Some((4, 8.0, targets)), 1).unwrap();
+    let ids: Vec<u32> = vec![1, 17, 42, 99, 3, 250, 7, 7, 9, 11];
+    let b = CausalBatch {
+        targets: ids[1..].iter().map(|&i| Some(i)).chain([None]).collect(),
+        ids: ids.clone(),
+        lengths: vec![ids.len()],
+        t: ids.len(),
+    };
+    let mut run = CausalRun {
+        model,
+        source: base.clone(),
+    };
+    let at_init = run.model.logits(&b);
+    let mut opt = AdamW::new(&run.model.params);
+    let cfg = OptimConfig {
+        lr: 2e-2,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        warmup_steps: 0,
+        schedule: Schedule::Constant,
+        max_grad_norm: 0.0,
+    };
+    for _ in 0..3 {
+        run.forward_backward(&b, 1);
+        opt.step(&mut run.model.params, &cfg, cfg.lr);
+        run.model.params.zero_grad();
+    }
+    let want = run.model.logits(&b);
+    assert!(
+        want.iter().zip(&at_init).any(|(a, b)| (a - b).abs() > 1e-3),
+        "training changed nothing"
+    );
+    let d = std::env::temp_dir().join(format!("slm-peft-causal-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    run.save(&d.join("adapter")).unwrap();
+    let logits_of = |m: &mut slm::models::LoadedModel| -> Vec<f32> {
+        m.model
+            .forward(&ids, 0, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let mut adapted = slm::models::load_causal_with(
+        &base,
+        slm::models::ComputeDtype::F32,
+        Some(&d.join("adapter")),
+    )
+    .unwrap();
+    assert_close(&logits_of(&mut adapted), &want, 1e-4, "base + adapter");
+    slm::io::peft::merge(&base, &d.join("adapter"), &d.join("merged"), false).unwrap();
+    let mut merged =
+        slm::models::load_causal(&d.join("merged"), slm::models::ComputeDtype::F32).unwrap();
+    assert_close(&logits_of(&mut merged), &want, 1e-4, "merged");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -123,3 +123,182 @@ fn adamw_steps_follow_pytorch() {
         "after 3 steps {loss} vs torch {want}"
     );
 }
+
+fn causal_reference() -> serde_json::Value {
+    let p = fixtures().join("train_causal.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// HF shifts labels inside the model; slm's targets are already the next token per position.
+fn causal_batch(r: &serde_json::Value) -> slm::train::llama::CausalBatch {
+    let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+    let labels: Vec<Vec<i64>> = serde_json::from_value(r["labels"].clone()).unwrap();
+    let t = ids[0].len();
+    let targets = labels
+        .iter()
+        .flat_map(|row| (0..t).map(move |j| row.get(j + 1).filter(|&&l| l >= 0).map(|&l| l as u32)))
+        .collect();
+    slm::train::llama::CausalBatch {
+        lengths: vec![t; ids.len()],
+        ids: ids.concat(),
+        targets,
+        t,
+    }
+}
+
+fn check_grads(params: &slm::train::params::Params, want: &serde_json::Value) {
+    for (name, g) in want.as_object().unwrap() {
+        let g: Vec<f64> = serde_json::from_value(g.clone()).unwrap();
+        let p = params
+            .list
+            .iter()
+            .find(|p| &p.name == name)
+            .unwrap_or_else(|| panic!("{name}"));
+        let (d, scale) = max_diff(p.grad.as_ref().unwrap(), &g);
+        assert!(
+            d <= 1e-5 + 1e-4 * scale,
+            "{name}: max |diff| {d:e} (max |grad| {scale:e})"
+        );
+    }
+}
+
+#[test]
+fn causal_lm_loss_and_gradients_match_pytorch() {
+    let r = causal_reference();
+    let b = causal_batch(&r);
+    for name in ["llama", "qwen2"] {
+        let want = &r["models"][name];
+        let dir = fixtures().join(name).join("safetensors");
+        let mut m = slm::train::llama::LlamaLm::load(&dir, None, 0).unwrap();
+        let loss = m.forward_backward(&b, 1);
+        let w = want["loss"].as_f64().unwrap();
+        assert!((loss - w).abs() < 1e-5, "{name}: loss {loss} vs torch {w}");
+        check_grads(&m.params, &want["grads"]);
+        let with_grad = m
+            .params
+            .list
+            .iter()
+            .filter(|p| p.grad.as_ref().is_some_and(|g| g.iter().any(|&x| x != 0.0)))
+            .count();
+        assert_eq!(
+            with_grad,
+            m.params.list.len(),
+            "{name}: every parameter gets a gradient"
+        );
+        assert_eq!(
+            with_grad as u64,
+            want["params_with_grad"].as_u64().unwrap(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn causal_lora_loss_and_gradients_match_peft() {
+    let r = causal_reference();
+    let b = causal_batch(&r);
+    for name in ["llama", "qwen2"] {
+        let want = &r["models"][name];
+        let dir = fixtures().join(name).join("safetensors");
+        let targets = vec!["q_proj".to_string(), "v_proj".to_string()];
+        let mut m = slm::train::llama::LlamaLm::load(&dir, Some((4, 8.0, targets)), 0).unwrap();
+        // PEFT's random A and B, so that both sides start from the same adapter.
+        let adapter = fixtures().join(format!("peft/{name}_lora/adapter_model.safetensors"));
+        let values = slm::io::write::read_safetensors_f32(&adapter).unwrap();
+        let mut set = 0;
+        for p in m
+            .params
+            .list
+            .iter_mut()
+            .filter(|p| p.name.contains(".lora_"))
+        {
+            p.value = values[&format!("base_model.model.{}", p.name)].1.clone();
+            set += 1;
+        }
+        assert_eq!(set, values.len());
+        assert_eq!(
+            m.params.list.iter().filter(|p| p.grad.is_some()).count(),
+            set,
+            "only LoRA trains"
+        );
+        let loss = m.forward_backward(&b, 1);
+        let w = want["lora_loss"].as_f64().unwrap();
+        assert!(
+            (loss - w).abs() < 1e-5,
+            "{name}: LoRA loss {loss} vs PEFT {w}"
+        );
+        check_grads(&m.params, &want["lora_grads"]);
+    }
+}
+
+fn smollm2_tokenizer() -> slm::tokenize::Tokenizer {
+    let p =
+        slm::assets_dir().join("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "missing {} (set SLM_ASSETS)", p.display());
+    let files = slm::io::ModelFiles::locate(&p).unwrap();
+    slm::tokenize::Tokenizer::load(&files).unwrap()
+}
+
+#[test]
+fn chat_and_completion_data_learn_only_the_answers() {
+    use slm::train::causal::{load_causal_data, CausalDataOptions};
+    let tok = smollm2_tokenizer();
+    let d = std::env::temp_dir().join(format!("slm-train-data-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let path = d.join("sft.jsonl");
+    std::fs::write(
+        &path,
+        concat!(
+            "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"Capital of France?\"}, {\"role\": \"assistant\", \"content\": \"Paris.\"}, {\"role\": \"user\", \"content\": \"And Italy?\"}, {\"role\": \"assistant\", \"content\": \"Rome.\"}]}\n",
+            "\n",
+            "{\"prompt\": \"2 + 2 =\", \"completion\": \" 4\"}\n",
+        ),
+    )
+    .unwrap();
+    let opts = CausalDataOptions {
+        train: &path,
+        valid: None,
+        valid_split: 0.0,
+        seed: 0,
+        max_len: 256,
+    };
+    let data = load_causal_data(&tok, &opts).unwrap();
+    assert_eq!(data.train.len(), 2);
+    let learned = |e: &slm::train::causal::CausalExample| -> String {
+        let ids: Vec<u32> = e.targets.iter().flatten().copied().collect();
+        tok.decode(&ids, false).unwrap()
+    };
+    // Each assistant turn with the template's end of turn; nothing of system or user.
+    assert_eq!(
+        learned(&data.train[0]),
+        "Paris.<|im_end|>\nRome.<|im_end|>\n"
+    );
+    assert_eq!(learned(&data.train[1]), " 4<|im_end|>");
+    // Targets are the next ids.
+    let e = &data.train[0];
+    for (i, t) in e.targets.iter().enumerate() {
+        if let Some(t) = t {
+            assert_eq!(*t, e.ids[i + 1]);
+        }
+    }
+
+    // A malformed line is reported with its number; a chat without an answer too.
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\"\n",
+    )
+    .unwrap();
+    let err = load_causal_data(&tok, &opts).unwrap_err().to_string();
+    assert!(err.contains("line 2") && err.contains("not JSON"), "{err}");
+    std::fs::write(
+        &path,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    let err = load_causal_data(&tok, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("line 1") && err.contains("no assistant"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use slm::train::bert::{BertClassifier, Method as TrainMethod};
+use slm::train::causal::{
+    causal_eval_batches, load_causal_data, make_causal_batch, CausalDataOptions, CausalRun,
+};
 use slm::train::classify::{eval_batches, load_data, make_batch, ClassifierRun, DataOptions};
+use slm::train::llama::LlamaLm;
 use slm::train::optim::{OptimConfig, Schedule};
 use slm::train::trainer::{self, Evaluation, Hooks, StepInfo, TrainConfig};
 
@@ -61,8 +65,9 @@ pub struct Args {
     /// Batches whose gradients are summed before each optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    #[arg(long, default_value_t = 5e-5)]
-    lr: f32,
+    /// Peak learning rate (default: 5e-5 for full fine-tuning, 2e-4 for LoRA).
+    #[arg(long)]
+    lr: Option<f32>,
     /// Steps of linear warmup from 0 to --lr.
     #[arg(long, default_value_t = 0)]
     warmup_steps: usize,
@@ -79,8 +84,8 @@ pub struct Args {
     max_grad_norm: f32,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Tokens per example, special tokens included; longer texts are truncated (and counted).
-    /// Default: 128, or the model's positions if fewer.
+    /// Tokens per example, special tokens included; longer examples are truncated (and
+    /// counted). Default: 128 for classification, 256 for causal LM (or the model's positions).
     #[arg(long)]
     max_length: Option<usize>,
     /// Evaluate on the validation set every N steps.
@@ -100,7 +105,7 @@ pub struct Args {
     lora_r: usize,
     #[arg(long, default_value_t = 16.0)]
     lora_alpha: f32,
-    /// LoRA target modules (default per family: query,value for BERT).
+    /// LoRA target modules (default per family: query,value for BERT, q_proj,v_proj for Llama).
     #[arg(long, value_delimiter = ',')]
     target_modules: Vec<String>,
     /// Continue the run in OUTPUT from its last checkpoint, with the same options.
@@ -136,7 +141,7 @@ impl Hooks for Bar {
             .metric
             .as_ref()
             .map(|(n, v)| format!(" {n} {v:.4}"))
-            .unwrap_or_default();
+            .unwrap_or_else(|| format!(" perplexity {:.3}", e.loss.exp()));
         self.bar.println(format!(
             "step {step}: eval loss {:.4}{metric}{}",
             e.loss,
@@ -149,17 +154,37 @@ impl Hooks for Bar {
     }
 }
 
-pub fn run(mut a: Args) -> Result<()> {
-    super::resolve_model(&mut a.model)?;
-    if a.task != Task::Classify {
-        bail!(
-            "--task {:?} is not implemented yet; --task classify is",
-            a.task
-        );
+fn train_config(a: &Args) -> TrainConfig {
+    let lora = a.method == Method::Lora;
+    TrainConfig {
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        optim: OptimConfig {
+            lr: a.lr.unwrap_or(if lora { 2e-4 } else { 5e-5 }),
+            weight_decay: a.weight_decay,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: 1e-8,
+            warmup_steps: a.warmup_steps,
+            schedule: match a.schedule {
+                Sched::Constant => Schedule::Constant,
+                Sched::Linear => Schedule::Linear,
+                Sched::Cosine => Schedule::Cosine,
+            },
+            max_grad_norm: a.max_grad_norm,
+        },
+        seed: a.seed,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        patience: a.patience,
+        keep_best: a.keep_best,
     }
-    if a.batch_size == 0 || a.grad_accum == 0 {
-        bail!("--batch-size and --grad-accum must be at least 1");
-    }
+}
+
+/// Refuses to mix a new run into an old one's folder, or clears it with --force.
+fn prepare_output(a: &Args) -> Result<()> {
     let has_run = a.output.join("checkpoint").exists() || a.output.join("metrics.jsonl").exists();
     if has_run && !a.resume && !a.force {
         bail!(
@@ -173,6 +198,140 @@ pub fn run(mut a: Args) -> Result<()> {
         }
         let _ = std::fs::remove_file(a.output.join("metrics.jsonl"));
     }
+    Ok(())
+}
+
+fn progress(total: usize) -> Bar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    Bar { bar }
+}
+
+fn report(summary: &trainer::Summary, out: &std::path::Path) {
+    let eval = summary
+        .final_eval
+        .as_ref()
+        .map(|e| {
+            let m = e
+                .metric
+                .as_ref()
+                .map(|(n, v)| format!(", {n} {v:.4}"))
+                .unwrap_or_else(|| format!(", perplexity {:.3}", e.loss.exp()));
+            format!("; valid loss {:.4}{m}", e.loss)
+        })
+        .unwrap_or_default();
+    println!(
+        "{} steps in {:.1} s ({:.0} tokens/s), last train loss {:.4}{eval}{}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens as f64 / summary.seconds.max(1e-9),
+        summary.final_loss,
+        if summary.stopped_early {
+            " (stopped early)"
+        } else {
+            ""
+        }
+    );
+    println!("saved to {}", out.display());
+}
+
+pub fn run(mut a: Args) -> Result<()> {
+    super::resolve_model(&mut a.model)?;
+    if a.batch_size == 0 || a.grad_accum == 0 {
+        bail!("--batch-size and --grad-accum must be at least 1");
+    }
+    match a.task {
+        Task::Classify => run_classify(a),
+        Task::CausalLm => run_causal(a),
+        Task::MaskedLm => {
+            bail!("--task masked-lm is not implemented yet; classify and causal-lm are")
+        }
+    }
+}
+
+fn run_causal(a: Args) -> Result<()> {
+    prepare_output(&a)?;
+    // Training reads f32 weights and saves a Hugging Face folder; a GGUF model is converted
+    // once (dequantized to f32) into OUTPUT/base and trained from there.
+    let mut source = a.model.clone();
+    if a.model.extension().is_some_and(|e| e == "gguf") {
+        source = a.output.join("base");
+        if !source.join("config.json").exists() {
+            eprintln!(
+                "converting {} to f32 safetensors in {}",
+                a.model.display(),
+                source.display()
+            );
+            slm::convert::gguf_to_hf(&a.model, &source, candle_core::DType::F32, true)?;
+        }
+    }
+    let files = slm::io::ModelFiles::locate(&source)?;
+    let tok = slm::tokenize::Tokenizer::load(&files)?;
+    let positions = slm::models::config_of(&files)?.context_length();
+    let max_length = a.max_length.unwrap_or(256.min(positions));
+    if max_length > positions {
+        bail!("--max-length {max_length} exceeds the model's context of {positions} tokens");
+    }
+    let data = load_causal_data(
+        &tok,
+        &CausalDataOptions {
+            train: &a.train,
+            valid: a.valid.as_deref(),
+            valid_split: a.valid_split,
+            seed: a.seed,
+            max_len: max_length,
+        },
+    )?;
+    let targets = if a.target_modules.is_empty() {
+        vec!["q_proj".to_string(), "v_proj".to_string()]
+    } else {
+        a.target_modules.clone()
+    };
+    let lora = (a.method == Method::Lora).then_some((a.lora_r, a.lora_alpha, targets));
+    let model = LlamaLm::load(&source, lora, a.seed)?;
+    eprintln!(
+        "{} train / {} valid examples ({}, up to {max_length} tokens); {} of {} parameters trained{}",
+        data.train.len(),
+        data.valid.len(),
+        data.format,
+        model.params.n_trainable(),
+        model.params.n_total(),
+        if data.truncated > 0 {
+            format!("; {} examples truncated to {max_length} tokens", data.truncated)
+        } else {
+            String::new()
+        }
+    );
+    let cfg = train_config(&a);
+    let pad = tok.pad_id();
+    let train_set = &data.train;
+    let make = |idx: &[usize]| {
+        make_causal_batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad)
+    };
+    let valid = causal_eval_batches(&data.valid, a.batch_size, pad);
+    let bar = progress(cfg.total_steps(train_set.len()));
+    let mut run = CausalRun { model, source };
+    let summary = trainer::train(
+        &mut run,
+        train_set.len(),
+        &make,
+        &valid,
+        &cfg,
+        &a.output,
+        a.resume,
+        &bar,
+    )
+    .with_context(|| format!("training into {}", a.output.display()))?;
+    bar.bar.finish_and_clear();
+    report(&summary, &a.output);
+    Ok(())
+}
+
+fn run_classify(a: Args) -> Result<()> {
+    prepare_output(&a)?;
     let files = slm::io::ModelFiles::locate(&a.model)?;
     let tok = slm::tokenize::Tokenizer::load(&files)?;
     let positions = match slm::models::config_of(&files)? {
@@ -229,41 +388,13 @@ pub fn run(mut a: Args) -> Result<()> {
             String::new()
         }
     );
-    let cfg = TrainConfig {
-        epochs: a.epochs,
-        max_steps: a.max_steps,
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        optim: OptimConfig {
-            lr: a.lr,
-            weight_decay: a.weight_decay,
-            beta1: a.beta1,
-            beta2: a.beta2,
-            eps: 1e-8,
-            warmup_steps: a.warmup_steps,
-            schedule: match a.schedule {
-                Sched::Constant => Schedule::Constant,
-                Sched::Linear => Schedule::Linear,
-                Sched::Cosine => Schedule::Cosine,
-            },
-            max_grad_norm: a.max_grad_norm,
-        },
-        seed: a.seed,
-        eval_every: a.eval_every,
-        save_every: a.save_every,
-        patience: a.patience,
-        keep_best: a.keep_best,
-    };
+    let cfg = train_config(&a);
     let pad = tok.pad_id();
     let train_set = &data.train;
     let make =
         |idx: &[usize]| make_batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad);
     let valid = eval_batches(&data.valid, 64, pad);
-    let bar = ProgressBar::new(cfg.total_steps(train_set.len()) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = progress(cfg.total_steps(train_set.len()));
     let mut run = ClassifierRun {
         model,
         source: files.root.clone(),
@@ -276,34 +407,10 @@ pub fn run(mut a: Args) -> Result<()> {
         &cfg,
         &a.output,
         a.resume,
-        &Bar { bar: bar.clone() },
+        &bar,
     )
     .with_context(|| format!("training into {}", a.output.display()))?;
-    bar.finish_and_clear();
-    let eval = summary
-        .final_eval
-        .as_ref()
-        .map(|e| {
-            let m = e
-                .metric
-                .as_ref()
-                .map(|(n, v)| format!(", {n} {v:.4}"))
-                .unwrap_or_default();
-            format!("; valid loss {:.4}{m}", e.loss)
-        })
-        .unwrap_or_default();
-    println!(
-        "{} steps in {:.1} s ({:.0} tokens/s), last train loss {:.4}{eval}{}",
-        summary.steps,
-        summary.seconds,
-        summary.tokens as f64 / summary.seconds.max(1e-9),
-        summary.final_loss,
-        if summary.stopped_early {
-            " (stopped early)"
-        } else {
-            ""
-        }
-    );
-    println!("saved to {}", a.output.display());
+    bar.bar.finish_and_clear();
+    report(&summary, &a.output);
     Ok(())
 }

@@ -8,8 +8,10 @@
 //! - [`classify`]: a text/label dataset turned into batches, and the classification run.
 
 pub mod bert;
+pub mod causal;
 pub mod checkpoint;
 pub mod classify;
+pub mod llama;
 pub mod ops;
 pub mod optim;
 pub mod params;
