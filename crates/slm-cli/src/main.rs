@@ -49,6 +49,8 @@ enum Command {
     Bench(commands::bench::Args),
     /// Fine-tune a model on your data (full or LoRA).
     Finetune(commands::finetune::Args),
+    /// Hyperparameter search over fine-tuning runs (grid or random).
+    Tune(commands::tune::Args),
     /// Merge a LoRA adapter into its base model (a folder transformers and slm load).
     Merge(commands::merge::Args),
     /// Download a model from the Hugging Face hub into the shared cache.
@@ -101,6 +103,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Finetune(a) => commands::finetune::run(a),
+        Command::Tune(a) => commands::tune::run(a),
         Command::Merge(a) => commands::merge::run(a),
         Command::Pull(a) => commands::hub::pull(a),
         Command::List(a) => commands::hub::list(a),

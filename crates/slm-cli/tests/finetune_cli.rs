@@ -449,3 +449,97 @@ fn chat_sft_with_lora_on_a_gguf_model_gives_an_adapter_generate_runs() {
     assert!(err.contains("slm convert"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+fn tiny_classify_data(d: &Path) -> std::path::PathBuf {
+    let rows = [
+        ("the cat sat", "pets"),
+        ("cats play", "pets"),
+        ("it rained", "weather"),
+        ("the rain", "weather"),
+    ];
+    let text: String = rows
+        .iter()
+        .cycle()
+        .take(8)
+        .map(|(t, l)| format!("{{\"text\": \"{t}\", \"label\": \"{l}\"}}\n"))
+        .collect();
+    let p = d.join("train.jsonl");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn early_stopping_and_keep_best() {
+    let d = tempdir("ft-early");
+    let train = tiny_classify_data(&d);
+    let model = fixtures().join("encoders/bert_cls/safetensors");
+    let out = d.join("out");
+    // A zero learning rate never improves: the second evaluation without improvement stops.
+    let args = [
+        "finetune",
+        "-m",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--lr",
+        "0",
+        "--max-steps",
+        "10",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "1",
+        "--patience",
+        "2",
+        "--keep-best",
+    ];
+    let (code, stdout, err) = run(&args, None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("3 steps") && stdout.contains("stopped early"),
+        "{stdout}"
+    );
+    assert!(out.join("best/model.safetensors").exists() && out.join("best/config.json").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn tune_runs_every_trial_and_marks_the_best() {
+    let d = tempdir("ft-tune");
+    let train = tiny_classify_data(&d);
+    let model = fixtures().join("encoders/bert_cls/safetensors");
+    let out = d.join("tune");
+    let args = [
+        "tune",
+        "-m",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "4",
+        "--lr-values",
+        "0,3e-2",
+        "--batch-size-values",
+        "2,4",
+    ];
+    let (code, table, err) = run(&args, None);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 1 + 4 + 1, "{table}");
+    let marked: Vec<&&str> = lines[1..5].iter().filter(|l| l.starts_with('*')).collect();
+    assert_eq!(marked.len(), 1, "{table}");
+    // A learning rate of 0 learns nothing, so the best trial is one with 3e-2.
+    assert!(marked[0].contains("3.0e-2"), "{table}");
+    let trials = std::fs::read_to_string(out.join("trials.jsonl")).unwrap();
+    assert_eq!(trials.lines().count(), 4);
+    assert!(out.join("trial-4/model.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}

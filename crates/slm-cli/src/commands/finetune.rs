@@ -34,92 +34,92 @@ pub enum Sched {
     Cosine,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// The model to start from: a folder, or a hub id ORG/NAME.
     #[arg(long, short = 'm')]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     #[arg(long, value_enum, default_value = "classify")]
-    task: Task,
+    pub(crate) task: Task,
     /// Training data: TSV/CSV with a header or JSONL, with text and label fields.
     #[arg(long)]
-    train: PathBuf,
+    pub(crate) train: PathBuf,
     /// Validation data in the same format (default: --valid-split of the training data).
     #[arg(long)]
-    valid: Option<PathBuf>,
+    pub(crate) valid: Option<PathBuf>,
     /// Fraction of the training data held out for validation when there is no --valid.
     #[arg(long, default_value_t = 0.1)]
-    valid_split: f32,
+    pub(crate) valid_split: f32,
     /// Where the model, checkpoint/, metrics.jsonl and loss.svg go.
     #[arg(long, short = 'o')]
-    output: PathBuf,
+    pub(crate) output: PathBuf,
     #[arg(long, value_enum, default_value = "full")]
-    method: Method,
+    pub(crate) method: Method,
     #[arg(long, default_value_t = 3)]
-    epochs: usize,
+    pub(crate) epochs: usize,
     /// Stop after this many optimizer steps (overrides --epochs).
     #[arg(long)]
-    max_steps: Option<usize>,
+    pub(crate) max_steps: Option<usize>,
     #[arg(long, default_value_t = 32)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Batches whose gradients are summed before each optimizer step.
     #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
+    pub(crate) grad_accum: usize,
     /// Peak learning rate (default: 5e-5 for full fine-tuning, 2e-4 for LoRA).
     #[arg(long)]
-    lr: Option<f32>,
+    pub(crate) lr: Option<f32>,
     /// Steps of linear warmup from 0 to --lr.
     #[arg(long, default_value_t = 0)]
-    warmup_steps: usize,
+    pub(crate) warmup_steps: usize,
     #[arg(long, value_enum, default_value = "linear")]
-    schedule: Sched,
+    pub(crate) schedule: Sched,
     #[arg(long, default_value_t = 0.01)]
-    weight_decay: f32,
+    pub(crate) weight_decay: f32,
     #[arg(long, default_value_t = 0.9)]
     beta1: f32,
     #[arg(long, default_value_t = 0.999)]
     beta2: f32,
     /// Clip the global gradient norm (0: off).
     #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f32,
+    pub(crate) max_grad_norm: f32,
     #[arg(long, default_value_t = 42)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Tokens per example, special tokens included; longer examples are truncated (and
     /// counted). Default: 128 for classification, 256 for causal LM (or the model's positions).
     #[arg(long)]
-    max_length: Option<usize>,
+    pub(crate) max_length: Option<usize>,
     /// Evaluate on the validation set every N steps.
     #[arg(long)]
-    eval_every: Option<usize>,
+    pub(crate) eval_every: Option<usize>,
     /// Write a checkpoint every N steps (one is always written at the end).
     #[arg(long)]
-    save_every: Option<usize>,
+    pub(crate) save_every: Option<usize>,
     /// Stop after N evaluations without improvement of the validation metric.
     #[arg(long)]
-    patience: Option<usize>,
+    pub(crate) patience: Option<usize>,
     /// Save the best evaluated model to OUTPUT/best.
     #[arg(long)]
-    keep_best: bool,
+    pub(crate) keep_best: bool,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
-    lora_r: usize,
+    pub(crate) lora_r: usize,
     #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f32,
+    pub(crate) lora_alpha: f32,
     /// LoRA target modules (default per family: query,value for BERT, q_proj,v_proj for Llama).
     #[arg(long, value_delimiter = ',')]
-    target_modules: Vec<String>,
+    pub(crate) target_modules: Vec<String>,
     /// Continue the run in OUTPUT from its last checkpoint, with the same options.
     #[arg(long)]
-    resume: bool,
+    pub(crate) resume: bool,
     /// Overwrite an OUTPUT folder that already holds a run.
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
     /// Field (JSONL) or column (CSV/TSV) of the text (default: text, sentence, sentence1).
     #[arg(long)]
-    text_column: Option<String>,
+    pub(crate) text_column: Option<String>,
     /// Field or column of the label (default: label).
     #[arg(long)]
-    label_column: Option<String>,
+    pub(crate) label_column: Option<String>,
 }
 
 struct Bar {
@@ -238,21 +238,30 @@ fn report(summary: &trainer::Summary, out: &std::path::Path) {
     println!("saved to {}", out.display());
 }
 
-pub fn run(mut a: Args) -> Result<()> {
+pub fn run(a: Args) -> Result<()> {
+    let (summary, out) = train(a)?;
+    report(&summary, &out);
+    Ok(())
+}
+
+/// Runs the training an `Args` describes; `slm tune` calls it once per trial.
+pub(crate) fn train(mut a: Args) -> Result<(trainer::Summary, PathBuf)> {
     super::resolve_model(&mut a.model)?;
     if a.batch_size == 0 || a.grad_accum == 0 {
         bail!("--batch-size and --grad-accum must be at least 1");
     }
-    match a.task {
-        Task::Classify => run_classify(a),
-        Task::CausalLm => run_causal(a),
+    let out = a.output.clone();
+    let summary = match a.task {
+        Task::Classify => run_classify(a)?,
+        Task::CausalLm => run_causal(a)?,
         Task::MaskedLm => {
             bail!("--task masked-lm is not implemented yet; classify and causal-lm are")
         }
-    }
+    };
+    Ok((summary, out))
 }
 
-fn run_causal(a: Args) -> Result<()> {
+fn run_causal(a: Args) -> Result<trainer::Summary> {
     prepare_output(&a)?;
     // Training reads f32 weights and saves a Hugging Face folder; a GGUF model is converted
     // once (dequantized to f32) into OUTPUT/base and trained from there.
@@ -326,11 +335,10 @@ fn run_causal(a: Args) -> Result<()> {
     )
     .with_context(|| format!("training into {}", a.output.display()))?;
     bar.bar.finish_and_clear();
-    report(&summary, &a.output);
-    Ok(())
+    Ok(summary)
 }
 
-fn run_classify(a: Args) -> Result<()> {
+fn run_classify(a: Args) -> Result<trainer::Summary> {
     prepare_output(&a)?;
     let files = slm::io::ModelFiles::locate(&a.model)?;
     let tok = slm::tokenize::Tokenizer::load(&files)?;
@@ -411,6 +419,5 @@ fn run_classify(a: Args) -> Result<()> {
     )
     .with_context(|| format!("training into {}", a.output.display()))?;
     bar.bar.finish_and_clear();
-    report(&summary, &a.output);
-    Ok(())
+    Ok(summary)
 }

@@ -14,6 +14,7 @@ pub mod merge;
 pub mod quantize;
 pub mod similarity;
 pub mod tokenize;
+pub mod tune;
 
 use std::path::PathBuf;
 
