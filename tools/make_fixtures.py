@@ -500,6 +500,25 @@ def record_train():
     rec["step_losses"] = losses
     with torch.no_grad():
         rec["final_loss"] = model(**enc, labels=y).loss.item()
+    # Masked LM: positions 1 and 3 of every text masked, loss only there.
+    from transformers import BertForMaskedLM
+    mlm = BertForMaskedLM.from_pretrained(OUT / "encoders" / "bert_mlm" / "safetensors",
+                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    mlm.train()
+    ids = enc["input_ids"].clone()
+    mlm_labels = torch.full_like(ids, -100)
+    for i in range(ids.shape[0]):
+        for j in (1, 3):
+            mlm_labels[i, j] = ids[i, j]
+            ids[i, j] = tok.mask_token_id
+    out = mlm(input_ids=ids, attention_mask=enc["attention_mask"], labels=mlm_labels)
+    out.loss.backward()
+    named = dict(mlm.named_parameters())
+    rec["mlm"] = {"input_ids": ids.tolist(), "labels": mlm_labels.tolist(), "loss": out.loss.item(),
+                  "grads": {n: named[n].grad.flatten().tolist() for n in [
+                      "cls.predictions.transform.dense.weight", "cls.predictions.transform.LayerNorm.weight",
+                      "cls.predictions.transform.LayerNorm.bias", "cls.predictions.bias",
+                      "bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight"]}}
     (OUT / "train_bert.json").write_text(json.dumps(rec))
     print("train_bert: loss", rec["loss"], "steps", losses, rec["final_loss"])
 

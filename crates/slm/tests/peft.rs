@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use slm::encode::Encoder;
 use slm::models::bert::EncoderBatch;
-use slm::train::bert::{Batch, BertClassifier, Method};
+use slm::train::bert::{Batch, BertTrain, Method};
 use slm::train::classify::save_adapter;
 use slm::train::optim::{AdamW, OptimConfig, Schedule};
 
@@ -47,6 +47,7 @@ fn batch() -> Batch {
         types: vec![0; rows.len() * t],
         t,
         labels: serde_json::from_value(r["labels"].clone()).unwrap(),
+        targets: vec![],
     }
 }
 
@@ -84,8 +85,8 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 }
 
 /// A few LoRA steps on the fixture batch, deterministic.
-fn trained_lora() -> BertClassifier {
-    let mut m = BertClassifier::load(&base(), labels(), &lora(4, 7)).unwrap();
+fn trained_lora() -> BertTrain {
+    let mut m = BertTrain::load(&base(), labels(), &lora(4, 7)).unwrap();
     let cfg = OptimConfig {
         lr: 5e-2,
         weight_decay: 0.0,
@@ -109,7 +110,7 @@ fn trained_lora() -> BertClassifier {
 #[test]
 fn lora_at_initialisation_gives_the_base_logits() {
     let b = batch();
-    let full = BertClassifier::load(
+    let full = BertTrain::load(
         &base(),
         labels(),
         &Method {
@@ -119,7 +120,7 @@ fn lora_at_initialisation_gives_the_base_logits() {
         },
     )
     .unwrap();
-    let with_lora = BertClassifier::load(&base(), labels(), &lora(8, 7)).unwrap();
+    let with_lora = BertTrain::load(&base(), labels(), &lora(8, 7)).unwrap();
     assert_eq!(full.logits(&b), with_lora.logits(&b));
     // Only the LoRA factors and the classifier train.
     let trained: Vec<&str> = with_lora
@@ -137,7 +138,7 @@ fn lora_at_initialisation_gives_the_base_logits() {
 
 #[test]
 fn lora_gradients_reach_every_trained_tensor() {
-    let mut m = BertClassifier::load(&base(), labels(), &lora(4, 3)).unwrap();
+    let mut m = BertTrain::load(&base(), labels(), &lora(4, 3)).unwrap();
     // B starts at 0, so A gets no gradient on the first step; one update fixes that.
     let b = batch();
     m.forward_backward(&b, 1);
@@ -180,7 +181,7 @@ fn merged_model_and_saved_adapter_give_the_trained_logits() {
         "base + adapter",
     );
     // The merged model.
-    slm::train::classify::save_classifier(&m, &base(), &d.join("merged")).unwrap();
+    slm::train::classify::save_model(&m, &base(), &d.join("merged")).unwrap();
     assert_close(
         &inference_logits(&d.join("merged"), None, &b),
         &want,

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use slm::train::bert::{Batch, BertClassifier, Method};
+use slm::train::bert::{Batch, BertTrain, Method};
 use slm::train::optim::{clip_grad_norm, AdamW, OptimConfig, Schedule};
 
 fn fixtures() -> PathBuf {
@@ -41,6 +41,7 @@ fn batch(r: &serde_json::Value) -> Batch {
         types: vec![0; rows.len() * t],
         t,
         labels: serde_json::from_value(r["labels"].clone()).unwrap(),
+        targets: vec![],
     }
 }
 
@@ -59,7 +60,7 @@ fn max_diff(a: &[f32], b: &[f64]) -> (f64, f64) {
 fn loss_and_gradients_match_pytorch() {
     let r = reference();
     let dir = fixtures().join("encoders/bert_cls/safetensors");
-    let mut m = BertClassifier::load(&dir, labels(), &full()).unwrap();
+    let mut m = BertTrain::load(&dir, labels(), &full()).unwrap();
     let b = batch(&r);
     let loss = m.forward_backward(&b, 1);
     let want = r["loss"].as_f64().unwrap();
@@ -93,7 +94,7 @@ fn loss_and_gradients_match_pytorch() {
 fn adamw_steps_follow_pytorch() {
     let r = reference();
     let dir = fixtures().join("encoders/bert_cls/safetensors");
-    let mut m = BertClassifier::load(&dir, labels(), &full()).unwrap();
+    let mut m = BertTrain::load(&dir, labels(), &full()).unwrap();
     let b = batch(&r);
     let cfg = OptimConfig {
         lr: 1e-2,
@@ -301,4 +302,36 @@ fn chat_and_completion_data_learn_only_the_answers() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn masked_lm_loss_and_gradients_match_pytorch() {
+    let r = &reference()["mlm"];
+    let dir = fixtures().join("encoders/bert_mlm/safetensors");
+    let mut m = BertTrain::load_masked_lm(&dir, &full()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+    let labels: Vec<Vec<i64>> = serde_json::from_value(r["labels"].clone()).unwrap();
+    let t = ids[0].len();
+    let b = Batch {
+        lengths: ids
+            .iter()
+            .map(|r| r.iter().filter(|&&i| i != 0).count())
+            .collect(),
+        ids: ids.concat(),
+        types: vec![0; ids.len() * t],
+        t,
+        labels: vec![],
+        targets: labels
+            .concat()
+            .iter()
+            .map(|&l| (l >= 0).then_some(l as u32))
+            .collect(),
+    };
+    let loss = m.forward_backward(&b, 1);
+    let want = r["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want).abs() < 1e-5,
+        "MLM loss {loss} vs torch {want}"
+    );
+    check_grads(&m.params, &r["grads"]);
 }

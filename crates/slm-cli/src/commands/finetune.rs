@@ -4,12 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use slm::train::bert::{BertClassifier, Method as TrainMethod};
+use slm::train::bert::{BertTrain, Method as TrainMethod};
 use slm::train::causal::{
     causal_eval_batches, load_causal_data, make_causal_batch, CausalDataOptions, CausalRun,
 };
 use slm::train::classify::{eval_batches, load_data, make_batch, ClassifierRun, DataOptions};
 use slm::train::llama::LlamaLm;
+use slm::train::masked::{load_masked_data, MaskedRun, Masker};
 use slm::train::optim::{OptimConfig, Schedule};
 use slm::train::trainer::{self, Evaluation, Hooks, StepInfo, TrainConfig};
 
@@ -17,7 +18,9 @@ use slm::train::trainer::{self, Evaluation, Hooks, StepInfo, TrainConfig};
 pub enum Task {
     /// Sequence classification from text,label rows.
     Classify,
+    /// Next-token prediction: plain text, prompt/completion or chat JSONL.
     CausalLm,
+    /// Masked-token prediction on plain text (BERT family).
     MaskedLm,
 }
 
@@ -254,9 +257,7 @@ pub(crate) fn train(mut a: Args) -> Result<(trainer::Summary, PathBuf)> {
     let summary = match a.task {
         Task::Classify => run_classify(a)?,
         Task::CausalLm => run_causal(a)?,
-        Task::MaskedLm => {
-            bail!("--task masked-lm is not implemented yet; classify and causal-lm are")
-        }
+        Task::MaskedLm => run_masked(a)?,
     };
     Ok((summary, out))
 }
@@ -338,18 +339,100 @@ fn run_causal(a: Args) -> Result<trainer::Summary> {
     Ok(summary)
 }
 
+/// The positions a BERT-family model takes, or a clear error for another family.
+fn encoder_positions(
+    files: &slm::io::ModelFiles,
+    model: &std::path::Path,
+    task: &str,
+) -> Result<usize> {
+    match slm::models::config_of(files)? {
+        slm::models::ModelConfig::Bert(c) => Ok(c.max_tokens()),
+        other => bail!(
+            "{}: '{}' is not an encoder; --task {task} fine-tunes BERT-family models",
+            model.display(),
+            other.architecture().name()
+        ),
+    }
+}
+
+fn run_masked(a: Args) -> Result<trainer::Summary> {
+    if a.method == Method::Lora {
+        bail!("--task masked-lm trains every weight; use --method full");
+    }
+    prepare_output(&a)?;
+    let files = slm::io::ModelFiles::locate(&a.model)?;
+    let tok = slm::tokenize::Tokenizer::load(&files)?;
+    let positions = encoder_positions(&files, &a.model, "masked-lm")?;
+    let max_length = a.max_length.unwrap_or(128.min(positions));
+    if max_length > positions {
+        bail!("--max-length {max_length} exceeds the model's {positions} positions");
+    }
+    let data = load_masked_data(
+        &tok,
+        &a.train,
+        a.valid.as_deref(),
+        a.valid_split,
+        a.seed,
+        max_length,
+    )?;
+    let method = TrainMethod {
+        lora: None,
+        targets: Vec::new(),
+        seed: a.seed,
+    };
+    let model = BertTrain::load_masked_lm(&a.model, &method)?;
+    eprintln!(
+        "{} train / {} valid texts; {} of {} parameters trained{}",
+        data.train.len(),
+        data.valid.len(),
+        model.params.n_trainable(),
+        model.params.n_total(),
+        if data.truncated > 0 {
+            format!(
+                "; {} texts truncated to {max_length} tokens",
+                data.truncated
+            )
+        } else {
+            String::new()
+        }
+    );
+    let cfg = train_config(&a);
+    let masker = Masker::new(&tok, a.seed)?;
+    let train_set = &data.train;
+    let make =
+        |idx: &[usize]| masker.batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), idx);
+    // Validation masks are fixed: the same positions at every evaluation.
+    let valid: Vec<_> = data
+        .valid
+        .chunks(64)
+        .enumerate()
+        .map(|(k, c)| masker.batch(&c.iter().collect::<Vec<_>>(), &[usize::MAX - k]))
+        .collect();
+    let bar = progress(cfg.total_steps(train_set.len()));
+    let mut run = MaskedRun {
+        model,
+        source: files.root.clone(),
+    };
+    let summary = trainer::train(
+        &mut run,
+        train_set.len(),
+        &make,
+        &valid,
+        &cfg,
+        &a.output,
+        a.resume,
+        &bar,
+    )
+    .with_context(|| format!("training into {}", a.output.display()))?;
+    bar.bar.finish_and_clear();
+    Ok(summary)
+}
+
 fn run_classify(a: Args) -> Result<trainer::Summary> {
     prepare_output(&a)?;
     let files = slm::io::ModelFiles::locate(&a.model)?;
     let tok = slm::tokenize::Tokenizer::load(&files)?;
-    let positions = match slm::models::config_of(&files)? {
-        slm::models::ModelConfig::Bert(c) => c.max_tokens(),
-        other => bail!(
-            "{}: '{}' is not an encoder; --task classify fine-tunes BERT-family models",
-            a.model.display(),
-            other.architecture().name()
-        ),
-    };
+    let positions = encoder_positions(&files, &a.model, "classify")?;
     let max_length = a.max_length.unwrap_or(128.min(positions));
     if max_length > positions {
         bail!("--max-length {max_length} exceeds the model's {positions} positions");
@@ -379,7 +462,7 @@ fn run_classify(a: Args) -> Result<trainer::Summary> {
         targets,
         seed: a.seed,
     };
-    let model = BertClassifier::load(&a.model, data.labels.clone(), &method)?;
+    let model = BertTrain::load(&a.model, data.labels.clone(), &method)?;
     eprintln!(
         "{} train / {} valid examples, labels: {}; {} of {} parameters trained{}",
         data.train.len(),

@@ -20,7 +20,10 @@ pub struct Batch {
     pub types: Vec<u32>,
     pub lengths: Vec<usize>,
     pub t: usize,
+    /// Classification: one label per sequence.
     pub labels: Vec<u32>,
+    /// Masked LM: the original id at each masked position, `None` elsewhere (`[b·t]`).
+    pub targets: Vec<Option<u32>>,
 }
 
 impl Batch {
@@ -56,7 +59,22 @@ struct Layer {
     ln2: Norm,
 }
 
-pub struct BertClassifier {
+/// The task head on top of the encoder.
+#[derive(Clone, Copy)]
+enum Head {
+    /// BERT's pooler (`tanh(dense(h[CLS]))`) and a linear classifier.
+    Classify { pooler: Lin, classifier: Lin },
+    /// `cls.predictions`: dense, GELU, LayerNorm, then the word embeddings (tied) plus a bias.
+    MaskedLm { dense: Lin, norm: Norm, bias: usize },
+}
+
+/// Which head to train.
+pub enum HeadKind {
+    Classify(Vec<String>),
+    MaskedLm,
+}
+
+pub struct BertTrain {
     pub cfg: Config,
     pub method: Method,
     pub params: Params,
@@ -66,8 +84,7 @@ pub struct BertClassifier {
     typ: Option<usize>,
     emb_ln: Norm,
     layers: Vec<Layer>,
-    pooler: Lin,
-    classifier: Lin,
+    head: Head,
 }
 
 /// Activations of one layer kept for its backward pass.
@@ -92,17 +109,42 @@ struct LayerCache {
 struct Cache {
     emb: NormCache,
     layers: Vec<LayerCache>,
-    cls: Vec<f32>,
-    lin_p: LinCache,
-    pooled: Vec<f32>,
-    lin_c: LinCache,
+    head: HeadCache,
 }
 
-impl BertClassifier {
+enum HeadCache {
+    Classify {
+        cls: Vec<f32>,
+        lin_p: LinCache,
+        pooled: Vec<f32>,
+        lin_c: LinCache,
+    },
+    MaskedLm {
+        /// Rows of the masked positions in the batch.
+        rows: Vec<usize>,
+        x: Vec<f32>,
+        lin_d: LinCache,
+        pre: Vec<f32>,
+        norm: NormCache,
+        y: Vec<f32>,
+    },
+}
+
+impl BertTrain {
     /// Loads a BERT checkpoint (a bare encoder such as all-MiniLM-L6-v2, or a classifier) and
     /// gives it a head for `labels`: the checkpoint's own when its size matches, else a new one
     /// initialised as transformers does (N(0, 0.02²) weights, zero biases).
     pub fn load(path: &Path, labels: Vec<String>, method: &Method) -> TrainResult<Self> {
+        Self::load_with(path, HeadKind::Classify(labels), method)
+    }
+
+    /// A BERT checkpoint with a masked-LM head: the checkpoint's own (`cls.predictions`), or a
+    /// new one (N(0, 0.02²) dense, unit LayerNorm, zero bias) on a bare encoder.
+    pub fn load_masked_lm(path: &Path, method: &Method) -> TrainResult<Self> {
+        Self::load_with(path, HeadKind::MaskedLm, method)
+    }
+
+    fn load_with(path: &Path, kind: HeadKind, method: &Method) -> TrainResult<Self> {
         let files = ModelFiles::locate(path)?;
         let ModelConfig::Bert(cfg) = config_of(&files)? else {
             return Err(TrainError::Unsupported(format!(
@@ -213,12 +255,11 @@ impl BertClassifier {
         }
         // The classifier is trained in LoRA runs too (PEFT's modules_to_save for SEQ_CLS); the
         // pooler, as in PEFT, is not.
-        let n = labels.len();
-        let mut head = |p: &mut Params,
-                        name: &str,
-                        src: &str,
-                        dout: usize,
-                        trainable: bool|
+        let mut head_lin = |p: &mut Params,
+                            name: &str,
+                            src: &str,
+                            dout: usize,
+                            trainable: bool|
          -> TrainResult<Lin> {
             let (w, b) = match (
                 vb.shape_of(&format!("{src}.weight")),
@@ -240,14 +281,66 @@ impl BertClassifier {
                 lora: None,
             })
         };
-        let pooler = head(
-            &mut params,
-            "bert.pooler.dense",
-            &format!("{prefix}pooler.dense"),
-            h,
-            full,
-        )?;
-        let classifier = head(&mut params, "classifier", "classifier", n, true)?;
+        let (head, labels) = match kind {
+            HeadKind::Classify(labels) => {
+                let pooler = head_lin(
+                    &mut params,
+                    "bert.pooler.dense",
+                    &format!("{prefix}pooler.dense"),
+                    h,
+                    full,
+                )?;
+                let classifier =
+                    head_lin(&mut params, "classifier", "classifier", labels.len(), true)?;
+                (Head::Classify { pooler, classifier }, labels)
+            }
+            HeadKind::MaskedLm => {
+                let t = "cls.predictions.transform";
+                let dense = head_lin(
+                    &mut params,
+                    &format!("{t}.dense"),
+                    &format!("{t}.dense"),
+                    h,
+                    true,
+                )?;
+                let own = |n: &str, init: f32| -> TrainResult<Vec<f32>> {
+                    Ok(
+                        match vb.get(
+                            n,
+                            &[if n.ends_with("predictions.bias") {
+                                cfg.vocab_size
+                            } else {
+                                h
+                            }],
+                        ) {
+                            Ok(v) => v.to_vec1::<f32>()?,
+                            Err(_) => vec![
+                                init;
+                                if n.ends_with("predictions.bias") {
+                                    cfg.vocab_size
+                                } else {
+                                    h
+                                }
+                            ],
+                        },
+                    )
+                };
+                let g = own(&format!("{t}.LayerNorm.weight"), 1.0)?;
+                let b = own(&format!("{t}.LayerNorm.bias"), 0.0)?;
+                let bias = own("cls.predictions.bias", 0.0)?;
+                let norm = Norm {
+                    g: params.add(format!("{t}.LayerNorm.weight"), vec![h], g, true),
+                    b: params.add(format!("{t}.LayerNorm.bias"), vec![h], b, true),
+                };
+                let bias = params.add(
+                    "cls.predictions.bias".into(),
+                    vec![cfg.vocab_size],
+                    bias,
+                    true,
+                );
+                (Head::MaskedLm { dense, norm, bias }, Vec::new())
+            }
+        };
         Ok(Self {
             cfg: cfg.clone(),
             method: method.clone(),
@@ -258,8 +351,7 @@ impl BertClassifier {
             typ,
             emb_ln,
             layers,
-            pooler,
-            classifier,
+            head,
         })
     }
 
@@ -324,26 +416,96 @@ impl BertClassifier {
                 n2,
             });
         }
-        let cls: Vec<f32> = (0..b).flat_map(|s| x[s * t * h..][..h].to_vec()).collect();
-        let (pre, lin_p) = self.pooler.forward(p, &cls, b);
-        let pooled = ops::tanh_forward(&pre);
-        let (logits, lin_c) = self.classifier.forward(p, &pooled, b);
+        let (logits, head) = self.head_forward(&x, batch);
         (
             logits,
             Cache {
                 emb: emb_cache,
                 layers: caches,
-                cls,
-                lin_p,
-                pooled,
-                lin_c,
+                head,
             },
         )
     }
 
-    /// Class logits `[b, labels]`.
+    fn head_forward(&self, x: &[f32], batch: &Batch) -> (Vec<f32>, HeadCache) {
+        let p = &self.params;
+        let (h, t, b) = (self.cfg.hidden_size, batch.t, batch.size());
+        match self.head {
+            Head::Classify { pooler, classifier } => {
+                let cls: Vec<f32> = (0..b).flat_map(|s| x[s * t * h..][..h].to_vec()).collect();
+                let (pre, lin_p) = pooler.forward(p, &cls, b);
+                let pooled = ops::tanh_forward(&pre);
+                let (logits, lin_c) = classifier.forward(p, &pooled, b);
+                (
+                    logits,
+                    HeadCache::Classify {
+                        cls,
+                        lin_p,
+                        pooled,
+                        lin_c,
+                    },
+                )
+            }
+            Head::MaskedLm { dense, norm, bias } => {
+                // Only the masked positions go through the vocabulary-sized output.
+                let rows: Vec<usize> = (0..b * t).filter(|&i| batch.targets[i].is_some()).collect();
+                let m = rows.len();
+                let xr: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|&r| x[r * h..][..h].to_vec())
+                    .collect();
+                let (pre, lin_d) = dense.forward(p, &xr, m);
+                let act = ops::gelu(&pre);
+                let eps = self.cfg.layer_norm_eps as f32;
+                let (y, nc) = ops::layer_norm(&act, p.value(norm.g), p.value(norm.b), eps, h);
+                let logits = ops::linear(
+                    &y,
+                    p.value(self.word),
+                    Some(p.value(bias)),
+                    (m, h, self.cfg.vocab_size),
+                );
+                (
+                    logits,
+                    HeadCache::MaskedLm {
+                        rows,
+                        x: xr,
+                        lin_d,
+                        pre,
+                        norm: nc,
+                        y,
+                    },
+                )
+            }
+        }
+    }
+
+    /// Class logits `[b, labels]`, or for a masked LM the vocabulary logits of the masked
+    /// positions `[masked, vocab]`.
     pub fn logits(&self, batch: &Batch) -> Vec<f32> {
         self.forward(batch).0
+    }
+
+    /// The targets of the rows `logits` returns, and how many classes each row has.
+    pub fn targets(&self, batch: &Batch) -> (Vec<Option<u32>>, usize) {
+        match self.head {
+            Head::Classify { .. } => (
+                batch.labels.iter().map(|&l| Some(l)).collect(),
+                self.labels.len(),
+            ),
+            Head::MaskedLm { .. } => (
+                batch
+                    .targets
+                    .iter()
+                    .filter(|t| t.is_some())
+                    .copied()
+                    .collect(),
+                self.cfg.vocab_size,
+            ),
+        }
+    }
+
+    pub fn is_masked_lm(&self) -> bool {
+        matches!(self.head, Head::MaskedLm { .. })
     }
 
     /// Forward and backward of the mean cross-entropy over the batch divided by `accum`
@@ -351,10 +513,9 @@ impl BertClassifier {
     /// mean loss.
     pub fn forward_backward(&mut self, batch: &Batch, accum: usize) -> f64 {
         let (logits, cache) = self.forward(batch);
-        let b = batch.size();
-        let targets: Vec<Option<u32>> = batch.labels.iter().map(|&l| Some(l)).collect();
-        let denom = (b * accum) as f32;
-        let (loss, dlogits) = ops::cross_entropy(&logits, &targets, self.labels.len(), denom);
+        let (targets, classes) = self.targets(batch);
+        let denom = (targets.len().max(1) * accum) as f32;
+        let (loss, dlogits) = ops::cross_entropy(&logits, &targets, classes, denom);
         self.backward(batch, &cache, &dlogits);
         loss * accum as f64
     }
@@ -362,18 +523,77 @@ impl BertClassifier {
     fn backward(&mut self, batch: &Batch, c: &Cache, dlogits: &[f32]) {
         let (h, t, b) = (self.cfg.hidden_size, batch.t, batch.size());
         let n = b * t;
-        let (pooler, classifier) = (self.pooler, self.classifier);
+        let (head, word) = (self.head, self.word);
         let p = &mut self.params;
-        let dpooled = classifier
-            .backward(p, dlogits, &c.pooled, &c.lin_c, b, None)
-            .unwrap_or_default();
-        let dpre = ops::tanh_backward(&dpooled, &c.pooled);
-        let dcls = pooler
-            .backward(p, &dpre, &c.cls, &c.lin_p, b, None)
-            .unwrap_or_default();
         let mut dx = vec![0f32; n * h];
-        for s in 0..b {
-            dx[s * t * h..][..h].copy_from_slice(&dcls[s * h..][..h]);
+        match (&c.head, head) {
+            (
+                HeadCache::Classify {
+                    cls,
+                    lin_p,
+                    pooled,
+                    lin_c,
+                },
+                Head::Classify { pooler, classifier },
+            ) => {
+                let dpooled = classifier
+                    .backward(p, dlogits, pooled, lin_c, b, None)
+                    .unwrap_or_default();
+                let dpre = ops::tanh_backward(&dpooled, pooled);
+                let dcls = pooler
+                    .backward(p, &dpre, cls, lin_p, b, None)
+                    .unwrap_or_default();
+                for s in 0..b {
+                    dx[s * t * h..][..h].copy_from_slice(&dcls[s * h..][..h]);
+                }
+            }
+            (
+                HeadCache::MaskedLm {
+                    rows,
+                    x,
+                    lin_d,
+                    pre,
+                    norm: nc,
+                    y,
+                },
+                Head::MaskedLm { dense, norm, bias },
+            ) => {
+                let (m, v) = (rows.len(), self.cfg.vocab_size);
+                if let Some(db) = p.grad(bias) {
+                    ops::linear_backward(dlogits, y, &[], None, None, Some(db), (m, h, v));
+                }
+                let mut dy = vec![0f32; m * h];
+                {
+                    let (w, dw) = p.split(word);
+                    ops::linear_backward(
+                        dlogits,
+                        y,
+                        w,
+                        Some((&mut dy, false)),
+                        dw,
+                        None,
+                        (m, h, v),
+                    );
+                }
+                let mut g = Some((vec![0f32; h], vec![0f32; h]));
+                let dact = ops::layer_norm_backward(
+                    &dy,
+                    nc,
+                    p.value(norm.g),
+                    g.as_mut()
+                        .map(|(a, b)| (a.as_mut_slice(), b.as_mut_slice())),
+                    h,
+                );
+                add_norm_grads(p, norm, g);
+                let dpre = ops::gelu_backward(&dact, pre);
+                let dxr = dense
+                    .backward(p, &dpre, x, lin_d, m, None)
+                    .unwrap_or_default();
+                for (k, &r) in rows.iter().enumerate() {
+                    dx[r * h..][..h].copy_from_slice(&dxr[k * h..][..h]);
+                }
+            }
+            _ => unreachable!("the cache comes from this model's head"),
         }
         let shape = AttnShape {
             b,

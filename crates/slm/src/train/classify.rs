@@ -1,10 +1,10 @@
 //! Sequence classification: a `text,label` dataset (TSV/CSV/JSONL) turned into batches, and
-//! the model side of the training loop for [`BertClassifier`].
+//! the model side of the training loop for [`BertTrain`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::bert::{Batch, BertClassifier};
+use super::bert::{Batch, BertTrain};
 use super::ops;
 use super::params::seeded;
 use super::trainer::{Evaluation, Model};
@@ -147,6 +147,7 @@ pub fn make_batch(examples: &[&Example], pad: u32) -> Batch {
         lengths: Vec::with_capacity(examples.len()),
         t,
         labels: Vec::with_capacity(examples.len()),
+        targets: Vec::new(),
     };
     for e in examples {
         let n = e.input.ids.len();
@@ -170,7 +171,7 @@ pub fn eval_batches(examples: &[Example], batch_size: usize, pad: u32) -> Vec<Ba
 
 /// The model side of a classification run: the network and where its tokenizer files are.
 pub struct ClassifierRun {
-    pub model: BertClassifier,
+    pub model: BertTrain,
     pub source: PathBuf,
 }
 
@@ -218,7 +219,7 @@ impl Model for ClassifierRun {
         if self.model.method.lora.is_some() {
             save_adapter(&self.model, &self.source, dir)
         } else {
-            save_classifier(&self.model, &self.source, dir)
+            save_model(&self.model, &self.source, dir)
         }
     }
 }
@@ -233,7 +234,7 @@ const TOKENIZER_FILES: [&str; 4] = [
 
 /// A PEFT adapter folder (task SEQ_CLS): the LoRA factors and the classifier, with the labels
 /// in the safetensors metadata, and the tokenizer files of the base.
-pub fn save_adapter(m: &BertClassifier, source: &Path, dir: &Path) -> TrainResult<()> {
+pub fn save_adapter(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()> {
     let Some((r, alpha)) = m.method.lora else {
         return Err(TrainError::Unsupported("not a LoRA model".into()));
     };
@@ -302,9 +303,9 @@ fn copy_tokenizer(source: &Path, dir: &Path) -> TrainResult<()> {
     Ok(())
 }
 
-/// A `BertForSequenceClassification` folder: model.safetensors, config.json with id2label
-/// and label2id, the tokenizer files of the source.
-pub fn save_classifier(m: &BertClassifier, source: &Path, dir: &Path) -> TrainResult<()> {
+/// A `BertForSequenceClassification` (config.json with id2label and label2id) or
+/// `BertForMaskedLM` folder: model.safetensors, config.json, the tokenizer files of the source.
+pub fn save_model(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut model = m.clone_params_merged();
     model.list.retain(|p| !p.name.contains(".lora_"));
@@ -331,9 +332,13 @@ pub fn save_classifier(m: &BertClassifier, source: &Path, dir: &Path) -> TrainRe
         .enumerate()
         .map(|(i, l)| (l.clone(), i.into()))
         .collect();
-    cfg["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
-    cfg["id2label"] = id2label.into();
-    cfg["label2id"] = label2id.into();
+    if m.is_masked_lm() {
+        cfg["architectures"] = serde_json::json!(["BertForMaskedLM"]);
+    } else {
+        cfg["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+        cfg["id2label"] = id2label.into();
+        cfg["label2id"] = label2id.into();
+    }
     let json = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::msg(e.to_string()))?;
     write_atomic(&dir.join("config.json"), |w| w.write_all(&json))?;
     copy_tokenizer(source, dir)

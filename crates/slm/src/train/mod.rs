@@ -12,6 +12,7 @@ pub mod causal;
 pub mod checkpoint;
 pub mod classify;
 pub mod llama;
+pub mod masked;
 pub mod ops;
 pub mod optim;
 pub mod params;
