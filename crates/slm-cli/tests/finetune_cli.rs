@@ -548,12 +548,30 @@ fn tune_runs_every_trial_and_marks_the_best() {
 fn masked_lm_fine_tuning_writes_a_model_fill_mask_loads() {
     let d = tempdir("ft-mlm");
     let text = d.join("text.txt");
-    std::fs::write(&text, "the cat sat on the mat\nthe rain fell on the cat\ncats play in the rain\nthe mat is red\n".repeat(4)).unwrap();
+    std::fs::write(
+        &text,
+        "the cat sat on the mat\nthe rain fell on the cat\ncats play in the rain\nthe mat is red\n"
+            .repeat(4),
+    )
+    .unwrap();
     let model = fixtures().join("encoders/bert_mlm/safetensors");
     let out = d.join("out");
     let args = [
-        "finetune", "--task", "masked-lm", "-m", model.to_str().unwrap(), "--train", text.to_str().unwrap(),
-        "-o", out.to_str().unwrap(), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3",
+        "finetune",
+        "--task",
+        "masked-lm",
+        "-m",
+        model.to_str().unwrap(),
+        "--train",
+        text.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
     ];
     let (code, stdout, err) = run(&args, None);
     assert_eq!(code, 0, "{err}");
@@ -561,10 +579,21 @@ fn masked_lm_fine_tuning_writes_a_model_fill_mask_loads() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["architectures"], serde_json::json!(["BertForMaskedLM"]));
-    let (code, filled, err) = run(&["fill-mask", "-m", out.to_str().unwrap(), "the cat sat on the [MASK]"], None);
+    let (code, filled, err) = run(
+        &[
+            "fill-mask",
+            "-m",
+            out.to_str().unwrap(),
+            "the cat sat on the [MASK]",
+        ],
+        None,
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(filled.lines().count(), 5, "{filled}");
-    let (code, _, err) = run(&[&args[..], &["--method", "lora", "--force"]].concat(), None);
+    let (code, _, err) = run(
+        &[&args[..], &["--method", "lora", "--force"]].concat(),
+        None,
+    );
     assert_eq!(code, 1);
     assert!(err.contains("--method full"), "{err}");
     let _ = std::fs::remove_dir_all(&d);

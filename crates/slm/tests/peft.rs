@@ -7,20 +7,15 @@ use slm::encode::Encoder;
 use slm::models::bert::EncoderBatch;
 use slm::train::bert::{Batch, BertTrain, Method};
 use slm::train::classify::save_adapter;
-use slm::train::optim::{AdamW, OptimConfig, Schedule};
+use slm::train::optim::{AdamW, OptimConfig};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+#[path = "support/train_fixture.rs"]
+mod train_fixture;
+
+use train_fixture::{fixtures, labels};
 
 fn base() -> PathBuf {
     fixtures().join("encoders/bert_base/safetensors")
-}
-
-fn labels() -> Vec<String> {
-    ["negative", "neutral", "positive"]
-        .map(String::from)
-        .to_vec()
 }
 
 fn lora(r: usize, seed: u64) -> Method {
@@ -33,22 +28,7 @@ fn lora(r: usize, seed: u64) -> Method {
 
 /// The train fixture's padded batch (single texts of the encoder fixtures).
 fn batch() -> Batch {
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("train_bert.json")).unwrap())
-            .unwrap();
-    let rows: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
-    let t = rows[0].len();
-    Batch {
-        lengths: rows
-            .iter()
-            .map(|r| r.iter().filter(|&&i| i != 0).count())
-            .collect(),
-        ids: rows.concat(),
-        types: vec![0; rows.len() * t],
-        t,
-        labels: serde_json::from_value(r["labels"].clone()).unwrap(),
-        targets: vec![],
-    }
+    train_fixture::batch(&train_fixture::reference())
 }
 
 /// Logits through the inference path (the `slm classify` model) with an adapter applied.
@@ -87,16 +67,7 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 /// A few LoRA steps on the fixture batch, deterministic.
 fn trained_lora() -> BertTrain {
     let mut m = BertTrain::load(&base(), labels(), &lora(4, 7)).unwrap();
-    let cfg = OptimConfig {
-        lr: 5e-2,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        warmup_steps: 0,
-        schedule: Schedule::Constant,
-        max_grad_norm: 0.0,
-    };
+    let cfg = OptimConfig::constant(5e-2);
     let mut opt = AdamW::new(&m.params);
     let b = batch();
     for _ in 0..3 {
@@ -142,16 +113,7 @@ fn lora_gradients_reach_every_trained_tensor() {
     // B starts at 0, so A gets no gradient on the first step; one update fixes that.
     let b = batch();
     m.forward_backward(&b, 1);
-    let cfg = OptimConfig {
-        lr: 1e-2,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        warmup_steps: 0,
-        schedule: Schedule::Constant,
-        max_grad_norm: 0.0,
-    };
+    let cfg = OptimConfig::constant(1e-2);
     let mut opt = AdamW::new(&m.params);
     opt.step(&mut m.params, &cfg, cfg.lr);
     m.params.zero_grad();
@@ -256,16 +218,7 @@ fn causal_lora_adapter_and_merge_give_the_trained_logits() {
     };
     let at_init = run.model.logits(&b);
     let mut opt = AdamW::new(&run.model.params);
-    let cfg = OptimConfig {
-        lr: 2e-2,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        warmup_steps: 0,
-        schedule: Schedule::Constant,
-        max_grad_norm: 0.0,
-    };
+    let cfg = OptimConfig::constant(2e-2);
     for _ in 0..3 {
         run.forward_backward(&b, 1);
         opt.step(&mut run.model.params, &cfg, cfg.lr);

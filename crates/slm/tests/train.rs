@@ -1,47 +1,18 @@
 //! The training engine against PyTorch: loss, gradients and AdamW steps of a tiny random-init
 //! BertForSequenceClassification recorded by tools/make_fixtures.py (part `train`).
 
-use std::path::PathBuf;
+#[path = "support/train_fixture.rs"]
+mod train_fixture;
 
 use slm::train::bert::{Batch, BertTrain, Method};
 use slm::train::optim::{clip_grad_norm, AdamW, OptimConfig, Schedule};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn reference() -> serde_json::Value {
-    let p = fixtures().join("train_bert.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn labels() -> Vec<String> {
-    ["negative", "neutral", "positive"]
-        .map(String::from)
-        .to_vec()
-}
+use train_fixture::{batch, fixtures, labels, reference};
 
 fn full() -> Method {
     Method {
         lora: None,
         targets: Vec::new(),
         seed: 0,
-    }
-}
-
-fn batch(r: &serde_json::Value) -> Batch {
-    let rows: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
-    let t = rows[0].len();
-    Batch {
-        lengths: rows
-            .iter()
-            .map(|r| r.iter().filter(|&&i| i != 0).count())
-            .collect(),
-        ids: rows.concat(),
-        types: vec![0; rows.len() * t],
-        t,
-        labels: serde_json::from_value(r["labels"].clone()).unwrap(),
-        targets: vec![],
     }
 }
 

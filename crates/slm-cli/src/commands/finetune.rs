@@ -213,6 +213,22 @@ fn progress(total: usize) -> Bar {
     Bar { bar }
 }
 
+/// Runs the loop with a progress bar.
+fn fit<M: trainer::Model>(
+    run: &mut M,
+    n_train: usize,
+    make: &dyn Fn(&[usize]) -> M::Batch,
+    valid: &[M::Batch],
+    cfg: &TrainConfig,
+    a: &Args,
+) -> Result<trainer::Summary> {
+    let bar = progress(cfg.total_steps(n_train));
+    let summary = trainer::train(run, n_train, make, valid, cfg, &a.output, a.resume, &bar)
+        .with_context(|| format!("training into {}", a.output.display()))?;
+    bar.bar.finish_and_clear();
+    Ok(summary)
+}
+
 fn report(summary: &trainer::Summary, out: &std::path::Path) {
     let eval = summary
         .final_eval
@@ -322,21 +338,8 @@ fn run_causal(a: Args) -> Result<trainer::Summary> {
         make_causal_batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad)
     };
     let valid = causal_eval_batches(&data.valid, a.batch_size, pad);
-    let bar = progress(cfg.total_steps(train_set.len()));
     let mut run = CausalRun { model, source };
-    let summary = trainer::train(
-        &mut run,
-        train_set.len(),
-        &make,
-        &valid,
-        &cfg,
-        &a.output,
-        a.resume,
-        &bar,
-    )
-    .with_context(|| format!("training into {}", a.output.display()))?;
-    bar.bar.finish_and_clear();
-    Ok(summary)
+    fit(&mut run, train_set.len(), &make, &valid, &cfg, &a)
 }
 
 /// The positions a BERT-family model takes, or a clear error for another family.
@@ -408,24 +411,11 @@ fn run_masked(a: Args) -> Result<trainer::Summary> {
         .enumerate()
         .map(|(k, c)| masker.batch(&c.iter().collect::<Vec<_>>(), &[usize::MAX - k]))
         .collect();
-    let bar = progress(cfg.total_steps(train_set.len()));
     let mut run = MaskedRun {
         model,
         source: files.root.clone(),
     };
-    let summary = trainer::train(
-        &mut run,
-        train_set.len(),
-        &make,
-        &valid,
-        &cfg,
-        &a.output,
-        a.resume,
-        &bar,
-    )
-    .with_context(|| format!("training into {}", a.output.display()))?;
-    bar.bar.finish_and_clear();
-    Ok(summary)
+    fit(&mut run, train_set.len(), &make, &valid, &cfg, &a)
 }
 
 fn run_classify(a: Args) -> Result<trainer::Summary> {
@@ -485,22 +475,9 @@ fn run_classify(a: Args) -> Result<trainer::Summary> {
     let make =
         |idx: &[usize]| make_batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad);
     let valid = eval_batches(&data.valid, 64, pad);
-    let bar = progress(cfg.total_steps(train_set.len()));
     let mut run = ClassifierRun {
         model,
         source: files.root.clone(),
     };
-    let summary = trainer::train(
-        &mut run,
-        train_set.len(),
-        &make,
-        &valid,
-        &cfg,
-        &a.output,
-        a.resume,
-        &bar,
-    )
-    .with_context(|| format!("training into {}", a.output.display()))?;
-    bar.bar.finish_and_clear();
-    Ok(summary)
+    fit(&mut run, train_set.len(), &make, &valid, &cfg, &a)
 }

@@ -45,51 +45,74 @@ pub fn linear(
     bias: Option<&[f32]>,
     act: Option<Activation>,
 ) -> Vec<f32> {
-    assert_eq!(x.len(), m * k);
-    assert_eq!(wt.len(), n * k);
     let mut y = match bias {
-        Some(b) => {
-            let mut y = Vec::with_capacity(m * n);
-            (0..m).for_each(|_| y.extend_from_slice(b));
-            y
-        }
+        Some(b) => b.repeat(m),
         None => vec![0f32; m * n],
     };
+    matmul(&mut y, bias.is_some(), x, false, wt, false, (m, n, k), 1.0);
+    if let Some(act) = act {
+        activate(&mut y, act);
+    }
+    y
+}
+
+/// `dst[m, n] = alpha · dst + a[m, k] · b[k, n]`, where `a` is stored `[k, m]` when `at` and
+/// `b` is stored `[n, k]` when `bt`; `acc` keeps (adds to) what `dst` holds.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    dst: &mut [f32],
+    acc: bool,
+    a: &[f32],
+    at: bool,
+    b: &[f32],
+    bt: bool,
+    (m, n, k): (usize, usize, usize),
+    scale: f32,
+) {
+    assert_eq!(dst.len(), m * n, "matmul dst");
+    assert_eq!(a.len(), m * k, "matmul lhs");
+    assert_eq!(b.len(), k * n, "matmul rhs");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let (a_cs, a_rs) = if at { (m, 1) } else { (1, k) };
+    let (b_cs, b_rs) = if bt { (k, 1) } else { (1, n) };
     let threads = rayon::current_num_threads();
     let par = if m * n * k >= PAR_MACS && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the strides describe exactly the three buffers checked above, all row-major:
-    // y m×n, x m×k, wt k×n.
+    // SAFETY: the strides describe exactly the buffers whose lengths were checked above.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            y.as_mut_ptr(),
+            dst.as_mut_ptr(),
             1,
             n as isize,
-            bias.is_some(),
-            x.as_ptr(),
-            1,
-            k as isize,
-            wt.as_ptr(),
-            1,
-            n as isize,
+            acc,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
             par,
         );
     }
-    if let Some(act) = act {
-        activate(&mut y, act);
-    }
-    y
 }
 
 /// Applies `act` in place, in parallel chunks for large buffers.

@@ -224,6 +224,15 @@ impl Model for ClassifierRun {
     }
 }
 
+/// transformers' `id2label`: `{"0": "neg", ...}`.
+fn id2label(labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), l.clone().into()))
+        .collect()
+}
+
 /// Files that make a folder loadable besides the weights.
 const TOKENIZER_FILES: [&str; 4] = [
     "tokenizer.json",
@@ -252,12 +261,7 @@ pub fn save_adapter(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()>
             )
         })
         .collect();
-    let id2label: serde_json::Map<String, serde_json::Value> = m
-        .labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i.to_string(), l.clone().into()))
-        .collect();
+    let id2label = id2label(&m.labels);
     let meta = std::collections::HashMap::from([
         ("format".to_string(), "pt".to_string()),
         (
@@ -320,12 +324,7 @@ pub fn save_model(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()> {
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let mut cfg: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, e))?;
-    let id2label: serde_json::Map<String, serde_json::Value> = m
-        .labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i.to_string(), l.clone().into()))
-        .collect();
+    let id2label = id2label(&m.labels);
     let label2id: serde_json::Map<String, serde_json::Value> = m
         .labels
         .iter()

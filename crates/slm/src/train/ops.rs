@@ -9,69 +9,11 @@
 
 use rayon::prelude::*;
 
+pub use crate::nn::kernels::matmul;
 use crate::nn::kernels::{erf, exp, softmax_in_place, tanh};
 
 /// Rows per task in row-parallel loops; fixed so that partial sums are always the same.
 const ROWS_PER_TASK: usize = 64;
-
-/// `dst[m, n] = alpha · dst + a[m, k] · b[k, n]`, where `a` is stored `[k, m]` when `at` and
-/// `b` is stored `[n, k]` when `bt`; `acc` keeps (adds to) what `dst` holds.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    dst: &mut [f32],
-    acc: bool,
-    a: &[f32],
-    at: bool,
-    b: &[f32],
-    bt: bool,
-    (m, n, k): (usize, usize, usize),
-    scale: f32,
-) {
-    assert_eq!(dst.len(), m * n, "matmul dst");
-    assert_eq!(a.len(), m * k, "matmul lhs");
-    assert_eq!(b.len(), k * n, "matmul rhs");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            dst.fill(0.0);
-        }
-        return;
-    }
-    let (a_cs, a_rs) = if at { (m, 1) } else { (1, k) };
-    let (b_cs, b_rs) = if bt { (k, 1) } else { (1, n) };
-    let threads = rayon::current_num_threads();
-    let par = if m * n * k >= 1 << 18 && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the strides describe exactly the buffers whose lengths were checked above.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
 
 /// `y[n, out] = x[n, in] · wᵀ + b` with `w` in PyTorch's `[out, in]` layout.
 pub fn linear(

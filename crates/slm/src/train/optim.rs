@@ -27,6 +27,20 @@ pub struct OptimConfig {
 }
 
 impl OptimConfig {
+    /// A constant learning rate with PyTorch's AdamW defaults and no decay, warmup or clipping.
+    pub fn constant(lr: f32) -> Self {
+        Self {
+            lr,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            max_grad_norm: 0.0,
+        }
+    }
+
     /// transformers' `get_{constant,linear,cosine}_schedule_with_warmup` at `step` of `total`.
     pub fn lr_at(&self, step: usize, total: usize) -> f32 {
         if step < self.warmup_steps {
