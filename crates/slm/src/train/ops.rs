@@ -205,8 +205,15 @@ pub fn gelu_backward(dy: &[f32], x: &[f32]) -> Vec<f32> {
     dy.par_iter()
         .zip(x.par_iter())
         .map(|(&d, &v)| {
-            let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-            d * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v))
+            // One exp serves both: erf(a) = 1 − p(t)·e^(−a²) with a = v/√2, and φ(v) ∝ e^(−v²/2).
+            let e = exp(-0.5 * v * v);
+            let a = (v * std::f32::consts::FRAC_1_SQRT_2).abs();
+            let t = 1.0 / (1.0 + 0.327_591_1 * a);
+            let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t
+                + 0.254_829_6)
+                * t;
+            let erf = (1.0 - poly * e).copysign(v);
+            d * (0.5 * (1.0 + erf) + v * INV_SQRT_2PI * e)
         })
         .collect()
 }

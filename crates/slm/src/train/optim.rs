@@ -122,17 +122,24 @@ impl AdamW {
 
 /// Scales all gradients so their global L2 norm is at most `max`; returns the norm before.
 pub fn clip_grad_norm(p: &mut Params, max: f32) -> f32 {
+    // Fixed chunks summed in order: the same norm whatever the thread count.
     let sq: f64 = p
         .list
         .iter()
         .filter_map(|p| p.grad.as_ref())
-        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .map(|g| {
+            g.par_chunks(1 << 16)
+                .map(|c| c.iter().map(|&x| x * x).sum::<f32>() as f64)
+                .collect::<Vec<f64>>()
+                .iter()
+                .sum::<f64>()
+        })
         .sum();
     let norm = sq.sqrt() as f32;
     if max > 0.0 && norm > max {
         let k = max / (norm + 1e-6);
         for g in p.list.iter_mut().filter_map(|p| p.grad.as_mut()) {
-            g.iter_mut().for_each(|x| *x *= k);
+            g.par_iter_mut().for_each(|x| *x *= k);
         }
     }
     norm

@@ -60,9 +60,10 @@ impl Params {
     }
 
     pub fn zero_grad(&mut self) {
+        use rayon::prelude::*;
         for p in &mut self.list {
             if let Some(g) = &mut p.grad {
-                g.fill(0.0);
+                g.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
             }
         }
     }
