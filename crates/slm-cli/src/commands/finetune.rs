@@ -129,6 +129,17 @@ struct Bar {
     bar: ProgressBar,
 }
 
+impl Bar {
+    /// Above the bar on a terminal; on stderr when the bar is hidden (a pipe, a log file).
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+}
+
 impl Hooks for Bar {
     fn step(&self, s: &StepInfo) {
         self.bar.set_length(s.total as u64);
@@ -145,7 +156,7 @@ impl Hooks for Bar {
             .as_ref()
             .map(|(n, v)| format!(" {n} {v:.4}"))
             .unwrap_or_else(|| format!(" perplexity {:.3}", e.loss.exp()));
-        self.bar.println(format!(
+        self.say(format!(
             "step {step}: eval loss {:.4}{metric}{}",
             e.loss,
             if best { " (best)" } else { "" }
@@ -153,7 +164,7 @@ impl Hooks for Bar {
     }
 
     fn message(&self, m: &str) {
-        self.bar.println(m);
+        self.say(m.to_string());
     }
 }
 
