@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "slm",
     version,
-    about = "Small language models on the CPU: download, generate, chat, embed, classify, evaluate, quantize"
+    about = "Small language models on the CPU: download, run, evaluate, fine-tune and quantize"
 )]
 struct Cli {
     /// Worker threads for matrix products (default: all cores).
@@ -50,7 +50,7 @@ enum Command {
     /// Fine-tune a model on your data (full or LoRA).
     Finetune(commands::finetune::Args),
     /// Hyperparameter search over fine-tuning runs (grid or random).
-    Tune(commands::tune::Args),
+    Tune(commands::tune::TuneArgs),
     /// Merge a LoRA adapter into its base model (a folder transformers and slm load).
     Merge(commands::merge::Args),
     /// Download a model from the Hugging Face hub into the shared cache.
@@ -134,4 +134,15 @@ fn one_line(e: &anyhow::Error) -> String {
         }
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks the argument definitions only in debug builds, and only when a command is
+    /// parsed; this checks every subcommand in any build.
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

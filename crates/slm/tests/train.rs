@@ -306,3 +306,141 @@ fn masked_lm_loss_and_gradients_match_pytorch() {
     );
     check_grads(&m.params, &r["grads"]);
 }
+
+/// Central differences of `loss` at the `k` entries of each named parameter with the largest
+/// gradients, against those gradients.
+fn finite_differences<T>(
+    model: &mut T,
+    params: fn(&mut T) -> &mut slm::train::params::Params,
+    names: &[&str],
+    k: usize,
+    loss: &dyn Fn(&T) -> f64,
+) {
+    let eps = 1e-2f32;
+    for name in names {
+        let list = &params(model).list;
+        let i = list
+            .iter()
+            .position(|p| p.name == *name)
+            .unwrap_or_else(|| panic!("{name}"));
+        let g = list[i]
+            .grad
+            .clone()
+            .unwrap_or_else(|| panic!("{name} is not trained"));
+        let mut order: Vec<usize> = (0..g.len()).collect();
+        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        for &j in order.iter().take(k) {
+            let orig = params(model).list[i].value[j];
+            params(model).list[i].value[j] = orig + eps;
+            let up = loss(model);
+            params(model).list[i].value[j] = orig - eps;
+            let down = loss(model);
+            params(model).list[i].value[j] = orig;
+            let numeric = (up - down) / (2.0 * eps as f64);
+            let err = (numeric - g[j] as f64).abs();
+            assert!(
+                err <= 2e-4 + 3e-2 * numeric.abs(),
+                "{name}[{j}]: analytic {} numeric {numeric}",
+                g[j]
+            );
+        }
+    }
+}
+
+#[test]
+fn whole_model_gradients_match_finite_differences() {
+    use slm::train::llama::LlamaLm;
+    use slm::train::ops::cross_entropy;
+    // BERT: embeddings, LayerNorm, attention with padding, GELU MLP, pooler, classifier, loss.
+    let mut m = BertTrain::load(
+        &fixtures().join("encoders/bert_cls/safetensors"),
+        labels(),
+        &full(),
+    )
+    .unwrap();
+    let b = batch(&reference());
+    m.forward_backward(&b, 1);
+    let (targets, classes) = m.targets(&b);
+    finite_differences(
+        &mut m,
+        |m| &mut m.params,
+        &[
+            "bert.embeddings.word_embeddings.weight",
+            "bert.embeddings.position_embeddings.weight",
+            "bert.embeddings.LayerNorm.weight",
+            "bert.encoder.layer.0.attention.self.query.weight",
+            "bert.encoder.layer.0.attention.self.key.bias",
+            "bert.encoder.layer.1.intermediate.dense.weight",
+            "bert.encoder.layer.1.output.LayerNorm.bias",
+            "bert.pooler.dense.weight",
+            "classifier.weight",
+        ],
+        3,
+        &|m| cross_entropy(&m.logits(&b), &targets, classes, targets.len() as f32).0,
+    );
+
+    // Llama with LoRA (non-zero B) on every projection: RMSNorm, RoPE, GQA causal attention,
+    // SwiGLU MLP, untied head.
+    let cr = causal_reference();
+    let cb = causal_batch(&cr);
+    let mean_loss = |l: &LlamaLm| {
+        let (sum, n) = l.loss_sum(&cb);
+        sum / n as f64
+    };
+    let modules = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    .map(String::from)
+    .to_vec();
+    let dir = fixtures().join("llama/safetensors");
+    let mut l = LlamaLm::load(&dir, Some((2, 4.0, modules)), 5).unwrap();
+    for (k, p) in l
+        .params
+        .list
+        .iter_mut()
+        .filter(|p| p.name.contains("lora_B"))
+        .enumerate()
+    {
+        let n = p.value.len();
+        p.value = (0..n)
+            .map(|i| (((i * 7 + k * 13) % 11) as f32 - 5.0) * 0.02)
+            .collect();
+    }
+    l.forward_backward(&cb, 1);
+    finite_differences(
+        &mut l,
+        |l| &mut l.params,
+        &[
+            "model.layers.0.self_attn.q_proj.lora_A.weight",
+            "model.layers.0.self_attn.k_proj.lora_B.weight",
+            "model.layers.1.self_attn.v_proj.lora_A.weight",
+            "model.layers.0.mlp.gate_proj.lora_B.weight",
+            "model.layers.1.mlp.down_proj.lora_A.weight",
+        ],
+        3,
+        &mean_loss,
+    );
+
+    // Full Llama: the embedding (shared rows), the norms and the head.
+    let mut l = LlamaLm::load(&dir, None, 0).unwrap();
+    l.forward_backward(&cb, 1);
+    finite_differences(
+        &mut l,
+        |l| &mut l.params,
+        &[
+            "model.embed_tokens.weight",
+            "model.layers.1.input_layernorm.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+        ],
+        3,
+        &mean_loss,
+    );
+}

@@ -18,7 +18,7 @@ pub enum Search {
 }
 
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub struct TuneArgs {
     #[command(flatten)]
     base: finetune::Args,
     #[arg(long, value_enum, default_value = "grid")]
@@ -54,7 +54,7 @@ fn or_base<T: Copy>(values: &[T], base: T) -> Vec<T> {
     }
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: TuneArgs) -> Result<()> {
     let b = &a.base;
     let lrs: Vec<Option<f32>> = if a.lr_values.is_empty() {
         vec![b.lr]
