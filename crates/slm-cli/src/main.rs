@@ -41,7 +41,7 @@ enum Command {
     /// Evaluate models: perplexity, classification metrics, comparison of two models.
     #[command(subcommand)]
     Eval(commands::eval::Command),
-    /// Re-quantize a GGUF model (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
+    /// Quantize a GGUF model or a Hugging Face folder to GGUF (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
     Quantize(commands::quantize::Args),
     /// Write a GGUF model as a Hugging Face folder (safetensors, config, tokenizer).
     Convert(commands::convert::Args),

@@ -294,3 +294,152 @@ fn convert_to_hf_folder_decodes_like_the_gguf() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Tensors and tokenizer of two GGUF files are the same bytes.
+fn assert_same_gguf(a: &std::path::Path, b: &std::path::Path) {
+    let (a, b) = (GgufFile::open(a).unwrap(), GgufFile::open(b).unwrap());
+    assert_eq!(a.content.tensor_infos.len(), b.content.tensor_infos.len());
+    for name in b.content.tensor_infos.keys() {
+        let (ta, da, ba) = a.raw(name).unwrap_or_else(|| panic!("{name} missing"));
+        let (tb, db, bb) = b.raw(name).unwrap();
+        assert_eq!((ta, &da), (tb, &db), "{name}");
+        assert!(ba == bb, "{name}: different bytes");
+    }
+    for k in [
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.chat_template",
+        "llama.attention.head_count_kv",
+        "llama.rope.freq_base",
+    ] {
+        assert_eq!(
+            format!("{:?}", a.meta(k)),
+            format!("{:?}", b.meta(k)),
+            "{k}"
+        );
+    }
+}
+
+#[test]
+fn a_hugging_face_folder_quantizes_to_the_same_gguf_as_the_original() {
+    // GGUF → f32 HF folder (slm convert) → q8_0 GGUF must equal the GGUF → q8_0 GGUF: every
+    // tensor (names, Q/K row order, types, bytes) and the tokenizer in the metadata.
+    let d = tempdir("q-hf");
+    let src = smollm2();
+    let hf = d.join("hf");
+    let (code, _, err) = slm(&[
+        "convert",
+        "-m",
+        src.to_str().unwrap(),
+        "-o",
+        hf.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (from_hf, from_gguf) = (d.join("from_hf.gguf"), d.join("from_gguf.gguf"));
+    for (m, out) in [(&hf, &from_hf), (&src, &from_gguf)] {
+        let (code, _, err) = slm(&[
+            "quantize",
+            "-m",
+            m.to_str().unwrap(),
+            "-t",
+            "q8_0",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    assert_same_gguf(&from_hf, &from_gguf);
+
+    // With an adapter: quantizing base + adapter equals quantizing the merged folder.
+    let adapter = d.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}"#,
+    )
+    .unwrap();
+    let a: Vec<f32> = (0..2 * 576)
+        .map(|i| ((i % 13) as f32 - 6.0) * 0.01)
+        .collect();
+    let b: Vec<f32> = (0..576 * 2)
+        .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
+        .collect();
+    slm::io::write::write_safetensors(
+        &adapter.join("adapter_model.safetensors"),
+        &[
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".into(),
+                vec![2, 576],
+                &a,
+            ),
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".into(),
+                vec![576, 2],
+                &b,
+            ),
+        ],
+        None,
+    )
+    .unwrap();
+    let merged = d.join("merged");
+    let (code, _, err) = slm(&[
+        "merge",
+        "-m",
+        hf.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (with_adapter, from_merged) = (d.join("with_adapter.gguf"), d.join("from_merged.gguf"));
+    let (code, _, err) = slm(&[
+        "quantize",
+        "-m",
+        hf.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "-t",
+        "q8_0",
+        "-o",
+        with_adapter.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = slm(&[
+        "quantize",
+        "-m",
+        merged.to_str().unwrap(),
+        "-t",
+        "q8_0",
+        "-o",
+        from_merged.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_same_gguf(&with_adapter, &from_merged);
+    let q = GgufFile::open(&with_adapter).unwrap();
+    let p = GgufFile::open(&from_gguf).unwrap();
+    assert!(
+        q.raw("blk.0.attn_q.weight").unwrap().2 != p.raw("blk.0.attn_q.weight").unwrap().2,
+        "the adapter changed layer 0's q_proj"
+    );
+    assert!(q.raw("blk.1.attn_q.weight").unwrap().2 == p.raw("blk.1.attn_q.weight").unwrap().2);
+    let (code, _, err) = slm(&[
+        "quantize",
+        "-m",
+        src.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "-t",
+        "q8_0",
+        "-o",
+        d.join("x.gguf").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("slm convert"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -4,9 +4,13 @@ use anyhow::{bail, Result};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The model to quantize: a GGUF file.
+    /// The model to quantize: a GGUF file, or a Hugging Face folder (Llama family, byte-level BPE
+    /// tokenizer).
     #[arg(long, short = 'm')]
     model: PathBuf,
+    /// A PEFT LoRA adapter to merge first (Hugging Face folder models only).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k (or f16, f32).
     #[arg(long = "type", short = 't')]
     kind: String,
@@ -29,17 +33,25 @@ pub fn run(mut a: Args) -> Result<()> {
             a.kind
         );
     };
-    if a.model.is_dir() {
-        bail!(
-            "{}: quantizing from a Hugging Face folder is not supported yet; give a GGUF file",
-            a.model.display()
-        );
-    }
     let bar = indicatif::ProgressBar::new(0);
-    let s = slm::quantize::quantize_gguf(&a.model, want, &a.output, a.force, |d, t| {
+    let progress = |d: usize, t: usize| {
         bar.set_length(t as u64);
         bar.set_position(d as u64);
-    })?;
+    };
+    let s = if a.model.is_dir() {
+        slm::quantize::from_hf::quantize_hf(
+            &a.model,
+            a.adapter.as_deref(),
+            want,
+            &a.output,
+            a.force,
+            progress,
+        )?
+    } else if a.adapter.is_some() {
+        bail!("--adapter needs a Hugging Face base folder; write one from the GGUF with `slm convert`");
+    } else {
+        slm::quantize::quantize_gguf(&a.model, want, &a.output, a.force, progress)?
+    };
     bar.finish_and_clear();
     let mut counts = std::collections::BTreeMap::new();
     for (name, from, to) in &s.tensors {

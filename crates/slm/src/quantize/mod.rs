@@ -3,6 +3,7 @@
 //! that serves as one) at Q6_K, and k-quant requests falling back to the legacy type llama.cpp
 //! picks when a row is not a multiple of 256. Metadata (tokenizer, chat template) is copied.
 
+pub mod from_hf;
 pub mod q45k;
 pub mod q6k;
 
@@ -34,7 +35,7 @@ pub fn parse_type(name: &str) -> Option<GgmlDType> {
 }
 
 /// llama.cpp's `general.file_type` code for a whole-model type (`llama_ftype`).
-fn file_type(t: GgmlDType) -> u32 {
+pub(crate) fn file_type(t: GgmlDType) -> u32 {
     match t {
         GgmlDType::F32 => 0,
         GgmlDType::F16 => 1,
