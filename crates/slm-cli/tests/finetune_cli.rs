@@ -260,6 +260,8 @@ fn a_lora_run_writes_a_peft_adapter_that_classify_and_merge_use() {
         "1e-2",
         "--valid-split",
         "0",
+        "--lora-dropout",
+        "0.1",
     ];
     let (code, _, err) = run(&args, None);
     assert_eq!(code, 0, "{err}");
@@ -272,6 +274,10 @@ fn a_lora_run_writes_a_peft_adapter_that_classify_and_merge_use() {
             .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["target_modules"], serde_json::json!(["query", "value"]));
+    assert!(
+        (cfg["lora_dropout"].as_f64().unwrap() - 0.1).abs() < 1e-6,
+        "{cfg}"
+    );
     assert!(
         !out.join("model.safetensors").exists(),
         "a LoRA run writes an adapter, not a model"

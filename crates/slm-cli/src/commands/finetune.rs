@@ -108,6 +108,9 @@ pub struct Args {
     pub(crate) lora_r: usize,
     #[arg(long, default_value_t = 16.0)]
     pub(crate) lora_alpha: f32,
+    /// Dropout on the LoRA branches' input while training (PEFT's lora_dropout).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) lora_dropout: f32,
     /// LoRA target modules (default per family: query,value for BERT, q_proj,v_proj for Llama).
     #[arg(long, value_delimiter = ',')]
     pub(crate) target_modules: Vec<String>,
@@ -195,6 +198,13 @@ fn train_config(a: &Args) -> TrainConfig {
         patience: a.patience,
         keep_best: a.keep_best,
     }
+}
+
+fn check_dropout(p: f32) -> Result<f32> {
+    if !(0.0..1.0).contains(&p) {
+        bail!("--lora-dropout must be in [0, 1), got {p}");
+    }
+    Ok(p)
 }
 
 /// Refuses to mix a new run into an old one's folder, or clears it with --force.
@@ -349,7 +359,8 @@ fn run_causal(a: Args) -> Result<trainer::Summary> {
         a.target_modules.clone()
     };
     let lora = (a.method == Method::Lora).then_some((a.lora_r, a.lora_alpha, targets));
-    let model = LlamaLm::load(&source, lora, a.seed)?;
+    let mut model = LlamaLm::load(&source, lora, a.seed)?;
+    model.set_lora_dropout(check_dropout(a.lora_dropout)?);
     eprintln!(
         "{} train / {} valid examples ({}, up to {max_length} tokens); {} of {} parameters trained{}",
         data.train.len(),
@@ -484,7 +495,8 @@ fn run_classify(a: Args) -> Result<trainer::Summary> {
         targets,
         seed: a.seed,
     };
-    let model = BertTrain::load(&a.model, data.labels.clone(), &method)?;
+    let mut model = BertTrain::load(&a.model, data.labels.clone(), &method)?;
+    model.set_lora_dropout(check_dropout(a.lora_dropout)?);
     eprintln!(
         "{} train / {} valid examples, labels: {}; {} of {} parameters trained{}",
         data.train.len(),

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use super::ops::{self, AttnShape, NormCache};
-use super::params::{add_lora, normal, seeded, Lin, LinCache, Params};
+use super::params::{add_lora, normal, seeded, step_seed, Lin, LinCache, Params};
 use super::{TrainError, TrainResult};
 use crate::io::{open_weights, ModelFiles};
 use crate::models::bert::{Config, Flavor};
@@ -77,6 +77,7 @@ pub enum HeadKind {
 pub struct BertTrain {
     pub cfg: Config,
     pub method: Method,
+    pub lora_dropout: f32,
     pub params: Params,
     pub labels: Vec<String>,
     word: usize,
@@ -344,6 +345,7 @@ impl BertTrain {
         Ok(Self {
             cfg: cfg.clone(),
             method: method.clone(),
+            lora_dropout: 0.0,
             params,
             labels,
             word,
@@ -355,7 +357,8 @@ impl BertTrain {
         })
     }
 
-    fn forward(&self, batch: &Batch) -> (Vec<f32>, Cache) {
+    /// `train`: the step's seed while training (LoRA dropout), `None` to evaluate.
+    fn forward(&self, batch: &Batch, train: Option<u64>) -> (Vec<f32>, Cache) {
         let p = &self.params;
         let cfg = &self.cfg;
         let (h, t, b) = (cfg.hidden_size, batch.t, batch.size());
@@ -386,16 +389,16 @@ impl BertTrain {
         };
         let mut caches = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
-            let (q, cq) = l.q.forward(p, &x, n);
-            let (k, ck) = l.k.forward(p, &x, n);
-            let (v, cv) = l.v.forward(p, &x, n);
+            let (q, cq) = l.q.forward(p, &x, n, train);
+            let (k, ck) = l.k.forward(p, &x, n, train);
+            let (v, cv) = l.v.forward(p, &x, n, train);
             let (ctx, probs) = ops::attention(&q, &k, &v, &batch.lengths, shape);
-            let (mut a, lin_ao) = l.attn_out.forward(p, &ctx, n);
+            let (mut a, lin_ao) = l.attn_out.forward(p, &ctx, n, train);
             a.iter_mut().zip(&x).for_each(|(a, r)| *a += r);
             let (h1, n1) = ops::layer_norm(&a, p.value(l.ln1.g), p.value(l.ln1.b), eps, h);
-            let (pre, lin_i) = l.inter.forward(p, &h1, n);
+            let (pre, lin_i) = l.inter.forward(p, &h1, n, train);
             let act = ops::gelu(&pre);
-            let (mut o, lin_o) = l.out.forward(p, &act, n);
+            let (mut o, lin_o) = l.out.forward(p, &act, n, train);
             o.iter_mut().zip(&h1).for_each(|(o, r)| *o += r);
             let (h2, n2) = ops::layer_norm(&o, p.value(l.ln2.g), p.value(l.ln2.b), eps, h);
             caches.push(LayerCache {
@@ -416,7 +419,7 @@ impl BertTrain {
                 n2,
             });
         }
-        let (logits, head) = self.head_forward(&x, batch);
+        let (logits, head) = self.head_forward(&x, batch, train);
         (
             logits,
             Cache {
@@ -427,15 +430,15 @@ impl BertTrain {
         )
     }
 
-    fn head_forward(&self, x: &[f32], batch: &Batch) -> (Vec<f32>, HeadCache) {
+    fn head_forward(&self, x: &[f32], batch: &Batch, train: Option<u64>) -> (Vec<f32>, HeadCache) {
         let p = &self.params;
         let (h, t, b) = (self.cfg.hidden_size, batch.t, batch.size());
         match self.head {
             Head::Classify { pooler, classifier } => {
                 let cls: Vec<f32> = (0..b).flat_map(|s| x[s * t * h..][..h].to_vec()).collect();
-                let (pre, lin_p) = pooler.forward(p, &cls, b);
+                let (pre, lin_p) = pooler.forward(p, &cls, b, train);
                 let pooled = ops::tanh_forward(&pre);
-                let (logits, lin_c) = classifier.forward(p, &pooled, b);
+                let (logits, lin_c) = classifier.forward(p, &pooled, b, train);
                 (
                     logits,
                     HeadCache::Classify {
@@ -454,7 +457,7 @@ impl BertTrain {
                     .iter()
                     .flat_map(|&r| x[r * h..][..h].to_vec())
                     .collect();
-                let (pre, lin_d) = dense.forward(p, &xr, m);
+                let (pre, lin_d) = dense.forward(p, &xr, m, train);
                 let act = ops::gelu(&pre);
                 let eps = self.cfg.layer_norm_eps as f32;
                 let (y, nc) = ops::layer_norm(&act, p.value(norm.g), p.value(norm.b), eps, h);
@@ -482,7 +485,7 @@ impl BertTrain {
     /// Class logits `[b, labels]`, or for a masked LM the vocabulary logits of the masked
     /// positions `[masked, vocab]`.
     pub fn logits(&self, batch: &Batch) -> Vec<f32> {
-        self.forward(batch).0
+        self.forward(batch, None).0
     }
 
     /// The targets of the rows `logits` returns, and how many classes each row has.
@@ -512,7 +515,7 @@ impl BertTrain {
     /// (gradient accumulation); gradients are added to the parameters'. Returns the batch's
     /// mean loss.
     pub fn forward_backward(&mut self, batch: &Batch, accum: usize) -> f64 {
-        let (logits, cache) = self.forward(batch);
+        let (logits, cache) = self.forward(batch, Some(step_seed(self.method.seed, &batch.ids)));
         let (targets, classes) = self.targets(batch);
         let denom = (targets.len().max(1) * accum) as f32;
         let (loss, dlogits) = ops::cross_entropy(&logits, &targets, classes, denom);
@@ -675,6 +678,23 @@ impl BertTrain {
                 add(typ, batch.types[i] as usize);
             }
         }
+    }
+
+    /// PEFT's `lora_dropout` on every LoRA branch.
+    pub fn set_lora_dropout(&mut self, p: f32) {
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.attn_out,
+                &mut l.inter,
+                &mut l.out,
+            ] {
+                lin.set_lora_dropout(p);
+            }
+        }
+        self.lora_dropout = p;
     }
 
     /// The parameters with every LoRA update folded into its weight (the model unchanged).

@@ -297,7 +297,7 @@ impl Model for CausalRun {
             write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
             let config = serde_json::json!({
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-                "lora_dropout": 0.0, "target_modules": targets, "modules_to_save": null,
+                "lora_dropout": self.model.lora_dropout, "target_modules": targets, "modules_to_save": null,
                 "base_model_name_or_path": self.source.display().to_string(), "bias": "none",
                 "fan_in_fan_out": false, "inference_mode": true, "init_lora_weights": true,
                 "use_rslora": false, "use_dora": false, "layers_to_transform": null,

@@ -275,7 +275,7 @@ pub fn save_adapter(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()>
         "task_type": "SEQ_CLS",
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": m.lora_dropout,
         "target_modules": m.method.targets,
         "modules_to_save": ["classifier", "score"],
         "base_model_name_or_path": source.display().to_string(),

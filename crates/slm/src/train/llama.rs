@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::ops::{self, AttnShape, NormCache};
-use super::params::{add_lora, seeded, Lin, LinCache, Params};
+use super::params::{add_lora, seeded, step_seed, Lin, LinCache, Params};
 use super::{TrainError, TrainResult};
 use crate::io::{open_weights, ModelFiles};
 use crate::models::llama::{Config, Variant};
@@ -62,6 +62,8 @@ pub struct LlamaLm {
     pub params: Params,
     /// LoRA rank, alpha and target modules, when training LoRA.
     pub lora: Option<(usize, f32, Vec<String>)>,
+    pub lora_dropout: f32,
+    seed: u64,
     embed: usize,
     layers: Vec<Layer>,
     norm: usize,
@@ -192,6 +194,8 @@ impl LlamaLm {
             cfg: cfg.clone(),
             params: p,
             lora,
+            lora_dropout: 0.0,
+            seed,
             embed,
             layers,
             norm,
@@ -214,7 +218,7 @@ impl LlamaLm {
 
     fn head(&self, xn: &[f32], n: usize) -> (Vec<f32>, LinCache) {
         match &self.lm_head {
-            Some(l) => l.forward(&self.params, xn, n),
+            Some(l) => l.forward(&self.params, xn, n, None),
             None => (
                 ops::linear(
                     xn,
@@ -227,10 +231,12 @@ impl LlamaLm {
         }
     }
 
-    /// Logits `[b·t, vocab]` and what the backward pass needs.
+    /// Logits `[b·t, vocab]` and what the backward pass needs; `train` is the step's seed
+    /// while training (LoRA dropout), `None` to evaluate.
     fn forward(
         &self,
         batch: &CausalBatch,
+        train: Option<u64>,
     ) -> (Vec<f32>, Vec<LayerCache>, Vec<f32>, NormCache, LinCache) {
         let p = &self.params;
         let (h, t, b) = (self.cfg.hidden_size, batch.t, batch.size());
@@ -244,19 +250,19 @@ impl LlamaLm {
         let mut caches = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let (hn, c1) = ops::rms_norm(&x, p.value(l.in_norm), eps, h);
-            let (mut q, cq) = l.q.forward(p, &hn, n);
-            let (mut k, ck) = l.k.forward(p, &hn, n);
-            let (v, cv) = l.v.forward(p, &hn, n);
+            let (mut q, cq) = l.q.forward(p, &hn, n, train);
+            let (mut k, ck) = l.k.forward(p, &hn, n, train);
+            let (v, cv) = l.v.forward(p, &hn, n, train);
             ops::rope(&mut q, &self.cos, &self.sin, t, s.nh, s.hd, false);
             ops::rope(&mut k, &self.cos, &self.sin, t, s.nkv, s.hd, false);
             let (ctx, probs) = ops::attention(&q, &k, &v, &batch.lengths, s);
-            let (o, co) = l.o.forward(p, &ctx, n);
+            let (o, co) = l.o.forward(p, &ctx, n, train);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let (hn2, c2) = ops::rms_norm(&x, p.value(l.post_norm), eps, h);
-            let (g, cg) = l.gate.forward(p, &hn2, n);
-            let (u, cu) = l.up.forward(p, &hn2, n);
+            let (g, cg) = l.gate.forward(p, &hn2, n, train);
+            let (u, cu) = l.up.forward(p, &hn2, n, train);
             let a = ops::swiglu(&g, &u);
-            let (d, cd) = l.down.forward(p, &a, n);
+            let (d, cd) = l.down.forward(p, &a, n, train);
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             caches.push(LayerCache {
                 hn,
@@ -282,12 +288,12 @@ impl LlamaLm {
 
     /// Logits `[b·t, vocab]` of a batch.
     pub fn logits(&self, batch: &CausalBatch) -> Vec<f32> {
-        self.forward(batch).0
+        self.forward(batch, None).0
     }
 
     /// Summed token loss and the number of target tokens of a batch, without gradients.
     pub fn loss_sum(&self, batch: &CausalBatch) -> (f64, usize) {
-        let (logits, ..) = self.forward(batch);
+        let (logits, ..) = self.forward(batch, None);
         let count = batch.targets.iter().filter(|t| t.is_some()).count();
         let (loss, _) = ops::cross_entropy(&logits, &batch.targets, self.cfg.vocab_size, 1.0);
         (loss, count)
@@ -295,7 +301,8 @@ impl LlamaLm {
 
     /// Forward and backward of the mean token loss / `accum`; returns the mean token loss.
     pub fn forward_backward(&mut self, batch: &CausalBatch, accum: usize) -> f64 {
-        let (logits, caches, xn, cf, ch) = self.forward(batch);
+        let (logits, caches, xn, cf, ch) =
+            self.forward(batch, Some(step_seed(self.seed, &batch.ids)));
         let count = batch.targets.iter().filter(|t| t.is_some()).count().max(1);
         let (loss, dlogits) = ops::cross_entropy(
             &logits,
@@ -376,6 +383,24 @@ impl LlamaLm {
                     .for_each(|(g, d)| *g += d);
             }
         }
+    }
+
+    /// PEFT's `lora_dropout` on every LoRA branch.
+    pub fn set_lora_dropout(&mut self, p: f32) {
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                lin.set_lora_dropout(p);
+            }
+        }
+        self.lora_dropout = p;
     }
 
     /// Every linear layer, for merging LoRA factors.

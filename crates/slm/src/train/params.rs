@@ -93,6 +93,14 @@ pub fn normal(n: usize, std: f32, rng: &mut rand::rngs::StdRng) -> Vec<f32> {
         .collect()
 }
 
+/// The seed of a training step's random draws (dropout masks): the run's seed and the batch's
+/// tokens, so a resumed run draws exactly what the uninterrupted one drew.
+pub fn step_seed(seed: u64, ids: &[u32]) -> u64 {
+    ids.iter().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, &i| {
+        (h ^ i as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 pub fn seeded(seed: u64) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(seed)
 }
@@ -104,6 +112,9 @@ pub struct Lora {
     pub b: usize,
     pub r: usize,
     pub scale: f32,
+    /// PEFT's `lora_dropout`: the LoRA branch sees its input with this fraction zeroed (and
+    /// the rest scaled up) while training.
+    pub dropout: f32,
 }
 
 /// A linear layer over parameters: `y = x·Wᵀ + b (+ scale·(x·Aᵀ)·Bᵀ)`.
@@ -120,15 +131,55 @@ pub struct Lin {
 #[derive(Default)]
 pub struct LinCache {
     xa: Vec<f32>,
+    /// With LoRA dropout: the dropped input and the mask (0 or 1/(1-p)) that made it.
+    xd: Vec<f32>,
+    mask: Vec<f32>,
+}
+
+/// The dropout mask of one LoRA branch: a counter-based generator (splitmix64), so a mask
+/// depends only on the step's seed, the layer and the position, and costs no shared state.
+fn dropout_mask(len: usize, p: f32, seed: u64) -> Vec<f32> {
+    let keep = 1.0 / (1.0 - p);
+    let threshold = (p as f64 * u64::MAX as f64) as u64;
+    (0..len as u64)
+        .map(|i| {
+            let mut z = seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            if z < threshold {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect()
 }
 
 impl Lin {
-    pub fn forward(&self, p: &Params, x: &[f32], n: usize) -> (Vec<f32>, LinCache) {
+    /// `train`: the step's seed when training (LoRA dropout applies), `None` when evaluating.
+    pub fn forward(
+        &self,
+        p: &Params,
+        x: &[f32],
+        n: usize,
+        train: Option<u64>,
+    ) -> (Vec<f32>, LinCache) {
         let bias = self.b.map(|b| p.value(b));
         let mut y = ops::linear(x, p.value(self.w), bias, (n, self.din, self.dout));
         let mut cache = LinCache::default();
         if let Some(l) = self.lora {
-            let xa = ops::linear(x, p.value(l.a), None, (n, self.din, l.r));
+            if let Some(seed) = train.filter(|_| l.dropout > 0.0) {
+                // Each layer draws its own mask: the weight's index keys the stream.
+                cache.mask = dropout_mask(
+                    x.len(),
+                    l.dropout,
+                    seed ^ (self.w as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+                );
+                cache.xd = x.iter().zip(&cache.mask).map(|(a, m)| a * m).collect();
+            }
+            let xin = if cache.xd.is_empty() { x } else { &cache.xd };
+            let xa = ops::linear(xin, p.value(l.a), None, (n, self.din, l.r));
             ops::matmul(
                 &mut y,
                 true,
@@ -198,7 +249,9 @@ impl Lin {
             }
         };
         if let Some(l) = self.lora {
-            // dxa = scale · dy·B; dB += scale · dyᵀ·xa; dA += dxaᵀ·x; dx += dxa·A.
+            // dxa = scale · dy·B; dB += scale · dyᵀ·xa; dA += dxaᵀ·x̃; dx += (dxa·A) ⊙ mask,
+            // where x̃ is the (dropped) input the branch saw.
+            let xin = if cache.xd.is_empty() { x } else { &cache.xd };
             let mut dxa = vec![0f32; n * l.r];
             ops::matmul(
                 &mut dxa,
@@ -223,20 +276,43 @@ impl Lin {
                 );
             }
             if let Some(da) = p.grad(l.a) {
-                ops::matmul(da, true, &dxa, true, x, false, (l.r, self.din, n), 1.0);
+                ops::matmul(da, true, &dxa, true, xin, false, (l.r, self.din, n), 1.0);
             }
-            ops::matmul(
-                dx,
-                true,
-                &dxa,
-                false,
-                p.value(l.a),
-                false,
-                (n, self.din, l.r),
-                1.0,
-            );
+            if cache.mask.is_empty() {
+                ops::matmul(
+                    dx,
+                    true,
+                    &dxa,
+                    false,
+                    p.value(l.a),
+                    false,
+                    (n, self.din, l.r),
+                    1.0,
+                );
+            } else {
+                let mut d = vec![0f32; n * self.din];
+                ops::matmul(
+                    &mut d,
+                    false,
+                    &dxa,
+                    false,
+                    p.value(l.a),
+                    false,
+                    (n, self.din, l.r),
+                    1.0,
+                );
+                dx.iter_mut()
+                    .zip(d.iter().zip(&cache.mask))
+                    .for_each(|(o, (g, m))| *o += g * m);
+            }
         }
         own
+    }
+
+    pub fn set_lora_dropout(&mut self, p: f32) {
+        if let Some(l) = &mut self.lora {
+            l.dropout = p;
+        }
     }
 
     /// Folds the LoRA update into the weight: `W += scale · B·A`.
@@ -285,5 +361,103 @@ pub fn add_lora(
         b: bi,
         r,
         scale: alpha / r as f32,
+        dropout: 0.0,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = seeded(seed);
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// A LoRA linear layer (non-zero B) and `Σ y ⊙ r` as its loss.
+    fn setup(dropout: f32) -> (Params, Lin, Vec<f32>, Vec<f32>) {
+        let (n, din, dout, r) = (4, 6, 5, 2);
+        let mut p = Params::default();
+        let w = p.add("w".into(), vec![dout, din], values(dout * din, 1), true);
+        let b = p.add("b".into(), vec![dout], values(dout, 2), true);
+        let mut lin = Lin {
+            w,
+            b: Some(b),
+            din,
+            dout,
+            lora: None,
+        };
+        add_lora(&mut p, &mut lin, "l", r, 4.0, &mut seeded(3));
+        p.list[lin.lora.unwrap().b].value = values(dout * r, 4);
+        lin.set_lora_dropout(dropout);
+        (p, lin, values(n * din, 5), values(n * dout, 6))
+    }
+
+    fn loss(p: &Params, lin: &Lin, x: &[f32], r: &[f32], train: Option<u64>) -> f64 {
+        let (y, _) = lin.forward(p, x, 4, train);
+        y.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
+
+    #[test]
+    fn lora_linear_gradients_match_finite_differences_with_and_without_dropout() {
+        for (dropout, seed) in [(0.0, None), (0.3, Some(77))] {
+            let (mut p, lin, mut x, r) = setup(dropout);
+            let (_, cache) = lin.forward(&p, &x, 4, seed);
+            let dx = lin.backward(&mut p, &r, &x, &cache, 4, None).unwrap();
+            let l = lin.lora.unwrap();
+            let eps = 1e-2f32;
+            for (param, name) in [(l.a, "A"), (l.b, "B"), (lin.w, "W")] {
+                let g = p.list[param].grad.clone().unwrap();
+                for (j, &gj) in g.iter().enumerate() {
+                    let orig = p.list[param].value[j];
+                    p.list[param].value[j] = orig + eps;
+                    let up = loss(&p, &lin, &x, &r, seed);
+                    p.list[param].value[j] = orig - eps;
+                    let down = loss(&p, &lin, &x, &r, seed);
+                    p.list[param].value[j] = orig;
+                    let numeric = (up - down) / (2.0 * eps as f64);
+                    assert!(
+                        (numeric - gj as f64).abs() < 2e-3,
+                        "dropout {dropout} d{name}[{j}]: {} vs {numeric}",
+                        gj
+                    );
+                }
+            }
+            for j in 0..x.len() {
+                let orig = x[j];
+                x[j] = orig + eps;
+                let up = loss(&p, &lin, &x, &r, seed);
+                x[j] = orig - eps;
+                let down = loss(&p, &lin, &x, &r, seed);
+                x[j] = orig;
+                let numeric = (up - down) / (2.0 * eps as f64);
+                assert!(
+                    (numeric - dx[j] as f64).abs() < 2e-3,
+                    "dropout {dropout} dx[{j}]: {} vs {numeric}",
+                    dx[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dropout_only_while_training_and_repeatable() {
+        let (p, lin, x, r) = setup(0.5);
+        let (p0, lin0, ..) = setup(0.0);
+        // Evaluation ignores the dropout rate.
+        assert_eq!(loss(&p, &lin, &x, &r, None), loss(&p0, &lin0, &x, &r, None));
+        // Training draws a mask from the seed: the same seed gives the same output.
+        assert_eq!(
+            loss(&p, &lin, &x, &r, Some(9)),
+            loss(&p, &lin, &x, &r, Some(9))
+        );
+        assert_ne!(
+            loss(&p, &lin, &x, &r, Some(9)),
+            loss(&p, &lin, &x, &r, None)
+        );
+        let m = dropout_mask(100_000, 0.25, 42);
+        let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64 / m.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "{dropped}");
+        assert!(m.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    }
 }
