@@ -129,15 +129,11 @@ impl PeftAdapter {
 
     /// Adapter keys name modules as PEFT saw them (`bert.encoder…`); a bare base checkpoint
     /// names them without the task model's prefix. Returns the adapter's name for `name`.
-    fn key_for<'a>(&'a self, name: &'a str, body: Option<&str>) -> String {
+    fn key_for(&self, name: &str, body: Option<&str>) -> String {
         match body {
             Some(b) => format!("{b}.{name}"),
             None => name.to_string(),
         }
-    }
-
-    pub fn tensor_names(&self) -> impl Iterator<Item = &String> {
-        self.tensors.keys()
     }
 }
 

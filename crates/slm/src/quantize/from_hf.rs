@@ -9,7 +9,9 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::QTensor;
 use serde_json::Value as Json;
 
-use super::{file_type, quantize_tensor, tensor_type, GgmlDType, Summary};
+use super::{
+    check_output, file_type, quantize_tensor, tensor_type, write_gguf, GgmlDType, Summary,
+};
 use crate::error::{Error, Result};
 use crate::io::gguf::{gguf_name, unpermute_qk_rows};
 use crate::io::peft::{AdaptedStore, PeftAdapter};
@@ -25,12 +27,7 @@ pub fn quantize_hf(
     force: bool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Summary> {
-    if out.exists() && !force {
-        return Err(Error::file(
-            out,
-            "already exists (pass --force to overwrite)",
-        ));
-    }
+    check_output(out, force)?;
     let files = ModelFiles::locate(src)?;
     if let WeightFormat::Gguf(p) = &files.format {
         return Err(Error::file(p, "is a GGUF file; quantize it directly"));
@@ -103,17 +100,7 @@ pub fn quantize_hf(
         summary.push((g, GgmlDType::F32, target));
         progress(i + 1, names.len());
     }
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    crate::io::write::write_atomic(out, |w| {
-        candle_core::quantized::gguf_file::write(w, &meta_refs, &tensor_refs)
-            .map_err(std::io::Error::other)
-    })?;
-    let bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
-    Ok(Summary {
-        tensors: summary,
-        bytes,
-    })
+    write_gguf(out, &meta, &tensors, summary)
 }
 
 /// HF row order to llama.cpp's: the inverse of [`unpermute_qk_rows`].

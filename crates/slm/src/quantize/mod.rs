@@ -127,6 +127,37 @@ pub struct Summary {
     pub bytes: u64,
 }
 
+/// Refuses to replace an existing output unless asked.
+pub(crate) fn check_output(out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        return Err(Error::file(
+            out,
+            "already exists (pass --force to overwrite)",
+        ));
+    }
+    Ok(())
+}
+
+/// Writes a GGUF file atomically and reports what was written.
+pub(crate) fn write_gguf(
+    out: &Path,
+    meta: &[(String, Value)],
+    tensors: &[(String, QTensor)],
+    summary: Vec<(String, GgmlDType, GgmlDType)>,
+) -> Result<Summary> {
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    crate::io::write::write_atomic(out, |w| {
+        candle_core::quantized::gguf_file::write(w, &meta_refs, &tensor_refs)
+            .map_err(std::io::Error::other)
+    })?;
+    let bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
+    Ok(Summary {
+        tensors: summary,
+        bytes,
+    })
+}
+
 /// Writes `out` from the GGUF `src` with weights re-quantized to `want`. The output is written
 /// to a temporary file and renamed, so a failure (disk full, bad tensor) leaves nothing behind.
 pub fn quantize_gguf(
@@ -136,12 +167,7 @@ pub fn quantize_gguf(
     force: bool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Summary> {
-    if out.exists() && !force {
-        return Err(Error::file(
-            out,
-            "already exists (pass --force to overwrite)",
-        ));
-    }
+    check_output(out, force)?;
     let g = GgufFile::open(src)?;
     let mut infos: Vec<(&String, u64)> = g
         .content
@@ -196,17 +222,7 @@ pub fn quantize_gguf(
     meta.sort_by(|a, b| a.0.cmp(&b.0));
     meta.push(("general.file_type".into(), Value::U32(file_type(want))));
     meta.push(("general.quantization_version".into(), Value::U32(2)));
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    crate::io::write::write_atomic(out, |w| {
-        candle_core::quantized::gguf_file::write(w, &meta_refs, &tensor_refs)
-            .map_err(std::io::Error::other)
-    })?;
-    let bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
-    Ok(Summary {
-        tensors: summary,
-        bytes,
-    })
+    write_gguf(out, &meta, &tensors, summary)
 }
 
 #[cfg(test)]

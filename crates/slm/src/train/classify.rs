@@ -311,11 +311,18 @@ fn copy_tokenizer(source: &Path, dir: &Path) -> TrainResult<()> {
 /// `BertForMaskedLM` folder: model.safetensors, config.json, the tokenizer files of the source.
 pub fn save_model(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut model = m.clone_params_merged();
-    model.list.retain(|p| !p.name.contains(".lora_"));
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = model
+    // Only a LoRA model needs a merged copy; a full one is saved from its own parameters.
+    let merged;
+    let params = if m.method.lora.is_some() {
+        merged = m.clone_params_merged();
+        &merged
+    } else {
+        &m.params
+    };
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = params
         .list
         .iter()
+        .filter(|p| !p.name.contains(".lora_"))
         .map(|p| (p.name.clone(), p.shape.clone(), p.value.as_slice()))
         .collect();
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
