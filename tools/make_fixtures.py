@@ -83,10 +83,17 @@ def record_tiny(name, model, save_kw):
     d = OUT / name
     if d.exists():
         shutil.rmtree(d)
-    # Random weights are drawn larger than the default init so that logits differ meaningfully.
+    # Random weights are drawn larger than the default init so that logits differ meaningfully;
+    # norm gains near 1 and larger query/key projections make attention sharp, so a wrong RoPE,
+    # head layout or Q/K permutation moves the logits far beyond the 1e-4 tolerance.
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.08)
+        for n, p in model.named_parameters():
+            if p.dim() == 1 and n.endswith("weight") and ("norm" in n or "ln_" in n):
+                p.normal_(1.0, 0.1)
+            elif any(k in n for k in ("q_proj", "k_proj", "qkv_proj", "c_attn")):
+                p.normal_(0.0, 0.25)
+            else:
+                p.normal_(0.0, 0.08)
     model.eval()
     model.save_pretrained(d / "safetensors", safe_serialization=True, **save_kw)
     model.save_pretrained(d / "bin", safe_serialization=False)

@@ -5,58 +5,134 @@
 
 use std::path::Path;
 
-use candle_core::DType;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::io::gguf::GgufFile;
+use crate::io::gguf::{hf_name, GgufFile};
 use crate::io::WeightStore;
-use crate::models::{llama, ModelConfig};
+use crate::models::{gpt2, llama, ModelConfig};
+use crate::nn::RopeScaling;
+
+/// The element types a converted folder can hold.
+pub use safetensors::Dtype;
 
 /// Dtypes a converted folder can hold.
-pub fn parse_dtype(s: &str) -> Option<DType> {
+pub fn parse_dtype(s: &str) -> Option<Dtype> {
     Some(match s {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
+        "f32" => Dtype::F32,
+        "f16" => Dtype::F16,
+        "bf16" => Dtype::BF16,
         _ => return None,
     })
 }
 
-fn llama_names(c: &llama::Config) -> Vec<String> {
-    let mut names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
-    for i in 0..c.num_hidden_layers {
-        for n in [
-            "input_layernorm.weight",
-            "post_attention_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight",
-            "self_attn.q_proj.bias",
-            "self_attn.k_proj.bias",
-            "self_attn.v_proj.bias",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        ] {
-            names.push(format!("model.layers.{i}.{n}"));
-        }
+fn torch_dtype(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F16 => "float16",
+        Dtype::BF16 => "bfloat16",
+        _ => "float32",
     }
-    if !c.tie_word_embeddings {
-        names.push("lm_head.weight".into());
-    }
-    names
 }
 
-fn config_json(c: &llama::Config, g: &GgufFile, dtype: DType) -> Value {
+/// GGUF tensors that are not weights of the HF model: RoPE divisors become `rope_scaling`.
+const NOT_WEIGHTS: [&str; 1] = ["rope_freqs.weight"];
+
+/// GPT-2's Conv1D layers keep `[in, out]` in HF and `[out, in]` in GGUF.
+const CONV1D: [&str; 4] = [
+    ".attn.c_attn.",
+    ".attn.c_proj.",
+    ".mlp.c_fc.",
+    ".mlp.c_proj.",
+];
+
+/// Writes `out` (a new folder) from the GGUF file `src`. Each file is written atomically.
+/// Returns the HF names of the tensors written.
+pub fn gguf_to_hf(src: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<Vec<String>> {
+    let g = GgufFile::open_shared(src)?;
+    let config = ModelConfig::from_gguf(&g)?;
+    let arch = config.architecture().name();
+    if out.join("model.safetensors").exists() && !force {
+        return Err(Error::file(
+            out,
+            "already holds a model.safetensors (pass --force to overwrite)",
+        ));
+    }
+    // GPT-2 files carry the tied head twice (llama.cpp's GPT-2 wants its own output tensor).
+    let duplicate_head = matches!(config, ModelConfig::Gpt2(_))
+        && g.raw("output.weight").map(|(t, _, b)| (t, b))
+            == g.raw("token_embd.weight").map(|(t, _, b)| (t, b));
+    let mut names = Vec::new();
+    let mut gguf_names: Vec<&String> = g.content.tensor_infos.keys().collect();
+    gguf_names.sort();
+    for gname in gguf_names {
+        if NOT_WEIGHTS.contains(&gname.as_str()) || (duplicate_head && gname == "output.weight") {
+            continue;
+        }
+        let name = hf_name(arch, gname).ok_or_else(|| {
+            Error::file(
+                src,
+                format!("tensor '{gname}' has no Hugging Face name for {arch}"),
+            )
+        })?;
+        names.push(name);
+    }
+    let tied = !names.iter().any(|n| n == "lm_head.weight");
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in &names {
+        let mut t = g.load(name, false)?.into_dense()?;
+        if arch == "gpt2" && t.rank() == 2 && CONV1D.iter().any(|m| name.contains(m)) {
+            t = t.t()?.contiguous()?;
+        }
+        tensors.push((
+            name.clone(),
+            t.dims().to_vec(),
+            t.flatten_all()?.to_vec1::<f32>()?,
+        ));
+    }
+    let views: Vec<(String, Vec<usize>, &[f32])> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
+        .collect();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    crate::io::write::write_safetensors_as(
+        &out.join("model.safetensors"),
+        &views,
+        dtype,
+        Some(meta),
+    )?;
+    let write = |name: &str, bytes: &[u8]| {
+        crate::io::write::write_atomic(&out.join(name), |w| std::io::Write::write_all(w, bytes))
+    };
     let id = |k: &str| g.meta_u64(k);
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    let mut cfg = match &config {
+        ModelConfig::Llama(c) => llama_config(c, &g)?,
+        ModelConfig::Gpt2(c) => gpt2_config(c),
+        ModelConfig::Bert(_) => unreachable!("from_gguf rejects encoders"),
+    };
+    cfg["bos_token_id"] = json!(id("tokenizer.ggml.bos_token_id"));
+    cfg["eos_token_id"] = json!(id("tokenizer.ggml.eos_token_id"));
+    cfg["tie_word_embeddings"] = json!(tied);
+    cfg["torch_dtype"] = json!(torch_dtype(dtype));
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&cfg)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    write_tokenizer(&g, out, config.context_length())?;
+    Ok(names)
+}
+
+fn llama_config(c: &llama::Config, g: &GgufFile) -> Result<Value> {
+    let (architecture, model_type) = match c.variant {
+        llama::Variant::Llama => ("LlamaForCausalLM", "llama"),
+        llama::Variant::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        llama::Variant::Phi3 => ("Phi3ForCausalLM", "phi3"),
+    };
+    let mut cfg = json!({
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -67,92 +143,87 @@ fn config_json(c: &llama::Config, g: &GgufFile, dtype: DType) -> Value {
         "max_position_embeddings": c.max_position_embeddings,
         "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta,
-        "rope_scaling": null,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "attention_bias": false,
-        "mlp_bias": false,
+        "rope_scaling": rope_scaling_json(c, g)?,
         "hidden_act": "silu",
-        "bos_token_id": id("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": id("tokenizer.ggml.eos_token_id"),
-        "torch_dtype": match dtype { DType::F16 => "float16", DType::BF16 => "bfloat16", _ => "float32" },
+    });
+    match c.variant {
+        llama::Variant::Llama => {
+            cfg["attention_bias"] = json!(false);
+            cfg["mlp_bias"] = json!(false);
+        }
+        llama::Variant::Qwen2 => {
+            cfg["use_sliding_window"] = json!(false);
+            cfg["sliding_window"] = json!(c.max_position_embeddings);
+        }
+        llama::Variant::Phi3 => {
+            cfg["sliding_window"] = json!(c.sliding_window);
+            cfg["original_max_position_embeddings"] = json!(c
+                .rope_scaling
+                .as_ref()
+                .and_then(|s| s.original_max_position_embeddings)
+                .unwrap_or(c.max_position_embeddings));
+        }
+    }
+    Ok(cfg)
+}
+
+/// transformers' `rope_scaling` for what the GGUF file records: a linear factor, or llama.cpp's
+/// divisors turned back into Llama 3's parameters.
+fn rope_scaling_json(c: &llama::Config, g: &GgufFile) -> Result<Value> {
+    let Some(s) = c.rope_scaling.as_ref() else {
+        return Ok(Value::Null);
+    };
+    if let Some(f) = &s.freq_factors {
+        let fit = crate::nn::rope::llama3_from_factors(
+            c.head_dim(),
+            c.rope_theta,
+            f,
+            s.original_max_position_embeddings,
+        )
+        .ok_or_else(|| {
+            Error::file(
+                &g.path,
+                "rope_freqs.weight holds divisors that no transformers rope_scaling reproduces",
+            )
+        })?;
+        return Ok(scaling_json(&fit));
+    }
+    Ok(scaling_json(s))
+}
+
+fn scaling_json(s: &RopeScaling) -> Value {
+    let mut v = json!({"rope_type": s.rope_type, "factor": s.factor});
+    if s.rope_type.as_deref() == Some("llama3") {
+        v["low_freq_factor"] = json!(s.low_freq_factor);
+        v["high_freq_factor"] = json!(s.high_freq_factor);
+        v["original_max_position_embeddings"] = json!(s.original_max_position_embeddings);
+    }
+    v
+}
+
+fn gpt2_config(c: &gpt2::Config) -> Value {
+    json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,
+        "n_positions": c.n_positions,
+        "n_ctx": c.n_positions,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": c.n_inner,
+        "layer_norm_epsilon": c.layer_norm_epsilon,
+        "activation_function": "gelu_new",
     })
 }
 
-/// Writes `out` (a new folder) from the GGUF file `src`. Each file is written atomically.
-pub fn gguf_to_hf(src: &Path, out: &Path, dtype: DType, force: bool) -> Result<Vec<String>> {
-    let g = GgufFile::open_shared(src)?;
-    let ModelConfig::Llama(cfg) = ModelConfig::from_gguf(&g)? else {
-        return Err(Error::file(src, "converting this architecture to a Hugging Face folder is not supported yet (llama family only)"));
-    };
-    if cfg.variant != llama::Variant::Llama {
-        return Err(Error::file(src, "converting this architecture to a Hugging Face folder is not supported yet (llama family only)"));
-    }
-    if out.join("model.safetensors").exists() && !force {
-        return Err(Error::file(
-            out,
-            "already holds a model.safetensors (pass --force to overwrite)",
-        ));
-    }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut tensors = Vec::new();
-    for name in llama_names(&cfg).into_iter().filter(|n| g.contains(n)) {
-        let t = g.load(&name, false)?.into_dense()?.to_dtype(dtype)?;
-        tensors.push((name, t));
-    }
-    let st_dtype = match dtype {
-        DType::F16 => safetensors::Dtype::F16,
-        DType::BF16 => safetensors::Dtype::BF16,
-        _ => safetensors::Dtype::F32,
-    };
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            let raw = match dtype {
-                DType::F16 => t
-                    .flatten_all()?
-                    .to_vec1::<half::f16>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-                DType::BF16 => t
-                    .flatten_all()?
-                    .to_vec1::<half::bf16>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-                _ => t
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            };
-            Ok((n.clone(), raw, t.dims().to_vec()))
-        })
-        .collect::<Result<_>>()?;
-    let views = bytes
-        .iter()
-        .map(|(n, b, shape)| {
-            safetensors::tensor::TensorView::new(st_dtype, shape.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::msg(format!("internal: tensor {n}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let data =
-        safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::msg(e.to_string()))?;
+/// tokenizer.json and tokenizer_config.json from the GGUF vocabulary.
+fn write_tokenizer(g: &GgufFile, out: &Path, context: usize) -> Result<()> {
     let write = |name: &str, bytes: &[u8]| {
         crate::io::write::write_atomic(&out.join(name), |w| std::io::Write::write_all(w, bytes))
     };
-    write("model.safetensors", &data)?;
-    write(
-        "config.json",
-        serde_json::to_string_pretty(&config_json(&cfg, &g, dtype))
-            .unwrap_or_default()
-            .as_bytes(),
-    )?;
-    let tok = crate::tokenize::Tokenizer::from_gguf(&g)?;
-    let mut doc = crate::tokenize::gguf_vocab::tokenizer_json(&g)?;
+    let tok = crate::tokenize::Tokenizer::from_gguf(g)?;
+    let mut doc = crate::tokenize::gguf_vocab::tokenizer_json(g)?;
     let token = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
     let bos = token(tok.bos);
     if let (true, Some(b)) = (tok.add_bos, &bos) {
@@ -173,13 +244,12 @@ pub fn gguf_to_hf(src: &Path, out: &Path, dtype: DType, force: bool) -> Result<V
         "add_eos_token": tok.add_eos,
         "chat_template": tok.chat_template,
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": cfg.max_position_embeddings,
+        "model_max_length": context,
     });
     write(
         "tokenizer_config.json",
         serde_json::to_string_pretty(&tc)
             .unwrap_or_default()
             .as_bytes(),
-    )?;
-    Ok(tensors.into_iter().map(|(n, _)| n).collect())
+    )
 }

@@ -6,46 +6,7 @@ mod common;
 use slm::io::gguf::GgufFile;
 use slm::tokenize::{Message, Tokenizer};
 
-fn vectors(name: &str) -> Vec<(String, Vec<u32>)> {
-    let dir = common::assets().join("tokenizers/vectors");
-    let inp = std::fs::read_to_string(dir.join(format!("{name}.inp"))).unwrap();
-    let out = std::fs::read_to_string(dir.join(format!("{name}.out"))).unwrap();
-    // As llama.cpp's test-tokenizer-0 reads them: cases separated by the marker line.
-    let mut cases: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
-    if cases.last() == Some(&"") {
-        cases.pop();
-    }
-    let ids: Vec<Vec<u32>> = out
-        .lines()
-        .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
-        .collect();
-    assert_eq!(
-        cases.len(),
-        ids.len(),
-        "{name}: {} cases, {} outputs",
-        cases.len(),
-        ids.len()
-    );
-    cases.into_iter().map(String::from).zip(ids).collect()
-}
-
-fn check_all(name: &str, tok: &Tokenizer) {
-    let cases = vectors(name);
-    let failures: Vec<String> = cases
-        .iter()
-        .filter_map(|(text, want)| {
-            let got = tok.encode(text, false).unwrap();
-            (&got != want).then(|| format!("{text:?}: got {got:?}, want {want:?}"))
-        })
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{name}: {}/{} differ:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
-}
+use common::check_vectors as check_all;
 
 fn gguf_tokenizer(name: &str) -> Tokenizer {
     let p = common::assets().join("tokenizers/vectors").join(name);

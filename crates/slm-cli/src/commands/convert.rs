@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF file (llama family).
+    /// A GGUF file (GPT-2, Llama, Qwen2 or Phi-3).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// The Hugging Face folder to write (model.safetensors, config.json, tokenizer files).

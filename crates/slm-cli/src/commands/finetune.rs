@@ -333,7 +333,7 @@ fn run_causal(a: Args) -> Result<trainer::Summary> {
                 a.model.display(),
                 source.display()
             );
-            slm::convert::gguf_to_hf(&a.model, &source, candle_core::DType::F32, true)?;
+            slm::convert::gguf_to_hf(&a.model, &source, slm::convert::Dtype::F32, true)?;
         }
     }
     let files = slm::io::ModelFiles::locate(&source)?;

@@ -174,41 +174,96 @@ pub fn unpermute_qk_rows(rows: usize, heads: usize) -> Vec<usize> {
     src_of_dst
 }
 
-/// HF tensor name to llama.cpp's name, for the architectures slm runs.
-pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
-    const SIMPLE: &[(&str, &str)] = &[
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-        ("transformer.wte.weight", "token_embd.weight"),
-        ("transformer.wpe.weight", "position_embd.weight"),
-        ("transformer.ln_f.weight", "output_norm.weight"),
-        ("transformer.ln_f.bias", "output_norm.bias"),
-    ];
-    if let Some((_, g)) = SIMPLE.iter().find(|(h, _)| *h == hf) {
-        return Some(g.to_string());
+/// HF module names and llama.cpp's, per family: (HF, GGUF). Layer modules sit under
+/// `{prefix}{i}.` in HF and `blk.{i}.` in GGUF.
+struct NameTable {
+    prefix: &'static str,
+    global: &'static [(&'static str, &'static str)],
+    layer: &'static [(&'static str, &'static str)],
+}
+
+const LLAMA_GLOBAL: &[(&str, &str)] = &[
+    ("model.embed_tokens", "token_embd"),
+    ("model.norm", "output_norm"),
+    ("lm_head", "output"),
+];
+const NORMS: [(&str, &str); 2] = [
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+];
+
+fn name_table(arch: &str) -> NameTable {
+    match arch {
+        "gpt2" => NameTable {
+            prefix: "transformer.h.",
+            global: &[
+                ("transformer.wte", "token_embd"),
+                ("transformer.wpe", "position_embd"),
+                ("transformer.ln_f", "output_norm"),
+                ("lm_head", "output"),
+            ],
+            layer: &[
+                ("attn.c_attn", "attn_qkv"),
+                ("attn.c_proj", "attn_output"),
+                ("mlp.c_fc", "ffn_up"),
+                ("mlp.c_proj", "ffn_down"),
+                ("ln_1", "attn_norm"),
+                ("ln_2", "ffn_norm"),
+            ],
+        },
+        // Phi-3 fuses q/k/v and gate/up; llama.cpp keeps them fused (gate first).
+        "phi3" => NameTable {
+            prefix: "model.layers.",
+            global: LLAMA_GLOBAL,
+            layer: &[
+                ("self_attn.qkv_proj", "attn_qkv"),
+                ("self_attn.o_proj", "attn_output"),
+                ("mlp.gate_up_proj", "ffn_up"),
+                ("mlp.down_proj", "ffn_down"),
+                NORMS[0],
+                NORMS[1],
+            ],
+        },
+        _ => NameTable {
+            prefix: "model.layers.",
+            global: LLAMA_GLOBAL,
+            layer: &[
+                ("self_attn.q_proj", "attn_q"),
+                ("self_attn.k_proj", "attn_k"),
+                ("self_attn.v_proj", "attn_v"),
+                ("self_attn.o_proj", "attn_output"),
+                ("mlp.gate_proj", "ffn_gate"),
+                ("mlp.up_proj", "ffn_up"),
+                ("mlp.down_proj", "ffn_down"),
+                NORMS[0],
+                NORMS[1],
+            ],
+        },
     }
-    let rest = hf
-        .strip_prefix("model.layers.")
-        .or_else(|| hf.strip_prefix("transformer.h."))?;
-    let (layer, tail) = rest.split_once('.')?;
-    let (module, kind) = tail.rsplit_once('.')?;
-    let phi3 = arch == "phi3";
-    let g = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" | "attn.c_proj" => "attn_output",
-        "self_attn.qkv_proj" | "attn.c_attn" => "attn_qkv",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" | "mlp.c_fc" => "ffn_up",
-        "mlp.gate_up_proj" if phi3 => "ffn_up",
-        "mlp.down_proj" | "mlp.c_proj" => "ffn_down",
-        "input_layernorm" | "ln_1" => "attn_norm",
-        "post_attention_layernorm" | "ln_2" => "ffn_norm",
-        _ => return None,
-    };
+}
+
+/// HF tensor name to llama.cpp's, for the architectures slm runs.
+pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
+    let t = name_table(arch);
+    let (module, kind) = hf.rsplit_once('.')?;
+    if let Some((_, g)) = t.global.iter().find(|(h, _)| *h == module) {
+        return Some(format!("{g}.{kind}"));
+    }
+    let (layer, module) = module.strip_prefix(t.prefix)?.split_once('.')?;
+    let (_, g) = t.layer.iter().find(|(h, _)| *h == module)?;
     Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// llama.cpp's tensor name to HF's: the inverse of [`gguf_name`].
+pub fn hf_name(arch: &str, gguf: &str) -> Option<String> {
+    let t = name_table(arch);
+    let (module, kind) = gguf.rsplit_once('.')?;
+    if let Some((h, _)) = t.global.iter().find(|(_, g)| *g == module) {
+        return Some(format!("{h}.{kind}"));
+    }
+    let (layer, module) = module.strip_prefix("blk.")?.split_once('.')?;
+    let (h, _) = t.layer.iter().find(|(_, g)| *g == module)?;
+    Some(format!("{}{layer}.{h}.{kind}", t.prefix))
 }
 
 impl WeightStore for GgufFile {
@@ -288,5 +343,57 @@ impl WeightStore for GgufFile {
         }
         let t = q.dequantize()?.reshape(dims)?;
         Ok(Weight::Dense(t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways() {
+        for (arch, hf, gguf) in [
+            (
+                "llama",
+                "model.layers.3.self_attn.q_proj.weight",
+                "blk.3.attn_q.weight",
+            ),
+            (
+                "qwen2",
+                "model.layers.0.self_attn.k_proj.bias",
+                "blk.0.attn_k.bias",
+            ),
+            ("llama", "model.embed_tokens.weight", "token_embd.weight"),
+            (
+                "phi3",
+                "model.layers.1.mlp.gate_up_proj.weight",
+                "blk.1.ffn_up.weight",
+            ),
+            (
+                "phi3",
+                "model.layers.1.self_attn.qkv_proj.weight",
+                "blk.1.attn_qkv.weight",
+            ),
+            (
+                "gpt2",
+                "transformer.h.11.mlp.c_proj.bias",
+                "blk.11.ffn_down.bias",
+            ),
+            ("gpt2", "transformer.wpe.weight", "position_embd.weight"),
+            ("gpt2", "lm_head.weight", "output.weight"),
+        ] {
+            assert_eq!(gguf_name(arch, hf).as_deref(), Some(gguf));
+            assert_eq!(hf_name(arch, gguf).as_deref(), Some(hf));
+        }
+        // Each family has only its own modules.
+        assert_eq!(
+            gguf_name("llama", "model.layers.0.mlp.gate_up_proj.weight"),
+            None
+        );
+        assert_eq!(
+            gguf_name("gpt2", "model.layers.0.self_attn.q_proj.weight"),
+            None
+        );
+        assert_eq!(hf_name("llama", "rope_freqs.weight"), None);
     }
 }

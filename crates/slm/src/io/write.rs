@@ -41,15 +41,35 @@ pub fn write_safetensors(
     tensors: &[(String, Vec<usize>, &[f32])],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
+    write_safetensors_as(path, tensors, safetensors::Dtype::F32, metadata)
+}
+
+/// As [`write_safetensors`], each value stored as `dtype` (F32, F16 or BF16, rounded to nearest).
+pub fn write_safetensors_as(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    dtype: safetensors::Dtype,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|(_, _, v)| match dtype {
+            safetensors::Dtype::F16 => v
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+            safetensors::Dtype::BF16 => v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
         .collect();
     let views = tensors
         .iter()
         .zip(&bytes)
         .map(|((name, shape, _), b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+            safetensors::tensor::TensorView::new(dtype, shape.clone(), b)
                 .map(|v| (name.clone(), v))
                 .map_err(|e| Error::file(path, e))
         })

@@ -7,6 +7,7 @@ pub mod llama;
 use std::path::Path;
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 
 use crate::error::{Context, Error, Result};
@@ -206,11 +207,13 @@ impl ModelConfig {
                         .meta_f64(&key("attention.layer_norm_rms_epsilon"))
                         .unwrap_or(1e-5),
                     rope_theta: g.meta_f64(&key("rope.freq_base")).unwrap_or(10000.0),
-                    rope_scaling: None,
+                    rope_scaling: rope_scaling_of(g, name)?,
                     tie_word_embeddings: !g.content.tensor_infos.contains_key("output.weight"),
                     attention_bias: false,
                     mlp_bias: false,
-                    sliding_window: None,
+                    sliding_window: g
+                        .meta_u64(&key("attention.sliding_window"))
+                        .map(|v| v as usize),
                     use_sliding_window: None,
                     hidden_act: crate::nn::Activation::Silu,
                     variant,
@@ -219,6 +222,52 @@ impl ModelConfig {
             Architecture::Bert(_) => unreachable!("encoders are rejected above"),
         })
     }
+}
+
+/// RoPE scaling as llama.cpp records it: a `rope.scaling.type` key (linear), or per-frequency
+/// divisors in the `rope_freqs` tensor (what Llama 3's scaling becomes).
+fn rope_scaling_of(g: &GgufFile, arch: &str) -> Result<Option<crate::nn::RopeScaling>> {
+    let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+    let unsupported = |what: &str| {
+        Err(Error::file(
+            &g.path,
+            format!("RoPE scaling '{what}' is not supported (supported: linear, llama3 factors)"),
+        ))
+    };
+    if g.content
+        .tensor_infos
+        .contains_key("rope_factors_long.weight")
+    {
+        return unsupported("longrope");
+    }
+    let mut scaling = crate::nn::RopeScaling {
+        original_max_position_embeddings: g
+            .meta_u64(&key("original_context_length"))
+            .map(|v| v as usize),
+        ..Default::default()
+    };
+    match g.meta_str(&key("type")) {
+        None | Some("none") => {}
+        Some("linear") => {
+            scaling.rope_type = Some("linear".into());
+            scaling.factor = g.meta_f64(&key("factor"));
+        }
+        Some(other) => return unsupported(other),
+    }
+    if let Some((dtype, dims, bytes)) = g.raw("rope_freqs.weight") {
+        if dtype != GgmlDType::F32 || dims.len() != 1 || bytes.len() != 4 * dims[0] {
+            return Err(Error::file(
+                &g.path,
+                "tensor 'rope_freqs.weight' is not a row of f32",
+            ));
+        }
+        let f = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        scaling.freq_factors = Some(f);
+    }
+    Ok(scaling.is_scaled().then_some(scaling))
 }
 
 /// A model ready to run: its config, its weights' origin and the network itself.

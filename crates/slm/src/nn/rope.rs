@@ -15,12 +15,74 @@ pub struct RopeScaling {
     pub low_freq_factor: Option<f64>,
     pub high_freq_factor: Option<f64>,
     pub original_max_position_embeddings: Option<usize>,
+    /// llama.cpp's form of any scaling: one divisor per frequency (GGUF `rope_freqs.weight`).
+    /// GGUF files keep only these, not the parameters that produced them.
+    #[serde(skip)]
+    pub freq_factors: Option<Vec<f32>>,
+}
+
+impl RopeScaling {
+    /// Anything but plain RoPE.
+    pub fn is_scaled(&self) -> bool {
+        self.freq_factors.is_some() || self.rope_type.as_deref().is_some_and(|t| t != "default")
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+}
+
+/// The rotation frequencies, one per pair of dimensions, as transformers' `ROPE_INIT_FUNCTIONS`
+/// compute them.
+pub fn inv_freq(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Result<Vec<f64>> {
+    let mut inv_freq: Vec<f64> = (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect();
+    let Some(s) = scaling else {
+        return Ok(inv_freq);
+    };
+    if let Some(f) = &s.freq_factors {
+        if f.len() != inv_freq.len() {
+            return Err(Error::msg(format!(
+                "rope_freqs holds {} factors, the head needs {}",
+                f.len(),
+                inv_freq.len()
+            )));
+        }
+        inv_freq
+            .iter_mut()
+            .zip(f)
+            .for_each(|(v, &d)| *v /= d as f64);
+        return Ok(inv_freq);
+    }
+    let factor = s.factor.unwrap_or(1.0);
+    match s.rope_type.as_deref().unwrap_or("default") {
+        "default" => {}
+        "linear" => inv_freq.iter_mut().for_each(|f| *f /= factor),
+        "llama3" => {
+            let lo = s.low_freq_factor.unwrap_or(1.0);
+            let hi = s.high_freq_factor.unwrap_or(4.0);
+            let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+            let (lo_wl, hi_wl) = (old / lo, old / hi);
+            for f in inv_freq.iter_mut() {
+                let wl = 2.0 * std::f64::consts::PI / *f;
+                if wl > lo_wl {
+                    *f /= factor;
+                } else if wl >= hi_wl {
+                    let smooth = (old / wl - lo) / (hi - lo);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+        other => {
+            return Err(Error::msg(format!(
+                "rope_scaling type '{other}' is not supported (supported: default, linear, llama3)"
+            )))
+        }
+    }
+    Ok(inv_freq)
 }
 
 /// The cos and sin tables, `[max_pos, head_dim / 2]` row-major, as transformers computes them.
@@ -30,37 +92,7 @@ pub fn tables(
     max_pos: usize,
     scaling: Option<&RopeScaling>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let mut inv_freq: Vec<f64> = (0..head_dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
-        .collect();
-    if let Some(s) = scaling {
-        let kind = s.rope_type.as_deref().unwrap_or("default");
-        let factor = s.factor.unwrap_or(1.0);
-        match kind {
-            "default" => {}
-            "linear" => inv_freq.iter_mut().for_each(|f| *f /= factor),
-            "llama3" => {
-                let lo = s.low_freq_factor.unwrap_or(1.0);
-                let hi = s.high_freq_factor.unwrap_or(4.0);
-                let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
-                let (lo_wl, hi_wl) = (old / lo, old / hi);
-                for f in inv_freq.iter_mut() {
-                    let wl = 2.0 * std::f64::consts::PI / *f;
-                    if wl > lo_wl {
-                        *f /= factor;
-                    } else if wl >= hi_wl {
-                        let smooth = (old / wl - lo) / (hi - lo);
-                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
-                    }
-                }
-            }
-            other => {
-                return Err(Error::msg(format!(
-                "rope_scaling type '{other}' is not supported (supported: default, linear, llama3)"
-            )))
-            }
-        }
-    }
+    let inv_freq = inv_freq(head_dim, theta, scaling)?;
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(max_pos * half);
     let mut sin = Vec::with_capacity(max_pos * half);
@@ -107,5 +139,164 @@ impl Rope {
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+/// llama.cpp's per-frequency divisors (`rope_freqs.weight`) for a scaling: what GGUF stores in
+/// place of transformers' `rope_scaling` parameters.
+pub fn freq_factors(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Result<Vec<f32>> {
+    let base = inv_freq(head_dim, theta, None)?;
+    let scaled = inv_freq(head_dim, theta, Some(scaling))?;
+    Ok(base
+        .iter()
+        .zip(&scaled)
+        .map(|(b, s)| (b / s) as f32)
+        .collect())
+}
+
+/// transformers' `llama3` parameters that reproduce a GGUF file's per-frequency divisors, so a
+/// converted config.json gives the same rotations. The divisors fix only two ratios of the
+/// parameters (`s = A/wavelength − B` on the blended band), so `original_max_position_embeddings`
+/// is taken from `original` when the file records it. None when no llama3 scaling fits.
+pub fn llama3_from_factors(
+    head_dim: usize,
+    theta: f64,
+    factors: &[f32],
+    original: Option<usize>,
+) -> Option<RopeScaling> {
+    use std::f64::consts::PI;
+    let base = inv_freq(head_dim, theta, None).ok()?;
+    if factors.len() != base.len() {
+        return None;
+    }
+    let factor = factors.iter().fold(1f32, |a, &b| a.max(b)) as f64;
+    if factor <= 1.0 {
+        return None;
+    }
+    let wl: Vec<f64> = base.iter().map(|f| 2.0 * PI / f).collect();
+    // The blend weight: 1 where a frequency is left alone, 0 where divided by the full factor.
+    let s: Vec<f64> = factors
+        .iter()
+        .map(|&d| (1.0 / d as f64 - 1.0 / factor) / (1.0 - 1.0 / factor))
+        .collect();
+    let tol = 1e-4;
+    let blended: Vec<usize> = (0..s.len())
+        .filter(|&i| s[i] > tol && s[i] < 1.0 - tol)
+        .collect();
+    let max_kept = (0..s.len())
+        .filter(|&i| s[i] >= 1.0 - tol)
+        .map(|i| wl[i])
+        .fold(0f64, f64::max);
+    let min_scaled = (0..s.len())
+        .filter(|&i| s[i] <= tol)
+        .map(|i| wl[i])
+        .fold(f64::INFINITY, f64::min);
+    // (A, B) with low-frequency wavelength A/B and high-frequency wavelength A/(B+1).
+    let (a, b) = match blended.as_slice() {
+        [i, .., j] => {
+            let a = (s[*i] - s[*j]) / (1.0 / wl[*i] - 1.0 / wl[*j]);
+            (a, a / wl[*i] - s[*i])
+        }
+        [i] => {
+            let lo_wl = if min_scaled.is_finite() {
+                (wl[*i] * min_scaled).sqrt()
+            } else {
+                2.0 * wl[*i]
+            };
+            let b = s[*i] / (lo_wl / wl[*i] - 1.0);
+            (b * lo_wl, b)
+        }
+        [] => {
+            let lo_wl = if max_kept > 0.0 {
+                (max_kept * min_scaled).sqrt()
+            } else {
+                min_scaled / 2.0
+            };
+            let hi_wl = if max_kept > 0.0 {
+                (max_kept * lo_wl).sqrt()
+            } else {
+                lo_wl / 2.0
+            };
+            let b = hi_wl / (lo_wl - hi_wl);
+            (b * lo_wl, b)
+        }
+    };
+    if !(a.is_finite() && b.is_finite() && a > 0.0 && b > 0.0) {
+        return None;
+    }
+    let old = original.unwrap_or((a / b).round().max(1.0) as usize) as f64;
+    let lo = b * old / a;
+    let fit = RopeScaling {
+        rope_type: Some("llama3".into()),
+        factor: Some(factor),
+        low_freq_factor: Some(lo),
+        high_freq_factor: Some(lo + old / a),
+        original_max_position_embeddings: Some(old as usize),
+        freq_factors: None,
+    };
+    let again = freq_factors(head_dim, theta, &fit).ok()?;
+    let same = again
+        .iter()
+        .zip(factors)
+        .all(|(x, y)| ((x - y) / y).abs() < 1e-5);
+    same.then_some(fit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama3(factor: f64, lo: f64, hi: f64, old: usize) -> RopeScaling {
+        RopeScaling {
+            rope_type: Some("llama3".into()),
+            factor: Some(factor),
+            low_freq_factor: Some(lo),
+            high_freq_factor: Some(hi),
+            original_max_position_embeddings: Some(old),
+            freq_factors: None,
+        }
+    }
+
+    /// Llama 3.1's parameters (several blended frequencies), the test fixture's (one), and a
+    /// step with none all come back as parameters giving the same frequencies.
+    #[test]
+    fn llama3_parameters_are_recovered_from_gguf_factors() {
+        for (hd, theta, s, original) in [
+            (128, 500000.0, llama3(8.0, 1.0, 4.0, 8192), Some(8192)),
+            (128, 500000.0, llama3(32.0, 1.0, 4.0, 8192), None),
+            (16, 10000.0, llama3(8.0, 1.0, 4.0, 16), None),
+            (16, 10000.0, llama3(4.0, 1.0, 1.0001, 64), None),
+        ] {
+            let f = freq_factors(hd, theta, &s).unwrap();
+            let fit = llama3_from_factors(hd, theta, &f, original).expect("a fit");
+            let want = inv_freq(hd, theta, Some(&s)).unwrap();
+            let got = inv_freq(hd, theta, Some(&fit)).unwrap();
+            for (w, g) in want.iter().zip(&got) {
+                assert!(((w - g) / w).abs() < 1e-6, "{s:?} → {fit:?}");
+            }
+            if original.is_some() {
+                assert_eq!(fit.low_freq_factor.map(|v| (v * 1e6).round()), Some(1e6));
+                assert_eq!(fit.high_freq_factor.map(|v| (v * 1e6).round()), Some(4e6));
+            }
+        }
+        assert!(llama3_from_factors(16, 10000.0, &[1.0; 8], None).is_none());
+        // Divisors that fall and rise again are no llama3 scaling.
+        let odd = [1.0, 8.0, 1.0, 8.0, 1.0, 8.0, 1.0, 8.0];
+        assert!(llama3_from_factors(16, 10000.0, &odd, None).is_none());
+    }
+
+    #[test]
+    fn factors_reproduce_the_scaled_frequencies() {
+        let s = llama3(8.0, 1.0, 4.0, 16);
+        let f = freq_factors(16, 10000.0, &s).unwrap();
+        let via = RopeScaling {
+            freq_factors: Some(f),
+            ..Default::default()
+        };
+        let a = inv_freq(16, 10000.0, Some(&s)).unwrap();
+        let b = inv_freq(16, 10000.0, Some(&via)).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!(((x - y) / x).abs() < 1e-6);
+        }
     }
 }

@@ -1,13 +1,14 @@
-//! A GGUF file from a Hugging Face folder (Llama family), as llama.cpp's `convert_hf_to_gguf.py`
-//! followed by `llama-quantize` writes it: tensors renamed, the Llama Q/K rows permuted for
-//! llama.cpp's rotary layout, the tokenizer (byte-level BPE) and chat template in the metadata.
-//! An optional PEFT adapter is merged on the way, so a fine-tuned model deploys in one step.
+//! A GGUF file from a Hugging Face folder (GPT-2, Llama, Qwen2, Phi-3), as llama.cpp's
+//! `convert_hf_to_gguf.py` followed by `llama-quantize` writes it: tensors renamed, the Llama Q/K
+//! rows permuted for llama.cpp's rotary layout, GPT-2's Conv1D weights transposed, RoPE scaling
+//! as llama.cpp keeps it, the tokenizer (byte-level BPE or SentencePiece) and chat template in the
+//! metadata. An optional PEFT adapter is merged on the way, so a fine-tuned model deploys in one
+//! step.
 
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::QTensor;
-use serde_json::Value as Json;
 
 use super::{
     check_output, file_type, quantize_tensor, tensor_type, write_gguf, GgmlDType, Summary,
@@ -17,7 +18,9 @@ use crate::io::gguf::{gguf_name, unpermute_qk_rows};
 use crate::io::peft::{AdaptedStore, PeftAdapter};
 use crate::io::{open_weights, ModelFiles, WeightFormat, WeightStore};
 use crate::models::llama::{Config, Variant};
-use crate::models::{config_of, ModelConfig};
+use crate::models::{config_of, gpt2, ModelConfig};
+use crate::nn::Activation;
+use crate::tokenize::to_gguf;
 
 pub fn quantize_hf(
     src: &Path,
@@ -32,75 +35,115 @@ pub fn quantize_hf(
     if let WeightFormat::Gguf(p) = &files.format {
         return Err(Error::file(p, "is a GGUF file; quantize it directly"));
     }
-    let ModelConfig::Llama(cfg) = config_of(&files)? else {
-        return Err(Error::file(
-            &files.root,
-            "GGUF export supports the Llama family (Llama, SmolLM2, TinyLlama, Qwen2)",
-        ));
-    };
-    let arch = match cfg.variant {
-        Variant::Llama => "llama",
-        Variant::Qwen2 => "qwen2",
-        Variant::Phi3 => {
+    let config = config_of(&files)?;
+    let arch = config.architecture().name();
+    let mut meta = match &config {
+        ModelConfig::Llama(c) => llama_metadata(c, arch, &files.root)?,
+        ModelConfig::Gpt2(c) => gpt2_metadata(c, &files.root)?,
+        ModelConfig::Bert(_) => {
             return Err(Error::file(
                 &files.root,
-                "GGUF export of Phi-3 is not supported yet",
+                format!(
+                    "GGUF export covers causal models (gpt2, llama, qwen2, phi3), not '{arch}'"
+                ),
             ))
         }
     };
-    if cfg
-        .rope_scaling
-        .as_ref()
-        .is_some_and(|s| s.rope_type.as_deref().is_some_and(|t| t != "default"))
-    {
-        return Err(Error::file(
-            &files.root,
-            "GGUF export of a model with rope_scaling is not supported yet",
-        ));
-    }
+    meta.insert(
+        0,
+        ("general.architecture".into(), Value::String(arch.into())),
+    );
+    meta.push(("general.file_type".into(), Value::U32(file_type(want))));
+    meta.push(("general.quantization_version".into(), Value::U32(2)));
+    meta.extend(to_gguf::gguf_metadata(&files.root, config.vocab_size())?);
+
     let mut store: std::sync::Arc<dyn WeightStore> = open_weights(&files)?;
     if let Some(dir) = adapter {
         store = std::sync::Arc::new(AdaptedStore::new(store, PeftAdapter::open(dir)?)?);
     }
-    let mut meta = model_metadata(&cfg, arch, &files.root, want);
-    meta.extend(tokenizer_metadata(&files.root, cfg.vocab_size)?);
-
-    let tied = cfg.tie_word_embeddings || !store.contains("lm_head.weight");
-    let names: Vec<String> = store
-        .tensors()
-        .into_iter()
-        .map(|t| t.name)
-        .filter(|n| {
-            // A tied head is the embedding; rotary tables are recomputed by llama.cpp.
-            let skip = (tied && n == "lm_head.weight") || n.ends_with("rotary_emb.inv_freq");
-            !skip
-        })
-        .collect();
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
-    let mut summary = Vec::with_capacity(names.len());
-    for (i, name) in names.iter().enumerate() {
-        let g = gguf_name(arch, name).ok_or_else(|| {
+    let tied = match &config {
+        ModelConfig::Llama(c) => c.tie_word_embeddings || !store.contains("lm_head.weight"),
+        _ => !store.contains("lm_head.weight"),
+    };
+    let gpt2 = matches!(config, ModelConfig::Gpt2(_));
+    // (GGUF name, HF name): rotary tables and attention-mask buffers are not weights, and a tied
+    // head is the embedding itself; llama.cpp's GPT-2 still wants its own output tensor.
+    let mut plan: Vec<(String, String)> = Vec::new();
+    for name in store.tensors().into_iter().map(|t| t.name) {
+        let buffer = ["rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"]
+            .iter()
+            .any(|b| name.ends_with(b));
+        if buffer || (tied && name == "lm_head.weight") {
+            continue;
+        }
+        let g = gguf_name(arch, &name).ok_or_else(|| {
             Error::file(
-                store.file_of(name),
+                store.file_of(&name),
                 format!("no GGUF name for tensor '{name}'"),
             )
         })?;
+        plan.push((g, name));
+    }
+    if gpt2 && tied {
+        plan.push(("output.weight".into(), "transformer.wte.weight".into()));
+    }
+    let has_output = plan.iter().any(|(g, _)| g == "output.weight");
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(plan.len() + 1);
+    let mut summary = Vec::with_capacity(plan.len() + 1);
+    if let Some(f) = rope_freqs(&config)? {
+        let n = f.len();
+        let t = candle_core::Tensor::from_vec(f, n, &candle_core::Device::Cpu)?;
+        tensors.push((
+            "rope_freqs.weight".into(),
+            quantize_tensor(&t, GgmlDType::F32)?,
+        ));
+        summary.push(("rope_freqs.weight".into(), GgmlDType::F32, GgmlDType::F32));
+    }
+    for (i, (g, name)) in plan.iter().enumerate() {
         let mut t = store.load(name, false)?.into_dense()?;
-        let heads = match (arch, name) {
-            ("llama", n) if n.contains("self_attn.q_proj.weight") => Some(cfg.num_attention_heads),
-            ("llama", n) if n.contains("self_attn.k_proj.weight") => Some(cfg.n_kv_heads()),
-            _ => None,
-        };
-        if let Some(h) = heads {
-            t = permute_qk(&t, h)?;
+        if let ModelConfig::Llama(c) = &config {
+            // llama.cpp rotates adjacent pairs for `llama`: Q and K rows are interleaved.
+            let heads = match name {
+                _ if arch != "llama" => None,
+                n if n.contains("self_attn.q_proj.") => Some(c.num_attention_heads),
+                n if n.contains("self_attn.k_proj.") => Some(c.n_kv_heads()),
+                _ => None,
+            };
+            if let Some(h) = heads {
+                t = permute_qk(&t, h)?;
+            }
+        }
+        if gpt2 && t.rank() == 2 && CONV1D.iter().any(|m| name.contains(m)) {
+            // GPT-2's Conv1D keeps weights as [in, out]; GGUF as every linear layer, [out, in].
+            t = t.t()?.contiguous()?;
         }
         let dims = t.dims().to_vec();
-        let target = tensor_type(&g, &dims, want, !tied)?;
+        let target = tensor_type(g, &dims, want, has_output)?;
         tensors.push((g.clone(), quantize_tensor(&t, target)?));
-        summary.push((g, GgmlDType::F32, target));
-        progress(i + 1, names.len());
+        summary.push((g.clone(), GgmlDType::F32, target));
+        progress(i + 1, plan.len());
     }
     write_gguf(out, &meta, &tensors, summary)
+}
+
+const CONV1D: [&str; 4] = [
+    ".attn.c_attn.",
+    ".attn.c_proj.",
+    ".mlp.c_fc.",
+    ".mlp.c_proj.",
+];
+
+/// llama.cpp keeps Llama 3's frequency scaling as a tensor of divisors, one per frequency.
+fn rope_freqs(config: &ModelConfig) -> Result<Option<Vec<f32>>> {
+    let ModelConfig::Llama(c) = config else {
+        return Ok(None);
+    };
+    match c.rope_scaling.as_ref() {
+        Some(s) if s.rope_type.as_deref() == Some("llama3") => Ok(Some(
+            crate::nn::rope::freq_factors(c.head_dim(), c.rope_theta, s)?,
+        )),
+        _ => Ok(None),
+    }
 }
 
 /// HF row order to llama.cpp's: the inverse of [`unpermute_qk_rows`].
@@ -115,18 +158,22 @@ fn permute_qk(t: &candle_core::Tensor, heads: usize) -> Result<candle_core::Tens
     Ok(t.index_select(&idx, 0)?)
 }
 
-fn model_metadata(c: &Config, arch: &str, root: &Path, want: GgmlDType) -> Vec<(String, Value)> {
+fn u(v: usize) -> Value {
+    Value::U32(v as u32)
+}
+
+fn model_name(root: &Path) -> (String, Value) {
     let name = root
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    let u = |v: usize| Value::U32(v as u32);
+    ("general.name".into(), Value::String(name))
+}
+
+fn llama_metadata(c: &Config, arch: &str, root: &Path) -> Result<Vec<(String, Value)>> {
     let k = |s: &str| format!("{arch}.{s}");
-    vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        ("general.name".into(), Value::String(name)),
-        ("general.file_type".into(), Value::U32(file_type(want))),
-        ("general.quantization_version".into(), Value::U32(2)),
+    let mut meta = vec![
+        model_name(root),
         (k("context_length"), u(c.max_position_embeddings)),
         (k("embedding_length"), u(c.hidden_size)),
         (k("block_count"), u(c.num_hidden_layers)),
@@ -140,142 +187,65 @@ fn model_metadata(c: &Config, arch: &str, root: &Path, want: GgmlDType) -> Vec<(
             Value::F32(c.rms_norm_eps as f32),
         ),
         (k("vocab_size"), u(c.vocab_size)),
-    ]
-}
-
-fn read_json(path: &Path) -> Result<Json> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::file(path, e))
-}
-
-/// llama.cpp's name for the pre-tokenizer, from the shape of tokenizer.json's: which regex
-/// splits the text before BPE.
-fn pre_tokenizer_name(tok: &Json) -> &'static str {
-    let pre = &tok["pre_tokenizer"];
-    let parts: Vec<&Json> = match pre["type"].as_str() {
-        Some("Sequence") => pre["pretokenizers"]
-            .as_array()
-            .map(|a| a.iter().collect())
-            .unwrap_or_default(),
-        _ => vec![pre],
-    };
-    let kinds: Vec<&str> = parts.iter().filter_map(|p| p["type"].as_str()).collect();
-    let digits = parts
-        .iter()
-        .any(|p| p["type"] == "Digits" && p["individual_digits"] == true);
-    let split_regex = parts
-        .iter()
-        .find_map(|p| p["pattern"]["Regex"].as_str())
-        .unwrap_or("");
-    if digits && kinds.contains(&"ByteLevel") {
-        // StarCoder's split (digits one by one, then GPT-2's regex): SmolLM, SmolLM2.
-        "smollm"
-    } else if split_regex.contains("\\p{N}{1,3}") {
-        "llama-bpe"
-    } else if split_regex.contains("\\p{N}") && split_regex.contains("(?i:'s") {
-        "qwen2"
-    } else {
-        "gpt2"
-    }
-}
-
-/// The `tokenizer.ggml.*` keys for a byte-level BPE tokenizer.json.
-fn tokenizer_metadata(root: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
-    let tok_path = root.join("tokenizer.json");
-    let tok = read_json(&tok_path)?;
-    let model = &tok["model"];
-    if model["type"] != "BPE" || model["byte_fallback"] == true {
-        return Err(Error::file(
-            &tok_path,
-            "GGUF export supports byte-level BPE tokenizers (GPT-2 style) only for now",
-        ));
-    }
-    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
-    let mut types = vec![1i32; vocab_size];
-    for (t, id) in model["vocab"].as_object().into_iter().flatten() {
-        if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
-            *slot = Some(t.clone());
-        }
-    }
-    for a in tok["added_tokens"].as_array().into_iter().flatten() {
-        let Some(id) = a["id"]
-            .as_u64()
-            .map(|i| i as usize)
-            .filter(|&i| i < vocab_size)
-        else {
-            continue;
-        };
-        tokens[id] = a["content"].as_str().map(String::from);
-        types[id] = if a["special"] == true { 3 } else { 4 };
-    }
-    let tokens: Vec<Value> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| {
-            Value::String(t.unwrap_or_else(|| {
-                types[i] = 5;
-                format!("[PAD{i}]")
-            }))
-        })
-        .collect();
-    let merges: Vec<Value> = model["merges"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| match m {
-            Json::String(s) => Some(s.clone()),
-            Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
-            _ => None,
-        })
-        .map(Value::String)
-        .collect();
-    let mut meta = vec![
-        (
-            "tokenizer.ggml.model".to_string(),
-            Value::String("gpt2".into()),
-        ),
-        (
-            "tokenizer.ggml.pre".into(),
-            Value::String(pre_tokenizer_name(&tok).into()),
-        ),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
-        (
-            "tokenizer.ggml.token_type".into(),
-            Value::Array(types.into_iter().map(Value::I32).collect()),
-        ),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
     ];
-    let cfg = read_json(&root.join("tokenizer_config.json")).unwrap_or(Json::Null);
-    let id_of = |key: &str| -> Option<u32> {
-        let v = &cfg[key];
-        let text = v.as_str().or_else(|| v["content"].as_str())?;
-        model["vocab"][text]
-            .as_u64()
-            .or_else(|| {
-                tok["added_tokens"]
-                    .as_array()?
-                    .iter()
-                    .find(|a| a["content"] == text)?["id"]
-                    .as_u64()
-            })
-            .map(|i| i as u32)
-    };
-    for (key, gguf) in [
-        ("bos_token", "tokenizer.ggml.bos_token_id"),
-        ("eos_token", "tokenizer.ggml.eos_token_id"),
-        ("unk_token", "tokenizer.ggml.unknown_token_id"),
-        ("pad_token", "tokenizer.ggml.padding_token_id"),
-    ] {
-        if let Some(id) = id_of(key) {
-            meta.push((gguf.into(), Value::U32(id)));
+    if c.head_dim() * c.num_attention_heads != c.hidden_size {
+        meta.push((k("attention.key_length"), u(c.head_dim())));
+        meta.push((k("attention.value_length"), u(c.head_dim())));
+    }
+    if c.variant == Variant::Phi3 {
+        if let Some(w) = c.sliding_window {
+            meta.push((k("attention.sliding_window"), u(w)));
         }
     }
-    meta.push((
-        "tokenizer.ggml.add_bos_token".into(),
-        Value::Bool(cfg["add_bos_token"].as_bool().unwrap_or(false)),
-    ));
-    if let Some(t) = cfg["chat_template"].as_str() {
-        meta.push(("tokenizer.chat_template".into(), Value::String(t.into())));
+    let unsupported = |t: &str| {
+        Err(Error::file(
+            root,
+            format!("GGUF export of rope_scaling '{t}' for {arch} is not supported (supported: linear; llama3 for llama)"),
+        ))
+    };
+    if let Some(s) = c.rope_scaling.as_ref().filter(|s| s.is_scaled()) {
+        match s.rope_type.as_deref() {
+            Some("linear") => {
+                meta.push((k("rope.scaling.type"), Value::String("linear".into())));
+                meta.push((
+                    k("rope.scaling.factor"),
+                    Value::F32(s.factor.unwrap_or(1.0) as f32),
+                ));
+            }
+            Some("llama3") if arch == "llama" => {}
+            other => return unsupported(other.unwrap_or("?")),
+        }
+        if let Some(n) = s.original_max_position_embeddings {
+            meta.push((k("rope.scaling.original_context_length"), u(n)));
+        }
     }
     Ok(meta)
+}
+
+fn gpt2_metadata(c: &gpt2::Config, root: &Path) -> Result<Vec<(String, Value)>> {
+    if !matches!(c.activation_function, Activation::GeluNew) {
+        // llama.cpp's GPT-2 graph uses the tanh approximation of GELU only.
+        return Err(Error::file(
+            root,
+            format!(
+                "GGUF export of GPT-2 needs activation_function gelu_new (llama.cpp's), not {:?}",
+                c.activation_function
+            ),
+        ));
+    }
+    Ok(vec![
+        model_name(root),
+        ("gpt2.context_length".into(), u(c.n_positions)),
+        ("gpt2.embedding_length".into(), u(c.n_embd)),
+        (
+            "gpt2.feed_forward_length".into(),
+            u(c.n_inner.unwrap_or(4 * c.n_embd)),
+        ),
+        ("gpt2.block_count".into(), u(c.n_layer)),
+        ("gpt2.attention.head_count".into(), u(c.n_head)),
+        (
+            "gpt2.attention.layer_norm_epsilon".into(),
+            Value::F32(c.layer_norm_epsilon as f32),
+        ),
+    ])
 }

@@ -122,6 +122,7 @@ pub fn quantize_tensor(f: &candle_core::Tensor, t: GgmlDType) -> Result<QTensor>
 }
 
 /// What was written, per tensor: name, source type, written type.
+#[derive(Debug)]
 pub struct Summary {
     pub tensors: Vec<(String, GgmlDType, GgmlDType)>,
     pub bytes: u64,

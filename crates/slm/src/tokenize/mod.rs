@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod gguf_vocab;
 pub mod spm;
+pub mod to_gguf;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

@@ -1,0 +1,272 @@
+//! A Hugging Face tokenizer as GGUF `tokenizer.ggml.*` metadata, the way llama.cpp's
+//! `convert_hf_to_gguf.py` writes it, so llama.cpp tokenizes as transformers does: byte-level BPE
+//! (`gpt2`: tokens and merges, plus the name of the pre-tokenizer's split) or SentencePiece
+//! (`llama`: pieces with scores and types). The inverse is [`super::gguf_vocab`].
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use serde_json::Value as Json;
+
+use super::{read_json, spm, token_str, Tokenizer};
+use crate::error::{Context, Error, Result};
+
+/// SentencePiece's piece types, which GGUF's `token_type` shares.
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+
+/// The `tokenizer.ggml.*` keys and the chat template for the tokenizer in `dir`, padded to
+/// `vocab_size` entries (the rows of the model's embedding) as llama.cpp requires.
+pub fn gguf_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let spm_path = dir.join("tokenizer.model");
+    // As llama.cpp's converter: SentencePiece's own file first, it carries the scores.
+    let mut meta = if spm_path.exists() {
+        sentencepiece(dir, &spm_path, vocab_size)?
+    } else {
+        byte_level_bpe(dir, vocab_size)?
+    };
+    let tok = Tokenizer::from_hf_folder(dir)?;
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg = if cfg_path.exists() {
+        read_json(&cfg_path)?
+    } else {
+        Json::Null
+    };
+    let model_cfg = dir.join("config.json");
+    let model_cfg = if model_cfg.exists() {
+        read_json(&model_cfg)?
+    } else {
+        Json::Null
+    };
+    for (name, gguf) in [
+        ("bos", "tokenizer.ggml.bos_token_id"),
+        ("eos", "tokenizer.ggml.eos_token_id"),
+        ("unk", "tokenizer.ggml.unknown_token_id"),
+        ("pad", "tokenizer.ggml.padding_token_id"),
+    ] {
+        let id = token_str(cfg.get(format!("{name}_token")))
+            .and_then(|s| tok.inner.token_to_id(&s))
+            .or_else(|| {
+                model_cfg[format!("{name}_token_id")]
+                    .as_u64()
+                    .map(|i| i as u32)
+            })
+            .or(match name {
+                "bos" => tok.bos,
+                "eos" => tok.eos.first().copied(),
+                _ => None,
+            });
+        if let Some(id) = id.filter(|&i| (i as usize) < vocab_size) {
+            meta.push((gguf.into(), Value::U32(id)));
+        }
+    }
+    meta.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        Value::Bool(tok.add_bos),
+    ));
+    meta.push((
+        "tokenizer.ggml.add_eos_token".into(),
+        Value::Bool(tok.add_eos),
+    ));
+    if let Some(t) = tok.chat_template {
+        meta.push(("tokenizer.chat_template".into(), Value::String(t)));
+    }
+    Ok(meta)
+}
+
+fn too_many(path: &Path, tokens: usize, vocab_size: usize) -> Error {
+    Error::file(
+        path,
+        format!("the tokenizer has {tokens} tokens, more than the model's vocab_size {vocab_size}"),
+    )
+}
+
+/// Tokens with their types, padded to `vocab_size` with llama.cpp's `[PAD{i}]` entries.
+fn padded(tokens: Vec<Option<String>>, mut types: Vec<i32>) -> (Vec<Value>, Vec<Value>) {
+    let tokens = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Value::String(t.unwrap_or_else(|| {
+                types[i] = UNUSED;
+                format!("[PAD{i}]")
+            }))
+        })
+        .collect();
+    (tokens, types.into_iter().map(Value::I32).collect())
+}
+
+/// Added tokens by id: tokenizer.json's `added_tokens`, else tokenizer_config's
+/// `added_tokens_decoder`.
+fn added_tokens(dir: &Path) -> Result<Vec<(usize, String, bool)>> {
+    let tj = dir.join("tokenizer.json");
+    if tj.exists() {
+        let doc = read_json(&tj)?;
+        return Ok(doc["added_tokens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| {
+                let id = a["id"].as_u64()? as usize;
+                Some((id, a["content"].as_str()?.to_string(), a["special"] == true))
+            })
+            .collect());
+    }
+    let tc = dir.join("tokenizer_config.json");
+    if !tc.exists() {
+        return Ok(Vec::new());
+    }
+    let cfg = read_json(&tc)?;
+    Ok(cfg["added_tokens_decoder"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(id, a)| {
+            let id = id.parse().ok()?;
+            Some((id, a["content"].as_str()?.to_string(), a["special"] == true))
+        })
+        .collect())
+}
+
+fn sentencepiece(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let pieces = spm::parse_model_proto(&bytes).in_file(path)?;
+    if pieces.len() > vocab_size {
+        return Err(too_many(path, pieces.len(), vocab_size));
+    }
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![NORMAL; vocab_size];
+    let mut scores = vec![-1000f32; vocab_size];
+    for (i, p) in pieces.iter().enumerate() {
+        tokens[i] = Some(p.text.clone());
+        types[i] = p.kind;
+        scores[i] = p.score;
+    }
+    // Tokens added on top of the SentencePiece model (Phi-3's chat markers); the model's own
+    // pieces keep their types (<unk> stays unknown, <s> control).
+    for (id, text, special) in added_tokens(dir)? {
+        if id >= vocab_size {
+            return Err(too_many(path, id + 1, vocab_size));
+        }
+        if id < pieces.len() && pieces[id].kind != NORMAL {
+            continue;
+        }
+        tokens[id] = Some(text);
+        types[id] = if special { CONTROL } else { USER_DEFINED };
+        scores[id] = 0.0;
+    }
+    let (tokens, types) = padded(tokens, types);
+    Ok(vec![
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+    ])
+}
+
+fn byte_level_bpe(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let tj = dir.join("tokenizer.json");
+    let (doc, path) = if tj.exists() {
+        (read_json(&tj)?, tj)
+    } else if let Some((v, m)) = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
+        .iter()
+        .map(|(v, m)| (dir.join(v), dir.join(m)))
+        .find(|(v, m)| v.exists() && m.exists())
+    {
+        (super::gpt2_json(&v, &m)?, v)
+    } else {
+        return Err(Error::file(
+            dir,
+            "GGUF export needs tokenizer.json, vocab.json + merges.txt, or tokenizer.model",
+        ));
+    };
+    let model = &doc["model"];
+    if model["type"] != "BPE" || model["byte_fallback"] == true {
+        return Err(Error::file(
+            &path,
+            "GGUF export reads byte-level BPE from tokenizer.json; a SentencePiece tokenizer needs its tokenizer.model beside it",
+        ));
+    }
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![NORMAL; vocab_size];
+    for (t, id) in model["vocab"].as_object().into_iter().flatten() {
+        let id = id.as_u64().unwrap_or(u64::MAX) as usize;
+        let slot = tokens
+            .get_mut(id)
+            .ok_or_else(|| too_many(&path, id + 1, vocab_size))?;
+        *slot = Some(t.clone());
+    }
+    for a in doc["added_tokens"].as_array().into_iter().flatten() {
+        let Some(id) = a["id"].as_u64().map(|i| i as usize) else {
+            continue;
+        };
+        if id >= vocab_size {
+            return Err(too_many(&path, id + 1, vocab_size));
+        }
+        tokens[id] = a["content"].as_str().map(String::from);
+        types[id] = if a["special"] == true {
+            CONTROL
+        } else {
+            USER_DEFINED
+        };
+    }
+    let (tokens, types) = padded(tokens, types);
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Json::String(s) => Some(s.clone()),
+            Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+            _ => None,
+        })
+        .map(Value::String)
+        .collect();
+    Ok(vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.pre".into(),
+            Value::String(pre_tokenizer_name(&doc).into()),
+        ),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+    ])
+}
+
+/// llama.cpp's name for the pre-tokenizer, from the shape of tokenizer.json's: which regex
+/// splits the text before BPE.
+fn pre_tokenizer_name(tok: &Json) -> &'static str {
+    let pre = &tok["pre_tokenizer"];
+    let parts: Vec<&Json> = match pre["type"].as_str() {
+        Some("Sequence") => pre["pretokenizers"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default(),
+        _ => vec![pre],
+    };
+    let kinds: Vec<&str> = parts.iter().filter_map(|p| p["type"].as_str()).collect();
+    let digits = parts
+        .iter()
+        .any(|p| p["type"] == "Digits" && p["individual_digits"] == true);
+    let split_regex = parts
+        .iter()
+        .find_map(|p| p["pattern"]["Regex"].as_str())
+        .unwrap_or("");
+    if digits && kinds.contains(&"ByteLevel") {
+        // StarCoder's split (digits one by one, then GPT-2's regex): SmolLM, SmolLM2.
+        "smollm"
+    } else if split_regex.contains("\\p{N}{1,3}") {
+        "llama-bpe"
+    } else if split_regex.contains("\\p{N}") && split_regex.contains("(?i:'s") {
+        "qwen2"
+    } else {
+        "gpt2"
+    }
+}
