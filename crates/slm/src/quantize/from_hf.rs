@@ -193,9 +193,15 @@ fn llama_metadata(c: &Config, arch: &str, root: &Path) -> Result<Vec<(String, Va
         meta.push((k("attention.value_length"), u(c.head_dim())));
     }
     if c.variant == Variant::Phi3 {
-        if let Some(w) = c.sliding_window {
-            meta.push((k("attention.sliding_window"), u(w)));
-        }
+        // llama.cpp requires both for Phi-3; a window as long as the context is no window.
+        let window = c.sliding_window.unwrap_or(c.max_position_embeddings);
+        meta.push((k("attention.sliding_window"), u(window)));
+        let original = c
+            .rope_scaling
+            .as_ref()
+            .and_then(|s| s.original_max_position_embeddings)
+            .unwrap_or(c.max_position_embeddings);
+        meta.push((k("rope.scaling.original_context_length"), u(original)));
     }
     let unsupported = |t: &str| {
         Err(Error::file(
@@ -215,7 +221,10 @@ fn llama_metadata(c: &Config, arch: &str, root: &Path) -> Result<Vec<(String, Va
             Some("llama3") if arch == "llama" => {}
             other => return unsupported(other.unwrap_or("?")),
         }
-        if let Some(n) = s.original_max_position_embeddings {
+        if let (Some(n), false) = (
+            s.original_max_position_embeddings,
+            c.variant == Variant::Phi3,
+        ) {
             meta.push((k("rope.scaling.original_context_length"), u(n)));
         }
     }

@@ -267,6 +267,7 @@ fn pre_tokenizer_name(tok: &Json) -> &'static str {
     } else if split_regex.contains("\\p{N}") && split_regex.contains("(?i:'s") {
         "qwen2"
     } else {
-        "gpt2"
+        // llama.cpp spells GPT-2's own split with a hyphen.
+        "gpt-2"
     }
 }
