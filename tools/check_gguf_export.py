@@ -6,14 +6,14 @@ real GPT-2 BPE cut to its 320 tokens as tokenizer:
   1. `slm quantize -m FOLDER -t f32|q8_0` writes a GGUF;
   2. llama.cpp (llama-cpp-python) loads it: its logits on the fixture prompts are compared with
      transformers' (expected.json), and its greedy tokens with transformers' (f32) and with slm's
-     on the same file (q8_0);
+     on the same file (q8_0, from text prompts);
   3. `slm convert` turns the f32 GGUF back into a folder that transformers loads: logits and
      greedy tokens against expected.json, and the tokenizer against the original.
 Also a Llama with the real Llama 2 SentencePiece vocabulary: llama.cpp tokenizes llama.cpp's own
 test vectors with the GGUF slm wrote.
 
-    pip install -r tools/requirements.txt
-    cargo build --release && python tools/check_gguf_export.py
+    pip install -r tools/requirements.txt llama-cpp-python==0.3.16
+    cargo build --release && python tools/check_gguf_export.py [gpt2 llama qwen2 spm-llama spm-phi3]
 """
 import json
 import os
@@ -78,7 +78,7 @@ def llamacpp_text(llm, prompt, n_new):
 def main():
     tmp = Path(tempfile.mkdtemp())
     ok = True
-    # Phi-3 ships with SentencePiece only; llama.cpp refuses it with a byte-level BPE (below).
+    # Phi-3 ships with SentencePiece only and llama.cpp looks up its added tokens: checked below.
     only = sys.argv[1:]
     for family in [f for f in ["gpt2", "llama", "qwen2"] if not only or f in only]:
         hf = tmp / family

@@ -141,8 +141,8 @@ fn llama_config(c: &llama::Config, g: &GgufFile) -> Result<Value> {
         "num_key_value_heads": c.n_kv_heads(),
         "head_dim": c.head_dim(),
         "max_position_embeddings": c.max_position_embeddings,
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
+        "rms_norm_eps": short(c.rms_norm_eps),
+        "rope_theta": short(c.rope_theta),
         "rope_scaling": rope_scaling_json(c, g)?,
         "hidden_act": "silu",
     });
@@ -201,6 +201,12 @@ fn scaling_json(s: &RopeScaling) -> Value {
     v
 }
 
+/// GGUF keeps these as f32: write the shortest decimal that reads back as that f32 (1e-5, not
+/// 9.999999747378752e-6), as the original config had it.
+fn short(x: f64) -> f64 {
+    format!("{}", x as f32).parse().unwrap_or(x)
+}
+
 fn gpt2_config(c: &gpt2::Config) -> Value {
     json!({
         "architectures": ["GPT2LMHeadModel"],
@@ -212,7 +218,7 @@ fn gpt2_config(c: &gpt2::Config) -> Value {
         "n_layer": c.n_layer,
         "n_head": c.n_head,
         "n_inner": c.n_inner,
-        "layer_norm_epsilon": c.layer_norm_epsilon,
+        "layer_norm_epsilon": short(c.layer_norm_epsilon),
         "activation_function": "gelu_new",
     })
 }

@@ -272,3 +272,29 @@ fn sentencepiece_tokenizer_goes_into_gguf() {
     );
     assert!(!small.join("x.gguf").exists());
 }
+
+/// What GGUF cannot hold is refused before anything is written.
+#[test]
+fn unsupported_models_are_clear_errors() {
+    let minilm = common::assets().join("models/all-MiniLM-L6-v2");
+    let d = common::tempdir("export-refused");
+    let out = d.join("x.gguf");
+    let err = quantize_hf(&minilm, None, GgmlDType::Q8_0, &out, false, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("causal models") && err.contains("bert"),
+        "{err}"
+    );
+
+    let phi3 = hf_folder("phi3", "export-longrope");
+    let cfg_path = phi3.join("config.json");
+    let mut cfg = common::read_json(cfg_path.clone());
+    cfg["rope_scaling"] = serde_json::json!({"type": "longrope", "long_factor": vec![1.0; 8], "short_factor": vec![1.0; 8]});
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = quantize_hf(&phi3, None, GgmlDType::Q8_0, &out, false, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("longrope"), "{err}");
+    assert!(!out.exists());
+}
