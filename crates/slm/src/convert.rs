@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::io::gguf::{hf_name, GgufFile};
+use crate::io::gguf::{hf_name, GgufFile, GPT2_CONV1D};
 use crate::io::WeightStore;
 use crate::models::{gpt2, llama, ModelConfig};
 use crate::nn::RopeScaling;
@@ -36,14 +36,6 @@ fn torch_dtype(d: Dtype) -> &'static str {
 
 /// GGUF tensors that are not weights of the HF model: RoPE divisors become `rope_scaling`.
 const NOT_WEIGHTS: [&str; 1] = ["rope_freqs.weight"];
-
-/// GPT-2's Conv1D layers keep `[in, out]` in HF and `[out, in]` in GGUF.
-const CONV1D: [&str; 4] = [
-    ".attn.c_attn.",
-    ".attn.c_proj.",
-    ".mlp.c_fc.",
-    ".mlp.c_proj.",
-];
 
 /// Writes `out` (a new folder) from the GGUF file `src`. Each file is written atomically.
 /// Returns the HF names of the tensors written.
@@ -81,7 +73,7 @@ pub fn gguf_to_hf(src: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<V
     let mut tensors = Vec::with_capacity(names.len());
     for name in &names {
         let mut t = g.load(name, false)?.into_dense()?;
-        if arch == "gpt2" && t.rank() == 2 && CONV1D.iter().any(|m| name.contains(m)) {
+        if arch == "gpt2" && t.rank() == 2 && GPT2_CONV1D.iter().any(|m| name.contains(m)) {
             t = t.t()?.contiguous()?;
         }
         tensors.push((

@@ -56,6 +56,11 @@ fn gpt2_from_encoder_json_and_vocab_bpe() {
     let dir = common::assets().join("tokenizers/gpt2");
     let tok = Tokenizer::from_hf_folder(&dir).unwrap();
     assert_eq!(tok.encode("Hello world", false).unwrap(), vec![15496, 995]);
+    // As transformers' GPT2TokenizerFast: the end-of-text marker is one special token.
+    assert_eq!(
+        tok.encode("a<|endoftext|>b", false).unwrap(),
+        vec![64, 50256, 65]
+    );
     check_all("ggml-vocab-gpt-2.gguf", &tok);
 }
 

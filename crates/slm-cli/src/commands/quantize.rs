@@ -4,8 +4,8 @@ use anyhow::{bail, Result};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The model to quantize: a GGUF file, or a Hugging Face folder (Llama family, byte-level BPE
-    /// tokenizer).
+    /// The model to quantize: a GGUF file, or a Hugging Face folder (GPT-2, Llama family, Qwen2,
+    /// Phi-3; byte-level BPE or SentencePiece tokenizer).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// A PEFT LoRA adapter to merge first (Hugging Face folder models only).

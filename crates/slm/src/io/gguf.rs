@@ -242,6 +242,15 @@ fn name_table(arch: &str) -> NameTable {
     }
 }
 
+/// GPT-2's Conv1D layers keep `[in, out]` in HF files and `[out, in]` (as every linear layer) in
+/// GGUF: the converters transpose these.
+pub const GPT2_CONV1D: [&str; 4] = [
+    ".attn.c_attn.",
+    ".attn.c_proj.",
+    ".mlp.c_fc.",
+    ".mlp.c_proj.",
+];
+
 /// HF tensor name to llama.cpp's, for the architectures slm runs.
 pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
     let t = name_table(arch);

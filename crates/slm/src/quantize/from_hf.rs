@@ -14,7 +14,7 @@ use super::{
     check_output, file_type, quantize_tensor, tensor_type, write_gguf, GgmlDType, Summary,
 };
 use crate::error::{Error, Result};
-use crate::io::gguf::{gguf_name, unpermute_qk_rows};
+use crate::io::gguf::{gguf_name, unpermute_qk_rows, GPT2_CONV1D};
 use crate::io::peft::{AdaptedStore, PeftAdapter};
 use crate::io::{open_weights, ModelFiles, WeightFormat, WeightStore};
 use crate::models::llama::{Config, Variant};
@@ -113,7 +113,7 @@ pub fn quantize_hf(
                 t = permute_qk(&t, h)?;
             }
         }
-        if gpt2 && t.rank() == 2 && CONV1D.iter().any(|m| name.contains(m)) {
+        if gpt2 && t.rank() == 2 && GPT2_CONV1D.iter().any(|m| name.contains(m)) {
             // GPT-2's Conv1D keeps weights as [in, out]; GGUF as every linear layer, [out, in].
             t = t.t()?.contiguous()?;
         }
@@ -125,13 +125,6 @@ pub fn quantize_hf(
     }
     write_gguf(out, &meta, &tensors, summary)
 }
-
-const CONV1D: [&str; 4] = [
-    ".attn.c_attn.",
-    ".attn.c_proj.",
-    ".mlp.c_fc.",
-    ".mlp.c_proj.",
-];
 
 /// llama.cpp keeps Llama 3's frequency scaling as a tensor of divisors, one per frequency.
 fn rope_freqs(config: &ModelConfig) -> Result<Option<Vec<f32>>> {

@@ -57,8 +57,16 @@ pub fn gpt2_json(vocab: &Path, merges: &Path) -> Result<Value> {
             json!([a, b])
         })
         .collect();
+    // transformers' GPT2Tokenizer makes "<|endoftext|>" its special BOS/EOS/UNK token: it is
+    // matched whole in text, never split by BPE.
+    let added: Vec<Value> = v
+        .get("<|endoftext|>")
+        .and_then(|id| id.as_u64())
+        .map(|id| added_token(id as u32, "<|endoftext|>", true))
+        .into_iter()
+        .collect();
     Ok(json!({
-        "version": "1.0", "added_tokens": [], "normalizer": null,
+        "version": "1.0", "added_tokens": added, "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
         "post_processor": null,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
