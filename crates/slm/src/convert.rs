@@ -242,6 +242,8 @@ fn write_tokenizer(g: &GgufFile, out: &Path, context: usize) -> Result<()> {
         "add_eos_token": tok.add_eos,
         "chat_template": tok.chat_template,
         "tokenizer_class": "PreTrainedTokenizerFast",
+        // Decoders take no token_type_ids (the generic fast tokenizer would return them).
+        "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": context,
     });
     write(
