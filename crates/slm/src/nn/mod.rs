@@ -7,6 +7,7 @@ pub mod kernels;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
+pub mod qdot;
 pub mod qmatmul;
 pub mod rope;
 pub mod vb;

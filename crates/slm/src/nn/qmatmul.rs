@@ -1,20 +1,20 @@
 //! Matrix products with block-quantized weights.
 //!
-//! For the GGUF types small models ship in (Q4_0, Q4_1, Q8_0) we run our own kernels: the
-//! activations are quantized once per call to 8-bit blocks (like llama.cpp's Q8_1), and each
-//! weight row is dotted against them with AVX2 integer multiply-adds, rows split across threads.
-//! candle's CPU path has no SIMD kernel for Q4_1 and pays for a generic dispatch per call; other
-//! types still go through candle's `QMatMul`.
+//! For the legacy GGUF types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) we run our own kernels: the
+//! activations are quantized once per call to 8-bit blocks (like llama.cpp's Q8_0/Q8_1), and each
+//! weight row is dotted against them with AVX2/VNNI integer multiply-adds (`qdot.rs`), rows split
+//! across threads; from 32 tokens on, the weights are dequantized once and multiplied in f32.
+//! candle's CPU path has no SIMD kernel for Q4_1/Q5_x and pays for a generic dispatch per call;
+//! the k-quants go through candle's `QMatMul` (decode) or its dequantization + our GEMM (prefill).
 
 use candle_core::quantized::{GgmlDType, QMatMul as CandleQMatMul};
 use candle_core::{Device, Module, Tensor};
-use half::f16;
 use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::io::QuantWeight;
 
-const QK: usize = 32;
+use super::qdot::{dot, dot4, dot4x4, has_vnni, quantize_q8, BlockQ8, Kind, QK};
 
 pub enum QMatMul {
     Own(OwnQ),
@@ -63,38 +63,13 @@ impl std::ops::Deref for AlignedBytes {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Q4_0,
-    Q4_1,
-    Q8_0,
-}
-
-impl Kind {
-    fn block_bytes(self) -> usize {
-        match self {
-            Kind::Q4_0 => 18,
-            Kind::Q4_1 => 20,
-            Kind::Q8_0 => 34,
-        }
-    }
-}
-
-/// One block of quantized activations: `x ≈ d * qs`, with `sum = d * Σqs` precomputed for the
-/// weight types that carry an offset.
-#[derive(Clone, Copy)]
-#[repr(C, align(32))]
-pub struct BlockQ8 {
-    qs: [i8; QK],
-    d: f32,
-    sum: f32,
-}
-
 impl QMatMul {
     pub fn new(w: QuantWeight) -> Result<Self> {
         let kind = match w.dtype {
             GgmlDType::Q4_0 => Some(Kind::Q4_0),
             GgmlDType::Q4_1 => Some(Kind::Q4_1),
+            GgmlDType::Q5_0 => Some(Kind::Q5_0),
+            GgmlDType::Q5_1 => Some(Kind::Q5_1),
             GgmlDType::Q8_0 => Some(Kind::Q8_0),
             _ => None,
         };
@@ -152,38 +127,6 @@ impl QMatMul {
     }
 }
 
-pub fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
-    x.chunks_exact(QK)
-        .map(|c| {
-            // Lane-wise max and ties-to-even rounding (as llama.cpp's SIMD quantizers round)
-            // keep this loop vectorised.
-            let mut m8 = [0f32; 8];
-            for part in c.chunks_exact(8) {
-                for l in 0..8 {
-                    m8[l] = m8[l].max(part[l].abs());
-                }
-            }
-            let amax = m8.iter().fold(0f32, |a, &v| a.max(v));
-            // As llama.cpp's quantize_row_q8_0/q8_1: scale by 127/amax, store the scale (and
-            // the block sum) rounded to f16, so greedy decoding follows llama.cpp's arithmetic.
-            let d = amax / 127.0;
-            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut qs = [0i8; QK];
-            for (q, v) in qs.iter_mut().zip(c) {
-                // Adding 1.5·2²³ leaves round-to-even(v·id) in the low mantissa bits.
-                let r = (v * id + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-                *q = r as i8;
-            }
-            let s: i32 = qs.iter().map(|&q| q as i32).sum();
-            BlockQ8 {
-                qs,
-                d: f16::from_f32(d).to_f32(),
-                sum: f16::from_f32(d * s as f32).to_f32(),
-            }
-        })
-        .collect()
-}
-
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
@@ -200,25 +143,7 @@ impl OwnQ {
         let nb = self.cols / QK;
         let data = &self.data[r0 * nb * bb..r1 * nb * bb];
         for (blk, o) in data.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
-            let d = f16_at(blk, 0);
-            match self.kind {
-                Kind::Q8_0 => {
-                    for (v, &q) in o.iter_mut().zip(&blk[2..34]) {
-                        *v = d * (q as i8) as f32;
-                    }
-                }
-                Kind::Q4_0 | Kind::Q4_1 => {
-                    let (qs, min) = match self.kind {
-                        Kind::Q4_0 => (&blk[2..18], -8.0 * d),
-                        _ => (&blk[4..20], f16_at(blk, 2)),
-                    };
-                    let (lo, hi) = o.split_at_mut(16);
-                    for j in 0..16 {
-                        lo[j] = d * (qs[j] & 0x0F) as f32 + min;
-                        hi[j] = d * (qs[j] >> 4) as f32 + min;
-                    }
-                }
-            }
+            self.kind.dequantize(blk, o);
         }
     }
 
@@ -340,301 +265,10 @@ impl OwnQ {
     }
 }
 
-fn dot(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            return unsafe { avx2::dot(kind, w, x) };
-        }
-    }
-    dot_scalar(kind, w, x)
-}
-
-fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static VNNI: OnceLock<bool> = OnceLock::new();
-        *VNNI.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Dots of four consecutive weight rows (`row_bytes` apart in `w4`) with the same activations.
-/// Only called when [`has_vnni`] is true.
-fn dot4(kind: Kind, w4: &[u8], row_bytes: usize, x: &[BlockQ8]) -> [f32; 4] {
-    assert!(w4.len() >= 4 * row_bytes && row_bytes >= x.len() * kind.block_bytes());
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: has_vnni() checked the CPU features; the assert bounds every block read.
-        unsafe { vnni::dot4(kind, w4, row_bytes, x) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!()
-}
-
-/// Four weight rows against four activation rows; only called when [`has_vnni`] is true.
-fn dot4x4(kind: Kind, w4: &[u8], row_bytes: usize, x: [&[BlockQ8]; 4]) -> [[f32; 4]; 4] {
-    let nb = x[0].len();
-    assert!(x.iter().all(|r| r.len() == nb));
-    assert!(w4.len() >= 4 * row_bytes && row_bytes >= nb * kind.block_bytes());
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: has_vnni() checked the CPU features; the asserts bound every block read.
-        unsafe { vnni::dot4x4(kind, w4, row_bytes, x) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!()
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
-/// The reference each SIMD path is tested against.
-fn dot_scalar(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
-    let bb = kind.block_bytes();
-    let mut acc = 0f32;
-    for (blk, xb) in w.chunks_exact(bb).zip(x) {
-        let d = f16_at(blk, 0);
-        match kind {
-            Kind::Q8_0 => {
-                let s: i32 = blk[2..34]
-                    .iter()
-                    .zip(&xb.qs)
-                    .map(|(&q, &y)| q as i8 as i32 * y as i32)
-                    .sum();
-                acc += d * xb.d * s as f32;
-            }
-            Kind::Q4_0 | Kind::Q4_1 => {
-                let qs = if kind == Kind::Q4_0 {
-                    &blk[2..18]
-                } else {
-                    &blk[4..20]
-                };
-                let mut s = 0i32;
-                for (j, &q) in qs.iter().enumerate() {
-                    s += (q & 0x0F) as i32 * xb.qs[j] as i32;
-                    s += (q >> 4) as i32 * xb.qs[j + 16] as i32;
-                }
-                if kind == Kind::Q4_0 {
-                    // Weights are q - 8.
-                    acc += d * (xb.d * s as f32 - 8.0 * xb.sum);
-                } else {
-                    acc += d * xb.d * s as f32 + f16_at(blk, 2) * xb.sum;
-                }
-            }
-        }
-    }
-    acc
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{f16_at, BlockQ8, Kind};
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// 32 unsigned nibbles of a Q4 block: low nibbles are elements 0..16, high ones 16..32.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn nibbles(qs: *const u8) -> __m256i {
-        let q = _mm_loadu_si128(qs as *const __m128i);
-        let m = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(q, m);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
-        _mm256_set_m128i(hi, lo)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
-        let bb = kind.block_bytes();
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut extra = 0f32;
-        let p = w.as_ptr();
-        for (b, xb) in x.iter().enumerate() {
-            let blk = p.add(b * bb);
-            let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
-            let d = f16_at(w, b * bb);
-            let prod = match kind {
-                Kind::Q8_0 => {
-                    let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    // maddubs needs an unsigned left operand: move the signs onto y.
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
-                }
-                Kind::Q4_0 => {
-                    extra -= 8.0 * d * xb.sum;
-                    _mm256_maddubs_epi16(nibbles(blk.add(2)), y)
-                }
-                Kind::Q4_1 => {
-                    extra += f16_at(w, b * bb + 2) * xb.sum;
-                    _mm256_maddubs_epi16(nibbles(blk.add(4)), y)
-                }
-            };
-            let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
-            acc = _mm256_fmadd_ps(s, _mm256_set1_ps(d * xb.d), acc);
-        }
-        hsum(acc) + extra
-    }
-}
-
-/// AVX-512 VNNI on 256-bit registers: `vpdpbusd` multiplies unsigned by signed bytes and sums
-/// groups of four into 32-bit lanes in one instruction, where AVX2 needs `maddubs` + `madd`.
-#[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::{BlockQ8, Kind};
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn f16(p: *const u8) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (p as *const u16).read_unaligned() as i32,
-        )))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn nibbles(qs: *const u8) -> __m256i {
-        let q = _mm_loadu_si128(qs as *const __m128i);
-        let m = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(q, m);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
-        _mm256_set_m128i(hi, lo)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub unsafe fn dot4(kind: Kind, w4: &[u8], row_bytes: usize, x: &[BlockQ8]) -> [f32; 4] {
-        let bb = kind.block_bytes();
-        let base = w4.as_ptr();
-        let zero = _mm256_setzero_si256();
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut extra = [0f32; 4];
-        for (b, xb) in x.iter().enumerate() {
-            let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
-            for r in 0..4 {
-                let blk = base.add(r * row_bytes + b * bb);
-                let d = f16(blk);
-                let s = match kind {
-                    Kind::Q8_0 => {
-                        let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                        // vpdpbusd needs an unsigned left operand: move the signs onto y.
-                        _mm256_dpbusd_epi32(zero, _mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
-                    }
-                    Kind::Q4_0 => {
-                        extra[r] -= 8.0 * d * xb.sum;
-                        _mm256_dpbusd_epi32(zero, nibbles(blk.add(2)), y)
-                    }
-                    Kind::Q4_1 => {
-                        extra[r] += f16(blk.add(2)) * xb.sum;
-                        _mm256_dpbusd_epi32(zero, nibbles(blk.add(4)), y)
-                    }
-                };
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xb.d), acc[r]);
-            }
-        }
-        [
-            hsum(acc[0]) + extra[0],
-            hsum(acc[1]) + extra[1],
-            hsum(acc[2]) + extra[2],
-            hsum(acc[3]) + extra[3],
-        ]
-    }
-
-    /// A 4×4 tile for prefill: four weight rows against four activation rows, so each weight
-    /// block is unpacked once for four tokens. Result `[row][token]`. (A 512-bit form with two
-    /// blocks per register measured 25% slower here: 16 accumulators plus operands spill.)
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    #[allow(clippy::needless_range_loop)]
-    // b indexes four slices and the weight rows alike
-    // Kept out of line: inlined into the caller's loop it measured 10% slower (spills).
-    #[inline(never)]
-    pub unsafe fn dot4x4(
-        kind: Kind,
-        w4: &[u8],
-        row_bytes: usize,
-        x: [&[BlockQ8]; 4],
-    ) -> [[f32; 4]; 4] {
-        let bb = kind.block_bytes();
-        let base = w4.as_ptr();
-        let zero = _mm256_setzero_si256();
-        let mut acc = [[_mm256_setzero_ps(); 4]; 4];
-        let mut extra = [[0f32; 4]; 4];
-        for b in 0..x[0].len() {
-            let mut q = [zero; 4];
-            let mut d = [0f32; 4];
-            for r in 0..4 {
-                let blk = base.add(r * row_bytes + b * bb);
-                d[r] = f16(blk);
-                q[r] = match kind {
-                    Kind::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
-                    Kind::Q4_0 => nibbles(blk.add(2)),
-                    Kind::Q4_1 => nibbles(blk.add(4)),
-                };
-                let off = match kind {
-                    Kind::Q8_0 => 0.0,
-                    Kind::Q4_0 => -8.0 * d[r],
-                    Kind::Q4_1 => f16(blk.add(2)),
-                };
-                for i in 0..4 {
-                    extra[r][i] += off * x[i][b].sum;
-                }
-            }
-            for i in 0..4 {
-                let xb = &x[i][b];
-                let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
-                for r in 0..4 {
-                    let s = match kind {
-                        Kind::Q8_0 => _mm256_dpbusd_epi32(
-                            zero,
-                            _mm256_sign_epi8(q[r], q[r]),
-                            _mm256_sign_epi8(y, q[r]),
-                        ),
-                        _ => _mm256_dpbusd_epi32(zero, q[r], y),
-                    };
-                    acc[r][i] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(s),
-                        _mm256_set1_ps(d[r] * xb.d),
-                        acc[r][i],
-                    );
-                }
-            }
-        }
-        let mut out = [[0f32; 4]; 4];
-        for r in 0..4 {
-            for i in 0..4 {
-                out[r][i] = hsum(acc[r][i]) + extra[r][i];
-            }
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::qdot::dot_scalar;
     use candle_core::quantized::QTensor;
 
     /// Each kernel against the f32 product with candle's dequantized weights: the only
@@ -650,7 +284,13 @@ mod tests {
             .collect();
         let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
             let q = QTensor::quantize(&wt, dtype).unwrap();
             let deq = q.dequantize(&Device::Cpu).unwrap();
             let want = xt
@@ -703,15 +343,37 @@ mod tests {
                     );
                 }
             }
-            // SIMD and scalar agree to rounding.
+            // SIMD and scalar agree to rounding (the integer parts are exact).
             if has_vnni() {
+                let xs: Vec<Vec<BlockQ8>> = (0..4)
+                    .map(|i| quantize_q8(&x[i * cols..(i + 1) * cols]))
+                    .collect();
+                for r in (0..rows - 3).step_by(4) {
+                    let t = dot4x4(
+                        own.kind,
+                        &own.data[r * bb..],
+                        bb,
+                        [&xs[0], &xs[1], &xs[2], &xs[3]],
+                    );
+                    for (j, row) in t.iter().enumerate() {
+                        for (i, g) in row.iter().enumerate() {
+                            let wr = &own.data[(r + j) * bb..(r + j + 1) * bb];
+                            let want = dot_scalar(own.kind, wr, &xs[i]);
+                            assert!(
+                                (g - want).abs() < 1e-5 * (1.0 + want.abs()),
+                                "{dtype:?} tile row {} token {i}: {g} vs {want}",
+                                r + j
+                            );
+                        }
+                    }
+                }
                 for r in (0..rows - 3).step_by(4) {
                     let got = dot4(own.kind, &own.data[r * bb..], bb, &xq);
                     for (j, g) in got.iter().enumerate() {
                         let want =
                             dot_scalar(own.kind, &own.data[(r + j) * bb..(r + j + 1) * bb], &xq);
                         assert!(
-                            (g - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            (g - want).abs() < 1e-5 * (1.0 + want.abs()),
                             "{dtype:?} row {}: {g} vs {want}",
                             r + j
                         );

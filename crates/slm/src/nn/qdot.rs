@@ -1,0 +1,417 @@
+//! Dot products of block-quantized weight rows with 8-bit quantized activations, the inner loop
+//! of [`super::qmatmul`]. The integer part is exact and the float part follows llama.cpp's
+//! `ggml_vec_dot_*` order (eight 32-bit lanes of four products, one FMA per block, the same
+//! horizontal sum), so greedy decoding tracks llama.cpp's as closely as float rounding allows.
+//!
+//! Weight blocks hold 32 values: Q8_0 signed bytes; Q4_0/Q5_0 unsigned 4/5-bit codes with an
+//! implicit offset (8, 16), computed here as `Σ q·y − offset·Σ y` in integers; Q4_1/Q5_1
+//! unsigned codes plus a float minimum `m`, whose contribution is `m · (d_y Σ y)` with the
+//! activation sum rounded to f16 as llama.cpp's Q8_1 stores it.
+
+use half::f16;
+
+pub(crate) const QK: usize = 32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+/// Where a block's parts sit: scale at 0, then the minimum, the 5th bits and the codes.
+struct Layout {
+    bytes: usize,
+    min: Option<usize>,
+    high_bits: Option<usize>,
+    codes: usize,
+    offset: i32,
+}
+
+impl Kind {
+    fn layout(self) -> Layout {
+        let l = |bytes, min, high_bits, codes, offset| Layout {
+            bytes,
+            min,
+            high_bits,
+            codes,
+            offset,
+        };
+        match self {
+            Kind::Q4_0 => l(18, None, None, 2, 8),
+            Kind::Q4_1 => l(20, Some(2), None, 4, 0),
+            Kind::Q5_0 => l(22, None, Some(2), 6, 16),
+            Kind::Q5_1 => l(24, Some(2), Some(4), 8, 0),
+            Kind::Q8_0 => l(34, None, None, 2, 0),
+        }
+    }
+
+    pub(crate) fn block_bytes(self) -> usize {
+        self.layout().bytes
+    }
+
+    /// The unsigned code of element `j` (0..32) of a 4/5-bit block.
+    fn code(self, blk: &[u8], j: usize) -> i32 {
+        let l = self.layout();
+        let byte = blk[l.codes + j % 16];
+        let mut q = if j < 16 { byte & 0x0F } else { byte >> 4 } as i32;
+        if let Some(h) = l.high_bits {
+            let qh = u32::from_le_bytes([blk[h], blk[h + 1], blk[h + 2], blk[h + 3]]);
+            q |= (((qh >> j) & 1) << 4) as i32;
+        }
+        q
+    }
+
+    /// Block `blk` in f32, `out` 32 values.
+    pub(crate) fn dequantize(self, blk: &[u8], out: &mut [f32]) {
+        let d = f16_at(blk, 0);
+        if self == Kind::Q8_0 {
+            for (v, &q) in out.iter_mut().zip(&blk[2..34]) {
+                *v = d * (q as i8) as f32;
+            }
+            return;
+        }
+        let l = self.layout();
+        let min = l.min.map_or(-(l.offset as f32) * d, |m| f16_at(blk, m));
+        for (j, v) in out.iter_mut().enumerate().take(QK) {
+            *v = d * self.code(blk, j) as f32 + min;
+        }
+    }
+}
+
+/// One block of quantized activations: `x ≈ d * qs`. `sum` is `d * Σqs` rounded to f16 (for
+/// the types with a minimum), `isum` the exact `Σqs` (for the types with an offset).
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub struct BlockQ8 {
+    qs: [i8; QK],
+    d: f32,
+    sum: f32,
+    isum: i32,
+}
+
+/// Activations to 8-bit blocks as llama.cpp's `quantize_row_q8_0`/`q8_1` do on x86: scale
+/// 127/amax, ties to even, the scale and the block sum stored as f16.
+pub fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
+    x.chunks_exact(QK)
+        .map(|c| {
+            // Lane-wise max keeps this loop vectorised.
+            let mut m8 = [0f32; 8];
+            for part in c.chunks_exact(8) {
+                for l in 0..8 {
+                    m8[l] = m8[l].max(part[l].abs());
+                }
+            }
+            let amax = m8.iter().fold(0f32, |a, &v| a.max(v));
+            let d = amax / 127.0;
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let mut qs = [0i8; QK];
+            for (q, v) in qs.iter_mut().zip(c) {
+                // Adding 1.5·2²³ leaves round-to-even(v·id) in the low mantissa bits.
+                let r = (v * id + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+                *q = r as i8;
+            }
+            let s: i32 = qs.iter().map(|&q| q as i32).sum();
+            BlockQ8 {
+                qs,
+                d: f16::from_f32(d).to_f32(),
+                sum: f16::from_f32(d * s as f32).to_f32(),
+                isum: s,
+            }
+        })
+        .collect()
+}
+
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// One weight row (`x.len()` blocks) against one activation row.
+pub(crate) fn dot(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
+    assert!(w.len() >= x.len() * kind.block_bytes());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); the assert bounds the reads.
+            return unsafe { avx2::dot(kind, w, x) };
+        }
+    }
+    dot_scalar(kind, w, x)
+}
+
+pub(crate) fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        *VNNI.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Dots of four consecutive weight rows (`row_bytes` apart in `w4`) with the same activations.
+/// Only called when [`has_vnni`] is true.
+pub(crate) fn dot4(kind: Kind, w4: &[u8], row_bytes: usize, x: &[BlockQ8]) -> [f32; 4] {
+    assert!(w4.len() >= 4 * row_bytes && row_bytes >= x.len() * kind.block_bytes());
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: has_vnni() checked the CPU features; the assert bounds every block read.
+        unsafe { vnni::dot4(kind, w4, row_bytes, x) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!()
+}
+
+/// Four weight rows against four activation rows; only called when [`has_vnni`] is true.
+pub(crate) fn dot4x4(kind: Kind, w4: &[u8], row_bytes: usize, x: [&[BlockQ8]; 4]) -> [[f32; 4]; 4] {
+    let nb = x[0].len();
+    assert!(x.iter().all(|r| r.len() == nb));
+    assert!(w4.len() >= 4 * row_bytes && row_bytes >= nb * kind.block_bytes());
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: has_vnni() checked the CPU features; the asserts bound every block read.
+        unsafe { vnni::dot4x4(kind, w4, row_bytes, x) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!()
+}
+
+/// The reference each SIMD path is tested against.
+pub(crate) fn dot_scalar(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
+    let l = kind.layout();
+    let mut acc = 0f32;
+    let mut extra = 0f32;
+    for (blk, xb) in w.chunks_exact(l.bytes).zip(x) {
+        let d = f16_at(blk, 0);
+        let s: i32 = if kind == Kind::Q8_0 {
+            blk[2..34]
+                .iter()
+                .zip(&xb.qs)
+                .map(|(&q, &y)| q as i8 as i32 * y as i32)
+                .sum()
+        } else {
+            (0..QK)
+                .map(|j| kind.code(blk, j) * xb.qs[j] as i32)
+                .sum::<i32>()
+                - l.offset * xb.isum
+        };
+        acc += d * xb.d * s as f32;
+        if let Some(m) = l.min {
+            extra += f16_at(blk, m) * xb.sum;
+        }
+    }
+    acc + extra
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{f16_at, BlockQ8, Kind};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 unsigned codes of a 4/5-bit block, element j in byte j.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn codes(kind: Kind, blk: *const u8) -> __m256i {
+        let l = kind.layout();
+        let q = _mm_loadu_si128(blk.add(l.codes) as *const __m128i);
+        let m = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(q, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
+        let mut v = _mm256_set_m128i(hi, lo);
+        if let Some(h) = l.high_bits {
+            // Bit j of qh to 0x10 in byte j (llama.cpp's bytes_from_bits_32).
+            let qh = (blk.add(h) as *const u32).read_unaligned();
+            let shuf = _mm256_set_epi64x(
+                0x0303030303030303,
+                0x0202020202020202,
+                0x0101010101010101,
+                0,
+            );
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
+            let bit = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+            let set = _mm256_cmpeq_epi8(bit, _mm256_set1_epi64x(-1));
+            v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+        }
+        v
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
+        let l = kind.layout();
+        let ones = _mm256_set1_epi16(1);
+        let offset = _mm256_set1_epi8(l.offset as i8);
+        let mut acc = _mm256_setzero_ps();
+        let mut extra = 0f32;
+        let p = w.as_ptr();
+        for (b, xb) in x.iter().enumerate() {
+            let blk = p.add(b * l.bytes);
+            let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
+            let d = f16_at(w, b * l.bytes);
+            let pairs = if kind == Kind::Q8_0 {
+                let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                // maddubs needs an unsigned left operand: move the signs onto y.
+                _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
+            } else {
+                let pairs = _mm256_maddubs_epi16(codes(kind, blk), y);
+                if let Some(m) = l.min {
+                    extra += f16_at(w, b * l.bytes + m) * xb.sum;
+                    pairs
+                } else {
+                    // (q − offset)·y, pairwise: fits i16 (|2·31·127| < 2¹⁵).
+                    _mm256_sub_epi16(pairs, _mm256_maddubs_epi16(offset, y))
+                }
+            };
+            let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), s, acc);
+        }
+        hsum(acc) + extra
+    }
+}
+
+/// AVX-512 VNNI on 256-bit registers: `vpdpbusd` multiplies unsigned by signed bytes and sums
+/// groups of four into 32-bit lanes in one instruction, where AVX2 needs `maddubs` + `madd`.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{BlockQ8, Kind};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn f16(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (p as *const u16).read_unaligned() as i32,
+        )))
+    }
+
+    /// A block's bytes as `vpdpbusd`'s unsigned operand: the codes, or |q| for Q8_0.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn operand(kind: Kind, blk: *const u8) -> __m256i {
+        if kind == Kind::Q8_0 {
+            _mm256_loadu_si256(blk.add(2) as *const __m256i)
+        } else {
+            super::avx2::codes(kind, blk)
+        }
+    }
+
+    /// Lanes of `Σ w·y` for one block: Q8_0's signs moved onto y, the offset types' `offset·Σy`
+    /// (`oy`, per lane) subtracted.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn lanes(kind: Kind, q: __m256i, y: __m256i, oy: __m256i) -> __m256i {
+        let zero = _mm256_setzero_si256();
+        match kind {
+            Kind::Q8_0 => _mm256_dpbusd_epi32(zero, _mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)),
+            Kind::Q4_0 | Kind::Q5_0 => _mm256_sub_epi32(_mm256_dpbusd_epi32(zero, q, y), oy),
+            Kind::Q4_1 | Kind::Q5_1 => _mm256_dpbusd_epi32(zero, q, y),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn offset_lanes(kind: Kind, y: __m256i) -> __m256i {
+        let o = _mm256_set1_epi8(kind.layout().offset as i8);
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), o, y)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot4(kind: Kind, w4: &[u8], row_bytes: usize, x: &[BlockQ8]) -> [f32; 4] {
+        let l = kind.layout();
+        let base = w4.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut extra = [0f32; 4];
+        for (b, xb) in x.iter().enumerate() {
+            let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
+            let oy = offset_lanes(kind, y);
+            for r in 0..4 {
+                let blk = base.add(r * row_bytes + b * l.bytes);
+                if let Some(m) = l.min {
+                    extra[r] += f16(blk.add(m)) * xb.sum;
+                }
+                let s = lanes(kind, operand(kind, blk), y, oy);
+                let d = _mm256_set1_ps(f16(blk) * xb.d);
+                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r]);
+            }
+        }
+        [
+            hsum(acc[0]) + extra[0],
+            hsum(acc[1]) + extra[1],
+            hsum(acc[2]) + extra[2],
+            hsum(acc[3]) + extra[3],
+        ]
+    }
+
+    /// A 4×4 tile for prefill: four weight rows against four activation rows, so each weight
+    /// block is unpacked once for four tokens. Result `[row][token]`. (A 512-bit form with two
+    /// blocks per register measured 25% slower here: 16 accumulators plus operands spill.)
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    #[allow(clippy::needless_range_loop)]
+    // b indexes four slices and the weight rows alike
+    // Kept out of line: inlined into the caller's loop it measured 10% slower (spills).
+    #[inline(never)]
+    pub unsafe fn dot4x4(
+        kind: Kind,
+        w4: &[u8],
+        row_bytes: usize,
+        x: [&[BlockQ8]; 4],
+    ) -> [[f32; 4]; 4] {
+        let l = kind.layout();
+        let base = w4.as_ptr();
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+        let mut extra = [[0f32; 4]; 4];
+        for b in 0..x[0].len() {
+            let mut q = [zero; 4];
+            let mut d = [0f32; 4];
+            for r in 0..4 {
+                let blk = base.add(r * row_bytes + b * l.bytes);
+                d[r] = f16(blk);
+                q[r] = operand(kind, blk);
+                if let Some(m) = l.min {
+                    let min = f16(blk.add(m));
+                    for i in 0..4 {
+                        extra[r][i] += min * x[i][b].sum;
+                    }
+                }
+            }
+            for i in 0..4 {
+                let xb = &x[i][b];
+                let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
+                let oy = offset_lanes(kind, y);
+                for r in 0..4 {
+                    let s = lanes(kind, q[r], y, oy);
+                    let dd = _mm256_set1_ps(d[r] * xb.d);
+                    acc[r][i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), acc[r][i]);
+                }
+            }
+        }
+        let mut out = [[0f32; 4]; 4];
+        for r in 0..4 {
+            for i in 0..4 {
+                out[r][i] = hsum(acc[r][i]) + extra[r][i];
+            }
+        }
+        out
+    }
+}
