@@ -33,7 +33,7 @@ def slm(*args):
 
 
 def llamacpp_greedy(path, prompt, n):
-    """llama.cpp's greedy continuation: (text, token ids, per-step logits)."""
+    """llama.cpp's greedy continuation: (text, token ids, per-step logits, the model)."""
     from llama_cpp import Llama
     import numpy as np
     llm = Llama(model_path=str(path), n_threads=2, n_ctx=256, verbose=False, logits_all=True)
@@ -46,8 +46,7 @@ def llamacpp_greedy(path, prompt, n):
         out.append(t)
         steps.append(s)
         llm.eval([t])
-    text = lambda toks: llm.detokenize(toks).decode("utf-8", errors="replace")
-    return text(out), out, steps, text
+    return llm.detokenize(out).decode("utf-8", errors="replace"), out, steps, llm
 
 
 def llamacpp_perplexity(path, text, max_length=1024, stride=512):
@@ -80,16 +79,13 @@ def llamacpp_perplexity(path, text, max_length=1024, stride=512):
     return float(np.exp(nll / count)), count
 
 
-def split(ours, out, steps, text):
-    """Where slm's text leaves llama.cpp's: the step, and how far below llama.cpp's own top
-    token (in llama.cpp's logits) the token slm took there is."""
-    import numpy as np
-    k = next(i for i in range(len(out)) if not ours.startswith(text(out[:i + 1])))
-    s = steps[k]
-    for t in np.argsort(-s)[:50]:
-        if t != out[k] and ours.startswith(text(out[:k] + [int(t)])):
-            return k, float(s[out[k]] - s[t])
-    return k, float("nan")
+def split(llm, prompt, ours, out, steps):
+    """Where slm's continuation (re-tokenized by llama.cpp) leaves llama.cpp's: the step, and how
+    far below llama.cpp's own choice its logits put slm's token there."""
+    n = len(llm.tokenize(prompt.encode(), add_bos=False, special=True))
+    mine = llm.tokenize((prompt + ours).encode(), add_bos=False, special=True)[n:]
+    k = next(i for i in range(min(len(out), len(mine))) if out[i] != mine[i])
+    return k, float(steps[k][out[k]] - steps[k][mine[k]])
 
 
 def main():
@@ -105,10 +101,10 @@ def main():
         for p in PROMPTS:
             ours = slm("generate", "-m", str(path), "--temperature", "0", "-n", "16", "--ignore-eos", p)
             ours = ours.removesuffix("\n")
-            theirs, out, steps, detok = llamacpp_greedy(path, p, 16)
+            theirs, out, steps, llm = llamacpp_greedy(path, p, 16)
             agree.append(ours == theirs)
             if ours != theirs:
-                k, gap = split(ours, out, steps, detok)
+                k, gap = split(llm, p, ours, out, steps)
                 print(f"{t}: {p!r}: split at step {k + 1}, where llama.cpp ranks slm's token {gap:.3f} "
                       f"below its own; slm {ours!r} llama.cpp {theirs!r}", file=sys.stderr)
         cmp = json.loads(slm("eval", "compare", "-m", str(SRC), "-m", str(path), "--dtype", "f32", "--dtype", "auto",

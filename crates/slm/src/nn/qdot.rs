@@ -22,6 +22,7 @@ pub(crate) enum Kind {
 }
 
 /// Where a block's parts sit: scale at 0, then the minimum, the 5th bits and the codes.
+#[derive(Clone, Copy)]
 struct Layout {
     bytes: usize,
     min: Option<usize>,
@@ -73,10 +74,20 @@ impl Kind {
             }
             return;
         }
+        // Unrolled by halves (elements j and j + 16 share a byte): this runs over every weight
+        // of a matrix before each prefill GEMM.
         let l = self.layout();
         let min = l.min.map_or(-(l.offset as f32) * d, |m| f16_at(blk, m));
-        for (j, v) in out.iter_mut().enumerate().take(QK) {
-            *v = d * self.code(blk, j) as f32 + min;
+        let qh = l.high_bits.map_or(0, |h| {
+            u32::from_le_bytes([blk[h], blk[h + 1], blk[h + 2], blk[h + 3]])
+        });
+        let qs = &blk[l.codes..l.codes + 16];
+        let (lo, hi) = out.split_at_mut(16);
+        for j in 0..16 {
+            let b5 = ((qh >> j) & 1) << 4;
+            let h5 = ((qh >> (j + 16)) & 1) << 4;
+            lo[j] = d * ((qs[j] & 0x0F) as u32 | b5) as f32 + min;
+            hi[j] = d * ((qs[j] >> 4) as u32 | h5) as f32 + min;
         }
     }
 }
@@ -215,7 +226,7 @@ pub(crate) fn dot_scalar(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_at, BlockQ8, Kind};
+    use super::{f16_at, BlockQ8, Kind, Layout};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -228,8 +239,7 @@ mod avx2 {
 
     /// The 32 unsigned codes of a 4/5-bit block, element j in byte j.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn codes(kind: Kind, blk: *const u8) -> __m256i {
-        let l = kind.layout();
+    pub(super) unsafe fn codes(l: Layout, blk: *const u8) -> __m256i {
         let q = _mm_loadu_si128(blk.add(l.codes) as *const __m128i);
         let m = _mm_set1_epi8(0x0F);
         let lo = _mm_and_si128(q, m);
@@ -269,7 +279,7 @@ mod avx2 {
                 // maddubs needs an unsigned left operand: move the signs onto y.
                 _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
             } else {
-                let pairs = _mm256_maddubs_epi16(codes(kind, blk), y);
+                let pairs = _mm256_maddubs_epi16(codes(l, blk), y);
                 if let Some(m) = l.min {
                     extra += f16_at(w, b * l.bytes + m) * xb.sum;
                     pairs
@@ -289,7 +299,7 @@ mod avx2 {
 /// groups of four into 32-bit lanes in one instruction, where AVX2 needs `maddubs` + `madd`.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{BlockQ8, Kind};
+    use super::{BlockQ8, Kind, Layout};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
@@ -309,11 +319,11 @@ mod vnni {
 
     /// A block's bytes as `vpdpbusd`'s unsigned operand: the codes, or |q| for Q8_0.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn operand(kind: Kind, blk: *const u8) -> __m256i {
+    unsafe fn operand(kind: Kind, l: Layout, blk: *const u8) -> __m256i {
         if kind == Kind::Q8_0 {
             _mm256_loadu_si256(blk.add(2) as *const __m256i)
         } else {
-            super::avx2::codes(kind, blk)
+            super::avx2::codes(l, blk)
         }
     }
 
@@ -329,10 +339,14 @@ mod vnni {
         }
     }
 
+    /// Lanes of `offset·Σy`; zero (and no work) for the types without an offset.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     unsafe fn offset_lanes(kind: Kind, y: __m256i) -> __m256i {
-        let o = _mm256_set1_epi8(kind.layout().offset as i8);
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), o, y)
+        match kind {
+            Kind::Q4_0 => _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), y),
+            Kind::Q5_0 => _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), y),
+            _ => _mm256_setzero_si256(),
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
@@ -349,7 +363,7 @@ mod vnni {
                 if let Some(m) = l.min {
                     extra[r] += f16(blk.add(m)) * xb.sum;
                 }
-                let s = lanes(kind, operand(kind, blk), y, oy);
+                let s = lanes(kind, operand(kind, l, blk), y, oy);
                 let d = _mm256_set1_ps(f16(blk) * xb.d);
                 acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r]);
             }
@@ -387,7 +401,7 @@ mod vnni {
             for r in 0..4 {
                 let blk = base.add(r * row_bytes + b * l.bytes);
                 d[r] = f16(blk);
-                q[r] = operand(kind, blk);
+                q[r] = operand(kind, l, blk);
                 if let Some(m) = l.min {
                     let min = f16(blk.add(m));
                     for i in 0..4 {
