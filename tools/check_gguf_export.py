@@ -9,8 +9,9 @@ real GPT-2 BPE cut to its 320 tokens as tokenizer:
      on the same file (q8_0, from text prompts);
   3. `slm convert` turns the f32 GGUF back into a folder that transformers loads: logits and
      greedy tokens against expected.json, and the tokenizer against the original.
-Also a Llama with the real Llama 2 SentencePiece vocabulary: llama.cpp tokenizes llama.cpp's own
-test vectors with the GGUF slm wrote.
+Also a Llama and a Phi-3 with the real Llama 2 SentencePiece vocabulary: llama.cpp's logits against
+transformers', the converted folder in transformers, and llama.cpp's own tokenizer test vectors on
+the GGUF slm wrote.
 
     pip install -r tools/requirements.txt llama-cpp-python==0.3.16
     cargo build --release && python tools/check_gguf_export.py [gpt2 llama qwen2 spm-llama spm-phi3]

@@ -61,7 +61,8 @@ fn hf_folder(family: &str, tag: &str) -> PathBuf {
     d
 }
 
-fn round_trip(family: &str) {
+/// Returns the folder holding `model.gguf` and the converted-back `back/`.
+fn round_trip(family: &str) -> PathBuf {
     let hf = hf_folder(family, family);
     let gguf = hf.join("model.gguf");
     quantize_hf(&hf, None, GgmlDType::F32, &gguf, false, |_, _| {}).unwrap();
@@ -81,6 +82,7 @@ fn round_trip(family: &str) {
     let names = gguf_to_hf(&gguf, &back, Dtype::F32, false).unwrap();
     assert!(!names.is_empty());
     common::check_causal(family, &back);
+    hf
 }
 
 #[test]
@@ -90,8 +92,7 @@ fn gpt2_exports_and_converts_back() {
 
 #[test]
 fn llama_with_llama3_rope_scaling_exports_and_converts_back() {
-    round_trip("llama");
-    let hf = std::env::temp_dir().join(format!("slm-export-llama-{}", std::process::id()));
+    let hf = round_trip("llama");
     let g = GgufFile::open(&hf.join("model.gguf")).unwrap();
     assert!(g.raw("rope_freqs.weight").is_some());
     let cfg = common::read_json(hf.join("back/config.json"));

@@ -229,8 +229,9 @@ mod avx2 {
     use super::{f16_at, BlockQ8, Kind, Layout};
     use std::arch::x86_64::*;
 
+    /// The sum of the eight lanes, in llama.cpp's `hsum_float_8` order.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -299,16 +300,9 @@ mod avx2 {
 /// groups of four into 32-bit lanes in one instruction, where AVX2 needs `maddubs` + `madd`.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
+    use super::avx2::hsum;
     use super::{BlockQ8, Kind, Layout};
     use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     unsafe fn f16(p: *const u8) -> f32 {

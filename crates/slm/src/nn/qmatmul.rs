@@ -5,7 +5,7 @@
 //! weight row is dotted against them with AVX2/VNNI integer multiply-adds (`qdot.rs`), rows split
 //! across threads; from 32 tokens on, the weights are dequantized once and multiplied in f32.
 //! candle's CPU path has no SIMD kernel for Q4_1/Q5_x and pays for a generic dispatch per call;
-//! the k-quants go through candle's `QMatMul` (decode) or its dequantization + our GEMM (prefill).
+//! the k-quants go through candle's `QMatMul`.
 
 use candle_core::quantized::{GgmlDType, QMatMul as CandleQMatMul};
 use candle_core::{Device, Module, Tensor};

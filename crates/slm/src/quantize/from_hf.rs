@@ -186,15 +186,17 @@ fn llama_metadata(c: &Config, arch: &str, root: &Path) -> Result<Vec<(String, Va
         meta.push((k("attention.value_length"), u(c.head_dim())));
     }
     if c.variant == Variant::Phi3 {
-        // llama.cpp requires both for Phi-3; a window as long as the context is no window.
+        // llama.cpp requires it for Phi-3; a window as long as the context is no window.
         let window = c.sliding_window.unwrap_or(c.max_position_embeddings);
         meta.push((k("attention.sliding_window"), u(window)));
-        let original = c
-            .rope_scaling
-            .as_ref()
-            .and_then(|s| s.original_max_position_embeddings)
-            .unwrap_or(c.max_position_embeddings);
-        meta.push((k("rope.scaling.original_context_length"), u(original)));
+    }
+    let scaling = c.rope_scaling.as_ref().filter(|s| s.is_scaled());
+    // Phi-3 always records its original context (llama.cpp requires it), others when scaled.
+    let original = scaling
+        .and_then(|s| s.original_max_position_embeddings)
+        .or((c.variant == Variant::Phi3).then_some(c.max_position_embeddings));
+    if let Some(n) = original {
+        meta.push((k("rope.scaling.original_context_length"), u(n)));
     }
     let unsupported = |t: &str| {
         Err(Error::file(
@@ -202,7 +204,7 @@ fn llama_metadata(c: &Config, arch: &str, root: &Path) -> Result<Vec<(String, Va
             format!("GGUF export of rope_scaling '{t}' for {arch} is not supported (supported: linear; llama3 for llama)"),
         ))
     };
-    if let Some(s) = c.rope_scaling.as_ref().filter(|s| s.is_scaled()) {
+    if let Some(s) = scaling {
         match s.rope_type.as_deref() {
             Some("linear") => {
                 meta.push((k("rope.scaling.type"), Value::String("linear".into())));
@@ -213,12 +215,6 @@ fn llama_metadata(c: &Config, arch: &str, root: &Path) -> Result<Vec<(String, Va
             }
             Some("llama3") if arch == "llama" => {}
             other => return unsupported(other.unwrap_or("?")),
-        }
-        if let (Some(n), false) = (
-            s.original_max_position_embeddings,
-            c.variant == Variant::Phi3,
-        ) {
-            meta.push((k("rope.scaling.original_context_length"), u(n)));
         }
     }
     Ok(meta)
