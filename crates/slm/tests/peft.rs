@@ -186,7 +186,10 @@ fn an_adapter_written_by_slm_gives_the_same_logits_in_peft() {
     let (now, then) = (read(&d), read(&committed));
     assert_eq!(now.len(), then.len());
     for (k, (_, v)) in &now {
-        assert_close(v, &then[k].1, 1e-6, k);
+        // Summation order differs between CPUs (AVX2 or AVX-512 GEMM kernels) and Adam scales
+        // the tiny differences of small gradients up: 2.1e-5 seen on an AMD EPYC. The logits
+        // below stay within 1e-5 of PEFT's.
+        assert_close(v, &then[k].1, 1e-4, k);
     }
     let _ = std::fs::remove_dir_all(&d);
     // PEFT loaded the committed adapter on the same base and recorded these logits.

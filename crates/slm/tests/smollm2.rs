@@ -71,9 +71,56 @@ fn f32_last_logits_match_transformers() {
     );
 }
 
+/// The quantized kernels (Q4_1 weights, Q8 activations, as llama.cpp computes them) against
+/// transformers' f32 greedy continuation, teacher-forced: at every step transformers' token must
+/// be the quantized model's choice or within a near-tie of it. Free-running greedy decoding is
+/// not a property of a 4-bit file: one near-tie (" loved" / " lived" after "Emma who", 0.1 apart
+/// here) sends the two continuations apart, and which side wins depends on the CPU's kernels.
 #[test]
-fn quantized_matmuls_give_the_same_first_12_tokens() {
+fn quantized_matmuls_follow_the_f32_greedy_tokens() {
     let expected = common::read_json(common::fixtures().join("smollm2.json"));
-    let (_, text, ids) = greedy(ComputeDtype::Auto);
-    assert_eq!(ids, common::ids(&expected["greedy_ids"]), "{text}");
+    let mut m = load_causal(&common::smollm2_gguf(), ComputeDtype::Auto).unwrap();
+    let prompt = common::ids(&expected["prompt_ids"]);
+    let want = common::ids(&expected["greedy_ids"]);
+    let seq: Vec<u32> = prompt.iter().chain(&want).copied().collect();
+    let logits = m.model.forward(&seq, 0, true).unwrap();
+    let rows = logits.to_vec2::<f32>().unwrap();
+    let mut agree = 0;
+    for (k, &tok) in want.iter().enumerate() {
+        let row = &rows[prompt.len() - 1 + k];
+        let best = slm::generate::sampling::argmax(row);
+        let gap = row[best as usize] - row[tok as usize];
+        eprintln!("step {k}: want {tok}, quantized argmax {best}, gap {gap:.3}");
+        assert!(
+            gap <= 0.5,
+            "step {k}: token {tok} is {gap} below the argmax {best}"
+        );
+        agree += usize::from(best == tok);
+    }
+    assert!(
+        agree >= want.len() - 2,
+        "only {agree}/{} steps agree",
+        want.len()
+    );
+    // The same, one token at a time through the decode kernels (quantized activations).
+    m.model.clear_cache();
+    let mut row = m.model.forward(&prompt, 0, false).unwrap();
+    let mut agree = 0;
+    for (k, &tok) in want.iter().enumerate() {
+        let r = row.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let best = slm::generate::sampling::argmax(&r);
+        let gap = r[best as usize] - r[tok as usize];
+        eprintln!("decode step {k}: want {tok}, quantized argmax {best}, gap {gap:.3}");
+        assert!(
+            gap <= 0.5,
+            "decode step {k}: token {tok} is {gap} below the argmax {best}"
+        );
+        agree += usize::from(best == tok);
+        row = m.model.forward(&[tok], prompt.len() + k, false).unwrap();
+    }
+    assert!(
+        agree >= want.len() - 2,
+        "decode: only {agree}/{} steps agree",
+        want.len()
+    );
 }

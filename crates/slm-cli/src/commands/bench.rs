@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long)]
     input: Option<std::path::PathBuf>,
     /// Encoders: texts per batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::parse::positive)]
     batch_size: usize,
 }
 
@@ -102,20 +102,20 @@ pub fn run(mut a: Args) -> Result<()> {
         peak_rss_mib(),
     );
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"model": a.model.model, "threads": threads, "load_s": load, "prefill_tok_s": pp,
                                "decode_tok_s": tg, "peak_rss_mib": rss, "prompt_tokens": a.prompt_tokens,
                                "gen_tokens": a.gen_tokens, "repeats": a.repeats})
         );
     } else {
-        println!("model:        {}", a.model.model.display());
-        println!("threads:      {threads}");
-        println!("load:         {:.3} s", load);
-        println!("prefill:      {:.1} tok/s ({} tokens)", pp, a.prompt_tokens);
-        println!("decode:       {:.1} tok/s ({} tokens)", tg, a.gen_tokens);
-        println!("peak RSS:     {:.0} MiB", rss);
-        println!("(medians of {} runs)", a.repeats);
+        outln!("model:        {}", a.model.model.display());
+        outln!("threads:      {threads}");
+        outln!("load:         {:.3} s", load);
+        outln!("prefill:      {:.1} tok/s ({} tokens)", pp, a.prompt_tokens);
+        outln!("decode:       {:.1} tok/s ({} tokens)", tg, a.gen_tokens);
+        outln!("peak RSS:     {:.0} MiB", rss);
+        outln!("(medians of {} runs)", a.repeats);
     }
     Ok(())
 }
@@ -145,23 +145,24 @@ fn run_encoder(a: Args) -> Result<()> {
     let threads = rayon::current_num_threads();
     let per_s = median(rates);
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"engine": "slm", "threads": threads, "texts": records.len(), "tokens": tokens,
                                "batch_size": a.batch_size, "load_s": load, "sentences_per_s": per_s})
         );
     } else {
-        println!("model:        {}", a.model.model.display());
-        println!("threads:      {threads}");
-        println!(
+        outln!("model:        {}", a.model.model.display());
+        outln!("threads:      {threads}");
+        outln!(
             "texts:        {} ({tokens} tokens) from {}",
             records.len(),
             input.display()
         );
-        println!("load:         {load:.3} s");
-        println!(
+        outln!("load:         {load:.3} s");
+        outln!(
             "embedding:    {per_s:.1} sentences/s (median of {}, batch {})",
-            a.repeats, a.batch_size
+            a.repeats,
+            a.batch_size
         );
     }
     Ok(())

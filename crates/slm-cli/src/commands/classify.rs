@@ -42,11 +42,11 @@ pub fn run(mut args: Args) -> Result<()> {
                 })
                 .collect();
             if args.json {
-                println!("{}", serde_json::json!({"text": r.text, "tokens": tags}));
+                outln!("{}", serde_json::json!({"text": r.text, "tokens": tags}));
             } else {
-                println!("{}", r.text);
+                outln!("{}", r.text);
                 for t in &tags {
-                    println!(
+                    outln!(
                         "  {}\t{}\t{:.4}",
                         t["token"].as_str().unwrap_or(""),
                         t["label"].as_str().unwrap_or(""),
@@ -69,9 +69,9 @@ pub fn run(mut args: Args) -> Result<()> {
                 .zip(p.iter().map(|&x| x.into()))
                 .collect();
             let line = serde_json::json!({"text": r.text, "label": labels[best], "score": p[best], "probabilities": all});
-            println!("{line}");
+            outln!("{line}");
         } else {
-            println!("{}\t{:.4}\t{}", labels[best], p[best], r.text);
+            outln!("{}\t{:.4}\t{}", labels[best], p[best], r.text);
         }
     }
     Ok(())

@@ -16,6 +16,9 @@ pub struct Args {
     /// Write here instead of standard output: `.npy` gives a float32 matrix, anything else JSONL.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+    /// Replace the --output file if it exists.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub pooling: PoolingArgs,
 }
@@ -65,6 +68,14 @@ impl PoolingArgs {
 }
 
 pub fn run(mut args: Args) -> Result<()> {
+    if let Some(p) = &args.output {
+        slm::io::write::check_overwrite(p, args.force)?;
+        super::clean_stale(
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(".".as_ref()),
+        );
+    }
     super::resolve_model(&mut args.model)?;
     let (records, vectors) = args.pooling.embed(&args.model, &args.input)?;
     let jsonl = |w: &mut dyn Write| -> std::io::Result<()> {

@@ -29,7 +29,8 @@ pub struct InputArgs {
     /// Skip empty texts instead of stopping with an error.
     #[arg(long)]
     pub skip_empty: bool,
-    #[arg(long, default_value_t = 32)]
+    /// Texts per forward pass (sorted by length, padded per batch).
+    #[arg(long, default_value_t = 32, allow_negative_numbers = true, value_parser = crate::parse::positive)]
     pub batch_size: usize,
     /// Tokens per text, special tokens included (default: the model's limit, e.g. MiniLM's 256).
     #[arg(long)]

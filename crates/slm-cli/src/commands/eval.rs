@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use slm::eval::perplexity::{perplexity, Options};
 
 use super::ModelArgs;
@@ -52,7 +52,8 @@ pub struct ClassifyArgs {
     /// The label column or field (default: label); values are label names or class indices.
     #[arg(long)]
     label_column: Option<String>,
-    #[arg(long, default_value_t = 32)]
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32, allow_negative_numbers = true, value_parser = crate::parse::positive)]
     batch_size: usize,
     /// Tokens per text (default: the model's limit); longer texts are truncated.
     #[arg(long)]
@@ -60,6 +61,9 @@ pub struct ClassifyArgs {
     /// Also write report.json and confusion.svg into this folder.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Replace a report.json/confusion.svg already in the --report folder.
+    #[arg(long)]
+    force: bool,
     /// A PEFT LoRA adapter folder to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -148,7 +152,7 @@ fn run_compare(mut a: CompareArgs) -> Result<()> {
         })?;
     bar.finish_and_clear();
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"a": pa.display().to_string(), "b": pb.display().to_string(),
                 "tokens_scored": c.a.tokens, "perplexity_a": c.a.perplexity(), "perplexity_b": c.b.perplexity(),
@@ -156,23 +160,29 @@ fn run_compare(mut a: CompareArgs) -> Result<()> {
                 "top1_agreement": c.top1_agreement})
         );
     } else {
-        println!("A:               {}", pa.display());
-        println!("B:               {}", pb.display());
-        println!(
+        outln!("A:               {}", pa.display());
+        outln!("B:               {}", pb.display());
+        outln!(
             "scored:          {} tokens ({} windows of {}, stride {})",
-            c.a.tokens, c.a.windows, opts.max_length, opts.stride
+            c.a.tokens,
+            c.a.windows,
+            opts.max_length,
+            opts.stride
         );
-        println!("perplexity A:    {:.4}", c.a.perplexity());
-        println!(
+        outln!("perplexity A:    {:.4}", c.a.perplexity());
+        outln!(
             "perplexity B:    {:.4} ({:+.2}%)",
             c.b.perplexity(),
             100.0 * (c.b.perplexity() / c.a.perplexity() - 1.0)
         );
-        println!(
+        outln!(
             "KL(A||B):        mean {:.6}, median {:.6}, p99 {:.6}, max {:.6}",
-            c.mean_kl, c.median_kl, c.p99_kl, c.max_kl
+            c.mean_kl,
+            c.median_kl,
+            c.p99_kl,
+            c.max_kl
         );
-        println!("top-1 agreement: {:.2}%", 100.0 * c.top1_agreement);
+        outln!("top-1 agreement: {:.2}%", 100.0 * c.top1_agreement);
     }
     Ok(())
 }
@@ -198,28 +208,42 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"text_tokens": ids.len(), "tokens_scored": p.tokens, "windows": p.windows,
                                "max_length": opts.max_length, "stride": opts.stride,
                                "mean_nll": p.mean_nll, "perplexity": p.perplexity(), "seconds": secs})
         );
     } else {
-        println!("text:        {} ({} tokens)", a.text.display(), ids.len());
-        println!(
+        outln!("text:        {} ({} tokens)", a.text.display(), ids.len());
+        outln!(
             "windows:     {} (max length {}, stride {})",
-            p.windows, opts.max_length, opts.stride
+            p.windows,
+            opts.max_length,
+            opts.stride
         );
-        println!("scored:      {} tokens in {secs:.1} s", p.tokens);
-        println!("mean NLL:    {:.5}", p.mean_nll);
-        println!("perplexity:  {:.4}", p.perplexity());
+        outln!("scored:      {} tokens in {secs:.1} s", p.tokens);
+        outln!("mean NLL:    {:.5}", p.mean_nll);
+        outln!("perplexity:  {:.4}", p.perplexity());
     }
     Ok(())
 }
 
 fn run_classify(mut a: ClassifyArgs) -> Result<()> {
+    if let Some(dir) = &a.report {
+        for f in ["report.json", "confusion.svg"] {
+            slm::io::write::check_overwrite(&dir.join(f), a.force)?;
+        }
+        super::clean_stale(dir);
+    }
     super::resolve_model(&mut a.model)?;
     let enc = slm::encode::Encoder::load_with(&a.model, a.adapter.as_deref())?;
+    if enc.model.task != slm::models::bert::Task::SequenceClassification {
+        bail!(
+            "{}: the model has no sequence-classification head; fine-tune one with `slm finetune --task classify`, or apply a SEQ_CLS adapter with --adapter",
+            a.model.display()
+        );
+    }
     let cols = slm::data::Columns {
         text: a.column.clone(),
         pair: None,
@@ -264,7 +288,7 @@ fn run_classify(mut a: ClassifyArgs) -> Result<()> {
         })
         .collect();
     let report = slm::eval::metrics::Report::new(&labels, &truth, &pred);
-    print!("{}", report.table());
+    out!("{}", report.table());
     if let Some(dir) = &a.report {
         std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
         let json = serde_json::json!({

@@ -10,8 +10,10 @@ pub struct Args {
     pub model: PathBuf,
     /// Text with one or more mask tokens ([MASK] for BERT, <mask> for RoBERTa).
     pub text: String,
-    #[arg(long, short = 'k', default_value_t = 5)]
+    /// Candidates printed per mask.
+    #[arg(long, short = 'k', default_value_t = 5, allow_negative_numbers = true, value_parser = crate::parse::positive)]
     pub top_k: usize,
+    /// One JSON array per mask: token, id, probability.
     #[arg(long)]
     pub json: bool,
 }
@@ -29,15 +31,15 @@ pub fn run(mut args: Args) -> Result<()> {
                     .collect()
             })
             .collect();
-        println!("{}", serde_json::Value::from(out));
+        outln!("{}", serde_json::Value::from(out));
         return Ok(());
     }
     for (i, m) in masks.iter().enumerate() {
         if masks.len() > 1 {
-            println!("mask {}:", i + 1);
+            outln!("mask {}:", i + 1);
         }
         for p in m {
-            println!("{:.4}\t{}", p.probability, p.token);
+            outln!("{:.4}\t{}", p.probability, p.token);
         }
     }
     Ok(())

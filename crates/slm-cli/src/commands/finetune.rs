@@ -63,10 +63,11 @@ pub struct Args {
     /// Stop after this many optimizer steps (overrides --epochs).
     #[arg(long)]
     pub(crate) max_steps: Option<usize>,
-    #[arg(long, default_value_t = 32)]
+    /// Examples per batch.
+    #[arg(long, default_value_t = 32, allow_negative_numbers = true, value_parser = crate::parse::positive)]
     pub(crate) batch_size: usize,
     /// Batches whose gradients are summed before each optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = crate::parse::positive)]
     pub(crate) grad_accum: usize,
     /// Peak learning rate (default: 5e-5 for full fine-tuning, 2e-4 for LoRA).
     #[arg(long)]
@@ -207,8 +208,16 @@ fn check_dropout(p: f32) -> Result<f32> {
     Ok(p)
 }
 
-/// Refuses to mix a new run into an old one's folder, or clears it with --force.
+/// Refuses to mix a new run into an old one's folder or to replace a model already there, or
+/// clears the old run with --force; never writes into the model it reads.
 fn prepare_output(a: &Args) -> Result<()> {
+    let same = |x: &std::path::Path, y: &std::path::Path| matches!((x.canonicalize(), y.canonicalize()), (Ok(x), Ok(y)) if x == y);
+    if a.model.is_dir() && same(&a.output, &a.model) {
+        bail!(
+            "-o {} is the model folder itself; write the fine-tuned model to another folder",
+            a.output.display()
+        );
+    }
     let has_run = a.output.join("checkpoint").exists() || a.output.join("metrics.jsonl").exists();
     if has_run && !a.resume && !a.force {
         bail!(
@@ -216,6 +225,21 @@ fn prepare_output(a: &Args) -> Result<()> {
             a.output.display()
         );
     }
+    let model_file = [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "adapter_model.safetensors",
+    ]
+    .into_iter()
+    .find(|f| a.output.join(f).exists());
+    if let Some(f) = model_file.filter(|_| !a.resume && !a.force && !has_run) {
+        bail!(
+            "{} already holds a model ({f}); pass --force to replace it or choose another -o",
+            a.output.display()
+        );
+    }
+    super::clean_stale(&a.output);
     if a.force && !a.resume {
         for f in ["checkpoint", "checkpoint.old", "best"] {
             let _ = std::fs::remove_dir_all(a.output.join(f));
@@ -250,7 +274,7 @@ fn fit<M: trainer::Model>(
     Ok(summary)
 }
 
-fn report(summary: &trainer::Summary, out: &std::path::Path) {
+fn report(summary: &trainer::Summary, out: &std::path::Path) -> Result<()> {
     let eval = summary
         .final_eval
         .as_ref()
@@ -263,7 +287,7 @@ fn report(summary: &trainer::Summary, out: &std::path::Path) {
             format!("; valid loss {:.4}{m}", e.loss)
         })
         .unwrap_or_default();
-    println!(
+    outln!(
         "{} steps in {:.1} s ({:.0} tokens/s), last train loss {:.4}{eval}{}",
         summary.steps,
         summary.seconds,
@@ -275,7 +299,8 @@ fn report(summary: &trainer::Summary, out: &std::path::Path) {
             ""
         }
     );
-    println!("saved to {}", out.display());
+    outln!("saved to {}", out.display());
+    Ok(())
 }
 
 /// Training allocates and frees the same large activation buffers every step. glibc returns
@@ -301,16 +326,12 @@ fn keep_freed_memory() {
 pub fn run(a: Args) -> Result<()> {
     keep_freed_memory();
     let (summary, out) = train(a)?;
-    report(&summary, &out);
-    Ok(())
+    report(&summary, &out)
 }
 
 /// Runs the training an `Args` describes; `slm tune` calls it once per trial.
 pub(crate) fn train(mut a: Args) -> Result<(trainer::Summary, PathBuf)> {
     super::resolve_model(&mut a.model)?;
-    if a.batch_size == 0 || a.grad_accum == 0 {
-        bail!("--batch-size and --grad-accum must be at least 1");
-    }
     let out = a.output.clone();
     let summary = match a.task {
         Task::Classify => run_classify(a)?,

@@ -33,7 +33,7 @@ pub fn run(a: Args) -> Result<()> {
     let (_, stats) = session.generate(&tok, &ids, &a.sampling.options(), &mut |t| {
         out.write_all(t.as_bytes())
             .and_then(|_| out.flush())
-            .map_err(|e| slm::Error::msg(format!("writing to stdout: {e}")))
+            .map_err(|e| slm::Error::io("standard output", e))
     })?;
     writeln!(out)?;
     if a.verbose {

@@ -69,7 +69,7 @@ pub fn pull(a: PullArgs) -> Result<()> {
         if snap.files.len() == 1 { "" } else { "s" },
         indicatif::HumanBytes(size)
     );
-    println!("{}", snap.model_path().display());
+    outln!("{}", snap.model_path().display());
     Ok(())
 }
 
@@ -94,7 +94,7 @@ pub fn list(a: ListArgs) -> Result<()> {
                 "repo": r.repo, "refs": refs, "snapshots": r.snapshots, "size": r.size,
                 "incomplete": r.incomplete, "path": r.dir,
             });
-            println!("{line}");
+            outln!("{line}");
         }
         return Ok(());
     }
@@ -102,7 +102,7 @@ pub fn list(a: ListArgs) -> Result<()> {
         eprintln!("no models in {}", cfg.cache_dir.display());
         return Ok(());
     }
-    println!("{:<48} {:<28} {:>10}", "MODEL", "REVISION", "SIZE");
+    outln!("{:<48} {:<28} {:>10}", "MODEL", "REVISION", "SIZE");
     for r in &repos {
         let mut revisions: Vec<String> = r
             .refs
@@ -122,7 +122,7 @@ pub fn list(a: ListArgs) -> Result<()> {
                 indicatif::HumanBytes(r.incomplete)
             ));
         }
-        println!("{:<48} {:<28} {:>10}", r.repo, revisions.join(", "), size);
+        outln!("{:<48} {:<28} {:>10}", r.repo, revisions.join(", "), size);
     }
     Ok(())
 }

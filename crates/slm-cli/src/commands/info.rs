@@ -43,45 +43,45 @@ pub fn run(mut a: Args) -> Result<()> {
         e.0 += 1;
         e.1 += t.shape.iter().product::<usize>();
     }
-    println!("model:          {}", a.model.display());
-    println!("architecture:   {}", config.architecture().name());
+    outln!("model:          {}", a.model.display());
+    outln!("architecture:   {}", config.architecture().name());
     if let slm::models::ModelConfig::Bert(c) = &config {
         let head = c
             .architectures
             .first()
             .map_or("(none: bare encoder)", |s| s.as_str());
-        println!("head:           {head}");
+        outln!("head:           {head}");
         if let Some(labels) = &c.id2label {
-            println!(
+            outln!(
                 "labels:         {}",
                 labels.values().cloned().collect::<Vec<_>>().join(", ")
             );
         }
     }
-    println!("format:         {format}");
-    println!("parameters:     {params} ({:.1}M)", params as f64 / 1e6);
+    outln!("format:         {format}");
+    outln!("parameters:     {params} ({:.1}M)", params as f64 / 1e6);
     for (dtype, (n, p)) in &by_type {
-        println!("  {dtype:<12}  {n:>4} tensors, {p:>11} parameters");
+        outln!("  {dtype:<12}  {n:>4} tensors, {p:>11} parameters");
     }
-    println!("context length: {}", config.context_length());
+    outln!("context length: {}", config.context_length());
     let Some(tok) = tok else {
-        println!(
+        outln!(
             "vocab size:     {} (no tokenizer found)",
             config.vocab_size()
         );
         return Ok(());
     };
-    println!(
+    outln!(
         "vocab size:     {} (tokenizer: {})",
         config.vocab_size(),
         tok.vocab_size()
     );
     let name = |id: u32| format!("{:?} ({id})", tok.id_to_token(id).unwrap_or_default());
-    println!(
+    outln!(
         "bos:            {}",
         tok.bos.map(name).unwrap_or_else(|| "none".into())
     );
-    println!(
+    outln!(
         "eos:            {}",
         if tok.eos.is_empty() {
             "none".into()
@@ -93,8 +93,8 @@ pub fn run(mut a: Args) -> Result<()> {
                 .join(", ")
         }
     );
-    println!("add bos/eos:    {}/{}", tok.add_bos, tok.add_eos);
-    println!(
+    outln!("add bos/eos:    {}/{}", tok.add_bos, tok.add_eos);
+    outln!(
         "chat template:  {}",
         if tok.chat_template.is_some() {
             "yes"

@@ -22,7 +22,8 @@ pub struct Args {
 
 pub fn run(mut a: Args) -> Result<()> {
     super::resolve_model(&mut a.model)?;
+    super::clean_stale(&a.output);
     let written = slm::io::peft::merge(&a.model, &a.adapter, &a.output, a.force)?;
-    println!("wrote {} to {}", written.join(", "), a.output.display());
+    outln!("wrote {} to {}", written.join(", "), a.output.display());
     Ok(())
 }

@@ -66,23 +66,24 @@ pub fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer)> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// Maximum number of tokens to generate.
-    #[arg(long, short = 'n', default_value_t = 256)]
+    #[arg(long, short = 'n', default_value_t = 256, allow_negative_numbers = true, value_parser = crate::parse::count)]
     pub max_tokens: usize,
     /// 0 means greedy decoding.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true, value_parser = crate::parse::non_negative)]
     pub temperature: f32,
     /// Keep the k most likely tokens (0: all).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches p.
-    #[arg(long, default_value_t = 0.95)]
+    /// Keep the smallest set of tokens whose probability reaches p (1: off).
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true, value_parser = crate::parse::probability)]
     pub top_p: f32,
-    /// Drop tokens less likely than min_p times the most likely one.
-    #[arg(long, default_value_t = 0.05)]
+    /// Drop tokens less likely than min_p times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true, value_parser = crate::parse::probability)]
     pub min_p: f32,
     /// Penalise tokens seen in the last 64 (1.0: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::parse::above_zero)]
     pub repeat_penalty: f32,
+    /// Seed of the sampler: the same seed and options give the same text.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Stop when this text is generated (repeatable); the stop text is not printed.
@@ -109,6 +110,18 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
         }
+    }
+}
+
+/// Before writing into `dir`: removes the temporary files that killed runs left there (a
+/// SIGKILLed finetune leaves its half-written checkpoint folder) and says so.
+pub fn clean_stale(dir: &std::path::Path) {
+    for (p, bytes) in slm::io::write::clean_stale_temps(dir) {
+        eprintln!(
+            "removed {} ({:.1} MB), left by a run that was killed",
+            p.display(),
+            bytes as f64 / 1e6
+        );
     }
 }
 

@@ -12,8 +12,8 @@ pub struct Args {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k (or f16, f32).
-    #[arg(long = "type", short = 't')]
-    kind: String,
+    #[arg(long = "type", short = 't', value_parser = quant_type)]
+    kind: candle_core::quantized::GgmlDType,
     /// The GGUF file to write.
     #[arg(long, short = 'o')]
     output: PathBuf,
@@ -25,14 +25,22 @@ pub struct Args {
     verbose: bool,
 }
 
+/// An unknown type is a usage error, listed with the ones there are.
+fn quant_type(s: &str) -> Result<candle_core::quantized::GgmlDType, String> {
+    slm::quantize::parse_type(s).ok_or_else(|| {
+        format!("unknown type '{s}' (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, f16, f32)")
+    })
+}
+
 pub fn run(mut a: Args) -> Result<()> {
     super::resolve_model(&mut a.model)?;
-    let Some(want) = slm::quantize::parse_type(&a.kind) else {
-        bail!(
-            "unknown type '{}' (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, f16, f32)",
-            a.kind
-        );
-    };
+    let want = a.kind;
+    super::clean_stale(
+        a.output
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(".".as_ref()),
+    );
     let bar = indicatif::ProgressBar::new(0);
     let progress = |d: usize, t: usize| {
         bar.set_length(t as u64);
@@ -57,11 +65,11 @@ pub fn run(mut a: Args) -> Result<()> {
     for (name, from, to) in &s.tensors {
         *counts.entry(format!("{to:?}")).or_insert(0) += 1;
         if a.verbose {
-            println!("{name:<32} {from:?} -> {to:?}");
+            outln!("{name:<32} {from:?} -> {to:?}");
         }
     }
     let types: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
-    println!(
+    outln!(
         "wrote {} ({:.1} MB): {} tensors ({})",
         a.output.display(),
         s.bytes as f64 / 1e6,

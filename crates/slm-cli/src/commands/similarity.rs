@@ -24,22 +24,26 @@ pub fn run(mut args: Args) -> Result<()> {
     let (records, vectors) = args.pooling.embed(&args.model, &args.input)?;
     let m = cosine_matrix(&vectors);
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"texts": records.iter().map(|r| &r.text).collect::<Vec<_>>(), "cosine": m})
         );
         return Ok(());
     }
     for (i, r) in records.iter().enumerate() {
-        println!("[{i}] {}", r.text);
+        outln!("[{i}] {}", r.text);
     }
-    print!("{:>6}", "");
-    (0..m.len()).for_each(|j| print!("{:>8}", format!("[{j}]")));
-    println!();
+    out!("{:>6}", "");
+    for j in 0..m.len() {
+        out!("{:>8}", format!("[{j}]"));
+    }
+    outln!();
     for (i, row) in m.iter().enumerate() {
-        print!("{:>6}", format!("[{i}]"));
-        row.iter().for_each(|c| print!("{c:>8.4}"));
-        println!();
+        out!("{:>6}", format!("[{i}]"));
+        for c in row {
+            out!("{c:>8.4}");
+        }
+        outln!();
     }
     Ok(())
 }

@@ -41,7 +41,7 @@ pub fn run(mut a: Args) -> Result<()> {
         })?;
         let rendered = tok.chat()?.render(&msgs, true)?;
         if !a.json {
-            println!("{rendered}");
+            outln!("{rendered}");
         }
         rendered
     } else {
@@ -56,12 +56,12 @@ pub fn run(mut a: Args) -> Result<()> {
             .iter()
             .map(|&i| tok.id_to_token(i).unwrap_or_default())
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"text": text, "ids": ids, "tokens": tokens})
         );
     } else {
-        println!(
+        outln!(
             "{}",
             ids.iter()
                 .map(|i| i.to_string())

@@ -133,9 +133,16 @@ pub fn run(a: TuneArgs) -> Result<()> {
                 .map(|m| m.0.clone())
         })
         .unwrap_or_else(|| "perplexity".into());
-    println!(
+    outln!(
         "  {:>5} {:>9} {:>6} {:>5} {:>6} {:>10} {:>10} {:>8}",
-        "trial", "lr", "batch", "r", "epochs", "valid loss", metric_name, "seconds"
+        "trial",
+        "lr",
+        "batch",
+        "r",
+        "epochs",
+        "valid loss",
+        metric_name,
+        "seconds"
     );
     for (i, t, s, _, _) in &rows {
         let (loss, metric) = match &s.final_eval {
@@ -153,7 +160,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
         } else {
             "-".into()
         };
-        println!(
+        outln!(
             "{} {:>5} {:>9} {:>6} {:>5} {:>6} {:>10} {:>10} {:>8.1}",
             if *i == best { "*" } else { " " },
             i,
@@ -168,7 +175,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
     }
     let best_dir: Option<&PathBuf> = rows.iter().find(|r| r.0 == best).map(|r| &r.4);
     if let Some(d) = best_dir {
-        println!("best: trial {best} ({})", d.display());
+        outln!("best: trial {best} ({})", d.display());
     }
     Ok(())
 }

@@ -80,6 +80,16 @@ impl Pooling {
                     .get("path")
                     .and_then(|p| p.as_str())
                     .unwrap_or("1_Pooling");
+                // A module lives inside the model folder: `../x` or `/abs` would read any file.
+                let inside = std::path::Path::new(sub)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if !inside {
+                    return Err(Error::file(
+                        &modules,
+                        format!("module path '{sub}' points outside the model folder"),
+                    ));
+                }
                 let cfg_path = dir.join(sub).join("config.json");
                 let cfg = read(&cfg_path)?;
                 let on = |key: &str| cfg.get(key).and_then(|v| v.as_bool()).unwrap_or(false);
@@ -184,5 +194,22 @@ mod tests {
         assert!((s[1][1] - 6. / 2f32.sqrt()).abs() < 1e-6);
         let n = run(PoolMode::Cls, true);
         assert!((n[1][0] - 1. / 2f32.sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn module_paths_outside_the_folder_are_refused() {
+        let d = std::env::temp_dir().join(format!("slm-modules-{}", std::process::id()));
+        for bad in ["../1_Pooling", "/etc", "1_Pooling/../../x"] {
+            std::fs::create_dir_all(&d).unwrap();
+            let m = serde_json::json!([{"idx": 1, "name": "1", "path": bad,
+                "type": "sentence_transformers.models.Pooling"}]);
+            std::fs::write(d.join("modules.json"), m.to_string()).unwrap();
+            let err = Pooling::from_folder(&d).unwrap_err().to_string();
+            assert!(
+                err.contains("modules.json") && err.contains("outside"),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -77,7 +77,7 @@ impl<'a> Client<'a> {
             // the token must not travel to another host.
             .redirects(0)
             .timeout_connect(Duration::from_secs(10))
-            .timeout_read(Duration::from_secs(30))
+            .timeout_read(cfg.read_timeout)
             .user_agent(concat!("slm/", env!("CARGO_PKG_VERSION")))
             .build();
         Self { agent, cfg }
@@ -94,7 +94,7 @@ impl<'a> Client<'a> {
             revision,
             file: None,
         };
-        let body = self.with_retries(&url, "model info", &super::NoProgress, || {
+        let body = self.with_retries(&url, "model info", &super::NoProgress, &|| 0, || {
             let (resp, _) = self.get(&url, 0, &ctx)?;
             resp.into_string().map_err(|e| Fail::Network(e.to_string()))
         })?;
@@ -195,7 +195,8 @@ impl<'a> Client<'a> {
             file: Some(file),
         };
         for round in 0..2 {
-            self.with_retries(&url, file, progress, || {
+            let have = || std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+            self.with_retries(&url, file, progress, &have, || {
                 self.fetch(&url, &part, size, &blob, commit, &ctx, progress)
             })?;
             match check.verify(&part, &blob, size) {
@@ -390,18 +391,27 @@ impl<'a> Client<'a> {
         }
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or the retries are spent.
+    /// Runs `attempt` until it succeeds, fails for good, or the retries are spent. `done` says
+    /// how many bytes are on disk: an attempt that added some before it stalled or broke does
+    /// not count against the retries, since the next one resumes from there. A connection that
+    /// keeps stalling but keeps moving finishes; one that gives nothing fails after
+    /// `retries + 1` read timeouts.
     fn with_retries<T>(
         &self,
         url: &str,
         what: &str,
         progress: &dyn Progress,
+        done: &dyn Fn() -> u64,
         mut attempt: impl FnMut() -> std::result::Result<T, Fail>,
     ) -> Result<T> {
-        let mut tries = 0u32;
+        // Failed attempts in a row since the last one that made progress, and in all.
+        let (mut tries, mut attempts) = (0u32, 0u32);
         loop {
-            tries += 1;
-            let fail = match attempt() {
+            let before = done();
+            let result = attempt();
+            attempts += 1;
+            tries = if done() > before { 1 } else { tries + 1 };
+            let fail = match result {
                 Ok(v) => return Ok(v),
                 Err(Fail::Fatal(e)) => return Err(e),
                 Err(f) => f,
@@ -411,12 +421,12 @@ impl<'a> Client<'a> {
                     Fail::Status(status) => HubError::Http {
                         url: url.to_string(),
                         status,
-                        attempts: tries,
+                        attempts,
                     },
                     Fail::Network(message) => HubError::Network {
                         url: url.to_string(),
                         message,
-                        attempts: tries,
+                        attempts,
                     },
                     Fail::Fatal(e) => e,
                 });

@@ -181,6 +181,9 @@ pub struct HubConfig {
     /// Retries after a network error, HTTP 429 or 5xx, with exponential backoff.
     pub retries: u32,
     pub backoff: Duration,
+    /// How long a download may go without a byte before the attempt is abandoned (and resumed
+    /// by a retry). `HF_HUB_DOWNLOAD_TIMEOUT` in seconds, as huggingface_hub; default 10.
+    pub read_timeout: Duration,
     /// Files downloaded at once.
     pub parallel: usize,
 }
@@ -225,6 +228,11 @@ impl HubConfig {
             offline,
             retries: 3,
             backoff: Duration::from_millis(500),
+            read_timeout: var("HF_HUB_DOWNLOAD_TIMEOUT")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(Duration::from_secs_f64)
+                .unwrap_or(Duration::from_secs(10)),
             parallel: 4,
         }
     }

@@ -44,14 +44,24 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let mut reader = std::io::BufReader::new(&file);
-        let content = Content::read(&mut reader)
-            .map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))?;
+        let content = crate::error::guard_foreign(path, "not a valid GGUF file", || {
+            Content::read(&mut reader)
+                .map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))
+        })?;
         // SAFETY: read-only mapping of a file we do not modify.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let len = mmap.len() as u64;
+        let mut ranges = Vec::with_capacity(content.tensor_infos.len());
         for (name, info) in &content.tensor_infos {
             let (start, size) = byte_range(&content, info).ok_or_else(|| {
-                Error::file(path, format!("tensor '{name}' has a malformed size"))
+                Error::file(
+                    path,
+                    format!(
+                        "tensor '{name}' has a malformed size ({:?} of {:?})",
+                        info.shape.dims(),
+                        info.ggml_dtype
+                    ),
+                )
             })?;
             if start.checked_add(size).is_none_or(|end| end > len) {
                 return Err(Error::file(
@@ -60,6 +70,18 @@ impl GgufFile {
                         "truncated: tensor '{name}' needs bytes {start}..{} but the file has {len}",
                         start.saturating_add(size)
                     ),
+                ));
+            }
+            ranges.push((start, start + size, name));
+        }
+        // Two tensors sharing bytes is damage, not a layout llama.cpp writes.
+        ranges.sort();
+        for w in ranges.windows(2) {
+            let ((_, end, a), (start, _, b)) = (&w[0], &w[1]);
+            if start < end {
+                return Err(Error::file(
+                    path,
+                    format!("tensors '{a}' and '{b}' overlap (bytes {start}..{end})"),
                 ));
             }
         }
@@ -143,20 +165,27 @@ impl GgufFile {
         } else {
             return None;
         };
-        self.meta_u64(key).map(|h| h as usize)
+        // Zero heads is not a permutation; the config check names that key.
+        self.meta_u64(key).map(|h| h as usize).filter(|&h| h > 0)
     }
 }
 
+/// Where a tensor's bytes lie, with every product checked: a dimension of 2^62 must not wrap to
+/// a small size that passes the bounds check.
 fn byte_range(
     content: &Content,
     info: &candle_core::quantized::gguf_file::TensorInfo,
 ) -> Option<(u64, u64)> {
-    let elems = info.shape.elem_count();
+    let elems = info
+        .shape
+        .dims()
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))?;
     let bs = info.ggml_dtype.block_size();
     if bs == 0 || !elems.is_multiple_of(bs) {
         return None;
     }
-    let size = (elems / bs * info.ggml_dtype.type_size()) as u64;
+    let size = (elems / bs).checked_mul(info.ggml_dtype.type_size())? as u64;
     Some((content.tensor_data_offset.checked_add(info.offset)?, size))
 }
 

@@ -27,6 +27,76 @@ pub fn write_atomic(
     })
 }
 
+/// Refuses to replace an existing output unless asked.
+pub fn check_overwrite(out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        return Err(Error::file(
+            out,
+            "already exists (pass --force to overwrite)",
+        ));
+    }
+    Ok(())
+}
+
+/// Removes the temporary files and folders (`.NAME.PID.tmp`) that killed runs left in `dir`:
+/// those whose process is gone. A live process's temp files are kept. Returns what was removed,
+/// with its size in bytes, so the caller can say so.
+pub fn clean_stale_temps(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = temp_owner(&name) else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = e.path();
+        let size = disk_usage(&path);
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if gone.is_ok() {
+            removed.push((path, size));
+        }
+    }
+    removed
+}
+
+/// The pid in a temporary name this crate writes: `.{name}.{pid}.tmp`.
+fn temp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (_, pid) = rest.rsplit_once('.')?;
+    pid.parse().ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        // Without /proc, keep what might belong to a running process.
+        true
+    }
+}
+
+fn disk_usage(path: &Path) -> u64 {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| disk_usage(&e.path()))
+            .sum(),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
 fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()

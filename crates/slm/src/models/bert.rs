@@ -146,7 +146,7 @@ impl Config {
         self.max_position_embeddings - self.position_offset()
     }
 
-    fn position_offset(&self) -> usize {
+    pub(crate) fn position_offset(&self) -> usize {
         match self.flavor {
             Flavor::Roberta => self.pad_token_id.unwrap_or(1) as usize + 1,
             _ => 0,

@@ -2,6 +2,7 @@
 
 pub mod bert;
 pub mod gpt2;
+mod limits;
 pub mod llama;
 
 use std::path::Path;
@@ -121,6 +122,12 @@ impl ModelConfig {
 
     /// Reads config.json; a missing key is reported with the key's name by serde.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let c = Self::parse_hf_json(path)?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    fn parse_hf_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let json: serde_json::Value = serde_json::from_str(&text).in_file(path)?;
         let model_type = json.get("model_type").and_then(|v| v.as_str());
@@ -152,6 +159,12 @@ impl ModelConfig {
 
     /// Builds the config from GGUF metadata (`{arch}.*` keys), as llama.cpp reads it.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let c = Self::parse_gguf(g)?;
+        c.validate(&g.path)?;
+        Ok(c)
+    }
+
+    fn parse_gguf(g: &GgufFile) -> Result<Self> {
         let name = g.architecture()?;
         let arch = Architecture::from_name(name).ok_or_else(|| Error::UnknownArchitecture {
             found: name.to_string(),
@@ -167,7 +180,18 @@ impl ModelConfig {
             ));
         }
         let key = |k: &str| format!("{name}.{k}");
-        let req = |k: &str| g.require_u64(&key(k)).map(|v| v as usize);
+        // Zero or beyond u32 is never a size; refused here by the GGUF key's own name.
+        let req = |k: &str| {
+            let k = key(k);
+            let v = g.require_u64(&k)?;
+            if v == 0 || v > u32::MAX as u64 - 1 {
+                return Err(Error::file(
+                    &g.path,
+                    format!("metadata '{k}' is {v}, not a size"),
+                ));
+            }
+            Ok(v as usize)
+        };
         let vocab_size = match g.meta("tokenizer.ggml.tokens") {
             Some(v) => v.to_vec().map(|v| v.len()).unwrap_or(0),
             None => req("vocab_size")?,

@@ -128,16 +128,7 @@ pub struct Summary {
     pub bytes: u64,
 }
 
-/// Refuses to replace an existing output unless asked.
-pub(crate) fn check_output(out: &Path, force: bool) -> Result<()> {
-    if out.exists() && !force {
-        return Err(Error::file(
-            out,
-            "already exists (pass --force to overwrite)",
-        ));
-    }
-    Ok(())
-}
+pub(crate) use crate::io::write::check_overwrite as check_output;
 
 /// Writes a GGUF file atomically and reports what was written.
 pub(crate) fn write_gguf(

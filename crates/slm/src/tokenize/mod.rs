@@ -43,6 +43,46 @@ fn from_json(doc: &Value, origin: &Path) -> Result<tokenizers::Tokenizer> {
         .map_err(|e| Error::file(origin, format!("cannot build tokenizer: {e}")))
 }
 
+/// The tokenizers crate checks a template's special tokens when one is built in code, not when it
+/// is read from JSON, and then panics at the first encode: check them here, by name.
+fn check_templates(processor: Option<&Value>, origin: &Path) -> Result<()> {
+    let Some(p) = processor.filter(|p| !p.is_null()) else {
+        return Ok(());
+    };
+    match p.get("type").and_then(Value::as_str) {
+        Some("Sequence") => {
+            for inner in p
+                .get("processors")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                check_templates(Some(inner), origin)?;
+            }
+        }
+        Some("TemplateProcessing") => {
+            let known = p.get("special_tokens").and_then(Value::as_object);
+            for part in ["single", "pair"] {
+                let pieces = p.get(part).and_then(Value::as_array).into_iter().flatten();
+                for id in pieces.filter_map(|x| x.pointer("/SpecialToken/id")) {
+                    let id = id.as_str().unwrap_or_default();
+                    if !known.is_some_and(|k| k.contains_key(id)) {
+                        return Err(Error::file(
+                            origin,
+                            format!(
+                                "post_processor's '{part}' template uses special token '{id}', \
+                                 which its special_tokens do not define"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// A `tokenizer.json` for GPT-2's original files: a byte-level BPE with the GPT-2 regex.
 pub fn gpt2_json(vocab: &Path, merges: &Path) -> Result<Value> {
     let v: Value =
@@ -220,6 +260,7 @@ impl Tokenizer {
     pub fn from_hf_folder(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         let mut t = if tj.exists() {
+            check_templates(read_json(&tj)?.get("post_processor"), &tj)?;
             let mut inner = tokenizers::Tokenizer::from_file(&tj)
                 .map_err(|e| Error::file(&tj, format!("cannot read tokenizer: {e}")))?;
             // Padding and truncation are the caller's business (batching, --max-length), not a

@@ -71,6 +71,8 @@ pub enum Fault {
     Cut(usize),
     /// Flip one byte of the body.
     Corrupt,
+    /// Send the headers for the whole body, then this many bytes, then nothing for 5 s.
+    Stall(usize),
     /// Answer `resolve/` with this status.
     Status(u16),
 }
@@ -301,7 +303,7 @@ impl MockHub {
             let mut s = self.state.lock().unwrap();
             let q = s.faults.entry(name.into()).or_default();
             match q.front() {
-                Some(Fault::Cut(_) | Fault::Corrupt) => q.pop_front(),
+                Some(Fault::Cut(_) | Fault::Corrupt | Fault::Stall(_)) => q.pop_front(),
                 _ => None,
             }
         };
@@ -328,6 +330,14 @@ impl MockHub {
                 write_head(out, status, &headers, body.len())?;
                 out.write_all(&body[..n.min(body.len())])?;
                 out.flush()?;
+                out.shutdown(std::net::Shutdown::Both)
+            }
+            Some(Fault::Stall(n)) => {
+                headers.push(("Content-Length", body.len().to_string()));
+                write_head(out, status, &headers, body.len())?;
+                out.write_all(&body[..n.min(body.len())])?;
+                out.flush()?;
+                std::thread::sleep(std::time::Duration::from_secs(5));
                 out.shutdown(std::net::Shutdown::Both)
             }
             Some(Fault::Corrupt) => {
