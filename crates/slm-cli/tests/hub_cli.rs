@@ -112,6 +112,62 @@ fn a_gguf_repo_id_with_a_quant_is_pulled_on_first_use() {
     let _ = std::fs::remove_dir_all(&cache);
 }
 
+/// A newcomer's machine: no shared assets, nothing cached. The README's main command, exactly
+/// as written, takes the default model from the hub into the cache and generates; the second
+/// run needs no request. With the hub unreachable the error says what to do.
+#[test]
+fn the_readme_command_on_a_fresh_machine_downloads_the_default_model() {
+    let hub = MockHub::start();
+    let gguf = Arc::new(std::fs::read(smollm2()).unwrap());
+    hub.add_repo(
+        "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+        MockRepo {
+            commit: commit("smol-default"),
+            files: vec![
+                MockFile::new("README.md", Arc::new(b"# SmolLM2\n".to_vec()), false),
+                MockFile::new("smollm2-135m-instruct-q4_1.gguf", gguf, true),
+            ],
+            ..Default::default()
+        },
+    );
+    let cache = tempdir("hub-fresh");
+    let cache_s = cache.to_str().unwrap();
+    let [e1, e2] = env(&hub, cache_s);
+    let fresh = [e1, e2, ("SLM_ASSETS", "/nonexistent/assets")];
+    let readme = ["generate", "Once upon a time, there was a little"];
+    let (code, out, err) = run_env(&readme, None, &fresh);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.split_whitespace().count() > 20, "{out}");
+    assert!(hub.requests().iter().any(|r| r.path.starts_with("/cdn/")));
+    let blobs = cache.join("models--HuggingFaceTB--SmolLM2-135M-Instruct-GGUF/blobs");
+    assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 1);
+    // Sampling is seeded: the cached model gives the same text, without a request.
+    let n = hub.requests().len();
+    let (code, again, err) = run_env(&readme, None, &fresh);
+    assert_eq!((code, &again), (0, &out), "{err}");
+    assert_eq!(hub.requests().len(), n);
+
+    let empty = tempdir("hub-fresh-unreachable");
+    let (code, _, err) = run_env(
+        &readme,
+        None,
+        &[
+            ("HF_ENDPOINT", "http://127.0.0.1:9"),
+            ("HF_HUB_CACHE", empty.to_str().unwrap()),
+            ("SLM_ASSETS", "/nonexistent/assets"),
+        ],
+    );
+    assert_eq!(code, 1);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("the default model is neither in SLM_ASSETS (/nonexistent/assets)")
+            && err.contains("fetch_assets.sh")
+            && err.matches("127.0.0.1:9").count() == 1,
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
 #[test]
 fn offline_and_missing_models_fail_in_one_line() {
     let hub = MockHub::start();

@@ -127,6 +127,9 @@ pub struct Args {
     /// Field or column of the label (default: label).
     #[arg(long)]
     pub(crate) label_column: Option<String>,
+    /// Classification: drop rows whose text is empty instead of stopping with an error.
+    #[arg(long)]
+    pub(crate) skip_empty: bool,
 }
 
 struct Bar {
@@ -152,6 +155,12 @@ impl Hooks for Bar {
             "epoch {} loss {:.4} lr {:.2e} {:.0} tok/s",
             s.epoch, s.loss, s.lr, s.tokens_per_s
         ));
+    }
+
+    fn evaluating(&self, done: usize, total: usize) {
+        // The bar stands still while the model evaluates: say so, and how far it is.
+        self.bar
+            .set_message(format!("evaluating {done}/{total} batches"));
     }
 
     fn eval(&self, step: usize, e: &Evaluation, best: bool) {
@@ -291,7 +300,7 @@ fn report(summary: &trainer::Summary, out: &std::path::Path) -> Result<()> {
         "{} steps in {:.1} s ({:.0} tokens/s), last train loss {:.4}{eval}{}",
         summary.steps,
         summary.seconds,
-        summary.tokens as f64 / summary.seconds.max(1e-9),
+        summary.tokens as f64 / summary.train_seconds.max(1e-9),
         summary.final_loss,
         if summary.stopped_early {
             " (stopped early)"
@@ -415,7 +424,7 @@ fn encoder_positions(
     match slm::models::config_of(files)? {
         slm::models::ModelConfig::Bert(c) => Ok(c.max_tokens()),
         other => bail!(
-            "{}: '{}' is not an encoder; --task {task} fine-tunes BERT-family models",
+            "{}: '{}' is a causal language model; --task {task} fine-tunes BERT-family encoders, use --task causal-lm for this one",
             model.display(),
             other.architecture().name()
         ),
@@ -504,6 +513,7 @@ fn run_classify(a: Args) -> Result<trainer::Summary> {
                 pair: None,
                 label: a.label_column.clone(),
             },
+            skip_empty: a.skip_empty,
         },
     )?;
     let targets = if a.target_modules.is_empty() {

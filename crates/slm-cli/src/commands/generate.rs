@@ -28,6 +28,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let (mut m, tok) = super::load(&a.model)?;
     let ids = tok.encode(&prompt, !a.no_special)?;
+    let session_context = m.model.context_length();
     let mut session = Session::new(m.model.as_mut());
     let mut out = std::io::stdout().lock();
     let (_, stats) = session.generate(&tok, &ids, &a.sampling.options(), &mut |t| {
@@ -36,6 +37,12 @@ pub fn run(a: Args) -> Result<()> {
             .map_err(|e| slm::Error::io("standard output", e))
     })?;
     writeln!(out)?;
+    if stats.stop == slm::generate::StopReason::ContextFull {
+        eprintln!(
+            "(stopped at the model's context length of {} tokens)",
+            session_context
+        );
+    }
     if a.verbose {
         eprintln!(
             "prompt: {} tokens in {:.2}s ({:.1} tok/s); generated: {} tokens in {:.2}s ({:.1} tok/s); stop: {:?}",

@@ -44,9 +44,21 @@ pub enum Dtype {
     F32,
 }
 
-/// The embedded default until slm ships its own model: SmolLM2-135M-Instruct from SLM_ASSETS.
+/// Where the default model comes from on a machine without the shared assets: the official
+/// GGUF of SmolLM2-135M-Instruct, pulled into the Hugging Face cache on first use, as `ollama
+/// run` does.
+pub const DEFAULT_HUB_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
+
+/// The default model, SmolLM2-135M-Instruct: the Q4_1 file in SLM_ASSETS when the shared
+/// assets are there (what the tests use), else [`DEFAULT_HUB_MODEL`] from the cache or the hub.
 pub fn default_model() -> PathBuf {
-    slm::assets_dir().join("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
+    let local =
+        slm::assets_dir().join("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from(DEFAULT_HUB_MODEL)
+    }
 }
 
 pub fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer)> {
@@ -109,6 +121,7 @@ impl SamplingArgs {
             },
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            cancel: None,
         }
     }
 }
@@ -140,10 +153,14 @@ pub fn resolve_model(path: &mut PathBuf) -> Result<()> {
     let cfg = slm::hub::HubConfig::from_env();
     let bars = hub::Bars::new();
     let resolved = slm::hub::resolve_model(spec, &cfg, &bars).map_err(|e| {
-        anyhow::anyhow!(
-            "{spec} is neither a local path nor a model on {}: {e}",
-            cfg.endpoint
-        )
+        if spec == DEFAULT_HUB_MODEL {
+            anyhow::anyhow!(
+                "the default model is neither in SLM_ASSETS ({}) nor in the Hugging Face cache, and downloading {spec} failed: {e}; pass --model, or fetch the assets with tools/fetch_assets.sh",
+                slm::assets_dir().display()
+            )
+        } else {
+            anyhow::anyhow!("{spec}: not a local path, and getting it from the hub failed: {e}")
+        }
     })?;
     *path = resolved;
     Ok(())

@@ -19,6 +19,8 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Set from elsewhere (a Ctrl-C handler) to end the generation after the current token.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,7 @@ pub enum StopReason {
     Eos,
     StopString,
     ContextFull,
+    Cancelled,
 }
 
 #[derive(Debug, Clone)]
@@ -92,7 +95,7 @@ impl<'a> Session<'a> {
         let context = self.model.context_length();
         if prompt.is_empty() {
             return Err(Error::msg(
-                "the prompt is empty (no tokens); pass some text or use --special to add BOS",
+                "the prompt is empty (it has no tokens); give some text to continue",
             ));
         }
         if prompt.len() > context {
@@ -111,7 +114,16 @@ impl<'a> Session<'a> {
         let mut stream = TextStream::new();
         let mut stops = StopMatcher::new(&opts.stop);
         let mut stop = StopReason::MaxTokens;
+        let cancelled = || {
+            opts.cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        };
         while out.len() < opts.max_tokens {
+            if cancelled() {
+                stop = StopReason::Cancelled;
+                break;
+            }
             let id = sampler.sample(&mut logits, &history);
             history.push(id);
             out.push(id);

@@ -327,7 +327,15 @@ impl<'a> Client<'a> {
             let resp = match req.call() {
                 Ok(r) => r,
                 Err(ureq::Error::Status(code, r)) => return Err(self.status_fail(code, &r, ctx)),
-                Err(ureq::Error::Transport(t)) => return Err(Fail::Network(t.to_string())),
+                Err(ureq::Error::Transport(t)) => {
+                    // ureq starts its message with the URL, which the error names already.
+                    let m = t.to_string();
+                    let m = m
+                        .strip_prefix(&format!("{url}: "))
+                        .unwrap_or(&m)
+                        .to_string();
+                    return Err(Fail::Network(m));
+                }
             };
             if hops == 0 {
                 hop.commit = resp.header("X-Repo-Commit").map(str::to_string);
@@ -344,7 +352,7 @@ impl<'a> Client<'a> {
             };
             url = join_url(&url, location);
         }
-        Err(Fail::Network(format!("{url}: too many redirects")))
+        Err(Fail::Network("too many redirects".into()))
     }
 
     fn status_fail(&self, code: u16, resp: &ureq::Response, ctx: &Ctx) -> Fail {

@@ -96,6 +96,18 @@ fn find_weights(dir: &Path) -> Result<WeightFormat> {
     ggufs.sort();
     match ggufs.len() {
         1 => Ok(WeightFormat::Gguf(ggufs.remove(0))),
+        0 if dir.join("adapter_config.json").exists() => {
+            let base = std::fs::read_to_string(dir.join("adapter_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|j| j["base_model_name_or_path"].as_str().map(String::from))
+                .map(|b| format!(" (trained on {b})"))
+                .unwrap_or_default();
+            Err(Error::file(
+                dir,
+                format!("is a LoRA adapter, not a model: pass its base model{base} with --model and this folder with --adapter"),
+            ))
+        }
         0 => Err(Error::file(
             dir,
             "no weights found (model.safetensors, model.safetensors.index.json, pytorch_model.bin or a .gguf file)",

@@ -170,6 +170,13 @@ pub struct EncoderBatch {
 
 impl EncoderBatch {
     pub fn new(inputs: &[EncoderInput], pad_id: u32) -> Result<Self> {
+        // Attention over zero positions has no defined output (and pooling divides by the
+        // length): a text the tokenizer turns into nothing is the caller's error to report.
+        if inputs.iter().any(|i| i.ids.is_empty()) {
+            return Err(crate::Error::msg(
+                "a text has no tokens at all (the tokenizer added no special tokens)",
+            ));
+        }
         let t = inputs.iter().map(|i| i.ids.len()).max().unwrap_or(0);
         let b = inputs.len();
         let (mut ids, mut types, mut mask) = (

@@ -260,12 +260,13 @@ impl Model for CausalRun {
         self.model.forward_backward(batch, accum)
     }
 
-    fn evaluate(&self, batches: &[CausalBatch]) -> Evaluation {
+    fn evaluate(&self, batches: &[CausalBatch], done: &dyn Fn(usize)) -> Evaluation {
         let (mut sum, mut n) = (0.0, 0usize);
-        for b in batches {
+        for (i, b) in batches.iter().enumerate() {
             let (s, c) = self.model.loss_sum(b);
             sum += s;
             n += c;
+            done(i + 1);
         }
         Evaluation {
             loss: sum / n.max(1) as f64,

@@ -38,6 +38,8 @@ pub struct DataOptions<'a> {
     pub seed: u64,
     pub max_len: usize,
     pub columns: Columns,
+    /// Drop rows with an empty text instead of refusing the file.
+    pub skip_empty: bool,
 }
 
 fn label_of<'r>(path: &Path, r: &'r Record) -> TrainResult<&'r str> {
@@ -51,7 +53,7 @@ fn label_of<'r>(path: &Path, r: &'r Record) -> TrainResult<&'r str> {
 /// Reads, labels and tokenizes the data. Labels are the training set's distinct values, in
 /// numeric order when all are integers (so `0`/`1` keep their ids), else sorted by name.
 pub fn load_data(tok: &Tokenizer, o: &DataOptions) -> TrainResult<ClassifyData> {
-    let train = read_records(o.train, &o.columns, false)?;
+    let train = read_records(o.train, &o.columns, o.skip_empty)?;
     if train.is_empty() {
         return Err(TrainError::Data(format!(
             "{}: no rows to train on",
@@ -103,7 +105,7 @@ pub fn load_data(tok: &Tokenizer, o: &DataOptions) -> TrainResult<ClassifyData> 
     };
     let (train, valid) = match o.valid {
         Some(v) => {
-            let valid = read_records(v, &o.columns, false)?;
+            let valid = read_records(v, &o.columns, o.skip_empty)?;
             (examples(o.train, &train)?, examples(v, &valid)?)
         }
         None => {
@@ -190,10 +192,10 @@ impl Model for ClassifierRun {
         self.model.forward_backward(batch, accum)
     }
 
-    fn evaluate(&self, batches: &[Batch]) -> Evaluation {
+    fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> Evaluation {
         let (mut loss, mut correct, mut n) = (0.0, 0usize, 0usize);
         let c = self.model.labels.len();
-        for b in batches {
+        for (i, b) in batches.iter().enumerate() {
             let logits = self.model.logits(b);
             let targets: Vec<Option<u32>> = b.labels.iter().map(|&l| Some(l)).collect();
             loss += ops::cross_entropy(&logits, &targets, c, 1.0).0;
@@ -204,6 +206,7 @@ impl Model for ClassifierRun {
                 correct += usize::from(pred == l as usize);
             }
             n += b.size();
+            done(i + 1);
         }
         Evaluation {
             loss: loss / n.max(1) as f64,

@@ -167,9 +167,9 @@ impl Model for MaskedRun {
         self.model.forward_backward(batch, accum)
     }
 
-    fn evaluate(&self, batches: &[Batch]) -> Evaluation {
+    fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> Evaluation {
         let (mut sum, mut n, mut correct) = (0.0, 0usize, 0usize);
-        for b in batches {
+        for (i, b) in batches.iter().enumerate() {
             let logits = self.model.logits(b);
             let (targets, v) = self.model.targets(b);
             sum += super::ops::cross_entropy(&logits, &targets, v, 1.0).0;
@@ -180,6 +180,7 @@ impl Model for MaskedRun {
                 correct += usize::from(Some(pred as u32) == *t);
             }
             n += targets.len();
+            done(i + 1);
         }
         Evaluation {
             loss: sum / n.max(1) as f64,

@@ -21,7 +21,8 @@ pub trait Model {
     fn params_mut(&mut self) -> &mut Params;
     /// Adds the gradients of (the batch's mean loss / `accum`); returns the batch's mean loss.
     fn forward_backward(&mut self, batch: &Self::Batch, accum: usize) -> f64;
-    fn evaluate(&self, batches: &[Self::Batch]) -> Evaluation;
+    /// Loss (and metric) over `batches`; `done(k)` is called after the k-th batch.
+    fn evaluate(&self, batches: &[Self::Batch], done: &dyn Fn(usize)) -> Evaluation;
     /// Tokens in a batch, for tokens/s.
     fn tokens(batch: &Self::Batch) -> usize;
     /// Writes a loadable model (or adapter) to `dir`.
@@ -82,6 +83,8 @@ pub struct StepInfo {
 /// Where the loop reports; the CLI draws a progress bar.
 pub trait Hooks {
     fn step(&self, _s: &StepInfo) {}
+    /// Evaluation is under way: `done` of `total` validation batches.
+    fn evaluating(&self, _done: usize, _total: usize) {}
     fn eval(&self, _step: usize, _e: &Evaluation, _best: bool) {}
     fn message(&self, _m: &str) {}
 }
@@ -97,6 +100,8 @@ pub struct Summary {
     pub best: Option<(usize, f64)>,
     pub stopped_early: bool,
     pub seconds: f64,
+    /// Seconds spent in training steps alone (no evaluation, no saving): what tokens/s is of.
+    pub train_seconds: f64,
     pub tokens: usize,
 }
 
@@ -149,6 +154,13 @@ pub fn train<M: Model>(
     let mut tokens_total = 0usize;
     let mut last_loss = state.last_loss;
     let mut stopped_early = false;
+    let mut train_seconds = 0.0;
+    // The last evaluation, so that one at the final step is not run (and logged) twice.
+    let mut last_eval: Option<(usize, Evaluation)> = None;
+    let evaluate = |model: &M| {
+        hooks.evaluating(0, valid.len());
+        model.evaluate(valid, &|k| hooks.evaluating(k, valid.len()))
+    };
     model.params_mut().zero_grad();
     'epochs: while state.step < total {
         let order = epoch_order(n_train, cfg.seed, state.epoch);
@@ -172,7 +184,9 @@ pub fn train<M: Model>(
             state.step += 1;
             last_loss = loss;
             tokens_total += tokens;
-            let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            let step_seconds = t0.elapsed().as_secs_f64();
+            train_seconds += step_seconds;
+            let tps = tokens as f64 / step_seconds.max(1e-9);
             log(serde_json::json!({
                 "step": state.step, "epoch": state.epoch + 1, "loss": loss, "lr": lr,
                 "grad_norm": grad_norm, "tokens_per_s": tps,
@@ -187,7 +201,8 @@ pub fn train<M: Model>(
                 tokens_per_s: tps,
             });
             if cfg.eval_every.is_some_and(|e| state.step % e == 0) && !valid.is_empty() {
-                let e = model.evaluate(valid);
+                let e = evaluate(model);
+                last_eval = Some((state.step, e.clone()));
                 let improved = state.best.is_none_or(|(_, b)| e.score() > b);
                 log(serde_json::json!({"step": state.step, "eval": e}))?;
                 hooks.eval(state.step, &e, improved);
@@ -217,10 +232,15 @@ pub fn train<M: Model>(
         state.epoch += 1;
         state.batch = 0;
     }
-    let final_eval = (!valid.is_empty()).then(|| model.evaluate(valid));
-    if let Some(e) = &final_eval {
-        log(serde_json::json!({"step": state.step, "eval": e, "final": true}))?;
-    }
+    let final_eval = match last_eval {
+        Some((step, e)) if step == state.step => Some(e),
+        _ if valid.is_empty() => None,
+        _ => {
+            let e = evaluate(model);
+            log(serde_json::json!({"step": state.step, "eval": e, "final": true}))?;
+            Some(e)
+        }
+    };
     model.save(out)?;
     state.last_loss = last_loss;
     checkpoint::save(out, model.params(), &opt, &state, cfg)?;
@@ -232,6 +252,7 @@ pub fn train<M: Model>(
         best: state.best,
         stopped_early,
         seconds: started.elapsed().as_secs_f64(),
+        train_seconds,
         tokens: tokens_total,
     })
 }
