@@ -16,46 +16,59 @@ use clap::{Parser, Subcommand};
     about = "Small language models on the CPU: download, run, evaluate, fine-tune and quantize"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// A command that computes, with the thread count it runs on; the others (pull, list, rm, info,
+/// tokenize) do not offer `--threads`.
+#[derive(clap::Args)]
+struct Compute<A: clap::Args> {
+    #[command(flatten)]
+    args: A,
     /// Worker threads for matrix products (default: all cores).
     #[arg(long, global = true, value_parser = parse::positive)]
     threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
     #[command(subcommand)]
-    command: Command,
+    command: commands::eval::Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Stream a continuation of a prompt.
-    Generate(commands::generate::Args),
+    Generate(Compute<commands::generate::Args>),
     /// Chat interactively using the model's chat template.
-    Chat(commands::chat::Args),
+    Chat(Compute<commands::chat::Args>),
     /// Print the token ids of a text (or of a rendered chat).
     Tokenize(commands::tokenize::Args),
     /// Describe a model: architecture, parameters, tensor types, context, vocabulary.
     Info(commands::info::Args),
     /// Sentence embeddings of texts (JSONL or .npy), with the model's pooling.
-    Embed(commands::embed::Args),
+    Embed(Compute<commands::embed::Args>),
     /// Cosine similarity matrix of texts.
-    Similarity(commands::similarity::Args),
+    Similarity(Compute<commands::similarity::Args>),
     /// Label and probabilities per text, with a sequence-classification model.
-    Classify(commands::classify::Args),
+    Classify(Compute<commands::classify::Args>),
     /// Most likely tokens for each [MASK] in a text, with a masked-LM model.
-    FillMask(commands::fill_mask::Args),
+    FillMask(Compute<commands::fill_mask::Args>),
     /// Evaluate models: perplexity, classification metrics, comparison of two models.
-    #[command(subcommand)]
-    Eval(commands::eval::Command),
+    Eval(Compute<EvalArgs>),
     /// Quantize a GGUF model or a Hugging Face folder to GGUF (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
-    Quantize(commands::quantize::Args),
+    Quantize(Compute<commands::quantize::Args>),
     /// Write a GGUF model as a Hugging Face folder (safetensors, config, tokenizer).
-    Convert(commands::convert::Args),
+    Convert(Compute<commands::convert::Args>),
     /// Measure load time, prefill and decode speed, and peak memory.
-    Bench(commands::bench::Args),
+    Bench(Compute<commands::bench::Args>),
     /// Fine-tune a model on your data (full or LoRA).
-    Finetune(commands::finetune::Args),
+    Finetune(Compute<commands::finetune::Args>),
     /// Hyperparameter search over fine-tuning runs (grid or random).
-    Tune(commands::tune::TuneArgs),
+    Tune(Compute<commands::tune::TuneArgs>),
     /// Merge a LoRA adapter into its base model (a folder transformers and slm load).
-    Merge(commands::merge::Args),
+    Merge(Compute<commands::merge::Args>),
     /// Download a model from the Hugging Face hub into the shared cache.
     Pull(commands::hub::PullArgs),
     /// List the models in the Hugging Face cache.
@@ -76,14 +89,34 @@ fn main() -> ExitCode {
             };
         }
     };
-    if let Some(n) = cli.threads {
+    let threads = match &cli.command {
+        Command::Generate(c) => c.threads,
+        Command::Chat(c) => c.threads,
+        Command::Embed(c) => c.threads,
+        Command::Similarity(c) => c.threads,
+        Command::Classify(c) => c.threads,
+        Command::FillMask(c) => c.threads,
+        Command::Eval(c) => c.threads,
+        Command::Quantize(c) => c.threads,
+        Command::Convert(c) => c.threads,
+        Command::Bench(c) => c.threads,
+        Command::Finetune(c) => c.threads,
+        Command::Tune(c) => c.threads,
+        Command::Merge(c) => c.threads,
+        Command::Tokenize(_)
+        | Command::Info(_)
+        | Command::Pull(_)
+        | Command::List(_)
+        | Command::Rm(_) => None,
+    };
+    if let Some(n) = threads {
         // candle's CPU kernels size their pools from RAYON_NUM_THREADS.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     // The command runs on a worker of the pool, so parallel kernels start without waking a
     // thread and blocking this one on a futex: that hand-off costs more than a small matmul.
     let pool = match rayon::ThreadPoolBuilder::new()
-        .num_threads(cli.threads.unwrap_or(0))
+        .num_threads(threads.unwrap_or(0))
         .build()
     {
         Ok(p) => p,
@@ -93,21 +126,21 @@ fn main() -> ExitCode {
         }
     };
     let result = pool.install(|| match cli.command {
-        Command::Generate(a) => commands::generate::run(a),
-        Command::Chat(a) => commands::chat::run(a),
+        Command::Generate(c) => commands::generate::run(c.args),
+        Command::Chat(c) => commands::chat::run(c.args),
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Info(a) => commands::info::run(a),
-        Command::Bench(a) => commands::bench::run(a),
-        Command::Embed(a) => commands::embed::run(a),
-        Command::Similarity(a) => commands::similarity::run(a),
-        Command::Classify(a) => commands::classify::run(a),
-        Command::FillMask(a) => commands::fill_mask::run(a),
-        Command::Eval(c) => commands::eval::run(c),
-        Command::Quantize(a) => commands::quantize::run(a),
-        Command::Convert(a) => commands::convert::run(a),
-        Command::Finetune(a) => commands::finetune::run(a),
-        Command::Tune(a) => commands::tune::run(a),
-        Command::Merge(a) => commands::merge::run(a),
+        Command::Bench(c) => commands::bench::run(c.args),
+        Command::Embed(c) => commands::embed::run(c.args),
+        Command::Similarity(c) => commands::similarity::run(c.args),
+        Command::Classify(c) => commands::classify::run(c.args),
+        Command::FillMask(c) => commands::fill_mask::run(c.args),
+        Command::Eval(c) => commands::eval::run(c.args.command),
+        Command::Quantize(c) => commands::quantize::run(c.args),
+        Command::Convert(c) => commands::convert::run(c.args),
+        Command::Finetune(c) => commands::finetune::run(c.args),
+        Command::Tune(c) => commands::tune::run(c.args),
+        Command::Merge(c) => commands::merge::run(c.args),
         Command::Pull(a) => commands::hub::pull(a),
         Command::List(a) => commands::hub::list(a),
         Command::Rm(a) => commands::hub::rm(a),

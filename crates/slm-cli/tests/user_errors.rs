@@ -167,7 +167,15 @@ fn numbers_out_of_range_are_usage_errors() {
         "{err}"
     );
     for (args, want) in [
-        (vec!["--threads", "0", "info"], "must be at least 1"),
+        (
+            vec!["generate", "--threads", "0", "hi"],
+            "must be at least 1",
+        ),
+        // Only the commands that compute take --threads.
+        (
+            vec!["info", "--threads", "2"],
+            "unexpected argument '--threads'",
+        ),
         (
             vec!["generate", "--temperature", "-1", "hi"],
             "must be 0 or more",

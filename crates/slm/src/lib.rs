@@ -27,6 +27,10 @@ pub use error::{Error, Result};
 pub fn assets_dir() -> std::path::PathBuf {
     match std::env::var_os("SLM_ASSETS") {
         Some(p) => p.into(),
-        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/assets"),
+        None => {
+            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/assets");
+            // Shown in messages and `info`: without the `crates/slm/../../..` detour.
+            p.canonicalize().unwrap_or(p)
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! does, as far as it gets (weights read, a forward pass run). An error is the expected outcome;
 //! a panic fails the test, with the seed, case and input saved under `target/fuzz-failures/`.
 //!
-//! `SLM_FUZZ_CASES` sets the cases per target (default 60, about a minute in all on two
+//! `SLM_FUZZ_CASES` sets the cases per target (default 250, about 20 s in all on two
 //! cores), `SLM_FUZZ_SEED` the first seed. A longer run: `SLM_FUZZ_CASES=3000 cargo test
 //! --release -p slm --test fuzz -- --nocapture` (see README).
 
@@ -25,7 +25,7 @@ fn cases() -> u64 {
     std::env::var("SLM_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(60)
+        .unwrap_or(250)
 }
 
 fn first_seed() -> u64 {

@@ -32,6 +32,7 @@ pub struct PoolingArgs {
     /// Scale embeddings to unit length (default: when modules.json lists Normalize).
     #[arg(long, overrides_with = "no_normalize")]
     pub normalize: bool,
+    /// Keep the raw pooled vectors even when modules.json lists Normalize.
     #[arg(long)]
     pub no_normalize: bool,
     /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply.

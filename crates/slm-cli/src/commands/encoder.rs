@@ -9,8 +9,15 @@ use slm::encode::Encoder;
 use slm::tokenize::EncoderInput;
 
 /// The embedded default for embeddings: all-MiniLM-L6-v2 from SLM_ASSETS.
+/// The default embedding model, all-MiniLM-L6-v2: from SLM_ASSETS when the shared assets are
+/// there, else its hub repo (from the cache, or downloaded on first use).
 pub fn default_encoder() -> PathBuf {
-    slm::assets_dir().join("models/all-MiniLM-L6-v2")
+    let local = slm::assets_dir().join("models/all-MiniLM-L6-v2");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from("sentence-transformers/all-MiniLM-L6-v2")
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]

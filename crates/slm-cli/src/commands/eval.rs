@@ -28,12 +28,16 @@ pub struct CompareArgs {
     /// `--dtype f32 --dtype auto` to see what quantized matmuls cost against exact ones.
     #[arg(long, value_enum, default_values = ["auto"])]
     dtype: Vec<super::Dtype>,
+    /// The text both models read (UTF-8), e.g. a WikiText split.
     #[arg(long)]
     text: PathBuf,
-    #[arg(long)]
+    /// Tokens per window (default: the shorter context, at most 1024).
+    #[arg(long, value_parser = crate::parse::positive)]
     max_length: Option<usize>,
-    #[arg(long)]
+    /// Tokens the window moves each time (default: half the window).
+    #[arg(long, value_parser = crate::parse::positive)]
     stride: Option<usize>,
+    /// One JSON object: KL divergence, top-1 agreement, both perplexities.
     #[arg(long)]
     json: bool,
 }

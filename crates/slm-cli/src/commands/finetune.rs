@@ -42,6 +42,7 @@ pub struct Args {
     /// The model to start from: a folder, or a hub id ORG/NAME.
     #[arg(long, short = 'm')]
     pub(crate) model: PathBuf,
+    /// What to train: a classifier head, next-token prediction or masked-token prediction.
     #[arg(long, value_enum, default_value = "classify")]
     pub(crate) task: Task,
     /// Training data: TSV/CSV with a header or JSONL, with text and label fields.
@@ -56,8 +57,10 @@ pub struct Args {
     /// Where the model, checkpoint/, metrics.jsonl and loss.svg go.
     #[arg(long, short = 'o')]
     pub(crate) output: PathBuf,
+    /// full: every weight; lora: low-rank adapters on --target-modules (a PEFT adapter).
     #[arg(long, value_enum, default_value = "full")]
     pub(crate) method: Method,
+    /// Passes over the training data.
     #[arg(long, default_value_t = 3)]
     pub(crate) epochs: usize,
     /// Stop after this many optimizer steps (overrides --epochs).
@@ -75,17 +78,22 @@ pub struct Args {
     /// Steps of linear warmup from 0 to --lr.
     #[arg(long, default_value_t = 0)]
     pub(crate) warmup_steps: usize,
+    /// Learning-rate decay after warmup: constant, linear to 0, or cosine to 0.
     #[arg(long, value_enum, default_value = "linear")]
     pub(crate) schedule: Sched,
+    /// AdamW weight decay (not applied to biases and norms).
     #[arg(long, default_value_t = 0.01)]
     pub(crate) weight_decay: f32,
+    /// AdamW beta1.
     #[arg(long, default_value_t = 0.9)]
     beta1: f32,
+    /// AdamW beta2.
     #[arg(long, default_value_t = 0.999)]
     beta2: f32,
     /// Clip the global gradient norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) max_grad_norm: f32,
+    /// Seed of initialisation, shuffling, masking and dropout: the same seed, the same run.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
     /// Tokens per example, special tokens included; longer examples are truncated (and
@@ -107,6 +115,7 @@ pub struct Args {
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub(crate) lora_r: usize,
+    /// LoRA scaling: the update is (alpha / r) * B * A.
     #[arg(long, default_value_t = 16.0)]
     pub(crate) lora_alpha: f32,
     /// Dropout on the LoRA branches' input while training (PEFT's lora_dropout).

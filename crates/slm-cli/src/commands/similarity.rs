@@ -8,6 +8,7 @@ use super::encoder::{default_encoder, InputArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// An embedding model folder (BERT family; sentence-transformers pooling if it has one).
     #[arg(long, short = 'm', default_value_os_t = default_encoder())]
     pub model: PathBuf,
     #[command(flatten)]

@@ -21,6 +21,7 @@ pub enum Search {
 pub struct TuneArgs {
     #[command(flatten)]
     base: finetune::Args,
+    /// grid: every combination of the value lists; random: --trials draws from them.
     #[arg(long, value_enum, default_value = "grid")]
     search: Search,
     /// How many trials to run (default: the whole grid).
@@ -29,11 +30,13 @@ pub struct TuneArgs {
     /// Learning rates to try (comma-separated).
     #[arg(long, value_delimiter = ',')]
     lr_values: Vec<f32>,
+    /// Batch sizes to try (comma-separated).
     #[arg(long, value_delimiter = ',')]
     batch_size_values: Vec<usize>,
     /// LoRA ranks to try (with --method lora).
     #[arg(long, value_delimiter = ',')]
     lora_r_values: Vec<usize>,
+    /// Epoch counts to try (comma-separated).
     #[arg(long, value_delimiter = ',')]
     epochs_values: Vec<usize>,
 }
