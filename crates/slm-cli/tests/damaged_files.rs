@@ -420,3 +420,27 @@ fn rust_backtrace_does_not_turn_errors_into_backtraces() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).lines().count() > 1);
 }
+
+#[test]
+fn generation_that_fills_the_context_says_so() {
+    let p = gguf_with("ctx32", |d| set_u32(d, "llama.context_length", 32));
+    let (code, out, err) = common::run(
+        &[
+            "generate",
+            "-m",
+            p.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "100",
+            "Once upon a time",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.trim().is_empty());
+    assert!(
+        err.contains("(stopped at the model's context length of 32 tokens)"),
+        "{err}"
+    );
+}

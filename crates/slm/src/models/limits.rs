@@ -42,6 +42,21 @@ impl Check<'_> {
         Ok(())
     }
 
+    /// Vocabulary, width, MLP width, layers and positions, under the names Llama and BERT use.
+    fn sizes(&self, v: [usize; 5]) -> Result<()> {
+        let keys = [
+            ("vocab_size", MAX_VOCAB),
+            ("hidden_size", MAX_WIDTH),
+            ("intermediate_size", MAX_FFN),
+            ("num_hidden_layers", MAX_LAYERS),
+            ("max_position_embeddings", MAX_POSITIONS),
+        ];
+        for ((key, max), v) in keys.into_iter().zip(v) {
+            self.size(key, v, max)?;
+        }
+        Ok(())
+    }
+
     /// Heads that split the width evenly (or an explicit head size) and KV groups that split
     /// the query heads evenly.
     fn heads(
@@ -97,15 +112,13 @@ impl ModelConfig {
                 c.positive("layer_norm_epsilon", g.layer_norm_epsilon)?;
             }
             ModelConfig::Llama(l) => {
-                c.size("vocab_size", l.vocab_size, MAX_VOCAB)?;
-                c.size("hidden_size", l.hidden_size, MAX_WIDTH)?;
-                c.size("intermediate_size", l.intermediate_size, MAX_FFN)?;
-                c.size("num_hidden_layers", l.num_hidden_layers, MAX_LAYERS)?;
-                c.size(
-                    "max_position_embeddings",
+                c.sizes([
+                    l.vocab_size,
+                    l.hidden_size,
+                    l.intermediate_size,
+                    l.num_hidden_layers,
                     l.max_position_embeddings,
-                    MAX_POSITIONS,
-                )?;
+                ])?;
                 let hd = c.heads(
                     ["hidden_size", "num_attention_heads", "num_key_value_heads"],
                     l.hidden_size,
@@ -128,15 +141,13 @@ impl ModelConfig {
                 }
             }
             ModelConfig::Bert(b) => {
-                c.size("vocab_size", b.vocab_size, MAX_VOCAB)?;
-                c.size("hidden_size", b.hidden_size, MAX_WIDTH)?;
-                c.size("intermediate_size", b.intermediate_size, MAX_FFN)?;
-                c.size("num_hidden_layers", b.num_hidden_layers, MAX_LAYERS)?;
-                c.size(
-                    "max_position_embeddings",
+                c.sizes([
+                    b.vocab_size,
+                    b.hidden_size,
+                    b.intermediate_size,
+                    b.num_hidden_layers,
                     b.max_position_embeddings,
-                    MAX_POSITIONS,
-                )?;
+                ])?;
                 if b.type_vocab_size > MAX_VOCAB {
                     c.size("type_vocab_size", b.type_vocab_size, MAX_VOCAB)?;
                 }
