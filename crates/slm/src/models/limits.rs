@@ -133,8 +133,16 @@ impl ModelConfig {
                 }
                 c.positive("rms_norm_eps", l.rms_norm_eps)?;
                 c.positive("rope_theta", l.rope_theta)?;
-                if let Some(f) = l.rope_scaling.as_ref().and_then(|s| s.factor) {
-                    c.positive("rope_scaling.factor", f)?;
+                if let Some(s) = &l.rope_scaling {
+                    if let Some(f) = s.factor {
+                        c.positive("rope_scaling.factor", f)?;
+                    }
+                    let t = s.rope_type.as_deref().unwrap_or("default");
+                    if !matches!(t, "default" | "linear" | "llama3") {
+                        return Err(c.err(format!(
+                            "rope_scaling type '{t}' is not supported (supported: default, linear, llama3)"
+                        )));
+                    }
                 }
                 if let Some(w) = l.sliding_window {
                     c.size("sliding_window", w, usize::MAX)?;

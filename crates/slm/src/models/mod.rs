@@ -147,6 +147,8 @@ impl ModelConfig {
         Ok(match arch {
             Architecture::Gpt2 => ModelConfig::Gpt2(serde_json::from_value(json).in_file(path)?),
             Architecture::Llama(variant) => {
+                let mut json = json;
+                crate::nn::rope::read_rope_parameters(&mut json).in_file(path)?;
                 let mut c: llama::Config = serde_json::from_value(json).in_file(path)?;
                 c.variant = variant;
                 ModelConfig::Llama(c)

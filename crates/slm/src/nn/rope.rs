@@ -28,6 +28,72 @@ impl RopeScaling {
     }
 }
 
+/// transformers 5.x writes RoPE's theta and scaling inside `rope_parameters`; 4.x writes
+/// `rope_theta` and `rope_scaling` at the top of config.json. Rewrites the 5.x keys into the 4.x
+/// ones so one `Config` reads both. A config that gives both and disagrees, a theta that is not a
+/// number or a partial rotary factor other than 1 is an error naming the key, never a default.
+pub fn read_rope_parameters(json: &mut serde_json::Value) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    let Some(p) = json
+        .get("rope_parameters")
+        .filter(|p| !p.is_null())
+        .cloned()
+    else {
+        return Ok(());
+    };
+    let Some(p) = p.as_object() else {
+        return Err("rope_parameters is not an object".into());
+    };
+    if !p.is_empty() && p.values().all(Value::is_object) {
+        return Err(format!(
+            "rope_parameters per layer type ({}) are not supported for this architecture",
+            p.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let theta = p
+        .get("rope_theta")
+        .filter(|t| t.is_number())
+        .ok_or("rope_parameters.rope_theta is missing or not a number")?;
+    let agree = |key: &str, v: &Value, json: &Value| match json.get(key) {
+        Some(old) if !old.is_null() && old != v => {
+            Err(format!("{key} ({old}) and rope_parameters ({v}) disagree"))
+        }
+        _ => Ok(()),
+    };
+    agree("rope_theta", theta, json)?;
+    if let Some(f) = p.get("partial_rotary_factor") {
+        if f.as_f64() != Some(1.0) {
+            return Err(format!(
+                "rope_parameters.partial_rotary_factor {f} is not supported (only 1)"
+            ));
+        }
+    }
+    let mut scaling = p.clone();
+    scaling.remove("rope_theta");
+    scaling.remove("partial_rotary_factor");
+    let rope_type = scaling
+        .get("rope_type")
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
+    let scaled = rope_type != "default";
+    let scaling = Value::Object(scaling);
+    let obj = json.as_object_mut().ok_or("config.json is not an object")?;
+    obj.insert("rope_theta".into(), theta.clone());
+    if scaled {
+        if let Some(old) = obj.get("rope_scaling").filter(|o| !o.is_null()) {
+            let same_type = old.get("rope_type").or_else(|| old.get("type"));
+            if same_type.and_then(Value::as_str) != Some(rope_type.as_str()) {
+                return Err(format!(
+                    "rope_scaling ({old}) and rope_parameters ({scaling}) disagree"
+                ));
+            }
+        }
+        obj.insert("rope_scaling".into(), scaling);
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor,
