@@ -68,6 +68,9 @@ pub struct ClassifyArgs {
     /// Replace a report.json/confusion.svg already in the --report folder.
     #[arg(long)]
     force: bool,
+    /// Skip rows whose text is empty instead of stopping with an error.
+    #[arg(long)]
+    skip_empty: bool,
     /// A PEFT LoRA adapter folder to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -253,7 +256,7 @@ fn run_classify(mut a: ClassifyArgs) -> Result<()> {
         pair: None,
         label: a.label_column.clone(),
     };
-    let records = slm::data::read_records(&a.data, &cols, false)?;
+    let records = slm::data::read_records(&a.data, &cols, a.skip_empty)?;
     let labels = enc.model.labels.clone();
     let truth = records
         .iter()
