@@ -406,6 +406,17 @@ fn config_json() {
             run: &run_causal,
         });
     }
+    // transformers 5.x's layout, RoPE inside rope_parameters.
+    let (fixed, _) = split("llama/safetensors", "config.json");
+    let seed = std::fs::read(common::fixtures().join("llama/config_v5.json")).unwrap();
+    fuzz(Target {
+        name: "config-llama-v5",
+        fixed,
+        victim: "config.json".into(),
+        seed,
+        mutate: &mutate_json_text,
+        run: &run_causal,
+    });
     let (fixed, seed) = split("encoders/bert_cls/safetensors", "config.json");
     fuzz(Target {
         name: "config-bert",

@@ -444,3 +444,48 @@ fn whole_model_gradients_match_finite_differences() {
         &mean_loss,
     );
 }
+
+/// A copy of a fixture folder with `key` of its config.json set to `value`.
+fn with_config(src: &std::path::Path, name: &str, key: &str, value: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("slm-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+    }
+    let p = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg[key] = value.into();
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    d
+}
+
+/// Training runs one backward per activation; a config naming another one must be refused, not
+/// trained as if it were SwiGLU or GELU.
+#[test]
+fn activations_training_does_not_implement_are_refused() {
+    let d = with_config(
+        &fixtures().join("llama/safetensors"),
+        "act-llama",
+        "hidden_act",
+        "gelu",
+    );
+    let err = slm::train::llama::LlamaLm::load(&d, None, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("hidden_act Gelu is not trainable"), "{err}");
+    let d = with_config(
+        &fixtures().join("encoders/bert_cls/safetensors"),
+        "act-bert",
+        "hidden_act",
+        "relu",
+    );
+    let err = BertTrain::load(&d, labels(), &full())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("hidden_act Relu is not trainable"), "{err}");
+}

@@ -153,6 +153,14 @@ impl BertTrain {
                 path.display()
             )));
         };
+        // The backward pass is exact GELU's; another activation would train a different model.
+        if cfg.hidden_act != crate::nn::Activation::Gelu {
+            return Err(TrainError::Unsupported(format!(
+                "{}: hidden_act {:?} is not trainable yet (encoder training implements gelu)",
+                path.display(),
+                cfg.hidden_act
+            )));
+        }
         if cfg.flavor != Flavor::Bert {
             return Err(TrainError::Unsupported(format!(
                 "{}: fine-tuning supports BERT checkpoints (BERT, MiniLM, bge) for now, not {:?}",

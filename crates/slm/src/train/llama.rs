@@ -88,6 +88,14 @@ impl LlamaLm {
                 path.display()
             )));
         };
+        // The backward pass below is SwiGLU's; another activation would train a different model.
+        if cfg.hidden_act != crate::nn::Activation::Silu {
+            return Err(TrainError::Unsupported(format!(
+                "{}: hidden_act {:?} is not trainable yet (causal-LM training implements silu)",
+                path.display(),
+                cfg.hidden_act
+            )));
+        }
         if cfg.variant == Variant::Phi3 {
             return Err(TrainError::Unsupported(format!(
                 "{}: Phi-3's fused projections are not trainable yet",
