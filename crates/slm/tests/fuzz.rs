@@ -302,6 +302,40 @@ fn gguf() {
     });
 }
 
+/// llama.cpp's vocab-only GGUF files: byte-level BPE (with merges) and WordPiece vocabularies
+/// as GGUF metadata, read into tokenizers.
+#[test]
+fn gguf_vocabularies() {
+    for name in ["ggml-vocab-gpt-2.gguf", "ggml-vocab-bert-bge.gguf"] {
+        let seed = std::fs::read(common::assets().join("tokenizers/vectors").join(name)).unwrap();
+        let mutate = |rng: &mut StdRng, s: &[u8]| {
+            let mut d = s.to_vec();
+            let hot = d.len();
+            mutate_bytes(rng, &mut d, hot);
+            d
+        };
+        fuzz(Target {
+            name: &format!("vocab-{name}"),
+            fixed: vec![],
+            victim: name.into(),
+            seed,
+            mutate: &mutate,
+            run: &|dir| {
+                let Ok(g) = slm::io::gguf::GgufFile::open(&dir.join(name)) else {
+                    return;
+                };
+                if let Ok(t) = slm::tokenize::Tokenizer::from_gguf(&g) {
+                    for text in ["Hello world", " naïve 🦙 [CLS]", ""] {
+                        if let Ok(ids) = t.encode(text, true) {
+                            let _ = t.decode(&ids, false);
+                        }
+                    }
+                }
+            },
+        });
+    }
+}
+
 fn fixture_files(dir: &str) -> Vec<(String, Vec<u8>)> {
     std::fs::read_dir(common::fixtures().join(dir))
         .unwrap()
