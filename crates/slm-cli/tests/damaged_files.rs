@@ -338,10 +338,7 @@ fn pickle_big_endian_storage() {
 // ---- standard output ----
 
 fn slm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_slm"));
-    c.env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE");
-    c
+    common::command()
 }
 
 #[test]

@@ -325,7 +325,7 @@ fn chat_commands_and_a_history_longer_than_the_context() {
 fn ctrl_c_stops_the_reply_not_the_chat() {
     use std::io::{Read, Write};
     use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_slm"))
+    let mut child = common::command()
         .args(["chat", "-m", smollm2().to_str().unwrap(), "-n", "48"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

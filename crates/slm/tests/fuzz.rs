@@ -85,6 +85,18 @@ fn mutate_bytes(rng: &mut StdRng, data: &mut Vec<u8>, hot: usize) {
     }
 }
 
+/// A mutated copy of `seed`, its mutations mostly before byte `hot`.
+fn mutated(rng: &mut StdRng, seed: &[u8], hot: usize) -> Vec<u8> {
+    let mut d = seed.to_vec();
+    mutate_bytes(rng, &mut d, hot);
+    d
+}
+
+/// A mutated copy of `seed`, mutations anywhere.
+fn anywhere(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
+    mutated(rng, seed, seed.len())
+}
+
 fn interesting_json(rng: &mut StdRng) -> Value {
     let choices = [
         Value::from(0),
@@ -145,10 +157,9 @@ fn mutate_json(rng: &mut StdRng, doc: &mut Value) {
 fn mutate_json_text(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
     let mut doc: Value = serde_json::from_slice(seed).unwrap();
     mutate_json(rng, &mut doc);
-    let mut text = doc.to_string().into_bytes();
+    let text = doc.to_string().into_bytes();
     if rng.random_bool(0.2) {
-        let hot = text.len();
-        mutate_bytes(rng, &mut text, hot);
+        return anywhere(rng, &text);
     }
     text
 }
@@ -279,11 +290,7 @@ fn gguf() {
     let mut m = slm::models::load_causal(&dir.join("model.gguf"), ComputeDtype::Auto).unwrap();
     m.model.forward(&[1, 2, 3], 0, true).unwrap();
     let data_start = seed.len() - 32000 * 34 - 10_000;
-    let mutate = move |rng: &mut StdRng, s: &[u8]| {
-        let mut d = s.to_vec();
-        mutate_bytes(rng, &mut d, data_start);
-        d
-    };
+    let mutate = move |rng: &mut StdRng, s: &[u8]| mutated(rng, s, data_start);
     fuzz(Target {
         name: "gguf",
         fixed: vec![],
@@ -308,18 +315,12 @@ fn gguf() {
 fn gguf_vocabularies() {
     for name in ["ggml-vocab-gpt-2.gguf", "ggml-vocab-bert-bge.gguf"] {
         let seed = std::fs::read(common::assets().join("tokenizers/vectors").join(name)).unwrap();
-        let mutate = |rng: &mut StdRng, s: &[u8]| {
-            let mut d = s.to_vec();
-            let hot = d.len();
-            mutate_bytes(rng, &mut d, hot);
-            d
-        };
         fuzz(Target {
             name: &format!("vocab-{name}"),
             fixed: vec![],
             victim: name.into(),
             seed,
-            mutate: &mutate,
+            mutate: &anywhere,
             run: &|dir| {
                 let Ok(g) = slm::io::gguf::GgufFile::open(&dir.join(name)) else {
                     return;
@@ -361,11 +362,7 @@ fn split(dir: &str, victim: &str) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
 fn safetensors() {
     let (fixed, seed) = split("gpt2/safetensors", "model.safetensors");
     let header = 8 + u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
-    let mutate = move |rng: &mut StdRng, s: &[u8]| {
-        let mut d = s.to_vec();
-        mutate_bytes(rng, &mut d, header);
-        d
-    };
+    let mutate = move |rng: &mut StdRng, s: &[u8]| mutated(rng, s, header);
     fuzz(Target {
         name: "safetensors",
         fixed,
@@ -393,25 +390,22 @@ fn pickle() {
         .collect();
     let mutate = move |rng: &mut StdRng, s: &[u8]| {
         if rng.random_bool(0.2) {
-            let mut d = s.to_vec();
-            let hot = d.len();
-            mutate_bytes(rng, &mut d, hot);
-            return d;
+            return anywhere(rng, s);
         }
         let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
         let opts = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Stored);
         for (name, bytes) in &entries {
-            let mut b = bytes.clone();
             let hit = if name.ends_with("data.pkl") {
                 0.9
             } else {
                 0.03
             };
-            if rng.random_bool(hit) {
-                let hot = b.len();
-                mutate_bytes(rng, &mut b, hot);
-            }
+            let b = if rng.random_bool(hit) {
+                anywhere(rng, bytes)
+            } else {
+                bytes.clone()
+            };
             out.start_file(name.as_str(), opts).unwrap();
             out.write_all(&b).unwrap();
         }
@@ -511,18 +505,12 @@ fn datasets() {
         ("data.csv", &tsv.replace('\t', ",")),
         ("data.jsonl", jsonl),
     ] {
-        let mutate = |rng: &mut StdRng, s: &[u8]| {
-            let mut d = s.to_vec();
-            let hot = d.len();
-            mutate_bytes(rng, &mut d, hot);
-            d
-        };
         fuzz(Target {
             name: &format!("dataset-{name}"),
             fixed: vec![],
             victim: name.into(),
             seed: seed.as_bytes().to_vec(),
-            mutate: &mutate,
+            mutate: &anywhere,
             run: &|dir| {
                 let p = dir.join(name);
                 let cols = slm::data::Columns::default();

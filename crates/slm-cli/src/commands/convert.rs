@@ -31,13 +31,12 @@ pub fn run(mut a: Args) -> Result<()> {
         );
     }
     super::clean_stale(&a.output);
-    let dtype = a.dtype;
-    let names = slm::convert::gguf_to_hf(&a.model, &a.output, dtype, a.force)?;
+    let names = slm::convert::gguf_to_hf(&a.model, &a.output, a.dtype, a.force)?;
     outln!(
         "wrote {} ({} tensors, {:?}, config.json, tokenizer.json, tokenizer_config.json)",
         a.output.display(),
         names.len(),
-        dtype
+        a.dtype
     );
     Ok(())
 }

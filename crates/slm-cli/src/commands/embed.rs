@@ -71,11 +71,7 @@ impl PoolingArgs {
 pub fn run(mut args: Args) -> Result<()> {
     if let Some(p) = &args.output {
         slm::io::write::check_overwrite(p, args.force)?;
-        super::clean_stale(
-            p.parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(".".as_ref()),
-        );
+        super::clean_stale_beside(p);
     }
     super::resolve_model(&mut args.model)?;
     let (records, vectors) = args.pooling.embed(&args.model, &args.input)?;

@@ -8,7 +8,6 @@ use slm::data::{self, Columns, Format, Record};
 use slm::encode::Encoder;
 use slm::tokenize::EncoderInput;
 
-/// The embedded default for embeddings: all-MiniLM-L6-v2 from SLM_ASSETS.
 /// The default embedding model, all-MiniLM-L6-v2: from SLM_ASSETS when the shared assets are
 /// there, else its hub repo (from the cache, or downloaded on first use).
 pub fn default_encoder() -> PathBuf {

@@ -251,7 +251,7 @@ fn prepare_output(a: &Args) -> Result<()> {
     ]
     .into_iter()
     .find(|f| a.output.join(f).exists());
-    if let Some(f) = model_file.filter(|_| !a.resume && !a.force && !has_run) {
+    if let Some(f) = model_file.filter(|_| !a.resume && !a.force) {
         bail!(
             "{} already holds a model ({f}); pass --force to replace it or choose another -o",
             a.output.display()

@@ -138,6 +138,12 @@ pub fn clean_stale(dir: &std::path::Path) {
     }
 }
 
+/// [`clean_stale`] for the folder an output file goes into.
+pub fn clean_stale_beside(file: &std::path::Path) {
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+    clean_stale(dir.unwrap_or(".".as_ref()));
+}
+
 /// Turns a hub id given where a model path goes (`--model ORG/NAME[@REV][:QUANT]`) into the
 /// cached snapshot, downloading it first if needed. A path that exists is left alone.
 pub fn resolve_model(path: &mut PathBuf) -> Result<()> {

@@ -34,13 +34,7 @@ fn quant_type(s: &str) -> Result<candle_core::quantized::GgmlDType, String> {
 
 pub fn run(mut a: Args) -> Result<()> {
     super::resolve_model(&mut a.model)?;
-    let want = a.kind;
-    super::clean_stale(
-        a.output
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(".".as_ref()),
-    );
+    super::clean_stale_beside(&a.output);
     let bar = indicatif::ProgressBar::new(0);
     let progress = |d: usize, t: usize| {
         bar.set_length(t as u64);
@@ -50,7 +44,7 @@ pub fn run(mut a: Args) -> Result<()> {
         slm::quantize::from_hf::quantize_hf(
             &a.model,
             a.adapter.as_deref(),
-            want,
+            a.kind,
             &a.output,
             a.force,
             progress,
@@ -58,7 +52,7 @@ pub fn run(mut a: Args) -> Result<()> {
     } else if a.adapter.is_some() {
         bail!("--adapter needs a Hugging Face base folder; write one from the GGUF with `slm convert`");
     } else {
-        slm::quantize::quantize_gguf(&a.model, want, &a.output, a.force, progress)?
+        slm::quantize::quantize_gguf(&a.model, a.kind, &a.output, a.force, progress)?
     };
     bar.finish_and_clear();
     let mut counts = std::collections::BTreeMap::new();

@@ -40,12 +40,12 @@ pub fn run(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     run_env(args, stdin, &[])
 }
 
-/// `run` with extra environment variables; the hub variables of the caller are not passed on.
-pub fn run_env(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> (i32, String, String) {
-    use std::io::Write;
+/// The binary without the caller's RUST_BACKTRACE (errors stay one line) or hub variables.
+pub fn command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_slm"));
-    cmd.env_remove("RUST_BACKTRACE");
     for k in [
+        "RUST_BACKTRACE",
+        "RUST_LIB_BACKTRACE",
         "HF_TOKEN",
         "HF_HUB_OFFLINE",
         "HF_HOME",
@@ -54,6 +54,13 @@ pub fn run_env(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> (i32
     ] {
         cmd.env_remove(k);
     }
+    cmd
+}
+
+/// `run` with extra environment variables; the hub variables of the caller are not passed on.
+pub fn run_env(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> (i32, String, String) {
+    use std::io::Write;
+    let mut cmd = command();
     cmd.envs(env.iter().copied());
     let mut child = cmd
         .args(args)
