@@ -539,12 +539,29 @@ CAUSAL_GRADS = {
     "qwen2": ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias",
               "model.layers.1.self_attn.k_proj.bias", "model.layers.0.mlp.up_proj.weight",
               "model.norm.weight"],
+    # Conv1D weights are [in, out] here, as stored.
+    "gpt2": ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+             "transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.bias",
+             "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight",
+             "transformer.h.1.mlp.c_proj.weight", "transformer.h.0.ln_2.bias", "transformer.ln_f.weight"],
+    "phi3": ["model.embed_tokens.weight", "model.layers.0.self_attn.qkv_proj.weight",
+             "model.layers.1.self_attn.o_proj.weight", "model.layers.0.mlp.gate_up_proj.weight",
+             "model.layers.1.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight",
+             "model.norm.weight", "lm_head.weight"],
+}
+CAUSAL_LORA = {
+    "llama": dict(target_modules=["q_proj", "v_proj"]),
+    "qwen2": dict(target_modules=["q_proj", "v_proj"]),
+    "gpt2": dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    "phi3": dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
 }
 
 
 def record_train_causal():
-    """Loss and gradients of the tiny Llama (GQA, llama3 RoPE, untied) and Qwen2 (biases, tied)
-    on two sequences with ignored positions, full and with a PEFT LoRA (random A and B)."""
+    """Loss and gradients of the tiny Llama (GQA, llama3 RoPE, untied), Qwen2 (biases, tied),
+    GPT-2 (Conv1D, learned positions, tied) and Phi-3 (fused qkv and gate_up) on two sequences
+    with ignored positions, full and with a PEFT LoRA (random A and B). Dropout off (eval mode:
+    GPT-2's config has 0.1), so both sides compute the same function."""
     from peft import LoraConfig, get_peft_model
     ids = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 7, 9, 11, 13, 200],
                         [300, 301, 302, 7, 7, 7, 7, 9, 11, 13, 200, 100]])
@@ -552,9 +569,9 @@ def record_train_causal():
     labels[1, :4] = -100   # a prompt: no loss on its tokens
     labels[0, 6] = -100
     rec = {"input_ids": ids.tolist(), "labels": labels.tolist(), "models": {}}
-    for name in ("llama", "qwen2"):
+    for name in ("llama", "qwen2", "gpt2", "phi3"):
         model = transformers.AutoModelForCausalLM.from_pretrained(OUT / name / "safetensors")
-        model.train()
+        model.eval()
         out = model(input_ids=ids, labels=labels)
         out.loss.backward()
         named = dict(model.named_parameters())
@@ -563,15 +580,18 @@ def record_train_causal():
              "params_with_grad": sum(int(p.grad.abs().sum() > 0) for p in model.parameters())}
         model.zero_grad()
         torch.manual_seed(11)
-        cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                         lora_dropout=0.0, init_lora_weights=False)
+        cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+                         init_lora_weights=False, **CAUSAL_LORA[name])
         pm = get_peft_model(model, cfg)
+        pm.eval()
         out = pm(input_ids=ids, labels=labels)
         out.loss.backward()
         pm.save_pretrained(OUT / "peft" / f"{name}_lora")
         r["lora_loss"] = out.loss.item()
+        with torch.no_grad():
+            r["lora_logits"] = pm(input_ids=ids[:1]).logits[0].numpy().round(7).tolist()
         r["lora_grads"] = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad.flatten().tolist()
-                           for n, p in pm.named_parameters() if p.requires_grad and "layers.0." in n}
+                           for n, p in pm.named_parameters() if p.requires_grad and ("layers.0." in n or ".h.0." in n)}
         rec["models"][name] = r
         print(f"train_causal {name}: loss {r['loss']:.6f} lora {r['lora_loss']:.6f}")
     (OUT / "train_causal.json").write_text(json.dumps(rec))
@@ -607,6 +627,17 @@ def record_peft():
         pm.eval()
         with torch.no_grad():
             rec["slm_adapter_logits"] = pm(input_ids=ids, attention_mask=mask).logits.tolist()
+    # Causal adapters slm trained (tests/fixtures/peft/slm_{gpt2,phi3}_adapter, written by
+    # `SLM_WRITE_FIXTURES=1 cargo test --test peft`): PEFT's logits for them.
+    ids = torch.tensor([json.loads((OUT / "train_causal.json").read_text())["input_ids"][0]])
+    for name in ("gpt2", "phi3"):
+        d = root / f"slm_{name}_adapter"
+        if d.exists():
+            model = transformers.AutoModelForCausalLM.from_pretrained(OUT / name / "safetensors")
+            pm = PeftModel.from_pretrained(model, d)
+            pm.eval()
+            with torch.no_grad():
+                rec[f"slm_{name}_logits"] = pm(input_ids=ids).logits[0].numpy().round(7).tolist()
     (root / "expected.json").write_text(json.dumps(rec))
     print("peft:", {k: (v if isinstance(v, str) else len(v)) for k, v in rec.items()})
 

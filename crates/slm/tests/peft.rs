@@ -203,11 +203,18 @@ fn an_adapter_written_by_slm_gives_the_same_logits_in_peft() {
 #[test]
 fn causal_lora_adapter_and_merge_give_the_trained_logits() {
     use slm::train::causal::CausalRun;
-    use slm::train::llama::{CausalBatch, LlamaLm};
+    use slm::train::lm::{CausalBatch, CausalLm};
+    use slm::train::tape::LoraSpec;
     use slm::train::trainer::Model;
     let base = fixtures().join("llama/safetensors");
     let targets = vec!["q_proj".into(), "v_proj".into(), "down_proj".into()];
-    let model = LlamaLm::load(&base, Some((4, 8.0, targets)), 1).unwrap();
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        targets,
+        dropout: 0.0,
+    };
+    let model = CausalLm::load(&base, Some(spec), 1).unwrap();
     let ids: Vec<u32> = vec![1, 17, 42, 99, 3, 250, 7, 7, 9, 11];
     let b = CausalBatch {
         targets: ids[1..].iter().map(|&i| Some(i)).chain([None]).collect(),
@@ -219,15 +226,15 @@ fn causal_lora_adapter_and_merge_give_the_trained_logits() {
         model,
         source: base.clone(),
     };
-    let at_init = run.model.logits(&b);
+    let at_init = run.model.logits(&b).unwrap();
     let mut opt = AdamW::new(&run.model.params);
     let cfg = OptimConfig::constant(2e-2);
     for _ in 0..3 {
-        run.forward_backward(&b, 1);
+        run.forward_backward(&b, 1).unwrap();
         opt.step(&mut run.model.params, &cfg, cfg.lr);
         run.model.params.zero_grad();
     }
-    let want = run.model.logits(&b);
+    let want = run.model.logits(&b).unwrap();
     assert!(
         want.iter().zip(&at_init).any(|(a, b)| (a - b).abs() > 1e-3),
         "training changed nothing"
@@ -256,4 +263,114 @@ fn causal_lora_adapter_and_merge_give_the_trained_logits() {
         slm::models::load_causal(&d.join("merged"), slm::models::ComputeDtype::F32).unwrap();
     assert_close(&logits_of(&mut merged), &want, 1e-4, "merged");
     let _ = std::fs::remove_dir_all(&d);
+}
+
+fn causal_reference() -> serde_json::Value {
+    let p = fixtures().join("train_causal.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+fn causal_logits(model: &Path, adapter: &Path, ids: &[u32]) -> Vec<f32> {
+    let mut m = slm::models::load_causal_with(model, slm::models::ComputeDtype::F32, Some(adapter))
+        .unwrap();
+    m.model
+        .forward(ids, 0, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// GPT-2 (Conv1D: PEFT's `fan_in_fan_out`) and Phi-3 (fused projections) adapters both ways:
+/// PEFT's adapter in slm gives PEFT's logits; the adapter slm trained (committed, written by
+/// `SLM_WRITE_FIXTURES=1`) gives in PEFT the logits slm gives.
+#[test]
+fn causal_adapters_of_gpt2_and_phi3_interoperate_with_peft() {
+    use slm::train::causal::CausalRun;
+    use slm::train::lm::{CausalBatch, CausalLm};
+    use slm::train::tape::LoraSpec;
+    use slm::train::trainer::Model;
+    let r = causal_reference();
+    let ids: Vec<u32> = serde_json::from_value(r["input_ids"][0].clone()).unwrap();
+    for (name, targets) in [
+        ("gpt2", &["c_attn", "c_proj", "c_fc"][..]),
+        ("phi3", &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    ] {
+        let base = fixtures().join(name).join("safetensors");
+        let python = fixtures().join(format!("peft/{name}_lora"));
+        let want: Vec<f32> =
+            serde_json::from_value::<Vec<Vec<f32>>>(r["models"][name]["lora_logits"].clone())
+                .unwrap()
+                .concat();
+        assert_close(
+            &causal_logits(&base, &python, &ids),
+            &want,
+            1e-4,
+            &format!("{name}: PEFT adapter in slm"),
+        );
+
+        let committed = fixtures().join(format!("peft/slm_{name}_adapter"));
+        if std::env::var_os("SLM_WRITE_FIXTURES").is_some() {
+            let spec = LoraSpec {
+                r: 4,
+                alpha: 8.0,
+                targets: targets.iter().map(|t| t.to_string()).collect(),
+                dropout: 0.0,
+            };
+            let model = CausalLm::load(&base, Some(spec), 3).unwrap();
+            let b = CausalBatch {
+                targets: ids[1..].iter().map(|&i| Some(i)).chain([None]).collect(),
+                ids: ids.clone(),
+                lengths: vec![ids.len()],
+                t: ids.len(),
+            };
+            let mut run = CausalRun {
+                model,
+                source: base.clone(),
+            };
+            let mut opt = AdamW::new(&run.model.params);
+            let cfg = OptimConfig::constant(2e-2);
+            for _ in 0..3 {
+                run.forward_backward(&b, 1).unwrap();
+                opt.step(&mut run.model.params, &cfg, cfg.lr);
+                run.model.params.zero_grad();
+            }
+            let _ = std::fs::remove_dir_all(&committed);
+            run.save(&committed).unwrap();
+            // Tokenizer files would only be copies of the fixture's.
+            for f in std::fs::read_dir(&committed).unwrap() {
+                let f = f.unwrap().path();
+                if !f
+                    .file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("adapter")
+                {
+                    std::fs::remove_file(f).unwrap();
+                }
+            }
+        }
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(committed.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["fan_in_fan_out"], name == "gpt2", "{name}");
+        let key = format!("slm_{name}_logits");
+        let peft_logits: Vec<f32> = serde_json::from_value::<Vec<Vec<f32>>>(
+            expected()
+                .get(&key)
+                .unwrap_or_else(|| panic!("{key}: run make_fixtures.py peft"))
+                .clone(),
+        )
+        .unwrap()
+        .concat();
+        assert_close(
+            &causal_logits(&base, &committed, &ids),
+            &peft_logits,
+            1e-4,
+            &format!("{name}: slm adapter in PEFT"),
+        );
+    }
 }

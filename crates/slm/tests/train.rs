@@ -44,7 +44,13 @@ fn loss_and_gradients_match_pytorch() {
             .iter()
             .find(|p| &p.name == name)
             .unwrap_or_else(|| panic!("{name}"));
-        let (d, scale) = max_diff(p.grad.as_ref().unwrap(), &g);
+        let mut grad = p.grad.clone().unwrap();
+        if p.transposed {
+            // Held [out, in]; GPT-2's Conv1D (and PyTorch's gradient) is [in, out].
+            let (o, i) = (p.shape[0], p.shape[1]);
+            grad = (0..i * o).map(|k| grad[(k % o) * i + k / o]).collect();
+        }
+        let (d, scale) = max_diff(&grad, &g);
         assert!(
             d <= 1e-5 + 1e-4 * scale,
             "{name}: max |diff| {d:e} (max |grad| {scale:e})"
@@ -96,13 +102,24 @@ fn adamw_steps_follow_pytorch() {
     );
 }
 
+use slm::train::lm::CausalLm;
+
+fn lora(r: usize, alpha: f32, targets: &[String]) -> slm::train::tape::LoraSpec {
+    slm::train::tape::LoraSpec {
+        r,
+        alpha,
+        targets: targets.to_vec(),
+        dropout: 0.0,
+    }
+}
+
 fn causal_reference() -> serde_json::Value {
     let p = fixtures().join("train_causal.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
 /// HF shifts labels inside the model; slm's targets are already the next token per position.
-fn causal_batch(r: &serde_json::Value) -> slm::train::llama::CausalBatch {
+fn causal_batch(r: &serde_json::Value) -> slm::train::lm::CausalBatch {
     let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
     let labels: Vec<Vec<i64>> = serde_json::from_value(r["labels"].clone()).unwrap();
     let t = ids[0].len();
@@ -110,7 +127,7 @@ fn causal_batch(r: &serde_json::Value) -> slm::train::llama::CausalBatch {
         .iter()
         .flat_map(|row| (0..t).map(move |j| row.get(j + 1).filter(|&&l| l >= 0).map(|&l| l as u32)))
         .collect();
-    slm::train::llama::CausalBatch {
+    slm::train::lm::CausalBatch {
         lengths: vec![t; ids.len()],
         ids: ids.concat(),
         targets,
@@ -126,7 +143,13 @@ fn check_grads(params: &slm::train::params::Params, want: &serde_json::Value) {
             .iter()
             .find(|p| &p.name == name)
             .unwrap_or_else(|| panic!("{name}"));
-        let (d, scale) = max_diff(p.grad.as_ref().unwrap(), &g);
+        let mut grad = p.grad.clone().unwrap();
+        if p.transposed {
+            // Held [out, in]; GPT-2's Conv1D (and PyTorch's gradient) is [in, out].
+            let (o, i) = (p.shape[0], p.shape[1]);
+            grad = (0..i * o).map(|k| grad[(k % o) * i + k / o]).collect();
+        }
+        let (d, scale) = max_diff(&grad, &g);
         assert!(
             d <= 1e-5 + 1e-4 * scale,
             "{name}: max |diff| {d:e} (max |grad| {scale:e})"
@@ -138,11 +161,11 @@ fn check_grads(params: &slm::train::params::Params, want: &serde_json::Value) {
 fn causal_lm_loss_and_gradients_match_pytorch() {
     let r = causal_reference();
     let b = causal_batch(&r);
-    for name in ["llama", "qwen2"] {
+    for name in ["llama", "qwen2", "gpt2", "phi3"] {
         let want = &r["models"][name];
         let dir = fixtures().join(name).join("safetensors");
-        let mut m = slm::train::llama::LlamaLm::load(&dir, None, 0).unwrap();
-        let loss = m.forward_backward(&b, 1);
+        let mut m = CausalLm::load(&dir, None, 0).unwrap();
+        let loss = m.forward_backward(&b, 1).unwrap();
         let w = want["loss"].as_f64().unwrap();
         assert!((loss - w).abs() < 1e-5, "{name}: loss {loss} vs torch {w}");
         check_grads(&m.params, &want["grads"]);
@@ -169,11 +192,16 @@ fn causal_lm_loss_and_gradients_match_pytorch() {
 fn causal_lora_loss_and_gradients_match_peft() {
     let r = causal_reference();
     let b = causal_batch(&r);
-    for name in ["llama", "qwen2"] {
+    for (name, targets) in [
+        ("llama", &["q_proj", "v_proj"][..]),
+        ("qwen2", &["q_proj", "v_proj"]),
+        ("gpt2", &["c_attn", "c_proj", "c_fc"]),
+        ("phi3", &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    ] {
         let want = &r["models"][name];
         let dir = fixtures().join(name).join("safetensors");
-        let targets = vec!["q_proj".to_string(), "v_proj".to_string()];
-        let mut m = slm::train::llama::LlamaLm::load(&dir, Some((4, 8.0, targets)), 0).unwrap();
+        let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        let mut m = CausalLm::load(&dir, Some(lora(4, 8.0, &targets)), 0).unwrap();
         // PEFT's random A and B, so that both sides start from the same adapter.
         let adapter = fixtures().join(format!("peft/{name}_lora/adapter_model.safetensors"));
         let values = slm::io::write::read_safetensors_f32(&adapter).unwrap();
@@ -193,7 +221,7 @@ fn causal_lora_loss_and_gradients_match_peft() {
             set,
             "only LoRA trains"
         );
-        let loss = m.forward_backward(&b, 1);
+        let loss = m.forward_backward(&b, 1).unwrap();
         let w = want["lora_loss"].as_f64().unwrap();
         assert!(
             (loss - w).abs() < 1e-5,
@@ -349,7 +377,6 @@ fn finite_differences<T>(
 
 #[test]
 fn whole_model_gradients_match_finite_differences() {
-    use slm::train::llama::LlamaLm;
     use slm::train::ops::cross_entropy;
     // BERT: embeddings, LayerNorm, attention with padding, GELU MLP, pooler, classifier, loss.
     let mut m = BertTrain::load(
@@ -383,8 +410,8 @@ fn whole_model_gradients_match_finite_differences() {
     // SwiGLU MLP, untied head.
     let cr = causal_reference();
     let cb = causal_batch(&cr);
-    let mean_loss = |l: &LlamaLm| {
-        let (sum, n) = l.loss_sum(&cb);
+    let mean_loss = |l: &CausalLm| {
+        let (sum, n) = l.loss_sum(&cb).unwrap();
         sum / n as f64
     };
     let modules = [
@@ -399,7 +426,7 @@ fn whole_model_gradients_match_finite_differences() {
     .map(String::from)
     .to_vec();
     let dir = fixtures().join("llama/safetensors");
-    let mut l = LlamaLm::load(&dir, Some((2, 4.0, modules)), 5).unwrap();
+    let mut l = CausalLm::load(&dir, Some(lora(2, 4.0, &modules)), 5).unwrap();
     for (k, p) in l
         .params
         .list
@@ -412,7 +439,7 @@ fn whole_model_gradients_match_finite_differences() {
             .map(|i| (((i * 7 + k * 13) % 11) as f32 - 5.0) * 0.02)
             .collect();
     }
-    l.forward_backward(&cb, 1);
+    l.forward_backward(&cb, 1).unwrap();
     finite_differences(
         &mut l,
         |l| &mut l.params,
@@ -428,8 +455,8 @@ fn whole_model_gradients_match_finite_differences() {
     );
 
     // Full Llama: the embedding (shared rows), the norms and the head.
-    let mut l = LlamaLm::load(&dir, None, 0).unwrap();
-    l.forward_backward(&cb, 1);
+    let mut l = CausalLm::load(&dir, None, 0).unwrap();
+    l.forward_backward(&cb, 1).unwrap();
     finite_differences(
         &mut l,
         |l| &mut l.params,
@@ -462,21 +489,53 @@ fn with_config(src: &std::path::Path, name: &str, key: &str, value: &str) -> std
     d
 }
 
-/// Training runs one backward per activation; a config naming another one must be refused, not
-/// trained as if it were SwiGLU or GELU.
+/// The MLP activation is the config's: a Llama with GELU (tanh) trains with GELU's
+/// derivative (finite differences), and its training logits are the inference logits.
 #[test]
-fn activations_training_does_not_implement_are_refused() {
+fn llama_trains_the_activation_its_config_names() {
+    use slm::train::ops::cross_entropy;
     let d = with_config(
         &fixtures().join("llama/safetensors"),
         "act-llama",
         "hidden_act",
-        "gelu",
+        "gelu_pytorch_tanh",
     );
-    let err = slm::train::llama::LlamaLm::load(&d, None, 0)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(err.contains("hidden_act Gelu is not trainable"), "{err}");
+    let cr = causal_reference();
+    let cb = causal_batch(&cr);
+    let mut l = CausalLm::load(&d, None, 0).unwrap();
+    l.forward_backward(&cb, 1).unwrap();
+    let v = 320;
+    finite_differences(
+        &mut l,
+        |l| &mut l.params,
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.1.mlp.up_proj.weight",
+        ],
+        3,
+        &|l| {
+            let logits = l.logits(&cb).unwrap();
+            let n = cb.targets.iter().filter(|t| t.is_some()).count();
+            cross_entropy(&logits, &cb.targets, v, n as f32).0
+        },
+    );
+    let mut inf = slm::models::load_causal(&d, slm::models::ComputeDtype::F32).unwrap();
+    let ids = &cb.ids[..cb.t];
+    let want = inf.model.forward(ids, 0, true).unwrap();
+    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let got = &l.logits(&cb).unwrap()[..cb.t * v];
+    let d = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-5, "training vs inference logits: {d}");
+}
+
+/// BERT training implements GELU only; a config naming another activation is refused, not
+/// trained as if it were GELU.
+#[test]
+fn activations_training_does_not_implement_are_refused() {
     let d = with_config(
         &fixtures().join("encoders/bert_cls/safetensors"),
         "act-bert",
@@ -488,4 +547,38 @@ fn activations_training_does_not_implement_are_refused() {
         .unwrap()
         .to_string();
     assert!(err.contains("hidden_act Relu is not trainable"), "{err}");
+}
+
+/// One definition, two executors: for every causal family the training executor's logits are
+/// the inference executor's (f32, whole sequences of the training batch).
+#[test]
+fn training_and_inference_forwards_give_the_same_logits() {
+    let cr = causal_reference();
+    let cb = causal_batch(&cr);
+    for name in ["gpt2", "llama", "qwen2", "phi3"] {
+        let dir = fixtures().join(name).join("safetensors");
+        let m = CausalLm::load(&dir, None, 0).unwrap();
+        let train = m.logits(&cb).unwrap();
+        let mut inf = slm::models::load_causal(&dir, slm::models::ComputeDtype::F32).unwrap();
+        let v = inf.model.vocab_size();
+        for s in 0..cb.size() {
+            inf.model.clear_cache();
+            let ids = &cb.ids[s * cb.t..][..cb.t];
+            let want: Vec<f32> = inf
+                .model
+                .forward(ids, 0, true)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got = &train[s * cb.t * v..][..cb.t * v];
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-5, "{name} sequence {s}: max |diff| {d:e}");
+        }
+    }
 }

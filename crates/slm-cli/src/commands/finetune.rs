@@ -9,9 +9,10 @@ use slm::train::causal::{
     causal_eval_batches, load_causal_data, make_causal_batch, CausalDataOptions, CausalRun,
 };
 use slm::train::classify::{eval_batches, load_data, make_batch, ClassifierRun, DataOptions};
-use slm::train::llama::LlamaLm;
+use slm::train::lm::{default_lora_targets, CausalLm};
 use slm::train::masked::{load_masked_data, MaskedRun, Masker};
 use slm::train::optim::{OptimConfig, Schedule};
+use slm::train::tape::LoraSpec;
 use slm::train::trainer::{self, Evaluation, Hooks, StepInfo, TrainConfig};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,14 +393,19 @@ fn run_causal(a: Args) -> Result<trainer::Summary> {
             max_len: max_length,
         },
     )?;
+    let arch = slm::models::config_of(&files)?.architecture();
     let targets = if a.target_modules.is_empty() {
-        vec!["q_proj".to_string(), "v_proj".to_string()]
+        default_lora_targets(arch)
     } else {
         a.target_modules.clone()
     };
-    let lora = (a.method == Method::Lora).then_some((a.lora_r, a.lora_alpha, targets));
-    let mut model = LlamaLm::load(&source, lora, a.seed)?;
-    model.set_lora_dropout(check_dropout(a.lora_dropout)?);
+    let lora = (a.method == Method::Lora).then_some(LoraSpec {
+        r: a.lora_r,
+        alpha: a.lora_alpha,
+        targets,
+        dropout: check_dropout(a.lora_dropout)?,
+    });
+    let model = CausalLm::load(&source, lora, a.seed)?;
     eprintln!(
         "{} train / {} valid examples ({}, up to {max_length} tokens); {} of {} parameters trained{}",
         data.train.len(),

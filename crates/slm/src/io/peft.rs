@@ -91,9 +91,6 @@ impl PeftAdapter {
         if config.use_dora {
             return unsupported("DoRA");
         }
-        if config.fan_in_fan_out {
-            return unsupported("fan_in_fan_out (GPT-2 Conv1D)");
-        }
         if config.bias != "none" {
             return unsupported(&format!("bias '{}'", config.bias));
         }
@@ -267,7 +264,13 @@ impl WeightStore for AdaptedStore {
             return self.base.load(name, keep_quant);
         };
         let w = self.base.load(name, false)?.into_dense()?;
-        let (out, inp) = w.dims2()?;
+        // fan_in_fan_out: the weight is stored [in, out] (GPT-2's Conv1D); the update B·A
+        // is [out, in] either way.
+        let fan_in_fan_out = self.adapter.config.fan_in_fan_out;
+        let (out, inp) = match w.dims2()? {
+            (a, b) if fan_in_fan_out => (b, a),
+            d => d,
+        };
         let r = self.adapter.config.r;
         if sa != &[r, inp] || sb != &[out, r] {
             return Err(Error::file(
@@ -275,7 +278,10 @@ impl WeightStore for AdaptedStore {
                 format!("{key}: LoRA factors {sa:?} and {sb:?} do not fit the weight [{out}, {inp}] with r={r}"),
             ));
         }
-        let delta = tensor(sb, b)?.matmul(&tensor(sa, a)?)?;
+        let mut delta = tensor(sb, b)?.matmul(&tensor(sa, a)?)?;
+        if fan_in_fan_out {
+            delta = delta.t()?.contiguous()?;
+        }
         let merged = (w + (delta * self.adapter.config.scale() as f64)?)?;
         Ok(Weight::Dense(merged))
     }

@@ -297,7 +297,7 @@ impl Layer {
             None => QkvProj::Separate { q, k, v },
         };
         Ok(Self {
-            attn: Attention::new(qkv, lin(h, h, o)?, heads, heads, h / heads, None, None),
+            attn: Attention::new(qkv, lin(h, h, o)?, heads, heads, h / heads, None),
             attn_norm: LayerNorm::new(h, cfg.eps(), &vb.pp(attn_norm))?,
             mlp: Mlp::Plain {
                 fc: lin(h, cfg.intermediate_size, fc)?,

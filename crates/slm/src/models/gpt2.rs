@@ -1,11 +1,10 @@
 //! GPT-2 and DistilGPT2: learned positions, pre-LayerNorm blocks, Conv1D weights, tied head.
 
-use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use super::CausalLM;
 use crate::error::Result;
-use crate::nn::{Activation, Attention, Embedding, LayerNorm, Linear, Mlp, QkvProj, Vb};
+use crate::nn::exec::{three, AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Weights};
+use crate::nn::Activation;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -19,6 +18,18 @@ pub struct Config {
     pub layer_norm_epsilon: f64,
     #[serde(default = "default_act")]
     pub activation_function: Activation,
+    /// Dropout after the embeddings, on the residual branches and on the attention
+    /// probabilities (GPT2Config's defaults: 0.1 each).
+    #[serde(default = "default_dropout")]
+    pub embd_pdrop: f32,
+    #[serde(default = "default_dropout")]
+    pub resid_pdrop: f32,
+    #[serde(default = "default_dropout")]
+    pub attn_pdrop: f32,
+}
+
+fn default_dropout() -> f32 {
+    0.1
 }
 
 fn default_eps() -> f64 {
@@ -29,73 +40,69 @@ fn default_act() -> Activation {
     Activation::GeluNew
 }
 
-struct Block {
-    ln_1: LayerNorm,
-    attn: Attention,
-    ln_2: LayerNorm,
-    mlp: Mlp,
+struct Block<W: Weights> {
+    ln_1: W::Norm,
+    c_attn: Parts<W::Linear>,
+    attn_proj: W::Linear,
+    ln_2: W::Norm,
+    c_fc: W::Linear,
+    mlp_proj: W::Linear,
 }
 
-impl Block {
-    fn new(cfg: &Config, vb: &Vb) -> Result<Self> {
+impl<W: Weights> Block<W> {
+    fn new(cfg: &Config, l: &mut impl Loader<W = W>, base: &str) -> Result<Self> {
         let h = cfg.n_embd;
         let inner = cfg.n_inner.unwrap_or(4 * h);
-        let attn = Attention::new(
-            QkvProj::Fused(Linear::conv1d(h, 3 * h, &vb.pp("attn.c_attn"))?),
-            Linear::conv1d(h, h, &vb.pp("attn.c_proj"))?,
-            cfg.n_head,
-            cfg.n_head,
-            h / cfg.n_head,
-            None,
-            None,
-        );
+        let eps = cfg.layer_norm_epsilon;
         Ok(Self {
-            ln_1: LayerNorm::new(h, cfg.layer_norm_epsilon, &vb.pp("ln_1"))?,
-            attn,
-            ln_2: LayerNorm::new(h, cfg.layer_norm_epsilon, &vb.pp("ln_2"))?,
-            mlp: Mlp::Plain {
-                fc: Linear::conv1d(h, inner, &vb.pp("mlp.c_fc"))?,
-                proj: Linear::conv1d(inner, h, &vb.pp("mlp.c_proj"))?,
-                act: cfg.activation_function,
-            },
+            ln_1: l.norm(NormKind::Layer, &format!("{base}.ln_1"), h, eps)?,
+            c_attn: Parts::Fused(
+                l.conv1d(&format!("{base}.attn.c_attn"), h, 3 * h)?,
+                vec![h; 3],
+            ),
+            attn_proj: l.conv1d(&format!("{base}.attn.c_proj"), h, h)?,
+            ln_2: l.norm(NormKind::Layer, &format!("{base}.ln_2"), h, eps)?,
+            c_fc: l.conv1d(&format!("{base}.mlp.c_fc"), h, inner)?,
+            mlp_proj: l.conv1d(&format!("{base}.mlp.c_proj"), inner, h)?,
         })
     }
-
-    fn forward(&mut self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, pos)?)?;
-        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
-    }
 }
 
-pub struct Gpt2 {
-    wte: Embedding,
-    wpe: Embedding,
-    blocks: Vec<Block>,
-    ln_f: LayerNorm,
-    lm_head: Linear,
-    cfg: Config,
+pub struct Gpt2<W: Weights> {
+    wte: W::Embedding,
+    wpe: W::Embedding,
+    blocks: Vec<Block<W>>,
+    ln_f: W::Norm,
+    lm_head: W::Linear,
+    attn: AttnSpec,
+    pub cfg: Config,
 }
 
-impl Gpt2 {
-    pub fn new(cfg: &Config, vb: &Vb) -> Result<Self> {
+impl<W: Weights> Gpt2<W> {
+    pub fn new(cfg: &Config, l: &mut impl Loader<W = W>) -> Result<Self> {
         // HF checkpoints of GPT2LMHeadModel prefix the body with "transformer."; bare GPT2Model
         // checkpoints do not.
-        let body = if vb.contains("transformer.wte.weight") {
-            vb.pp("transformer")
+        let body = if l.contains("transformer.wte.weight") {
+            "transformer."
         } else {
-            vb.clone()
+            ""
         };
         let h = cfg.n_embd;
-        let wte = Embedding::new(cfg.vocab_size, h, &body.pp("wte"))?;
-        let wpe = Embedding::new(cfg.n_positions, h, &body.pp("wpe"))?;
+        let wte = l.embedding(&format!("{body}wte"), cfg.vocab_size, h)?;
+        let wpe = l.embedding(&format!("{body}wpe"), cfg.n_positions, h)?;
         let blocks = (0..cfg.n_layer)
-            .map(|i| Block::new(cfg, &body.pp("h").pp(i)))
+            .map(|i| Block::new(cfg, l, &format!("{body}h.{i}")))
             .collect::<Result<_>>()?;
-        let ln_f = LayerNorm::new(h, cfg.layer_norm_epsilon, &body.pp("ln_f"))?;
-        let lm_head = if vb.contains("lm_head.weight") {
-            Linear::new(h, cfg.vocab_size, false, &vb.pp("lm_head"))?
+        let ln_f = l.norm(
+            NormKind::Layer,
+            &format!("{body}ln_f"),
+            h,
+            cfg.layer_norm_epsilon,
+        )?;
+        let lm_head = if l.contains("lm_head.weight") {
+            l.linear("lm_head", h, cfg.vocab_size, false)?
         } else {
-            Linear::new(h, cfg.vocab_size, false, &body.pp("wte"))?
+            l.tied(&format!("{body}wte"), cfg.vocab_size, h)?
         };
         Ok(Self {
             wte,
@@ -103,36 +110,47 @@ impl Gpt2 {
             blocks,
             ln_f,
             lm_head,
+            attn: AttnSpec {
+                n_heads: cfg.n_head,
+                n_kv_heads: cfg.n_head,
+                head_dim: h / cfg.n_head,
+                rope: None,
+                window: None,
+            },
             cfg: cfg.clone(),
         })
     }
 }
 
-impl CausalLM for Gpt2 {
-    fn forward(&mut self, ids: &[u32], pos: usize, all_logits: bool) -> Result<Tensor> {
-        super::check_context(pos + ids.len(), self.cfg.n_positions)?;
-        let t = ids.len();
-        let ids_t = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-        let positions: Vec<u32> = (pos as u32..(pos + t) as u32).collect();
-        let pos_t = Tensor::new(positions.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let mut x = self
-            .wte
-            .forward(&ids_t)?
-            .broadcast_add(&self.wpe.forward(&pos_t)?)?;
-        for b in self.blocks.iter_mut() {
-            x = b.forward(&x, pos)?;
+impl<W: Weights> CausalFamily<W> for Gpt2<W> {
+    fn forward<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32], last_only: bool) -> Result<E::X> {
+        let c = &self.cfg;
+        let tokens = e.embed(&self.wte, ids)?;
+        let positions = e.positions(&self.wpe)?;
+        let x = e.add(&tokens, &positions)?;
+        let mut x = e.dropout(x, c.embd_pdrop)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let h = e.norm(&b.ln_1, &x)?;
+            let [q, k, v] = three(e.parts(&b.c_attn, &h)?)?;
+            let a = e.attention(&self.attn, i, q, k, v)?;
+            let a = e.linear(&b.attn_proj, &a, None)?;
+            let a = e.dropout(a, c.resid_pdrop)?;
+            x = e.add(&x, &a)?;
+            let h = e.norm(&b.ln_2, &x)?;
+            let m = e.linear(&b.c_fc, &h, Some(c.activation_function))?;
+            let m = e.linear(&b.mlp_proj, &m, None)?;
+            let m = e.dropout(m, c.resid_pdrop)?;
+            x = e.add(&x, &m)?;
         }
-        let x = if all_logits {
-            x
-        } else {
-            x.narrow(1, t - 1, 1)?
-        };
-        let x = self.ln_f.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?.squeeze(0)?)
+        if last_only {
+            x = e.last_rows(&x)?;
+        }
+        let x = e.norm(&self.ln_f, &x)?;
+        e.linear(&self.lm_head, &x, None)
     }
 
-    fn clear_cache(&mut self) {
-        self.blocks.iter_mut().for_each(|b| b.attn.clear_cache());
+    fn n_layers(&self) -> usize {
+        self.blocks.len()
     }
 
     fn context_length(&self) -> usize {

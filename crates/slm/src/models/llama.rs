@@ -3,14 +3,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use super::CausalLM;
 use crate::error::Result;
-use crate::nn::{
-    Activation, Attention, Embedding, Linear, Mlp, QkvProj, RmsNorm, Rope, RopeScaling, Vb,
-};
+use crate::nn::exec::{three, two, AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Weights};
+use crate::nn::{Activation, Rope, RopeScaling};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
@@ -72,7 +69,7 @@ impl Config {
     }
 
     /// Qwen2 configs carry a `sliding_window` that only applies when `use_sliding_window` is set.
-    fn window(&self) -> Option<usize> {
+    pub fn window(&self) -> Option<usize> {
         match self.use_sliding_window {
             Some(false) => None,
             _ => self.sliding_window,
@@ -80,96 +77,91 @@ impl Config {
     }
 }
 
-struct Layer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+struct Layer<W: Weights> {
+    input_layernorm: W::Norm,
+    qkv: Parts<W::Linear>,
+    o_proj: W::Linear,
+    post_attention_layernorm: W::Norm,
+    gate_up: Parts<W::Linear>,
+    down_proj: W::Linear,
 }
 
-impl Layer {
-    fn new(cfg: &Config, rope: &Arc<Rope>, vb: &Vb) -> Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+impl<W: Weights> Layer<W> {
+    fn new(cfg: &Config, l: &mut impl Loader<W = W>, base: &str) -> Result<Self> {
+        let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
-        let att = vb.pp("self_attn");
-        let qkv = match cfg.variant {
-            Variant::Phi3 => QkvProj::Fused(Linear::new(
-                h,
-                (nh + 2 * nkv) * hd,
-                false,
-                &att.pp("qkv_proj"),
-            )?),
+        let qkv_widths = vec![nh * hd, nkv * hd, nkv * hd];
+        let (qkv, gate_up) = match cfg.variant {
+            // Phi-3 stores q|k|v and gate|up as one matrix each.
+            Variant::Phi3 => (
+                Parts::Fused(
+                    l.linear(
+                        &format!("{base}.self_attn.qkv_proj"),
+                        h,
+                        (nh + 2 * nkv) * hd,
+                        false,
+                    )?,
+                    qkv_widths,
+                ),
+                Parts::Fused(
+                    l.linear(&format!("{base}.mlp.gate_up_proj"), h, 2 * i, false)?,
+                    vec![i, i],
+                ),
+            ),
             Variant::Llama | Variant::Qwen2 => {
                 let bias = cfg.attention_bias || cfg.variant == Variant::Qwen2;
-                let q = Linear::new(h, nh * hd, bias, &att.pp("q_proj"))?;
-                let k = Linear::new(h, nkv * hd, bias, &att.pp("k_proj"))?;
-                let v = Linear::new(h, nkv * hd, bias, &att.pp("v_proj"))?;
-                // One product (and one quantization of x) instead of three.
-                match Linear::try_concat(&[&q, &k, &v])? {
-                    Some(l) => QkvProj::Fused(l),
-                    None => QkvProj::Separate { q, k, v },
-                }
+                let att = |m: &str| format!("{base}.self_attn.{m}");
+                let mlp = |m: &str| format!("{base}.mlp.{m}");
+                (
+                    l.parts(
+                        &[&att("q_proj"), &att("k_proj"), &att("v_proj")],
+                        h,
+                        &qkv_widths,
+                        bias,
+                    )?,
+                    l.parts(
+                        &[&mlp("gate_proj"), &mlp("up_proj")],
+                        h,
+                        &[i, i],
+                        cfg.mlp_bias,
+                    )?,
+                )
             }
         };
-        let o = Linear::new(nh * hd, h, cfg.attention_bias, &att.pp("o_proj"))?;
-        let self_attn = Attention::new(qkv, o, nh, nkv, hd, Some(rope.clone()), cfg.window());
-        let m = vb.pp("mlp");
-        let i = cfg.intermediate_size;
-        let mlp = match cfg.variant {
-            Variant::Phi3 => Mlp::GatedFused {
-                gate_up: Linear::new(h, 2 * i, false, &m.pp("gate_up_proj"))?,
-                down: Linear::new(i, h, false, &m.pp("down_proj"))?,
-                act: cfg.hidden_act,
-            },
-            _ => {
-                let gate = Linear::new(h, i, cfg.mlp_bias, &m.pp("gate_proj"))?;
-                let up = Linear::new(h, i, cfg.mlp_bias, &m.pp("up_proj"))?;
-                let down = Linear::new(i, h, cfg.mlp_bias, &m.pp("down_proj"))?;
-                let act = cfg.hidden_act;
-                match Linear::try_concat(&[&gate, &up])? {
-                    Some(gate_up) => Mlp::GatedFused { gate_up, down, act },
-                    None => Mlp::Gated {
-                        gate,
-                        up,
-                        down,
-                        act,
-                    },
-                }
-            }
-        };
+        let mlp_bias = cfg.mlp_bias && cfg.variant != Variant::Phi3;
+        let eps = cfg.rms_norm_eps;
         Ok(Self {
-            input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, &vb.pp("input_layernorm"))?,
-            self_attn,
-            post_attention_layernorm: RmsNorm::new(
+            input_layernorm: l.norm(NormKind::Rms, &format!("{base}.input_layernorm"), h, eps)?,
+            qkv,
+            o_proj: l.linear(
+                &format!("{base}.self_attn.o_proj"),
+                nh * hd,
                 h,
-                cfg.rms_norm_eps,
-                &vb.pp("post_attention_layernorm"),
+                cfg.attention_bias && cfg.variant != Variant::Phi3,
             )?,
-            mlp,
+            post_attention_layernorm: l.norm(
+                NormKind::Rms,
+                &format!("{base}.post_attention_layernorm"),
+                h,
+                eps,
+            )?,
+            gate_up,
+            down_proj: l.linear(&format!("{base}.mlp.down_proj"), i, h, mlp_bias)?,
         })
     }
-
-    fn forward(&mut self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let x = (x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, pos)?)?;
-        Ok((&x
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&x)?)?)?)
-    }
 }
 
-pub struct Llama {
-    embed_tokens: Embedding,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    cfg: Config,
+pub struct Llama<W: Weights> {
+    embed_tokens: W::Embedding,
+    layers: Vec<Layer<W>>,
+    norm: W::Norm,
+    lm_head: W::Linear,
+    attn: AttnSpec,
+    pub cfg: Config,
 }
 
-impl Llama {
-    pub fn new(cfg: &Config, vb: &Vb) -> Result<Self> {
+impl<W: Weights> Llama<W> {
+    pub fn new(cfg: &Config, l: &mut impl Loader<W = W>) -> Result<Self> {
         let h = cfg.hidden_size;
         let rope = Arc::new(Rope::new(
             cfg.head_dim(),
@@ -177,51 +169,59 @@ impl Llama {
             cfg.max_position_embeddings,
             cfg.rope_scaling.as_ref(),
         )?);
-        let model = vb.pp("model");
-        let embed_tokens = Embedding::new(cfg.vocab_size, h, &model.pp("embed_tokens"))?;
+        let embed_tokens = l.embedding("model.embed_tokens", cfg.vocab_size, h)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, &rope, &model.pp("layers").pp(i)))
+            .map(|i| Layer::new(cfg, l, &format!("model.layers.{i}")))
             .collect::<Result<_>>()?;
-        let norm = RmsNorm::new(h, cfg.rms_norm_eps, &model.pp("norm"))?;
+        let norm = l.norm(NormKind::Rms, "model.norm", h, cfg.rms_norm_eps)?;
         // A checkpoint without lm_head.weight ties the head to the embeddings, whatever the config
         // says (GGUF files drop `output.weight` when tied).
-        let lm_head = if vb.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-            Linear::new(h, cfg.vocab_size, false, &vb.pp("lm_head"))?
+        let lm_head = if l.contains("lm_head.weight") && !cfg.tie_word_embeddings {
+            l.linear("lm_head", h, cfg.vocab_size, false)?
         } else {
-            Linear::new(h, cfg.vocab_size, false, &model.pp("embed_tokens"))?
+            l.tied("model.embed_tokens", cfg.vocab_size, h)?
         };
         Ok(Self {
             embed_tokens,
             layers,
             norm,
             lm_head,
+            attn: AttnSpec {
+                n_heads: cfg.num_attention_heads,
+                n_kv_heads: cfg.n_kv_heads(),
+                head_dim: cfg.head_dim(),
+                rope: Some(rope),
+                window: cfg.window(),
+            },
             cfg: cfg.clone(),
         })
     }
 }
 
-impl CausalLM for Llama {
-    fn forward(&mut self, ids: &[u32], pos: usize, all_logits: bool) -> Result<Tensor> {
-        super::check_context(pos + ids.len(), self.cfg.max_position_embeddings)?;
-        let t = ids.len();
-        let ids_t = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-        let mut x = self.embed_tokens.forward(&ids_t)?;
-        for l in self.layers.iter_mut() {
-            x = l.forward(&x, pos)?;
+impl<W: Weights> CausalFamily<W> for Llama<W> {
+    fn forward<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32], last_only: bool) -> Result<E::X> {
+        let mut x = e.embed(&self.embed_tokens, ids)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = e.norm(&l.input_layernorm, &x)?;
+            let [q, k, v] = three(e.parts(&l.qkv, &h)?)?;
+            let a = e.attention(&self.attn, i, q, k, v)?;
+            let a = e.linear(&l.o_proj, &a, None)?;
+            x = e.add(&x, &a)?;
+            let h = e.norm(&l.post_attention_layernorm, &x)?;
+            let [gate, up] = two(e.parts(&l.gate_up, &h)?)?;
+            let m = e.glu(&gate, &up, self.cfg.hidden_act)?;
+            let m = e.linear(&l.down_proj, &m, None)?;
+            x = e.add(&x, &m)?;
         }
-        let x = if all_logits {
-            x
-        } else {
-            x.narrow(1, t - 1, 1)?
-        };
-        let x = self.norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?.squeeze(0)?)
+        if last_only {
+            x = e.last_rows(&x)?;
+        }
+        let x = e.norm(&self.norm, &x)?;
+        e.linear(&self.lm_head, &x, None)
     }
 
-    fn clear_cache(&mut self) {
-        self.layers
-            .iter_mut()
-            .for_each(|l| l.self_attn.clear_cache());
+    fn n_layers(&self) -> usize {
+        self.layers.len()
     }
 
     fn context_length(&self) -> usize {

@@ -14,6 +14,8 @@ use candle_core::Tensor;
 use crate::error::{Context, Error, Result};
 use crate::io::gguf::GgufFile;
 use crate::io::{open_weights, ModelFiles, WeightFormat, WeightStore};
+use crate::nn::exec::CausalFamily;
+use crate::nn::infer::{Infer, InferW, KvCache, VbLoader};
 use crate::nn::Vb;
 
 /// A decoder-only language model with a KV cache.
@@ -25,6 +27,43 @@ pub trait CausalLM: Send {
     fn clear_cache(&mut self);
     fn context_length(&self) -> usize;
     fn vocab_size(&self) -> usize;
+}
+
+/// A causal family on the inference executor, with its KV cache: what generation runs.
+pub struct Decoder<F> {
+    model: F,
+    cache: Vec<KvCache>,
+}
+
+impl<F: CausalFamily<InferW>> Decoder<F> {
+    pub fn new(model: F) -> Self {
+        let cache = vec![KvCache::default(); model.n_layers()];
+        Self { model, cache }
+    }
+}
+
+impl<F: CausalFamily<InferW> + Send> CausalLM for Decoder<F> {
+    fn forward(&mut self, ids: &[u32], pos: usize, all_logits: bool) -> Result<Tensor> {
+        check_context(pos + ids.len(), self.model.context_length())?;
+        if ids.is_empty() {
+            return Err(Error::msg("internal: forward called without tokens"));
+        }
+        let mut e = Infer::new(&mut self.cache, pos, ids.len())?;
+        let y = self.model.forward(&mut e, ids, !all_logits)?;
+        Ok(y.tensor()?.squeeze(0)?)
+    }
+
+    fn clear_cache(&mut self) {
+        self.cache.iter_mut().for_each(|c| *c = KvCache::default());
+    }
+
+    fn context_length(&self) -> usize {
+        self.model.context_length()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.vocab_size()
+    }
 }
 
 pub(crate) fn check_context(needed: usize, context: usize) -> Result<()> {
@@ -211,6 +250,10 @@ impl ModelConfig {
                     .meta_f64(&key("attention.layer_norm_epsilon"))
                     .unwrap_or(1e-5),
                 activation_function: crate::nn::Activation::GeluNew,
+                // GGUF keeps no dropout rates; GPT2Config's defaults.
+                embd_pdrop: 0.1,
+                resid_pdrop: 0.1,
+                attn_pdrop: 0.1,
             }),
             Architecture::Llama(variant) => {
                 let hidden = req("embedding_length")?;
@@ -346,10 +389,12 @@ pub fn load_causal_with(
         weights = Arc::new(crate::io::peft::AdaptedStore::new(weights, a)?);
     }
     let config = config_of(&files)?;
-    let vb = Vb::new(weights.clone(), dtype == ComputeDtype::Auto);
+    let mut l = VbLoader {
+        vb: Vb::new(weights.clone(), dtype == ComputeDtype::Auto),
+    };
     let model: Box<dyn CausalLM> = match &config {
-        ModelConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(c, &vb)?),
-        ModelConfig::Llama(c) => Box::new(llama::Llama::new(c, &vb)?),
+        ModelConfig::Gpt2(c) => Box::new(Decoder::new(gpt2::Gpt2::new(c, &mut l)?)),
+        ModelConfig::Llama(c) => Box::new(Decoder::new(llama::Llama::new(c, &mut l)?)),
         ModelConfig::Bert(_) => {
             return Err(Error::file(
                 &files.root,

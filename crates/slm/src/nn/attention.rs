@@ -1,5 +1,5 @@
-//! Multi-head and grouped-query self-attention with an optional rotary embedding, a KV cache for
-//! generation and an optional sliding window.
+//! Bidirectional multi-head self-attention of the encoders (causal attention with a KV cache is
+//! the inference executor's, `nn/infer.rs`).
 
 use std::sync::Arc;
 
@@ -15,61 +15,6 @@ pub enum QkvProj {
     Fused(Linear),
 }
 
-/// Keys and values, `[b, nkv, cap, hd]` with spare capacity that doubles when full, so a decoded
-/// token writes its rows instead of copying the whole cache.
-#[derive(Clone, Default)]
-struct KvCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
-    heads: usize,
-    hd: usize,
-    cap: usize,
-    len: usize,
-}
-
-impl KvCache {
-    /// Appends `t` positions of `k`, `v` (`[b, heads, t, hd]`).
-    fn append(&mut self, k: &[f32], v: &[f32], b: usize, heads: usize, t: usize, hd: usize) {
-        if self.len == 0 {
-            *self = KvCache {
-                heads,
-                hd,
-                ..Default::default()
-            };
-        }
-        let need = self.len + t;
-        if need > self.cap {
-            // Small first capacity: the reference tests then cross a growth step.
-            let cap = need.max(2 * self.cap).max(16);
-            let grow = |old: &[f32]| {
-                let mut new = vec![0f32; b * heads * cap * hd];
-                for sh in 0..b * heads {
-                    let n = self.len * hd;
-                    new[sh * cap * hd..sh * cap * hd + n]
-                        .copy_from_slice(&old[sh * self.cap * hd..sh * self.cap * hd + n]);
-                }
-                new
-            };
-            self.k = grow(&self.k);
-            self.v = grow(&self.v);
-            self.cap = cap;
-        }
-        for sh in 0..b * heads {
-            let dst = (sh * self.cap + self.len) * hd;
-            let src = sh * t * hd;
-            self.k[dst..dst + t * hd].copy_from_slice(&k[src..src + t * hd]);
-            self.v[dst..dst + t * hd].copy_from_slice(&v[src..src + t * hd]);
-        }
-        self.len = need;
-    }
-
-    /// Sequence `s`'s keys and values, `[heads, cap, hd]`.
-    fn sequence(&self, s: usize) -> (&[f32], &[f32]) {
-        let n = self.heads * self.cap * self.hd;
-        (&self.k[s * n..(s + 1) * n], &self.v[s * n..(s + 1) * n])
-    }
-}
-
 #[derive(Clone)]
 pub struct Attention {
     qkv: QkvProj,
@@ -78,8 +23,6 @@ pub struct Attention {
     n_kv_heads: usize,
     head_dim: usize,
     rope: Option<Arc<Rope>>,
-    sliding_window: Option<usize>,
-    cache: KvCache,
 }
 
 impl Attention {
@@ -90,7 +33,6 @@ impl Attention {
         n_kv_heads: usize,
         head_dim: usize,
         rope: Option<Arc<Rope>>,
-        sliding_window: Option<usize>,
     ) -> Self {
         Self {
             qkv,
@@ -99,13 +41,7 @@ impl Attention {
             n_kv_heads,
             head_dim,
             rope,
-            sliding_window,
-            cache: KvCache::default(),
         }
-    }
-
-    pub fn clear_cache(&mut self) {
-        self.cache = KvCache::default();
     }
 
     /// Q, K and V as `[b, heads, t, head_dim]`.
@@ -159,46 +95,6 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         self.o.forward(&y)
-    }
-
-    /// Causal self-attention over `x` (`[b, t, hidden]`) at positions `pos..pos+t`, appending to
-    /// the KV cache.
-    pub fn forward(&mut self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let t = x.dim(1)?;
-        let (q, k, v) = self.project(x)?;
-        let (q, k) = match &self.rope {
-            Some(r) => (r.apply(&q, pos)?, r.apply(&k, pos)?),
-            None => (q, k),
-        };
-        let b = q.dim(0)?;
-        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        if pos != self.cache.len {
-            return Err(crate::error::Error::msg(format!(
-                "internal: the KV cache holds {} positions, forward called at {pos}",
-                self.cache.len
-            )));
-        }
-        kernels::with_f32(&k, |k| {
-            kernels::with_f32(&v, |v| self.cache.append(k, v, b, nkv, t, hd))
-        })??;
-        let cache = &self.cache;
-        let qn = nh * t * hd;
-        let y = kernels::with_f32(&q, |q| {
-            (0..b)
-                .flat_map(|s| {
-                    let (k, v) = cache.sequence(s);
-                    let keys = kernels::KeyView {
-                        k,
-                        v,
-                        cap: cache.cap,
-                        len: cache.len,
-                    };
-                    let qs = &q[s * qn..(s + 1) * qn];
-                    kernels::causal_attention(qs, keys, nh, nkv, hd, pos, self.sliding_window)
-                })
-                .collect::<Vec<f32>>()
-        })?;
-        self.o.forward(&kernels::tensor(y, vec![b, t, nh * hd])?)
     }
 
     /// Bidirectional self-attention (encoders): row `i` of sequence `s` sees the first

@@ -3,6 +3,8 @@
 
 pub mod activation;
 pub mod attention;
+pub mod exec;
+pub mod infer;
 pub mod kernels;
 pub mod linear;
 pub mod mlp;
@@ -16,6 +18,6 @@ pub use activation::Activation;
 pub use attention::{Attention, QkvProj};
 pub use linear::{Embedding, Linear};
 pub use mlp::Mlp;
-pub use norm::{LayerNorm, RmsNorm};
+pub use norm::{LayerNorm, Norm, RmsNorm};
 pub use rope::{Rope, RopeScaling};
 pub use vb::Vb;

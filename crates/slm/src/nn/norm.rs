@@ -70,3 +70,19 @@ impl LayerNorm {
         kernels::tensor(y, x.dims().to_vec())
     }
 }
+
+/// Either normalization, as a family's config chooses.
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Rms(RmsNorm),
+    Layer(LayerNorm),
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms(n) => n.forward(x),
+            Norm::Layer(n) => n.forward(x),
+        }
+    }
+}

@@ -98,6 +98,9 @@ pub fn read_rope_parameters(json: &mut serde_json::Value) -> std::result::Result
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as plain rows `[max_pos, head_dim / 2]`, for training.
+    cos_rows: Vec<f32>,
+    sin_rows: Vec<f32>,
 }
 
 /// The rotation frequencies, one per pair of dimensions, as transformers' `ROPE_INIT_FUNCTIONS`
@@ -184,9 +187,16 @@ impl Rope {
         let (cos, sin) = tables(head_dim, theta, max_pos, scaling)?;
         let half = head_dim / 2;
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_pos, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (max_pos, half), &Device::Cpu)?,
+            cos: Tensor::from_vec(cos.clone(), (max_pos, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin.clone(), (max_pos, half), &Device::Cpu)?,
+            cos_rows: cos,
+            sin_rows: sin,
         })
+    }
+
+    /// `(cos, sin)` as rows `[max_pos, head_dim / 2]`.
+    pub fn rows(&self) -> (&[f32], &[f32]) {
+        (&self.cos_rows, &self.sin_rows)
     }
 
     pub fn max_positions(&self) -> usize {

@@ -394,6 +394,7 @@ impl BertTrain {
             nkv: cfg.num_attention_heads,
             hd: h / cfg.num_attention_heads,
             causal: false,
+            window: None,
         };
         let mut caches = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
@@ -613,6 +614,7 @@ impl BertTrain {
             nkv: self.cfg.num_attention_heads,
             hd: h / self.cfg.num_attention_heads,
             causal: false,
+            window: None,
         };
         for (l, lc) in self.layers.iter().zip(&c.layers).rev() {
             let norm_grads = |p: &mut Params, nm: Norm| -> Option<(Vec<f32>, Vec<f32>)> {

@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::llama::{CausalBatch, LlamaLm};
+use super::lm::{CausalBatch, CausalLm};
 use super::params::seeded;
 use super::trainer::{Evaluation, Model};
 use super::{TrainError, TrainResult};
@@ -240,7 +240,7 @@ pub fn causal_eval_batches(
 }
 
 pub struct CausalRun {
-    pub model: LlamaLm,
+    pub model: CausalLm,
     /// The Hugging Face folder the model came from (config and tokenizer files).
     pub source: PathBuf,
 }
@@ -256,22 +256,22 @@ impl Model for CausalRun {
         &mut self.model.params
     }
 
-    fn forward_backward(&mut self, batch: &CausalBatch, accum: usize) -> f64 {
-        self.model.forward_backward(batch, accum)
+    fn forward_backward(&mut self, batch: &CausalBatch, accum: usize) -> TrainResult<f64> {
+        Ok(self.model.forward_backward(batch, accum)?)
     }
 
-    fn evaluate(&self, batches: &[CausalBatch], done: &dyn Fn(usize)) -> Evaluation {
+    fn evaluate(&self, batches: &[CausalBatch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {
         let (mut sum, mut n) = (0.0, 0usize);
         for (i, b) in batches.iter().enumerate() {
-            let (s, c) = self.model.loss_sum(b);
+            let (s, c) = self.model.loss_sum(b)?;
             sum += s;
             n += c;
             done(i + 1);
         }
-        Evaluation {
+        Ok(Evaluation {
             loss: sum / n.max(1) as f64,
             metric: None,
-        }
+        })
     }
 
     fn tokens(batch: &CausalBatch) -> usize {
@@ -282,7 +282,7 @@ impl Model for CausalRun {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let p = &self.model.params;
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        if let Some((r, alpha, targets)) = &self.model.lora {
+        if let Some(spec) = &self.model.lora {
             let tensors: Vec<(String, Vec<usize>, &[f32])> = p
                 .list
                 .iter()
@@ -297,20 +297,38 @@ impl Model for CausalRun {
                 .collect();
             write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
             let config = serde_json::json!({
-                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-                "lora_dropout": self.model.lora_dropout, "target_modules": targets, "modules_to_save": null,
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.r, "lora_alpha": spec.alpha,
+                "lora_dropout": spec.dropout, "target_modules": spec.targets, "modules_to_save": null,
                 "base_model_name_or_path": self.source.display().to_string(), "bias": "none",
-                "fan_in_fan_out": false, "inference_mode": true, "init_lora_weights": true,
+                "fan_in_fan_out": self.model.fan_in_fan_out(), "inference_mode": true, "init_lora_weights": true,
                 "use_rslora": false, "use_dora": false, "layers_to_transform": null,
                 "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {}, "revision": null,
             });
             let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::msg(e.to_string()))?;
             write_atomic(&dir.join("adapter_config.json"), |w| w.write_all(&json))?;
         } else {
-            let tensors: Vec<(String, Vec<usize>, &[f32])> = p
+            // GPT-2's Conv1D weights go back to their stored [in, out] layout.
+            let stored: Vec<(String, Vec<usize>, std::borrow::Cow<[f32]>)> = p
                 .list
                 .iter()
-                .map(|x| (x.name.clone(), x.shape.clone(), x.value.as_slice()))
+                .map(|x| {
+                    if x.transposed {
+                        let (o, i) = (x.shape[0], x.shape[1]);
+                        let mut t = vec![0f32; o * i];
+                        for r in 0..o {
+                            for c in 0..i {
+                                t[c * o + r] = x.value[r * i + c];
+                            }
+                        }
+                        (x.name.clone(), vec![i, o], t.into())
+                    } else {
+                        (x.name.clone(), x.shape.clone(), x.value.as_slice().into())
+                    }
+                })
+                .collect();
+            let tensors: Vec<(String, Vec<usize>, &[f32])> = stored
+                .iter()
+                .map(|(n, s, v)| (n.clone(), s.clone(), v.as_ref()))
                 .collect();
             write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
             copy_files(

@@ -188,11 +188,11 @@ impl Model for ClassifierRun {
         &mut self.model.params
     }
 
-    fn forward_backward(&mut self, batch: &Batch, accum: usize) -> f64 {
-        self.model.forward_backward(batch, accum)
+    fn forward_backward(&mut self, batch: &Batch, accum: usize) -> TrainResult<f64> {
+        Ok(self.model.forward_backward(batch, accum))
     }
 
-    fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> Evaluation {
+    fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {
         let (mut loss, mut correct, mut n) = (0.0, 0usize, 0usize);
         let c = self.model.labels.len();
         for (i, b) in batches.iter().enumerate() {
@@ -208,10 +208,10 @@ impl Model for ClassifierRun {
             n += b.size();
             done(i + 1);
         }
-        Evaluation {
+        Ok(Evaluation {
             loss: loss / n.max(1) as f64,
             metric: Some(("accuracy".into(), correct as f64 / n.max(1) as f64)),
-        }
+        })
     }
 
     fn tokens(batch: &Batch) -> usize {

@@ -163,11 +163,11 @@ impl Model for MaskedRun {
         &mut self.model.params
     }
 
-    fn forward_backward(&mut self, batch: &Batch, accum: usize) -> f64 {
-        self.model.forward_backward(batch, accum)
+    fn forward_backward(&mut self, batch: &Batch, accum: usize) -> TrainResult<f64> {
+        Ok(self.model.forward_backward(batch, accum))
     }
 
-    fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> Evaluation {
+    fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {
         let (mut sum, mut n, mut correct) = (0.0, 0usize, 0usize);
         for (i, b) in batches.iter().enumerate() {
             let logits = self.model.logits(b);
@@ -182,10 +182,10 @@ impl Model for MaskedRun {
             n += targets.len();
             done(i + 1);
         }
-        Evaluation {
+        Ok(Evaluation {
             loss: sum / n.max(1) as f64,
             metric: Some(("masked accuracy".into(), correct as f64 / n.max(1) as f64)),
-        }
+        })
     }
 
     fn tokens(batch: &Batch) -> usize {

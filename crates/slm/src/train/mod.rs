@@ -11,11 +11,12 @@ pub mod bert;
 pub mod causal;
 pub mod checkpoint;
 pub mod classify;
-pub mod llama;
+pub mod lm;
 pub mod masked;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod tape;
 pub mod trainer;
 
 #[derive(Debug, thiserror::Error)]

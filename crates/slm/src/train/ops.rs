@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 pub use crate::nn::kernels::matmul;
 use crate::nn::kernels::{erf, exp, softmax_in_place, tanh};
+use crate::nn::Activation;
 
 /// Rows per task in row-parallel loops; fixed so that partial sums are always the same.
 const ROWS_PER_TASK: usize = 64;
@@ -218,6 +219,63 @@ pub fn gelu_backward(dy: &[f32], x: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// `act(x)` exactly as the inference kernels compute it.
+pub fn act_forward(x: &[f32], act: Activation) -> Vec<f32> {
+    let mut y = x.to_vec();
+    crate::nn::kernels::activate(&mut y, act);
+    y
+}
+
+/// `dy · act'(x)`.
+pub fn act_backward(dy: &[f32], x: &[f32], act: Activation) -> Vec<f32> {
+    let d = |f: fn(f32) -> f32| -> Vec<f32> {
+        dy.par_iter()
+            .zip(x.par_iter())
+            .map(|(&d, &v)| d * f(v))
+            .collect()
+    };
+    match act {
+        Activation::Gelu => gelu_backward(dy, x),
+        Activation::GeluNew => d(|v| {
+            // y = x/2 · (1 + tanh u), u = c·(x + 0.044715·x³)
+            const C: f32 = 0.797_884_6;
+            let th = tanh(C * (v + 0.044715 * v * v * v));
+            0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * C * (1.0 + 3.0 * 0.044715 * v * v)
+        }),
+        Activation::Silu => d(|v| {
+            let s = 1.0 / (1.0 + exp(-v));
+            s * (1.0 + v * (1.0 - s))
+        }),
+        Activation::Relu => d(|v| if v > 0.0 { 1.0 } else { 0.0 }),
+        Activation::Tanh => d(|v| {
+            let t = tanh(v);
+            1.0 - t * t
+        }),
+    }
+}
+
+/// `act(gate) ⊙ up`; SwiGLU has its own fused pass.
+pub fn glu(gate: &[f32], up: &[f32], act: Activation) -> Vec<f32> {
+    if act == Activation::Silu {
+        return swiglu(gate, up);
+    }
+    let mut y = act_forward(gate, act);
+    y.iter_mut().zip(up).for_each(|(a, u)| *a *= u);
+    y
+}
+
+/// Backward of [`glu`]: `(dgate, dup)`.
+pub fn glu_backward(dy: &[f32], gate: &[f32], up: &[f32], act: Activation) -> (Vec<f32>, Vec<f32>) {
+    if act == Activation::Silu {
+        return swiglu_backward(dy, gate, up);
+    }
+    let dyu: Vec<f32> = dy.iter().zip(up).map(|(d, u)| d * u).collect();
+    let dg = act_backward(&dyu, gate, act);
+    let a = act_forward(gate, act);
+    let du = dy.iter().zip(&a).map(|(d, a)| d * a).collect();
+    (dg, du)
+}
+
 pub fn tanh_forward(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| tanh(v)).collect()
 }
@@ -307,6 +365,8 @@ pub struct AttnShape {
     pub nkv: usize,
     pub hd: usize,
     pub causal: bool,
+    /// Sliding window (causal only): a query sees this many positions, itself included.
+    pub window: Option<usize>,
 }
 
 /// `ctx = softmax(q·kᵀ/√d + mask)·v` for every sequence and head. `q` is `[b·t, nh·hd]`, `k`
@@ -326,6 +386,7 @@ pub fn attention(
         nkv,
         hd,
         causal,
+        window,
     } = s;
     let (qw, kw) = (nh * hd, nkv * hd);
     let scale = 1.0 / (hd as f32).sqrt();
@@ -366,8 +427,13 @@ pub fn attention(
                 } else {
                     len.max(1)
                 };
+                let start = match window {
+                    Some(w) if causal => (r + 1).saturating_sub(w).min(end - 1),
+                    _ => 0,
+                };
                 row[end..].fill(0.0);
-                softmax_in_place(&mut row[..end]);
+                row[..start].fill(0.0);
+                softmax_in_place(&mut row[start..end]);
             }
             gemm::gemm(
                 t,
@@ -706,7 +772,7 @@ mod tests {
 
     #[test]
     fn attention_gradients_match_finite_differences() {
-        for (causal, nkv) in [(false, 2), (true, 1)] {
+        for (causal, nkv, window) in [(false, 2, None), (true, 1, None), (true, 2, Some(2))] {
             let s = AttnShape {
                 b: 2,
                 t: 4,
@@ -714,6 +780,7 @@ mod tests {
                 nkv,
                 hd: 3,
                 causal,
+                window,
             };
             let lengths = [4, 3];
             let (qn, kn) = (s.b * s.t * s.nh * s.hd, s.b * s.t * nkv * s.hd);

@@ -13,6 +13,8 @@ pub struct Param {
     pub grad: Option<Vec<f32>>,
     /// HF Trainer's rule: weight decay on matrices, not on biases and norm weights.
     pub decay: bool,
+    /// Stored transposed in the checkpoint (GPT-2's `Conv1D`, `[in, out]`); held `[out, in]`.
+    pub transposed: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -36,6 +38,7 @@ impl Params {
             shape,
             value,
             decay,
+            transposed: false,
         });
         self.list.len() - 1
     }
@@ -127,6 +130,14 @@ pub struct Lin {
     pub lora: Option<Lora>,
 }
 
+/// Where [`Lin::backward_to`] puts `dx`.
+pub enum Dx<'a> {
+    /// Nothing upstream is trained: no `dx` at all.
+    Skip,
+    New,
+    Add(&'a mut [f32]),
+}
+
 /// What [`Lin::backward`] needs besides the input: `x·Aᵀ` of the LoRA branch.
 #[derive(Default)]
 pub struct LinCache {
@@ -138,7 +149,7 @@ pub struct LinCache {
 
 /// The dropout mask of one LoRA branch: a counter-based generator (splitmix64), so a mask
 /// depends only on the step's seed, the layer and the position, and costs no shared state.
-fn dropout_mask(len: usize, p: f32, seed: u64) -> Vec<f32> {
+pub fn dropout_mask(len: usize, p: f32, seed: u64) -> Vec<f32> {
     let keep = 1.0 / (1.0 - p);
     let threshold = (p as f64 * u64::MAX as f64) as u64;
     (0..len as u64)
@@ -206,6 +217,23 @@ impl Lin {
         n: usize,
         dx_acc: Option<&mut [f32]>,
     ) -> Option<Vec<f32>> {
+        let dx = match dx_acc {
+            Some(d) => Dx::Add(d),
+            None => Dx::New,
+        };
+        self.backward_to(p, dy, x, cache, n, dx)
+    }
+
+    /// Adds the weight gradients of trained parameters, and computes `dx` as `dx` asks.
+    pub fn backward_to(
+        &self,
+        p: &mut Params,
+        dy: &[f32],
+        x: &[f32],
+        cache: &LinCache,
+        n: usize,
+        dx: Dx,
+    ) -> Option<Vec<f32>> {
         let dims = (n, self.din, self.dout);
         if let Some(b) = self.b {
             if let Some(db) = p.grad(b) {
@@ -219,33 +247,16 @@ impl Lin {
             }
         }
         let mut own = None;
-        let dx: &mut [f32] = match dx_acc {
-            Some(d) => {
-                ops::matmul(
-                    d,
-                    true,
-                    dy,
-                    false,
-                    p.value(self.w),
-                    false,
-                    (n, self.din, self.dout),
-                    1.0,
-                );
-                d
+        let dx: Option<&mut [f32]> = match dx {
+            Dx::Skip => None,
+            Dx::Add(d) => {
+                ops::matmul(d, true, dy, false, p.value(self.w), false, dims, 1.0);
+                Some(d)
             }
-            None => {
+            Dx::New => {
                 let mut d = vec![0f32; n * self.din];
-                ops::matmul(
-                    &mut d,
-                    false,
-                    dy,
-                    false,
-                    p.value(self.w),
-                    false,
-                    (n, self.din, self.dout),
-                    1.0,
-                );
-                own.insert(d)
+                ops::matmul(&mut d, false, dy, false, p.value(self.w), false, dims, 1.0);
+                Some(own.insert(d))
             }
         };
         if let Some(l) = self.lora {
@@ -278,8 +289,9 @@ impl Lin {
             if let Some(da) = p.grad(l.a) {
                 ops::matmul(da, true, &dxa, true, xin, false, (l.r, self.din, n), 1.0);
             }
-            if cache.mask.is_empty() {
-                ops::matmul(
+            match dx {
+                None => {}
+                Some(dx) if cache.mask.is_empty() => ops::matmul(
                     dx,
                     true,
                     &dxa,
@@ -288,22 +300,23 @@ impl Lin {
                     false,
                     (n, self.din, l.r),
                     1.0,
-                );
-            } else {
-                let mut d = vec![0f32; n * self.din];
-                ops::matmul(
-                    &mut d,
-                    false,
-                    &dxa,
-                    false,
-                    p.value(l.a),
-                    false,
-                    (n, self.din, l.r),
-                    1.0,
-                );
-                dx.iter_mut()
-                    .zip(d.iter().zip(&cache.mask))
-                    .for_each(|(o, (g, m))| *o += g * m);
+                ),
+                Some(dx) => {
+                    let mut d = vec![0f32; n * self.din];
+                    ops::matmul(
+                        &mut d,
+                        false,
+                        &dxa,
+                        false,
+                        p.value(l.a),
+                        false,
+                        (n, self.din, l.r),
+                        1.0,
+                    );
+                    dx.iter_mut()
+                        .zip(d.iter().zip(&cache.mask))
+                        .for_each(|(o, (g, m))| *o += g * m);
+                }
             }
         }
         own

@@ -20,9 +20,9 @@ pub trait Model {
     fn params(&self) -> &Params;
     fn params_mut(&mut self) -> &mut Params;
     /// Adds the gradients of (the batch's mean loss / `accum`); returns the batch's mean loss.
-    fn forward_backward(&mut self, batch: &Self::Batch, accum: usize) -> f64;
+    fn forward_backward(&mut self, batch: &Self::Batch, accum: usize) -> TrainResult<f64>;
     /// Loss (and metric) over `batches`; `done(k)` is called after the k-th batch.
-    fn evaluate(&self, batches: &[Self::Batch], done: &dyn Fn(usize)) -> Evaluation;
+    fn evaluate(&self, batches: &[Self::Batch], done: &dyn Fn(usize)) -> TrainResult<Evaluation>;
     /// Tokens in a batch, for tokens/s.
     fn tokens(batch: &Self::Batch) -> usize;
     /// Writes a loadable model (or adapter) to `dir`.
@@ -173,7 +173,7 @@ pub fn train<M: Model>(
             for _ in 0..micro {
                 let batch = make_batch(batches[state.batch]);
                 tokens += M::tokens(&batch);
-                loss += model.forward_backward(&batch, micro);
+                loss += model.forward_backward(&batch, micro)?;
                 state.batch += 1;
             }
             loss /= micro as f64;
@@ -201,7 +201,7 @@ pub fn train<M: Model>(
                 tokens_per_s: tps,
             });
             if cfg.eval_every.is_some_and(|e| state.step % e == 0) && !valid.is_empty() {
-                let e = evaluate(model);
+                let e = evaluate(model)?;
                 last_eval = Some((state.step, e.clone()));
                 let improved = state.best.is_none_or(|(_, b)| e.score() > b);
                 log(serde_json::json!({"step": state.step, "eval": e}))?;
@@ -236,7 +236,7 @@ pub fn train<M: Model>(
         Some((step, e)) if step == state.step => Some(e),
         _ if valid.is_empty() => None,
         _ => {
-            let e = evaluate(model);
+            let e = evaluate(model)?;
             log(serde_json::json!({"step": state.step, "eval": e, "final": true}))?;
             Some(e)
         }

@@ -1,0 +1,167 @@
+//! The interface a family's forward pass is written against, once, for inference and training.
+//!
+//! A family file (`models/llama.rs`, `models/gpt2.rs`) keeps its weights as the `Linear`,
+//! `Norm` and `Embedding` of a [`Weights`] set, builds them through a [`Loader`] (the only code
+//! that knows how and under which names weights are stored, and which of them are trained),
+//! and writes `forward<E: Exec>` once. Two executors run it:
+//! - [`super::infer::Infer`]: today's inference kernels (quantized products, fused GEMMs), with
+//!   the KV cache held by the caller, not the model;
+//! - `train::tape::Tape`: each op's forward from `train/ops.rs`, recorded with exactly what its
+//!   hand-written backward needs, so the backward pass composes itself.
+//!
+//! Ops are layer-sized, the granularity of the fused kernels and of the backward passes.
+
+use std::sync::Arc;
+
+use super::{Activation, Rope};
+use crate::error::Result;
+
+/// The weight types of one executor.
+pub trait Weights {
+    type Linear;
+    type Norm;
+    type Embedding;
+}
+
+/// Several outputs computed side by side from one input: Q|K|V, gate|up.
+pub enum Parts<L> {
+    /// One stored matrix whose output columns are the parts, of these widths (Phi-3's
+    /// `qkv_proj`, GPT-2's `c_attn`). LoRA, when trained, is on the whole matrix, as PEFT does.
+    Fused(L, Vec<usize>),
+    /// Separately stored matrices (Llama's `q_proj`, `k_proj`, `v_proj`).
+    Separate(Vec<L>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    Rms,
+    Layer,
+}
+
+/// The facts of one self-attention layer.
+#[derive(Clone)]
+pub struct AttnSpec {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope: Option<Arc<Rope>>,
+    /// Sliding window: a query sees this many positions, itself included.
+    pub window: Option<usize>,
+}
+
+/// What a family's forward pass can do. The executor knows the batch (its sequences, lengths
+/// and positions); the family only wires layers.
+pub trait Exec {
+    type W: Weights;
+    type X: Clone;
+
+    /// Rows of the table for the batch's tokens, `[tokens, dim]`.
+    fn embed(&mut self, e: &<Self::W as Weights>::Embedding, ids: &[u32]) -> Result<Self::X>;
+    /// Rows of a learned position table for the positions of the batch's tokens.
+    fn positions(&mut self, e: &<Self::W as Weights>::Embedding) -> Result<Self::X>;
+    /// `act(x·Wᵀ + b)`.
+    fn linear(
+        &mut self,
+        l: &<Self::W as Weights>::Linear,
+        x: &Self::X,
+        act: Option<Activation>,
+    ) -> Result<Self::X>;
+    fn parts(
+        &mut self,
+        p: &Parts<<Self::W as Weights>::Linear>,
+        x: &Self::X,
+    ) -> Result<Vec<Self::X>>;
+    fn norm(&mut self, n: &<Self::W as Weights>::Norm, x: &Self::X) -> Result<Self::X>;
+    fn add(&mut self, a: &Self::X, b: &Self::X) -> Result<Self::X>;
+    /// `act(gate) ⊙ up`.
+    fn glu(&mut self, gate: &Self::X, up: &Self::X, act: Activation) -> Result<Self::X>;
+    /// Self-attention of layer `layer` (`[tokens, heads·hd]` in, the same out, before the
+    /// output projection): RoPE, GQA, causal mask, padding and window. Takes Q, K and V by
+    /// value: an executor may rotate them in place.
+    fn attention(
+        &mut self,
+        a: &AttnSpec,
+        layer: usize,
+        q: Self::X,
+        k: Self::X,
+        v: Self::X,
+    ) -> Result<Self::X>;
+    /// The last position of each sequence.
+    fn last_rows(&mut self, x: &Self::X) -> Result<Self::X>;
+    /// Dropout with probability `p` while training; the identity otherwise.
+    fn dropout(&mut self, x: Self::X, p: f32) -> Result<Self::X>;
+}
+
+/// How a family gets its weights: by Hugging Face name, with the shape the config implies.
+/// `name` is a module's prefix (`model.layers.0.self_attn.q_proj`); the loader adds
+/// `.weight` / `.bias` and knows the stored layout.
+pub trait Loader {
+    type W: Weights;
+    fn contains(&self, tensor: &str) -> bool;
+    /// `nn.Linear`: weight `[dout, din]`.
+    fn linear(
+        &mut self,
+        name: &str,
+        din: usize,
+        dout: usize,
+        bias: bool,
+    ) -> Result<<Self::W as Weights>::Linear>;
+    /// GPT-2's `Conv1D`: weight stored `[din, dout]`, always with a bias.
+    fn conv1d(
+        &mut self,
+        name: &str,
+        din: usize,
+        dout: usize,
+    ) -> Result<<Self::W as Weights>::Linear>;
+    /// Separately stored projections of one input; an executor may fuse them.
+    fn parts(
+        &mut self,
+        names: &[&str],
+        din: usize,
+        douts: &[usize],
+        bias: bool,
+    ) -> Result<Parts<<Self::W as Weights>::Linear>>;
+    fn norm(
+        &mut self,
+        kind: NormKind,
+        name: &str,
+        size: usize,
+        eps: f64,
+    ) -> Result<<Self::W as Weights>::Norm>;
+    fn embedding(
+        &mut self,
+        name: &str,
+        count: usize,
+        dim: usize,
+    ) -> Result<<Self::W as Weights>::Embedding>;
+    /// An output layer reading the embedding table `name` (tied weights).
+    fn tied(
+        &mut self,
+        name: &str,
+        count: usize,
+        dim: usize,
+    ) -> Result<<Self::W as Weights>::Linear>;
+}
+
+/// A causal LM family, written once over any executor.
+pub trait CausalFamily<W: Weights> {
+    /// Logits of every position (`last_only`: of each sequence's last position).
+    fn forward<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32], last_only: bool) -> Result<E::X>;
+    fn n_layers(&self) -> usize;
+    fn context_length(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+}
+
+/// Three parts (Q, K, V), whatever an executor returned.
+pub fn three<X>(v: Vec<X>) -> Result<[X; 3]> {
+    <[X; 3]>::try_from(v).map_err(|v| {
+        crate::error::Error::msg(format!("internal: expected 3 parts, got {}", v.len()))
+    })
+}
+
+/// Two parts (gate, up).
+pub fn two<X>(v: Vec<X>) -> Result<[X; 2]> {
+    <[X; 2]>::try_from(v).map_err(|v| {
+        crate::error::Error::msg(format!("internal: expected 2 parts, got {}", v.len()))
+    })
+}

@@ -1,0 +1,319 @@
+//! The inference executor: a family's forward pass on the inference kernels (quantized
+//! products, fused GEMMs, the cached-keys attention kernel), one sequence at a time, with the
+//! KV cache held by the caller so one loaded model could serve several sessions.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use super::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Weights};
+use super::{kernels, Activation, Embedding, LayerNorm, Linear, Norm, RmsNorm, Vb};
+use crate::error::{Error, Result};
+
+/// Inference weights: dense or block-quantized `Linear`s, as loaded.
+pub struct InferW;
+
+impl Weights for InferW {
+    type Linear = Linear;
+    type Norm = Norm;
+    type Embedding = Embedding;
+}
+
+/// An activation `[1, t, width]`.
+#[derive(Clone)]
+pub enum Act {
+    Full(Tensor),
+    /// Columns of a fused projection's output, not copied out yet: attention and GLU read
+    /// Q|K|V and gate|up straight from the fused buffer, in one pass.
+    Part {
+        whole: Tensor,
+        widths: Arc<[usize]>,
+        index: usize,
+    },
+}
+
+impl Act {
+    pub fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Act::Full(t) => Ok(t.clone()),
+            Act::Part {
+                whole,
+                widths,
+                index,
+            } => {
+                let offset: usize = widths[..*index].iter().sum();
+                let d = whole.rank() - 1;
+                Ok(whole.narrow(d, offset, widths[*index])?.contiguous()?)
+            }
+        }
+    }
+
+    /// The fused output when `parts` are all its parts, in order.
+    fn fused<'a>(parts: &[&'a Act]) -> Option<(&'a Tensor, &'a [usize])> {
+        let mut found: Option<(&Tensor, &[usize])> = None;
+        for (i, p) in parts.iter().enumerate() {
+            let Act::Part {
+                whole,
+                widths,
+                index,
+            } = p
+            else {
+                return None;
+            };
+            if *index != i || widths.len() != parts.len() {
+                return None;
+            }
+            match found {
+                None => found = Some((whole, widths)),
+                Some((w, _)) if w.id() == whole.id() => {}
+                Some(_) => return None,
+            }
+        }
+        found
+    }
+}
+
+/// Keys and values of one layer, `[nkv, cap, hd]` with spare capacity that doubles when
+/// full, so a decoded token writes its rows instead of copying the whole cache.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    cap: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `t` positions of `k`, `v` (`[heads, t, hd]`).
+    fn append(&mut self, k: &[f32], v: &[f32], heads: usize, t: usize, hd: usize) {
+        if self.len == 0 {
+            *self = KvCache::default();
+        }
+        let need = self.len + t;
+        if need > self.cap {
+            // Small first capacity: the reference tests then cross a growth step.
+            let cap = need.max(2 * self.cap).max(16);
+            let grow = |old: &[f32]| {
+                let mut new = vec![0f32; heads * cap * hd];
+                for h in 0..heads {
+                    let n = self.len * hd;
+                    new[h * cap * hd..h * cap * hd + n]
+                        .copy_from_slice(&old[h * self.cap * hd..h * self.cap * hd + n]);
+                }
+                new
+            };
+            self.k = grow(&self.k);
+            self.v = grow(&self.v);
+            self.cap = cap;
+        }
+        for h in 0..heads {
+            let dst = (h * self.cap + self.len) * hd;
+            let src = h * t * hd;
+            self.k[dst..dst + t * hd].copy_from_slice(&k[src..src + t * hd]);
+            self.v[dst..dst + t * hd].copy_from_slice(&v[src..src + t * hd]);
+        }
+        self.len = need;
+    }
+}
+
+/// Runs `t` new tokens of one sequence at positions `pos..pos+t`.
+pub struct Infer<'a> {
+    cache: &'a mut [KvCache],
+    pos: usize,
+    t: usize,
+}
+
+impl<'a> Infer<'a> {
+    /// `cache` holds one entry per layer, each with exactly `pos` positions.
+    pub fn new(cache: &'a mut [KvCache], pos: usize, t: usize) -> Result<Self> {
+        if let Some(c) = cache.iter().find(|c| c.len != pos) {
+            return Err(Error::msg(format!(
+                "internal: the KV cache holds {} positions, forward called at {pos}",
+                c.len
+            )));
+        }
+        Ok(Self { cache, pos, t })
+    }
+
+    fn rows(&self, e: &Embedding, ids: &[u32]) -> Result<Act> {
+        let ids = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        Ok(Act::Full(e.forward(&ids)?))
+    }
+}
+
+/// `[1, t, n·hd]` to `[1, n, t, hd]`.
+fn heads(x: &Act, n: usize, hd: usize) -> Result<Tensor> {
+    let x = x.tensor()?;
+    let t = x.dim(1)?;
+    Ok(x.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+}
+
+impl Exec for Infer<'_> {
+    type W = InferW;
+    type X = Act;
+
+    fn embed(&mut self, e: &Embedding, ids: &[u32]) -> Result<Act> {
+        self.rows(e, ids)
+    }
+
+    fn positions(&mut self, e: &Embedding) -> Result<Act> {
+        let positions: Vec<u32> = (self.pos as u32..(self.pos + self.t) as u32).collect();
+        self.rows(e, &positions)
+    }
+
+    fn linear(&mut self, l: &Linear, x: &Act, act: Option<Activation>) -> Result<Act> {
+        Ok(Act::Full(l.forward_act(&x.tensor()?, act)?))
+    }
+
+    fn parts(&mut self, p: &Parts<Linear>, x: &Act) -> Result<Vec<Act>> {
+        let x = x.tensor()?;
+        match p {
+            Parts::Fused(l, widths) => {
+                let whole = l.forward(&x)?;
+                let widths: Arc<[usize]> = widths.clone().into();
+                Ok((0..widths.len())
+                    .map(|index| Act::Part {
+                        whole: whole.clone(),
+                        widths: widths.clone(),
+                        index,
+                    })
+                    .collect())
+            }
+            Parts::Separate(ls) => ls.iter().map(|l| Ok(Act::Full(l.forward(&x)?))).collect(),
+        }
+    }
+
+    fn norm(&mut self, n: &Norm, x: &Act) -> Result<Act> {
+        Ok(Act::Full(n.forward(&x.tensor()?)?))
+    }
+
+    fn add(&mut self, a: &Act, b: &Act) -> Result<Act> {
+        Ok(Act::Full((a.tensor()? + b.tensor()?)?))
+    }
+
+    fn glu(&mut self, gate: &Act, up: &Act, act: Activation) -> Result<Act> {
+        if let Some((whole, w)) = Act::fused(&[gate, up]).filter(|(_, w)| w[0] == w[1]) {
+            let mut dims = whole.dims().to_vec();
+            *dims.last_mut().unwrap_or(&mut 0) = w[0];
+            let h = kernels::with_f32(whole, |s| kernels::gated(s, w[0], act))?;
+            return Ok(Act::Full(kernels::tensor(h, dims)?));
+        }
+        Ok(Act::Full((act.forward(&gate.tensor()?)? * up.tensor()?)?))
+    }
+
+    fn attention(&mut self, a: &AttnSpec, layer: usize, q: Act, k: Act, v: Act) -> Result<Act> {
+        let (nh, nkv, hd, t) = (a.n_heads, a.n_kv_heads, a.head_dim, self.t);
+        let widths = [nh * hd, nkv * hd, nkv * hd];
+        let (q, k, v) = match Act::fused(&[&q, &k, &v]).filter(|(_, w)| *w == widths) {
+            Some((whole, _)) => {
+                // One pass from [1, t, (nh + 2·nkv)·hd] to three head-major buffers.
+                let [q, k, v] = kernels::with_f32(whole, |y| {
+                    kernels::split_heads(y, 1, t, [nh, nkv, nkv], hd)
+                })?;
+                (
+                    kernels::tensor(q, vec![1, nh, t, hd])?,
+                    kernels::tensor(k, vec![1, nkv, t, hd])?,
+                    kernels::tensor(v, vec![1, nkv, t, hd])?,
+                )
+            }
+            None => (heads(&q, nh, hd)?, heads(&k, nkv, hd)?, heads(&v, nkv, hd)?),
+        };
+        let (q, k) = match &a.rope {
+            Some(r) => (r.apply(&q, self.pos)?, r.apply(&k, self.pos)?),
+            None => (q, k),
+        };
+        let cache = self
+            .cache
+            .get_mut(layer)
+            .ok_or_else(|| Error::msg(format!("internal: no KV cache for layer {layer}")))?;
+        kernels::with_f32(&k, |k| {
+            kernels::with_f32(&v, |v| cache.append(k, v, nkv, t, hd))
+        })??;
+        let keys = kernels::KeyView {
+            k: &cache.k,
+            v: &cache.v,
+            cap: cache.cap,
+            len: cache.len,
+        };
+        let pos = self.pos;
+        let y = kernels::with_f32(&q, |q| {
+            kernels::causal_attention(q, keys, nh, nkv, hd, pos, a.window)
+        })?;
+        Ok(Act::Full(kernels::tensor(y, vec![1, t, nh * hd])?))
+    }
+
+    fn last_rows(&mut self, x: &Act) -> Result<Act> {
+        let x = x.tensor()?;
+        let t = x.dim(1)?;
+        Ok(Act::Full(x.narrow(1, t - 1, 1)?))
+    }
+
+    fn dropout(&mut self, x: Act, _p: f32) -> Result<Act> {
+        Ok(x)
+    }
+}
+
+/// Inference weights from a weight store, quantized ones kept quantized when the `Vb` says so.
+pub struct VbLoader {
+    pub vb: Vb,
+}
+
+impl Loader for VbLoader {
+    type W = InferW;
+
+    fn contains(&self, tensor: &str) -> bool {
+        self.vb.contains(tensor)
+    }
+
+    fn linear(&mut self, name: &str, din: usize, dout: usize, bias: bool) -> Result<Linear> {
+        Linear::new(din, dout, bias, &self.vb.pp(name))
+    }
+
+    fn conv1d(&mut self, name: &str, din: usize, dout: usize) -> Result<Linear> {
+        Linear::conv1d(din, dout, &self.vb.pp(name))
+    }
+
+    fn parts(
+        &mut self,
+        names: &[&str],
+        din: usize,
+        douts: &[usize],
+        bias: bool,
+    ) -> Result<Parts<Linear>> {
+        let ls = names
+            .iter()
+            .zip(douts)
+            .map(|(n, &d)| self.linear(n, din, d, bias))
+            .collect::<Result<Vec<_>>>()?;
+        // One product (and one quantization of x) instead of several.
+        Ok(match Linear::try_concat(&ls.iter().collect::<Vec<_>>())? {
+            Some(l) => Parts::Fused(l, douts.to_vec()),
+            None => Parts::Separate(ls),
+        })
+    }
+
+    fn norm(&mut self, kind: NormKind, name: &str, size: usize, eps: f64) -> Result<Norm> {
+        let vb = self.vb.pp(name);
+        Ok(match kind {
+            NormKind::Rms => Norm::Rms(RmsNorm::new(size, eps, &vb)?),
+            NormKind::Layer => Norm::Layer(LayerNorm::new(size, eps, &vb)?),
+        })
+    }
+
+    fn embedding(&mut self, name: &str, count: usize, dim: usize) -> Result<Embedding> {
+        Embedding::new(count, dim, &self.vb.pp(name))
+    }
+
+    fn tied(&mut self, name: &str, count: usize, dim: usize) -> Result<Linear> {
+        Linear::new(dim, count, false, &self.vb.pp(name))
+    }
+}

@@ -1,0 +1,148 @@
+//! A causal LM in training: the family's forward pass from `models/` (the one inference runs)
+//! on the training executor, with the token loss and its backward.
+
+use std::path::Path;
+
+use super::ops;
+use super::params::{step_seed, Params};
+use super::tape::{LoraSpec, ParamLoader, Tape, TrainW};
+use super::{TrainError, TrainResult};
+use crate::io::{open_weights, ModelFiles};
+use crate::models::{config_of, gpt2, llama, Architecture, ModelConfig};
+use crate::nn::exec::CausalFamily;
+use crate::nn::Vb;
+
+/// Token ids `[b, t]` with the id each position must predict (`None`: no loss there, as for
+/// prompts, padding and the last position).
+#[derive(Debug, Clone)]
+pub struct CausalBatch {
+    pub ids: Vec<u32>,
+    pub targets: Vec<Option<u32>>,
+    pub lengths: Vec<usize>,
+    pub t: usize,
+}
+
+impl CausalBatch {
+    pub fn size(&self) -> usize {
+        self.lengths.len()
+    }
+}
+
+enum Net {
+    Gpt2(gpt2::Gpt2<TrainW>),
+    Llama(llama::Llama<TrainW>),
+}
+
+/// The modules PEFT's own defaults target for a family (its
+/// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+pub fn default_lora_targets(arch: Architecture) -> Vec<String> {
+    let names: &[&str] = match arch {
+        Architecture::Gpt2 => &["c_attn"],
+        Architecture::Llama(llama::Variant::Phi3) => &["qkv_proj"],
+        Architecture::Llama(_) => &["q_proj", "v_proj"],
+        Architecture::Bert(_) => &["query", "value"],
+    };
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+pub struct CausalLm {
+    net: Net,
+    pub params: Params,
+    pub arch: Architecture,
+    /// LoRA rank, alpha, targets and dropout, when training LoRA.
+    pub lora: Option<LoraSpec>,
+    /// Apply the model's own dropout (its config's rates) while training.
+    pub dropout: bool,
+    seed: u64,
+    vocab: usize,
+}
+
+impl CausalLm {
+    /// Loads a causal checkpoint of any family (a HF folder, or a GGUF file dequantized to
+    /// f32). With `lora`, only LoRA factors on its target modules are trained.
+    pub fn load(path: &Path, lora: Option<LoraSpec>, seed: u64) -> TrainResult<Self> {
+        let files = ModelFiles::locate(path)?;
+        let cfg = config_of(&files)?;
+        let vb = Vb::new(open_weights(&files)?, false);
+        let mut l = ParamLoader::new(vb, lora.clone(), seed);
+        let net = match &cfg {
+            ModelConfig::Gpt2(c) => Net::Gpt2(gpt2::Gpt2::new(c, &mut l)?),
+            ModelConfig::Llama(c) => Net::Llama(llama::Llama::new(c, &mut l)?),
+            ModelConfig::Bert(_) => {
+                return Err(TrainError::Unsupported(format!(
+                "{}: '{}' is an encoder; causal-LM fine-tuning takes gpt2, llama, qwen2 or phi3",
+                path.display(),
+                cfg.architecture().name()
+            )))
+            }
+        };
+        if let Some(spec) = &lora {
+            let hit = l.params.list.iter().any(|p| p.name.contains(".lora_A"));
+            if !hit {
+                return Err(TrainError::Unsupported(format!(
+                    "{}: no module of this {} model is named {} (LoRA targets); {} has e.g. {}",
+                    path.display(),
+                    cfg.architecture().name(),
+                    spec.targets.join(", "),
+                    cfg.architecture().name(),
+                    default_lora_targets(cfg.architecture()).join(", ")
+                )));
+            }
+        }
+        Ok(Self {
+            net,
+            params: l.params,
+            arch: cfg.architecture(),
+            lora,
+            dropout: false,
+            seed,
+            vocab: cfg.vocab_size(),
+        })
+    }
+
+    /// LoRA targets on GPT-2's `Conv1D` layers: PEFT's `fan_in_fan_out`.
+    pub fn fan_in_fan_out(&self) -> bool {
+        self.arch == Architecture::Gpt2
+    }
+
+    /// Runs the forward pass of a batch; `seed` while training (dropout), `None` to evaluate.
+    fn run(&self, batch: &CausalBatch, seed: Option<u64>) -> crate::Result<(Tape<'_>, usize)> {
+        let mut tape = Tape::new(&self.params, batch.size(), batch.t, &batch.lengths, seed)
+            .with_dropout(self.dropout);
+        let out = match &self.net {
+            Net::Gpt2(m) => m.forward(&mut tape, &batch.ids, false)?,
+            Net::Llama(m) => m.forward(&mut tape, &batch.ids, false)?,
+        };
+        Ok((tape, out))
+    }
+
+    /// Logits `[b·t, vocab]` of a batch.
+    pub fn logits(&self, batch: &CausalBatch) -> crate::Result<Vec<f32>> {
+        let (tape, out) = self.run(batch, None)?;
+        Ok(tape.value(out).to_vec())
+    }
+
+    /// Summed token loss and the number of target tokens of a batch, without gradients.
+    pub fn loss_sum(&self, batch: &CausalBatch) -> crate::Result<(f64, usize)> {
+        let (tape, out) = self.run(batch, None)?;
+        let count = batch.targets.iter().filter(|t| t.is_some()).count();
+        let (loss, _) = ops::cross_entropy(tape.value(out), &batch.targets, self.vocab, 1.0);
+        Ok((loss, count))
+    }
+
+    /// Forward and backward of the mean token loss / `accum`; returns the mean token loss.
+    pub fn forward_backward(&mut self, batch: &CausalBatch, accum: usize) -> crate::Result<f64> {
+        let seed = step_seed(self.seed, &batch.ids);
+        let (tape, out) = self.run(batch, Some(seed))?;
+        let record = tape.finish();
+        let count = batch.targets.iter().filter(|t| t.is_some()).count().max(1);
+        let (loss, dlogits) = ops::cross_entropy(
+            record.value(out),
+            &batch.targets,
+            self.vocab,
+            (count * accum) as f32,
+        );
+        record.backward(out, dlogits, &mut self.params);
+        Ok(loss * accum as f64)
+    }
+}

@@ -1,0 +1,684 @@
+//! The training executor: runs a family's forward pass (the same `forward<E: Exec>` that
+//! inference runs) with the ops of [`super::ops`], recording for each op exactly what its
+//! hand-written backward needs. [`Tape::backward`] walks the record in reverse: a gradient
+//! flows only into nodes that lead to a trained parameter (no `dx` below frozen layers), and
+//! each node's buffers are freed as soon as its backward has run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::ops::{self, AttnShape, NormCache};
+use super::params::{add_lora, dropout_mask, Dx, Lin, LinCache, Params};
+use crate::error::{Error, Result};
+use crate::nn::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Weights};
+use crate::nn::{Activation, Rope, Vb};
+
+/// Training weights: indices into [`Params`].
+pub struct TrainW;
+
+/// A norm over parameters: RMS (`g`) or LayerNorm (`g`, `b`).
+#[derive(Debug, Clone, Copy)]
+pub struct NormP {
+    pub kind: NormKind,
+    pub g: usize,
+    pub b: Option<usize>,
+    pub eps: f32,
+}
+
+/// An embedding table parameter `[count, dim]`.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbP {
+    pub table: usize,
+    pub dim: usize,
+}
+
+impl Weights for TrainW {
+    type Linear = Lin;
+    type Norm = NormP;
+    type Embedding = EmbP;
+}
+
+enum Op {
+    Embed {
+        e: EmbP,
+        ids: Vec<u32>,
+    },
+    Linear {
+        l: Lin,
+        x: usize,
+        cache: LinCache,
+    },
+    Act {
+        x: usize,
+        act: Activation,
+    },
+    /// Columns `offset..offset + width` of a wider node.
+    Part {
+        x: usize,
+        offset: usize,
+    },
+    Norm {
+        n: NormP,
+        x: usize,
+        cache: NormCache,
+    },
+    Add {
+        a: usize,
+        b: usize,
+    },
+    Glu {
+        gate: usize,
+        up: usize,
+        act: Activation,
+    },
+    Attention {
+        /// Q and K after RoPE, V as given: what the backward reads.
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        probs: Vec<f32>,
+        shape: AttnShape,
+        rope: Option<Arc<Rope>>,
+        inputs: [usize; 3],
+    },
+    Rows {
+        x: usize,
+        rows: Vec<usize>,
+    },
+    Dropout {
+        x: usize,
+        mask: Vec<f32>,
+    },
+    /// A node whose buffers were freed.
+    Done,
+}
+
+struct Node {
+    op: Op,
+    value: Vec<f32>,
+    width: usize,
+    /// Leads to a trained parameter: gradients flow into it.
+    needs: bool,
+}
+
+/// One batch of `b` right-padded sequences of `t` tokens.
+pub struct Tape<'p> {
+    p: &'p Params,
+    b: usize,
+    t: usize,
+    lengths: Vec<usize>,
+    /// The step's seed while training (dropout masks); `None` to evaluate.
+    seed: Option<u64>,
+    /// Apply the model's own dropout (LoRA dropout applies whenever training).
+    dropout: bool,
+    nodes: Vec<Node>,
+}
+
+impl<'p> Tape<'p> {
+    pub fn new(p: &'p Params, b: usize, t: usize, lengths: &[usize], seed: Option<u64>) -> Self {
+        Self {
+            p,
+            b,
+            t,
+            lengths: lengths.to_vec(),
+            seed,
+            dropout: false,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Turns the model's own dropout on (while training: with a seed).
+    pub fn with_dropout(mut self, on: bool) -> Self {
+        self.dropout = on;
+        self
+    }
+
+    pub fn value(&self, x: usize) -> &[f32] {
+        &self.nodes[x].value
+    }
+
+    fn push(&mut self, op: Op, value: Vec<f32>, width: usize, needs: bool) -> usize {
+        self.nodes.push(Node {
+            op,
+            value,
+            width,
+            needs,
+        });
+        self.nodes.len() - 1
+    }
+
+    fn rows(&self, x: usize) -> usize {
+        self.nodes[x].value.len() / self.nodes[x].width.max(1)
+    }
+
+    fn lin_trained(&self, l: &Lin) -> bool {
+        let p = self.p;
+        p.trainable(l.w)
+            || l.b.is_some_and(|b| p.trainable(b))
+            || l.lora.is_some_and(|r| p.trainable(r.a) || p.trainable(r.b))
+    }
+
+    fn table_rows(&mut self, e: &EmbP, ids: Vec<u32>) -> Result<usize> {
+        let table = self.p.value(e.table);
+        let count = table.len() / e.dim;
+        let mut x = Vec::with_capacity(ids.len() * e.dim);
+        for &id in &ids {
+            if id as usize >= count {
+                return Err(Error::msg(format!(
+                    "token id {id} is outside the embedding table ({count} rows)"
+                )));
+            }
+            x.extend_from_slice(&table[id as usize * e.dim..][..e.dim]);
+        }
+        let needs = self.p.trainable(e.table);
+        Ok(self.push(Op::Embed { e: *e, ids }, x, e.dim, needs))
+    }
+
+    /// The recorded pass, no longer borrowing the parameters (so the backward can write
+    /// their gradients).
+    pub fn finish(self) -> Record {
+        Record { nodes: self.nodes }
+    }
+}
+
+/// A finished forward pass: every node's value and what its backward needs.
+pub struct Record {
+    nodes: Vec<Node>,
+}
+
+impl Record {
+    pub fn value(&self, x: usize) -> &[f32] {
+        &self.nodes[x].value
+    }
+
+    /// Back-propagates `dout` (the loss gradient of node `out`) into the trained parameters.
+    pub fn backward(mut self, out: usize, dout: Vec<f32>, p: &mut Params) {
+        let n_nodes = self.nodes.len();
+        let mut grads: Vec<Option<Vec<f32>>> = (0..n_nodes).map(|_| None).collect();
+        grads[out] = Some(dout);
+        for i in (0..n_nodes).rev() {
+            let Some(dy) = grads[i].take() else {
+                self.nodes[i] = Node {
+                    op: Op::Done,
+                    value: Vec::new(),
+                    width: 0,
+                    needs: false,
+                };
+                continue;
+            };
+            let node = std::mem::replace(
+                &mut self.nodes[i],
+                Node {
+                    op: Op::Done,
+                    value: Vec::new(),
+                    width: 0,
+                    needs: false,
+                },
+            );
+            let (before, _) = grads.split_at_mut(i);
+            let nodes = &self.nodes;
+            let acc = |before: &mut [Option<Vec<f32>>], x: usize, g: Vec<f32>| {
+                accumulate(before, nodes, x, g)
+            };
+            match node.op {
+                Op::Embed { e, ids } => {
+                    if let Some(g) = p.grad(e.table) {
+                        for (row, &id) in dy.chunks(e.dim).zip(&ids) {
+                            g[id as usize * e.dim..][..e.dim]
+                                .iter_mut()
+                                .zip(row)
+                                .for_each(|(g, d)| *g += d);
+                        }
+                    }
+                }
+                Op::Linear { l, x, cache } => {
+                    let n = dy.len() / l.dout;
+                    let xv = &nodes[x].value;
+                    if !nodes[x].needs {
+                        l.backward_to(p, &dy, xv, &cache, n, Dx::Skip);
+                    } else if let Some(buf) = before[x].as_deref_mut() {
+                        l.backward_to(p, &dy, xv, &cache, n, Dx::Add(buf));
+                    } else {
+                        before[x] = l.backward_to(p, &dy, xv, &cache, n, Dx::New);
+                    }
+                }
+                Op::Act { x, act } => acc(before, x, ops::act_backward(&dy, &nodes[x].value, act)),
+                Op::Part { x, offset } => {
+                    if nodes[x].needs {
+                        let (w, total) = (node.width, nodes[x].width);
+                        let rows = dy.len() / w;
+                        let g = before[x].get_or_insert_with(|| vec![0f32; rows * total]);
+                        for (dst, src) in g.chunks_mut(total).zip(dy.chunks(w)) {
+                            dst[offset..offset + w]
+                                .iter_mut()
+                                .zip(src)
+                                .for_each(|(a, b)| *a += b);
+                        }
+                    }
+                }
+                Op::Norm { n, x, cache } => {
+                    let h = node.width;
+                    let g = p.value(n.g);
+                    let (dx, dg, db) = match n.kind {
+                        NormKind::Rms => {
+                            let mut dg = vec![0f32; h];
+                            let dx = ops::rms_norm_backward(&dy, &cache, g, Some(&mut dg), h);
+                            (dx, dg, None)
+                        }
+                        NormKind::Layer => {
+                            let (mut dg, mut db) = (vec![0f32; h], vec![0f32; h]);
+                            let dx = ops::layer_norm_backward(
+                                &dy,
+                                &cache,
+                                g,
+                                Some((&mut dg, &mut db)),
+                                h,
+                            );
+                            (dx, dg, Some(db))
+                        }
+                    };
+                    add_grad(p, n.g, &dg);
+                    if let (Some(b), Some(db)) = (n.b, db) {
+                        add_grad(p, b, &db);
+                    }
+                    acc(before, x, dx);
+                }
+                Op::Add { a, b } => {
+                    acc(before, b, dy.clone());
+                    acc(before, a, dy);
+                }
+                Op::Glu { gate, up, act } => {
+                    let (dg, du) =
+                        ops::glu_backward(&dy, &nodes[gate].value, &nodes[up].value, act);
+                    acc(before, gate, dg);
+                    acc(before, up, du);
+                }
+                Op::Attention {
+                    q,
+                    k,
+                    v,
+                    probs,
+                    shape: s,
+                    rope,
+                    inputs: [qi, ki, vi],
+                } => {
+                    let (mut dq, mut dk, dv) = ops::attention_backward(&dy, &q, &k, &v, &probs, s);
+                    if let Some(r) = &rope {
+                        let (cos, sin) = r.rows();
+                        ops::rope(&mut dq, cos, sin, s.t, s.nh, s.hd, true);
+                        ops::rope(&mut dk, cos, sin, s.t, s.nkv, s.hd, true);
+                    }
+                    acc(before, qi, dq);
+                    acc(before, ki, dk);
+                    acc(before, vi, dv);
+                }
+                Op::Rows { x, rows } => {
+                    if nodes[x].needs {
+                        let w = node.width;
+                        let total_rows = nodes[x].value.len() / w;
+                        let g = before[x].get_or_insert_with(|| vec![0f32; total_rows * w]);
+                        for (src, &r) in dy.chunks(w).zip(&rows) {
+                            g[r * w..][..w]
+                                .iter_mut()
+                                .zip(src)
+                                .for_each(|(a, b)| *a += b);
+                        }
+                    }
+                }
+                Op::Dropout { x, mask } => {
+                    acc(
+                        before,
+                        x,
+                        dy.iter().zip(&mask).map(|(d, m)| d * m).collect(),
+                    );
+                }
+                Op::Done => {}
+            }
+        }
+    }
+}
+
+/// Adds `g` to the gradient of input `x`, when it leads to a trained parameter.
+fn accumulate(before: &mut [Option<Vec<f32>>], nodes: &[Node], x: usize, g: Vec<f32>) {
+    if !nodes[x].needs {
+        return;
+    }
+    match &mut before[x] {
+        Some(a) => a.iter_mut().zip(&g).for_each(|(a, g)| *a += g),
+        slot => *slot = Some(g),
+    }
+}
+
+fn add_grad(p: &mut Params, i: usize, g: &[f32]) {
+    if let Some(pg) = p.grad(i) {
+        pg.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+    }
+}
+
+impl Exec for Tape<'_> {
+    type W = TrainW;
+    type X = usize;
+
+    fn embed(&mut self, e: &EmbP, ids: &[u32]) -> Result<usize> {
+        self.table_rows(e, ids.to_vec())
+    }
+
+    fn positions(&mut self, e: &EmbP) -> Result<usize> {
+        let ids = (0..self.b).flat_map(|_| 0..self.t as u32).collect();
+        self.table_rows(e, ids)
+    }
+
+    fn linear(&mut self, l: &Lin, x: &usize, act: Option<Activation>) -> Result<usize> {
+        let (x, n) = (*x, self.rows(*x));
+        let (y, cache) = l.forward(self.p, &self.nodes[x].value, n, self.seed);
+        let needs = self.nodes[x].needs || self.lin_trained(l);
+        let y = self.push(Op::Linear { l: *l, x, cache }, y, l.dout, needs);
+        match act {
+            None => Ok(y),
+            Some(act) => {
+                let v = ops::act_forward(&self.nodes[y].value, act);
+                Ok(self.push(Op::Act { x: y, act }, v, l.dout, needs))
+            }
+        }
+    }
+
+    fn parts(&mut self, p: &Parts<Lin>, x: &usize) -> Result<Vec<usize>> {
+        match p {
+            Parts::Separate(ls) => ls.iter().map(|l| self.linear(l, x, None)).collect(),
+            Parts::Fused(l, widths) => {
+                let y = self.linear(l, x, None)?;
+                let (total, needs) = (l.dout, self.nodes[y].needs);
+                let mut offset = 0;
+                let mut out = Vec::with_capacity(widths.len());
+                for &w in widths {
+                    let v: Vec<f32> = self.nodes[y]
+                        .value
+                        .chunks(total)
+                        .flat_map(|r| &r[offset..offset + w])
+                        .copied()
+                        .collect();
+                    out.push(self.push(Op::Part { x: y, offset }, v, w, needs));
+                    offset += w;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn norm(&mut self, n: &NormP, x: &usize) -> Result<usize> {
+        let x = *x;
+        let h = self.nodes[x].width;
+        let g = self.p.value(n.g);
+        let (y, cache) = match n.kind {
+            NormKind::Rms => ops::rms_norm(&self.nodes[x].value, g, n.eps, h),
+            NormKind::Layer => {
+                let b = self.p.value(n.b.expect("a LayerNorm has a bias"));
+                ops::layer_norm(&self.nodes[x].value, g, b, n.eps, h)
+            }
+        };
+        let needs = self.nodes[x].needs || self.p.trainable(n.g);
+        Ok(self.push(Op::Norm { n: *n, x, cache }, y, h, needs))
+    }
+
+    fn add(&mut self, a: &usize, b: &usize) -> Result<usize> {
+        let (a, b) = (*a, *b);
+        let v = self.nodes[a]
+            .value
+            .iter()
+            .zip(&self.nodes[b].value)
+            .map(|(x, y)| x + y)
+            .collect();
+        let needs = self.nodes[a].needs || self.nodes[b].needs;
+        let w = self.nodes[a].width;
+        Ok(self.push(Op::Add { a, b }, v, w, needs))
+    }
+
+    fn glu(&mut self, gate: &usize, up: &usize, act: Activation) -> Result<usize> {
+        let (gate, up) = (*gate, *up);
+        let v = ops::glu(&self.nodes[gate].value, &self.nodes[up].value, act);
+        let needs = self.nodes[gate].needs || self.nodes[up].needs;
+        let w = self.nodes[gate].width;
+        Ok(self.push(Op::Glu { gate, up, act }, v, w, needs))
+    }
+
+    fn attention(
+        &mut self,
+        a: &AttnSpec,
+        _layer: usize,
+        q: usize,
+        k: usize,
+        v: usize,
+    ) -> Result<usize> {
+        let shape = AttnShape {
+            b: self.b,
+            t: self.t,
+            nh: a.n_heads,
+            nkv: a.n_kv_heads,
+            hd: a.head_dim,
+            causal: true,
+            window: a.window,
+        };
+        // Q, K and V have no other reader: the node takes their values.
+        let mut qv = std::mem::take(&mut self.nodes[q].value);
+        let mut kv = std::mem::take(&mut self.nodes[k].value);
+        let vv = std::mem::take(&mut self.nodes[v].value);
+        if let Some(r) = &a.rope {
+            if self.t > r.max_positions() {
+                return Err(Error::ContextOverflow {
+                    tokens: self.t,
+                    context: r.max_positions(),
+                });
+            }
+            let (cos, sin) = r.rows();
+            ops::rope(&mut qv, cos, sin, self.t, a.n_heads, a.head_dim, false);
+            ops::rope(&mut kv, cos, sin, self.t, a.n_kv_heads, a.head_dim, false);
+        }
+        let (ctx, probs) = ops::attention(&qv, &kv, &vv, &self.lengths, shape);
+        let needs = self.nodes[q].needs || self.nodes[k].needs || self.nodes[v].needs;
+        let op = Op::Attention {
+            q: qv,
+            k: kv,
+            v: vv,
+            probs,
+            shape,
+            rope: a.rope.clone(),
+            inputs: [q, k, v],
+        };
+        Ok(self.push(op, ctx, a.n_heads * a.head_dim, needs))
+    }
+
+    fn last_rows(&mut self, x: &usize) -> Result<usize> {
+        let x = *x;
+        let w = self.nodes[x].width;
+        let rows: Vec<usize> = (0..self.b)
+            .map(|s| s * self.t + self.lengths[s].max(1) - 1)
+            .collect();
+        let v = rows
+            .iter()
+            .flat_map(|&r| &self.nodes[x].value[r * w..(r + 1) * w])
+            .copied()
+            .collect();
+        let needs = self.nodes[x].needs;
+        Ok(self.push(Op::Rows { x, rows }, v, w, needs))
+    }
+
+    fn dropout(&mut self, x: usize, p: f32) -> Result<usize> {
+        let Some(seed) = self.seed.filter(|_| p > 0.0 && self.dropout) else {
+            return Ok(x);
+        };
+        // Each dropout site draws its own mask: the node's index keys the stream.
+        let site = self.nodes.len() as u64;
+        let mask = dropout_mask(
+            self.nodes[x].value.len(),
+            p,
+            seed ^ site.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        let v = self.nodes[x]
+            .value
+            .iter()
+            .zip(&mask)
+            .map(|(a, m)| a * m)
+            .collect();
+        let (w, needs) = (self.nodes[x].width, self.nodes[x].needs);
+        Ok(self.push(Op::Dropout { x, mask }, v, w, needs))
+    }
+}
+
+/// LoRA on the modules a PEFT `target_modules` list names.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f32,
+    pub targets: Vec<String>,
+    /// PEFT's `lora_dropout` on each LoRA branch's input while training.
+    pub dropout: f32,
+}
+
+impl LoraSpec {
+    /// PEFT's rule: a target matches the module's full name or its last components.
+    fn matches(&self, name: &str) -> bool {
+        self.targets
+            .iter()
+            .any(|t| name == t || name.ends_with(&format!(".{t}")))
+    }
+}
+
+/// Loads a model's weights as f32 parameters under their Hugging Face names: all trained
+/// (`lora: None`), or frozen with LoRA factors on the targeted modules.
+pub struct ParamLoader {
+    vb: Vb,
+    pub params: Params,
+    lora: Option<LoraSpec>,
+    rng: rand::rngs::StdRng,
+    by_name: HashMap<String, usize>,
+}
+
+impl ParamLoader {
+    pub fn new(vb: Vb, lora: Option<LoraSpec>, seed: u64) -> Self {
+        Self {
+            vb,
+            params: Params::default(),
+            lora,
+            rng: super::params::seeded(seed ^ 0x4c6f_5241),
+            by_name: HashMap::new(),
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.lora.is_none()
+    }
+
+    fn get(&mut self, name: &str, shape: &[usize], transposed: bool) -> Result<usize> {
+        let stored: Vec<usize> = if transposed {
+            shape.iter().rev().copied().collect()
+        } else {
+            shape.to_vec()
+        };
+        let t = self.vb.get(name, &stored)?;
+        let t = if transposed { t.t()?.contiguous()? } else { t };
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        let i = self
+            .params
+            .add(name.to_string(), shape.to_vec(), v, self.full());
+        self.params.list[i].transposed = transposed;
+        self.by_name.insert(name.to_string(), i);
+        Ok(i)
+    }
+
+    fn lin(&mut self, name: &str, din: usize, dout: usize, bias: bool, conv: bool) -> Result<Lin> {
+        let mut l = Lin {
+            w: self.get(&format!("{name}.weight"), &[dout, din], conv)?,
+            b: if bias {
+                Some(self.get(&format!("{name}.bias"), &[dout], false)?)
+            } else {
+                None
+            },
+            din,
+            dout,
+            lora: None,
+        };
+        if let Some(spec) = self.lora.as_ref().filter(|s| s.matches(name)) {
+            let (r, alpha, dropout) = (spec.r, spec.alpha, spec.dropout);
+            add_lora(&mut self.params, &mut l, name, r, alpha, &mut self.rng);
+            l.set_lora_dropout(dropout);
+        }
+        Ok(l)
+    }
+}
+
+impl Loader for ParamLoader {
+    type W = TrainW;
+
+    fn contains(&self, tensor: &str) -> bool {
+        self.vb.contains(tensor)
+    }
+
+    fn linear(&mut self, name: &str, din: usize, dout: usize, bias: bool) -> Result<Lin> {
+        self.lin(name, din, dout, bias, false)
+    }
+
+    fn conv1d(&mut self, name: &str, din: usize, dout: usize) -> Result<Lin> {
+        // A GGUF file stores Conv1D weights as [out, in] already.
+        let conv = !self.vb.is_gguf();
+        self.lin(name, din, dout, true, conv)
+    }
+
+    fn parts(
+        &mut self,
+        names: &[&str],
+        din: usize,
+        douts: &[usize],
+        bias: bool,
+    ) -> Result<Parts<Lin>> {
+        let ls = names
+            .iter()
+            .zip(douts)
+            .map(|(n, &d)| self.linear(n, din, d, bias))
+            .collect::<Result<_>>()?;
+        Ok(Parts::Separate(ls))
+    }
+
+    fn norm(&mut self, kind: NormKind, name: &str, size: usize, eps: f64) -> Result<NormP> {
+        // Checkpoints from the original TensorFlow BERT port name the parameters gamma/beta.
+        let (w, b) = if !self.vb.contains(&format!("{name}.weight"))
+            && self.vb.contains(&format!("{name}.gamma"))
+        {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        let g = self.get(&format!("{name}.{w}"), &[size], false)?;
+        let b = match kind {
+            NormKind::Rms => None,
+            NormKind::Layer => Some(self.get(&format!("{name}.{b}"), &[size], false)?),
+        };
+        Ok(NormP {
+            kind,
+            g,
+            b,
+            eps: eps as f32,
+        })
+    }
+
+    fn embedding(&mut self, name: &str, count: usize, dim: usize) -> Result<EmbP> {
+        Ok(EmbP {
+            table: self.get(&format!("{name}.weight"), &[count, dim], false)?,
+            dim,
+        })
+    }
+
+    fn tied(&mut self, name: &str, count: usize, dim: usize) -> Result<Lin> {
+        let key = format!("{name}.weight");
+        let w = match self.by_name.get(&key) {
+            Some(&w) => w,
+            None => self.get(&key, &[count, dim], false)?,
+        };
+        Ok(Lin {
+            w,
+            b: None,
+            din: dim,
+            dout: count,
+            lora: None,
+        })
+    }
+}
