@@ -11,6 +11,10 @@ Each run is its own process, so peak RSS (from /usr/bin/time) is that run's alon
 medians over the timed steps after warm-up.
 
     python tools/bench_train.py --threads 2 [--steps 6]
+
+Two slm binaries side by side (a change against the previous build), without PyTorch:
+
+    python tools/bench_train.py --no-torch --slm before=/tmp/slm-before --slm after=target/release/slm --reps 3
 """
 import argparse
 import json
@@ -101,12 +105,54 @@ def slm_step_s(out_dir):
     return statistics.median([b - a for a, b in zip(el[1:], el[2:])])
 
 
+def slm_lora(slm, base, text, work, a, env):
+    out_dir = work / "lora-run"
+    subprocess.run(["rm", "-rf", str(out_dir)])
+    out, rss = timed([str(slm), "finetune", "--task", "causal-lm", "-m", str(base), "--train", str(text),
+                      "--valid-split", "0", "-o", str(out_dir), "--method", "lora", "--lora-r", "8",
+                      "--lora-alpha", "16", "--max-steps", str(a.steps), "--batch-size", "4",
+                      "--max-length", "256", "--threads", str(a.threads)], env)
+    return {"tokens_per_s": 1024 / slm_step_s(out_dir), "rss_mib": rss}
+
+
+def slm_cls(slm, sst, work, a, env):
+    out_dir = work / "cls-run"
+    subprocess.run(["rm", "-rf", str(out_dir)])
+    out, rss = timed([str(slm), "finetune", "-m", str(MINILM), "--train", str(sst), "--valid-split", "0",
+                      "-o", str(out_dir), "--max-steps", str(a.steps), "--batch-size", "32",
+                      "--max-length", "64", "--threads", str(a.threads)], env)
+    return {"samples_per_s": 32 / slm_step_s(out_dir), "rss_mib": rss}
+
+
+def compare_binaries(a, env, work, base, text, sst):
+    bins = [b.split("=", 1) for b in a.slm]
+    runs = {name: {"lora": [], "cls": []} for name, _ in bins}
+    for rep in range(a.reps):
+        # Alternate the order so that neither binary always runs on a warmer machine.
+        for name, path in (bins if rep % 2 == 0 else bins[::-1]):
+            runs[name]["lora"].append(slm_lora(path, base, text, work, a, env))
+            if not a.lora_only:
+                runs[name]["cls"].append(slm_cls(path, sst, work, a, env))
+    med = lambda rs, k: statistics.median(r[k] for r in rs) if rs else float("nan")
+    print("| binary | LoRA SmolLM2 tok/s | peak RSS | MiniLM samples/s | peak RSS |")
+    print("|---|---|---|---|---|")
+    for name, _ in bins:
+        r = runs[name]
+        print(f"| {name} | {med(r['lora'], 'tokens_per_s'):.0f} | {med(r['lora'], 'rss_mib'):.0f} MiB | "
+              f"{med(r['cls'], 'samples_per_s'):.1f} | {med(r['cls'], 'rss_mib'):.0f} MiB |")
+    print(json.dumps(runs))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--torch-lora", action="store_true")
     ap.add_argument("--torch-cls", action="store_true")
+    ap.add_argument("--slm", action="append", default=[], help="NAME=PATH of an slm binary (repeat)")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--lora-only", action="store_true", help="with --no-torch: skip the MiniLM run")
     a = ap.parse_args()
     if a.torch_lora:
         return torch_lora(a.threads, a.steps)
@@ -122,6 +168,10 @@ def main():
                    capture_output=True)
     text = work / "shakespeare.txt"
     text.write_text(SHAKESPEARE.read_text()[:200_000])
+    sst = work / "sst2.tsv"
+    sst.write_text("\n".join(SST2.read_text().splitlines()[:1 + 32 * a.steps]) + "\n")
+    if a.no_torch:
+        return compare_binaries(a, env, work, base, text, sst)
     out, rss = timed([str(SLM), "finetune", "--task", "causal-lm", "-m", str(base), "--train", str(text),
                       "--valid-split", "0", "-o", str(work / "lora"), "--method", "lora", "--lora-r", "8",
                       "--lora-alpha", "16", "--max-steps", str(a.steps), "--batch-size", "4",
@@ -132,8 +182,6 @@ def main():
     r = json.loads(out.strip().splitlines()[-1])
     results["lora_torch"] = {"tokens_per_s": r["tokens"] / r["step_s"], "rss_mib": rss}
 
-    sst = work / "sst2.tsv"
-    sst.write_text("\n".join(SST2.read_text().splitlines()[:1 + 32 * a.steps]) + "\n")
     out, rss = timed([str(SLM), "finetune", "-m", str(MINILM), "--train", str(sst), "--valid-split", "0",
                       "-o", str(work / "cls"), "--max-steps", str(a.steps), "--batch-size", "32",
                       "--max-length", "64", "--threads", str(a.threads)], env)

@@ -113,6 +113,28 @@ def record_tiny(name, model, save_kw):
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params")
 
 
+def record_tiny_tokenizer():
+    """A byte-level BPE of the tiny GPT-2's 320 ids (id 0 <|endoftext|>, the 256 bytes, 63
+    merges learned on tiny shakespeare), so the tiny GPT-2 can be fine-tuned on text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    text = (ASSETS / "corpora/tinyshakespeare/input.txt").read_text()[:50_000]
+    tok.train_from_iterator([text], trainer)
+    assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+    d = OUT / "gpt2" / "tokenizer"
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2TokenizerFast", "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "model_max_length": 64}))
+    print("gpt2 tokenizer:", tok.get_vocab_size(), "ids")
+
+
 SMOL_PROMPT = "Once upon a time, there was a little"
 CHATS = [
     [{"role": "user", "content": "Hello!"}],
@@ -650,6 +672,8 @@ def main():
     for name, model, kw in tiny_models():
         if not only or name in only:
             record_tiny(name, model, kw)
+    if not only or "tokenizer" in only:
+        record_tiny_tokenizer()
     if not only or "smollm2" in only:
         record_smollm2()
     if not only or "encoders" in only:

@@ -51,6 +51,15 @@ pub fn probability(s: &str) -> Result<f32, String> {
     Ok(x)
 }
 
+/// A dropout rate: 1 would keep nothing (and divide by zero).
+pub fn dropout(s: &str) -> Result<f32, String> {
+    let x = number(s)?;
+    if !(0.0..1.0).contains(&x) {
+        return Err(format!("must be at least 0 and below 1, got {x}"));
+    }
+    Ok(x)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

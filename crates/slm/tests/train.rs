@@ -103,6 +103,7 @@ fn adamw_steps_follow_pytorch() {
 }
 
 use slm::train::lm::CausalLm;
+use slm::train::tape::Dropout;
 
 fn lora(r: usize, alpha: f32, targets: &[String]) -> slm::train::tape::LoraSpec {
     slm::train::tape::LoraSpec {
@@ -165,6 +166,8 @@ fn causal_lm_loss_and_gradients_match_pytorch() {
         let want = &r["models"][name];
         let dir = fixtures().join(name).join("safetensors");
         let mut m = CausalLm::load(&dir, None, 0).unwrap();
+        // The fixtures are PyTorch's gradients in eval mode (GPT-2's config has dropout 0.1).
+        m.dropout = Dropout::Off;
         let loss = m.forward_backward(&b, 1).unwrap();
         let w = want["loss"].as_f64().unwrap();
         assert!((loss - w).abs() < 1e-5, "{name}: loss {loss} vs torch {w}");
@@ -202,6 +205,7 @@ fn causal_lora_loss_and_gradients_match_peft() {
         let dir = fixtures().join(name).join("safetensors");
         let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
         let mut m = CausalLm::load(&dir, Some(lora(4, 8.0, &targets)), 0).unwrap();
+        m.dropout = Dropout::Off;
         // PEFT's random A and B, so that both sides start from the same adapter.
         let adapter = fixtures().join(format!("peft/{name}_lora/adapter_model.safetensors"));
         let values = slm::io::write::read_safetensors_f32(&adapter).unwrap();
@@ -581,4 +585,50 @@ fn training_and_inference_forwards_give_the_same_logits() {
             assert!(d < 1e-5, "{name} sequence {s}: max |diff| {d:e}");
         }
     }
+}
+
+/// GPT-2 with its config's dropout (embeddings, residual branches, attention probabilities,
+/// 0.1 each): the gradients are those of the dropped network (finite differences through the
+/// same masks), the masks repeat for the same step, and evaluation drops nothing.
+#[test]
+fn gpt2_dropout_trains_the_network_it_drops() {
+    let cr = causal_reference();
+    let cb = causal_batch(&cr);
+    let dir = fixtures().join("gpt2/safetensors");
+    let mut m = CausalLm::load(&dir, None, 0).unwrap();
+    assert_eq!(
+        m.dropout,
+        Dropout::Config,
+        "dropout is on by default, as transformers trains"
+    );
+    let dropped = m.training_loss(&cb).unwrap();
+    assert_eq!(
+        dropped,
+        m.training_loss(&cb).unwrap(),
+        "same step, same masks"
+    );
+    let (sum, n) = m.loss_sum(&cb).unwrap();
+    let eval = sum / n as f64;
+    assert!(
+        (dropped - eval).abs() > 1e-4,
+        "dropout changed nothing: {dropped} vs {eval}"
+    );
+    m.dropout = Dropout::Off;
+    assert!((m.training_loss(&cb).unwrap() - eval).abs() < 1e-9);
+    m.dropout = Dropout::Config;
+    let loss = m.forward_backward(&cb, 1).unwrap();
+    assert!((loss - dropped).abs() < 1e-9);
+    finite_differences(
+        &mut m,
+        |m| &mut m.params,
+        &[
+            "transformer.wte.weight",
+            "transformer.wpe.weight",
+            "transformer.h.0.attn.c_attn.weight",
+            "transformer.h.1.mlp.c_fc.weight",
+            "transformer.ln_f.bias",
+        ],
+        3,
+        &|m| m.training_loss(&cb).unwrap(),
+    );
 }

@@ -12,7 +12,7 @@ use slm::train::classify::{eval_batches, load_data, make_batch, ClassifierRun, D
 use slm::train::lm::{default_lora_targets, CausalLm};
 use slm::train::masked::{load_masked_data, MaskedRun, Masker};
 use slm::train::optim::{OptimConfig, Schedule};
-use slm::train::tape::LoraSpec;
+use slm::train::tape::{Dropout, LoraSpec};
 use slm::train::trainer::{self, Evaluation, Hooks, StepInfo, TrainConfig};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +122,15 @@ pub struct Args {
     /// Dropout on the LoRA branches' input while training (PEFT's lora_dropout).
     #[arg(long, default_value_t = 0.0)]
     pub(crate) lora_dropout: f32,
-    /// LoRA target modules (default per family: query,value for BERT, q_proj,v_proj for Llama).
+    /// The model's own dropout while training, at every site where the model applies it
+    /// (default: the rates of its config, as transformers trains; causal LM only for now).
+    #[arg(long, value_parser = crate::parse::dropout, conflicts_with = "no_dropout")]
+    pub(crate) dropout: Option<f32>,
+    /// Train without the model's dropout (LoRA dropout still applies).
+    #[arg(long)]
+    pub(crate) no_dropout: bool,
+    /// LoRA target modules (default per family, as PEFT's: c_attn for GPT-2, q_proj,v_proj for
+    /// Llama and Qwen2, qkv_proj for Phi-3, query,value for BERT).
     #[arg(long, value_delimiter = ',')]
     pub(crate) target_modules: Vec<String>,
     /// Continue the run in OUTPUT from its last checkpoint, with the same options.
@@ -352,6 +360,11 @@ pub fn run(a: Args) -> Result<()> {
 pub(crate) fn train(mut a: Args) -> Result<(trainer::Summary, PathBuf)> {
     super::resolve_model(&mut a.model)?;
     let out = a.output.clone();
+    if a.dropout.is_some() && a.task != Task::CausalLm {
+        bail!(
+            "--dropout applies to --task causal-lm for now; encoder training runs without dropout"
+        );
+    }
     let summary = match a.task {
         Task::Classify => run_classify(a)?,
         Task::CausalLm => run_causal(a)?,
@@ -405,7 +418,12 @@ fn run_causal(a: Args) -> Result<trainer::Summary> {
         targets,
         dropout: check_dropout(a.lora_dropout)?,
     });
-    let model = CausalLm::load(&source, lora, a.seed)?;
+    let mut model = CausalLm::load(&source, lora, a.seed)?;
+    model.dropout = match (a.no_dropout, a.dropout) {
+        (true, _) => Dropout::Off,
+        (false, Some(p)) => Dropout::Rate(p),
+        (false, None) => Dropout::Config,
+    };
     eprintln!(
         "{} train / {} valid examples ({}, up to {max_length} tokens); {} of {} parameters trained{}",
         data.train.len(),

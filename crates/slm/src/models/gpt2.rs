@@ -116,6 +116,7 @@ impl<W: Weights> Gpt2<W> {
                 head_dim: h / cfg.n_head,
                 rope: None,
                 window: None,
+                dropout: cfg.attn_pdrop,
             },
             cfg: cfg.clone(),
         })
@@ -127,7 +128,7 @@ impl<W: Weights> CausalFamily<W> for Gpt2<W> {
         let c = &self.cfg;
         let tokens = e.embed(&self.wte, ids)?;
         let positions = e.positions(&self.wpe)?;
-        let x = e.add(&tokens, &positions)?;
+        let x = e.add(tokens, positions)?;
         let mut x = e.dropout(x, c.embd_pdrop)?;
         for (i, b) in self.blocks.iter().enumerate() {
             let h = e.norm(&b.ln_1, &x)?;
@@ -135,12 +136,12 @@ impl<W: Weights> CausalFamily<W> for Gpt2<W> {
             let a = e.attention(&self.attn, i, q, k, v)?;
             let a = e.linear(&b.attn_proj, &a, None)?;
             let a = e.dropout(a, c.resid_pdrop)?;
-            x = e.add(&x, &a)?;
+            x = e.add(x, a)?;
             let h = e.norm(&b.ln_2, &x)?;
             let m = e.linear(&b.c_fc, &h, Some(c.activation_function))?;
             let m = e.linear(&b.mlp_proj, &m, None)?;
             let m = e.dropout(m, c.resid_pdrop)?;
-            x = e.add(&x, &m)?;
+            x = e.add(x, m)?;
         }
         if last_only {
             x = e.last_rows(&x)?;

@@ -41,6 +41,9 @@ pub struct Config {
     pub use_sliding_window: Option<bool>,
     #[serde(default = "default_act")]
     pub hidden_act: Activation,
+    /// Dropout on the attention probabilities while training (LlamaConfig: 0.0).
+    #[serde(default)]
+    pub attention_dropout: f32,
     #[serde(skip, default = "default_variant")]
     pub variant: Variant,
 }
@@ -192,6 +195,7 @@ impl<W: Weights> Llama<W> {
                 head_dim: cfg.head_dim(),
                 rope: Some(rope),
                 window: cfg.window(),
+                dropout: cfg.attention_dropout,
             },
             cfg: cfg.clone(),
         })
@@ -206,12 +210,12 @@ impl<W: Weights> CausalFamily<W> for Llama<W> {
             let [q, k, v] = three(e.parts(&l.qkv, &h)?)?;
             let a = e.attention(&self.attn, i, q, k, v)?;
             let a = e.linear(&l.o_proj, &a, None)?;
-            x = e.add(&x, &a)?;
+            x = e.add(x, a)?;
             let h = e.norm(&l.post_attention_layernorm, &x)?;
             let [gate, up] = two(e.parts(&l.gate_up, &h)?)?;
             let m = e.glu(&gate, &up, self.cfg.hidden_act)?;
             let m = e.linear(&l.down_proj, &m, None)?;
-            x = e.add(&x, &m)?;
+            x = e.add(x, m)?;
         }
         if last_only {
             x = e.last_rows(&x)?;

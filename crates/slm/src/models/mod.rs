@@ -285,6 +285,7 @@ impl ModelConfig {
                         .map(|v| v as usize),
                     use_sliding_window: None,
                     hidden_act: crate::nn::Activation::Silu,
+                    attention_dropout: 0.0,
                     variant,
                 })
             }

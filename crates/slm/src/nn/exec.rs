@@ -47,6 +47,8 @@ pub struct AttnSpec {
     pub rope: Option<Arc<Rope>>,
     /// Sliding window: a query sees this many positions, itself included.
     pub window: Option<usize>,
+    /// Dropout on the attention probabilities while training (the config's rate).
+    pub dropout: f32,
 }
 
 /// What a family's forward pass can do. The executor knows the batch (its sequences, lengths
@@ -72,7 +74,8 @@ pub trait Exec {
         x: &Self::X,
     ) -> Result<Vec<Self::X>>;
     fn norm(&mut self, n: &<Self::W as Weights>::Norm, x: &Self::X) -> Result<Self::X>;
-    fn add(&mut self, a: &Self::X, b: &Self::X) -> Result<Self::X>;
+    /// `a + b`. Consumes both (the residual stream is updated in place where it can be).
+    fn add(&mut self, a: Self::X, b: Self::X) -> Result<Self::X>;
     /// `act(gate) ⊙ up`.
     fn glu(&mut self, gate: &Self::X, up: &Self::X, act: Activation) -> Result<Self::X>;
     /// Self-attention of layer `layer` (`[tokens, heads·hd]` in, the same out, before the

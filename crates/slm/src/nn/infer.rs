@@ -196,7 +196,7 @@ impl Exec for Infer<'_> {
         Ok(Act::Full(n.forward(&x.tensor()?)?))
     }
 
-    fn add(&mut self, a: &Act, b: &Act) -> Result<Act> {
+    fn add(&mut self, a: Act, b: Act) -> Result<Act> {
         Ok(Act::Full((a.tensor()? + b.tensor()?)?))
     }
 

@@ -98,9 +98,9 @@ pub fn read_rope_parameters(json: &mut serde_json::Value) -> std::result::Result
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
-    /// The same tables as plain rows `[max_pos, head_dim / 2]`, for training.
-    cos_rows: Vec<f32>,
-    sin_rows: Vec<f32>,
+    /// The same tables as plain rows `[max_pos, head_dim / 2]`, made on first use (training
+    /// only: inference does not pay their memory).
+    rows: std::sync::Arc<std::sync::OnceLock<(Vec<f32>, Vec<f32>)>>,
 }
 
 /// The rotation frequencies, one per pair of dimensions, as transformers' `ROPE_INIT_FUNCTIONS`
@@ -187,16 +187,23 @@ impl Rope {
         let (cos, sin) = tables(head_dim, theta, max_pos, scaling)?;
         let half = head_dim / 2;
         Ok(Self {
-            cos: Tensor::from_vec(cos.clone(), (max_pos, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin.clone(), (max_pos, half), &Device::Cpu)?,
-            cos_rows: cos,
-            sin_rows: sin,
+            cos: Tensor::from_vec(cos, (max_pos, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (max_pos, half), &Device::Cpu)?,
+            rows: Default::default(),
         })
     }
 
     /// `(cos, sin)` as rows `[max_pos, head_dim / 2]`.
     pub fn rows(&self) -> (&[f32], &[f32]) {
-        (&self.cos_rows, &self.sin_rows)
+        let (c, s) = self.rows.get_or_init(|| {
+            let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+            // The tables are f32 tensors made above: reading them back cannot fail.
+            (
+                flat(&self.cos).unwrap_or_default(),
+                flat(&self.sin).unwrap_or_default(),
+            )
+        });
+        (c, s)
     }
 
     pub fn max_positions(&self) -> usize {

@@ -395,6 +395,7 @@ impl BertTrain {
             hd: h / cfg.num_attention_heads,
             causal: false,
             window: None,
+            dropout: None,
         };
         let mut caches = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
@@ -615,6 +616,7 @@ impl BertTrain {
             hd: h / self.cfg.num_attention_heads,
             causal: false,
             window: None,
+            dropout: None,
         };
         for (l, lc) in self.layers.iter().zip(&c.layers).rev() {
             let norm_grads = |p: &mut Params, nm: Norm| -> Option<(Vec<f32>, Vec<f32>)> {

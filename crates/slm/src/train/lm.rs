@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::ops;
 use super::params::{step_seed, Params};
-use super::tape::{LoraSpec, ParamLoader, Tape, TrainW};
+use super::tape::{Dropout, LoraSpec, ParamLoader, Tape, TrainW};
 use super::{TrainError, TrainResult};
 use crate::io::{open_weights, ModelFiles};
 use crate::models::{config_of, gpt2, llama, Architecture, ModelConfig};
@@ -51,8 +51,8 @@ pub struct CausalLm {
     pub arch: Architecture,
     /// LoRA rank, alpha, targets and dropout, when training LoRA.
     pub lora: Option<LoraSpec>,
-    /// Apply the model's own dropout (its config's rates) while training.
-    pub dropout: bool,
+    /// The model's own dropout while training (evaluation never drops).
+    pub dropout: Dropout,
     seed: u64,
     vocab: usize,
 }
@@ -94,7 +94,7 @@ impl CausalLm {
             params: l.params,
             arch: cfg.architecture(),
             lora,
-            dropout: false,
+            dropout: Dropout::Config,
             seed,
             vocab: cfg.vocab_size(),
         })
@@ -128,6 +128,16 @@ impl CausalLm {
         let count = batch.targets.iter().filter(|t| t.is_some()).count();
         let (loss, _) = ops::cross_entropy(tape.value(out), &batch.targets, self.vocab, 1.0);
         Ok((loss, count))
+    }
+
+    /// The mean token loss that [`Self::forward_backward`] differentiates (training mode:
+    /// the same dropout masks), without the backward.
+    pub fn training_loss(&self, batch: &CausalBatch) -> crate::Result<f64> {
+        let (tape, out) = self.run(batch, Some(step_seed(self.seed, &batch.ids)))?;
+        let count = batch.targets.iter().filter(|t| t.is_some()).count().max(1);
+        let (loss, _) =
+            ops::cross_entropy(tape.value(out), &batch.targets, self.vocab, count as f32);
+        Ok(loss)
     }
 
     /// Forward and backward of the mean token loss / `accum`; returns the mean token loss.

@@ -367,6 +367,18 @@ pub struct AttnShape {
     pub causal: bool,
     /// Sliding window (causal only): a query sees this many positions, itself included.
     pub window: Option<usize>,
+    /// Dropout on the attention probabilities: rate and the step's seed. The mask is drawn
+    /// again in the backward pass from the same counter-based stream, so it costs no memory.
+    pub dropout: Option<(f32, u64)>,
+}
+
+/// The dropout mask of the probabilities of sequence-and-head `i`, `[t, t]`.
+fn probs_mask(t: usize, (p, seed): (f32, u64), i: usize) -> Vec<f32> {
+    super::params::dropout_mask(
+        t * t,
+        p,
+        seed ^ (i as u64 + 1).wrapping_mul(0xd134_2543_de82_ef95),
+    )
 }
 
 /// `ctx = softmax(q·kᵀ/√d + mask)·v` for every sequence and head. `q` is `[b·t, nh·hd]`, `k`
@@ -387,6 +399,7 @@ pub fn attention(
         hd,
         causal,
         window,
+        dropout,
     } = s;
     let (qw, kw) = (nh * hd, nkv * hd);
     let scale = 1.0 / (hd as f32).sqrt();
@@ -435,6 +448,11 @@ pub fn attention(
                 row[..start].fill(0.0);
                 softmax_in_place(&mut row[start..end]);
             }
+            let dropped: Option<Vec<f32>> = dropout.map(|d| {
+                let m = probs_mask(t, d, i);
+                p.iter().zip(&m).map(|(a, b)| a * b).collect()
+            });
+            let pv = dropped.as_deref().unwrap_or(p);
             gemm::gemm(
                 t,
                 hd,
@@ -443,7 +461,7 @@ pub fn attention(
                 1,
                 qw as isize,
                 false,
-                p.as_ptr(),
+                pv.as_ptr(),
                 1,
                 t as isize,
                 v.as_ptr().add(sq * t * kw + kh * hd),
@@ -472,7 +490,13 @@ pub fn attention_backward(
     s: AttnShape,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let AttnShape {
-        b, t, nh, nkv, hd, ..
+        b,
+        t,
+        nh,
+        nkv,
+        hd,
+        dropout,
+        ..
     } = s;
     let (qw, kw) = (nh * hd, nkv * hd);
     let group = nh / nkv;
@@ -490,6 +514,11 @@ pub fn attention_backward(
         let mut dp = vec![0f32; t * t];
         for h in kh * group..(kh + 1) * group {
             let p = &probs[(sq * nh + h) * t * t..][..t * t];
+            let mask = dropout.map(|d| probs_mask(t, d, sq * nh + h));
+            let dropped: Option<Vec<f32>> = mask
+                .as_ref()
+                .map(|m| p.iter().zip(m).map(|(a, b)| a * b).collect());
+            let p_used = dropped.as_deref().unwrap_or(p);
             let (qo, ko) = (sq * t * qw + h * hd, sq * t * kw + kh * hd);
             // SAFETY: task (sq, kh) alone writes the rows of sequence sq in K/V head kh and
             // in its query heads; every view stays inside its buffer.
@@ -525,7 +554,7 @@ pub fn attention_backward(
                     1,
                     kw as isize,
                     true,
-                    p.as_ptr(),
+                    p_used.as_ptr(),
                     t as isize,
                     1,
                     dctx.as_ptr().add(qo),
@@ -538,6 +567,10 @@ pub fn attention_backward(
                     false,
                     gemm::Parallelism::None,
                 );
+            }
+            // Through the dropout: dP = dP' ⊙ mask.
+            if let Some(m) = &mask {
+                dp.iter_mut().zip(m).for_each(|(d, m)| *d *= m);
             }
             // dS = P ⊙ (dP − Σ dP⊙P), scaled.
             for (dr, pr) in dp.chunks_mut(t).zip(p.chunks(t)) {
@@ -772,7 +805,12 @@ mod tests {
 
     #[test]
     fn attention_gradients_match_finite_differences() {
-        for (causal, nkv, window) in [(false, 2, None), (true, 1, None), (true, 2, Some(2))] {
+        for (causal, nkv, window, dropout) in [
+            (false, 2, None, None),
+            (true, 1, None, None),
+            (true, 2, Some(2), None),
+            (true, 2, None, Some((0.3, 7))),
+        ] {
             let s = AttnShape {
                 b: 2,
                 t: 4,
@@ -781,6 +819,7 @@ mod tests {
                 hd: 3,
                 causal,
                 window,
+                dropout,
             };
             let lengths = [4, 3];
             let (qn, kn) = (s.b * s.t * s.nh * s.hd, s.b * s.t * nkv * s.hd);

@@ -13,6 +13,16 @@ use crate::error::{Error, Result};
 use crate::nn::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Weights};
 use crate::nn::{Activation, Rope, Vb};
 
+/// Which dropout a training forward applies (HF applies the config's rates in `train()`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Dropout {
+    Off,
+    /// The rates of the model's config.
+    Config,
+    /// This rate at every site where the model applies dropout.
+    Rate(f32),
+}
+
 /// Training weights: indices into [`Params`].
 pub struct TrainW;
 
@@ -84,6 +94,8 @@ enum Op {
     Rows {
         x: usize,
         rows: Vec<usize>,
+        /// Rows of `x`.
+        total: usize,
     },
     Dropout {
         x: usize,
@@ -99,6 +111,9 @@ struct Node {
     width: usize,
     /// Leads to a trained parameter: gradients flow into it.
     needs: bool,
+    /// A backward reads this value (it is the input of a linear layer, an activation or a
+    /// GLU); other values are freed as soon as the forward pass has consumed them.
+    keep: bool,
 }
 
 /// One batch of `b` right-padded sequences of `t` tokens.
@@ -109,8 +124,8 @@ pub struct Tape<'p> {
     lengths: Vec<usize>,
     /// The step's seed while training (dropout masks); `None` to evaluate.
     seed: Option<u64>,
-    /// Apply the model's own dropout (LoRA dropout applies whenever training).
-    dropout: bool,
+    /// The model's own dropout (LoRA dropout applies whenever training).
+    dropout: Dropout,
     nodes: Vec<Node>,
 }
 
@@ -122,15 +137,28 @@ impl<'p> Tape<'p> {
             t,
             lengths: lengths.to_vec(),
             seed,
-            dropout: false,
+            dropout: Dropout::Off,
             nodes: Vec::new(),
         }
     }
 
-    /// Turns the model's own dropout on (while training: with a seed).
-    pub fn with_dropout(mut self, on: bool) -> Self {
-        self.dropout = on;
+    /// The model's own dropout while training (with a seed).
+    pub fn with_dropout(mut self, d: Dropout) -> Self {
+        self.dropout = d;
         self
+    }
+
+    /// The rate and seed of a dropout site whose config rate is `p`, when it applies.
+    fn rate(&self, p: f32) -> Option<(f32, u64)> {
+        let seed = self.seed?;
+        let rate = match self.dropout {
+            Dropout::Off => 0.0,
+            Dropout::Config => p,
+            Dropout::Rate(r) => r,
+        };
+        // Each site draws its own mask: the node's index keys the stream.
+        let site = self.nodes.len() as u64;
+        (rate > 0.0).then_some((rate, seed ^ site.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
     }
 
     pub fn value(&self, x: usize) -> &[f32] {
@@ -143,8 +171,18 @@ impl<'p> Tape<'p> {
             value,
             width,
             needs,
+            keep: false,
         });
         self.nodes.len() - 1
+    }
+
+    /// The value of a node an op consumes: moved out when no backward reads it, else copied.
+    fn consume(&mut self, x: usize) -> Vec<f32> {
+        if self.nodes[x].keep {
+            self.nodes[x].value.clone()
+        } else {
+            std::mem::take(&mut self.nodes[x].value)
+        }
     }
 
     fn rows(&self, x: usize) -> usize {
@@ -203,6 +241,7 @@ impl Record {
                     value: Vec::new(),
                     width: 0,
                     needs: false,
+                    keep: false,
                 };
                 continue;
             };
@@ -213,6 +252,7 @@ impl Record {
                     value: Vec::new(),
                     width: 0,
                     needs: false,
+                    keep: false,
                 },
             );
             let (before, _) = grads.split_at_mut(i);
@@ -312,11 +352,10 @@ impl Record {
                     acc(before, ki, dk);
                     acc(before, vi, dv);
                 }
-                Op::Rows { x, rows } => {
+                Op::Rows { x, rows, total } => {
                     if nodes[x].needs {
                         let w = node.width;
-                        let total_rows = nodes[x].value.len() / w;
-                        let g = before[x].get_or_insert_with(|| vec![0f32; total_rows * w]);
+                        let g = before[x].get_or_insert_with(|| vec![0f32; total * w]);
                         for (src, &r) in dy.chunks(w).zip(&rows) {
                             g[r * w..][..w]
                                 .iter_mut()
@@ -370,12 +409,14 @@ impl Exec for Tape<'_> {
 
     fn linear(&mut self, l: &Lin, x: &usize, act: Option<Activation>) -> Result<usize> {
         let (x, n) = (*x, self.rows(*x));
+        self.nodes[x].keep = true;
         let (y, cache) = l.forward(self.p, &self.nodes[x].value, n, self.seed);
         let needs = self.nodes[x].needs || self.lin_trained(l);
         let y = self.push(Op::Linear { l: *l, x, cache }, y, l.dout, needs);
         match act {
             None => Ok(y),
             Some(act) => {
+                self.nodes[y].keep = true;
                 let v = ops::act_forward(&self.nodes[y].value, act);
                 Ok(self.push(Op::Act { x: y, act }, v, l.dout, needs))
             }
@@ -400,6 +441,8 @@ impl Exec for Tape<'_> {
                     out.push(self.push(Op::Part { x: y, offset }, v, w, needs));
                     offset += w;
                 }
+                // The parts are copies; the linear's backward reads its input, not this.
+                self.nodes[y].value = Vec::new();
                 Ok(out)
             }
         }
@@ -420,14 +463,14 @@ impl Exec for Tape<'_> {
         Ok(self.push(Op::Norm { n: *n, x, cache }, y, h, needs))
     }
 
-    fn add(&mut self, a: &usize, b: &usize) -> Result<usize> {
-        let (a, b) = (*a, *b);
-        let v = self.nodes[a]
-            .value
-            .iter()
+    fn add(&mut self, a: usize, b: usize) -> Result<usize> {
+        let mut v = self.consume(a);
+        v.iter_mut()
             .zip(&self.nodes[b].value)
-            .map(|(x, y)| x + y)
-            .collect();
+            .for_each(|(x, y)| *x += y);
+        if !self.nodes[b].keep {
+            self.nodes[b].value = Vec::new();
+        }
         let needs = self.nodes[a].needs || self.nodes[b].needs;
         let w = self.nodes[a].width;
         Ok(self.push(Op::Add { a, b }, v, w, needs))
@@ -435,6 +478,8 @@ impl Exec for Tape<'_> {
 
     fn glu(&mut self, gate: &usize, up: &usize, act: Activation) -> Result<usize> {
         let (gate, up) = (*gate, *up);
+        self.nodes[gate].keep = true;
+        self.nodes[up].keep = true;
         let v = ops::glu(&self.nodes[gate].value, &self.nodes[up].value, act);
         let needs = self.nodes[gate].needs || self.nodes[up].needs;
         let w = self.nodes[gate].width;
@@ -457,6 +502,7 @@ impl Exec for Tape<'_> {
             hd: a.head_dim,
             causal: true,
             window: a.window,
+            dropout: self.rate(a.dropout),
         };
         // Q, K and V have no other reader: the node takes their values.
         let mut qv = std::mem::take(&mut self.nodes[q].value);
@@ -498,27 +544,17 @@ impl Exec for Tape<'_> {
             .flat_map(|&r| &self.nodes[x].value[r * w..(r + 1) * w])
             .copied()
             .collect();
-        let needs = self.nodes[x].needs;
-        Ok(self.push(Op::Rows { x, rows }, v, w, needs))
+        let (needs, total) = (self.nodes[x].needs, self.rows(x));
+        Ok(self.push(Op::Rows { x, rows, total }, v, w, needs))
     }
 
     fn dropout(&mut self, x: usize, p: f32) -> Result<usize> {
-        let Some(seed) = self.seed.filter(|_| p > 0.0 && self.dropout) else {
+        let Some((p, seed)) = self.rate(p) else {
             return Ok(x);
         };
-        // Each dropout site draws its own mask: the node's index keys the stream.
-        let site = self.nodes.len() as u64;
-        let mask = dropout_mask(
-            self.nodes[x].value.len(),
-            p,
-            seed ^ site.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        );
-        let v = self.nodes[x]
-            .value
-            .iter()
-            .zip(&mask)
-            .map(|(a, m)| a * m)
-            .collect();
+        let mask = dropout_mask(self.nodes[x].value.len(), p, seed);
+        let mut v = self.consume(x);
+        v.iter_mut().zip(&mask).for_each(|(a, m)| *a *= m);
         let (w, needs) = (self.nodes[x].width, self.nodes[x].needs);
         Ok(self.push(Op::Dropout { x, mask }, v, w, needs))
     }
