@@ -67,11 +67,13 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 /// A few LoRA steps on the fixture batch, deterministic.
 fn trained_lora() -> BertTrain {
     let mut m = BertTrain::load(&base(), labels(), &lora(4, 7)).unwrap();
+    // The references are PyTorch's in eval mode: no dropout.
+    m.dropout = slm::train::tape::Dropout::Off;
     let cfg = OptimConfig::constant(5e-2);
     let mut opt = AdamW::new(&m.params);
     let b = batch();
     for _ in 0..3 {
-        m.forward_backward(&b, 1);
+        m.forward_backward(&b, 1).unwrap();
         opt.step(&mut m.params, &cfg, cfg.lr);
         m.params.zero_grad();
     }
@@ -92,7 +94,7 @@ fn lora_at_initialisation_gives_the_base_logits() {
     )
     .unwrap();
     let with_lora = BertTrain::load(&base(), labels(), &lora(8, 7)).unwrap();
-    assert_eq!(full.logits(&b), with_lora.logits(&b));
+    assert_eq!(full.logits(&b).unwrap(), with_lora.logits(&b).unwrap());
     // Only the LoRA factors and the classifier train.
     let trained: Vec<&str> = with_lora
         .params
@@ -110,14 +112,16 @@ fn lora_at_initialisation_gives_the_base_logits() {
 #[test]
 fn lora_gradients_reach_every_trained_tensor() {
     let mut m = BertTrain::load(&base(), labels(), &lora(4, 3)).unwrap();
+    // The references are PyTorch's in eval mode: no dropout.
+    m.dropout = slm::train::tape::Dropout::Off;
     // B starts at 0, so A gets no gradient on the first step; one update fixes that.
     let b = batch();
-    m.forward_backward(&b, 1);
+    m.forward_backward(&b, 1).unwrap();
     let cfg = OptimConfig::constant(1e-2);
     let mut opt = AdamW::new(&m.params);
     opt.step(&mut m.params, &cfg, cfg.lr);
     m.params.zero_grad();
-    m.forward_backward(&b, 1);
+    m.forward_backward(&b, 1).unwrap();
     for p in m.params.list.iter().filter(|p| p.grad.is_some()) {
         assert!(
             p.grad.as_ref().unwrap().iter().any(|&g| g != 0.0),
@@ -131,7 +135,7 @@ fn lora_gradients_reach_every_trained_tensor() {
 fn merged_model_and_saved_adapter_give_the_trained_logits() {
     let m = trained_lora();
     let b = batch();
-    let want = m.logits(&b);
+    let want = m.logits(&b).unwrap();
     let d = std::env::temp_dir().join(format!("slm-peft-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     save_adapter(&m, &base(), &d.join("adapter")).unwrap();
@@ -197,7 +201,12 @@ fn an_adapter_written_by_slm_gives_the_same_logits_in_peft() {
         serde_json::from_value::<Vec<Vec<f32>>>(expected()["slm_adapter_logits"].clone())
             .unwrap()
             .concat();
-    assert_close(&m.logits(&batch()), &want, 1e-5, "slm adapter in PEFT");
+    assert_close(
+        &m.logits(&batch()).unwrap(),
+        &want,
+        1e-5,
+        "slm adapter in PEFT",
+    );
 }
 
 #[test]

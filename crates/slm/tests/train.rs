@@ -32,8 +32,10 @@ fn loss_and_gradients_match_pytorch() {
     let r = reference();
     let dir = fixtures().join("encoders/bert_cls/safetensors");
     let mut m = BertTrain::load(&dir, labels(), &full()).unwrap();
+    // The references are PyTorch's in eval mode: no dropout.
+    m.dropout = Dropout::Off;
     let b = batch(&r);
-    let loss = m.forward_backward(&b, 1);
+    let loss = m.forward_backward(&b, 1).unwrap();
     let want = r["loss"].as_f64().unwrap();
     assert!((loss - want).abs() < 1e-5, "loss {loss} vs torch {want}");
     for (name, g) in r["grads"].as_object().unwrap() {
@@ -72,6 +74,8 @@ fn adamw_steps_follow_pytorch() {
     let r = reference();
     let dir = fixtures().join("encoders/bert_cls/safetensors");
     let mut m = BertTrain::load(&dir, labels(), &full()).unwrap();
+    // The references are PyTorch's in eval mode: no dropout.
+    m.dropout = Dropout::Off;
     let b = batch(&r);
     let cfg = OptimConfig {
         lr: 1e-2,
@@ -86,13 +90,13 @@ fn adamw_steps_follow_pytorch() {
     let mut opt = AdamW::new(&m.params);
     let want: Vec<f64> = serde_json::from_value(r["step_losses"].clone()).unwrap();
     for (step, w) in want.iter().enumerate() {
-        let loss = m.forward_backward(&b, 1);
+        let loss = m.forward_backward(&b, 1).unwrap();
         assert!((loss - w).abs() < 1e-5, "step {step}: {loss} vs torch {w}");
         clip_grad_norm(&mut m.params, cfg.max_grad_norm);
         opt.step(&mut m.params, &cfg, cfg.lr_at(step, 4));
         m.params.zero_grad();
     }
-    let logits = m.logits(&b);
+    let logits = m.logits(&b).unwrap();
     let targets: Vec<Option<u32>> = b.labels.iter().map(|&l| Some(l)).collect();
     let (loss, _) = slm::train::ops::cross_entropy(&logits, &targets, 3, b.size() as f32);
     let want = r["final_loss"].as_f64().unwrap();
@@ -312,6 +316,8 @@ fn masked_lm_loss_and_gradients_match_pytorch() {
     let r = &reference()["mlm"];
     let dir = fixtures().join("encoders/bert_mlm/safetensors");
     let mut m = BertTrain::load_masked_lm(&dir, &full()).unwrap();
+    // The references are PyTorch's in eval mode: no dropout.
+    m.dropout = Dropout::Off;
     let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
     let labels: Vec<Vec<i64>> = serde_json::from_value(r["labels"].clone()).unwrap();
     let t = ids[0].len();
@@ -330,7 +336,7 @@ fn masked_lm_loss_and_gradients_match_pytorch() {
             .map(|&l| (l >= 0).then_some(l as u32))
             .collect(),
     };
-    let loss = m.forward_backward(&b, 1);
+    let loss = m.forward_backward(&b, 1).unwrap();
     let want = r["loss"].as_f64().unwrap();
     assert!(
         (loss - want).abs() < 1e-5,
@@ -389,8 +395,10 @@ fn whole_model_gradients_match_finite_differences() {
         &full(),
     )
     .unwrap();
+    // The references are PyTorch's in eval mode: no dropout.
+    m.dropout = Dropout::Off;
     let b = batch(&reference());
-    m.forward_backward(&b, 1);
+    m.forward_backward(&b, 1).unwrap();
     let (targets, classes) = m.targets(&b);
     finite_differences(
         &mut m,
@@ -407,7 +415,15 @@ fn whole_model_gradients_match_finite_differences() {
             "classifier.weight",
         ],
         3,
-        &|m| cross_entropy(&m.logits(&b), &targets, classes, targets.len() as f32).0,
+        &|m| {
+            cross_entropy(
+                &m.logits(&b).unwrap(),
+                &targets,
+                classes,
+                targets.len() as f32,
+            )
+            .0
+        },
     );
 
     // Llama with LoRA (non-zero B) on every projection: RMSNorm, RoPE, GQA causal attention,
@@ -536,21 +552,75 @@ fn llama_trains_the_activation_its_config_names() {
     assert!(d < 1e-5, "training vs inference logits: {d}");
 }
 
-/// BERT training implements GELU only; a config naming another activation is refused, not
-/// trained as if it were GELU.
+/// One definition, two executors, for the encoders: the training executor's logits are the
+/// inference executor's for every flavor and head (BERT, DistilBERT, RoBERTa; classification
+/// and masked LM), and for an activation other than GELU.
 #[test]
-fn activations_training_does_not_implement_are_refused() {
-    let d = with_config(
+fn encoder_training_and_inference_forwards_give_the_same_logits() {
+    let mut b = batch(&reference());
+    // Two masked positions per sequence for the masked-LM heads.
+    b.targets = (0..b.ids.len())
+        .map(|i| (i % b.t == 2 || i % b.t == 3).then_some(b.ids[i]))
+        .collect();
+    let relu = with_config(
         &fixtures().join("encoders/bert_cls/safetensors"),
         "act-bert",
         "hidden_act",
         "relu",
     );
-    let err = BertTrain::load(&d, labels(), &full())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(err.contains("hidden_act Relu is not trainable"), "{err}");
+    let enc = |n: &str| fixtures().join(format!("encoders/{n}/safetensors"));
+    let models = [
+        ("bert_cls", enc("bert_cls")),
+        ("bert relu", relu),
+        ("distilbert_cls", enc("distilbert_cls")),
+        ("roberta_cls", enc("roberta_cls")),
+        ("bert_mlm", enc("bert_mlm")),
+        ("distilbert_mlm", enc("distilbert_mlm")),
+        ("roberta_mlm", enc("roberta_mlm")),
+    ];
+    for (name, dir) in models {
+        let m = if name.ends_with("mlm") {
+            BertTrain::load_masked_lm(&dir, &full()).unwrap()
+        } else {
+            BertTrain::load(&dir, labels(), &full()).unwrap()
+        };
+        let got = m.logits(&b).unwrap();
+        let inf = slm::models::load_encoder(&dir).unwrap().model;
+        let inputs: Vec<slm::tokenize::EncoderInput> = (0..b.size())
+            .map(|s| {
+                let ids = b.ids[s * b.t..][..b.lengths[s]].to_vec();
+                slm::tokenize::EncoderInput {
+                    type_ids: vec![0; ids.len()],
+                    full_len: ids.len(),
+                    ids,
+                }
+            })
+            .collect();
+        let eb = slm::models::bert::EncoderBatch::new(&inputs, 0).unwrap();
+        let all: Vec<f32> = inf
+            .logits(&eb)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = if name.ends_with("mlm") {
+            let v = inf.config.vocab_size;
+            (0..b.targets.len())
+                .filter(|&i| b.targets[i].is_some())
+                .flat_map(|i| all[i * v..(i + 1) * v].to_vec())
+                .collect()
+        } else {
+            all
+        };
+        assert_eq!(got.len(), want.len(), "{name}");
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "{name}: training vs inference logits {d:e}");
+    }
 }
 
 /// One definition, two executors: for every causal family the training executor's logits are

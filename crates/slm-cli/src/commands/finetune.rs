@@ -123,7 +123,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0)]
     pub(crate) lora_dropout: f32,
     /// The model's own dropout while training, at every site where the model applies it
-    /// (default: the rates of its config, as transformers trains; causal LM only for now).
+    /// (default: the rates of its config, as transformers trains).
     #[arg(long, value_parser = crate::parse::dropout, conflicts_with = "no_dropout")]
     pub(crate) dropout: Option<f32>,
     /// Train without the model's dropout (LoRA dropout still applies).
@@ -225,6 +225,15 @@ fn train_config(a: &Args) -> TrainConfig {
         save_every: a.save_every,
         patience: a.patience,
         keep_best: a.keep_best,
+    }
+}
+
+/// The model's own dropout: its config's rates unless told otherwise.
+fn dropout(a: &Args) -> Dropout {
+    match (a.no_dropout, a.dropout) {
+        (true, _) => Dropout::Off,
+        (false, Some(p)) => Dropout::Rate(p),
+        (false, None) => Dropout::Config,
     }
 }
 
@@ -419,11 +428,7 @@ fn run_causal(a: Args) -> Result<trainer::Summary> {
         dropout: check_dropout(a.lora_dropout)?,
     });
     let mut model = CausalLm::load(&source, lora, a.seed)?;
-    model.dropout = match (a.no_dropout, a.dropout) {
-        (true, _) => Dropout::Off,
-        (false, Some(p)) => Dropout::Rate(p),
-        (false, None) => Dropout::Config,
-    };
+    model.dropout = dropout(&a);
     eprintln!(
         "{} train / {} valid examples ({}, up to {max_length} tokens); {} of {} parameters trained{}",
         data.train.len(),
@@ -489,7 +494,8 @@ fn run_masked(a: Args) -> Result<trainer::Summary> {
         targets: Vec::new(),
         seed: a.seed,
     };
-    let model = BertTrain::load_masked_lm(&a.model, &method)?;
+    let mut model = BertTrain::load_masked_lm(&a.model, &method)?;
+    model.dropout = dropout(&a);
     eprintln!(
         "{} train / {} valid texts; {} of {} parameters trained{}",
         data.train.len(),
@@ -561,6 +567,7 @@ fn run_classify(a: Args) -> Result<trainer::Summary> {
     };
     let mut model = BertTrain::load(&a.model, data.labels.clone(), &method)?;
     model.set_lora_dropout(check_dropout(a.lora_dropout)?);
+    model.dropout = dropout(&a);
     eprintln!(
         "{} train / {} valid examples, labels: {}; {} of {} parameters trained{}",
         data.train.len(),

@@ -8,8 +8,9 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::io::Weight;
-use crate::nn::{Activation, Attention, Embedding, LayerNorm, Linear, Mlp, QkvProj, Vb};
+use crate::nn::exec::{three, AttnSpec, Exec, Loader, NormKind, Parts, Rows, Weights};
+use crate::nn::infer::{stored_tensor, Act, Infer, InferW, VbLoader};
+use crate::nn::{Activation, Vb};
 use crate::tokenize::EncoderInput;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +71,17 @@ pub struct Config {
     pub architectures: Vec<String>,
     #[serde(skip, default = "bert")]
     pub flavor: Flavor,
+    /// Read by [`Config::from_json`] from each flavor's keys.
+    #[serde(skip, default = "no_dropout")]
+    pub dropout: DropoutRates,
+}
+
+fn no_dropout() -> DropoutRates {
+    DropoutRates {
+        hidden: 0.0,
+        attention: 0.0,
+        classifier: 0.0,
+    }
 }
 
 fn gelu() -> Activation {
@@ -108,6 +120,23 @@ struct DistilBertConfig {
 
 impl Config {
     pub fn from_json(json: serde_json::Value, flavor: Flavor) -> serde_json::Result<Self> {
+        let rate = |k: &str, d: f32| json.get(k).and_then(|v| v.as_f64()).map_or(d, |v| v as f32);
+        let dropout = match flavor {
+            Flavor::DistilBert => DropoutRates {
+                hidden: rate("dropout", 0.1),
+                attention: rate("attention_dropout", 0.1),
+                classifier: rate("seq_classif_dropout", 0.2),
+            },
+            _ => {
+                let hidden = rate("hidden_dropout_prob", 0.1);
+                DropoutRates {
+                    hidden,
+                    attention: rate("attention_probs_dropout_prob", 0.1),
+                    // null: the hidden rate, as transformers does.
+                    classifier: rate("classifier_dropout", hidden),
+                }
+            }
+        };
         let mut c = match flavor {
             Flavor::DistilBert => {
                 let d: DistilBertConfig = serde_json::from_value(json)?;
@@ -127,11 +156,13 @@ impl Config {
                     problem_type: d.problem_type,
                     architectures: d.architectures,
                     flavor,
+                    dropout,
                 }
             }
             _ => serde_json::from_value(json)?,
         };
         c.flavor = flavor;
+        c.dropout = dropout;
         Ok(c)
     }
 
@@ -212,205 +243,342 @@ impl EncoderBatch {
     }
 }
 
-struct Embeddings {
-    word: Embedding,
-    position: Embedding,
-    token_type: Option<Embedding>,
-    norm: LayerNorm,
-    offset: usize,
+/// Dropout rates as each flavor's config names them (transformers' defaults).
+#[derive(Debug, Clone, Copy)]
+pub struct DropoutRates {
+    /// Embeddings and the residual branches.
+    pub hidden: f32,
+    pub attention: f32,
+    /// Before the classifier.
+    pub classifier: f32,
 }
 
-impl Embeddings {
-    fn new(cfg: &Config, vb: &Vb) -> Result<Self> {
-        let h = cfg.hidden_size;
-        Ok(Self {
-            word: Embedding::new(cfg.vocab_size, h, &vb.pp("word_embeddings"))?,
-            position: Embedding::new(
-                cfg.max_position_embeddings,
-                h,
-                &vb.pp("position_embeddings"),
-            )?,
-            token_type: (cfg.type_vocab_size > 0)
-                .then(|| Embedding::new(cfg.type_vocab_size, h, &vb.pp("token_type_embeddings")))
-                .transpose()?,
-            norm: LayerNorm::new(h, cfg.eps(), &vb.pp("LayerNorm"))?,
-            offset: cfg.position_offset(),
-        })
-    }
-
-    fn forward(&self, batch: &EncoderBatch) -> Result<Tensor> {
-        let t = batch.ids.dims()[1];
-        let positions: Vec<u32> = (self.offset as u32..(self.offset + t) as u32).collect();
-        let pos = Tensor::new(positions.as_slice(), &Device::Cpu)?;
-        let mut x = self
-            .word
-            .forward(&batch.ids)?
-            .broadcast_add(&self.position.forward(&pos)?)?;
-        match &self.token_type {
-            // RoBERTa has a single segment row, used for every token whatever the tokenizer says.
-            Some(tt) if tt.table()?.dim(0)? == 1 => x = x.broadcast_add(&tt.table()?.get(0)?)?,
-            Some(tt) => x = (x + tt.forward(&batch.type_ids)?)?,
-            None => {}
-        }
-        self.norm.forward(&x)
-    }
+struct Embeddings<W: Weights> {
+    word: W::Embedding,
+    position: W::Embedding,
+    token_type: Option<W::Embedding>,
+    norm: W::Norm,
 }
 
 /// Post-LN block: `x = norm1(x + attn(x)); x = norm2(x + mlp(x))`.
-struct Layer {
-    attn: Attention,
-    attn_norm: LayerNorm,
-    mlp: Mlp,
-    out_norm: LayerNorm,
+struct Layer<W: Weights> {
+    qkv: Parts<W::Linear>,
+    o: W::Linear,
+    attn_norm: W::Norm,
+    fc: W::Linear,
+    proj: W::Linear,
+    out_norm: W::Norm,
 }
 
-impl Layer {
-    fn new(cfg: &Config, vb: &Vb) -> Result<Self> {
-        let (h, heads) = (cfg.hidden_size, cfg.num_attention_heads);
-        let lin = |i, o, name: &str| Linear::new(i, o, true, &vb.pp(name));
-        let [q, k, v, o, attn_norm, fc, proj, out_norm] = match cfg.flavor {
-            Flavor::DistilBert => [
-                "attention.q_lin",
-                "attention.k_lin",
-                "attention.v_lin",
-                "attention.out_lin",
-                "sa_layer_norm",
-                "ffn.lin1",
-                "ffn.lin2",
-                "output_layer_norm",
-            ],
-            _ => [
-                "attention.self.query",
-                "attention.self.key",
-                "attention.self.value",
-                "attention.output.dense",
-                "attention.output.LayerNorm",
-                "intermediate.dense",
-                "output.dense",
-                "output.LayerNorm",
-            ],
-        };
-        // One GEMM for Q, K and V, read in place by the attention kernel.
-        let (q, k, v) = (lin(h, h, q)?, lin(h, h, k)?, lin(h, h, v)?);
-        let qkv = match Linear::try_concat(&[&q, &k, &v])? {
-            Some(l) => QkvProj::Fused(l),
-            None => QkvProj::Separate { q, k, v },
-        };
-        Ok(Self {
-            attn: Attention::new(qkv, lin(h, h, o)?, heads, heads, h / heads, None),
-            attn_norm: LayerNorm::new(h, cfg.eps(), &vb.pp(attn_norm))?,
-            mlp: Mlp::Plain {
-                fc: lin(h, cfg.intermediate_size, fc)?,
-                proj: lin(cfg.intermediate_size, h, proj)?,
-                act: cfg.hidden_act,
+enum Head<W: Weights> {
+    None,
+    /// `decoder(norm(act(dense(x))))`, the decoder tied to the word embeddings.
+    MaskedLm {
+        dense: W::Linear,
+        norm: W::Norm,
+        decoder: W::Linear,
+    },
+    /// On the first token: BERT's pooler + classifier, DistilBERT's pre_classifier + ReLU +
+    /// classifier, RoBERTa's dense + tanh + out_proj.
+    Sequence {
+        dense: W::Linear,
+        act: Activation,
+        out: W::Linear,
+    },
+    Token(W::Linear),
+}
+
+/// The model's weight names: `body` is the task model's prefix (`bert`, `distilbert`,
+/// `roberta`); a bare checkpoint stores them without it (the loaders find both).
+struct Names {
+    body: &'static str,
+    layers: &'static str,
+    /// q, k, v, attention output, its norm, fc, proj, output norm.
+    layer: [&'static str; 8],
+}
+
+impl Names {
+    fn of(flavor: Flavor) -> Self {
+        match flavor {
+            Flavor::DistilBert => Names {
+                body: "distilbert",
+                layers: "transformer.layer",
+                layer: [
+                    "attention.q_lin",
+                    "attention.k_lin",
+                    "attention.v_lin",
+                    "attention.out_lin",
+                    "sa_layer_norm",
+                    "ffn.lin1",
+                    "ffn.lin2",
+                    "output_layer_norm",
+                ],
             },
-            out_norm: LayerNorm::new(h, cfg.eps(), &vb.pp(out_norm))?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
-        let a = self.attn.forward_bidirectional(x, lengths)?;
-        let x = self.attn_norm.forward_residual(&a, Some(x))?;
-        self.out_norm
-            .forward_residual(&self.mlp.forward(&x)?, Some(&x))
-    }
-}
-
-/// `out(act(dense(x)))` on the first token: BERT's pooler + classifier, DistilBERT's
-/// pre_classifier + ReLU + classifier, RoBERTa's classification head.
-struct ClsHead {
-    dense: Linear,
-    act: Activation,
-    out: Option<Linear>,
-}
-
-impl ClsHead {
-    fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
-        let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-        let x = self.act.forward(&self.dense.forward(&first)?)?;
-        match &self.out {
-            Some(out) => out.forward(&x),
-            None => Ok(x),
+            _ => Names {
+                body: if flavor == Flavor::Roberta {
+                    "roberta"
+                } else {
+                    "bert"
+                },
+                layers: "encoder.layer",
+                layer: [
+                    "attention.self.query",
+                    "attention.self.key",
+                    "attention.self.value",
+                    "attention.output.dense",
+                    "attention.output.LayerNorm",
+                    "intermediate.dense",
+                    "output.dense",
+                    "output.LayerNorm",
+                ],
+            },
         }
     }
 }
 
-/// `decoder(norm(act(dense(x))))`, the decoder usually tied to the word embeddings.
-struct MlmHead {
-    dense: Linear,
-    act: Activation,
-    norm: LayerNorm,
-    decoder: Linear,
-}
-
-impl MlmHead {
-    /// `names`: dense, norm, decoder, bias.
-    fn new(cfg: &Config, vb: &Vb, names: [&str; 4], tied: &Tensor) -> Result<Self> {
-        let h = cfg.hidden_size;
-        let [dense, norm, decoder, bias] = names;
-        let decoder_w = if vb.contains(&format!("{decoder}.weight")) {
-            vb.pp(decoder).get_weight("weight", &[cfg.vocab_size, h])?
-        } else {
-            Weight::Dense(tied.clone())
-        };
-        Ok(Self {
-            dense: Linear::new(h, h, true, &vb.pp(dense))?,
-            act: cfg.hidden_act,
-            norm: LayerNorm::new(h, cfg.eps(), &vb.pp(norm))?,
-            decoder: Linear::from_weight(decoder_w, Some(vb.get(bias, &[cfg.vocab_size])?))?,
-        })
-    }
-
-    fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x = self.act.forward(&self.dense.forward(hidden)?)?;
-        self.decoder.forward(&self.norm.forward(&x)?)
-    }
-}
-
-enum Head {
-    None,
-    MaskedLm(MlmHead),
-    Sequence(ClsHead),
-    Token(Linear),
-}
-
-pub struct Bert {
-    embeddings: Embeddings,
-    layers: Vec<Layer>,
+/// BERT, DistilBERT or RoBERTa with one task head, over inference or training weights.
+pub struct Bert<W: Weights = InferW> {
+    embeddings: Embeddings<W>,
+    layers: Vec<Layer<W>>,
     /// BERT's pooler, when the checkpoint has one and no other head uses it.
-    pooler: Option<ClsHead>,
-    head: Head,
+    pooler: Option<W::Linear>,
+    head: Head<W>,
+    attn: AttnSpec,
     pub config: Config,
     pub task: Task,
     /// `id2label`, or `LABEL_i` for every output of a classifier without it.
     pub labels: Vec<String>,
+    pub dropout: DropoutRates,
 }
 
-impl Bert {
-    pub fn new(cfg: &Config, vb: &Vb) -> Result<Self> {
-        let body_name = match cfg.flavor {
-            Flavor::Bert => "bert",
-            Flavor::DistilBert => "distilbert",
-            Flavor::Roberta => "roberta",
+impl<W: Weights> Bert<W> {
+    /// The encoder with the head of `task`; `labels` name a classifier's outputs.
+    pub fn new(
+        cfg: &Config,
+        l: &mut impl Loader<W = W>,
+        task: Task,
+        labels: Vec<String>,
+    ) -> Result<Self> {
+        let n = Names::of(cfg.flavor);
+        let body = n.body;
+        let (h, heads, eps) = (cfg.hidden_size, cfg.num_attention_heads, cfg.eps());
+        let emb = |m: &str| format!("{body}.embeddings.{m}");
+        let embeddings = Embeddings {
+            word: l.embedding(&emb("word_embeddings"), cfg.vocab_size, h)?,
+            position: l.embedding(&emb("position_embeddings"), cfg.max_position_embeddings, h)?,
+            token_type: (cfg.type_vocab_size > 0)
+                .then(|| l.embedding(&emb("token_type_embeddings"), cfg.type_vocab_size, h))
+                .transpose()?,
+            norm: l.norm(NormKind::Layer, &emb("LayerNorm"), h, eps)?,
         };
-        // Task checkpoints nest the encoder under "bert." (etc.); base checkpoints do not.
-        let body = if vb.contains(&format!("{body_name}.embeddings.word_embeddings.weight")) {
-            vb.pp(body_name)
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let m = |k: usize| format!("{body}.{}.{i}.{}", n.layers, n.layer[k]);
+            let inter = cfg.intermediate_size;
+            layers.push(Layer {
+                qkv: l.parts(&[&m(0), &m(1), &m(2)], h, &[h, h, h], true)?,
+                o: l.linear(&m(3), h, h, true)?,
+                attn_norm: l.norm(NormKind::Layer, &m(4), h, eps)?,
+                fc: l.linear(&m(5), h, inter, true)?,
+                proj: l.linear(&m(6), inter, h, true)?,
+                out_norm: l.norm(NormKind::Layer, &m(7), h, eps)?,
+            });
+        }
+        let pooler_name = format!("{body}.pooler.dense");
+        let has_pooler = cfg.flavor == Flavor::Bert && l.contains(&format!("{pooler_name}.weight"));
+        let mut pooler = None;
+        let head = match task {
+            Task::Base => {
+                if has_pooler {
+                    pooler = Some(l.linear(&pooler_name, h, h, true)?);
+                }
+                Head::None
+            }
+            Task::MaskedLm => {
+                let [dense, norm, bias] = match cfg.flavor {
+                    Flavor::Bert => [
+                        "cls.predictions.transform.dense",
+                        "cls.predictions.transform.LayerNorm",
+                        "cls.predictions.bias",
+                    ],
+                    Flavor::DistilBert => [
+                        "vocab_transform",
+                        "vocab_layer_norm",
+                        "vocab_projector.bias",
+                    ],
+                    Flavor::Roberta => ["lm_head.dense", "lm_head.layer_norm", "lm_head.bias"],
+                };
+                Head::MaskedLm {
+                    dense: l.head(dense, h, h, true)?,
+                    norm: l.head_norm(norm, h, eps)?,
+                    // transformers ties the decoder to the word embeddings on load.
+                    decoder: l.tied(&emb("word_embeddings"), cfg.vocab_size, h, Some(bias))?,
+                }
+            }
+            Task::SequenceClassification => {
+                let k = labels.len();
+                match cfg.flavor {
+                    // The pooler is the model's: frozen in LoRA runs, as PEFT leaves it.
+                    Flavor::Bert => Head::Sequence {
+                        dense: l.head(&pooler_name, h, h, false)?,
+                        act: Activation::Tanh,
+                        out: l.head("classifier", h, k, true)?,
+                    },
+                    Flavor::DistilBert => Head::Sequence {
+                        dense: l.head("pre_classifier", h, h, true)?,
+                        act: Activation::Relu,
+                        out: l.head("classifier", h, k, true)?,
+                    },
+                    Flavor::Roberta => Head::Sequence {
+                        dense: l.head("classifier.dense", h, h, true)?,
+                        act: Activation::Tanh,
+                        out: l.head("classifier.out_proj", h, k, true)?,
+                    },
+                }
+            }
+            Task::TokenClassification => {
+                Head::Token(l.head("classifier", h, labels.len(), true)?)
+            }
+        };
+        Ok(Self {
+            embeddings,
+            layers,
+            pooler,
+            head,
+            attn: AttnSpec {
+                n_heads: heads,
+                n_kv_heads: heads,
+                head_dim: h / heads,
+                rope: None,
+                window: None,
+                dropout: cfg.dropout.attention,
+                causal: false,
+            },
+            dropout: cfg.dropout,
+            config: cfg.clone(),
+            task,
+            labels,
+        })
+    }
+
+    /// The last hidden states `[tokens, hidden]` of a right-padded batch.
+    pub fn hidden<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32], types: &[u32]) -> Result<E::X> {
+        let (em, d) = (&self.embeddings, self.dropout.hidden);
+        let words = e.embed(&em.word, ids)?;
+        let positions = e.positions(&em.position, self.config.position_offset())?;
+        let mut x = e.add(words, positions)?;
+        if let Some(tt) = &em.token_type {
+            // RoBERTa has a single segment row, used for every token whatever the tokenizer says.
+            let zeros;
+            let types = if self.config.type_vocab_size == 1 {
+                zeros = vec![0; ids.len()];
+                &zeros
+            } else {
+                types
+            };
+            let t = e.embed(tt, types)?;
+            x = e.add(x, t)?;
+        }
+        let x = e.norm(&em.norm, &x)?;
+        let mut x = e.dropout(x, d)?;
+        // DistilBERT drops only after its feed-forward block.
+        let attn_drop = if self.config.flavor == Flavor::DistilBert {
+            0.0
         } else {
-            vb.clone()
+            d
         };
-        let embeddings = Embeddings::new(cfg, &body.pp("embeddings"))?;
-        let layer_root = match cfg.flavor {
-            Flavor::DistilBert => body.pp("transformer.layer"),
-            _ => body.pp("encoder.layer"),
+        for (i, l) in self.layers.iter().enumerate() {
+            let [q, k, v] = three(e.parts(&l.qkv, &x)?)?;
+            let a = e.attention(&self.attn, i, q, k, v)?;
+            let a = e.linear(&l.o, &a, None)?;
+            let a = e.dropout(a, attn_drop)?;
+            x = e.add_norm(&l.attn_norm, a, x)?;
+            let m = e.linear(&l.fc, &x, Some(self.config.hidden_act))?;
+            let m = e.linear(&l.proj, &m, None)?;
+            let m = e.dropout(m, d)?;
+            x = e.add_norm(&l.out_norm, m, x)?;
+        }
+        Ok(x)
+    }
+
+    /// BERT's pooler output (`tanh(dense(h[CLS]))`), for checkpoints that have one.
+    pub fn pool<E: Exec<W = W>>(&self, e: &mut E, hidden: &E::X) -> Result<Option<E::X>> {
+        let Some(p) = &self.pooler else {
+            return Ok(None);
         };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, &layer_root.pp(i)))
-            .collect::<Result<_>>()?;
-        let h = cfg.hidden_size;
+        let first = e.rows(hidden, Rows::First)?;
+        Ok(Some(e.linear(p, &first, Some(Activation::Tanh))?))
+    }
+
+    /// The head's logits: vocabulary logits of every position (or of the rows `rows`, the
+    /// masked ones), one row of class logits per sequence, or class logits per token.
+    pub fn head<E: Exec<W = W>>(
+        &self,
+        e: &mut E,
+        hidden: E::X,
+        rows: Option<&[usize]>,
+    ) -> Result<E::X> {
+        let d = self.dropout.classifier;
+        match &self.head {
+            Head::None => Err(Error::msg(
+                "this checkpoint is a bare encoder with no task head (architectures: BertModel or similar)",
+            )),
+            Head::MaskedLm {
+                dense,
+                norm,
+                decoder,
+            } => {
+                // Only the masked positions go through the vocabulary-sized output.
+                let x = match rows {
+                    Some(r) => e.rows(&hidden, Rows::Pick(r))?,
+                    None => hidden,
+                };
+                let x = e.linear(dense, &x, Some(self.config.hidden_act))?;
+                let x = e.norm(norm, &x)?;
+                e.linear(decoder, &x, None)
+            }
+            Head::Sequence { dense, act, out } => {
+                let first = e.rows(&hidden, Rows::First)?;
+                let x = match self.config.flavor {
+                    // BERT: dropout on the pooled output.
+                    Flavor::Bert => {
+                        let p = e.linear(dense, &first, Some(*act))?;
+                        e.dropout(p, d)?
+                    }
+                    Flavor::DistilBert => {
+                        let p = e.linear(dense, &first, Some(*act))?;
+                        e.dropout(p, d)?
+                    }
+                    Flavor::Roberta => {
+                        let first = e.dropout(first, d)?;
+                        let p = e.linear(dense, &first, Some(*act))?;
+                        e.dropout(p, d)?
+                    }
+                };
+                e.linear(out, &x, None)
+            }
+            Head::Token(l) => {
+                let x = e.dropout(hidden, d)?;
+                e.linear(l, &x, None)
+            }
+        }
+    }
+
+    /// Whether a classifier's outputs are independent sigmoids rather than one softmax.
+    pub fn multi_label(&self) -> bool {
+        self.config.problem_type.as_deref() == Some("multi_label_classification")
+    }
+}
+
+impl Bert<InferW> {
+    /// The checkpoint's own head, as its `architectures` names it.
+    pub fn load(cfg: &Config, vb: &Vb) -> Result<Self> {
         let task = cfg.task();
         let n_labels = |name: &str| -> Result<usize> {
-            match (&cfg.id2label, vb.shape_of(&format!("{name}.weight"))) {
+            match (
+                &cfg.id2label,
+                vb.shape_of(&stored_tensor(vb, &format!("{name}.weight"))),
+            ) {
                 (_, Some(shape)) => Ok(shape[0]),
                 (Some(m), None) => Ok(m.len()),
                 (None, None) => Err(Error::file(
@@ -419,120 +587,65 @@ impl Bert {
                 )),
             }
         };
-        let bert_pooler = || -> Result<Option<ClsHead>> {
-            if cfg.flavor != Flavor::Bert || !body.contains("pooler.dense.weight") {
-                return Ok(None);
-            }
-            Ok(Some(ClsHead {
-                dense: Linear::new(h, h, true, &body.pp("pooler.dense"))?,
-                act: Activation::Tanh,
-                out: None,
-            }))
-        };
-        let mut labels = Vec::new();
-        let mut pooler = None;
-        let head = match task {
-            Task::Base => {
-                pooler = bert_pooler()?;
-                Head::None
-            }
-            Task::MaskedLm => {
-                let names = match cfg.flavor {
-                    Flavor::Bert => [
-                        "cls.predictions.transform.dense",
-                        "cls.predictions.transform.LayerNorm",
-                        "cls.predictions.decoder",
-                        "cls.predictions.bias",
-                    ],
-                    Flavor::DistilBert => [
-                        "vocab_transform",
-                        "vocab_layer_norm",
-                        "vocab_projector",
-                        "vocab_projector.bias",
-                    ],
-                    Flavor::Roberta => [
-                        "lm_head.dense",
-                        "lm_head.layer_norm",
-                        "lm_head.decoder",
-                        "lm_head.bias",
-                    ],
-                };
-                Head::MaskedLm(MlmHead::new(cfg, vb, names, &embeddings.word.table()?)?)
-            }
+        let labels = match task {
             Task::SequenceClassification => {
-                let (dense, act, out) = match cfg.flavor {
-                    Flavor::Bert => ("", Activation::Tanh, "classifier"),
-                    Flavor::DistilBert => ("pre_classifier", Activation::Relu, "classifier"),
-                    Flavor::Roberta => {
-                        ("classifier.dense", Activation::Tanh, "classifier.out_proj")
-                    }
+                let out = match cfg.flavor {
+                    Flavor::Roberta => "classifier.out_proj",
+                    _ => "classifier",
                 };
-                let n = n_labels(out)?;
-                labels = label_names(cfg, n);
-                let dense = match bert_pooler()? {
-                    Some(p) if dense.is_empty() => p.dense,
-                    _ if dense.is_empty() => {
-                        return Err(Error::file(
-                            vb.store_path(),
-                            "BertForSequenceClassification needs the pooler weights 'bert.pooler.dense.*'",
-                        ))
-                    }
-                    _ => Linear::new(h, h, true, &vb.pp(dense))?,
-                };
-                Head::Sequence(ClsHead {
-                    dense,
-                    act,
-                    out: Some(Linear::new(h, n, true, &vb.pp(out))?),
-                })
+                if cfg.flavor == Flavor::Bert
+                    && !vb.contains(&stored_tensor(vb, "bert.pooler.dense.weight"))
+                {
+                    return Err(Error::file(
+                        vb.store_path(),
+                        "BertForSequenceClassification needs the pooler weights 'bert.pooler.dense.*'",
+                    ));
+                }
+                label_names(cfg, n_labels(out)?)
             }
-            Task::TokenClassification => {
-                let n = n_labels("classifier")?;
-                labels = label_names(cfg, n);
-                Head::Token(Linear::new(h, n, true, &vb.pp("classifier"))?)
-            }
+            Task::TokenClassification => label_names(cfg, n_labels("classifier")?),
+            _ => Vec::new(),
         };
-        Ok(Self {
-            embeddings,
-            layers,
-            pooler,
-            head,
-            config: cfg.clone(),
-            task,
-            labels,
-        })
+        Self::new(cfg, &mut VbLoader { vb: vb.clone() }, task, labels)
+    }
+
+    fn run<R>(
+        &self,
+        batch: &EncoderBatch,
+        f: impl FnOnce(&mut Infer, Act) -> Result<R>,
+    ) -> Result<R> {
+        let (b, t) = batch.ids.dims2()?;
+        let ids = batch.ids.flatten_all()?.to_vec1::<u32>()?;
+        let types = batch.type_ids.flatten_all()?.to_vec1::<u32>()?;
+        debug_assert_eq!(ids.len(), b * t);
+        let mut e = Infer::encoder(&batch.lengths, t);
+        let x = self.hidden(&mut e, &ids, &types)?;
+        f(&mut e, x)
     }
 
     /// The last hidden states, `[b, t, hidden]`.
     pub fn hidden_states(&self, batch: &EncoderBatch) -> Result<Tensor> {
-        let mut x = self.embeddings.forward(batch)?;
-        for l in &self.layers {
-            x = l.forward(&x, &batch.lengths)?;
-        }
-        Ok(x)
+        self.run(batch, |_, x| x.tensor())
     }
 
-    /// BERT's pooler output (`tanh(dense(h[:, 0]))`), for checkpoints that have one.
+    /// BERT's pooler output `[b, hidden]`, for checkpoints that have one.
     pub fn pooled(&self, hidden: &Tensor) -> Result<Option<Tensor>> {
-        self.pooler.as_ref().map(|p| p.forward(hidden)).transpose()
+        let (b, t, _) = hidden.dims3()?;
+        let mut e = Infer::encoder(&vec![t; b], t);
+        match self.pool(&mut e, &Act::Full(hidden.clone()))? {
+            Some(p) => Ok(Some(p.tensor()?.squeeze(1)?)),
+            None => Ok(None),
+        }
     }
 
     /// The head's logits: `[b, t, vocab]` (masked LM), `[b, labels]` (sequence) or
     /// `[b, t, labels]` (token classification).
     pub fn logits(&self, batch: &EncoderBatch) -> Result<Tensor> {
-        let hidden = self.hidden_states(batch)?;
-        match &self.head {
-            Head::None => Err(Error::msg(
-                "this checkpoint is a bare encoder with no task head (architectures: BertModel or similar)",
-            )),
-            Head::MaskedLm(h) => h.forward(&hidden),
-            Head::Sequence(h) => h.forward(&hidden),
-            Head::Token(l) => l.forward(&hidden),
+        let y = self.run(batch, |e, x| self.head(e, x, None))?.tensor()?;
+        match self.task {
+            Task::SequenceClassification => Ok(y.squeeze(1)?),
+            _ => Ok(y),
         }
-    }
-
-    /// Whether a classifier's outputs are independent sigmoids rather than one softmax.
-    pub fn multi_label(&self) -> bool {
-        self.config.problem_type.as_deref() == Some("multi_label_classification")
     }
 }
 

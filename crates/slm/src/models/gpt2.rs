@@ -3,7 +3,9 @@
 use serde::Deserialize;
 
 use crate::error::Result;
-use crate::nn::exec::{three, AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Weights};
+use crate::nn::exec::{
+    three, AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Rows, Weights,
+};
 use crate::nn::Activation;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,7 +104,7 @@ impl<W: Weights> Gpt2<W> {
         let lm_head = if l.contains("lm_head.weight") {
             l.linear("lm_head", h, cfg.vocab_size, false)?
         } else {
-            l.tied(&format!("{body}wte"), cfg.vocab_size, h)?
+            l.tied(&format!("{body}wte"), cfg.vocab_size, h, None)?
         };
         Ok(Self {
             wte,
@@ -117,6 +119,7 @@ impl<W: Weights> Gpt2<W> {
                 rope: None,
                 window: None,
                 dropout: cfg.attn_pdrop,
+                causal: true,
             },
             cfg: cfg.clone(),
         })
@@ -127,7 +130,7 @@ impl<W: Weights> CausalFamily<W> for Gpt2<W> {
     fn forward<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32], last_only: bool) -> Result<E::X> {
         let c = &self.cfg;
         let tokens = e.embed(&self.wte, ids)?;
-        let positions = e.positions(&self.wpe)?;
+        let positions = e.positions(&self.wpe, 0)?;
         let x = e.add(tokens, positions)?;
         let mut x = e.dropout(x, c.embd_pdrop)?;
         for (i, b) in self.blocks.iter().enumerate() {
@@ -144,7 +147,7 @@ impl<W: Weights> CausalFamily<W> for Gpt2<W> {
             x = e.add(x, m)?;
         }
         if last_only {
-            x = e.last_rows(&x)?;
+            x = e.rows(&x, Rows::Last)?;
         }
         let x = e.norm(&self.ln_f, &x)?;
         e.linear(&self.lm_head, &x, None)

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::error::Result;
-use crate::nn::exec::{three, two, AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Weights};
+use crate::nn::exec::{
+    three, two, AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Rows, Weights,
+};
 use crate::nn::{Activation, Rope, RopeScaling};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +184,7 @@ impl<W: Weights> Llama<W> {
         let lm_head = if l.contains("lm_head.weight") && !cfg.tie_word_embeddings {
             l.linear("lm_head", h, cfg.vocab_size, false)?
         } else {
-            l.tied("model.embed_tokens", cfg.vocab_size, h)?
+            l.tied("model.embed_tokens", cfg.vocab_size, h, None)?
         };
         Ok(Self {
             embed_tokens,
@@ -196,6 +198,7 @@ impl<W: Weights> Llama<W> {
                 rope: Some(rope),
                 window: cfg.window(),
                 dropout: cfg.attention_dropout,
+                causal: true,
             },
             cfg: cfg.clone(),
         })
@@ -218,7 +221,7 @@ impl<W: Weights> CausalFamily<W> for Llama<W> {
             x = e.add(x, m)?;
         }
         if last_only {
-            x = e.last_rows(&x)?;
+            x = e.rows(&x, Rows::Last)?;
         }
         let x = e.norm(&self.norm, &x)?;
         e.linear(&self.lm_head, &x, None)

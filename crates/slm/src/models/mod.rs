@@ -468,6 +468,6 @@ pub fn load_encoder_with(path: &Path, adapter: Option<&Path>) -> Result<LoadedEn
         }
         weights = Arc::new(crate::io::peft::AdaptedStore::new(weights, a)?);
     }
-    let model = bert::Bert::new(&cfg, &Vb::new(weights, false))?;
+    let model = bert::Bert::load(&cfg, &Vb::new(weights, false))?;
     Ok(LoadedEncoder { files, model })
 }

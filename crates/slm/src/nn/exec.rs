@@ -49,6 +49,19 @@ pub struct AttnSpec {
     pub window: Option<usize>,
     /// Dropout on the attention probabilities while training (the config's rate).
     pub dropout: f32,
+    /// Decoders see earlier positions only; encoders see every non-padding position.
+    pub causal: bool,
+}
+
+/// Which rows of `[tokens, width]` an op picks, per sequence or overall.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// Each sequence's first position (`[CLS]`).
+    First,
+    /// Each sequence's last position (its length − 1).
+    Last,
+    /// These rows of the whole batch (`sequence · t + position`): masked positions.
+    Pick(&'a [usize]),
 }
 
 /// What a family's forward pass can do. The executor knows the batch (its sequences, lengths
@@ -59,8 +72,9 @@ pub trait Exec {
 
     /// Rows of the table for the batch's tokens, `[tokens, dim]`.
     fn embed(&mut self, e: &<Self::W as Weights>::Embedding, ids: &[u32]) -> Result<Self::X>;
-    /// Rows of a learned position table for the positions of the batch's tokens.
-    fn positions(&mut self, e: &<Self::W as Weights>::Embedding) -> Result<Self::X>;
+    /// Rows of a learned position table for the positions of the batch's tokens, the first
+    /// position being row `offset` (RoBERTa skips its padding rows).
+    fn positions(&mut self, e: &<Self::W as Weights>::Embedding, offset: usize) -> Result<Self::X>;
     /// `act(x·Wᵀ + b)`.
     fn linear(
         &mut self,
@@ -74,6 +88,16 @@ pub trait Exec {
         x: &Self::X,
     ) -> Result<Vec<Self::X>>;
     fn norm(&mut self, n: &<Self::W as Weights>::Norm, x: &Self::X) -> Result<Self::X>;
+    /// `norm(x + residual)`: the post-LN block of encoders, fused where it can be.
+    fn add_norm(
+        &mut self,
+        n: &<Self::W as Weights>::Norm,
+        x: Self::X,
+        residual: Self::X,
+    ) -> Result<Self::X> {
+        let y = self.add(x, residual)?;
+        self.norm(n, &y)
+    }
     /// `a + b`. Consumes both (the residual stream is updated in place where it can be).
     fn add(&mut self, a: Self::X, b: Self::X) -> Result<Self::X>;
     /// `act(gate) ⊙ up`.
@@ -89,8 +113,7 @@ pub trait Exec {
         k: Self::X,
         v: Self::X,
     ) -> Result<Self::X>;
-    /// The last position of each sequence.
-    fn last_rows(&mut self, x: &Self::X) -> Result<Self::X>;
+    fn rows(&mut self, x: &Self::X, which: Rows) -> Result<Self::X>;
     /// Dropout with probability `p` while training; the identity otherwise.
     fn dropout(&mut self, x: Self::X, p: f32) -> Result<Self::X>;
 }
@@ -137,13 +160,32 @@ pub trait Loader {
         count: usize,
         dim: usize,
     ) -> Result<<Self::W as Weights>::Embedding>;
-    /// An output layer reading the embedding table `name` (tied weights).
+    /// An output layer reading the embedding table `name` (tied weights), with the bias
+    /// tensor `bias` (a masked-LM decoder's).
     fn tied(
         &mut self,
         name: &str,
         count: usize,
         dim: usize,
+        bias: Option<&str>,
     ) -> Result<<Self::W as Weights>::Linear>;
+    /// A task head's linear layer (with bias). Training makes a new one (transformers' init:
+    /// N(0, 0.02²), zero bias) when the checkpoint has none of this shape, and trains it
+    /// with LoRA too when `saved` (PEFT's `modules_to_save`).
+    fn head(
+        &mut self,
+        name: &str,
+        din: usize,
+        dout: usize,
+        saved: bool,
+    ) -> Result<<Self::W as Weights>::Linear>;
+    /// A task head's LayerNorm: new (ones, zeros) in training when the checkpoint has none.
+    fn head_norm(
+        &mut self,
+        name: &str,
+        size: usize,
+        eps: f64,
+    ) -> Result<<Self::W as Weights>::Norm>;
 }
 
 /// A causal LM family, written once over any executor.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Weights};
+use super::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Rows, Weights};
 use super::{kernels, Activation, Embedding, LayerNorm, Linear, Norm, RmsNorm, Vb};
 use crate::error::{Error, Result};
 
@@ -125,11 +125,14 @@ impl KvCache {
     }
 }
 
-/// Runs `t` new tokens of one sequence at positions `pos..pos+t`.
+/// Runs a decoder's `t` new tokens of one sequence at positions `pos..pos+t` over its KV
+/// cache, or an encoder's batch of right-padded sequences of `t` tokens.
 pub struct Infer<'a> {
     cache: &'a mut [KvCache],
     pos: usize,
     t: usize,
+    /// Encoder batches: each sequence's length (keys past it are padding).
+    lengths: Vec<usize>,
 }
 
 impl<'a> Infer<'a> {
@@ -141,12 +144,52 @@ impl<'a> Infer<'a> {
                 c.len
             )));
         }
-        Ok(Self { cache, pos, t })
+        Ok(Self {
+            cache,
+            pos,
+            t,
+            lengths: vec![t],
+        })
     }
 
-    fn rows(&self, e: &Embedding, ids: &[u32]) -> Result<Act> {
-        let ids = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+    /// An encoder batch: sequences of `lengths`, padded to `t`.
+    pub fn encoder(lengths: &[usize], t: usize) -> Infer<'static> {
+        Infer {
+            cache: &mut [],
+            pos: 0,
+            t,
+            lengths: lengths.to_vec(),
+        }
+    }
+
+    fn b(&self) -> usize {
+        self.lengths.len()
+    }
+
+    fn table_rows(&self, e: &Embedding, ids: &[u32], b: usize) -> Result<Act> {
+        let ids = Tensor::new(ids, &Device::Cpu)?.reshape((b, ids.len() / b.max(1)))?;
         Ok(Act::Full(e.forward(&ids)?))
+    }
+}
+
+impl Infer<'_> {
+    /// Encoder self-attention: every query sees its sequence's non-padding keys. The kernel
+    /// reads Q|K|V side by side from one `[b, t, (nh + 2·nkv)·hd]` buffer.
+    fn bidirectional(&self, a: &AttnSpec, q: Act, k: Act, v: Act) -> Result<Act> {
+        let (nh, nkv, hd, t, b) = (a.n_heads, a.n_kv_heads, a.head_dim, self.t, self.b());
+        if a.rope.is_some() {
+            return Err(Error::msg("internal: rotary embeddings in an encoder"));
+        }
+        let widths = [nh * hd, nkv * hd, nkv * hd];
+        let fused = match Act::fused(&[&q, &k, &v]).filter(|(_, w)| *w == widths) {
+            Some((whole, _)) => whole.clone(),
+            None => Tensor::cat(&[q.tensor()?, k.tensor()?, v.tensor()?], 2)?.contiguous()?,
+        };
+        let lengths = &self.lengths;
+        let y = kernels::with_f32(&fused, |s| {
+            kernels::bidirectional_attention(s, t, nh, nkv, hd, lengths)
+        })?;
+        Ok(Act::Full(kernels::tensor(y, vec![b, t, nh * hd])?))
     }
 }
 
@@ -162,12 +205,14 @@ impl Exec for Infer<'_> {
     type X = Act;
 
     fn embed(&mut self, e: &Embedding, ids: &[u32]) -> Result<Act> {
-        self.rows(e, ids)
+        self.table_rows(e, ids, self.b())
     }
 
-    fn positions(&mut self, e: &Embedding) -> Result<Act> {
-        let positions: Vec<u32> = (self.pos as u32..(self.pos + self.t) as u32).collect();
-        self.rows(e, &positions)
+    fn positions(&mut self, e: &Embedding, offset: usize) -> Result<Act> {
+        // One row per position, broadcast over the batch by `add`.
+        let start = (self.pos + offset) as u32;
+        let positions: Vec<u32> = (start..start + self.t as u32).collect();
+        self.table_rows(e, &positions, 1)
     }
 
     fn linear(&mut self, l: &Linear, x: &Act, act: Option<Activation>) -> Result<Act> {
@@ -197,7 +242,20 @@ impl Exec for Infer<'_> {
     }
 
     fn add(&mut self, a: Act, b: Act) -> Result<Act> {
-        Ok(Act::Full((a.tensor()? + b.tensor()?)?))
+        Ok(Act::Full(a.tensor()?.broadcast_add(&b.tensor()?)?))
+    }
+
+    fn add_norm(&mut self, n: &Norm, x: Act, residual: Act) -> Result<Act> {
+        match n {
+            // One pass: the residual is added inside the LayerNorm kernel.
+            Norm::Layer(ln) => Ok(Act::Full(
+                ln.forward_residual(&x.tensor()?, Some(&residual.tensor()?))?,
+            )),
+            Norm::Rms(_) => {
+                let y = self.add(x, residual)?;
+                self.norm(n, &y)
+            }
+        }
     }
 
     fn glu(&mut self, gate: &Act, up: &Act, act: Activation) -> Result<Act> {
@@ -213,6 +271,9 @@ impl Exec for Infer<'_> {
     fn attention(&mut self, a: &AttnSpec, layer: usize, q: Act, k: Act, v: Act) -> Result<Act> {
         let (nh, nkv, hd, t) = (a.n_heads, a.n_kv_heads, a.head_dim, self.t);
         let widths = [nh * hd, nkv * hd, nkv * hd];
+        if !a.causal {
+            return self.bidirectional(a, q, k, v);
+        }
         let (q, k, v) = match Act::fused(&[&q, &k, &v]).filter(|(_, w)| *w == widths) {
             Some((whole, _)) => {
                 // One pass from [1, t, (nh + 2·nkv)·hd] to three head-major buffers.
@@ -251,10 +312,19 @@ impl Exec for Infer<'_> {
         Ok(Act::Full(kernels::tensor(y, vec![1, t, nh * hd])?))
     }
 
-    fn last_rows(&mut self, x: &Act) -> Result<Act> {
+    fn rows(&mut self, x: &Act, which: Rows) -> Result<Act> {
         let x = x.tensor()?;
-        let t = x.dim(1)?;
-        Ok(Act::Full(x.narrow(1, t - 1, 1)?))
+        let (b, t, w) = x.dims3()?;
+        Ok(Act::Full(match which {
+            Rows::First => x.narrow(1, 0, 1)?,
+            // Decoding runs one unpadded sequence.
+            Rows::Last => x.narrow(1, t - 1, 1)?,
+            Rows::Pick(rows) => {
+                let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+                x.reshape((b * t, w))?.index_select(&idx, 0)?.unsqueeze(0)?
+            }
+        }))
     }
 
     fn dropout(&mut self, x: Act, _p: f32) -> Result<Act> {
@@ -267,19 +337,47 @@ pub struct VbLoader {
     pub vb: Vb,
 }
 
+/// Where a module named as in a task model (`bert.encoder…`) is stored: under that name, or
+/// without the body's prefix in a bare encoder checkpoint (`encoder…`).
+pub fn stored_module(vb: &Vb, name: &str) -> String {
+    let has = |m: &str| {
+        ["weight", "gamma"]
+            .iter()
+            .any(|t| vb.contains(&format!("{m}.{t}")))
+    };
+    match name.split_once('.') {
+        Some((_, rest)) if !has(name) && has(rest) => rest.to_string(),
+        _ => name.to_string(),
+    }
+}
+
+/// A tensor's stored name, by the same rule.
+pub fn stored_tensor(vb: &Vb, name: &str) -> String {
+    match name.split_once('.') {
+        Some((_, rest)) if !vb.contains(name) && vb.contains(rest) => rest.to_string(),
+        _ => name.to_string(),
+    }
+}
+
+impl VbLoader {
+    fn at(&self, name: &str) -> Vb {
+        self.vb.pp(stored_module(&self.vb, name))
+    }
+}
+
 impl Loader for VbLoader {
     type W = InferW;
 
     fn contains(&self, tensor: &str) -> bool {
-        self.vb.contains(tensor)
+        self.vb.contains(&stored_tensor(&self.vb, tensor))
     }
 
     fn linear(&mut self, name: &str, din: usize, dout: usize, bias: bool) -> Result<Linear> {
-        Linear::new(din, dout, bias, &self.vb.pp(name))
+        Linear::new(din, dout, bias, &self.at(name))
     }
 
     fn conv1d(&mut self, name: &str, din: usize, dout: usize) -> Result<Linear> {
-        Linear::conv1d(din, dout, &self.vb.pp(name))
+        Linear::conv1d(din, dout, &self.at(name))
     }
 
     fn parts(
@@ -302,7 +400,7 @@ impl Loader for VbLoader {
     }
 
     fn norm(&mut self, kind: NormKind, name: &str, size: usize, eps: f64) -> Result<Norm> {
-        let vb = self.vb.pp(name);
+        let vb = self.at(name);
         Ok(match kind {
             NormKind::Rms => Norm::Rms(RmsNorm::new(size, eps, &vb)?),
             NormKind::Layer => Norm::Layer(LayerNorm::new(size, eps, &vb)?),
@@ -310,10 +408,23 @@ impl Loader for VbLoader {
     }
 
     fn embedding(&mut self, name: &str, count: usize, dim: usize) -> Result<Embedding> {
-        Embedding::new(count, dim, &self.vb.pp(name))
+        Embedding::new(count, dim, &self.at(name))
     }
 
-    fn tied(&mut self, name: &str, count: usize, dim: usize) -> Result<Linear> {
-        Linear::new(dim, count, false, &self.vb.pp(name))
+    fn tied(&mut self, name: &str, count: usize, dim: usize, bias: Option<&str>) -> Result<Linear> {
+        let w = self.at(name).get_weight("weight", &[count, dim])?;
+        let b = match bias {
+            Some(b) => Some(self.vb.get(&stored_tensor(&self.vb, b), &[count])?),
+            None => None,
+        };
+        Linear::from_weight(w, b)
+    }
+
+    fn head(&mut self, name: &str, din: usize, dout: usize, _saved: bool) -> Result<Linear> {
+        self.linear(name, din, dout, true)
+    }
+
+    fn head_norm(&mut self, name: &str, size: usize, eps: f64) -> Result<Norm> {
+        self.norm(NormKind::Layer, name, size, eps)
     }
 }

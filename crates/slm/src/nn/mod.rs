@@ -2,12 +2,10 @@
 //! none of them knows which file format its weights came from.
 
 pub mod activation;
-pub mod attention;
 pub mod exec;
 pub mod infer;
 pub mod kernels;
 pub mod linear;
-pub mod mlp;
 pub mod norm;
 pub mod qdot;
 pub mod qmatmul;
@@ -15,9 +13,7 @@ pub mod rope;
 pub mod vb;
 
 pub use activation::Activation;
-pub use attention::{Attention, QkvProj};
 pub use linear::{Embedding, Linear};
-pub use mlp::Mlp;
 pub use norm::{LayerNorm, Norm, RmsNorm};
 pub use rope::{Rope, RopeScaling};
 pub use vb::Vb;

@@ -189,14 +189,14 @@ impl Model for ClassifierRun {
     }
 
     fn forward_backward(&mut self, batch: &Batch, accum: usize) -> TrainResult<f64> {
-        Ok(self.model.forward_backward(batch, accum))
+        Ok(self.model.forward_backward(batch, accum)?)
     }
 
     fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {
         let (mut loss, mut correct, mut n) = (0.0, 0usize, 0usize);
         let c = self.model.labels.len();
         for (i, b) in batches.iter().enumerate() {
-            let logits = self.model.logits(b);
+            let logits = self.model.logits(b)?;
             let targets: Vec<Option<u32>> = b.labels.iter().map(|&l| Some(l)).collect();
             loss += ops::cross_entropy(&logits, &targets, c, 1.0).0;
             for (row, &l) in logits.chunks(c).zip(&b.labels) {
@@ -255,7 +255,11 @@ pub fn save_adapter(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()>
         .params
         .list
         .iter()
-        .filter(|p| p.name.contains(".lora_") || p.name.starts_with("classifier."))
+        .filter(|p| {
+            p.name.contains(".lora_")
+                || p.name.starts_with("classifier.")
+                || p.name.starts_with("pre_classifier.")
+        })
         .map(|p| {
             (
                 format!("base_model.model.{}", p.name),
@@ -273,6 +277,12 @@ pub fn save_adapter(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()>
         ),
     ]);
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
+    // DistilBERT's pre_classifier is new on a bare encoder: it is trained and saved too.
+    let modules_to_save: &[&str] = if m.cfg.flavor == crate::models::bert::Flavor::DistilBert {
+        &["pre_classifier", "classifier", "score"]
+    } else {
+        &["classifier", "score"]
+    };
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",
@@ -280,7 +290,7 @@ pub fn save_adapter(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()>
         "lora_alpha": alpha,
         "lora_dropout": m.lora_dropout,
         "target_modules": m.method.targets,
-        "modules_to_save": ["classifier", "score"],
+        "modules_to_save": modules_to_save,
         "base_model_name_or_path": source.display().to_string(),
         "bias": "none",
         "fan_in_fan_out": false,
@@ -341,10 +351,8 @@ pub fn save_model(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()> {
         .enumerate()
         .map(|(i, l)| (l.clone(), i.into()))
         .collect();
-    if m.is_masked_lm() {
-        cfg["architectures"] = serde_json::json!(["BertForMaskedLM"]);
-    } else {
-        cfg["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    cfg["architectures"] = serde_json::json!([m.architecture()]);
+    if !m.is_masked_lm() {
         cfg["id2label"] = id2label.into();
         cfg["label2id"] = label2id.into();
     }

@@ -164,13 +164,13 @@ impl Model for MaskedRun {
     }
 
     fn forward_backward(&mut self, batch: &Batch, accum: usize) -> TrainResult<f64> {
-        Ok(self.model.forward_backward(batch, accum))
+        Ok(self.model.forward_backward(batch, accum)?)
     }
 
     fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {
         let (mut sum, mut n, mut correct) = (0.0, 0usize, 0usize);
         for (i, b) in batches.iter().enumerate() {
-            let logits = self.model.logits(b);
+            let logits = self.model.logits(b)?;
             let (targets, v) = self.model.targets(b);
             sum += super::ops::cross_entropy(&logits, &targets, v, 1.0).0;
             for (row, t) in logits.chunks(v).zip(&targets) {

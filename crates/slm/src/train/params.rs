@@ -79,6 +79,41 @@ impl Params {
             .sum()
     }
 
+    /// Folds every LoRA pair (`X.lora_A.weight`, `X.lora_B.weight`) into `X.weight`:
+    /// `W += scale · B·A`. The factors stay (a saved model leaves them out).
+    pub fn merge_lora(&mut self, scale: f32) {
+        let index: std::collections::HashMap<String, usize> = self
+            .list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
+        for (name, &ai) in &index {
+            let Some(module) = name.strip_suffix(".lora_A.weight") else {
+                continue;
+            };
+            let (Some(&bi), Some(&wi)) = (
+                index.get(&format!("{module}.lora_B.weight")),
+                index.get(&format!("{module}.weight")),
+            ) else {
+                continue;
+            };
+            let r = self.list[ai].shape[0];
+            let (dout, din) = (self.list[wi].shape[0], self.list[wi].shape[1]);
+            let (a, b) = (self.list[ai].value.clone(), self.list[bi].value.clone());
+            ops::matmul(
+                &mut self.list[wi].value,
+                true,
+                &b,
+                false,
+                &a,
+                false,
+                (dout, din, r),
+                scale,
+            );
+        }
+    }
+
     pub fn n_total(&self) -> usize {
         self.list.iter().map(|p| p.value.len()).sum()
     }

@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::ops::{self, AttnShape, NormCache};
-use super::params::{add_lora, dropout_mask, Dx, Lin, LinCache, Params};
+use super::params::{add_lora, dropout_mask, normal, Dx, Lin, LinCache, Params};
 use crate::error::{Error, Result};
-use crate::nn::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Weights};
+use crate::nn::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Rows, Weights};
+use crate::nn::infer::{stored_module, stored_tensor};
 use crate::nn::{Activation, Rope, Vb};
 
 /// Which dropout a training forward applies (HF applies the config's rates in `train()`).
@@ -126,6 +127,8 @@ pub struct Tape<'p> {
     seed: Option<u64>,
     /// The model's own dropout (LoRA dropout applies whenever training).
     dropout: Dropout,
+    /// PEFT's `lora_dropout` for every LoRA branch, when set here rather than at load.
+    lora_dropout: Option<f32>,
     nodes: Vec<Node>,
 }
 
@@ -138,8 +141,15 @@ impl<'p> Tape<'p> {
             lengths: lengths.to_vec(),
             seed,
             dropout: Dropout::Off,
+            lora_dropout: None,
             nodes: Vec::new(),
         }
+    }
+
+    /// Every LoRA branch's dropout rate, overriding the layers' own.
+    pub fn with_lora_dropout(mut self, p: f32) -> Self {
+        self.lora_dropout = Some(p);
+        self
     }
 
     /// The model's own dropout while training (with a seed).
@@ -185,7 +195,7 @@ impl<'p> Tape<'p> {
         }
     }
 
-    fn rows(&self, x: usize) -> usize {
+    fn n_rows(&self, x: usize) -> usize {
         self.nodes[x].value.len() / self.nodes[x].width.max(1)
     }
 
@@ -402,14 +412,20 @@ impl Exec for Tape<'_> {
         self.table_rows(e, ids.to_vec())
     }
 
-    fn positions(&mut self, e: &EmbP) -> Result<usize> {
-        let ids = (0..self.b).flat_map(|_| 0..self.t as u32).collect();
+    fn positions(&mut self, e: &EmbP, offset: usize) -> Result<usize> {
+        let (start, t) = (offset as u32, self.t as u32);
+        let ids = (0..self.b).flat_map(|_| start..start + t).collect();
         self.table_rows(e, ids)
     }
 
     fn linear(&mut self, l: &Lin, x: &usize, act: Option<Activation>) -> Result<usize> {
-        let (x, n) = (*x, self.rows(*x));
+        let (x, n) = (*x, self.n_rows(*x));
         self.nodes[x].keep = true;
+        let mut l = *l;
+        if let (Some(p), Some(r)) = (self.lora_dropout, l.lora.as_mut()) {
+            r.dropout = p;
+        }
+        let l = &l;
         let (y, cache) = l.forward(self.p, &self.nodes[x].value, n, self.seed);
         let needs = self.nodes[x].needs || self.lin_trained(l);
         let y = self.push(Op::Linear { l: *l, x, cache }, y, l.dout, needs);
@@ -500,7 +516,7 @@ impl Exec for Tape<'_> {
             nh: a.n_heads,
             nkv: a.n_kv_heads,
             hd: a.head_dim,
-            causal: true,
+            causal: a.causal,
             window: a.window,
             dropout: self.rate(a.dropout),
         };
@@ -533,18 +549,22 @@ impl Exec for Tape<'_> {
         Ok(self.push(op, ctx, a.n_heads * a.head_dim, needs))
     }
 
-    fn last_rows(&mut self, x: &usize) -> Result<usize> {
+    fn rows(&mut self, x: &usize, which: Rows) -> Result<usize> {
         let x = *x;
         let w = self.nodes[x].width;
-        let rows: Vec<usize> = (0..self.b)
-            .map(|s| s * self.t + self.lengths[s].max(1) - 1)
-            .collect();
+        let rows: Vec<usize> = match which {
+            Rows::First => (0..self.b).map(|s| s * self.t).collect(),
+            Rows::Last => (0..self.b)
+                .map(|s| s * self.t + self.lengths[s].max(1) - 1)
+                .collect(),
+            Rows::Pick(r) => r.to_vec(),
+        };
         let v = rows
             .iter()
             .flat_map(|&r| &self.nodes[x].value[r * w..(r + 1) * w])
             .copied()
             .collect();
-        let (needs, total) = (self.nodes[x].needs, self.rows(x));
+        let (needs, total) = (self.nodes[x].needs, self.n_rows(x));
         Ok(self.push(Op::Rows { x, rows, total }, v, w, needs))
     }
 
@@ -586,6 +606,9 @@ pub struct ParamLoader {
     pub params: Params,
     lora: Option<LoraSpec>,
     rng: rand::rngs::StdRng,
+    /// New heads draw from their own stream, so a LoRA run starts from exactly the head a
+    /// full run with the same seed gets.
+    head_rng: rand::rngs::StdRng,
     by_name: HashMap<String, usize>,
 }
 
@@ -596,6 +619,7 @@ impl ParamLoader {
             params: Params::default(),
             lora,
             rng: super::params::seeded(seed ^ 0x4c6f_5241),
+            head_rng: super::params::seeded(seed),
             by_name: HashMap::new(),
         }
     }
@@ -604,18 +628,29 @@ impl ParamLoader {
         self.lora.is_none()
     }
 
+    /// The tensor `name` (as a task model names it) as a parameter of that name.
     fn get(&mut self, name: &str, shape: &[usize], transposed: bool) -> Result<usize> {
+        self.get_as(name, shape, transposed, self.full())
+    }
+
+    fn get_as(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        transposed: bool,
+        trained: bool,
+    ) -> Result<usize> {
         let stored: Vec<usize> = if transposed {
             shape.iter().rev().copied().collect()
         } else {
             shape.to_vec()
         };
-        let t = self.vb.get(name, &stored)?;
+        let t = self.vb.get(&stored_tensor(&self.vb, name), &stored)?;
         let t = if transposed { t.t()?.contiguous()? } else { t };
         let v = t.flatten_all()?.to_vec1::<f32>()?;
         let i = self
             .params
-            .add(name.to_string(), shape.to_vec(), v, self.full());
+            .add(name.to_string(), shape.to_vec(), v, trained);
         self.params.list[i].transposed = transposed;
         self.by_name.insert(name.to_string(), i);
         Ok(i)
@@ -646,7 +681,7 @@ impl Loader for ParamLoader {
     type W = TrainW;
 
     fn contains(&self, tensor: &str) -> bool {
-        self.vb.contains(tensor)
+        self.vb.contains(&stored_tensor(&self.vb, tensor))
     }
 
     fn linear(&mut self, name: &str, din: usize, dout: usize, bias: bool) -> Result<Lin> {
@@ -676,8 +711,9 @@ impl Loader for ParamLoader {
 
     fn norm(&mut self, kind: NormKind, name: &str, size: usize, eps: f64) -> Result<NormP> {
         // Checkpoints from the original TensorFlow BERT port name the parameters gamma/beta.
-        let (w, b) = if !self.vb.contains(&format!("{name}.weight"))
-            && self.vb.contains(&format!("{name}.gamma"))
+        let stored = stored_module(&self.vb, name);
+        let (w, b) = if !self.vb.contains(&format!("{stored}.weight"))
+            && self.vb.contains(&format!("{stored}.gamma"))
         {
             ("gamma", "beta")
         } else {
@@ -703,18 +739,71 @@ impl Loader for ParamLoader {
         })
     }
 
-    fn tied(&mut self, name: &str, count: usize, dim: usize) -> Result<Lin> {
+    fn tied(&mut self, name: &str, count: usize, dim: usize, bias: Option<&str>) -> Result<Lin> {
         let key = format!("{name}.weight");
         let w = match self.by_name.get(&key) {
             Some(&w) => w,
             None => self.get(&key, &[count, dim], false)?,
         };
+        // A decoder's bias belongs to the head: trained (new if missing) in every run.
+        let b = match bias {
+            Some(b) if self.contains(b) => Some(self.get_as(b, &[count], false, true)?),
+            Some(b) => Some(
+                self.params
+                    .add(b.to_string(), vec![count], vec![0.0; count], true),
+            ),
+            None => None,
+        };
         Ok(Lin {
             w,
-            b: None,
+            b,
             din: dim,
             dout: count,
             lora: None,
+        })
+    }
+
+    fn head(&mut self, name: &str, din: usize, dout: usize, saved: bool) -> Result<Lin> {
+        let trained = self.full() || saved;
+        let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
+        let stored = self.vb.shape_of(&stored_tensor(&self.vb, &wn));
+        if stored.as_deref() == Some(&[dout, din][..]) && self.contains(&bn) {
+            return Ok(Lin {
+                w: self.get_as(&wn, &[dout, din], false, trained)?,
+                b: Some(self.get_as(&bn, &[dout], false, trained)?),
+                din,
+                dout,
+                lora: None,
+            });
+        }
+        let w = normal(dout * din, 0.02, &mut self.head_rng);
+        Ok(Lin {
+            w: self.params.add(wn, vec![dout, din], w, trained),
+            b: Some(self.params.add(bn, vec![dout], vec![0.0; dout], trained)),
+            din,
+            dout,
+            lora: None,
+        })
+    }
+
+    fn head_norm(&mut self, name: &str, size: usize, eps: f64) -> Result<NormP> {
+        let (gn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
+        let (g, b) = if self.contains(&gn) && self.contains(&bn) {
+            (
+                self.get_as(&gn, &[size], false, true)?,
+                self.get_as(&bn, &[size], false, true)?,
+            )
+        } else {
+            (
+                self.params.add(gn, vec![size], vec![1.0; size], true),
+                self.params.add(bn, vec![size], vec![0.0; size], true),
+            )
+        };
+        Ok(NormP {
+            kind: NormKind::Layer,
+            g,
+            b: Some(b),
+            eps: eps as f32,
         })
     }
 }
