@@ -111,7 +111,7 @@ def slm_lora(slm, base, text, work, a, env):
     out, rss = timed([str(slm), "finetune", "--task", "causal-lm", "-m", str(base), "--train", str(text),
                       "--valid-split", "0", "-o", str(out_dir), "--method", "lora", "--lora-r", "8",
                       "--lora-alpha", "16", "--max-steps", str(a.steps), "--batch-size", "4",
-                      "--max-length", "256", "--threads", str(a.threads)], env)
+                      "--max-length", "256", "--threads", str(a.threads), *extra(slm, a)], env)
     return {"tokens_per_s": 1024 / slm_step_s(out_dir), "rss_mib": rss}
 
 
@@ -120,8 +120,17 @@ def slm_cls(slm, sst, work, a, env):
     subprocess.run(["rm", "-rf", str(out_dir)])
     out, rss = timed([str(slm), "finetune", "-m", str(MINILM), "--train", str(sst), "--valid-split", "0",
                       "-o", str(out_dir), "--max-steps", str(a.steps), "--batch-size", "32",
-                      "--max-length", "64", "--threads", str(a.threads)], env)
+                      "--max-length", "64", "--threads", str(a.threads), *extra(slm, a)], env)
     return {"samples_per_s": 32 / slm_step_s(out_dir), "rss_mib": rss}
+
+
+def extra(slm, a):
+    """--slm-args NAME="ARGS": more finetune flags for the binary NAME (e.g. --no-dropout)."""
+    for spec in a.slm_args:
+        name, args = spec.split("=", 1)
+        if any(n == name and str(p) == str(slm) for n, p in (b.split("=", 1) for b in a.slm)):
+            return args.split()
+    return []
 
 
 def compare_binaries(a, env, work, base, text, sst):
@@ -151,6 +160,7 @@ def main():
     ap.add_argument("--torch-cls", action="store_true")
     ap.add_argument("--slm", action="append", default=[], help="NAME=PATH of an slm binary (repeat)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--slm-args", action="append", default=[], help='NAME="FLAGS" for one --slm binary')
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--lora-only", action="store_true", help="with --no-torch: skip the MiniLM run")
     a = ap.parse_args()

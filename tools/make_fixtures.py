@@ -552,6 +552,83 @@ def record_train():
     print("train_bert: loss", rec["loss"], "steps", losses, rec["final_loss"])
 
 
+ENCODER_GRADS = {
+    "bert_tok": ["bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.key.weight",
+                 "bert.encoder.layer.1.output.dense.weight", "classifier.weight", "classifier.bias"],
+    "distilbert_cls": ["distilbert.embeddings.word_embeddings.weight", "distilbert.embeddings.LayerNorm.weight",
+                       "distilbert.transformer.layer.0.attention.q_lin.weight",
+                       "distilbert.transformer.layer.1.ffn.lin2.weight",
+                       "distilbert.transformer.layer.1.output_layer_norm.bias",
+                       "pre_classifier.weight", "classifier.weight"],
+    "distilbert_mlm": ["distilbert.embeddings.word_embeddings.weight", "distilbert.transformer.layer.0.attention.v_lin.bias",
+                       "vocab_transform.weight", "vocab_layer_norm.weight", "vocab_projector.bias"],
+    "distilbert_tok": ["distilbert.transformer.layer.1.attention.out_lin.weight", "classifier.weight"],
+    "roberta_cls": ["roberta.embeddings.position_embeddings.weight", "roberta.embeddings.token_type_embeddings.weight",
+                    "roberta.encoder.layer.0.attention.self.query.weight", "roberta.encoder.layer.1.intermediate.dense.bias",
+                    "classifier.dense.weight", "classifier.out_proj.weight"],
+    "roberta_mlm": ["roberta.embeddings.word_embeddings.weight", "roberta.encoder.layer.1.attention.output.LayerNorm.weight",
+                    "lm_head.dense.weight", "lm_head.layer_norm.bias", "lm_head.bias"],
+    "roberta_tok": ["roberta.encoder.layer.0.attention.self.value.weight", "classifier.weight"],
+}
+
+
+def record_train_encoders():
+    """Loss and gradients (eval mode: no dropout) of every encoder flavor with every head on the
+    train_bert.json batch: sequence labels, per-token tags (id % 3 on each non-special token),
+    masked-LM targets at positions 2 and 3. roberta_tok is RoBERTa with a token head, saved here."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    rec_bert = json.loads((OUT / "train_bert.json").read_text())
+    ids = torch.tensor(rec_bert["input_ids"])
+    mask = (ids != 0).long()
+    lengths = mask.sum(1).tolist()
+    seq_labels = torch.tensor(rec_bert["labels"])
+    tags = torch.full_like(ids, -100)
+    mlm = torch.full_like(ids, -100)
+    for i, n in enumerate(lengths):
+        for j in range(1, n - 1):
+            tags[i, j] = int(ids[i, j]) % 3
+        for j in (2, 3):
+            mlm[i, j] = ids[i, j]
+    tok_dir = OUT / "encoders" / "roberta_tok" / "safetensors"
+    if not tok_dir.exists():
+        torch.manual_seed(21)
+        m = AutoModelForTokenClassification.from_pretrained(OUT / "encoders" / "roberta_cls" / "safetensors",
+                                                            num_labels=3)
+        m.save_pretrained(tok_dir)
+        for f in (OUT / "encoders" / "roberta_cls" / "safetensors").iterdir():
+            if not (tok_dir / f.name).exists():
+                shutil.copy(f, tok_dir / f.name)
+    out_rec = {"input_ids": ids.tolist(), "seq_labels": seq_labels.tolist(), "tags": tags.tolist(),
+               "mlm_labels": mlm.tolist(), "models": {}}
+    for name, names in ENCODER_GRADS.items():
+        d = OUT / "encoders" / name / "safetensors"
+        cls = {"cls": AutoModelForSequenceClassification, "tok": AutoModelForTokenClassification,
+               "mlm": AutoModelForMaskedLM}[name.split("_")[1]]
+        labels = {"cls": seq_labels, "tok": tags, "mlm": mlm}[name.split("_")[1]]
+        from safetensors.torch import load_file
+        sd = load_file(str(d / "model.safetensors"))
+        kw = {}
+        for k in ("classifier.weight", "classifier.out_proj.weight"):
+            if k in sd:
+                kw["num_labels"] = sd[k].shape[0]
+        model = cls.from_pretrained(d, **kw)
+        if name == "roberta_mlm":
+            # transformers 4.46 ties lm_head.bias to the decoder's bias, which the safetensors
+            # file (deduplicated on save) lacks, so the loaded model has a zero bias: put the
+            # stored one back, as the model that was saved had it.
+            with torch.no_grad():
+                model.lm_head.decoder.bias.copy_(sd["lm_head.bias"])
+                model.lm_head.bias = model.lm_head.decoder.bias
+        model.eval()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        named = dict(model.named_parameters())
+        out_rec["models"][name] = {"loss": out.loss.item(),
+                                   "grads": {n: named[n].grad.flatten().tolist() for n in names}}
+        print(f"train_encoders {name}: loss {out.loss.item():.6f}")
+    (OUT / "train_encoders.json").write_text(json.dumps(out_rec))
+
+
 CAUSAL_GRADS = {
     "llama": ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
               "model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight",
@@ -689,6 +766,7 @@ def main():
     if not only or "train" in only:
         record_train()
         record_train_causal()
+        record_train_encoders()
     if not only or "peft" in only:
         record_peft()
 

@@ -596,12 +596,31 @@ fn masked_lm_fine_tuning_writes_a_model_fill_mask_loads() {
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(filled.lines().count(), 5, "{filled}");
+    // LoRA trains the factors and the head; the output is the merged model.
     let (code, _, err) = run(
         &[&args[..], &["--method", "lora", "--force"]].concat(),
         None,
     );
-    assert_eq!(code, 1);
-    assert!(err.contains("--method full"), "{err}");
+    assert_eq!(code, 0, "{err}");
+    let counts: Vec<u64> = err
+        .split("; ")
+        .find(|p| p.contains("parameters trained"))
+        .unwrap_or_else(|| panic!("{err}"))
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(counts[0] * 4 < counts[1], "LoRA trains a small part: {err}");
+    let (code, filled, err) = run(
+        &[
+            "fill-mask",
+            "-m",
+            out.to_str().unwrap(),
+            "the cat sat on the [MASK]",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(filled.lines().count(), 5, "{filled}");
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -721,5 +740,90 @@ fn gpt2_fine_tunes_in_full_and_with_lora() {
         None,
     );
     assert_eq!(code, 2, "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Token classification on MiniLM: words of tiny shakespeare tagged CAP (capitalized) or O,
+/// each word's tag on its first sub-token; the output is a BertForTokenClassification that
+/// `slm classify` runs; a row whose tags do not match its tokens is refused with its line.
+/// (By hand, 40 steps reach 0.979 validation accuracy, majority 0.804, and transformers'
+/// predictions on the saved model give the same 0.979.)
+#[test]
+fn token_classification_trains_a_tagger_classify_runs() {
+    let d = tempdir("ft-token");
+    let text = std::fs::read_to_string(asset("corpora/tinyshakespeare/input.txt")).unwrap();
+    let rows: Vec<String> = text
+        .lines()
+        .filter(|l| l.split_whitespace().count() >= 2)
+        .take(120)
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let tags: Vec<&str> = words
+                .iter()
+                .map(|w| {
+                    if w.starts_with(char::is_uppercase) {
+                        "CAP"
+                    } else {
+                        "O"
+                    }
+                })
+                .collect();
+            serde_json::json!({"tokens": words, "tags": tags}).to_string()
+        })
+        .collect();
+    let train = d.join("train.jsonl");
+    std::fs::write(&train, rows.join("\n") + "\n").unwrap();
+    let out = d.join("out");
+    let m = minilm();
+    let args = [
+        "finetune",
+        "--task",
+        "token-classify",
+        "-m",
+        m.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "32",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "2",
+    ];
+    let (code, _, err) = run(&args, None);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("tags: CAP, O"), "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "BertForTokenClassification");
+    assert_eq!(cfg["id2label"], serde_json::json!({"0": "CAP", "1": "O"}));
+    let (code, printed, err) = run(
+        &["classify", "-m", out.to_str().unwrap()],
+        Some("But soft, what light through yonder window breaks\n"),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        printed.contains("yonder") || printed.contains("yo"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("CAP") || printed.contains("\tO\t"),
+        "{printed}"
+    );
+
+    std::fs::write(&train, "{\"tokens\": [\"a\", \"b\"], \"tags\": [\"O\"]}\n").unwrap();
+    let bad = d.join("bad");
+    let mut args = args.to_vec();
+    let o = bad.to_str().unwrap().to_string();
+    args[8] = &o;
+    let (code, _, err) = run(&args, None);
+    assert_eq!(code, 1);
+    assert!(err.contains("line 1: 2 tokens but 1 tags"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }

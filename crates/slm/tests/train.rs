@@ -702,3 +702,51 @@ fn gpt2_dropout_trains_the_network_it_drops() {
         &|m| m.training_loss(&cb).unwrap(),
     );
 }
+
+/// DistilBERT and RoBERTa with each head, and BERT's token head: loss and gradients of the
+/// training executor against PyTorch (tools/make_fixtures.py `train`, eval mode).
+#[test]
+fn encoder_flavors_and_heads_match_pytorch_gradients() {
+    let p = fixtures().join("train_encoders.json");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let rows: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+    let t = rows[0].len();
+    let flat = |k: &str| -> Vec<Option<u32>> {
+        let v: Vec<Vec<i64>> = serde_json::from_value(r[k].clone()).unwrap();
+        v.concat()
+            .into_iter()
+            .map(|x| (x >= 0).then_some(x as u32))
+            .collect()
+    };
+    let mut b = slm::train::bert::Batch {
+        lengths: rows
+            .iter()
+            .map(|r| r.iter().filter(|&&i| i != 0).count())
+            .collect(),
+        ids: rows.concat(),
+        types: vec![0; rows.len() * t],
+        t,
+        labels: serde_json::from_value(r["seq_labels"].clone()).unwrap(),
+        targets: vec![],
+    };
+    for (name, want) in r["models"].as_object().unwrap() {
+        let dir = fixtures().join(format!("encoders/{name}/safetensors"));
+        let labels = slm::models::load_encoder(&dir).unwrap().model.labels;
+        let mut m = match name.rsplit('_').next().unwrap() {
+            "cls" => BertTrain::load(&dir, labels, &full()).unwrap(),
+            "tok" => {
+                b.targets = flat("tags");
+                BertTrain::load_token_classifier(&dir, labels, &full()).unwrap()
+            }
+            _ => {
+                b.targets = flat("mlm_labels");
+                BertTrain::load_masked_lm(&dir, &full()).unwrap()
+            }
+        };
+        m.dropout = Dropout::Off;
+        let loss = m.forward_backward(&b, 1).unwrap();
+        let w = want["loss"].as_f64().unwrap();
+        assert!((loss - w).abs() < 1e-5, "{name}: loss {loss} vs torch {w}");
+        check_grads(&m.params, &want["grads"]);
+    }
+}

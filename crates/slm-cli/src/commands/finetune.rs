@@ -13,6 +13,7 @@ use slm::train::lm::{default_lora_targets, CausalLm};
 use slm::train::masked::{load_masked_data, MaskedRun, Masker};
 use slm::train::optim::{OptimConfig, Schedule};
 use slm::train::tape::{Dropout, LoraSpec};
+use slm::train::token::{load_token_data, make_token_batch, token_eval_batches};
 use slm::train::trainer::{self, Evaluation, Hooks, StepInfo, TrainConfig};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,8 @@ pub enum Task {
     CausalLm,
     /// Masked-token prediction on plain text (BERT family).
     MaskedLm,
+    /// A tag per word (NER, POS) from JSONL {"tokens": [...], "tags": [...]} (BERT family).
+    TokenClassify,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -378,6 +381,7 @@ pub(crate) fn train(mut a: Args) -> Result<(trainer::Summary, PathBuf)> {
         Task::Classify => run_classify(a)?,
         Task::CausalLm => run_causal(a)?,
         Task::MaskedLm => run_masked(a)?,
+        Task::TokenClassify => run_token(a)?,
     };
     Ok((summary, out))
 }
@@ -470,9 +474,6 @@ fn encoder_positions(
 }
 
 fn run_masked(a: Args) -> Result<trainer::Summary> {
-    if a.method == Method::Lora {
-        bail!("--task masked-lm trains every weight; use --method full");
-    }
     prepare_output(&a)?;
     let files = slm::io::ModelFiles::locate(&a.model)?;
     let tok = slm::tokenize::Tokenizer::load(&files)?;
@@ -489,12 +490,10 @@ fn run_masked(a: Args) -> Result<trainer::Summary> {
         a.seed,
         max_length,
     )?;
-    let method = TrainMethod {
-        lora: None,
-        targets: Vec::new(),
-        seed: a.seed,
-    };
+    // LoRA trains the factors and the masked-LM head; the output is the merged model.
+    let method = encoder_method(&a, &files)?;
     let mut model = BertTrain::load_masked_lm(&a.model, &method)?;
+    model.set_lora_dropout(check_dropout(a.lora_dropout)?);
     model.dropout = dropout(&a);
     eprintln!(
         "{} train / {} valid texts; {} of {} parameters trained{}",
@@ -530,6 +529,71 @@ fn run_masked(a: Args) -> Result<trainer::Summary> {
     fit(&mut run, train_set.len(), &make, &valid, &cfg, &a)
 }
 
+/// Full or LoRA on an encoder, LoRA on PEFT's default modules of its flavor unless named.
+fn encoder_method(a: &Args, files: &slm::io::ModelFiles) -> Result<TrainMethod> {
+    let targets = if a.target_modules.is_empty() {
+        default_lora_targets(slm::models::config_of(files)?.architecture())
+    } else {
+        a.target_modules.clone()
+    };
+    Ok(TrainMethod {
+        lora: (a.method == Method::Lora).then_some((a.lora_r, a.lora_alpha)),
+        targets,
+        seed: a.seed,
+    })
+}
+
+fn run_token(a: Args) -> Result<trainer::Summary> {
+    prepare_output(&a)?;
+    let files = slm::io::ModelFiles::locate(&a.model)?;
+    let tok = slm::tokenize::Tokenizer::load(&files)?;
+    let positions = encoder_positions(&files, &a.model, "token-classify")?;
+    let max_length = a.max_length.unwrap_or(128.min(positions));
+    if max_length > positions {
+        bail!("--max-length {max_length} exceeds the model's {positions} positions");
+    }
+    let data = load_token_data(
+        &tok,
+        &a.train,
+        a.valid.as_deref(),
+        a.valid_split,
+        a.seed,
+        max_length,
+    )?;
+    let method = encoder_method(&a, &files)?;
+    let mut model = BertTrain::load_token_classifier(&a.model, data.labels.clone(), &method)?;
+    model.set_lora_dropout(check_dropout(a.lora_dropout)?);
+    model.dropout = dropout(&a);
+    eprintln!(
+        "{} train / {} valid sentences, tags: {}; {} of {} parameters trained{}",
+        data.train.len(),
+        data.valid.len(),
+        data.labels.join(", "),
+        model.params.n_trainable(),
+        model.params.n_total(),
+        if data.truncated > 0 {
+            format!(
+                "; {} sentences truncated to {max_length} tokens",
+                data.truncated
+            )
+        } else {
+            String::new()
+        }
+    );
+    let cfg = train_config(&a);
+    let pad = tok.pad_id();
+    let train_set = &data.train;
+    let make = |idx: &[usize]| {
+        make_token_batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad)
+    };
+    let valid = token_eval_batches(&data.valid, 64, pad);
+    let mut run = ClassifierRun {
+        model,
+        source: files.root.clone(),
+    };
+    fit(&mut run, train_set.len(), &make, &valid, &cfg, &a)
+}
+
 fn run_classify(a: Args) -> Result<trainer::Summary> {
     prepare_output(&a)?;
     let files = slm::io::ModelFiles::locate(&a.model)?;
@@ -555,16 +619,7 @@ fn run_classify(a: Args) -> Result<trainer::Summary> {
             skip_empty: a.skip_empty,
         },
     )?;
-    let targets = if a.target_modules.is_empty() {
-        vec!["query".to_string(), "value".to_string()]
-    } else {
-        a.target_modules.clone()
-    };
-    let method = TrainMethod {
-        lora: (a.method == Method::Lora).then_some((a.lora_r, a.lora_alpha)),
-        targets,
-        seed: a.seed,
-    };
+    let method = encoder_method(&a, &files)?;
     let mut model = BertTrain::load(&a.model, data.labels.clone(), &method)?;
     model.set_lora_dropout(check_dropout(a.lora_dropout)?);
     model.dropout = dropout(&a);

@@ -405,6 +405,49 @@ impl Tokenizer {
         })
     }
 
+    /// Encodes words already split (transformers' `is_split_into_words=True`) for an encoder:
+    /// with special tokens, truncated to `max_len`, and the index of the word each token
+    /// comes from (`None` for special tokens).
+    pub fn encode_words(
+        &self,
+        words: &[String],
+        max_len: usize,
+    ) -> Result<(EncoderInput, Vec<Option<u32>>)> {
+        use tokenizers::utils::truncation::{
+            truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
+        };
+        use tokenizers::PostProcessor;
+        let err = |e| Error::msg(format!("tokenization failed: {e}"));
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        let input = tokenizers::InputSequence::PreTokenized(words.into());
+        let enc = self.inner.encode(input, false).map_err(err)?;
+        let added = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        let full_len = enc.len() + added;
+        let enc = if full_len > max_len {
+            let params = TruncationParams {
+                max_length: max_len.saturating_sub(added),
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            };
+            truncate_encodings(enc, None, &params).map_err(err)?.0
+        } else {
+            enc
+        };
+        let enc = self.inner.post_process(enc, None, true).map_err(err)?;
+        Ok((
+            EncoderInput {
+                ids: enc.get_ids().to_vec(),
+                type_ids: enc.get_type_ids().to_vec(),
+                full_len,
+            },
+            enc.get_word_ids().to_vec(),
+        ))
+    }
+
     /// The id padding positions take: the tokenizer's `[PAD]`/`<pad>`, else 0 as transformers does.
     pub fn pad_id(&self) -> u32 {
         ["[PAD]", "<pad>"]

@@ -61,6 +61,16 @@ impl BertTrain {
         Self::load_with(path, Task::SequenceClassification, labels, method)
     }
 
+    /// A token classifier (NER, tagging) with these labels; the head is new unless the
+    /// checkpoint's is of this size.
+    pub fn load_token_classifier(
+        path: &Path,
+        labels: Vec<String>,
+        method: &Method,
+    ) -> TrainResult<Self> {
+        Self::load_with(path, Task::TokenClassification, labels, method)
+    }
+
     /// A masked LM: the checkpoint's head, or a new one (N(0, 0.02²) dense, unit LayerNorm,
     /// zero bias) on a bare encoder.
     pub fn load_masked_lm(path: &Path, method: &Method) -> TrainResult<Self> {
@@ -123,8 +133,8 @@ impl BertTrain {
         Ok((tape, y))
     }
 
-    /// Class logits `[b, labels]`, or for a masked LM the vocabulary logits of the masked
-    /// positions `[masked, vocab]`.
+    /// Class logits `[b, labels]`, per-token class logits `[b·t, labels]`, or for a masked
+    /// LM the vocabulary logits of the masked positions `[masked, vocab]`.
     pub fn logits(&self, batch: &Batch) -> crate::Result<Vec<f32>> {
         let (tape, y) = self.run(batch, None)?;
         Ok(tape.value(y).to_vec())
@@ -132,13 +142,21 @@ impl BertTrain {
 
     /// The targets of the rows `logits` returns, and how many classes each row has.
     pub fn targets(&self, batch: &Batch) -> (Vec<Option<u32>>, usize) {
-        if self.is_masked_lm() {
-            let t = batch.targets.iter().filter(|t| t.is_some()).copied();
-            (t.collect(), self.cfg.vocab_size)
-        } else {
-            let t = batch.labels.iter().map(|&l| Some(l));
-            (t.collect(), self.labels.len())
+        match self.net.task {
+            Task::MaskedLm => {
+                let t = batch.targets.iter().filter(|t| t.is_some()).copied();
+                (t.collect(), self.cfg.vocab_size)
+            }
+            Task::TokenClassification => (batch.targets.clone(), self.labels.len()),
+            _ => {
+                let t = batch.labels.iter().map(|&l| Some(l));
+                (t.collect(), self.labels.len())
+            }
         }
+    }
+
+    pub fn task(&self) -> Task {
+        self.net.task
     }
 
     pub fn is_masked_lm(&self) -> bool {
@@ -152,7 +170,8 @@ impl BertTrain {
         let (tape, y) = self.run(batch, Some(step_seed(self.method.seed, &batch.ids)))?;
         let record = tape.finish();
         let (targets, classes) = self.targets(batch);
-        let denom = (targets.len().max(1) * accum) as f32;
+        let count = targets.iter().filter(|t| t.is_some()).count();
+        let denom = (count.max(1) * accum) as f32;
         let (loss, dlogits) = ops::cross_entropy(record.value(y), &targets, classes, denom);
         record.backward(y, dlogits, &mut self.params);
         Ok(loss * accum as f64)
@@ -179,10 +198,10 @@ impl BertTrain {
             Flavor::DistilBert => "DistilBert",
             Flavor::Roberta => "Roberta",
         };
-        let head = if self.is_masked_lm() {
-            "ForMaskedLM"
-        } else {
-            "ForSequenceClassification"
+        let head = match self.net.task {
+            Task::MaskedLm => "ForMaskedLM",
+            Task::TokenClassification => "ForTokenClassification",
+            _ => "ForSequenceClassification",
         };
         format!("{body}{head}")
     }

@@ -193,19 +193,20 @@ impl Model for ClassifierRun {
     }
 
     fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {
+        // Per sequence, or per labelled token for token classification.
         let (mut loss, mut correct, mut n) = (0.0, 0usize, 0usize);
-        let c = self.model.labels.len();
         for (i, b) in batches.iter().enumerate() {
             let logits = self.model.logits(b)?;
-            let targets: Vec<Option<u32>> = b.labels.iter().map(|&l| Some(l)).collect();
+            let (targets, c) = self.model.targets(b);
             loss += ops::cross_entropy(&logits, &targets, c, 1.0).0;
-            for (row, &l) in logits.chunks(c).zip(&b.labels) {
+            for (row, t) in logits.chunks(c).zip(&targets) {
+                let Some(t) = t else { continue };
                 let pred = (0..c)
                     .max_by(|&x, &y| row[x].total_cmp(&row[y]))
                     .unwrap_or(0);
-                correct += usize::from(pred == l as usize);
+                correct += usize::from(pred == *t as usize);
+                n += 1;
             }
-            n += b.size();
             done(i + 1);
         }
         Ok(Evaluation {
@@ -283,9 +284,13 @@ pub fn save_adapter(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()>
     } else {
         &["classifier", "score"]
     };
+    let task_type = match m.task() {
+        crate::models::bert::Task::TokenClassification => "TOKEN_CLS",
+        _ => "SEQ_CLS",
+    };
     let config = serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": task_type,
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": m.lora_dropout,

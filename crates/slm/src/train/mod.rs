@@ -17,6 +17,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod tape;
+pub mod token;
 pub mod trainer;
 
 #[derive(Debug, thiserror::Error)]
