@@ -29,6 +29,18 @@ pub enum Error {
     #[error("{0}")]
     Msg(String),
 
+    /// A model, task or option that training does not support.
+    #[error("{0}")]
+    Unsupported(String),
+
+    /// A bad dataset row (the message names the file and line).
+    #[error("{0}")]
+    Data(String),
+
+    /// A checkpoint that cannot be resumed.
+    #[error("{0}")]
+    Resume(String),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -388,20 +388,13 @@ pub(crate) fn train(mut a: Args) -> Result<(trainer::Summary, PathBuf)> {
 
 fn run_causal(a: Args) -> Result<trainer::Summary> {
     prepare_output(&a)?;
-    // Training reads f32 weights and saves a Hugging Face folder; a GGUF model is converted
-    // once (dequantized to f32) into OUTPUT/base and trained from there.
-    let mut source = a.model.clone();
-    if a.model.extension().is_some_and(|e| e == "gguf") {
-        source = a.output.join("base");
-        if !source.join("config.json").exists() {
-            eprintln!(
-                "converting {} to f32 safetensors in {}",
-                a.model.display(),
-                source.display()
-            );
-            slm::convert::gguf_to_hf(&a.model, &source, slm::convert::Dtype::F32, true)?;
-        }
-    }
+    let source = slm::train::lm::trainable_source(&a.model, &a.output, |base| {
+        eprintln!(
+            "converting {} to f32 safetensors in {}",
+            a.model.display(),
+            base.display()
+        )
+    })?;
     let files = slm::io::ModelFiles::locate(&source)?;
     let tok = slm::tokenize::Tokenizer::load(&files)?;
     let positions = slm::models::config_of(&files)?.context_length();

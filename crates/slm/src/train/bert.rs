@@ -8,7 +8,7 @@ use std::path::Path;
 use super::ops;
 use super::params::{step_seed, Params};
 use super::tape::{Dropout, LoraSpec, ParamLoader, Tape, TrainW};
-use super::{TrainError, TrainResult};
+use super::TrainResult;
 use crate::io::{open_weights, ModelFiles};
 use crate::models::bert::{Bert, Config, Flavor, Task};
 use crate::models::{config_of, ModelConfig};
@@ -85,7 +85,7 @@ impl BertTrain {
     ) -> TrainResult<Self> {
         let files = ModelFiles::locate(path)?;
         let ModelConfig::Bert(cfg) = config_of(&files)? else {
-            return Err(TrainError::Unsupported(format!(
+            return Err(crate::Error::Unsupported(format!(
                 "{}: this task fine-tunes BERT-family encoders (bert, distilbert, roberta)",
                 path.display()
             )));
@@ -100,7 +100,7 @@ impl BertTrain {
         let mut l = ParamLoader::new(vb, lora, method.seed);
         let net = Bert::new(&cfg, &mut l, task, labels.clone())?;
         if method.lora.is_some() && !l.params.list.iter().any(|p| p.name.contains(".lora_A")) {
-            return Err(TrainError::Unsupported(format!(
+            return Err(crate::Error::Unsupported(format!(
                 "{}: no module of this {:?} model is named {} (LoRA targets)",
                 path.display(),
                 cfg.flavor,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use super::lm::{CausalBatch, CausalLm};
 use super::params::seeded;
 use super::trainer::{Evaluation, Model};
-use super::{TrainError, TrainResult};
+use super::TrainResult;
 use crate::io::write::{write_atomic, write_safetensors};
 use crate::tokenize::chat::Message;
 use crate::tokenize::Tokenizer;
@@ -42,8 +42,8 @@ pub struct CausalDataOptions<'a> {
     pub max_len: usize,
 }
 
-fn data_err(path: &Path, line: usize, msg: impl std::fmt::Display) -> TrainError {
-    TrainError::Data(format!("{}: line {line}: {msg}", path.display()))
+fn data_err(path: &Path, line: usize, msg: impl std::fmt::Display) -> crate::Error {
+    crate::Error::Data(format!("{}: line {line}: {msg}", path.display()))
 }
 
 /// Targets for `ids` where position `i` predicts `ids[i + 1]` when `wanted(i + 1)`.
@@ -60,7 +60,7 @@ fn read_file(
 ) -> TrainResult<(Vec<CausalExample>, usize, &'static str)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     if text.trim().is_empty() {
-        return Err(TrainError::Data(format!(
+        return Err(crate::Error::Data(format!(
             "{}: no text to train on",
             path.display()
         )));
@@ -130,7 +130,10 @@ fn read_file(
         out.push(CausalExample { ids, targets });
     }
     if out.is_empty() {
-        return Err(TrainError::Data(format!("{}: no examples", path.display())));
+        return Err(crate::Error::Data(format!(
+            "{}: no examples",
+            path.display()
+        )));
     }
     Ok((out, truncated, format))
 }
@@ -257,7 +260,7 @@ impl Model for CausalRun {
     }
 
     fn forward_backward(&mut self, batch: &CausalBatch, accum: usize) -> TrainResult<f64> {
-        Ok(self.model.forward_backward(batch, accum)?)
+        self.model.forward_backward(batch, accum)
     }
 
     fn evaluate(&self, batches: &[CausalBatch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamW;
 use super::params::Params;
 use super::trainer::TrainConfig;
-use super::{TrainError, TrainResult};
+use super::TrainResult;
 use crate::io::write::{read_safetensors_f32, write_atomic, write_safetensors, F32Tensor};
 use crate::Error;
 
@@ -38,8 +38,8 @@ struct StateFile {
     config: TrainConfig,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |e| Error::io(path, e).into()
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> crate::Error + '_ {
+    move |e| Error::io(path, e)
 }
 
 pub fn save(
@@ -113,7 +113,7 @@ pub fn load(
     cfg: &TrainConfig,
 ) -> TrainResult<TrainState> {
     let Some(dir) = find(out) else {
-        return Err(TrainError::Resume(format!(
+        return Err(crate::Error::Resume(format!(
             "{}: no checkpoint to resume from (checkpoint/state.json)",
             out.display()
         )));
@@ -122,7 +122,7 @@ pub fn load(
     let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
     let file: StateFile = serde_json::from_str(&text).map_err(|e| Error::file(&state_path, e))?;
     if &file.config != cfg {
-        return Err(TrainError::Resume(format!(
+        return Err(crate::Error::Resume(format!(
             "{}: the run was started with other training options; resume with the same ones",
             state_path.display()
         )));
@@ -133,7 +133,7 @@ pub fn load(
         .get(name)
     {
         Some((_, v)) if v.len() == len => Ok(v.clone()),
-        _ => Err(TrainError::Resume(format!(
+        _ => Err(crate::Error::Resume(format!(
             "{}: {name} is missing or has the wrong size",
             dir.join(file).display()
         ))),

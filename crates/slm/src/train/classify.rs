@@ -8,7 +8,7 @@ use super::bert::{Batch, BertTrain};
 use super::ops;
 use super::params::seeded;
 use super::trainer::{Evaluation, Model};
-use super::{TrainError, TrainResult};
+use super::TrainResult;
 use crate::data::{read_records, Columns, Record};
 use crate::io::write::{write_atomic, write_safetensors};
 use crate::tokenize::{EncoderInput, Tokenizer};
@@ -47,7 +47,7 @@ fn label_of<'r>(path: &Path, r: &'r Record) -> TrainResult<&'r str> {
         .as_deref()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .ok_or_else(|| TrainError::Data(format!("{}: line {}: no label", path.display(), r.line)))
+        .ok_or_else(|| crate::Error::Data(format!("{}: line {}: no label", path.display(), r.line)))
 }
 
 /// Reads, labels and tokenizes the data. Labels are the training set's distinct values, in
@@ -55,7 +55,7 @@ fn label_of<'r>(path: &Path, r: &'r Record) -> TrainResult<&'r str> {
 pub fn load_data(tok: &Tokenizer, o: &DataOptions) -> TrainResult<ClassifyData> {
     let train = read_records(o.train, &o.columns, o.skip_empty)?;
     if train.is_empty() {
-        return Err(TrainError::Data(format!(
+        return Err(crate::Error::Data(format!(
             "{}: no rows to train on",
             o.train.display()
         )));
@@ -73,7 +73,7 @@ pub fn load_data(tok: &Tokenizer, o: &DataOptions) -> TrainResult<ClassifyData> 
         labels.sort();
     }
     if labels.len() < 2 {
-        return Err(TrainError::Data(format!(
+        return Err(crate::Error::Data(format!(
             "{}: only one label ({}) in the training data",
             o.train.display(),
             labels.join("")
@@ -85,7 +85,7 @@ pub fn load_data(tok: &Tokenizer, o: &DataOptions) -> TrainResult<ClassifyData> 
             .map(|r| {
                 let l = label_of(path, r)?;
                 let label = labels.iter().position(|x| x == l).ok_or_else(|| {
-                    TrainError::Data(format!(
+                    crate::Error::Data(format!(
                         "{}: line {}: label '{l}' does not occur in the training data ({})",
                         path.display(),
                         r.line,
@@ -189,7 +189,7 @@ impl Model for ClassifierRun {
     }
 
     fn forward_backward(&mut self, batch: &Batch, accum: usize) -> TrainResult<f64> {
-        Ok(self.model.forward_backward(batch, accum)?)
+        self.model.forward_backward(batch, accum)
     }
 
     fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {
@@ -249,7 +249,7 @@ const TOKENIZER_FILES: [&str; 4] = [
 /// in the safetensors metadata, and the tokenizer files of the base.
 pub fn save_adapter(m: &BertTrain, source: &Path, dir: &Path) -> TrainResult<()> {
     let Some((r, alpha)) = m.method.lora else {
-        return Err(TrainError::Unsupported("not a LoRA model".into()));
+        return Err(crate::Error::Unsupported("not a LoRA model".into()));
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tensors: Vec<(String, Vec<usize>, &[f32])> = m

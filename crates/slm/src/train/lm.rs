@@ -6,7 +6,7 @@ use std::path::Path;
 use super::ops;
 use super::params::{step_seed, Params};
 use super::tape::{Dropout, LoraSpec, ParamLoader, Tape, TrainW};
-use super::{TrainError, TrainResult};
+use super::TrainResult;
 use crate::io::{open_weights, ModelFiles};
 use crate::models::{config_of, gpt2, llama, Architecture, ModelConfig};
 use crate::nn::exec::CausalFamily;
@@ -31,6 +31,25 @@ impl CausalBatch {
 enum Net {
     Gpt2(gpt2::Gpt2<TrainW>),
     Llama(llama::Llama<TrainW>),
+}
+
+/// The Hugging Face folder a causal model trains from. Training reads f32 weights and saves a
+/// Hugging Face folder, so a GGUF model is converted once (dequantized to f32) into
+/// `out/base` and trained from there; `converting` is told before that happens.
+pub fn trainable_source(
+    model: &Path,
+    out: &Path,
+    converting: impl FnOnce(&Path),
+) -> crate::Result<std::path::PathBuf> {
+    if model.extension().is_none_or(|e| e != "gguf") {
+        return Ok(model.to_path_buf());
+    }
+    let base = out.join("base");
+    if !base.join("config.json").exists() {
+        converting(&base);
+        crate::convert::gguf_to_hf(model, &base, crate::convert::Dtype::F32, true)?;
+    }
+    Ok(base)
 }
 
 /// The modules PEFT's own defaults target for a family (its
@@ -70,7 +89,7 @@ impl CausalLm {
             ModelConfig::Gpt2(c) => Net::Gpt2(gpt2::Gpt2::new(c, &mut l)?),
             ModelConfig::Llama(c) => Net::Llama(llama::Llama::new(c, &mut l)?),
             ModelConfig::Bert(_) => {
-                return Err(TrainError::Unsupported(format!(
+                return Err(crate::Error::Unsupported(format!(
                 "{}: '{}' is an encoder; causal-LM fine-tuning takes gpt2, llama, qwen2 or phi3",
                 path.display(),
                 cfg.architecture().name()
@@ -80,7 +99,7 @@ impl CausalLm {
         if let Some(spec) = &lora {
             let hit = l.params.list.iter().any(|p| p.name.contains(".lora_A"));
             if !hit {
-                return Err(TrainError::Unsupported(format!(
+                return Err(crate::Error::Unsupported(format!(
                     "{}: no module of this {} model is named {} (LoRA targets); {} has e.g. {}",
                     path.display(),
                     cfg.architecture().name(),

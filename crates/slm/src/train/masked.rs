@@ -12,7 +12,7 @@ use super::bert::{Batch, BertTrain};
 use super::classify::save_model;
 use super::params::seeded;
 use super::trainer::{Evaluation, Model};
-use super::{TrainError, TrainResult};
+use super::TrainResult;
 use crate::data::{read_records, Columns};
 use crate::tokenize::{EncoderInput, Tokenizer};
 
@@ -34,7 +34,7 @@ pub fn load_masked_data(
     let mut read = |path: &Path| -> TrainResult<Vec<EncoderInput>> {
         let records = read_records(path, &Columns::default(), true)?;
         if records.is_empty() {
-            return Err(TrainError::Data(format!(
+            return Err(crate::Error::Data(format!(
                 "{}: no text to train on",
                 path.display()
             )));
@@ -84,7 +84,7 @@ impl Masker {
             .iter()
             .find_map(|t| tok.token_to_id(t))
             .ok_or_else(|| {
-                TrainError::Unsupported(format!(
+                crate::Error::Unsupported(format!(
                     "{}: the tokenizer has no mask token",
                     tok.origin.display()
                 ))
@@ -164,7 +164,7 @@ impl Model for MaskedRun {
     }
 
     fn forward_backward(&mut self, batch: &Batch, accum: usize) -> TrainResult<f64> {
-        Ok(self.model.forward_backward(batch, accum)?)
+        self.model.forward_backward(batch, accum)
     }
 
     fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {

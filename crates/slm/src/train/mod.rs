@@ -20,22 +20,5 @@ pub mod tape;
 pub mod token;
 pub mod trainer;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("{0}")]
-    Data(String),
-    #[error("{0}")]
-    Resume(String),
-    #[error(transparent)]
-    Slm(#[from] crate::Error),
-}
-
-impl From<candle_core::Error> for TrainError {
-    fn from(e: candle_core::Error) -> Self {
-        TrainError::Slm(e.into())
-    }
-}
-
-pub type TrainResult<T> = std::result::Result<T, TrainError>;
+/// Training errors are [`crate::Error`]s (`Unsupported`, `Data`, `Resume`, or any other).
+pub type TrainResult<T> = crate::Result<T>;

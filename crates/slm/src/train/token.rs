@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::bert::Batch;
 use super::params::seeded;
-use super::{TrainError, TrainResult};
+use super::TrainResult;
 use crate::tokenize::{EncoderInput, Tokenizer};
 use crate::Error;
 
@@ -30,8 +30,8 @@ pub struct TokenData {
 
 type Row = (usize, Vec<String>, Vec<String>);
 
-fn err(path: &Path, line: usize, msg: impl std::fmt::Display) -> TrainError {
-    TrainError::Data(format!("{}: line {line}: {msg}", path.display()))
+fn err(path: &Path, line: usize, msg: impl std::fmt::Display) -> crate::Error {
+    crate::Error::Data(format!("{}: line {line}: {msg}", path.display()))
 }
 
 /// `(line, words, tags)` of every non-empty line.
@@ -75,7 +75,10 @@ fn read_rows(path: &Path) -> TrainResult<Vec<Row>> {
         rows.push((n, words, tags));
     }
     if rows.is_empty() {
-        return Err(TrainError::Data(format!("{}: no examples", path.display())));
+        return Err(crate::Error::Data(format!(
+            "{}: no examples",
+            path.display()
+        )));
     }
     Ok(rows)
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{self, TrainState};
 use super::optim::{clip_grad_norm, AdamW, OptimConfig};
 use super::params::{seeded, Params};
-use super::{TrainError, TrainResult};
+use super::TrainResult;
 
 /// What the loop needs from a model.
 pub trait Model {
@@ -129,7 +129,7 @@ pub fn train<M: Model>(
     hooks: &dyn Hooks,
 ) -> TrainResult<Summary> {
     if n_train == 0 {
-        return Err(TrainError::Data("the training set is empty".into()));
+        return Err(crate::Error::Data("the training set is empty".into()));
     }
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
     let mut opt = AdamW::new(model.params());
@@ -147,7 +147,7 @@ pub fn train<M: Model>(
     let mut log = |v: serde_json::Value| -> TrainResult<()> {
         writeln!(metrics, "{v}")
             .and_then(|_| metrics.flush())
-            .map_err(|e| crate::Error::io(&metrics_path, e).into())
+            .map_err(|e| crate::Error::io(&metrics_path, e))
     };
     let total = cfg.total_steps(n_train);
     let started = Instant::now();
