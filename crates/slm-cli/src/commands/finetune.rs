@@ -467,14 +467,7 @@ fn encoder_positions(
 }
 
 fn run_masked(a: Args) -> Result<trainer::Summary> {
-    prepare_output(&a)?;
-    let files = slm::io::ModelFiles::locate(&a.model)?;
-    let tok = slm::tokenize::Tokenizer::load(&files)?;
-    let positions = encoder_positions(&files, &a.model, "masked-lm")?;
-    let max_length = a.max_length.unwrap_or(128.min(positions));
-    if max_length > positions {
-        bail!("--max-length {max_length} exceeds the model's {positions} positions");
-    }
+    let (files, tok, max_length) = encoder_setup(&a, "masked-lm")?;
     let data = load_masked_data(
         &tok,
         &a.train,
@@ -486,22 +479,17 @@ fn run_masked(a: Args) -> Result<trainer::Summary> {
     // LoRA trains the factors and the masked-LM head; the output is the merged model.
     let method = encoder_method(&a, &files)?;
     let mut model = BertTrain::load_masked_lm(&a.model, &method)?;
-    model.set_lora_dropout(check_dropout(a.lora_dropout)?);
-    model.dropout = dropout(&a);
-    eprintln!(
-        "{} train / {} valid texts; {} of {} parameters trained{}",
-        data.train.len(),
-        data.valid.len(),
-        model.params.n_trainable(),
-        model.params.n_total(),
-        if data.truncated > 0 {
-            format!(
-                "; {} texts truncated to {max_length} tokens",
-                data.truncated
-            )
-        } else {
-            String::new()
-        }
+    configure(&mut model, &a)?;
+    summary(
+        &format!(
+            "{} train / {} valid texts",
+            data.train.len(),
+            data.valid.len()
+        ),
+        &model.params,
+        data.truncated,
+        "texts",
+        max_length,
     );
     let cfg = train_config(&a);
     let masker = Masker::new(&tok, a.seed)?;
@@ -522,6 +510,50 @@ fn run_masked(a: Args) -> Result<trainer::Summary> {
     fit(&mut run, train_set.len(), &make, &valid, &cfg, &a)
 }
 
+/// What every encoder task starts with: the output folder checked, the model's files and
+/// tokenizer, and the maximum length the model's positions allow.
+fn encoder_setup(
+    a: &Args,
+    task: &str,
+) -> Result<(slm::io::ModelFiles, slm::tokenize::Tokenizer, usize)> {
+    prepare_output(a)?;
+    let files = slm::io::ModelFiles::locate(&a.model)?;
+    let tok = slm::tokenize::Tokenizer::load(&files)?;
+    let positions = encoder_positions(&files, &a.model, task)?;
+    let max_length = a.max_length.unwrap_or(128.min(positions));
+    if max_length > positions {
+        bail!("--max-length {max_length} exceeds the model's {positions} positions");
+    }
+    Ok((files, tok, max_length))
+}
+
+/// The options every encoder run applies to its model: LoRA dropout and the model's own.
+fn configure(model: &mut BertTrain, a: &Args) -> Result<()> {
+    model.set_lora_dropout(check_dropout(a.lora_dropout)?);
+    model.dropout = dropout(a);
+    Ok(())
+}
+
+/// The line before training: the data, what is trained, what was cut.
+fn summary(
+    data: &str,
+    params: &slm::train::params::Params,
+    truncated: usize,
+    unit: &str,
+    max_length: usize,
+) {
+    let cut = if truncated > 0 {
+        format!("; {truncated} {unit} truncated to {max_length} tokens")
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "{data}; {} of {} parameters trained{cut}",
+        params.n_trainable(),
+        params.n_total()
+    );
+}
+
 /// Full or LoRA on an encoder, LoRA on PEFT's default modules of its flavor unless named.
 fn encoder_method(a: &Args, files: &slm::io::ModelFiles) -> Result<TrainMethod> {
     let targets = if a.target_modules.is_empty() {
@@ -537,14 +569,7 @@ fn encoder_method(a: &Args, files: &slm::io::ModelFiles) -> Result<TrainMethod> 
 }
 
 fn run_token(a: Args) -> Result<trainer::Summary> {
-    prepare_output(&a)?;
-    let files = slm::io::ModelFiles::locate(&a.model)?;
-    let tok = slm::tokenize::Tokenizer::load(&files)?;
-    let positions = encoder_positions(&files, &a.model, "token-classify")?;
-    let max_length = a.max_length.unwrap_or(128.min(positions));
-    if max_length > positions {
-        bail!("--max-length {max_length} exceeds the model's {positions} positions");
-    }
+    let (files, tok, max_length) = encoder_setup(&a, "token-classify")?;
     let data = load_token_data(
         &tok,
         &a.train,
@@ -555,23 +580,18 @@ fn run_token(a: Args) -> Result<trainer::Summary> {
     )?;
     let method = encoder_method(&a, &files)?;
     let mut model = BertTrain::load_token_classifier(&a.model, data.labels.clone(), &method)?;
-    model.set_lora_dropout(check_dropout(a.lora_dropout)?);
-    model.dropout = dropout(&a);
-    eprintln!(
-        "{} train / {} valid sentences, tags: {}; {} of {} parameters trained{}",
-        data.train.len(),
-        data.valid.len(),
-        data.labels.join(", "),
-        model.params.n_trainable(),
-        model.params.n_total(),
-        if data.truncated > 0 {
-            format!(
-                "; {} sentences truncated to {max_length} tokens",
-                data.truncated
-            )
-        } else {
-            String::new()
-        }
+    configure(&mut model, &a)?;
+    summary(
+        &format!(
+            "{} train / {} valid sentences, tags: {}",
+            data.train.len(),
+            data.valid.len(),
+            data.labels.join(", ")
+        ),
+        &model.params,
+        data.truncated,
+        "sentences",
+        max_length,
     );
     let cfg = train_config(&a);
     let pad = tok.pad_id();
@@ -588,14 +608,7 @@ fn run_token(a: Args) -> Result<trainer::Summary> {
 }
 
 fn run_classify(a: Args) -> Result<trainer::Summary> {
-    prepare_output(&a)?;
-    let files = slm::io::ModelFiles::locate(&a.model)?;
-    let tok = slm::tokenize::Tokenizer::load(&files)?;
-    let positions = encoder_positions(&files, &a.model, "classify")?;
-    let max_length = a.max_length.unwrap_or(128.min(positions));
-    if max_length > positions {
-        bail!("--max-length {max_length} exceeds the model's {positions} positions");
-    }
+    let (files, tok, max_length) = encoder_setup(&a, "classify")?;
     let data = load_data(
         &tok,
         &DataOptions {
@@ -614,23 +627,18 @@ fn run_classify(a: Args) -> Result<trainer::Summary> {
     )?;
     let method = encoder_method(&a, &files)?;
     let mut model = BertTrain::load(&a.model, data.labels.clone(), &method)?;
-    model.set_lora_dropout(check_dropout(a.lora_dropout)?);
-    model.dropout = dropout(&a);
-    eprintln!(
-        "{} train / {} valid examples, labels: {}; {} of {} parameters trained{}",
-        data.train.len(),
-        data.valid.len(),
-        data.labels.join(", "),
-        model.params.n_trainable(),
-        model.params.n_total(),
-        if data.truncated > 0 {
-            format!(
-                "; {} texts truncated to {max_length} tokens",
-                data.truncated
-            )
-        } else {
-            String::new()
-        }
+    configure(&mut model, &a)?;
+    summary(
+        &format!(
+            "{} train / {} valid examples, labels: {}",
+            data.train.len(),
+            data.valid.len(),
+            data.labels.join(", ")
+        ),
+        &model.params,
+        data.truncated,
+        "texts",
+        max_length,
     );
     let cfg = train_config(&a);
     let pad = tok.pad_id();

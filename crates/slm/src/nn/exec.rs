@@ -146,7 +146,23 @@ pub trait Loader {
         din: usize,
         douts: &[usize],
         bias: bool,
-    ) -> Result<Parts<<Self::W as Weights>::Linear>>;
+    ) -> Result<Parts<<Self::W as Weights>::Linear>> {
+        Ok(Parts::Separate(self.each(names, din, douts, bias)?))
+    }
+    /// Each of `names` as its own linear layer.
+    fn each(
+        &mut self,
+        names: &[&str],
+        din: usize,
+        douts: &[usize],
+        bias: bool,
+    ) -> Result<Vec<<Self::W as Weights>::Linear>> {
+        names
+            .iter()
+            .zip(douts)
+            .map(|(n, &d)| self.linear(n, din, d, bias))
+            .collect()
+    }
     fn norm(
         &mut self,
         kind: NormKind,

@@ -387,11 +387,7 @@ impl Loader for VbLoader {
         douts: &[usize],
         bias: bool,
     ) -> Result<Parts<Linear>> {
-        let ls = names
-            .iter()
-            .zip(douts)
-            .map(|(n, &d)| self.linear(n, din, d, bias))
-            .collect::<Result<Vec<_>>>()?;
+        let ls = self.each(names, din, douts, bias)?;
         // One product (and one quantization of x) instead of several.
         Ok(match Linear::try_concat(&ls.iter().collect::<Vec<_>>())? {
             Some(l) => Parts::Fused(l, douts.to_vec()),

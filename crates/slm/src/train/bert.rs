@@ -31,6 +31,28 @@ impl Batch {
     pub fn size(&self) -> usize {
         self.lengths.len()
     }
+
+    /// The inputs right-padded to the longest with `pad` (segment 0), no labels yet.
+    pub fn padded(inputs: &[&crate::tokenize::EncoderInput], pad: u32) -> Self {
+        let t = inputs.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
+        let mut b = Batch {
+            ids: Vec::with_capacity(inputs.len() * t),
+            types: Vec::with_capacity(inputs.len() * t),
+            lengths: Vec::with_capacity(inputs.len()),
+            t,
+            labels: Vec::new(),
+            targets: Vec::new(),
+        };
+        for e in inputs {
+            let n = e.ids.len();
+            b.ids.extend(&e.ids);
+            b.ids.extend(std::iter::repeat_n(pad, t - n));
+            b.types.extend(&e.type_ids);
+            b.types.extend(std::iter::repeat_n(0, t - n));
+            b.lengths.push(n);
+        }
+        b
+    }
 }
 
 /// How the encoder is trained.

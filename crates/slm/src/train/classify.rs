@@ -137,29 +137,9 @@ pub fn load_data(tok: &Tokenizer, o: &DataOptions) -> TrainResult<ClassifyData> 
 
 /// Right-pads the examples to the longest of them.
 pub fn make_batch(examples: &[&Example], pad: u32) -> Batch {
-    let t = examples
-        .iter()
-        .map(|e| e.input.ids.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut b = Batch {
-        ids: Vec::with_capacity(examples.len() * t),
-        types: Vec::with_capacity(examples.len() * t),
-        lengths: Vec::with_capacity(examples.len()),
-        t,
-        labels: Vec::with_capacity(examples.len()),
-        targets: Vec::new(),
-    };
-    for e in examples {
-        let n = e.input.ids.len();
-        b.ids.extend(&e.input.ids);
-        b.ids.extend(std::iter::repeat_n(pad, t - n));
-        b.types.extend(&e.input.type_ids);
-        b.types.extend(std::iter::repeat_n(0, t - n));
-        b.lengths.push(n);
-        b.labels.push(e.label);
-    }
+    let inputs: Vec<&EncoderInput> = examples.iter().map(|e| &e.input).collect();
+    let mut b = Batch::padded(&inputs, pad);
+    b.labels = examples.iter().map(|e| e.label).collect();
     b
 }
 

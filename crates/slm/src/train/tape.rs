@@ -694,21 +694,6 @@ impl Loader for ParamLoader {
         self.lin(name, din, dout, true, conv)
     }
 
-    fn parts(
-        &mut self,
-        names: &[&str],
-        din: usize,
-        douts: &[usize],
-        bias: bool,
-    ) -> Result<Parts<Lin>> {
-        let ls = names
-            .iter()
-            .zip(douts)
-            .map(|(n, &d)| self.linear(n, din, d, bias))
-            .collect::<Result<_>>()?;
-        Ok(Parts::Separate(ls))
-    }
-
     fn norm(&mut self, kind: NormKind, name: &str, size: usize, eps: f64) -> Result<NormP> {
         // Checkpoints from the original TensorFlow BERT port name the parameters gamma/beta.
         let stored = stored_module(&self.vb, name);

@@ -167,29 +167,12 @@ pub fn load_token_data(
 
 /// Right-pads the examples (no loss on padding).
 pub fn make_token_batch(examples: &[&TokenExample], pad: u32) -> Batch {
-    let t = examples
-        .iter()
-        .map(|e| e.input.ids.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut b = Batch {
-        ids: Vec::with_capacity(examples.len() * t),
-        types: Vec::with_capacity(examples.len() * t),
-        lengths: Vec::with_capacity(examples.len()),
-        t,
-        labels: Vec::new(),
-        targets: Vec::with_capacity(examples.len() * t),
-    };
+    let inputs: Vec<&EncoderInput> = examples.iter().map(|e| &e.input).collect();
+    let mut b = Batch::padded(&inputs, pad);
     for e in examples {
-        let n = e.input.ids.len();
-        b.ids.extend(&e.input.ids);
-        b.ids.extend(std::iter::repeat_n(pad, t - n));
-        b.types.extend(&e.input.type_ids);
-        b.types.extend(std::iter::repeat_n(0, t - n));
         b.targets.extend(&e.targets);
-        b.targets.extend(std::iter::repeat_n(None, t - n));
-        b.lengths.push(n);
+        b.targets
+            .extend(std::iter::repeat_n(None, b.t - e.targets.len()));
     }
     b
 }
