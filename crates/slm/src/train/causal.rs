@@ -10,7 +10,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::lm::{CausalBatch, CausalLm};
-use super::params::seeded;
 use super::trainer::{Evaluation, Model};
 use super::TrainResult;
 use crate::io::write::{write_atomic, write_safetensors};
@@ -187,16 +186,7 @@ pub fn load_causal_data(tok: &Tokenizer, o: &CausalDataOptions) -> TrainResult<C
             truncated += t;
             valid
         }
-        None => {
-            let n_valid = ((train.len() as f32) * o.valid_split).round() as usize;
-            let mut order: Vec<usize> = (0..train.len()).collect();
-            rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut seeded(o.seed));
-            let mut held: Vec<usize> = order[..n_valid.min(train.len().saturating_sub(1))].to_vec();
-            held.sort_unstable_by(|a, b| b.cmp(a));
-            let mut valid: Vec<CausalExample> = held.iter().map(|&i| train.remove(i)).collect();
-            valid.reverse();
-            valid
-        }
+        None => super::hold_out(&mut train, o.valid_split, o.seed),
     };
     Ok(CausalData {
         train,

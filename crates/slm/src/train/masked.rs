@@ -51,16 +51,7 @@ pub fn load_masked_data(
     let mut train_set = read(train)?;
     let valid_set = match valid {
         Some(v) => read(v)?,
-        None => {
-            let n = ((train_set.len() as f32) * valid_split).round() as usize;
-            let mut order: Vec<usize> = (0..train_set.len()).collect();
-            rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut seeded(seed));
-            let mut held: Vec<usize> = order[..n.min(train_set.len().saturating_sub(1))].to_vec();
-            held.sort_unstable_by(|a, b| b.cmp(a));
-            let mut v: Vec<EncoderInput> = held.iter().map(|&i| train_set.remove(i)).collect();
-            v.reverse();
-            v
-        }
+        None => super::hold_out(&mut train_set, valid_split, seed),
     };
     Ok(MaskedData {
         train: train_set,

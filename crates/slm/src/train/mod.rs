@@ -22,3 +22,16 @@ pub mod trainer;
 
 /// Training errors are [`crate::Error`]s (`Unsupported`, `Data`, `Resume`, or any other).
 pub type TrainResult<T> = crate::Result<T>;
+
+/// Holds out `frac` of `train` (a seeded shuffle, at least one example kept for training) as
+/// the validation set, both in file order.
+pub fn hold_out<T>(train: &mut Vec<T>, frac: f32, seed: u64) -> Vec<T> {
+    let n = ((train.len() as f32) * frac).round() as usize;
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut params::seeded(seed));
+    let mut held: Vec<usize> = order[..n.min(train.len().saturating_sub(1))].to_vec();
+    held.sort_unstable_by(|a, b| b.cmp(a));
+    let mut valid: Vec<T> = held.iter().map(|&i| train.remove(i)).collect();
+    valid.reverse();
+    valid
+}

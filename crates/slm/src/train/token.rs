@@ -6,7 +6,6 @@
 use std::path::Path;
 
 use super::bert::Batch;
-use super::params::seeded;
 use super::TrainResult;
 use crate::tokenize::{EncoderInput, Tokenizer};
 use crate::Error;
@@ -147,13 +146,7 @@ pub fn load_token_data(
         }
         None => {
             let mut all = examples(train, &rows)?;
-            let n_valid = ((all.len() as f32) * valid_split).round() as usize;
-            let mut order: Vec<usize> = (0..all.len()).collect();
-            rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut seeded(seed));
-            let mut held: Vec<usize> = order[..n_valid.min(all.len().saturating_sub(1))].to_vec();
-            held.sort_unstable_by(|a, b| b.cmp(a));
-            let mut valid: Vec<TokenExample> = held.iter().map(|&i| all.remove(i)).collect();
-            valid.reverse();
+            let valid = super::hold_out(&mut all, valid_split, seed);
             (all, valid)
         }
     };
