@@ -447,15 +447,22 @@ pub fn load_encoder_with(path: &Path, adapter: Option<&Path>) -> Result<LoadedEn
     let mut cfg = cfg.clone();
     if let Some(dir) = adapter {
         let a = crate::io::peft::PeftAdapter::open(dir)?;
-        if a.config.task_type.as_deref() == Some("SEQ_CLS")
-            && cfg.task() != bert::Task::SequenceClassification
-        {
+        // A classification adapter on a bare encoder makes it the task model PEFT trained.
+        let head = match a.config.task_type.as_deref() {
+            Some("SEQ_CLS") => Some((
+                "ForSequenceClassification",
+                bert::Task::SequenceClassification,
+            )),
+            Some("TOKEN_CLS") => Some(("ForTokenClassification", bert::Task::TokenClassification)),
+            _ => None,
+        };
+        if let Some((suffix, _)) = head.filter(|(_, t)| cfg.task() != *t) {
             let body = match cfg.flavor {
                 bert::Flavor::Bert => "Bert",
                 bert::Flavor::DistilBert => "DistilBert",
                 bert::Flavor::Roberta => "Roberta",
             };
-            cfg.architectures = vec![format!("{body}ForSequenceClassification")];
+            cfg.architectures = vec![format!("{body}{suffix}")];
         }
         if let Some(labels) = &a.labels {
             cfg.id2label = Some(
