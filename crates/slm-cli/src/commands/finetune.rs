@@ -46,7 +46,7 @@ pub struct Args {
     /// The model to start from: a folder, or a hub id ORG/NAME.
     #[arg(long, short = 'm')]
     pub(crate) model: PathBuf,
-    /// What to train: a classifier head, next-token prediction or masked-token prediction.
+    /// What to train: a classifier head, a tagger, next-token prediction or masked-token prediction.
     #[arg(long, value_enum, default_value = "classify")]
     pub(crate) task: Task,
     /// Training data: TSV/CSV with a header or JSONL, with text and label fields.
