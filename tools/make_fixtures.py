@@ -21,6 +21,10 @@ PEFT (peft==0.13.2): an adapter PEFT made, with its logits; PEFT's logits for th
 
 Run: python tools/make_fixtures.py [gpt2 llama qwen2 phi3 smollm2 encoders minilm perplexity metrics quant train peft]
 (SLM_ASSETS defaults to ../shared/assets)
+
+transformers 5.x: `python tools/make_fixtures.py v5` with tools/requirements-v5.txt installed
+(torch==2.6.0, transformers==5.24.0, peft==0.21.2) re-saves the 4.x fixtures as 5.x writes them
+and records what 5.x computes on them, under tests/fixtures/v5/.
 """
 import json
 import os
@@ -97,6 +101,12 @@ def record_tiny(name, model, save_kw):
     model.eval()
     model.save_pretrained(d / "safetensors", safe_serialization=True, **save_kw)
     model.save_pretrained(d / "bin", safe_serialization=False)
+    write_causal_cases(name, model, d)
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} params")
+
+
+def write_causal_cases(name, model, d):
+    """The logits of PROMPTS and their greedy continuations, to d/expected.json."""
     cases = []
     for ids in PROMPTS:
         x = torch.tensor([ids])
@@ -110,7 +120,6 @@ def record_tiny(name, model, save_kw):
             "greedy": out[0, len(ids):].tolist(),
         })
     (d / "expected.json").write_text(json.dumps({"family": name, "cases": cases}))
-    print(f"{name}: {sum(p.numel() for p in model.parameters())} params")
 
 
 def record_tiny_tokenizer():
@@ -572,10 +581,11 @@ ENCODER_GRADS = {
 }
 
 
-def record_train_encoders():
+def record_train_encoders(root=OUT, names=None, model_dir=lambda n: OUT / "encoders" / n / "safetensors"):
     """Loss and gradients (eval mode: no dropout) of every encoder flavor with every head on the
     train_bert.json batch: sequence labels, per-token tags (id % 3 on each non-special token),
-    masked-LM targets at positions 2 and 3. roberta_tok is RoBERTa with a token head, saved here."""
+    masked-LM targets at positions 2 and 3, and the logits of that batch. roberta_tok is RoBERTa
+    with a token head, saved here. Written to root/train_encoders.json."""
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
     rec_bert = json.loads((OUT / "train_bert.json").read_text())
     ids = torch.tensor(rec_bert["input_ids"])
@@ -600,8 +610,10 @@ def record_train_encoders():
                 shutil.copy(f, tok_dir / f.name)
     out_rec = {"input_ids": ids.tolist(), "seq_labels": seq_labels.tolist(), "tags": tags.tolist(),
                "mlm_labels": mlm.tolist(), "models": {}}
-    for name, names in ENCODER_GRADS.items():
-        d = OUT / "encoders" / name / "safetensors"
+    for name, grad_names in ENCODER_GRADS.items():
+        if names is not None and name not in names:
+            continue
+        d = model_dir(name)
         cls = {"cls": AutoModelForSequenceClassification, "tok": AutoModelForTokenClassification,
                "mlm": AutoModelForMaskedLM}[name.split("_")[1]]
         labels = {"cls": seq_labels, "tok": tags, "mlm": mlm}[name.split("_")[1]]
@@ -612,7 +624,7 @@ def record_train_encoders():
             if k in sd:
                 kw["num_labels"] = sd[k].shape[0]
         model = cls.from_pretrained(d, **kw)
-        if name == "roberta_mlm":
+        if name == "roberta_mlm" and transformers.__version__.startswith("4."):
             # transformers 4.46 ties lm_head.bias to the decoder's bias, which the safetensors
             # file (deduplicated on save) lacks, so the loaded model has a zero bias: put the
             # stored one back, as the model that was saved had it.
@@ -624,9 +636,10 @@ def record_train_encoders():
         out.loss.backward()
         named = dict(model.named_parameters())
         out_rec["models"][name] = {"loss": out.loss.item(),
-                                   "grads": {n: named[n].grad.flatten().tolist() for n in names}}
+                                   "grads": {n: grad_list(named[n].grad) for n in grad_names},
+                                   "logits": out.logits.detach().numpy().round(7).tolist()}
         print(f"train_encoders {name}: loss {out.loss.item():.6f}")
-    (OUT / "train_encoders.json").write_text(json.dumps(out_rec))
+    (root / "train_encoders.json").write_text(json.dumps(out_rec))
 
 
 CAUSAL_GRADS = {
@@ -656,11 +669,18 @@ CAUSAL_LORA = {
 }
 
 
-def record_train_causal():
+def grad_list(t):
+    """A gradient as a list, to 7 significant digits (the tests compare at 1e-4 relative)."""
+    return [float(f"{x:.7g}") for x in t.flatten().tolist()]
+
+
+def record_train_causal(root=OUT, names=("llama", "qwen2", "gpt2", "phi3"),
+                        model_dir=lambda n: OUT / n / "safetensors"):
     """Loss and gradients of the tiny Llama (GQA, llama3 RoPE, untied), Qwen2 (biases, tied),
     GPT-2 (Conv1D, learned positions, tied) and Phi-3 (fused qkv and gate_up) on two sequences
-    with ignored positions, full and with a PEFT LoRA (random A and B). Dropout off (eval mode:
-    GPT-2's config has 0.1), so both sides compute the same function."""
+    with ignored positions, full and with a PEFT LoRA (random A and B, saved to root/peft). Dropout
+    off (eval mode: GPT-2's config has 0.1), so both sides compute the same function. Written to
+    root/train_causal.json."""
     from peft import LoraConfig, get_peft_model
     ids = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 7, 9, 11, 13, 200],
                         [300, 301, 302, 7, 7, 7, 7, 9, 11, 13, 200, 100]])
@@ -668,14 +688,14 @@ def record_train_causal():
     labels[1, :4] = -100   # a prompt: no loss on its tokens
     labels[0, 6] = -100
     rec = {"input_ids": ids.tolist(), "labels": labels.tolist(), "models": {}}
-    for name in ("llama", "qwen2", "gpt2", "phi3"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(OUT / name / "safetensors")
+    for name in names:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir(name))
         model.eval()
         out = model(input_ids=ids, labels=labels)
         out.loss.backward()
         named = dict(model.named_parameters())
         r = {"loss": out.loss.item(),
-             "grads": {n: named[n].grad.flatten().tolist() for n in CAUSAL_GRADS[name]},
+             "grads": {n: grad_list(named[n].grad) for n in CAUSAL_GRADS[name]},
              "params_with_grad": sum(int(p.grad.abs().sum() > 0) for p in model.parameters())}
         model.zero_grad()
         torch.manual_seed(11)
@@ -685,15 +705,15 @@ def record_train_causal():
         pm.eval()
         out = pm(input_ids=ids, labels=labels)
         out.loss.backward()
-        pm.save_pretrained(OUT / "peft" / f"{name}_lora")
+        pm.save_pretrained(root / "peft" / f"{name}_lora")
         r["lora_loss"] = out.loss.item()
         with torch.no_grad():
             r["lora_logits"] = pm(input_ids=ids[:1]).logits[0].numpy().round(7).tolist()
-        r["lora_grads"] = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad.flatten().tolist()
+        r["lora_grads"] = {n.removeprefix("base_model.model.").replace(".default", ""): grad_list(p.grad)
                            for n, p in pm.named_parameters() if p.requires_grad and ("layers.0." in n or ".h.0." in n)}
         rec["models"][name] = r
         print(f"train_causal {name}: loss {r['loss']:.6f} lora {r['lora_loss']:.6f}")
-    (OUT / "train_causal.json").write_text(json.dumps(rec))
+    (root / "train_causal.json").write_text(json.dumps(rec))
 
 
 def record_peft():
@@ -741,11 +761,107 @@ def record_peft():
     print("peft:", {k: (v if isinstance(v, str) else len(v)) for k, v in rec.items()})
 
 
+V5_CAUSAL = ["gpt2", "phi3", "llama", "qwen2"]
+V5_ENCODERS = ["distilbert_cls", "distilbert_mlm", "distilbert_tok", "roberta_cls", "roberta_mlm", "roberta_tok"]
+
+
+def record_v5():
+    """The same tiny models as transformers 5.x saves them (config.json with `rope_parameters`
+    and `dtype`, its safetensors, its tokenizer files) under tests/fixtures/v5/, with what 5.x
+    and its PEFT compute on them: logits and greedy ids, loss and gradients, PEFT LoRA, and
+    PEFT's logits for the adapters slm wrote. Run with tools/requirements-v5.txt installed."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    assert transformers.__version__ == "5.24.0", transformers.__version__
+    root = OUT / "v5"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir()
+    for name in V5_CAUSAL:
+        model = AutoModelForCausalLM.from_pretrained(OUT / name / "safetensors")
+        model.save_pretrained(root / name)
+        model = AutoModelForCausalLM.from_pretrained(root / name)
+        model.eval()
+        write_causal_cases(f"v5/{name}", model, root / name)
+    heads = {"cls": AutoModelForSequenceClassification, "tok": AutoModelForTokenClassification,
+             "mlm": AutoModelForMaskedLM}
+    for name in V5_ENCODERS:
+        src = OUT / "encoders" / name / "safetensors"
+        sd = load_file(str(src / "model.safetensors"))
+        # distilbert_cls has no id2label: the head's size comes from its weight.
+        kw = {"num_labels": sd[k].shape[0] for k in ("classifier.weight",) if k in sd}
+        model = heads[name.split("_")[1]].from_pretrained(src, **kw)
+        if name == "roberta_mlm":
+            with torch.no_grad():
+                model.lm_head.bias.copy_(sd["lm_head.bias"])
+        model.save_pretrained(root / name)
+        AutoTokenizer.from_pretrained(src).save_pretrained(root / name)
+    record_train_causal(root, V5_CAUSAL, lambda n: root / n)
+    record_train_encoders(root, V5_ENCODERS, lambda n: root / n)
+    ids = torch.tensor([json.loads((OUT / "train_causal.json").read_text())["input_ids"][0]])
+    rec = {"transformers": transformers.__version__, "peft": peft.__version__}
+    for name in ("gpt2", "phi3"):
+        pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / name),
+                                       OUT / "peft" / f"slm_{name}_adapter")
+        pm.eval()
+        with torch.no_grad():
+            rec[f"slm_{name}_logits"] = pm(input_ids=ids).logits[0].numpy().round(7).tolist()
+    (root / "peft" / "expected.json").write_text(json.dumps(rec))
+    print("v5:", sorted(p.name for p in root.iterdir()))
+
+
+PEFT_ENCODERS = {"distilbert_cls": ("SEQ_CLS", ["q_lin", "v_lin"]), "roberta_tok": ("TOKEN_CLS", ["query", "value"])}
+
+
+def record_peft_encoders():
+    """PEFT interop for DistilBERT (SEQ_CLS) and RoBERTa (TOKEN_CLS): adapters PEFT made (random
+    A and B, a head in modules_to_save moved away from the base's) with their logits, and PEFT's
+    logits for the adapters slm trained (tests/fixtures/peft/slm_<name>_adapter, written by
+    `SLM_WRITE_FIXTURES=1 cargo test --test peft`). Each text runs alone: no padding."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    train = json.loads((OUT / "train_bert.json").read_text())
+    rows = [[i for i in r if i != 0] for r in train["input_ids"]]
+    root = OUT / "peft"
+    rec = {"peft": peft.__version__, "input_ids": rows}
+
+    def logits(m):
+        with torch.no_grad():
+            return [m(input_ids=torch.tensor([r])).logits[0].numpy().round(7).tolist() for r in rows]
+
+    for name, (task, targets) in PEFT_ENCODERS.items():
+        src = OUT / "encoders" / name / "safetensors"
+        cls = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForTokenClassification
+        n = load_file(str(src / "model.safetensors"))["classifier.weight"].shape[0]
+        torch.manual_seed(77)
+        pm = get_peft_model(cls.from_pretrained(src, num_labels=n),
+                            LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=targets,
+                                       lora_dropout=0.0, init_lora_weights=False))
+        with torch.no_grad():
+            for pn, p in pm.named_parameters():
+                if "modules_to_save" in pn:
+                    p.add_(torch.randn_like(p) * 0.2)
+        pm.eval()
+        pm.save_pretrained(root / f"{name}_lora")
+        rec[f"{name}_lora_logits"] = logits(pm)
+        slm_dir = root / f"slm_{name}_adapter"
+        if slm_dir.exists():
+            pm = PeftModel.from_pretrained(cls.from_pretrained(src, num_labels=n), slm_dir)
+            pm.eval()
+            rec[f"slm_{name}_logits"] = logits(pm)
+    (root / "encoders.json").write_text(json.dumps(rec))
+    print("peft encoders:", sorted(rec))
+
+
 def main():
     torch.manual_seed(1234)
     print("torch", torch.__version__, "transformers", transformers.__version__)
     OUT.mkdir(parents=True, exist_ok=True)
     only = sys.argv[1:]
+    if only == ["v5"]:
+        return record_v5()
     for name, model, kw in tiny_models():
         if not only or name in only:
             record_tiny(name, model, kw)
@@ -769,6 +885,7 @@ def main():
         record_train_encoders()
     if not only or "peft" in only:
         record_peft()
+        record_peft_encoders()
 
 
 if __name__ == "__main__":

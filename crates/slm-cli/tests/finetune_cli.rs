@@ -215,6 +215,9 @@ fn bad_training_data_is_reported_with_its_line() {
         "16",
         "--valid-split",
         "0",
+        // An encoder takes a dropout rate of its own as well.
+        "--dropout",
+        "0.2",
     ];
     let (code, _, err) = run(&args, None);
     assert_eq!(code, 0, "{err}");

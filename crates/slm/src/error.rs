@@ -37,6 +37,10 @@ pub enum Error {
     #[error("{0}")]
     Data(String),
 
+    /// An output that would replace something already there without being told to.
+    #[error("{0}")]
+    Exists(String),
+
     /// A checkpoint that cannot be resumed.
     #[error("{0}")]
     Resume(String),

@@ -105,3 +105,13 @@ fn rope_parameters_that_slm_cannot_follow_are_errors() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The tiny models as transformers 5.x saves them (config.json, safetensors; tools/make_fixtures.py
+/// `v5`): transformers 5.x's logits and greedy ids.
+#[test]
+fn files_written_by_transformers_5() {
+    for family in ["gpt2", "phi3", "llama", "qwen2"] {
+        let v5 = format!("v5/{family}");
+        check(&v5, "");
+    }
+}

@@ -34,17 +34,7 @@ fn batch() -> Batch {
 /// Logits through the inference path (the `slm classify` model) with an adapter applied.
 fn inference_logits(model: &Path, adapter: Option<&Path>, b: &Batch) -> Vec<f32> {
     let enc = Encoder::load_with(model, adapter).unwrap();
-    let inputs: Vec<slm::tokenize::EncoderInput> = (0..b.size())
-        .map(|i| {
-            let ids = b.ids[i * b.t..][..b.lengths[i]].to_vec();
-            slm::tokenize::EncoderInput {
-                type_ids: vec![0; ids.len()],
-                full_len: ids.len(),
-                ids,
-            }
-        })
-        .collect();
-    let batch = EncoderBatch::new(&inputs, 0).unwrap();
+    let batch = train_fixture::encoder_batch(b);
     enc.model
         .logits(&batch)
         .unwrap()
@@ -379,6 +369,158 @@ fn causal_adapters_of_gpt2_and_phi3_interoperate_with_peft() {
             &causal_logits(&base, &committed, &ids),
             &peft_logits,
             1e-4,
+            &format!("{name}: slm adapter in PEFT"),
+        );
+    }
+}
+
+/// The same both ways with transformers 5.x and PEFT 0.21 (tools/make_fixtures.py `v5`): PEFT
+/// 0.21's adapters on the models 5.x saved give its logits in slm, and the adapters slm wrote
+/// give in PEFT 0.21 the logits slm gives.
+#[test]
+fn causal_adapters_interoperate_with_peft_0_21_on_transformers_5() {
+    let v5 = fixtures().join("v5");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(v5.join("train_causal.json")).unwrap())
+            .unwrap();
+    let peft: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(v5.join("peft/expected.json")).unwrap())
+            .unwrap();
+    assert_eq!(peft["peft"], "0.21.2");
+    let ids: Vec<u32> = serde_json::from_value(r["input_ids"][0].clone()).unwrap();
+    let rows = |v: &serde_json::Value| -> Vec<f32> {
+        serde_json::from_value::<Vec<Vec<f32>>>(v.clone())
+            .unwrap()
+            .concat()
+    };
+    for name in ["gpt2", "phi3", "llama", "qwen2"] {
+        let base = v5.join(name);
+        assert_close(
+            &causal_logits(&base, &v5.join(format!("peft/{name}_lora")), &ids),
+            &rows(&r["models"][name]["lora_logits"]),
+            1e-4,
+            &format!("{name}: PEFT 0.21 adapter in slm"),
+        );
+    }
+    for name in ["gpt2", "phi3"] {
+        let committed = fixtures().join(format!("peft/slm_{name}_adapter"));
+        assert_close(
+            &causal_logits(&v5.join(name), &committed, &ids),
+            &rows(&peft[format!("slm_{name}_logits")]),
+            1e-4,
+            &format!("{name}: slm adapter in PEFT 0.21"),
+        );
+    }
+}
+
+/// Logits of each text alone (no padding) through the inference path with `adapter`.
+fn per_text_logits(model: &Path, adapter: &Path, rows: &[Vec<u32>]) -> Vec<f32> {
+    let enc = Encoder::load_with(model, Some(adapter)).unwrap();
+    rows.iter()
+        .flat_map(|ids| {
+            let input = slm::tokenize::EncoderInput {
+                type_ids: vec![0; ids.len()],
+                full_len: ids.len(),
+                ids: ids.clone(),
+            };
+            let batch = EncoderBatch::new(&[input], 0).unwrap();
+            let l: Vec<f32> = enc
+                .model
+                .logits(&batch)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            l
+        })
+        .collect()
+}
+
+/// DistilBERT (SEQ_CLS on q_lin, v_lin) and RoBERTa (TOKEN_CLS on query, value) adapters both
+/// ways: PEFT's adapter, head in modules_to_save, gives PEFT's logits in slm; the adapter slm
+/// trained (committed, written by `SLM_WRITE_FIXTURES=1`) gives in PEFT the logits slm gives.
+#[test]
+fn encoder_adapters_of_distilbert_and_roberta_interoperate_with_peft() {
+    let rec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("peft/encoders.json")).unwrap(),
+    )
+    .unwrap();
+    let rows: Vec<Vec<u32>> = serde_json::from_value(rec["input_ids"].clone()).unwrap();
+    let flat = |v: &serde_json::Value| -> Vec<f32> {
+        let v: Vec<serde_json::Value> = serde_json::from_value(v.clone()).unwrap();
+        v.iter()
+            .flat_map(|x| match x.as_array().unwrap()[0].is_array() {
+                true => serde_json::from_value::<Vec<Vec<f32>>>(x.clone())
+                    .unwrap()
+                    .concat(),
+                false => serde_json::from_value::<Vec<f32>>(x.clone()).unwrap(),
+            })
+            .collect()
+    };
+    let tr: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("train_encoders.json")).unwrap(),
+    )
+    .unwrap();
+    for (name, targets) in [
+        ("distilbert_cls", ["q_lin", "v_lin"]),
+        ("roberta_tok", ["query", "value"]),
+    ] {
+        let base = fixtures().join(format!("encoders/{name}/safetensors"));
+        let python = fixtures().join(format!("peft/{name}_lora"));
+        assert_close(
+            &per_text_logits(&base, &python, &rows),
+            &flat(&rec[format!("{name}_lora_logits")]),
+            1e-5,
+            &format!("{name}: PEFT adapter in slm"),
+        );
+
+        let committed = fixtures().join(format!("peft/slm_{name}_adapter"));
+        if std::env::var_os("SLM_WRITE_FIXTURES").is_some() {
+            let method = Method {
+                lora: Some((4, 8.0)),
+                targets: targets.map(String::from).to_vec(),
+                seed: 3,
+            };
+            let labels = slm::models::load_encoder(&base).unwrap().model.labels;
+            let mut b = batch();
+            let mut m = if name.ends_with("tok") {
+                let tags: Vec<Vec<i64>> = serde_json::from_value(tr["tags"].clone()).unwrap();
+                b.targets = tags
+                    .concat()
+                    .into_iter()
+                    .map(|x| (x >= 0).then_some(x as u32))
+                    .collect();
+                BertTrain::load_token_classifier(&base, labels, &method).unwrap()
+            } else {
+                BertTrain::load(&base, labels, &method).unwrap()
+            };
+            m.dropout = slm::train::tape::Dropout::Off;
+            let cfg = OptimConfig::constant(5e-2);
+            let mut opt = AdamW::new(&m.params);
+            for _ in 0..3 {
+                m.forward_backward(&b, 1).unwrap();
+                opt.step(&mut m.params, &cfg, cfg.lr);
+                m.params.zero_grad();
+            }
+            let _ = std::fs::remove_dir_all(&committed);
+            save_adapter(&m, &base, &committed).unwrap();
+            for f in std::fs::read_dir(&committed).unwrap() {
+                let f = f.unwrap().path();
+                let n = f.file_name().unwrap().to_str().unwrap().to_string();
+                if !n.starts_with("adapter") {
+                    std::fs::remove_file(f).unwrap();
+                }
+            }
+        }
+        let key = format!("slm_{name}_logits");
+        let want = rec
+            .get(&key)
+            .unwrap_or_else(|| panic!("{key}: run make_fixtures.py peft"));
+        assert_close(
+            &per_text_logits(&base, &committed, &rows),
+            &flat(want),
+            1e-5,
             &format!("{name}: slm adapter in PEFT"),
         );
     }

@@ -119,8 +119,32 @@ fn lora(r: usize, alpha: f32, targets: &[String]) -> slm::train::tape::LoraSpec 
 }
 
 fn causal_reference() -> serde_json::Value {
-    let p = fixtures().join("train_causal.json");
+    causal_reference_in(&fixtures())
+}
+
+fn causal_reference_in(root: &std::path::Path) -> serde_json::Value {
+    let p = root.join("train_causal.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// Where a fixture generation keeps the model of each name.
+type ModelDir = fn(&str) -> std::path::PathBuf;
+
+/// The fixtures made by each transformers major (tools/make_fixtures.py, and its `v5` under
+/// transformers 5.x): the folder of their reference files, and where each model is.
+fn generations() -> [(std::path::PathBuf, ModelDir); 2] {
+    [
+        (fixtures(), |n| {
+            let enc = n.contains('_');
+            let sub = if enc {
+                format!("encoders/{n}")
+            } else {
+                n.into()
+            };
+            fixtures().join(sub).join("safetensors")
+        }),
+        (fixtures().join("v5"), |n| fixtures().join("v5").join(n)),
+    ]
 }
 
 /// HF shifts labels inside the model; slm's targets are already the next token per position.
@@ -162,13 +186,20 @@ fn check_grads(params: &slm::train::params::Params, want: &serde_json::Value) {
     }
 }
 
+/// transformers 4.x and 5.x (each its own saved files and its own PyTorch run).
 #[test]
 fn causal_lm_loss_and_gradients_match_pytorch() {
-    let r = causal_reference();
+    for (root, model_dir) in generations() {
+        causal_lm_matches(&root, model_dir);
+    }
+}
+
+fn causal_lm_matches(root: &std::path::Path, model_dir: ModelDir) {
+    let r = causal_reference_in(root);
     let b = causal_batch(&r);
     for name in ["llama", "qwen2", "gpt2", "phi3"] {
         let want = &r["models"][name];
-        let dir = fixtures().join(name).join("safetensors");
+        let dir = model_dir(name);
         let mut m = CausalLm::load(&dir, None, 0).unwrap();
         // The fixtures are PyTorch's gradients in eval mode (GPT-2's config has dropout 0.1).
         m.dropout = Dropout::Off;
@@ -195,9 +226,16 @@ fn causal_lm_loss_and_gradients_match_pytorch() {
     }
 }
 
+/// PEFT 0.13 with transformers 4.x and PEFT 0.21 with 5.x.
 #[test]
 fn causal_lora_loss_and_gradients_match_peft() {
-    let r = causal_reference();
+    for (root, model_dir) in generations() {
+        causal_lora_matches(&root, model_dir);
+    }
+}
+
+fn causal_lora_matches(root: &std::path::Path, model_dir: ModelDir) {
+    let r = causal_reference_in(root);
     let b = causal_batch(&r);
     for (name, targets) in [
         ("llama", &["q_proj", "v_proj"][..]),
@@ -206,12 +244,12 @@ fn causal_lora_loss_and_gradients_match_peft() {
         ("phi3", &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
     ] {
         let want = &r["models"][name];
-        let dir = fixtures().join(name).join("safetensors");
+        let dir = model_dir(name);
         let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
         let mut m = CausalLm::load(&dir, Some(lora(4, 8.0, &targets)), 0).unwrap();
         m.dropout = Dropout::Off;
         // PEFT's random A and B, so that both sides start from the same adapter.
-        let adapter = fixtures().join(format!("peft/{name}_lora/adapter_model.safetensors"));
+        let adapter = root.join(format!("peft/{name}_lora/adapter_model.safetensors"));
         let values = slm::io::write::read_safetensors_f32(&adapter).unwrap();
         let mut set = 0;
         for p in m
@@ -586,17 +624,7 @@ fn encoder_training_and_inference_forwards_give_the_same_logits() {
         };
         let got = m.logits(&b).unwrap();
         let inf = slm::models::load_encoder(&dir).unwrap().model;
-        let inputs: Vec<slm::tokenize::EncoderInput> = (0..b.size())
-            .map(|s| {
-                let ids = b.ids[s * b.t..][..b.lengths[s]].to_vec();
-                slm::tokenize::EncoderInput {
-                    type_ids: vec![0; ids.len()],
-                    full_len: ids.len(),
-                    ids,
-                }
-            })
-            .collect();
-        let eb = slm::models::bert::EncoderBatch::new(&inputs, 0).unwrap();
+        let eb = train_fixture::encoder_batch(&b);
         let all: Vec<f32> = inf
             .logits(&eb)
             .unwrap()
@@ -704,10 +732,17 @@ fn gpt2_dropout_trains_the_network_it_drops() {
 }
 
 /// DistilBERT and RoBERTa with each head, and BERT's token head: loss and gradients of the
-/// training executor against PyTorch (tools/make_fixtures.py `train`, eval mode).
+/// training executor against PyTorch (tools/make_fixtures.py `train`, eval mode), from the files
+/// transformers 4.x and 5.x each wrote; with 5.x also the inference executor's logits.
 #[test]
 fn encoder_flavors_and_heads_match_pytorch_gradients() {
-    let p = fixtures().join("train_encoders.json");
+    for (root, model_dir) in generations() {
+        encoders_match(&root, model_dir);
+    }
+}
+
+fn encoders_match(root: &std::path::Path, model_dir: ModelDir) {
+    let p = root.join("train_encoders.json");
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     let rows: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
     let t = rows[0].len();
@@ -730,7 +765,7 @@ fn encoder_flavors_and_heads_match_pytorch_gradients() {
         targets: vec![],
     };
     for (name, want) in r["models"].as_object().unwrap() {
-        let dir = fixtures().join(format!("encoders/{name}/safetensors"));
+        let dir = model_dir(name);
         let labels = slm::models::load_encoder(&dir).unwrap().model.labels;
         let mut m = match name.rsplit('_').next().unwrap() {
             "cls" => BertTrain::load(&dir, labels, &full()).unwrap(),
@@ -748,5 +783,48 @@ fn encoder_flavors_and_heads_match_pytorch_gradients() {
         let w = want["loss"].as_f64().unwrap();
         assert!((loss - w).abs() < 1e-5, "{name}: loss {loss} vs torch {w}");
         check_grads(&m.params, &want["grads"]);
+        if let Some(logits) = want.get("logits") {
+            check_encoder_logits(name, &dir, &b, logits);
+        }
     }
+}
+
+/// The inference executor's logits against transformers' at every real (unpadded) position.
+fn check_encoder_logits(
+    name: &str,
+    dir: &std::path::Path,
+    b: &slm::train::bert::Batch,
+    want: &serde_json::Value,
+) {
+    let inf = slm::models::load_encoder(dir).unwrap().model;
+    let eb = train_fixture::encoder_batch(b);
+    let got = inf.logits(&eb).unwrap();
+    let mut d = 0f32;
+    let mut n = 0;
+    for s in 0..b.size() {
+        let row = got.get(s).unwrap();
+        if row.dims().len() == 1 {
+            let w: Vec<f32> = serde_json::from_value(want[s].clone()).unwrap();
+            let g: Vec<f32> = row.to_vec1().unwrap();
+            d = g
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(d, f32::max);
+            n += w.len();
+            continue;
+        }
+        let g: Vec<Vec<f32>> = row.to_vec2().unwrap();
+        for (j, gj) in g.iter().enumerate().take(b.lengths[s]) {
+            let w: Vec<f32> = serde_json::from_value(want[s][j].clone()).unwrap();
+            d = gj
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(d, f32::max);
+            n += w.len();
+        }
+    }
+    assert!(n > 0, "{name}: no logits compared");
+    assert!(d <= 1e-4, "{name}: inference logits vs transformers {d:e}");
 }

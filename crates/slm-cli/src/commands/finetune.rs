@@ -2,18 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use slm::train::bert::{BertTrain, Method as TrainMethod};
-use slm::train::causal::{
-    causal_eval_batches, load_causal_data, make_causal_batch, CausalDataOptions, CausalRun,
-};
-use slm::train::classify::{eval_batches, load_data, make_batch, ClassifierRun, DataOptions};
-use slm::train::lm::{default_lora_targets, CausalLm};
-use slm::train::masked::{load_masked_data, MaskedRun, Masker};
+use slm::train::job::{self, Job, Lora};
 use slm::train::optim::{OptimConfig, Schedule};
-use slm::train::tape::{Dropout, LoraSpec};
-use slm::train::token::{load_token_data, make_token_batch, token_eval_batches};
+use slm::train::tape::Dropout;
 use slm::train::trainer::{self, Evaluation, Hooks, StepInfo, TrainConfig};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,54 +233,6 @@ fn dropout(a: &Args) -> Dropout {
     }
 }
 
-fn check_dropout(p: f32) -> Result<f32> {
-    if !(0.0..1.0).contains(&p) {
-        bail!("--lora-dropout must be in [0, 1), got {p}");
-    }
-    Ok(p)
-}
-
-/// Refuses to mix a new run into an old one's folder or to replace a model already there, or
-/// clears the old run with --force; never writes into the model it reads.
-fn prepare_output(a: &Args) -> Result<()> {
-    let same = |x: &std::path::Path, y: &std::path::Path| matches!((x.canonicalize(), y.canonicalize()), (Ok(x), Ok(y)) if x == y);
-    if a.model.is_dir() && same(&a.output, &a.model) {
-        bail!(
-            "-o {} is the model folder itself; write the fine-tuned model to another folder",
-            a.output.display()
-        );
-    }
-    let has_run = a.output.join("checkpoint").exists() || a.output.join("metrics.jsonl").exists();
-    if has_run && !a.resume && !a.force {
-        bail!(
-            "{} already holds a run; pass --resume to continue it or --force to start over",
-            a.output.display()
-        );
-    }
-    let model_file = [
-        "model.safetensors",
-        "model.safetensors.index.json",
-        "pytorch_model.bin",
-        "adapter_model.safetensors",
-    ]
-    .into_iter()
-    .find(|f| a.output.join(f).exists());
-    if let Some(f) = model_file.filter(|_| !a.resume && !a.force) {
-        bail!(
-            "{} already holds a model ({f}); pass --force to replace it or choose another -o",
-            a.output.display()
-        );
-    }
-    super::clean_stale(&a.output);
-    if a.force && !a.resume {
-        for f in ["checkpoint", "checkpoint.old", "best"] {
-            let _ = std::fs::remove_dir_all(a.output.join(f));
-        }
-        let _ = std::fs::remove_file(a.output.join("metrics.jsonl"));
-    }
-    Ok(())
-}
-
 fn progress(total: usize) -> Bar {
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
@@ -295,22 +240,6 @@ fn progress(total: usize) -> Bar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     Bar { bar }
-}
-
-/// Runs the loop with a progress bar.
-fn fit<M: trainer::Model>(
-    run: &mut M,
-    n_train: usize,
-    make: &dyn Fn(&[usize]) -> M::Batch,
-    valid: &[M::Batch],
-    cfg: &TrainConfig,
-    a: &Args,
-) -> Result<trainer::Summary> {
-    let bar = progress(cfg.total_steps(n_train));
-    let summary = trainer::train(run, n_train, make, valid, cfg, &a.output, a.resume, &bar)
-        .with_context(|| format!("training into {}", a.output.display()))?;
-    bar.bar.finish_and_clear();
-    Ok(summary)
 }
 
 fn report(summary: &trainer::Summary, out: &std::path::Path) -> Result<()> {
@@ -368,287 +297,47 @@ pub fn run(a: Args) -> Result<()> {
     report(&summary, &out)
 }
 
+/// The run an `Args` describes, for the library.
+fn job(a: &Args) -> Job {
+    Job {
+        task: match a.task {
+            Task::Classify => job::Task::Classify,
+            Task::CausalLm => job::Task::CausalLm,
+            Task::MaskedLm => job::Task::MaskedLm,
+            Task::TokenClassify => job::Task::TokenClassify,
+        },
+        model: a.model.clone(),
+        output: a.output.clone(),
+        train: a.train.clone(),
+        valid: a.valid.clone(),
+        valid_split: a.valid_split,
+        columns: slm::data::Columns {
+            text: a.text_column.clone(),
+            pair: None,
+            label: a.label_column.clone(),
+        },
+        skip_empty: a.skip_empty,
+        max_length: a.max_length,
+        lora: (a.method == Method::Lora).then(|| Lora {
+            r: a.lora_r,
+            alpha: a.lora_alpha,
+            dropout: a.lora_dropout,
+            targets: a.target_modules.clone(),
+        }),
+        dropout: dropout(a),
+        config: train_config(a),
+        resume: a.resume,
+        force: a.force,
+    }
+}
+
 /// Runs the training an `Args` describes; `slm tune` calls it once per trial.
 pub(crate) fn train(mut a: Args) -> Result<(trainer::Summary, PathBuf)> {
     super::resolve_model(&mut a.model)?;
-    let out = a.output.clone();
-    if a.dropout.is_some() && a.task != Task::CausalLm {
-        bail!(
-            "--dropout applies to --task causal-lm for now; encoder training runs without dropout"
-        );
-    }
-    let summary = match a.task {
-        Task::Classify => run_classify(a)?,
-        Task::CausalLm => run_causal(a)?,
-        Task::MaskedLm => run_masked(a)?,
-        Task::TokenClassify => run_token(a)?,
-    };
-    Ok((summary, out))
-}
-
-fn run_causal(a: Args) -> Result<trainer::Summary> {
-    prepare_output(&a)?;
-    let source = slm::train::lm::trainable_source(&a.model, &a.output, |base| {
-        eprintln!(
-            "converting {} to f32 safetensors in {}",
-            a.model.display(),
-            base.display()
-        )
-    })?;
-    let files = slm::io::ModelFiles::locate(&source)?;
-    let tok = slm::tokenize::Tokenizer::load(&files)?;
-    let positions = slm::models::config_of(&files)?.context_length();
-    let max_length = a.max_length.unwrap_or(256.min(positions));
-    if max_length > positions {
-        bail!("--max-length {max_length} exceeds the model's context of {positions} tokens");
-    }
-    let data = load_causal_data(
-        &tok,
-        &CausalDataOptions {
-            train: &a.train,
-            valid: a.valid.as_deref(),
-            valid_split: a.valid_split,
-            seed: a.seed,
-            max_len: max_length,
-        },
-    )?;
-    let arch = slm::models::config_of(&files)?.architecture();
-    let targets = if a.target_modules.is_empty() {
-        default_lora_targets(arch)
-    } else {
-        a.target_modules.clone()
-    };
-    let lora = (a.method == Method::Lora).then_some(LoraSpec {
-        r: a.lora_r,
-        alpha: a.lora_alpha,
-        targets,
-        dropout: check_dropout(a.lora_dropout)?,
-    });
-    let mut model = CausalLm::load(&source, lora, a.seed)?;
-    model.dropout = dropout(&a);
-    eprintln!(
-        "{} train / {} valid examples ({}, up to {max_length} tokens); {} of {} parameters trained{}",
-        data.train.len(),
-        data.valid.len(),
-        data.format,
-        model.params.n_trainable(),
-        model.params.n_total(),
-        if data.truncated > 0 {
-            format!("; {} examples truncated to {max_length} tokens", data.truncated)
-        } else {
-            String::new()
-        }
-    );
-    let cfg = train_config(&a);
-    let pad = tok.pad_id();
-    let train_set = &data.train;
-    let make = |idx: &[usize]| {
-        make_causal_batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad)
-    };
-    let valid = causal_eval_batches(&data.valid, a.batch_size, pad);
-    let mut run = CausalRun { model, source };
-    fit(&mut run, train_set.len(), &make, &valid, &cfg, &a)
-}
-
-/// The positions a BERT-family model takes, or a clear error for another family.
-fn encoder_positions(
-    files: &slm::io::ModelFiles,
-    model: &std::path::Path,
-    task: &str,
-) -> Result<usize> {
-    match slm::models::config_of(files)? {
-        slm::models::ModelConfig::Bert(c) => Ok(c.max_tokens()),
-        other => bail!(
-            "{}: '{}' is a causal language model; --task {task} fine-tunes BERT-family encoders, use --task causal-lm for this one",
-            model.display(),
-            other.architecture().name()
-        ),
-    }
-}
-
-fn run_masked(a: Args) -> Result<trainer::Summary> {
-    let (files, tok, max_length) = encoder_setup(&a, "masked-lm")?;
-    let data = load_masked_data(
-        &tok,
-        &a.train,
-        a.valid.as_deref(),
-        a.valid_split,
-        a.seed,
-        max_length,
-    )?;
-    // LoRA trains the factors and the masked-LM head; the output is the merged model.
-    let method = encoder_method(&a, &files)?;
-    let mut model = BertTrain::load_masked_lm(&a.model, &method)?;
-    configure(&mut model, &a)?;
-    summary(
-        &format!(
-            "{} train / {} valid texts",
-            data.train.len(),
-            data.valid.len()
-        ),
-        &model.params,
-        data.truncated,
-        "texts",
-        max_length,
-    );
-    let cfg = train_config(&a);
-    let masker = Masker::new(&tok, a.seed)?;
-    let train_set = &data.train;
-    let make =
-        |idx: &[usize]| masker.batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), idx);
-    // Validation masks are fixed: the same positions at every evaluation.
-    let valid: Vec<_> = data
-        .valid
-        .chunks(64)
-        .enumerate()
-        .map(|(k, c)| masker.batch(&c.iter().collect::<Vec<_>>(), &[usize::MAX - k]))
-        .collect();
-    let mut run = MaskedRun {
-        model,
-        source: files.root.clone(),
-    };
-    fit(&mut run, train_set.len(), &make, &valid, &cfg, &a)
-}
-
-/// What every encoder task starts with: the output folder checked, the model's files and
-/// tokenizer, and the maximum length the model's positions allow.
-fn encoder_setup(
-    a: &Args,
-    task: &str,
-) -> Result<(slm::io::ModelFiles, slm::tokenize::Tokenizer, usize)> {
-    prepare_output(a)?;
-    let files = slm::io::ModelFiles::locate(&a.model)?;
-    let tok = slm::tokenize::Tokenizer::load(&files)?;
-    let positions = encoder_positions(&files, &a.model, task)?;
-    let max_length = a.max_length.unwrap_or(128.min(positions));
-    if max_length > positions {
-        bail!("--max-length {max_length} exceeds the model's {positions} positions");
-    }
-    Ok((files, tok, max_length))
-}
-
-/// The options every encoder run applies to its model: LoRA dropout and the model's own.
-fn configure(model: &mut BertTrain, a: &Args) -> Result<()> {
-    model.set_lora_dropout(check_dropout(a.lora_dropout)?);
-    model.dropout = dropout(a);
-    Ok(())
-}
-
-/// The line before training: the data, what is trained, what was cut.
-fn summary(
-    data: &str,
-    params: &slm::train::params::Params,
-    truncated: usize,
-    unit: &str,
-    max_length: usize,
-) {
-    let cut = if truncated > 0 {
-        format!("; {truncated} {unit} truncated to {max_length} tokens")
-    } else {
-        String::new()
-    };
-    eprintln!(
-        "{data}; {} of {} parameters trained{cut}",
-        params.n_trainable(),
-        params.n_total()
-    );
-}
-
-/// Full or LoRA on an encoder, LoRA on PEFT's default modules of its flavor unless named.
-fn encoder_method(a: &Args, files: &slm::io::ModelFiles) -> Result<TrainMethod> {
-    let targets = if a.target_modules.is_empty() {
-        default_lora_targets(slm::models::config_of(files)?.architecture())
-    } else {
-        a.target_modules.clone()
-    };
-    Ok(TrainMethod {
-        lora: (a.method == Method::Lora).then_some((a.lora_r, a.lora_alpha)),
-        targets,
-        seed: a.seed,
-    })
-}
-
-fn run_token(a: Args) -> Result<trainer::Summary> {
-    let (files, tok, max_length) = encoder_setup(&a, "token-classify")?;
-    let data = load_token_data(
-        &tok,
-        &a.train,
-        a.valid.as_deref(),
-        a.valid_split,
-        a.seed,
-        max_length,
-    )?;
-    let method = encoder_method(&a, &files)?;
-    let mut model = BertTrain::load_token_classifier(&a.model, data.labels.clone(), &method)?;
-    configure(&mut model, &a)?;
-    summary(
-        &format!(
-            "{} train / {} valid sentences, tags: {}",
-            data.train.len(),
-            data.valid.len(),
-            data.labels.join(", ")
-        ),
-        &model.params,
-        data.truncated,
-        "sentences",
-        max_length,
-    );
-    let cfg = train_config(&a);
-    let pad = tok.pad_id();
-    let train_set = &data.train;
-    let make = |idx: &[usize]| {
-        make_token_batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad)
-    };
-    let valid = token_eval_batches(&data.valid, 64, pad);
-    let mut run = ClassifierRun {
-        model,
-        source: files.root.clone(),
-    };
-    fit(&mut run, train_set.len(), &make, &valid, &cfg, &a)
-}
-
-fn run_classify(a: Args) -> Result<trainer::Summary> {
-    let (files, tok, max_length) = encoder_setup(&a, "classify")?;
-    let data = load_data(
-        &tok,
-        &DataOptions {
-            train: &a.train,
-            valid: a.valid.as_deref(),
-            valid_split: a.valid_split,
-            seed: a.seed,
-            max_len: max_length,
-            columns: slm::data::Columns {
-                text: a.text_column.clone(),
-                pair: None,
-                label: a.label_column.clone(),
-            },
-            skip_empty: a.skip_empty,
-        },
-    )?;
-    let method = encoder_method(&a, &files)?;
-    let mut model = BertTrain::load(&a.model, data.labels.clone(), &method)?;
-    configure(&mut model, &a)?;
-    summary(
-        &format!(
-            "{} train / {} valid examples, labels: {}",
-            data.train.len(),
-            data.valid.len(),
-            data.labels.join(", ")
-        ),
-        &model.params,
-        data.truncated,
-        "texts",
-        max_length,
-    );
-    let cfg = train_config(&a);
-    let pad = tok.pad_id();
-    let train_set = &data.train;
-    let make =
-        |idx: &[usize]| make_batch(&idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad);
-    let valid = eval_batches(&data.valid, 64, pad);
-    let mut run = ClassifierRun {
-        model,
-        source: files.root.clone(),
-    };
-    fit(&mut run, train_set.len(), &make, &valid, &cfg, &a)
+    let job = job(&a);
+    let bar = progress(0);
+    let summary =
+        job::run(&job, &bar).with_context(|| format!("training into {}", job.output.display()));
+    bar.bar.finish_and_clear();
+    Ok((summary?, a.output))
 }

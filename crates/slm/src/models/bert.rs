@@ -20,6 +20,16 @@ pub enum Flavor {
     Roberta,
 }
 
+impl Flavor {
+    /// The modules PEFT's LoRA targets by default for this model type.
+    pub fn lora_targets(self) -> &'static [&'static str] {
+        match self {
+            Flavor::DistilBert => &["q_lin", "v_lin"],
+            Flavor::Bert | Flavor::Roberta => &["query", "value"],
+        }
+    }
+}
+
 /// What the checkpoint's head computes, from `architectures` (e.g. `BertForMaskedLM`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {

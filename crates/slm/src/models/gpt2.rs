@@ -70,6 +70,9 @@ impl<W: Weights> Block<W> {
     }
 }
 
+/// The module PEFT's LoRA targets by default (the fused Q|K|V Conv1D).
+pub const LORA_TARGETS: &[&str] = &["c_attn"];
+
 pub struct Gpt2<W: Weights> {
     wte: W::Embedding,
     wpe: W::Embedding,

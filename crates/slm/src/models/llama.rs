@@ -18,6 +18,16 @@ pub enum Variant {
     Phi3,
 }
 
+impl Variant {
+    /// The modules PEFT's LoRA targets by default for this model type.
+    pub fn lora_targets(self) -> &'static [&'static str] {
+        match self {
+            Variant::Phi3 => &["qkv_proj"],
+            Variant::Llama | Variant::Qwen2 => &["q_proj", "v_proj"],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     pub vocab_size: usize,

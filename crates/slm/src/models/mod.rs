@@ -109,6 +109,17 @@ impl Architecture {
         })
     }
 
+    /// The modules PEFT's LoRA targets when none are named (PEFT's
+    /// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+    pub fn lora_targets(&self) -> Vec<String> {
+        let names = match self {
+            Architecture::Gpt2 => gpt2::LORA_TARGETS,
+            Architecture::Llama(v) => v.lora_targets(),
+            Architecture::Bert(f) => f.lora_targets(),
+        };
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Architecture::Gpt2 => "gpt2",

@@ -143,14 +143,6 @@ pub fn make_batch(examples: &[&Example], pad: u32) -> Batch {
     b
 }
 
-/// Batches of the evaluation set in file order.
-pub fn eval_batches(examples: &[Example], batch_size: usize, pad: u32) -> Vec<Batch> {
-    examples
-        .chunks(batch_size.max(1))
-        .map(|c| make_batch(&c.iter().collect::<Vec<_>>(), pad))
-        .collect()
-}
-
 /// The model side of a classification run: the network and where its tokenizer files are.
 pub struct ClassifierRun {
     pub model: BertTrain,

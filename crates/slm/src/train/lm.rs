@@ -52,19 +52,6 @@ pub fn trainable_source(
     Ok(base)
 }
 
-/// The modules PEFT's own defaults target for a family (its
-/// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`), encoders included.
-pub fn default_lora_targets(arch: Architecture) -> Vec<String> {
-    let names: &[&str] = match arch {
-        Architecture::Gpt2 => &["c_attn"],
-        Architecture::Llama(llama::Variant::Phi3) => &["qkv_proj"],
-        Architecture::Llama(_) => &["q_proj", "v_proj"],
-        Architecture::Bert(crate::models::bert::Flavor::DistilBert) => &["q_lin", "v_lin"],
-        Architecture::Bert(_) => &["query", "value"],
-    };
-    names.iter().map(|s| s.to_string()).collect()
-}
-
 pub struct CausalLm {
     net: Net,
     pub params: Params,
@@ -105,7 +92,7 @@ impl CausalLm {
                     cfg.architecture().name(),
                     spec.targets.join(", "),
                     cfg.architecture().name(),
-                    default_lora_targets(cfg.architecture()).join(", ")
+                    cfg.architecture().lora_targets().join(", ")
                 )));
             }
         }

@@ -6,11 +6,13 @@
 //! - [`optim`]: AdamW, schedules, clipping.
 //! - [`trainer`]: the loop: accumulation, evaluation, early stopping, checkpoints and resume.
 //! - [`classify`]: a text/label dataset turned into batches, and the classification run.
+//! - [`job`]: one whole run of any task, from the model and data files to the saved output.
 
 pub mod bert;
 pub mod causal;
 pub mod checkpoint;
 pub mod classify;
+pub mod job;
 pub mod lm;
 pub mod masked;
 pub mod ops;

@@ -169,10 +169,3 @@ pub fn make_token_batch(examples: &[&TokenExample], pad: u32) -> Batch {
     }
     b
 }
-
-pub fn token_eval_batches(examples: &[TokenExample], batch_size: usize, pad: u32) -> Vec<Batch> {
-    examples
-        .chunks(batch_size.max(1))
-        .map(|c| make_token_batch(&c.iter().collect::<Vec<_>>(), pad))
-        .collect()
-}

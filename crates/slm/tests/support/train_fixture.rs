@@ -38,3 +38,18 @@ pub fn batch(r: &serde_json::Value) -> Batch {
         targets: vec![],
     }
 }
+
+/// The batch's texts unpadded, as the inference executor takes them (one segment).
+pub fn encoder_batch(b: &Batch) -> slm::models::bert::EncoderBatch {
+    let inputs: Vec<slm::tokenize::EncoderInput> = (0..b.size())
+        .map(|s| {
+            let ids = b.ids[s * b.t..][..b.lengths[s]].to_vec();
+            slm::tokenize::EncoderInput {
+                type_ids: vec![0; ids.len()],
+                full_len: ids.len(),
+                ids,
+            }
+        })
+        .collect();
+    slm::models::bert::EncoderBatch::new(&inputs, 0).unwrap()
+}
