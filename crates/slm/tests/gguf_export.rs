@@ -110,6 +110,39 @@ fn phi3_exports_and_converts_back() {
     round_trip("phi3");
 }
 
+/// Gemma 3 (q/k norms, layers [sliding, sliding, global], two RoPE bases, linear scaling on the
+/// global layer): norms stored as llama.cpp's `1 + w`, the layer pattern as its bools, and back.
+#[test]
+fn gemma3_exports_and_converts_back() {
+    let hf = round_trip("gemma3");
+    let g = GgufFile::open(&hf.join("model.gguf")).unwrap();
+    let (_, _, norm) = g.raw("blk.0.attn_q_norm.weight").unwrap();
+    let stored = f32::from_le_bytes([norm[0], norm[1], norm[2], norm[3]]);
+    let hf_w = slm::io::write::read_safetensors_f32(&hf.join("model.safetensors")).unwrap()
+        ["model.layers.0.self_attn.q_norm.weight"]
+        .1[0];
+    assert_eq!(stored, hf_w + 1.0);
+    assert_eq!(g.meta_f64("gemma3.rope.freq_base_swa"), Some(10000.0));
+    let _ = std::fs::remove_dir_all(&hf);
+}
+
+/// llama.cpp scales Gemma's queries by the head size (by hidden/heads for the 27B models): a
+/// query_pre_attn_scalar other than that is refused, nothing written.
+#[test]
+fn gemma_that_llama_cpp_would_compute_otherwise_is_refused() {
+    let hf = hf_folder("gemma2", "gemma2-scalar");
+    let out = hf.join("model.gguf");
+    let err = quantize_hf(&hf, None, GgmlDType::F32, &out, false, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("query_pre_attn_scalar 20") && err.contains("(24)"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&hf);
+}
+
 /// f16/bf16 folders hold the f32 values rounded once, and refuse to overwrite without force.
 #[test]
 fn half_precision_folders_round_each_value_once() {

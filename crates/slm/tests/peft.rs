@@ -525,3 +525,27 @@ fn encoder_adapters_of_distilbert_and_roberta_interoperate_with_peft() {
         );
     }
 }
+
+/// PEFT 0.21's adapters on the tiny Gemma 2 (q_proj, v_proj) and Gemma 3 (every projection)
+/// give PEFT's logits in slm.
+#[test]
+fn gemma_adapters_made_by_peft_give_peft_logits() {
+    let root = fixtures().join("gemma");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("train_causal.json")).unwrap())
+            .unwrap();
+    let ids: Vec<u32> = serde_json::from_value(r["input_ids"][0].clone()).unwrap();
+    for name in ["gemma2", "gemma3"] {
+        let want: Vec<f32> =
+            serde_json::from_value::<Vec<Vec<f32>>>(r["models"][name]["lora_logits"].clone())
+                .unwrap()
+                .concat();
+        let base = fixtures().join(name).join("safetensors");
+        assert_close(
+            &causal_logits(&base, &root.join(format!("peft/{name}_lora")), &ids),
+            &want,
+            1e-4,
+            &format!("{name}: PEFT adapter in slm"),
+        );
+    }
+}

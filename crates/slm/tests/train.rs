@@ -190,14 +190,20 @@ fn check_grads(params: &slm::train::params::Params, want: &serde_json::Value) {
 #[test]
 fn causal_lm_loss_and_gradients_match_pytorch() {
     for (root, model_dir) in generations() {
-        causal_lm_matches(&root, model_dir);
+        causal_lm_matches(&root, model_dir, &["llama", "qwen2", "gpt2", "phi3"]);
     }
+    // Gemma (transformers 5.24 only: 4.46 has no Gemma 3).
+    causal_lm_matches(&fixtures().join("gemma"), gemma_dir, &["gemma2", "gemma3"]);
 }
 
-fn causal_lm_matches(root: &std::path::Path, model_dir: ModelDir) {
+fn gemma_dir(n: &str) -> std::path::PathBuf {
+    fixtures().join(n).join("safetensors")
+}
+
+fn causal_lm_matches(root: &std::path::Path, model_dir: ModelDir, names: &[&str]) {
     let r = causal_reference_in(root);
     let b = causal_batch(&r);
-    for name in ["llama", "qwen2", "gpt2", "phi3"] {
+    for &name in names {
         let want = &r["models"][name];
         let dir = model_dir(name);
         let mut m = CausalLm::load(&dir, None, 0).unwrap();
@@ -230,19 +236,37 @@ fn causal_lm_matches(root: &std::path::Path, model_dir: ModelDir) {
 #[test]
 fn causal_lora_loss_and_gradients_match_peft() {
     for (root, model_dir) in generations() {
-        causal_lora_matches(&root, model_dir);
+        causal_lora_matches(
+            &root,
+            model_dir,
+            &[
+                ("llama", &["q_proj", "v_proj"][..]),
+                ("qwen2", &["q_proj", "v_proj"]),
+                ("gpt2", &["c_attn", "c_proj", "c_fc"]),
+                ("phi3", &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+            ],
+        );
     }
+    let all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    causal_lora_matches(
+        &fixtures().join("gemma"),
+        gemma_dir,
+        &[("gemma2", &["q_proj", "v_proj"][..]), ("gemma3", &all)],
+    );
 }
 
-fn causal_lora_matches(root: &std::path::Path, model_dir: ModelDir) {
+fn causal_lora_matches(root: &std::path::Path, model_dir: ModelDir, models: &[(&str, &[&str])]) {
     let r = causal_reference_in(root);
     let b = causal_batch(&r);
-    for (name, targets) in [
-        ("llama", &["q_proj", "v_proj"][..]),
-        ("qwen2", &["q_proj", "v_proj"]),
-        ("gpt2", &["c_attn", "c_proj", "c_fc"]),
-        ("phi3", &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
-    ] {
+    for &(name, targets) in models {
         let want = &r["models"][name];
         let dir = model_dir(name);
         let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
@@ -657,7 +681,7 @@ fn encoder_training_and_inference_forwards_give_the_same_logits() {
 fn training_and_inference_forwards_give_the_same_logits() {
     let cr = causal_reference();
     let cb = causal_batch(&cr);
-    for name in ["gpt2", "llama", "qwen2", "phi3"] {
+    for name in ["gpt2", "llama", "qwen2", "phi3", "gemma2", "gemma3"] {
         let dir = fixtures().join(name).join("safetensors");
         let m = CausalLm::load(&dir, None, 0).unwrap();
         let train = m.logits(&cb).unwrap();

@@ -253,6 +253,27 @@ fn name_table(arch: &str) -> NameTable {
                 NORMS[1],
             ],
         },
+        // Gemma norms around both blocks: HF's post_attention_layernorm is llama.cpp's
+        // post_attention_norm here, and its pre_feedforward_layernorm the ffn_norm.
+        "gemma2" | "gemma3" => NameTable {
+            prefix: "model.layers.",
+            global: LLAMA_GLOBAL,
+            layer: &[
+                ("self_attn.q_proj", "attn_q"),
+                ("self_attn.k_proj", "attn_k"),
+                ("self_attn.v_proj", "attn_v"),
+                ("self_attn.o_proj", "attn_output"),
+                ("self_attn.q_norm", "attn_q_norm"),
+                ("self_attn.k_norm", "attn_k_norm"),
+                ("mlp.gate_proj", "ffn_gate"),
+                ("mlp.up_proj", "ffn_up"),
+                ("mlp.down_proj", "ffn_down"),
+                ("input_layernorm", "attn_norm"),
+                ("post_attention_layernorm", "post_attention_norm"),
+                ("pre_feedforward_layernorm", "ffn_norm"),
+                ("post_feedforward_layernorm", "post_ffw_norm"),
+            ],
+        },
         _ => NameTable {
             prefix: "model.layers.",
             global: LLAMA_GLOBAL,
@@ -279,6 +300,12 @@ pub const GPT2_CONV1D: [&str; 4] = [
     ".mlp.c_fc.",
     ".mlp.c_proj.",
 ];
+
+/// llama.cpp's converter stores Gemma's norm weights as `1 + w` (the gain itself); HF stores
+/// `w`. The store gives HF's, and the GGUF writer adds the one back.
+pub fn gemma_norm(arch: &str, hf: &str) -> bool {
+    matches!(arch, "gemma2" | "gemma3") && hf.ends_with("norm.weight")
+}
 
 /// HF tensor name to llama.cpp's, for the architectures slm runs.
 pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
@@ -379,7 +406,10 @@ impl WeightStore for GgufFile {
         if keep_quant && quantized && dims.len() == 2 {
             return Ok(Weight::Quant(q));
         }
-        let t = q.dequantize()?.reshape(dims)?;
+        let mut t = q.dequantize()?.reshape(dims)?;
+        if gemma_norm(arch, name) {
+            t = (t - 1.0)?;
+        }
         Ok(Weight::Dense(t))
     }
 }

@@ -463,6 +463,8 @@ impl<W: Weights> Bert<W> {
                 window: None,
                 dropout: cfg.dropout.attention,
                 causal: false,
+                scale: None,
+                softcap: None,
             },
             dropout: cfg.dropout,
             config: cfg.clone(),

@@ -123,6 +123,8 @@ impl<W: Weights> Gpt2<W> {
                 window: None,
                 dropout: cfg.attn_pdrop,
                 causal: true,
+                scale: None,
+                softcap: None,
             },
             cfg: cfg.clone(),
         })

@@ -148,6 +148,53 @@ impl ModelConfig {
                     c.size("sliding_window", w, usize::MAX)?;
                 }
             }
+            ModelConfig::Gemma(g) => {
+                c.sizes([
+                    g.vocab_size,
+                    g.hidden_size,
+                    g.intermediate_size,
+                    g.num_hidden_layers,
+                    g.max_position_embeddings,
+                ])?;
+                let hd = c.heads(
+                    ["hidden_size", "num_attention_heads", "num_key_value_heads"],
+                    g.hidden_size,
+                    g.num_attention_heads,
+                    g.n_kv_heads(),
+                    Some(g.head_dim),
+                )?;
+                if !hd.is_multiple_of(2) {
+                    return Err(c.err(format!(
+                        "head_dim is {hd}; rotary embeddings need an even head size"
+                    )));
+                }
+                c.positive("rms_norm_eps", g.rms_norm_eps)?;
+                c.positive("rope_theta", g.rope_theta)?;
+                c.positive("rope_local_base_freq", g.local_theta())?;
+                c.positive("query_pre_attn_scalar", g.query_pre_attn_scalar)?;
+                for (k, v) in [
+                    ("final_logit_softcapping", g.final_logit_softcapping),
+                    ("attn_logit_softcapping", g.attn_logit_softcapping),
+                ] {
+                    if let Some(v) = v {
+                        c.positive(k, v as f64)?;
+                    }
+                }
+                if let Some(s) = &g.rope_scaling {
+                    if let Some(f) = s.factor {
+                        c.positive("rope_scaling.factor", f)?;
+                    }
+                    let t = s.rope_type.as_deref().unwrap_or("default");
+                    if !matches!(t, "default" | "linear") {
+                        return Err(c.err(format!(
+                            "rope_scaling type '{t}' is not supported for Gemma (supported: default, linear)"
+                        )));
+                    }
+                }
+                if let Some(w) = g.sliding_window {
+                    c.size("sliding_window", w, usize::MAX)?;
+                }
+            }
             ModelConfig::Bert(b) => {
                 c.sizes([
                     b.vocab_size,

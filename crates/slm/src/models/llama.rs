@@ -209,6 +209,8 @@ impl<W: Weights> Llama<W> {
                 window: cfg.window(),
                 dropout: cfg.attention_dropout,
                 causal: true,
+                scale: None,
+                softcap: None,
             },
             cfg: cfg.clone(),
         })

@@ -1,6 +1,7 @@
 //! Model families and the one entry point that builds the right one from a model's files.
 
 pub mod bert;
+pub mod gemma;
 pub mod gpt2;
 mod limits;
 pub mod llama;
@@ -81,12 +82,14 @@ pub(crate) fn check_context(needed: usize, context: usize) -> Result<()> {
 pub enum Architecture {
     Gpt2,
     Llama(llama::Variant),
+    /// Gemma 2 and Gemma 3 text models.
+    Gemma(gemma::Variant),
     /// Encoders (BERT, DistilBERT, RoBERTa): embeddings, classification, fill-mask.
     Bert(bert::Flavor),
 }
 
 pub const SUPPORTED: &str =
-    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3; encoders: bert, distilbert, roberta";
+    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3, gemma2, gemma3 (text); encoders: bert, distilbert, roberta";
 
 impl Architecture {
     pub fn from_name(name: &str) -> Option<Self> {
@@ -97,6 +100,12 @@ impl Architecture {
             }
             "qwen2" | "Qwen2ForCausalLM" => Architecture::Llama(llama::Variant::Qwen2),
             "phi3" | "Phi3ForCausalLM" => Architecture::Llama(llama::Variant::Phi3),
+            "gemma2" | "Gemma2ForCausalLM" => Architecture::Gemma(gemma::Variant::Gemma2),
+            // `gemma3` is llama.cpp's name; transformers' `gemma3` is the multimodal model,
+            // refused with its text_config when config.json is read.
+            "gemma3_text" | "gemma3" | "Gemma3ForCausalLM" => {
+                Architecture::Gemma(gemma::Variant::Gemma3)
+            }
             "bert" => Architecture::Bert(bert::Flavor::Bert),
             "distilbert" => Architecture::Bert(bert::Flavor::DistilBert),
             "roberta" | "xlm-roberta" => Architecture::Bert(bert::Flavor::Roberta),
@@ -115,6 +124,7 @@ impl Architecture {
         let names = match self {
             Architecture::Gpt2 => gpt2::LORA_TARGETS,
             Architecture::Llama(v) => v.lora_targets(),
+            Architecture::Gemma(v) => v.lora_targets(),
             Architecture::Bert(f) => f.lora_targets(),
         };
         names.iter().map(|s| s.to_string()).collect()
@@ -126,6 +136,8 @@ impl Architecture {
             Architecture::Llama(llama::Variant::Llama) => "llama",
             Architecture::Llama(llama::Variant::Qwen2) => "qwen2",
             Architecture::Llama(llama::Variant::Phi3) => "phi3",
+            Architecture::Gemma(gemma::Variant::Gemma2) => "gemma2",
+            Architecture::Gemma(gemma::Variant::Gemma3) => "gemma3",
             Architecture::Bert(bert::Flavor::Bert) => "bert",
             Architecture::Bert(bert::Flavor::DistilBert) => "distilbert",
             Architecture::Bert(bert::Flavor::Roberta) => "roberta",
@@ -142,6 +154,7 @@ impl Architecture {
 pub enum ModelConfig {
     Gpt2(gpt2::Config),
     Llama(llama::Config),
+    Gemma(gemma::Config),
     Bert(bert::Config),
 }
 
@@ -150,6 +163,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(_) => Architecture::Gpt2,
             ModelConfig::Llama(c) => Architecture::Llama(c.variant),
+            ModelConfig::Gemma(c) => Architecture::Gemma(c.variant),
             ModelConfig::Bert(c) => Architecture::Bert(c.flavor),
         }
     }
@@ -158,6 +172,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.n_positions,
             ModelConfig::Llama(c) => c.max_position_embeddings,
+            ModelConfig::Gemma(c) => c.max_position_embeddings,
             ModelConfig::Bert(c) => c.max_tokens(),
         }
     }
@@ -166,6 +181,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size,
             ModelConfig::Llama(c) => c.vocab_size,
+            ModelConfig::Gemma(c) => c.vocab_size,
             ModelConfig::Bert(c) => c.vocab_size,
         }
     }
@@ -202,6 +218,15 @@ impl ModelConfig {
                 let mut c: llama::Config = serde_json::from_value(json).in_file(path)?;
                 c.variant = variant;
                 ModelConfig::Llama(c)
+            }
+            Architecture::Gemma(variant) => {
+                if json.get("text_config").is_some() {
+                    return Err(Error::file(
+                        path,
+                        "a multimodal Gemma 3 checkpoint (text_config, vision tower) is not supported; use a text model (model_type gemma3_text, e.g. gemma-3-270m or gemma-3-1b)",
+                    ));
+                }
+                ModelConfig::Gemma(gemma::Config::from_json(json, variant).in_file(path)?)
             }
             Architecture::Bert(flavor) => {
                 ModelConfig::Bert(bert::Config::from_json(json, flavor).in_file(path)?)
@@ -300,8 +325,97 @@ impl ModelConfig {
                     variant,
                 })
             }
+            Architecture::Gemma(variant) => {
+                let hidden = req("embedding_length")?;
+                let layers = req("block_count")?;
+                let head_dim = g
+                    .meta_u64(&key("attention.key_length"))
+                    .map_or(hidden / heads, |v| v as usize);
+                // llama.cpp scales the 27B models' queries by hidden/heads, every other size by
+                // the head size: what their query_pre_attn_scalar says.
+                let is_27b = matches!(
+                    (variant, layers),
+                    (gemma::Variant::Gemma2, 46) | (gemma::Variant::Gemma3, 62)
+                );
+                let (layer_types, sliding_window_pattern) = gemma_layers(g, &key, layers)?;
+                ModelConfig::Gemma(gemma::Config {
+                    vocab_size,
+                    hidden_size: hidden,
+                    intermediate_size: req("feed_forward_length")?,
+                    num_hidden_layers: layers,
+                    num_attention_heads: heads,
+                    num_key_value_heads: g
+                        .meta_u64(&key("attention.head_count_kv"))
+                        .map(|v| v as usize),
+                    head_dim,
+                    max_position_embeddings: req("context_length")?,
+                    rms_norm_eps: g
+                        .meta_f64(&key("attention.layer_norm_rms_epsilon"))
+                        .unwrap_or(1e-6),
+                    rope_theta: g.meta_f64(&key("rope.freq_base")).unwrap_or(10000.0),
+                    // llama.cpp's sliding layers rotate with base 10000 unless told, unscaled.
+                    rope_local_base_freq: Some(
+                        g.meta_f64(&key("rope.freq_base_swa")).unwrap_or(10000.0),
+                    ),
+                    rope_scaling: rope_scaling_of(g, name)?,
+                    hidden_activation: Some(crate::nn::Activation::GeluNew),
+                    hidden_act: None,
+                    query_pre_attn_scalar: if is_27b {
+                        (hidden / heads) as f64
+                    } else {
+                        head_dim as f64
+                    },
+                    sliding_window: g
+                        .meta_u64(&key("attention.sliding_window"))
+                        .map(|v| v as usize),
+                    // Without the key, llama.cpp's patterns: every other layer (Gemma 2), five
+                    // of six (Gemma 3).
+                    layer_types,
+                    sliding_window_pattern,
+                    final_logit_softcapping: g
+                        .meta_f64(&key("final_logit_softcapping"))
+                        .map(|v| v as f32),
+                    attn_logit_softcapping: g
+                        .meta_f64(&key("attn_logit_softcapping"))
+                        .map(|v| v as f32),
+                    attention_bias: false,
+                    attention_dropout: 0.0,
+                    variant,
+                })
+            }
             Architecture::Bert(_) => unreachable!("encoders are rejected above"),
         })
+    }
+}
+
+/// Which Gemma layers slide, as llama.cpp reads `attention.sliding_window_pattern`: one bool per
+/// layer, or every n-th layer global.
+type LayerPattern = (Option<Vec<String>>, Option<usize>);
+
+fn gemma_layers(g: &GgufFile, key: &dyn Fn(&str) -> String, layers: usize) -> Result<LayerPattern> {
+    use candle_core::quantized::gguf_file::Value;
+    let k = key("attention.sliding_window_pattern");
+    let bad = |what: &str| Err(Error::file(&g.path, format!("metadata '{k}' {what}")));
+    match g.meta(&k) {
+        None => Ok((None, None)),
+        Some(Value::Array(a)) => {
+            if a.len() != layers {
+                return bad(&format!("has {} entries for {layers} layers", a.len()));
+            }
+            let mut types = Vec::with_capacity(layers);
+            for v in a {
+                match v {
+                    Value::Bool(true) => types.push("sliding_attention".to_string()),
+                    Value::Bool(false) => types.push("full_attention".to_string()),
+                    _ => return bad("holds something other than bools"),
+                }
+            }
+            Ok((Some(types), None))
+        }
+        Some(v) => match v.to_u32() {
+            Ok(n) if n > 0 => Ok((None, Some(n as usize))),
+            _ => bad("is not a positive number or a list of bools"),
+        },
     }
 }
 
@@ -407,6 +521,7 @@ pub fn load_causal_with(
     let model: Box<dyn CausalLM> = match &config {
         ModelConfig::Gpt2(c) => Box::new(Decoder::new(gpt2::Gpt2::new(c, &mut l)?)),
         ModelConfig::Llama(c) => Box::new(Decoder::new(llama::Llama::new(c, &mut l)?)),
+        ModelConfig::Gemma(c) => Box::new(Decoder::new(gemma::Gemma::new(c, &mut l)?)),
         ModelConfig::Bert(_) => {
             return Err(Error::file(
                 &files.root,

@@ -35,6 +35,8 @@ pub enum Parts<L> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NormKind {
     Rms,
+    /// RMSNorm scaled by `1 + w` (Gemma): checkpoints store the offset from one.
+    RmsOffset,
     Layer,
 }
 
@@ -51,6 +53,21 @@ pub struct AttnSpec {
     pub dropout: f32,
     /// Decoders see earlier positions only; encoders see every non-padding position.
     pub causal: bool,
+    /// The scores' scale when it is not `1/√head_dim` (Gemma's `query_pre_attn_scalar^-½`).
+    pub scale: Option<f32>,
+    /// Scores soft-capped to `cap·tanh(s/cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+}
+
+impl AttnSpec {
+    /// How the scores are formed, as the kernels take it.
+    pub fn scores(&self) -> super::kernels::Scores {
+        super::kernels::Scores {
+            scale: self.scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt()),
+            softcap: self.softcap,
+            window: self.window,
+        }
+    }
 }
 
 /// Which rows of `[tokens, width]` an op picks, per sequence or overall.
@@ -88,6 +105,13 @@ pub trait Exec {
         x: &Self::X,
     ) -> Result<Vec<Self::X>>;
     fn norm(&mut self, n: &<Self::W as Weights>::Norm, x: &Self::X) -> Result<Self::X>;
+    /// The norm applied to each head's `n.size` values of `[tokens, heads·size]` on its own
+    /// (Gemma 3's and Qwen 3's q/k norms).
+    fn norm_heads(&mut self, n: &<Self::W as Weights>::Norm, x: Self::X) -> Result<Self::X>;
+    /// `s·x` (Gemma's embeddings, scaled by √hidden).
+    fn scale(&mut self, x: Self::X, s: f32) -> Result<Self::X>;
+    /// `cap·tanh(x/cap)` (Gemma 2's final logits).
+    fn softcap(&mut self, x: Self::X, cap: f32) -> Result<Self::X>;
     /// `norm(x + residual)`: the post-LN block of encoders, fused where it can be.
     fn add_norm(
         &mut self,

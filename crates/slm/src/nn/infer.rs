@@ -241,6 +241,27 @@ impl Exec for Infer<'_> {
         Ok(Act::Full(n.forward(&x.tensor()?)?))
     }
 
+    fn norm_heads(&mut self, n: &Norm, x: Act) -> Result<Act> {
+        let x = x.tensor()?;
+        let dims = x.dims().to_vec();
+        let size = n.size()?;
+        let rows = x.reshape((x.elem_count() / size, size))?;
+        Ok(Act::Full(n.forward(&rows)?.reshape(dims)?))
+    }
+
+    fn scale(&mut self, x: Act, s: f32) -> Result<Act> {
+        Ok(Act::Full(x.tensor()?.affine(s as f64, 0.0)?))
+    }
+
+    fn softcap(&mut self, x: Act, cap: f32) -> Result<Act> {
+        let x = x.tensor()?;
+        Ok(Act::Full(
+            x.affine(1.0 / cap as f64, 0.0)?
+                .tanh()?
+                .affine(cap as f64, 0.0)?,
+        ))
+    }
+
     fn add(&mut self, a: Act, b: Act) -> Result<Act> {
         Ok(Act::Full(a.tensor()?.broadcast_add(&b.tensor()?)?))
     }
@@ -307,7 +328,7 @@ impl Exec for Infer<'_> {
         };
         let pos = self.pos;
         let y = kernels::with_f32(&q, |q| {
-            kernels::causal_attention(q, keys, nh, nkv, hd, pos, a.window)
+            kernels::causal_attention(q, keys, nh, nkv, hd, pos, a.scores())
         })?;
         Ok(Act::Full(kernels::tensor(y, vec![1, t, nh * hd])?))
     }
@@ -399,6 +420,7 @@ impl Loader for VbLoader {
         let vb = self.at(name);
         Ok(match kind {
             NormKind::Rms => Norm::Rms(RmsNorm::new(size, eps, &vb)?),
+            NormKind::RmsOffset => Norm::Rms(RmsNorm::offset(size, eps, &vb)?),
             NormKind::Layer => Norm::Layer(LayerNorm::new(size, eps, &vb)?),
         })
     }

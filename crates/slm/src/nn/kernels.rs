@@ -310,9 +310,10 @@ unsafe fn head_attention(
     t: usize,
     nk: usize,
     hd: usize,
+    sc: Scores,
     keys: impl Fn(usize) -> std::ops::Range<usize>,
 ) {
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = sc.scale;
     let mut scores = vec![0f32; t * nk];
     gemm::gemm(
         t,
@@ -339,6 +340,11 @@ unsafe fn head_attention(
         let r = keys(i);
         row[..r.start].fill(0.0);
         row[r.end..].fill(0.0);
+        if let Some(cap) = sc.softcap {
+            row[r.clone()]
+                .iter_mut()
+                .for_each(|s| *s = cap * (*s / cap).tanh());
+        }
         softmax_in_place(&mut row[r]);
     }
     gemm::gemm(
@@ -400,11 +406,33 @@ pub fn bidirectional_attention(
                 t,
                 len,
                 hd,
+                Scores::standard(hd),
                 |_| 0..len,
             )
         }
     });
     y
+}
+
+/// How a head's attention scores are formed from `q·kᵀ`, and which keys a query sees.
+#[derive(Debug, Clone, Copy)]
+pub struct Scores {
+    pub scale: f32,
+    /// `cap·tanh(s/cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+    /// Sliding window: a query sees this many positions, itself included.
+    pub window: Option<usize>,
+}
+
+impl Scores {
+    /// `q·kᵀ/√hd` over every earlier key.
+    pub fn standard(hd: usize) -> Self {
+        Scores {
+            scale: 1.0 / (hd as f32).sqrt(),
+            softcap: None,
+            window: None,
+        }
+    }
 }
 
 /// A KV cache as the attention kernel reads it: per head `cap` rows of `hd`, the first `len`
@@ -425,7 +453,7 @@ pub fn causal_attention(
     nkv: usize,
     hd: usize,
     pos: usize,
-    window: Option<usize>,
+    sc: Scores,
 ) -> Vec<f32> {
     let t = q.len() / (nh * hd);
     assert_eq!(q.len(), nh * t * hd);
@@ -439,7 +467,7 @@ pub fn causal_attention(
         let kvh = h / groups;
         let keys = |i: usize| {
             let qpos = pos + i;
-            let lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+            let lo = sc.window.map_or(0, |w| (qpos + 1).saturating_sub(w));
             lo..qpos + 1
         };
         // SAFETY: q is [nh, t, hd] and each head of the cache holds `cap >= len` rows of hd
@@ -453,6 +481,7 @@ pub fn causal_attention(
                 t,
                 kv.len,
                 hd,
+                sc,
                 keys,
             )
         }
@@ -543,7 +572,18 @@ mod tests {
                 cap: total,
                 len: total,
             };
-            let y = causal_attention(&q, kv, nh, nkv, hd, pos, window);
+            let y = causal_attention(
+                &q,
+                kv,
+                nh,
+                nkv,
+                hd,
+                pos,
+                Scores {
+                    window,
+                    ..Scores::standard(hd)
+                },
+            );
             for h in 0..nh {
                 let kvh = h / (nh / nkv);
                 for i in 0..t {

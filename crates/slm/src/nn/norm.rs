@@ -18,6 +18,18 @@ impl RmsNorm {
         })
     }
 
+    /// Gemma's `(1 + w)·x̂`: the stored offset plus one, added once at load.
+    pub fn offset(size: usize, eps: f64, vb: &Vb) -> Result<Self> {
+        Ok(Self {
+            weight: (vb.get("weight", &[size])? + 1.0)?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn size(&self) -> Result<usize> {
+        Ok(self.weight.dim(0)?)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
@@ -79,6 +91,14 @@ pub enum Norm {
 }
 
 impl Norm {
+    /// The width each normalized group has.
+    pub fn size(&self) -> Result<usize> {
+        match self {
+            Norm::Rms(n) => n.size(),
+            Norm::Layer(n) => Ok(n.weight.dim(0)?),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Norm::Rms(n) => n.forward(x),

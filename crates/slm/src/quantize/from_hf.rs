@@ -14,11 +14,11 @@ use super::{
     check_output, file_type, quantize_tensor, tensor_type, write_gguf, GgmlDType, Summary,
 };
 use crate::error::{Error, Result};
-use crate::io::gguf::{gguf_name, unpermute_qk_rows, GPT2_CONV1D};
+use crate::io::gguf::{gemma_norm, gguf_name, unpermute_qk_rows, GPT2_CONV1D};
 use crate::io::peft::{AdaptedStore, PeftAdapter};
 use crate::io::{open_weights, ModelFiles, WeightFormat, WeightStore};
 use crate::models::llama::{Config, Variant};
-use crate::models::{config_of, gpt2, ModelConfig};
+use crate::models::{config_of, gemma, gpt2, ModelConfig};
 use crate::nn::Activation;
 use crate::tokenize::to_gguf;
 
@@ -40,11 +40,12 @@ pub fn quantize_hf(
     let mut meta = match &config {
         ModelConfig::Llama(c) => llama_metadata(c, arch, &files.root)?,
         ModelConfig::Gpt2(c) => gpt2_metadata(c, &files.root)?,
+        ModelConfig::Gemma(c) => gemma_metadata(c, arch, &files.root)?,
         ModelConfig::Bert(_) => {
             return Err(Error::file(
                 &files.root,
                 format!(
-                    "GGUF export covers causal models (gpt2, llama, qwen2, phi3), not '{arch}'"
+                    "GGUF export covers causal models (gpt2, llama, qwen2, phi3, gemma2, gemma3), not '{arch}'"
                 ),
             ))
         }
@@ -112,6 +113,10 @@ pub fn quantize_hf(
             if let Some(h) = heads {
                 t = permute_qk(&t, h)?;
             }
+        }
+        if gemma_norm(arch, name) {
+            // llama.cpp's Gemma norms hold the gain itself, 1 + w.
+            t = (t + 1.0)?;
         }
         if gpt2 && t.rank() == 2 && GPT2_CONV1D.iter().any(|m| name.contains(m)) {
             // GPT-2's Conv1D keeps weights as [in, out]; GGUF as every linear layer, [out, in].
@@ -216,6 +221,83 @@ fn llama_metadata(c: &Config, arch: &str, root: &Path) -> Result<Vec<(String, Va
             Some("llama3") if arch == "llama" => {}
             other => return unsupported(other.unwrap_or("?")),
         }
+    }
+    Ok(meta)
+}
+
+/// Gemma's facts as llama.cpp reads them. What llama.cpp computes on its own (the query scale
+/// from the head size, GELU-tanh, no biases) must be what the config says, or the file would
+/// hold another model: refused by name.
+fn gemma_metadata(c: &gemma::Config, arch: &str, root: &Path) -> Result<Vec<(String, Value)>> {
+    let k = |s: &str| format!("{arch}.{s}");
+    let refuse = |what: String| Err(Error::file(root, format!("GGUF export of {arch}: {what}")));
+    let is_27b = matches!(
+        (c.variant, c.num_hidden_layers),
+        (gemma::Variant::Gemma2, 46) | (gemma::Variant::Gemma3, 62)
+    );
+    let llama_cpp_scalar = if is_27b {
+        c.hidden_size / c.num_attention_heads
+    } else {
+        c.head_dim
+    };
+    if c.query_pre_attn_scalar != llama_cpp_scalar as f64 {
+        return refuse(format!(
+            "query_pre_attn_scalar {} is not what llama.cpp uses for this model ({llama_cpp_scalar})",
+            c.query_pre_attn_scalar
+        ));
+    }
+    if c.activation() != Activation::GeluNew || c.attention_bias {
+        return refuse("llama.cpp's Gemma has GELU-tanh and no attention biases".into());
+    }
+    let mut meta = vec![
+        model_name(root),
+        (k("context_length"), u(c.max_position_embeddings)),
+        (k("embedding_length"), u(c.hidden_size)),
+        (k("block_count"), u(c.num_hidden_layers)),
+        (k("feed_forward_length"), u(c.intermediate_size)),
+        (k("attention.head_count"), u(c.num_attention_heads)),
+        (k("attention.head_count_kv"), u(c.n_kv_heads())),
+        (k("attention.key_length"), u(c.head_dim)),
+        (k("attention.value_length"), u(c.head_dim)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        (k("rope.freq_base_swa"), Value::F32(c.local_theta() as f32)),
+        (k("rope.dimension_count"), u(c.head_dim)),
+        (
+            k("attention.sliding_window_pattern"),
+            Value::Array(
+                (0..c.num_hidden_layers)
+                    .map(|i| Value::Bool(c.is_sliding(i)))
+                    .collect(),
+            ),
+        ),
+    ];
+    if let Some(w) = c.sliding_window {
+        meta.push((k("attention.sliding_window"), u(w)));
+    }
+    for (key, cap) in [
+        ("attn_logit_softcapping", c.attn_logit_softcapping),
+        ("final_logit_softcapping", c.final_logit_softcapping),
+    ] {
+        if let Some(cap) = cap {
+            meta.push((k(key), Value::F32(cap)));
+        }
+    }
+    if let Some(s) = c.rope_scaling.as_ref().filter(|s| s.is_scaled()) {
+        if s.rope_type.as_deref() != Some("linear") {
+            return refuse(format!(
+                "rope_scaling '{}' (supported: linear)",
+                s.rope_type.as_deref().unwrap_or("?")
+            ));
+        }
+        meta.push((k("rope.scaling.type"), Value::String("linear".into())));
+        meta.push((
+            k("rope.scaling.factor"),
+            Value::F32(s.factor.unwrap_or(1.0) as f32),
+        ));
     }
     Ok(meta)
 }

@@ -106,7 +106,11 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
                 .meta_u64("tokenizer.ggml.unknown_token_id")
                 .and_then(|i| tokens.get(i as usize))
                 .map(|s| s.as_str());
-            spm::tokenizer_json(&pieces, unk)
+            // Gemma's vocabulary puts no "▁" before the text (llama.cpp's add_space_prefix).
+            let space_prefix = g
+                .meta_bool("tokenizer.ggml.add_space_prefix")
+                .unwrap_or(true);
+            spm::tokenizer_json(&pieces, unk, space_prefix)
         }
         "bert" => {
             // llama.cpp stores word-initial pieces with a leading "▁" and continuation pieces

@@ -254,6 +254,14 @@ impl Tokenizer {
         t.add_bos = g.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(spm);
         t.add_eos = g.meta_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
         t.chat_template = g.meta_str("tokenizer.chat_template").map(String::from);
+        if g.architecture().is_ok_and(|a| a.starts_with("gemma")) {
+            // Gemma files often carry no template; a turn ends with <end_of_turn>.
+            t.chat_template
+                .get_or_insert_with(|| chat::GEMMA.to_string());
+            if let Some(id) = t.token_to_id("<end_of_turn>") {
+                t.eos.push(id);
+            }
+        }
         Ok(t)
     }
 
@@ -338,7 +346,7 @@ impl Tokenizer {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let pieces = spm::parse_model_proto(&bytes).in_file(path)?;
         let unk = pieces.iter().find(|p| p.kind == 2).map(|p| p.text.clone());
-        let doc = spm::tokenizer_json(&pieces, unk.as_deref())?;
+        let doc = spm::tokenizer_json(&pieces, unk.as_deref(), true)?;
         let mut t = Self::from_tokenizer(from_json(&doc, path)?, path.to_path_buf());
         let find = |s: &str| pieces.iter().position(|p| p.text == s).map(|i| i as u32);
         t.bos = find("<s>");

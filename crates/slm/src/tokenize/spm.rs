@@ -137,8 +137,10 @@ fn merges_from_scores(pieces: &[Piece]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A `tokenizer.json` document equal to what transformers' LlamaConverter (legacy mode) writes.
-pub fn tokenizer_json(pieces: &[Piece], unk: Option<&str>) -> Result<Value> {
+/// A `tokenizer.json` document equal to what transformers' LlamaConverter (legacy mode) writes,
+/// or with `space_prefix` false its GemmaConverter: no "▁" put before the text, none stripped
+/// from the decoded text.
+pub fn tokenizer_json(pieces: &[Piece], unk: Option<&str>, space_prefix: bool) -> Result<Value> {
     if pieces.is_empty() {
         return Err(Error::msg("empty SentencePiece vocabulary"));
     }
@@ -157,21 +159,24 @@ pub fn tokenizer_json(pieces: &[Piece], unk: Option<&str>) -> Result<Value> {
         .filter(|(_, p)| matches!(p.kind, 2..=4))
         .map(|(i, p)| super::added_token(i as u32, &p.text, p.kind != 4))
         .collect();
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let mut normalizers = vec![replace];
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if space_prefix {
+        normalizers.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
     Ok(json!({
         "version": "1.0",
         "added_tokens": added,
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u{2581}"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}
-        ]},
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
         "pre_tokenizer": null,
         "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}
-        ]},
+        "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,

@@ -22,8 +22,11 @@ const UNUSED: i32 = 5;
 pub fn gguf_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
     let spm_path = dir.join("tokenizer.model");
     // As llama.cpp's converter: SentencePiece's own file first, it carries the scores.
+    let tj = dir.join("tokenizer.json");
     let mut meta = if spm_path.exists() {
         sentencepiece(dir, &spm_path, vocab_size)?
+    } else if tj.exists() && read_json(&tj)?["model"]["byte_fallback"] == true {
+        sentencepiece_json(&tj, vocab_size)?
     } else {
         byte_level_bpe(dir, vocab_size)?
     };
@@ -167,6 +170,81 @@ fn sentencepiece(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(Stri
             Value::Array(scores.into_iter().map(Value::F32).collect()),
         ),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+    ])
+}
+
+/// A SentencePiece vocabulary from its `tokenizer.json` form (a byte-fallback BPE, as
+/// transformers converts SentencePiece models, or as `slm convert` writes a GGUF's): llama.cpp
+/// merges the adjacent pair whose result scores highest, so each piece scores minus the rank
+/// of the first merge that makes it, which replays the BPE's merge order.
+fn sentencepiece_json(path: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    const UNKNOWN: i32 = 2;
+    const BYTE: i32 = 6;
+    let doc = read_json(path)?;
+    let model = &doc["model"];
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![NORMAL; vocab_size];
+    let mut scores = vec![0f32; vocab_size];
+    let mut by_text = std::collections::HashMap::new();
+    for (t, id) in model["vocab"].as_object().into_iter().flatten() {
+        let id = id.as_u64().unwrap_or(u64::MAX) as usize;
+        let slot = tokens
+            .get_mut(id)
+            .ok_or_else(|| too_many(path, id + 1, vocab_size))?;
+        *slot = Some(t.clone());
+        by_text.insert(t.clone(), id);
+        let byte = t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
+        if byte {
+            types[id] = BYTE;
+        }
+    }
+    for (rank, m) in model["merges"].as_array().into_iter().flatten().enumerate() {
+        let merged = match m {
+            Json::Array(p) => p.iter().filter_map(Json::as_str).collect::<String>(),
+            Json::String(s) => s.replacen(' ', "", 1),
+            _ => continue,
+        };
+        if let Some(&id) = by_text.get(&merged) {
+            if scores[id] == 0.0 {
+                scores[id] = -(rank as f32) - 1.0;
+            }
+        }
+    }
+    if let Some(&id) = model["unk_token"].as_str().and_then(|u| by_text.get(u)) {
+        types[id] = UNKNOWN;
+    }
+    for a in doc["added_tokens"].as_array().into_iter().flatten() {
+        let Some(id) = a["id"].as_u64().map(|i| i as usize) else {
+            continue;
+        };
+        let slot = tokens
+            .get_mut(id)
+            .ok_or_else(|| too_many(path, id + 1, vocab_size))?;
+        *slot = a["content"].as_str().map(String::from);
+        if types[id] != UNKNOWN {
+            types[id] = if a["special"] == true {
+                CONTROL
+            } else {
+                USER_DEFINED
+            };
+        }
+    }
+    // No "▁" before the text when the normalizer does not prepend one (Gemma).
+    let prepends = doc["normalizer"].to_string().contains("Prepend");
+    let (tokens, types) = padded(tokens, types);
+    Ok(vec![
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        (
+            "tokenizer.ggml.add_space_prefix".into(),
+            Value::Bool(prepends),
+        ),
     ])
 }
 

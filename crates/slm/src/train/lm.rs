@@ -8,7 +8,7 @@ use super::params::{step_seed, Params};
 use super::tape::{Dropout, LoraSpec, ParamLoader, Tape, TrainW};
 use super::TrainResult;
 use crate::io::{open_weights, ModelFiles};
-use crate::models::{config_of, gpt2, llama, Architecture, ModelConfig};
+use crate::models::{config_of, gemma, gpt2, llama, Architecture, ModelConfig};
 use crate::nn::exec::CausalFamily;
 use crate::nn::Vb;
 
@@ -31,6 +31,7 @@ impl CausalBatch {
 enum Net {
     Gpt2(gpt2::Gpt2<TrainW>),
     Llama(llama::Llama<TrainW>),
+    Gemma(gemma::Gemma<TrainW>),
 }
 
 /// The Hugging Face folder a causal model trains from. Training reads f32 weights and saves a
@@ -75,9 +76,10 @@ impl CausalLm {
         let net = match &cfg {
             ModelConfig::Gpt2(c) => Net::Gpt2(gpt2::Gpt2::new(c, &mut l)?),
             ModelConfig::Llama(c) => Net::Llama(llama::Llama::new(c, &mut l)?),
+            ModelConfig::Gemma(c) => Net::Gemma(gemma::Gemma::new(c, &mut l)?),
             ModelConfig::Bert(_) => {
                 return Err(crate::Error::Unsupported(format!(
-                "{}: '{}' is an encoder; causal-LM fine-tuning takes gpt2, llama, qwen2 or phi3",
+                "{}: '{}' is an encoder; causal-LM fine-tuning takes gpt2, llama, qwen2, phi3, gemma2 or gemma3",
                 path.display(),
                 cfg.architecture().name()
             )))
@@ -119,6 +121,7 @@ impl CausalLm {
         let out = match &self.net {
             Net::Gpt2(m) => m.forward(&mut tape, &batch.ids, false)?,
             Net::Llama(m) => m.forward(&mut tape, &batch.ids, false)?,
+            Net::Gemma(m) => m.forward(&mut tape, &batch.ids, false)?,
         };
         Ok((tape, out))
     }

@@ -370,6 +370,10 @@ pub struct AttnShape {
     /// Dropout on the attention probabilities: rate and the step's seed. The mask is drawn
     /// again in the backward pass from the same counter-based stream, so it costs no memory.
     pub dropout: Option<(f32, u64)>,
+    /// The scores' scale (`1/√hd` unless the family says otherwise).
+    pub scale: f32,
+    /// Scores soft-capped to `cap·tanh(s/cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 /// The dropout mask of the probabilities of sequence-and-head `i`, `[t, t]`.
@@ -400,9 +404,10 @@ pub fn attention(
         causal,
         window,
         dropout,
+        scale,
+        softcap,
     } = s;
     let (qw, kw) = (nh * hd, nkv * hd);
-    let scale = 1.0 / (hd as f32).sqrt();
     let mut probs = vec![0f32; b * nh * t * t];
     let mut ctx = vec![0f32; b * t * qw];
     let out = Shared(ctx.as_mut_ptr());
@@ -446,6 +451,11 @@ pub fn attention(
                 };
                 row[end..].fill(0.0);
                 row[..start].fill(0.0);
+                if let Some(cap) = softcap {
+                    row[start..end]
+                        .iter_mut()
+                        .for_each(|s| *s = cap * (*s / cap).tanh());
+                }
                 softmax_in_place(&mut row[start..end]);
             }
             let dropped: Option<Vec<f32>> = dropout.map(|d| {
@@ -496,11 +506,12 @@ pub fn attention_backward(
         nkv,
         hd,
         dropout,
+        scale,
+        softcap,
         ..
     } = s;
     let (qw, kw) = (nh * hd, nkv * hd);
     let group = nh / nkv;
-    let scale = 1.0 / (hd as f32).sqrt();
     let mut dq = vec![0f32; q.len()];
     let mut dk = vec![0f32; k.len()];
     let mut dv = vec![0f32; v.len()];
@@ -578,6 +589,38 @@ pub fn attention_backward(
                 dr.iter_mut()
                     .zip(pr)
                     .for_each(|(d, p)| *d = p * (*d - dot) * scale);
+            }
+            // Through the soft-cap: × (1 − tanh²), from the scores computed again.
+            if let Some(cap) = softcap {
+                let mut raw = vec![0f32; t * t];
+                // SAFETY: the same views of q and k as the forward pass.
+                unsafe {
+                    gemm::gemm(
+                        t,
+                        t,
+                        hd,
+                        raw.as_mut_ptr(),
+                        1,
+                        t as isize,
+                        false,
+                        q.as_ptr().add(qo),
+                        1,
+                        qw as isize,
+                        k.as_ptr().add(ko),
+                        kw as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                dp.iter_mut().zip(&raw).for_each(|(d, r)| {
+                    let c = (r / cap).tanh();
+                    *d *= 1.0 - c * c;
+                });
             }
             // SAFETY: as above.
             unsafe {
@@ -805,11 +848,15 @@ mod tests {
 
     #[test]
     fn attention_gradients_match_finite_differences() {
-        for (causal, nkv, window, dropout) in [
-            (false, 2, None, None),
-            (true, 1, None, None),
-            (true, 2, Some(2), None),
-            (true, 2, None, Some((0.3, 7))),
+        // The last two: Gemma's own scale, and Gemma 2's soft-capped scores (a cap small
+        // enough to bend them).
+        for (causal, nkv, window, dropout, scale, softcap) in [
+            (false, 2, None, None, None, None),
+            (true, 1, None, None, None, None),
+            (true, 2, Some(2), None, None, None),
+            (true, 2, None, Some((0.3, 7)), None, None),
+            (true, 2, Some(3), None, Some(0.8), None),
+            (true, 1, Some(2), None, Some(0.9), Some(0.7)),
         ] {
             let s = AttnShape {
                 b: 2,
@@ -820,6 +867,8 @@ mod tests {
                 causal,
                 window,
                 dropout,
+                scale: scale.unwrap_or(1.0 / 3f32.sqrt()),
+                softcap,
             };
             let lengths = [4, 3];
             let (qn, kn) = (s.b * s.t * s.nh * s.hd, s.b * s.t * nkv * s.hd);

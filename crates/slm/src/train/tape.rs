@@ -102,6 +102,15 @@ enum Op {
         x: usize,
         mask: Vec<f32>,
     },
+    Scale {
+        x: usize,
+        s: f32,
+    },
+    /// `cap·tanh(x/cap)`; the backward reads this node's own value.
+    Softcap {
+        x: usize,
+        cap: f32,
+    },
     /// A node whose buffers were freed.
     Done,
 }
@@ -307,10 +316,10 @@ impl Record {
                     }
                 }
                 Op::Norm { n, x, cache } => {
-                    let h = node.width;
-                    let g = p.value(n.g);
+                    let g = &gain(p, &n);
+                    let h = g.len();
                     let (dx, dg, db) = match n.kind {
-                        NormKind::Rms => {
+                        NormKind::Rms | NormKind::RmsOffset => {
                             let mut dg = vec![0f32; h];
                             let dx = ops::rms_norm_backward(&dy, &cache, g, Some(&mut dg), h);
                             (dx, dg, None)
@@ -381,6 +390,15 @@ impl Record {
                         dy.iter().zip(&mask).map(|(d, m)| d * m).collect(),
                     );
                 }
+                Op::Scale { x, s } => acc(before, x, dy.iter().map(|d| d * s).collect()),
+                Op::Softcap { x, cap } => {
+                    let g = dy
+                        .iter()
+                        .zip(&node.value)
+                        .map(|(d, y)| d * (1.0 - (y / cap) * (y / cap)))
+                        .collect();
+                    acc(before, x, g);
+                }
                 Op::Done => {}
             }
         }
@@ -395,6 +413,16 @@ fn accumulate(before: &mut [Option<Vec<f32>>], nodes: &[Node], x: usize, g: Vec<
     match &mut before[x] {
         Some(a) => a.iter_mut().zip(&g).for_each(|(a, g)| *a += g),
         slot => *slot = Some(g),
+    }
+}
+
+/// The gain a norm multiplies by: its weight, or one plus it (Gemma). The gradient with
+/// respect to the weight is the gradient with respect to this gain.
+fn gain<'a>(p: &'a Params, n: &NormP) -> std::borrow::Cow<'a, [f32]> {
+    let g = p.value(n.g);
+    match n.kind {
+        NormKind::RmsOffset => g.iter().map(|w| 1.0 + w).collect::<Vec<_>>().into(),
+        _ => g.into(),
     }
 }
 
@@ -466,17 +494,39 @@ impl Exec for Tape<'_> {
 
     fn norm(&mut self, n: &NormP, x: &usize) -> Result<usize> {
         let x = *x;
-        let h = self.nodes[x].width;
-        let g = self.p.value(n.g);
+        let w = self.nodes[x].width;
+        let g = &gain(self.p, n);
+        // Each group of the gain's size on its own: rows, or heads within rows.
+        let h = g.len();
         let (y, cache) = match n.kind {
-            NormKind::Rms => ops::rms_norm(&self.nodes[x].value, g, n.eps, h),
+            NormKind::Rms | NormKind::RmsOffset => ops::rms_norm(&self.nodes[x].value, g, n.eps, h),
             NormKind::Layer => {
                 let b = self.p.value(n.b.expect("a LayerNorm has a bias"));
                 ops::layer_norm(&self.nodes[x].value, g, b, n.eps, h)
             }
         };
         let needs = self.nodes[x].needs || self.p.trainable(n.g);
-        Ok(self.push(Op::Norm { n: *n, x, cache }, y, h, needs))
+        Ok(self.push(Op::Norm { n: *n, x, cache }, y, w, needs))
+    }
+
+    fn norm_heads(&mut self, n: &NormP, x: usize) -> Result<usize> {
+        self.norm(n, &x)
+    }
+
+    fn scale(&mut self, x: usize, s: f32) -> Result<usize> {
+        let mut v = self.consume(x);
+        v.iter_mut().for_each(|a| *a *= s);
+        let (w, needs) = (self.nodes[x].width, self.nodes[x].needs);
+        Ok(self.push(Op::Scale { x, s }, v, w, needs))
+    }
+
+    fn softcap(&mut self, x: usize, cap: f32) -> Result<usize> {
+        let mut v = self.consume(x);
+        v.iter_mut().for_each(|a| *a = cap * (*a / cap).tanh());
+        let (w, needs) = (self.nodes[x].width, self.nodes[x].needs);
+        let y = self.push(Op::Softcap { x, cap }, v, w, needs);
+        self.nodes[y].keep = true;
+        Ok(y)
     }
 
     fn add(&mut self, a: usize, b: usize) -> Result<usize> {
@@ -519,6 +569,8 @@ impl Exec for Tape<'_> {
             causal: a.causal,
             window: a.window,
             dropout: self.rate(a.dropout),
+            scale: a.scores().scale,
+            softcap: a.softcap,
         };
         // Q, K and V have no other reader: the node takes their values.
         let mut qv = std::mem::take(&mut self.nodes[q].value);
@@ -706,7 +758,7 @@ impl Loader for ParamLoader {
         };
         let g = self.get(&format!("{name}.{w}"), &[size], false)?;
         let b = match kind {
-            NormKind::Rms => None,
+            NormKind::Rms | NormKind::RmsOffset => None,
             NormKind::Layer => Some(self.get(&format!("{name}.{b}"), &[size], false)?),
         };
         Ok(NormP {
