@@ -21,13 +21,13 @@ MODEL = ASSETS / "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.g
 TEXT = ASSETS / "corpora/tinyshakespeare/input.txt"
 
 
-def llamacpp_once(threads, prompt_tokens, gen_tokens):
+def llamacpp_once(model, threads, prompt_tokens, gen_tokens):
     """Runs in a child process so its load time and peak RSS are its own."""
     import numpy as np
     from llama_cpp import Llama
 
     t = time.perf_counter()
-    llm = Llama(model_path=str(MODEL), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+    llm = Llama(model_path=str(model), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
                 n_batch=512, verbose=False)
     load = time.perf_counter() - t
     text = TEXT.read_text()[: prompt_tokens * 8]
@@ -54,24 +54,26 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--model", default=str(MODEL), help="a GGUF file (default: the SmolLM2 Q4_1 asset)")
     ap.add_argument("--child", action="store_true")
     a = ap.parse_args()
     if a.child:
-        return llamacpp_once(a.threads, a.prompt_tokens, a.gen_tokens)
+        return llamacpp_once(a.model, a.threads, a.prompt_tokens, a.gen_tokens)
     slm = ROOT / "target/release/slm"
     runs = {"slm": [], "llama.cpp": []}
     for _ in range(a.repeats):
         out = subprocess.check_output([str(slm), "bench", "--threads", str(a.threads), "--repeats", "1",
                                        "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens",
-                                       str(a.gen_tokens), "--json", "--model", str(MODEL)])
+                                       str(a.gen_tokens), "--json", "--model", a.model])
         runs["slm"].append(json.loads(out))
-        out = subprocess.check_output([sys.executable, __file__, "--child", "--threads", str(a.threads),
+        out = subprocess.check_output([sys.executable, __file__, "--child", "--model", a.model,
+                                       "--threads", str(a.threads),
                                        "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens",
                                        str(a.gen_tokens)])
         runs["llama.cpp"].append(json.loads(out))
     keys = ["load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mib"]
     med = {k: {n: statistics.median(r[k] for r in rs) for n, rs in runs.items()} for k in keys}
-    print(f"SmolLM2-135M-Instruct Q4_1, {a.threads} threads, prompt {a.prompt_tokens}, "
+    print(f"{Path(a.model).name}, {a.threads} threads, prompt {a.prompt_tokens}, "
           f"decode {a.gen_tokens}, medians of {a.repeats} alternating runs")
     print(f"| metric | slm | llama.cpp | slm / llama.cpp |\n|---|---|---|---|")
     for k in keys:

@@ -49,16 +49,17 @@ def llamacpp_greedy(path, prompt, n):
     return llm.detokenize(out).decode("utf-8", errors="replace"), out, steps, llm
 
 
-def llamacpp_perplexity(path, text, max_length=1024, stride=512):
+def llamacpp_perplexity(path, text, max_length=1024, stride=512, add_bos=False, special=False):
     """transformers' sliding-window perplexity computed from llama.cpp's logits, with the windows
-    `slm eval perplexity` uses."""
+    `slm eval perplexity` uses (and its tokens: a BOS for models whose tokenizer adds one, and
+    special tokens written in the text read as such, as transformers' tokenizers do)."""
     from llama_cpp import Llama
     import numpy as np
     # Micro-batches of 16: on this AMX CPU, llama-cpp-python 0.3.16 mis-computes Q4_0/Q4_1
     # products for batches of 32+ tokens (perplexity 214 instead of 15.7 on the original file).
     llm = Llama(model_path=str(path), n_threads=2, n_ctx=max_length, n_batch=max_length,
                 n_ubatch=16, verbose=False, logits_all=True)
-    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    ids = llm.tokenize(text.encode(), add_bos=add_bos, special=special)
     nll, count, prev_end = 0.0, 0, 0
     for begin in range(0, len(ids), stride):
         end = min(begin + max_length, len(ids))

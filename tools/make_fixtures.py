@@ -100,7 +100,9 @@ def record_tiny(name, model, save_kw):
                 p.normal_(0.0, 0.08)
     model.eval()
     model.save_pretrained(d / "safetensors", safe_serialization=True, **save_kw)
-    model.save_pretrained(d / "bin", safe_serialization=False)
+    if transformers.__version__.startswith("4."):
+        # transformers 5.x writes safetensors only.
+        model.save_pretrained(d / "bin", safe_serialization=False)
     write_causal_cases(name, model, d)
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params")
 
