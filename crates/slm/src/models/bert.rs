@@ -618,7 +618,7 @@ impl Bert<InferW> {
             Task::TokenClassification => label_names(cfg, n_labels("classifier")?),
             _ => Vec::new(),
         };
-        Self::new(cfg, &mut VbLoader { vb: vb.clone() }, task, labels)
+        Self::new(cfg, &mut VbLoader::new(vb.clone()), task, labels)
     }
 
     fn run<R>(

@@ -515,9 +515,7 @@ pub fn load_causal_with(
         weights = Arc::new(crate::io::peft::AdaptedStore::new(weights, a)?);
     }
     let config = config_of(&files)?;
-    let mut l = VbLoader {
-        vb: Vb::new(weights.clone(), dtype == ComputeDtype::Auto),
-    };
+    let mut l = VbLoader::new(Vb::new(weights.clone(), dtype == ComputeDtype::Auto));
     let model: Box<dyn CausalLM> = match &config {
         ModelConfig::Gpt2(c) => Box::new(Decoder::new(gpt2::Gpt2::new(c, &mut l)?)),
         ModelConfig::Llama(c) => Box::new(Decoder::new(llama::Llama::new(c, &mut l)?)),

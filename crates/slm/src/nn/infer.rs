@@ -356,6 +356,8 @@ impl Exec for Infer<'_> {
 /// Inference weights from a weight store, quantized ones kept quantized when the `Vb` says so.
 pub struct VbLoader {
     pub vb: Vb,
+    /// Tables loaded so far: a tied output layer reads the embedding's bytes, not a copy.
+    embeddings: std::collections::HashMap<String, Embedding>,
 }
 
 /// Where a module named as in a task model (`bert.encoder…`) is stored: under that name, or
@@ -381,6 +383,13 @@ pub fn stored_tensor(vb: &Vb, name: &str) -> String {
 }
 
 impl VbLoader {
+    pub fn new(vb: Vb) -> Self {
+        Self {
+            vb,
+            embeddings: Default::default(),
+        }
+    }
+
     fn at(&self, name: &str) -> Vb {
         self.vb.pp(stored_module(&self.vb, name))
     }
@@ -426,10 +435,16 @@ impl Loader for VbLoader {
     }
 
     fn embedding(&mut self, name: &str, count: usize, dim: usize) -> Result<Embedding> {
-        Embedding::new(count, dim, &self.at(name))
+        let e = Embedding::new(count, dim, &self.at(name))?;
+        self.embeddings.insert(name.to_string(), e.clone());
+        Ok(e)
     }
 
     fn tied(&mut self, name: &str, count: usize, dim: usize, bias: Option<&str>) -> Result<Linear> {
+        let shared = self.embeddings.get(name).and_then(Embedding::tied_linear);
+        if let Some(l) = shared.filter(|l| bias.is_none() && l.out_features() == count) {
+            return Ok(l);
+        }
         let w = self.at(name).get_weight("weight", &[count, dim])?;
         let b = match bias {
             Some(b) => Some(self.vb.get(&stored_tensor(&self.vb, b), &[count])?),

@@ -63,16 +63,26 @@ impl std::ops::Deref for AlignedBytes {
     }
 }
 
+fn own_kind(w: &QuantWeight) -> Option<Kind> {
+    let kind = match w.dtype {
+        GgmlDType::Q4_0 => Kind::Q4_0,
+        GgmlDType::Q4_1 => Kind::Q4_1,
+        GgmlDType::Q5_0 => Kind::Q5_0,
+        GgmlDType::Q5_1 => Kind::Q5_1,
+        GgmlDType::Q8_0 => Kind::Q8_0,
+        _ => return None,
+    };
+    w.cols.is_multiple_of(QK).then_some(kind)
+}
+
 impl QMatMul {
+    /// Whether slm's own kernels take this weight (else candle's do).
+    pub fn is_own(w: &QuantWeight) -> bool {
+        own_kind(w).is_some()
+    }
+
     pub fn new(w: QuantWeight) -> Result<Self> {
-        let kind = match w.dtype {
-            GgmlDType::Q4_0 => Some(Kind::Q4_0),
-            GgmlDType::Q4_1 => Some(Kind::Q4_1),
-            GgmlDType::Q5_0 => Some(Kind::Q5_0),
-            GgmlDType::Q5_1 => Some(Kind::Q5_1),
-            GgmlDType::Q8_0 => Some(Kind::Q8_0),
-            _ => None,
-        };
+        let kind = own_kind(&w);
         Ok(match kind {
             Some(kind) if w.cols.is_multiple_of(QK) => QMatMul::Own(OwnQ {
                 kind,
@@ -82,6 +92,26 @@ impl QMatMul {
             }),
             _ => QMatMul::Candle(CandleQMatMul::from_qtensor(w.to_qtensor()?)?),
         })
+    }
+
+    /// Row `r` in f32 into `out` (`cols` values), for our own block types: an embedding table
+    /// that is also the output layer looks its tokens up in the product's bytes.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> bool {
+        match self {
+            QMatMul::Own(o) if r < o.rows && out.len() == o.cols => {
+                o.dequantize_rows(r, r + 1, out);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Rows and columns of our own block types.
+    pub fn own_shape(&self) -> Option<(usize, usize)> {
+        match self {
+            QMatMul::Own(o) => Some((o.rows, o.cols)),
+            QMatMul::Candle(_) => None,
+        }
     }
 
     /// The rows of several matrices as one (blocks never cross rows, so this is byte

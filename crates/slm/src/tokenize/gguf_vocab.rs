@@ -42,6 +42,32 @@ fn numbers(g: &GgufFile, key: &str) -> Vec<f64> {
 }
 
 /// The `tokenizer.json` for a GGUF file's vocabulary.
+/// A SentencePiece (`llama`) vocabulary: its pieces, the unknown piece, and whether a "▁" goes
+/// before the text (Gemma's does not: llama.cpp's `add_space_prefix`).
+pub fn spm_vocab(g: &GgufFile) -> Result<(Vec<Piece>, Option<String>, bool)> {
+    let tokens = strings(g, "tokenizer.ggml.tokens")?
+        .ok_or_else(|| Error::file(&g.path, "'tokenizer.ggml.tokens' missing"))?;
+    let types = numbers(g, "tokenizer.ggml.token_type");
+    let scores = numbers(g, "tokenizer.ggml.scores");
+    let unk = g
+        .meta_u64("tokenizer.ggml.unknown_token_id")
+        .and_then(|i| tokens.get(i as usize))
+        .cloned();
+    let pieces = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| Piece {
+            text,
+            score: scores.get(i).copied().unwrap_or(0.0) as f32,
+            kind: types.get(i).map_or(1, |&t| t as i32),
+        })
+        .collect();
+    let space_prefix = g
+        .meta_bool("tokenizer.ggml.add_space_prefix")
+        .unwrap_or(true);
+    Ok((pieces, unk, space_prefix))
+}
+
 pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
     let model = g.meta_str("tokenizer.ggml.model").ok_or_else(|| {
         Error::file(
@@ -92,25 +118,8 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
             }))
         }
         "llama" => {
-            let scores = numbers(g, "tokenizer.ggml.scores");
-            let pieces: Vec<Piece> = tokens
-                .iter()
-                .enumerate()
-                .map(|(i, t)| Piece {
-                    text: t.clone(),
-                    score: scores.get(i).copied().unwrap_or(0.0) as f32,
-                    kind: kind(i),
-                })
-                .collect();
-            let unk = g
-                .meta_u64("tokenizer.ggml.unknown_token_id")
-                .and_then(|i| tokens.get(i as usize))
-                .map(|s| s.as_str());
-            // Gemma's vocabulary puts no "▁" before the text (llama.cpp's add_space_prefix).
-            let space_prefix = g
-                .meta_bool("tokenizer.ggml.add_space_prefix")
-                .unwrap_or(true);
-            spm::tokenizer_json(&pieces, unk, space_prefix)
+            let (pieces, unk, space_prefix) = spm_vocab(g)?;
+            spm::tokenizer_json(&pieces, unk.as_deref(), space_prefix)
         }
         "bert" => {
             // llama.cpp stores word-initial pieces with a leading "▁" and continuation pieces

@@ -238,8 +238,13 @@ impl Tokenizer {
     }
 
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let doc = gguf_vocab::tokenizer_json(g)?;
-        let mut t = Self::from_tokenizer(from_json(&doc, &g.path)?, g.path.clone());
+        let inner = if g.meta_str("tokenizer.ggml.model") == Some("llama") {
+            let (pieces, unk, space_prefix) = gguf_vocab::spm_vocab(g)?;
+            spm::tokenizer(&pieces, unk.as_deref(), space_prefix).in_file(&g.path)?
+        } else {
+            from_json(&gguf_vocab::tokenizer_json(g)?, &g.path)?
+        };
+        let mut t = Self::from_tokenizer(inner, g.path.clone());
         let id = |k: &str| g.meta_u64(k).map(|v| v as u32);
         t.bos = id("tokenizer.ggml.bos_token_id");
         t.eos = [
@@ -346,8 +351,8 @@ impl Tokenizer {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let pieces = spm::parse_model_proto(&bytes).in_file(path)?;
         let unk = pieces.iter().find(|p| p.kind == 2).map(|p| p.text.clone());
-        let doc = spm::tokenizer_json(&pieces, unk.as_deref(), true)?;
-        let mut t = Self::from_tokenizer(from_json(&doc, path)?, path.to_path_buf());
+        let inner = spm::tokenizer(&pieces, unk.as_deref(), true).in_file(path)?;
+        let mut t = Self::from_tokenizer(inner, path.to_path_buf());
         let find = |s: &str| pieces.iter().position(|p| p.text == s).map(|i| i as u32);
         t.bos = find("<s>");
         t.eos = find("</s>").into_iter().collect();

@@ -141,22 +141,81 @@ fn merges_from_scores(pieces: &[Piece]) -> Vec<(String, String)> {
 /// or with `space_prefix` false its GemmaConverter: no "▁" put before the text, none stripped
 /// from the decoded text.
 pub fn tokenizer_json(pieces: &[Piece], unk: Option<&str>, space_prefix: bool) -> Result<Value> {
+    tokenizer_doc(pieces, unk, space_prefix, true)
+}
+
+/// The tokenizer of [`tokenizer_json`], built without the round trip through JSON for its
+/// vocabulary and merges (Gemma's 262,144 pieces make 514,847 merges: parsing them back took
+/// longer than computing them).
+pub fn tokenizer(
+    pieces: &[Piece],
+    unk: Option<&str>,
+    space_prefix: bool,
+) -> Result<tokenizers::Tokenizer> {
+    use std::str::FromStr;
+    let doc = tokenizer_doc(pieces, unk, space_prefix, false)?;
+    let mut t = tokenizers::Tokenizer::from_str(&doc.to_string())
+        .map_err(|e| Error::msg(format!("cannot build tokenizer: {e}")))?;
+    let vocab: tokenizers::models::bpe::Vocab = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.text.clone(), i as u32))
+        .collect();
+    let mut b = tokenizers::models::bpe::BPE::builder()
+        .vocab_and_merges(vocab, merges_from_scores(pieces))
+        .fuse_unk(true)
+        .byte_fallback(true);
+    if let Some(u) = unk {
+        b = b.unk_token(u.to_string());
+    }
+    t.with_model(
+        b.build()
+            .map_err(|e| Error::msg(format!("cannot build tokenizer: {e}")))?,
+    );
+    // Added after the model, so that each takes its piece's id (added to an empty model, they
+    // would get ids of their own).
+    let (special, other): (Vec<_>, Vec<_>) = pieces
+        .iter()
+        .filter(|p| matches!(p.kind, 2..=4))
+        .map(|p| {
+            let special = p.kind != 4;
+            tokenizers::AddedToken::from(p.text.clone(), special).normalized(!special)
+        })
+        .partition(|a| a.special);
+    let added = |e: tokenizers::Error| Error::msg(format!("cannot add the special pieces: {e}"));
+    t.add_special_tokens(special).map_err(added)?;
+    t.add_tokens(other).map_err(added)?;
+    Ok(t)
+}
+
+/// The document; with `full` false its model has no vocabulary or merges yet.
+fn tokenizer_doc(
+    pieces: &[Piece],
+    unk: Option<&str>,
+    space_prefix: bool,
+    full: bool,
+) -> Result<Value> {
     if pieces.is_empty() {
         return Err(Error::msg("empty SentencePiece vocabulary"));
     }
     let vocab: serde_json::Map<String, Value> = pieces
         .iter()
         .enumerate()
+        .filter(|_| full)
         .map(|(i, p)| (p.text.clone(), json!(i)))
         .collect();
-    let merges: Vec<Value> = merges_from_scores(pieces)
-        .into_iter()
-        .map(|(l, r)| json!([l, r]))
-        .collect();
+    let merges: Vec<Value> = if full {
+        merges_from_scores(pieces)
+            .into_iter()
+            .map(|(l, r)| json!([l, r]))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let added: Vec<Value> = pieces
         .iter()
         .enumerate()
-        .filter(|(_, p)| matches!(p.kind, 2..=4))
+        .filter(|(_, p)| full && matches!(p.kind, 2..=4))
         .map(|(i, p)| super::added_token(i as u32, &p.text, p.kind != 4))
         .collect();
     let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
