@@ -903,6 +903,26 @@ def record_gemma():
     root = OUT / "gemma"
     root.mkdir(exist_ok=True)
     record_train_causal(root, ["gemma2", "gemma3"], lambda n: OUT / n / "safetensors")
+    record_gemma_peft()
+
+
+def record_gemma_peft():
+    """PEFT's logits for the Gemma adapters slm trained (tests/fixtures/gemma/peft/slm_<name>_adapter,
+    written by `SLM_WRITE_FIXTURES=1 cargo test --test peft`)."""
+    from peft import PeftModel
+    root = OUT / "gemma"
+    ids = torch.tensor([json.loads((root / "train_causal.json").read_text())["input_ids"][0]])
+    rec = {"peft": peft.__version__, "transformers": transformers.__version__}
+    for name in ("gemma2", "gemma3"):
+        d = root / "peft" / f"slm_{name}_adapter"
+        if d.exists():
+            model = AutoModelForCausalLM.from_pretrained(OUT / name / "safetensors", attn_implementation="eager")
+            pm = PeftModel.from_pretrained(model, d)
+            pm.eval()
+            with torch.no_grad():
+                rec[f"slm_{name}_logits"] = pm(input_ids=ids).logits[0].numpy().round(7).tolist()
+    (root / "peft" / "expected.json").write_text(json.dumps(rec))
+    print("gemma peft:", sorted(rec))
 
 
 GEMMA_270M_PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea,"]
@@ -940,6 +960,8 @@ def main():
         return record_v5()
     if only == ["gemma"]:
         return record_gemma()
+    if only == ["gemma_peft"]:
+        return record_gemma_peft()
     if only == ["gemma270m"]:
         return record_gemma3_270m()
     for name, model, kw in tiny_models():

@@ -286,10 +286,6 @@ fn causal_logits(model: &Path, adapter: &Path, ids: &[u32]) -> Vec<f32> {
 /// `SLM_WRITE_FIXTURES=1`) gives in PEFT the logits slm gives.
 #[test]
 fn causal_adapters_of_gpt2_and_phi3_interoperate_with_peft() {
-    use slm::train::causal::CausalRun;
-    use slm::train::lm::{CausalBatch, CausalLm};
-    use slm::train::tape::LoraSpec;
-    use slm::train::trainer::Model;
     let r = causal_reference();
     let ids: Vec<u32> = serde_json::from_value(r["input_ids"][0].clone()).unwrap();
     for (name, targets) in [
@@ -311,45 +307,7 @@ fn causal_adapters_of_gpt2_and_phi3_interoperate_with_peft() {
 
         let committed = fixtures().join(format!("peft/slm_{name}_adapter"));
         if std::env::var_os("SLM_WRITE_FIXTURES").is_some() {
-            let spec = LoraSpec {
-                r: 4,
-                alpha: 8.0,
-                targets: targets.iter().map(|t| t.to_string()).collect(),
-                dropout: 0.0,
-            };
-            let model = CausalLm::load(&base, Some(spec), 3).unwrap();
-            let b = CausalBatch {
-                targets: ids[1..].iter().map(|&i| Some(i)).chain([None]).collect(),
-                ids: ids.clone(),
-                lengths: vec![ids.len()],
-                t: ids.len(),
-            };
-            let mut run = CausalRun {
-                model,
-                source: base.clone(),
-            };
-            let mut opt = AdamW::new(&run.model.params);
-            let cfg = OptimConfig::constant(2e-2);
-            for _ in 0..3 {
-                run.forward_backward(&b, 1).unwrap();
-                opt.step(&mut run.model.params, &cfg, cfg.lr);
-                run.model.params.zero_grad();
-            }
-            let _ = std::fs::remove_dir_all(&committed);
-            run.save(&committed).unwrap();
-            // Tokenizer files would only be copies of the fixture's.
-            for f in std::fs::read_dir(&committed).unwrap() {
-                let f = f.unwrap().path();
-                if !f
-                    .file_name()
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .starts_with("adapter")
-                {
-                    std::fs::remove_file(f).unwrap();
-                }
-            }
+            write_slm_adapter(&base, targets, &ids, &committed);
         }
         let cfg: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(committed.join("adapter_config.json")).unwrap(),
@@ -546,6 +504,104 @@ fn gemma_adapters_made_by_peft_give_peft_logits() {
             &want,
             1e-4,
             &format!("{name}: PEFT adapter in slm"),
+        );
+    }
+}
+
+/// Three LoRA steps of slm on `ids` from `base`, saved to `dir` as the committed adapter that
+/// PEFT then reads (only the adapter files: tokenizer files would be copies of the fixture's).
+fn write_slm_adapter(base: &Path, targets: &[&str], ids: &[u32], dir: &Path) {
+    use slm::train::causal::CausalRun;
+    use slm::train::lm::{CausalBatch, CausalLm};
+    use slm::train::tape::LoraSpec;
+    use slm::train::trainer::Model;
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        dropout: 0.0,
+    };
+    let model = CausalLm::load(base, Some(spec), 3).unwrap();
+    let b = CausalBatch {
+        targets: ids[1..].iter().map(|&i| Some(i)).chain([None]).collect(),
+        ids: ids.to_vec(),
+        lengths: vec![ids.len()],
+        t: ids.len(),
+    };
+    let mut run = CausalRun {
+        model,
+        source: base.to_path_buf(),
+    };
+    let mut opt = AdamW::new(&run.model.params);
+    let cfg = OptimConfig::constant(2e-2);
+    for _ in 0..3 {
+        run.forward_backward(&b, 1).unwrap();
+        opt.step(&mut run.model.params, &cfg, cfg.lr);
+        run.model.params.zero_grad();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    run.save(dir).unwrap();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let f = f.unwrap().path();
+        if !f
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("adapter")
+        {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+}
+
+/// The adapters slm trains on the tiny Gemma 2 and Gemma 3 give in PEFT 0.21 (transformers
+/// 5.24) the logits slm gives (committed, written by `SLM_WRITE_FIXTURES=1`, then
+/// `make_fixtures.py gemma_peft`).
+#[test]
+fn gemma_adapters_written_by_slm_give_the_same_logits_in_peft() {
+    let root = fixtures().join("gemma");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("train_causal.json")).unwrap())
+            .unwrap();
+    let ids: Vec<u32> = serde_json::from_value(r["input_ids"][0].clone()).unwrap();
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("peft/expected.json")).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    for (name, targets) in [
+        ("gemma2", &["q_proj", "v_proj"][..]),
+        (
+            "gemma3",
+            &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        ),
+    ] {
+        let base = fixtures().join(name).join("safetensors");
+        let committed = root.join(format!("peft/slm_{name}_adapter"));
+        if std::env::var_os("SLM_WRITE_FIXTURES").is_some() {
+            write_slm_adapter(&base, targets, &ids, &committed);
+        }
+        let key = format!("slm_{name}_logits");
+        let want: Vec<f32> = serde_json::from_value::<Vec<Vec<f32>>>(
+            peft.get(&key)
+                .unwrap_or_else(|| panic!("{key}: run make_fixtures.py gemma_peft"))
+                .clone(),
+        )
+        .unwrap()
+        .concat();
+        assert_close(
+            &causal_logits(&base, &committed, &ids),
+            &want,
+            1e-4,
+            &format!("{name}: slm adapter in PEFT"),
         );
     }
 }
