@@ -2,6 +2,7 @@
 //!
 //! - [`ops`]: forward and hand-written backward of every layer, on row-major f32 buffers.
 //! - [`params`]: parameters by transformers name, LoRA-capable linear layers.
+//! - [`tape`]: the training executor; [`loader`]: which weights train, by HF name.
 //! - [`bert`]: BERT sequence classification built from those.
 //! - [`optim`]: AdamW, schedules, clipping.
 //! - [`trainer`]: the loop: accumulation, evaluation, early stopping, checkpoints and resume.
@@ -14,6 +15,7 @@ pub mod checkpoint;
 pub mod classify;
 pub mod job;
 pub mod lm;
+pub mod loader;
 pub mod masked;
 pub mod ops;
 pub mod optim;
