@@ -147,6 +147,21 @@ impl Config {
     }
 }
 
+/// The query scalar llama.cpp uses for a Gemma model (it keeps no key for it): hidden/heads
+/// for the 27B models (46 layers for Gemma 2, 62 for Gemma 3), the head size for every other.
+pub fn llama_cpp_query_scalar(
+    variant: Variant,
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+) -> usize {
+    match (variant, layers) {
+        (Variant::Gemma2, 46) | (Variant::Gemma3, 62) => hidden / heads,
+        _ => head_dim,
+    }
+}
+
 /// Gemma 3's 5.x `rope_parameters` hold one entry per layer type; they become the 4.x keys
 /// (`full_attention` → `rope_theta` and `rope_scaling`, `sliding_attention` →
 /// `rope_local_base_freq`). One entry for all layers (Gemma 2) is read as for every family.

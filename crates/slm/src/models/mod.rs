@@ -331,12 +331,6 @@ impl ModelConfig {
                 let head_dim = g
                     .meta_u64(&key("attention.key_length"))
                     .map_or(hidden / heads, |v| v as usize);
-                // llama.cpp scales the 27B models' queries by hidden/heads, every other size by
-                // the head size: what their query_pre_attn_scalar says.
-                let is_27b = matches!(
-                    (variant, layers),
-                    (gemma::Variant::Gemma2, 46) | (gemma::Variant::Gemma3, 62)
-                );
                 let (layer_types, sliding_window_pattern) = gemma_layers(g, &key, layers)?;
                 ModelConfig::Gemma(gemma::Config {
                     vocab_size,
@@ -360,11 +354,9 @@ impl ModelConfig {
                     rope_scaling: rope_scaling_of(g, name)?,
                     hidden_activation: Some(crate::nn::Activation::GeluNew),
                     hidden_act: None,
-                    query_pre_attn_scalar: if is_27b {
-                        (hidden / heads) as f64
-                    } else {
-                        head_dim as f64
-                    },
+                    query_pre_attn_scalar: gemma::llama_cpp_query_scalar(
+                        variant, layers, hidden, heads, head_dim,
+                    ) as f64,
                     sliding_window: g
                         .meta_u64(&key("attention.sliding_window"))
                         .map(|v| v as usize),

@@ -156,6 +156,20 @@ fn permute_qk(t: &candle_core::Tensor, heads: usize) -> Result<candle_core::Tens
     Ok(t.index_select(&idx, 0)?)
 }
 
+/// Linear RoPE scaling as llama.cpp records it.
+fn linear_rope(arch: &str, s: &crate::nn::RopeScaling) -> [(String, Value); 2] {
+    [
+        (
+            format!("{arch}.rope.scaling.type"),
+            Value::String("linear".into()),
+        ),
+        (
+            format!("{arch}.rope.scaling.factor"),
+            Value::F32(s.factor.unwrap_or(1.0) as f32),
+        ),
+    ]
+}
+
 fn u(v: usize) -> Value {
     Value::U32(v as u32)
 }
@@ -211,13 +225,7 @@ fn llama_metadata(c: &Config, arch: &str, root: &Path) -> Result<Vec<(String, Va
     };
     if let Some(s) = scaling {
         match s.rope_type.as_deref() {
-            Some("linear") => {
-                meta.push((k("rope.scaling.type"), Value::String("linear".into())));
-                meta.push((
-                    k("rope.scaling.factor"),
-                    Value::F32(s.factor.unwrap_or(1.0) as f32),
-                ));
-            }
+            Some("linear") => meta.extend(linear_rope(arch, s)),
             Some("llama3") if arch == "llama" => {}
             other => return unsupported(other.unwrap_or("?")),
         }
@@ -231,15 +239,13 @@ fn llama_metadata(c: &Config, arch: &str, root: &Path) -> Result<Vec<(String, Va
 fn gemma_metadata(c: &gemma::Config, arch: &str, root: &Path) -> Result<Vec<(String, Value)>> {
     let k = |s: &str| format!("{arch}.{s}");
     let refuse = |what: String| Err(Error::file(root, format!("GGUF export of {arch}: {what}")));
-    let is_27b = matches!(
-        (c.variant, c.num_hidden_layers),
-        (gemma::Variant::Gemma2, 46) | (gemma::Variant::Gemma3, 62)
+    let llama_cpp_scalar = gemma::llama_cpp_query_scalar(
+        c.variant,
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.head_dim,
     );
-    let llama_cpp_scalar = if is_27b {
-        c.hidden_size / c.num_attention_heads
-    } else {
-        c.head_dim
-    };
     if c.query_pre_attn_scalar != llama_cpp_scalar as f64 {
         return refuse(format!(
             "query_pre_attn_scalar {} is not what llama.cpp uses for this model ({llama_cpp_scalar})",
@@ -293,11 +299,7 @@ fn gemma_metadata(c: &gemma::Config, arch: &str, root: &Path) -> Result<Vec<(Str
                 s.rope_type.as_deref().unwrap_or("?")
             ));
         }
-        meta.push((k("rope.scaling.type"), Value::String("linear".into())));
-        meta.push((
-            k("rope.scaling.factor"),
-            Value::F32(s.factor.unwrap_or(1.0) as f32),
-        ));
+        meta.extend(linear_rope(arch, s));
     }
     Ok(meta)
 }
