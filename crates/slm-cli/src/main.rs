@@ -69,6 +69,8 @@ enum Command {
     Tune(Compute<commands::tune::TuneArgs>),
     /// Merge a LoRA adapter into its base model (a folder transformers and slm load).
     Merge(Compute<commands::merge::Args>),
+    /// Serve models over HTTP with OpenAI's API (chat, completions, embeddings).
+    Serve(Compute<commands::serve::Args>),
     /// Download a model from the Hugging Face hub into the shared cache.
     Pull(commands::hub::PullArgs),
     /// List the models in the Hugging Face cache.
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
         Command::Finetune(c) => c.threads,
         Command::Tune(c) => c.threads,
         Command::Merge(c) => c.threads,
+        Command::Serve(c) => c.threads,
         Command::Tokenize(_)
         | Command::Info(_)
         | Command::Pull(_)
@@ -138,6 +141,7 @@ fn main() -> ExitCode {
         Command::Eval(c) => commands::eval::run(c.args.command),
         Command::Quantize(c) => commands::quantize::run(c.args),
         Command::Convert(c) => commands::convert::run(c.args),
+        Command::Serve(c) => commands::serve::run(c.args),
         Command::Finetune(c) => commands::finetune::run(c.args),
         Command::Tune(c) => commands::tune::run(c.args),
         Command::Merge(c) => commands::merge::run(c.args),

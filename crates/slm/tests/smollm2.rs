@@ -19,7 +19,7 @@ fn greedy(dtype: ComputeDtype) -> (Vec<u32>, String, Vec<u32>) {
         sampling: SamplingParams::greedy(),
         stop: vec![],
         ignore_eos: true,
-        cancel: None,
+        ..Default::default()
     };
     let mut text = String::new();
     let mut session = Session::new(m.model.as_mut());

@@ -88,7 +88,7 @@ pub fn run(mut a: Args) -> Result<()> {
             sampling: SamplingParams::greedy(),
             stop: vec![],
             ignore_eos: true,
-            cancel: None,
+            ..Default::default()
         };
         let (_, stats) = session.generate(&tok, &ids, &opts, &mut |_| Ok(()))?;
         prefill.push(ids.len() as f64 / stats.prefill_time.as_secs_f64());

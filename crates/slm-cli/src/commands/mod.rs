@@ -12,6 +12,7 @@ pub mod hub;
 pub mod info;
 pub mod merge;
 pub mod quantize;
+pub mod serve;
 pub mod similarity;
 pub mod tokenize;
 pub mod tune;
@@ -116,12 +117,12 @@ impl SamplingArgs {
                 top_p: self.top_p,
                 min_p: self.min_p,
                 repeat_penalty: self.repeat_penalty,
-                repeat_last_n: 64,
                 seed: self.seed,
+                ..Default::default()
             },
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
-            cancel: None,
+            ..Default::default()
         }
     }
 }

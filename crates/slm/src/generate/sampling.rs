@@ -10,6 +10,11 @@ pub struct SamplingParams {
     pub top_p: f32,
     pub min_p: f32,
     pub repeat_penalty: f32,
+    /// OpenAI's penalties: subtracted from a seen token's logit once (presence) and once per
+    /// occurrence (frequency), over the same recent tokens as the repetition penalty, as
+    /// llama.cpp's penalties sampler does.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     /// How many of the most recent tokens the repetition penalty looks at.
     pub repeat_last_n: usize,
     pub seed: u64,
@@ -23,6 +28,8 @@ impl Default for SamplingParams {
             top_p: 0.95,
             min_p: 0.05,
             repeat_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             repeat_last_n: 64,
             seed: 42,
         }
@@ -52,20 +59,23 @@ impl Sampler {
     /// Picks the next token from `logits`, given the ids seen so far (prompt and generated).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
-        if p.repeat_penalty != 1.0 {
+        if p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
             let start = history.len().saturating_sub(p.repeat_last_n);
             let mut seen: Vec<u32> = history[start..].to_vec();
             seen.sort_unstable();
-            seen.dedup();
-            for id in seen {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    // As in transformers and llama.cpp: shrink positive logits, grow negative ones.
+            for run in seen.chunk_by(|a, b| a == b) {
+                let Some(l) = logits.get_mut(run[0] as usize) else {
+                    continue;
+                };
+                // As in transformers and llama.cpp: shrink positive logits, grow negative ones.
+                if p.repeat_penalty != 1.0 {
                     *l = if *l > 0.0 {
                         *l / p.repeat_penalty
                     } else {
                         *l * p.repeat_penalty
                     };
                 }
+                *l -= p.presence_penalty + p.frequency_penalty * run.len() as f32;
             }
         }
         if p.temperature <= 0.0 {
@@ -155,6 +165,19 @@ mod tests {
         assert_eq!(s.sample(&mut [4.0, 3.0], &[0]), 1);
         // Negative logits are multiplied: -1 * 2 = -2 < -1.5.
         assert_eq!(s.sample(&mut [-1.0, -1.5], &[0]), 1);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_as_openai_defines_them() {
+        // logit - presence - frequency * count: token 0 seen twice, token 1 once.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 1.0,
+            ..SamplingParams::greedy()
+        });
+        let mut l = [5.0f32, 4.0, 2.6];
+        assert_eq!(s.sample(&mut l, &[0, 1, 0]), 2);
+        assert_eq!(l, [2.5, 2.5, 2.6]);
     }
 
     #[test]

@@ -28,17 +28,51 @@ pub trait CausalLM: Send {
     fn clear_cache(&mut self);
     fn context_length(&self) -> usize;
     fn vocab_size(&self) -> usize;
+    /// An empty cache for one more sequence, for [`CausalLM::forward_batch`].
+    fn new_cache(&self) -> SeqCache;
+    /// Runs several sequences in one forward pass, each `(cache, ids)` appending its ids after
+    /// what its cache holds; returns the logits of each sequence's last position, `[n, vocab]`.
+    /// The weights are read once for all of them: how a server decodes many streams at once.
+    fn forward_batch(&self, seqs: &mut [(&mut SeqCache, &[u32])]) -> Result<Tensor>;
+    /// A pass of fewer rows than this runs each row as it would run alone, bit for bit, on
+    /// block-quantized weights (the integer-dot kernels); larger passes switch to dequantize +
+    /// GEMM. A server that keeps its shared passes under it gives every stream the answer it
+    /// would get alone. Dense weights give no such guarantee (the GEMM's blocking depends on
+    /// the row count), only agreement to rounding.
+    fn uniform_rows(&self) -> usize {
+        crate::nn::qmatmul::GEMM_FROM_TOKENS
+    }
+}
+
+/// The KV cache of one sequence, held by whoever runs it (a server slot).
+#[derive(Clone, Default)]
+pub struct SeqCache(Vec<KvCache>);
+
+impl SeqCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.0.first().map_or(0, KvCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the first `len` positions: a new prompt sharing them reuses their keys and values.
+    pub fn truncate(&mut self, len: usize) {
+        self.0.iter_mut().for_each(|c| c.truncate(len));
+    }
 }
 
 /// A causal family on the inference executor, with its KV cache: what generation runs.
 pub struct Decoder<F> {
     model: F,
-    cache: Vec<KvCache>,
+    cache: SeqCache,
 }
 
 impl<F: CausalFamily<InferW>> Decoder<F> {
     pub fn new(model: F) -> Self {
-        let cache = vec![KvCache::default(); model.n_layers()];
+        let cache = SeqCache(vec![KvCache::default(); model.n_layers()]);
         Self { model, cache }
     }
 }
@@ -49,13 +83,13 @@ impl<F: CausalFamily<InferW> + Send> CausalLM for Decoder<F> {
         if ids.is_empty() {
             return Err(Error::msg("internal: forward called without tokens"));
         }
-        let mut e = Infer::new(&mut self.cache, pos, ids.len())?;
+        let mut e = Infer::new(&mut self.cache.0, pos, ids.len())?;
         let y = self.model.forward(&mut e, ids, !all_logits)?;
         Ok(y.tensor()?.squeeze(0)?)
     }
 
     fn clear_cache(&mut self) {
-        self.cache.iter_mut().for_each(|c| *c = KvCache::default());
+        self.cache.truncate(0);
     }
 
     fn context_length(&self) -> usize {
@@ -64,6 +98,31 @@ impl<F: CausalFamily<InferW> + Send> CausalLM for Decoder<F> {
 
     fn vocab_size(&self) -> usize {
         self.model.vocab_size()
+    }
+
+    fn new_cache(&self) -> SeqCache {
+        SeqCache(vec![KvCache::default(); self.model.n_layers()])
+    }
+
+    fn forward_batch(&self, seqs: &mut [(&mut SeqCache, &[u32])]) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut runs = Vec::with_capacity(seqs.len());
+        for (cache, seq_ids) in seqs.iter_mut() {
+            check_context(cache.len() + seq_ids.len(), self.model.context_length())?;
+            if cache.0.len() != self.model.n_layers() {
+                return Err(Error::msg("internal: a KV cache made for another model"));
+            }
+            ids.extend_from_slice(seq_ids);
+            runs.push((cache.0.as_mut_slice(), seq_ids.len()));
+        }
+        if runs.is_empty() {
+            return Err(Error::msg(
+                "internal: forward_batch called without sequences",
+            ));
+        }
+        let mut e = Infer::batch(runs)?;
+        let y = self.model.forward(&mut e, &ids, true)?;
+        Ok(y.tensor()?.squeeze(0)?)
     }
 }
 

@@ -93,6 +93,11 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Forgets every position from `len` on (a server reusing a cached prompt prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Appends `t` positions of `k`, `v` (`[heads, t, hd]`).
     fn append(&mut self, k: &[f32], v: &[f32], heads: usize, t: usize, hd: usize) {
         if self.len == 0 {
@@ -125,11 +130,21 @@ impl KvCache {
     }
 }
 
-/// Runs a decoder's `t` new tokens of one sequence at positions `pos..pos+t` over its KV
-/// cache, or an encoder's batch of right-padded sequences of `t` tokens.
-pub struct Infer<'a> {
+/// One sequence of a decoder batch: its new tokens run at positions `pos..pos + t` over its
+/// own KV cache.
+struct Seq<'a> {
     cache: &'a mut [KvCache],
     pos: usize,
+    t: usize,
+}
+
+/// Runs a decoder's new tokens over their KV caches, or an encoder's batch of right-padded
+/// sequences of `t` tokens. A decoder batch holds one or more sequences, their rows stacked
+/// as `[1, Σt, width]` (llama.cpp's unified batch): every product reads its weights once for
+/// all of them, and only attention and positions look at which sequence a row belongs to.
+pub struct Infer<'a> {
+    seqs: Vec<Seq<'a>>,
+    /// Rows of the activations: Σt for a decoder batch, each sequence's length for an encoder.
     t: usize,
     /// Encoder batches: each sequence's length (keys past it are padding).
     lengths: Vec<usize>,
@@ -138,15 +153,37 @@ pub struct Infer<'a> {
 impl<'a> Infer<'a> {
     /// `cache` holds one entry per layer, each with exactly `pos` positions.
     pub fn new(cache: &'a mut [KvCache], pos: usize, t: usize) -> Result<Self> {
-        if let Some(c) = cache.iter().find(|c| c.len != pos) {
-            return Err(Error::msg(format!(
-                "internal: the KV cache holds {} positions, forward called at {pos}",
-                c.len
-            )));
+        Self::batch(vec![(cache, t)]).and_then(|e| {
+            if e.seqs[0].pos != pos {
+                return Err(Error::msg(format!(
+                    "internal: the KV cache holds {} positions, forward called at {pos}",
+                    e.seqs[0].pos
+                )));
+            }
+            Ok(e)
+        })
+    }
+
+    /// Several sequences at once, each `(cache, t)` running `t` new tokens after what its
+    /// cache holds; the ids given to the family are the sequences' ids one after another.
+    pub fn batch(seqs: Vec<(&'a mut [KvCache], usize)>) -> Result<Self> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for (cache, t) in seqs {
+            let pos = cache.first().map_or(0, |c| c.len);
+            if let Some(c) = cache.iter().find(|c| c.len != pos) {
+                return Err(Error::msg(format!(
+                    "internal: the layers' KV caches hold {} and {pos} positions",
+                    c.len
+                )));
+            }
+            if t == 0 {
+                return Err(Error::msg("internal: a sequence without new tokens"));
+            }
+            out.push(Seq { cache, pos, t });
         }
+        let t = out.iter().map(|s| s.t).sum();
         Ok(Self {
-            cache,
-            pos,
+            seqs: out,
             t,
             lengths: vec![t],
         })
@@ -155,8 +192,7 @@ impl<'a> Infer<'a> {
     /// An encoder batch: sequences of `lengths`, padded to `t`.
     pub fn encoder(lengths: &[usize], t: usize) -> Infer<'static> {
         Infer {
-            cache: &mut [],
-            pos: 0,
+            seqs: Vec::new(),
             t,
             lengths: lengths.to_vec(),
         }
@@ -169,6 +205,24 @@ impl<'a> Infer<'a> {
     fn table_rows(&self, e: &Embedding, ids: &[u32], b: usize) -> Result<Act> {
         let ids = Tensor::new(ids, &Device::Cpu)?.reshape((b, ids.len() / b.max(1)))?;
         Ok(Act::Full(e.forward(&ids)?))
+    }
+}
+
+impl Act {
+    /// Rows `start..start + len` of `[1, t, w]`, a fused output staying fused.
+    fn rows(&self, start: usize, len: usize) -> Result<Act> {
+        Ok(match self {
+            Act::Full(t) => Act::Full(t.narrow(1, start, len)?),
+            Act::Part {
+                whole,
+                widths,
+                index,
+            } => Act::Part {
+                whole: whole.narrow(1, start, len)?,
+                widths: widths.clone(),
+                index: *index,
+            },
+        })
     }
 }
 
@@ -209,9 +263,15 @@ impl Exec for Infer<'_> {
     }
 
     fn positions(&mut self, e: &Embedding, offset: usize) -> Result<Act> {
-        // One row per position, broadcast over the batch by `add`.
-        let start = (self.pos + offset) as u32;
-        let positions: Vec<u32> = (start..start + self.t as u32).collect();
+        // One row per position, broadcast over an encoder batch by `add`.
+        let positions: Vec<u32> = if self.seqs.is_empty() {
+            (offset as u32..(offset + self.t) as u32).collect()
+        } else {
+            self.seqs
+                .iter()
+                .flat_map(|s| (s.pos + offset) as u32..(s.pos + offset + s.t) as u32)
+                .collect()
+        };
         self.table_rows(e, &positions, 1)
     }
 
@@ -290,47 +350,21 @@ impl Exec for Infer<'_> {
     }
 
     fn attention(&mut self, a: &AttnSpec, layer: usize, q: Act, k: Act, v: Act) -> Result<Act> {
-        let (nh, nkv, hd, t) = (a.n_heads, a.n_kv_heads, a.head_dim, self.t);
-        let widths = [nh * hd, nkv * hd, nkv * hd];
         if !a.causal {
             return self.bidirectional(a, q, k, v);
         }
-        let (q, k, v) = match Act::fused(&[&q, &k, &v]).filter(|(_, w)| *w == widths) {
-            Some((whole, _)) => {
-                // One pass from [1, t, (nh + 2·nkv)·hd] to three head-major buffers.
-                let [q, k, v] = kernels::with_f32(whole, |y| {
-                    kernels::split_heads(y, 1, t, [nh, nkv, nkv], hd)
-                })?;
-                (
-                    kernels::tensor(q, vec![1, nh, t, hd])?,
-                    kernels::tensor(k, vec![1, nkv, t, hd])?,
-                    kernels::tensor(v, vec![1, nkv, t, hd])?,
-                )
-            }
-            None => (heads(&q, nh, hd)?, heads(&k, nkv, hd)?, heads(&v, nkv, hd)?),
-        };
-        let (q, k) = match &a.rope {
-            Some(r) => (r.apply(&q, self.pos)?, r.apply(&k, self.pos)?),
-            None => (q, k),
-        };
-        let cache = self
-            .cache
-            .get_mut(layer)
-            .ok_or_else(|| Error::msg(format!("internal: no KV cache for layer {layer}")))?;
-        kernels::with_f32(&k, |k| {
-            kernels::with_f32(&v, |v| cache.append(k, v, nkv, t, hd))
-        })??;
-        let keys = kernels::KeyView {
-            k: &cache.k,
-            v: &cache.v,
-            cap: cache.cap,
-            len: cache.len,
-        };
-        let pos = self.pos;
-        let y = kernels::with_f32(&q, |q| {
-            kernels::causal_attention(q, keys, nh, nkv, hd, pos, a.scores())
-        })?;
-        Ok(Act::Full(kernels::tensor(y, vec![1, t, nh * hd])?))
+        if let [seq] = self.seqs.as_mut_slice() {
+            return cached_attention(a, layer, seq, q, k, v);
+        }
+        let mut start = 0;
+        let mut ys = Vec::with_capacity(self.seqs.len());
+        for seq in self.seqs.iter_mut() {
+            let n = seq.t;
+            let part = |x: &Act| x.rows(start, n);
+            ys.push(cached_attention(a, layer, seq, part(&q)?, part(&k)?, part(&v)?)?.tensor()?);
+            start += n;
+        }
+        Ok(Act::Full(Tensor::cat(&ys, 1)?))
     }
 
     fn rows(&mut self, x: &Act, which: Rows) -> Result<Act> {
@@ -338,6 +372,20 @@ impl Exec for Infer<'_> {
         let (b, t, w) = x.dims3()?;
         Ok(Act::Full(match which {
             Rows::First => x.narrow(1, 0, 1)?,
+            Rows::Last if self.seqs.len() > 1 => {
+                // Each sequence's last row, in order.
+                let mut end = 0;
+                let idx: Vec<u32> = self
+                    .seqs
+                    .iter()
+                    .map(|s| {
+                        end += s.t;
+                        (end - 1) as u32
+                    })
+                    .collect();
+                let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+                x.reshape((b * t, w))?.index_select(&idx, 0)?.unsqueeze(0)?
+            }
             // Decoding runs one unpadded sequence.
             Rows::Last => x.narrow(1, t - 1, 1)?,
             Rows::Pick(rows) => {
@@ -351,6 +399,53 @@ impl Exec for Infer<'_> {
     fn dropout(&mut self, x: Act, _p: f32) -> Result<Act> {
         Ok(x)
     }
+}
+
+/// Causal attention of one sequence's new rows over its cache, after appending their keys.
+fn cached_attention(
+    a: &AttnSpec,
+    layer: usize,
+    seq: &mut Seq<'_>,
+    q: Act,
+    k: Act,
+    v: Act,
+) -> Result<Act> {
+    let (nh, nkv, hd, t, pos) = (a.n_heads, a.n_kv_heads, a.head_dim, seq.t, seq.pos);
+    let widths = [nh * hd, nkv * hd, nkv * hd];
+    let (q, k, v) = match Act::fused(&[&q, &k, &v]).filter(|(_, w)| *w == widths) {
+        Some((whole, _)) => {
+            // One pass from [1, t, (nh + 2·nkv)·hd] to three head-major buffers.
+            let [q, k, v] =
+                kernels::with_f32(whole, |y| kernels::split_heads(y, 1, t, [nh, nkv, nkv], hd))?;
+            (
+                kernels::tensor(q, vec![1, nh, t, hd])?,
+                kernels::tensor(k, vec![1, nkv, t, hd])?,
+                kernels::tensor(v, vec![1, nkv, t, hd])?,
+            )
+        }
+        None => (heads(&q, nh, hd)?, heads(&k, nkv, hd)?, heads(&v, nkv, hd)?),
+    };
+    let (q, k) = match &a.rope {
+        Some(r) => (r.apply(&q, pos)?, r.apply(&k, pos)?),
+        None => (q, k),
+    };
+    let cache = seq
+        .cache
+        .get_mut(layer)
+        .ok_or_else(|| Error::msg(format!("internal: no KV cache for layer {layer}")))?;
+    kernels::with_f32(&k, |k| {
+        kernels::with_f32(&v, |v| cache.append(k, v, nkv, t, hd))
+    })??;
+    let keys = kernels::KeyView {
+        k: &cache.k,
+        v: &cache.v,
+        cap: cache.cap,
+        len: cache.len,
+    };
+    let y = kernels::with_f32(&q, |q| {
+        kernels::causal_attention(q, keys, nh, nkv, hd, pos, a.scores())
+    })?;
+    Ok(Act::Full(kernels::tensor(y, vec![1, t, nh * hd])?))
 }
 
 /// Inference weights from a weight store, quantized ones kept quantized when the `Vb` says so.

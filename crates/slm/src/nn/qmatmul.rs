@@ -164,7 +164,7 @@ unsafe impl Sync for SendPtr {}
 /// From this many tokens on, a product dequantizes its weights to f32 and runs an f32 GEMM:
 /// unpacking once is amortized over the tokens, and the GEMM microkernel does 16 multiply-adds per
 /// instruction against the integer dot product's ~8 per instruction after scaling.
-const GEMM_FROM_TOKENS: usize = 32;
+pub const GEMM_FROM_TOKENS: usize = 32;
 
 impl OwnQ {
     /// Rows `r0..r1` of the weights in f32, written to `out` (`(r1 - r0) * cols`).

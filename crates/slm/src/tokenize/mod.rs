@@ -491,6 +491,16 @@ impl Tokenizer {
         self.eos.contains(&id)
     }
 
+    /// The ids that end a sequence, the main one first.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// The `tokenizers` tokenizer underneath (for libraries that read its vocabulary).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// A tokenizer with more ids than the model has embedding rows would index out of range.
     pub fn check_matches(&self, model_vocab: usize) -> Result<()> {
         let n = self.vocab_size();
