@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::io::QuantWeight;
 
-use super::qdot::{dot, dot4, dot4x4, has_vnni, quantize_q8, BlockQ8, Kind, QK};
+use super::qdot::{dot, dot4, dot4x4, dot_x4, has_vnni, quantize_q8, BlockQ8, Kind, QK};
 
 pub enum QMatMul {
     Own(OwnQ),
@@ -272,7 +272,16 @@ impl OwnQ {
             }
             let tail = &wchunk[4 * groups * row_bytes..];
             for (ri, wrow) in tail.chunks_exact(row_bytes).enumerate() {
-                for i in 0..m {
+                // Without VNNI: four tokens share each unpacked weight block.
+                let mut i = 0;
+                while i + 4 <= m {
+                    let v = dot_x4(self.kind, wrow, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)]);
+                    for (ii, vi) in v.into_iter().enumerate() {
+                        put(i + ii, 4 * groups + ri, vi);
+                    }
+                    i += 4;
+                }
+                for i in i..m {
                     put(i, 4 * groups + ri, dot(self.kind, wrow, xr(i)));
                 }
             }
@@ -370,6 +379,27 @@ mod tests {
                     assert!(
                         (g - w).abs() < 1e-4 * (1.0 + w.abs()),
                         "{dtype:?} gemm [{i},{r}]: {g} vs {w}"
+                    );
+                }
+            }
+            // Four tokens on one unpacked row: bit for bit each token alone, and the scalar
+            // reference to rounding.
+            let xs4: Vec<Vec<BlockQ8>> = (0..4)
+                .map(|i| quantize_q8(&x[i * cols..(i + 1) * cols]))
+                .collect();
+            for r in 0..rows {
+                let wr = &own.data[r * bb..(r + 1) * bb];
+                let got = dot_x4(own.kind, wr, [&xs4[0], &xs4[1], &xs4[2], &xs4[3]]);
+                for (i, g) in got.iter().enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        dot(own.kind, wr, &xs4[i]).to_bits(),
+                        "{dtype:?} row {r} token {i}"
+                    );
+                    let want = dot_scalar(own.kind, wr, &xs4[i]);
+                    assert!(
+                        (g - want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "{dtype:?} x4 row {r}: {g} vs {want}"
                     );
                 }
             }
