@@ -24,6 +24,10 @@ pub struct Args {
     /// Text the prompt is cut from (default: tiny shakespeare from SLM_ASSETS).
     #[arg(long)]
     text: Option<std::path::PathBuf>,
+    /// Also decode this many sequences together, one batched forward pass per step (what
+    /// `slm serve --parallel N` runs), and report their aggregate decode speed.
+    #[arg(long, default_value_t = 1, value_parser = crate::parse::positive)]
+    parallel: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -68,6 +72,7 @@ pub fn run(mut a: Args) -> Result<()> {
     let text = std::fs::read_to_string(&text_path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", text_path.display()))?;
     let (mut loads, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
+    let mut batched = Vec::new();
     let mut threads = 0;
     for _ in 0..a.repeats {
         let t = Instant::now();
@@ -95,7 +100,16 @@ pub fn run(mut a: Args) -> Result<()> {
         // The first sampled token comes from the prefill's logits; the rest each cost one forward.
         decode.push(a.gen_tokens as f64 / stats.decode_time.as_secs_f64());
         threads = rayon::current_num_threads();
+        if a.parallel > 1 {
+            batched.push(batched_decode(
+                m.model.as_ref(),
+                &ids,
+                a.parallel,
+                a.gen_tokens,
+            )?);
+        }
     }
+    let batched = (!batched.is_empty()).then(|| median(batched));
     let (load, pp, tg, rss) = (
         median(loads),
         median(prefill),
@@ -107,7 +121,8 @@ pub fn run(mut a: Args) -> Result<()> {
             "{}",
             serde_json::json!({"model": a.model.model, "threads": threads, "load_s": load, "prefill_tok_s": pp,
                                "decode_tok_s": tg, "peak_rss_mib": rss, "prompt_tokens": a.prompt_tokens,
-                               "gen_tokens": a.gen_tokens, "repeats": a.repeats})
+                               "gen_tokens": a.gen_tokens, "repeats": a.repeats,
+                               "parallel": a.parallel, "batched_decode_tok_s": batched})
         );
     } else {
         outln!("model:        {}", a.model.model.display());
@@ -115,10 +130,48 @@ pub fn run(mut a: Args) -> Result<()> {
         outln!("load:         {:.3} s", load);
         outln!("prefill:      {:.1} tok/s ({} tokens)", pp, a.prompt_tokens);
         outln!("decode:       {:.1} tok/s ({} tokens)", tg, a.gen_tokens);
+        if let Some(b) = batched {
+            outln!(
+                "batched:      {:.1} tok/s ({} sequences decoding together)",
+                b,
+                a.parallel
+            );
+        }
         outln!("peak RSS:     {:.0} MiB", rss);
         outln!("(medians of {} runs)", a.repeats);
     }
     Ok(())
+}
+
+/// `n` sequences, each after its own slice of the prompt, decoded greedily in lockstep: one
+/// `forward_batch` per step. Returns the aggregate decode tokens per second.
+fn batched_decode(m: &dyn slm::models::CausalLM, ids: &[u32], n: usize, gen: usize) -> Result<f64> {
+    let len = (ids.len() / n).max(1);
+    let mut caches: Vec<_> = (0..n).map(|_| m.new_cache()).collect();
+    let mut next = Vec::with_capacity(n);
+    for (i, c) in caches.iter_mut().enumerate() {
+        let start = (i * len).min(ids.len().saturating_sub(len));
+        let prompt = &ids[start..start + len.min(ids.len())];
+        let logits = m.forward_batch(&mut [(c, prompt)])?.to_vec2::<f32>()?;
+        next.push(argmax(&logits[0]));
+    }
+    let t = Instant::now();
+    for _ in 0..gen {
+        let mut seqs: Vec<(&mut slm::models::SeqCache, &[u32])> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(c, id)| (c, std::slice::from_ref(id)))
+            .collect();
+        let logits = m.forward_batch(&mut seqs)?.to_vec2::<f32>()?;
+        next = logits.iter().map(|r| argmax(r)).collect();
+    }
+    Ok((n * gen) as f64 / t.elapsed().as_secs_f64())
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    (0..v.len())
+        .max_by(|&a, &b| v[a].total_cmp(&v[b]))
+        .unwrap_or(0) as u32
 }
 
 /// Embedding throughput as sentence-transformers users measure it: tokenization, length-sorted

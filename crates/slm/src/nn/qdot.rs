@@ -153,10 +153,10 @@ pub(crate) fn dot(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
     dot_scalar(kind, w, x)
 }
 
-/// One weight row against four activation rows, each result bit for bit what [`dot`] gives
-/// for that row alone (same operations in the same order): the weight block is unpacked once
-/// for the four, which is what makes a batched decode step cheaper than four single ones.
-pub(crate) fn dot_x4(kind: Kind, w: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+/// One weight row against `N` activation rows (2 to 4), each result bit for bit what [`dot`]
+/// gives for that row alone (same operations in the same order): the weight block is unpacked
+/// once for all of them, which is what makes a batched decode step cheaper than single ones.
+pub(crate) fn dot_xn<const N: usize>(kind: Kind, w: &[u8], x: [&[BlockQ8]; N]) -> [f32; N] {
     let nb = x[0].len();
     assert!(x.iter().all(|r| r.len() == nb) && w.len() >= nb * kind.block_bytes());
     #[cfg(target_arch = "x86_64")]
@@ -164,7 +164,7 @@ pub(crate) fn dot_x4(kind: Kind, w: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports AVX2 and FMA (checked above); the assert bounds the reads.
-            return unsafe { avx2::dot_x4(kind, w, x) };
+            return unsafe { avx2::dot_xn(kind, w, x) };
         }
     }
     x.map(|xr| dot_scalar(kind, w, xr))
@@ -312,16 +312,16 @@ mod avx2 {
         hsum(acc) + extra
     }
 
-    /// [`dot`] for four activation rows at once, each lane of the work in `dot`'s order.
+    /// [`dot`] for `N` activation rows at once, each row's work in `dot`'s order.
     // `b` indexes the weight blocks and each row's activation blocks alike.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_x4(kind: Kind, w: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+    pub unsafe fn dot_xn<const N: usize>(kind: Kind, w: &[u8], x: [&[BlockQ8]; N]) -> [f32; N] {
         let l = kind.layout();
         let ones = _mm256_set1_epi16(1);
         let offset = _mm256_set1_epi8(l.offset as i8);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut extra = [0f32; 4];
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut extra = [0f32; N];
         let p = w.as_ptr();
         for b in 0..x[0].len() {
             let blk = p.add(b * l.bytes);
@@ -333,7 +333,7 @@ mod avx2 {
                 (_mm256_setzero_si256(), codes(l, blk))
             };
             let min = l.min.map(|m| f16_at(w, b * l.bytes + m));
-            for t in 0..4 {
+            for t in 0..N {
                 let xb = &x[t][b];
                 let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
                 let pairs = if kind == Kind::Q8_0 {
@@ -351,12 +351,11 @@ mod avx2 {
                 acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), s, acc[t]);
             }
         }
-        [
-            hsum(acc[0]) + extra[0],
-            hsum(acc[1]) + extra[1],
-            hsum(acc[2]) + extra[2],
-            hsum(acc[3]) + extra[3],
-        ]
+        let mut out = [0f32; N];
+        for t in 0..N {
+            out[t] = hsum(acc[t]) + extra[t];
+        }
+        out
     }
 }
 

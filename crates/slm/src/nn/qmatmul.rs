@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::io::QuantWeight;
 
-use super::qdot::{dot, dot4, dot4x4, dot_x4, has_vnni, quantize_q8, BlockQ8, Kind, QK};
+use super::qdot::{dot, dot4, dot4x4, dot_xn, has_vnni, quantize_q8, BlockQ8, Kind, QK};
 
 pub enum QMatMul {
     Own(OwnQ),
@@ -272,17 +272,33 @@ impl OwnQ {
             }
             let tail = &wchunk[4 * groups * row_bytes..];
             for (ri, wrow) in tail.chunks_exact(row_bytes).enumerate() {
-                // Without VNNI: four tokens share each unpacked weight block.
+                // Without VNNI: up to four tokens share each unpacked weight block.
+                let r = 4 * groups + ri;
                 let mut i = 0;
-                while i + 4 <= m {
-                    let v = dot_x4(self.kind, wrow, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)]);
-                    for (ii, vi) in v.into_iter().enumerate() {
-                        put(i + ii, 4 * groups + ri, vi);
+                while i < m {
+                    let k = self.kind;
+                    match m - i {
+                        1 => put(i, r, dot(k, wrow, xr(i))),
+                        2 => {
+                            let v = dot_xn(k, wrow, [xr(i), xr(i + 1)]);
+                            v.into_iter()
+                                .enumerate()
+                                .for_each(|(j, vj)| put(i + j, r, vj));
+                        }
+                        3 => {
+                            let v = dot_xn(k, wrow, [xr(i), xr(i + 1), xr(i + 2)]);
+                            v.into_iter()
+                                .enumerate()
+                                .for_each(|(j, vj)| put(i + j, r, vj));
+                        }
+                        _ => {
+                            let v = dot_xn(k, wrow, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)]);
+                            v.into_iter()
+                                .enumerate()
+                                .for_each(|(j, vj)| put(i + j, r, vj));
+                        }
                     }
-                    i += 4;
-                }
-                for i in i..m {
-                    put(i, 4 * groups + ri, dot(self.kind, wrow, xr(i)));
+                    i += (m - i).min(4);
                 }
             }
         };
@@ -389,7 +405,14 @@ mod tests {
                 .collect();
             for r in 0..rows {
                 let wr = &own.data[r * bb..(r + 1) * bb];
-                let got = dot_x4(own.kind, wr, [&xs4[0], &xs4[1], &xs4[2], &xs4[3]]);
+                let got = dot_xn(own.kind, wr, [&xs4[0], &xs4[1], &xs4[2], &xs4[3]]);
+                let two = dot_xn(own.kind, wr, [&xs4[0], &xs4[1]]);
+                let three = dot_xn(own.kind, wr, [&xs4[0], &xs4[1], &xs4[2]]);
+                assert_eq!(two.map(f32::to_bits), [got[0], got[1]].map(f32::to_bits));
+                assert_eq!(
+                    three.map(f32::to_bits),
+                    [got[0], got[1], got[2]].map(f32::to_bits)
+                );
                 for (i, g) in got.iter().enumerate() {
                     assert_eq!(
                         g.to_bits(),
