@@ -359,3 +359,31 @@ pub struct EmbeddingsRequest {
     #[serde(default)]
     pub dimensions: Option<usize>,
 }
+
+/// A document to rerank: text, or Cohere's and Jina's `{"text": ...}`.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum Document {
+    Text(String),
+    Object { text: String },
+}
+
+impl Document {
+    pub fn text(&self) -> &str {
+        match self {
+            Document::Text(t) | Document::Object { text: t } => t,
+        }
+    }
+}
+
+/// `/v1/rerank` as llama.cpp, Jina and Cohere shape it.
+#[derive(Deserialize, Debug)]
+pub struct RerankRequest {
+    pub model: Option<String>,
+    pub query: String,
+    pub documents: Vec<Document>,
+    #[serde(default)]
+    pub top_n: Option<usize>,
+    #[serde(default)]
+    pub return_documents: Option<bool>,
+}

@@ -19,7 +19,7 @@ use slm::generate::{StopReason, TokenLogprob};
 use slm::tokenize::{Message, Tokenizer};
 use tokio::sync::mpsc;
 
-use crate::api::{self, ApiError, Content, EmbeddingsRequest, GenRequest, Prompt};
+use crate::api::{self, ApiError, Content, EmbeddingsRequest, GenRequest, Prompt, RerankRequest};
 use crate::engine::{Event, Finished, Job, Refused};
 use crate::{AppState, Model, Served};
 
@@ -30,6 +30,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/rerank", post(rerank))
+        .route("/rerank", post(rerank))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -62,6 +64,7 @@ async fn count(State(s): St, req: Request, next: Next) -> Response {
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        "/v1/rerank",
         "/v1/models",
         "/metrics",
         "/health",
@@ -749,4 +752,63 @@ async fn embed(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
     })
     .await
     .map_err(|e| ApiError::server(format!("the embedding task failed: {e}")))?
+}
+
+async fn rerank(State(s): St, body: Bytes) -> Response {
+    match rank(&s, &body).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn rank(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
+    let req: RerankRequest = api::parse(body)?;
+    let model = pick(s, req.model.as_deref())?;
+    let Served::Encoder(enc) = &model.served else {
+        return Err(ApiError::invalid(
+            format!(
+                "'{}' is a text generator; reranking needs a cross-encoder or an embedding model",
+                model.name
+            ),
+            Some("model"),
+        ));
+    };
+    if req.documents.is_empty() || req.documents.len() > 2048 {
+        return Err(ApiError::invalid(
+            "'documents' must hold 1 to 2048 documents",
+            Some("documents"),
+        ));
+    }
+    if req.query.is_empty() {
+        return Err(ApiError::invalid("'query' is empty", Some("query")));
+    }
+    let (enc, name, s) = (enc.clone(), model.name.clone(), s.clone());
+    tokio::task::spawn_blocking(move || {
+        let docs: Vec<&str> = req.documents.iter().map(|d| d.text()).collect();
+        let (scores, tokens) = enc
+            .rerank(&req.query, &docs, 32)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("model")))?;
+        s.metrics.prompt_tokens.fetch_add(tokens, Ordering::Relaxed);
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        order.truncate(req.top_n.unwrap_or(order.len()));
+        let results: Vec<Value> = order
+            .iter()
+            .map(|&i| {
+                let mut r = json!({"index": i, "relevance_score": scores[i]});
+                if req.return_documents.unwrap_or(false) {
+                    r["document"] = json!({"text": docs[i]});
+                }
+                r
+            })
+            .collect();
+        Ok(json!({
+            "object": "list",
+            "model": name,
+            "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+    })
+    .await
+    .map_err(|e| ApiError::server(format!("the rerank task failed: {e}")))?
 }

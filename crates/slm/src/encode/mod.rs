@@ -168,6 +168,56 @@ impl Encoder {
         Ok(out)
     }
 
+    /// Relevance of each document to `query`, higher is more relevant, and the tokens read. A
+    /// cross-encoder (a sequence classifier with one label, as sentence-transformers'
+    /// `CrossEncoder` rerankers are) scores each (query, document) pair with its raw logit; a
+    /// bare encoder (an embedding model) scores the cosine similarity of the two embeddings.
+    /// Inputs longer than the model's limit are truncated, as both libraries do.
+    pub fn rerank(
+        &self,
+        query: &str,
+        docs: &[&str],
+        batch_size: usize,
+    ) -> Result<(Vec<f32>, usize)> {
+        match self.model.task {
+            Task::SequenceClassification => {
+                let n = self.model.labels.len();
+                if n != 1 {
+                    return Err(Error::msg(format!(
+                        "a reranker (cross-encoder) has one label; this classifier has {n}"
+                    )));
+                }
+                let pairs: Vec<(&str, Option<&str>)> = docs.iter().map(|d| (query, Some(*d))).collect();
+                let (inputs, _) = self.prepare(&pairs, self.max_len, true)?;
+                let mut out = vec![0f32; inputs.len()];
+                self.for_each_batch(&inputs, batch_size, |rows, batch| {
+                    let logits = self.model.logits(batch)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+                    for (&i, v) in rows.iter().zip(logits) {
+                        out[i] = v[0];
+                    }
+                    Ok(())
+                })?;
+                Ok((out, inputs.iter().map(|i| i.ids.len()).sum()))
+            }
+            Task::Base => {
+                let mut texts: Vec<(&str, Option<&str>)> = vec![(query, None)];
+                texts.extend(docs.iter().map(|d| (*d, None)));
+                let (inputs, _) = self.prepare(&texts, self.max_len, true)?;
+                let v = self.embed(&inputs, batch_size, self.pooling)?;
+                let norm = |x: &[f32]| x.iter().map(|a| a * a).sum::<f32>().sqrt().max(1e-12);
+                let q = &v[0];
+                let scores = v[1..]
+                    .iter()
+                    .map(|d| q.iter().zip(d).map(|(a, b)| a * b).sum::<f32>() / (norm(q) * norm(d)))
+                    .collect();
+                Ok((scores, inputs.iter().map(|i| i.ids.len()).sum()))
+            }
+            _ => Err(Error::msg(
+                "reranking needs a cross-encoder (a sequence classifier with one label) or an embedding model",
+            )),
+        }
+    }
+
     /// Per-token label probabilities (`[tokens][labels]`, special tokens included) for
     /// token-classification checkpoints (NER, POS tagging).
     pub fn classify_tokens(
