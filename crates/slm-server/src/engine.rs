@@ -199,6 +199,8 @@ impl Worker {
             let active = self.slots.iter().filter(|s| s.active.is_some()).count();
             self.metrics.active.store(active, Ordering::Relaxed);
             self.step();
+            let active = self.slots.iter().filter(|s| s.active.is_some()).count();
+            self.metrics.active.store(active, Ordering::Relaxed);
         }
     }
 
@@ -326,7 +328,22 @@ impl Worker {
                 .zip(&ids)
                 .map(|((_, s), ids)| (&mut s.cache, ids.as_slice()))
                 .collect();
-            self.model.forward_batch(&mut seqs)
+            // A panic in a kernel fails this pass's requests, not the engine: the slots it
+            // touched are reset below and the other requests go on.
+            let model = &self.model;
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                model.forward_batch(&mut seqs)
+            }))
+            .unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                Err(slm::Error::msg(format!(
+                    "internal error in the forward pass: {what}"
+                )))
+            })
         };
         let logits = match result.and_then(|t| Ok(t.to_vec2::<f32>()?)) {
             Ok(l) => l,

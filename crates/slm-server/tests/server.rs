@@ -892,3 +892,44 @@ fn rerank_scores_with_a_cross_encoder_or_an_embedding_model() {
     assert_eq!((status, error_of(&v).1), (400, Some("query")));
     let _ = std::fs::remove_dir_all(&ce);
 }
+
+#[test]
+fn a_client_that_hangs_up_on_a_whole_answer_frees_its_slot() {
+    let (_s, base) = start(options(vec![smollm2()]));
+    let addr = base.strip_prefix("http://").unwrap().to_string();
+    let body = json!({"prompt": "Once", "max_tokens": 100_000, "ignore_eos": true}).to_string();
+    let mut c = TcpStream::connect(&addr).unwrap();
+    write!(
+        c,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let metric = |name: &str| -> u64 {
+        let (_, m) = get(&format!("{base}/metrics"));
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {m}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric("slm_completion_tokens_total") < 5 {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    while metric("slm_requests_cancelled_total") < 1 || metric("slm_active_sequences") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slot was not freed after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let generated = metric("slm_completion_tokens_total");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric("slm_completion_tokens_total"),
+        generated,
+        "still generating"
+    );
+}
