@@ -1,5 +1,5 @@
-//! The HTTP endpoints: request checks, handing jobs to the engines, and OpenAI's response and
-//! server-sent-event shapes.
+//! `/v1/chat/completions` and `/v1/completions`: request checks, jobs for the engine, and
+//! OpenAI's whole and streamed (server-sent events) answer shapes.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,116 +7,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use base64::Engine as _;
+use axum::Json;
 use serde_json::{json, Value};
 use slm::generate::{StopReason, TokenLogprob};
 use slm::tokenize::{Message, Tokenizer};
 use tokio::sync::mpsc;
 
-use crate::api::{self, ApiError, Content, EmbeddingsRequest, GenRequest, Prompt, RerankRequest};
+use super::{pick, St};
+use crate::api::{self, ApiError, Content, GenRequest, Prompt};
 use crate::engine::{Event, Finished, Job, Refused};
 use crate::{AppState, Model, Served};
-
-type St = State<Arc<AppState>>;
-
-pub(crate) fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/rerank", post(rerank))
-        .route("/rerank", post(rerank))
-        .route("/v1/models", get(models))
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
-        // Health checks need no key, as load balancers probe without one.
-        .route("/health", get(health))
-        .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
-        .layer(middleware::from_fn_with_state(state.clone(), count))
-        .with_state(state)
-}
-
-async fn auth(State(s): St, req: Request, next: Next) -> Response {
-    if let Some(key) = &s.api_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
-            return ApiError::unauthorized().into_response();
-        }
-    }
-    next.run(req).await
-}
-
-/// Counts every answer by endpoint and status.
-async fn count(State(s): St, req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_string();
-    let res = next.run(req).await;
-    let known = [
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/rerank",
-        "/v1/models",
-        "/metrics",
-        "/health",
-    ];
-    let endpoint = if known.contains(&path.as_str()) {
-        path.as_str()
-    } else {
-        "other"
-    };
-    s.metrics.request(endpoint, res.status().as_u16());
-    res
-}
-
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
-}
-
-async fn models(State(s): St) -> Json<Value> {
-    let data: Vec<Value> = s
-        .models
-        .iter()
-        .map(|m| json!({"id": m.name, "object": "model", "created": m.created, "owned_by": "slm"}))
-        .collect();
-    Json(json!({"object": "list", "data": data}))
-}
-
-async fn metrics(State(s): St) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(s.queued()),
-    )
-        .into_response()
-}
-
-fn pick<'a>(s: &'a AppState, name: Option<&str>) -> Result<&'a Model, ApiError> {
-    match name {
-        // One model: it is the default, whatever the request names.
-        _ if s.models.len() == 1 => Ok(&s.models[0]),
-        Some(n) => s
-            .models
-            .iter()
-            .find(|m| m.name == n)
-            .ok_or_else(|| ApiError::unknown_model(n, &s.names())),
-        None => Err(ApiError::invalid(
-            format!(
-                "'model' is required: this server has {}",
-                s.names().join(", ")
-            ),
-            Some("model"),
-        )),
-    }
-}
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -530,11 +433,11 @@ impl Shape<'_> {
     }
 }
 
-async fn chat(State(s): St, body: Bytes) -> Response {
+pub(super) async fn chat(State(s): St, body: Bytes) -> Response {
     generate(s, body, Kind::Chat).await
 }
 
-async fn completions(State(s): St, body: Bytes) -> Response {
+pub(super) async fn completions(State(s): St, body: Bytes) -> Response {
     generate(s, body, Kind::Completion).await
 }
 
@@ -666,149 +569,4 @@ where
         rx,
         |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
     )
-}
-
-async fn embeddings(State(s): St, body: Bytes) -> Response {
-    match embed(&s, &body).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn embed(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
-    let req: EmbeddingsRequest = api::parse(body)?;
-    let model = pick(s, req.model.as_deref())?;
-    let Served::Encoder(enc) = &model.served else {
-        return Err(ApiError::invalid(
-            format!(
-                "'{}' is a text generator, not an embedding model",
-                model.name
-            ),
-            Some("model"),
-        ));
-    };
-    let base64 = match req.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(f) => {
-            return Err(ApiError::invalid(
-                format!("'encoding_format' must be 'float' or 'base64', got '{f}'"),
-                Some("encoding_format"),
-            ))
-        }
-    };
-    let texts = req.input.into_vec();
-    if texts.is_empty() || texts.len() > 2048 {
-        return Err(ApiError::invalid(
-            "'input' must hold 1 to 2048 texts",
-            Some("input"),
-        ));
-    }
-    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
-        return Err(ApiError::invalid(
-            format!("input {i} is empty"),
-            Some("input"),
-        ));
-    }
-    let enc = enc.clone();
-    let name = model.name.clone();
-    let dimensions = req.dimensions;
-    let s = s.clone();
-    tokio::task::spawn_blocking(move || {
-        let pairs: Vec<(&str, Option<&str>)> = texts.iter().map(|t| (t.as_str(), None)).collect();
-        let (inputs, _) = enc.prepare(&pairs, enc.max_len, false).map_err(|e| {
-            ApiError::invalid(e.to_string(), Some("input")).with_code("context_length_exceeded")
-        })?;
-        let tokens: usize = inputs.iter().map(|i| i.ids.len()).sum();
-        let vectors = enc
-            .embed(&inputs, 32, enc.pooling)
-            .map_err(|e| ApiError::server(e.to_string()))?;
-        if let Some(d) = dimensions.filter(|&d| vectors.first().is_some_and(|v| v.len() != d)) {
-            return Err(ApiError::invalid(
-                format!("'{name}' gives {} dimensions, not {d}", vectors[0].len()),
-                Some("dimensions"),
-            ));
-        }
-        s.metrics.prompt_tokens.fetch_add(tokens, Ordering::Relaxed);
-        let data: Vec<Value> = vectors
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let embedding = if base64 {
-                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-                } else {
-                    json!(v)
-                };
-                json!({"object": "embedding", "index": i, "embedding": embedding})
-            })
-            .collect();
-        Ok(json!({
-            "object": "list",
-            "data": data,
-            "model": name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }))
-    })
-    .await
-    .map_err(|e| ApiError::server(format!("the embedding task failed: {e}")))?
-}
-
-async fn rerank(State(s): St, body: Bytes) -> Response {
-    match rank(&s, &body).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn rank(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
-    let req: RerankRequest = api::parse(body)?;
-    let model = pick(s, req.model.as_deref())?;
-    let Served::Encoder(enc) = &model.served else {
-        return Err(ApiError::invalid(
-            format!(
-                "'{}' is a text generator; reranking needs a cross-encoder or an embedding model",
-                model.name
-            ),
-            Some("model"),
-        ));
-    };
-    if req.documents.is_empty() || req.documents.len() > 2048 {
-        return Err(ApiError::invalid(
-            "'documents' must hold 1 to 2048 documents",
-            Some("documents"),
-        ));
-    }
-    if req.query.is_empty() {
-        return Err(ApiError::invalid("'query' is empty", Some("query")));
-    }
-    let (enc, name, s) = (enc.clone(), model.name.clone(), s.clone());
-    tokio::task::spawn_blocking(move || {
-        let docs: Vec<&str> = req.documents.iter().map(|d| d.text()).collect();
-        let (scores, tokens) = enc
-            .rerank(&req.query, &docs, 32)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("model")))?;
-        s.metrics.prompt_tokens.fetch_add(tokens, Ordering::Relaxed);
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-        order.truncate(req.top_n.unwrap_or(order.len()));
-        let results: Vec<Value> = order
-            .iter()
-            .map(|&i| {
-                let mut r = json!({"index": i, "relevance_score": scores[i]});
-                if req.return_documents.unwrap_or(false) {
-                    r["document"] = json!({"text": docs[i]});
-                }
-                r
-            })
-            .collect();
-        Ok(json!({
-            "object": "list",
-            "model": name,
-            "results": results,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }))
-    })
-    .await
-    .map_err(|e| ApiError::server(format!("the rerank task failed: {e}")))?
 }

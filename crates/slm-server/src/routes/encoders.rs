@@ -1,0 +1,160 @@
+//! `/v1/embeddings` and `/v1/rerank`: encoders run on tokio's blocking pool.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::{pick, St};
+use crate::api::{self, ApiError, EmbeddingsRequest, RerankRequest};
+use crate::{AppState, Served};
+
+pub(super) async fn embeddings(State(s): St, body: Bytes) -> Response {
+    match embed(&s, &body).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn embed(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
+    let req: EmbeddingsRequest = api::parse(body)?;
+    let model = pick(s, req.model.as_deref())?;
+    let Served::Encoder(enc) = &model.served else {
+        return Err(ApiError::invalid(
+            format!(
+                "'{}' is a text generator, not an embedding model",
+                model.name
+            ),
+            Some("model"),
+        ));
+    };
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(f) => {
+            return Err(ApiError::invalid(
+                format!("'encoding_format' must be 'float' or 'base64', got '{f}'"),
+                Some("encoding_format"),
+            ))
+        }
+    };
+    let texts = req.input.into_vec();
+    if texts.is_empty() || texts.len() > 2048 {
+        return Err(ApiError::invalid(
+            "'input' must hold 1 to 2048 texts",
+            Some("input"),
+        ));
+    }
+    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
+        return Err(ApiError::invalid(
+            format!("input {i} is empty"),
+            Some("input"),
+        ));
+    }
+    let enc = enc.clone();
+    let name = model.name.clone();
+    let dimensions = req.dimensions;
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || {
+        let pairs: Vec<(&str, Option<&str>)> = texts.iter().map(|t| (t.as_str(), None)).collect();
+        let (inputs, _) = enc.prepare(&pairs, enc.max_len, false).map_err(|e| {
+            ApiError::invalid(e.to_string(), Some("input")).with_code("context_length_exceeded")
+        })?;
+        let tokens: usize = inputs.iter().map(|i| i.ids.len()).sum();
+        let vectors = enc
+            .embed(&inputs, 32, enc.pooling)
+            .map_err(|e| ApiError::server(e.to_string()))?;
+        if let Some(d) = dimensions.filter(|&d| vectors.first().is_some_and(|v| v.len() != d)) {
+            return Err(ApiError::invalid(
+                format!("'{name}' gives {} dimensions, not {d}", vectors[0].len()),
+                Some("dimensions"),
+            ));
+        }
+        s.metrics.prompt_tokens.fetch_add(tokens, Ordering::Relaxed);
+        let data: Vec<Value> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let embedding = if base64 {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": embedding})
+            })
+            .collect();
+        Ok(json!({
+            "object": "list",
+            "data": data,
+            "model": name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+    })
+    .await
+    .map_err(|e| ApiError::server(format!("the embedding task failed: {e}")))?
+}
+
+pub(super) async fn rerank(State(s): St, body: Bytes) -> Response {
+    match rank(&s, &body).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn rank(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
+    let req: RerankRequest = api::parse(body)?;
+    let model = pick(s, req.model.as_deref())?;
+    let Served::Encoder(enc) = &model.served else {
+        return Err(ApiError::invalid(
+            format!(
+                "'{}' is a text generator; reranking needs a cross-encoder or an embedding model",
+                model.name
+            ),
+            Some("model"),
+        ));
+    };
+    if req.documents.is_empty() || req.documents.len() > 2048 {
+        return Err(ApiError::invalid(
+            "'documents' must hold 1 to 2048 documents",
+            Some("documents"),
+        ));
+    }
+    if req.query.is_empty() {
+        return Err(ApiError::invalid("'query' is empty", Some("query")));
+    }
+    let (enc, name, s) = (enc.clone(), model.name.clone(), s.clone());
+    tokio::task::spawn_blocking(move || {
+        let docs: Vec<&str> = req.documents.iter().map(|d| d.text()).collect();
+        let (scores, tokens) = enc
+            .rerank(&req.query, &docs, 32)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("model")))?;
+        s.metrics.prompt_tokens.fetch_add(tokens, Ordering::Relaxed);
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        order.truncate(req.top_n.unwrap_or(order.len()));
+        let results: Vec<Value> = order
+            .iter()
+            .map(|&i| {
+                let mut r = json!({"index": i, "relevance_score": scores[i]});
+                if req.return_documents.unwrap_or(false) {
+                    r["document"] = json!({"text": docs[i]});
+                }
+                r
+            })
+            .collect();
+        Ok(json!({
+            "object": "list",
+            "model": name,
+            "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+    })
+    .await
+    .map_err(|e| ApiError::server(format!("the rerank task failed: {e}")))?
+}
