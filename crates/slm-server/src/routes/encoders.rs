@@ -15,24 +15,43 @@ use crate::api::{self, ApiError, EmbeddingsRequest, RerankRequest};
 use crate::{AppState, Served};
 
 pub(super) async fn embeddings(State(s): St, body: Bytes) -> Response {
-    match embed(&s, &body).await {
+    answer(embed(&s, &body).await)
+}
+
+pub(super) async fn rerank(State(s): St, body: Bytes) -> Response {
+    answer(rank(&s, &body).await)
+}
+
+fn answer(r: Result<Value, ApiError>) -> Response {
+    match r {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
+/// The encoder a request names, with its served name; a causal model is a 400 saying `needs`.
+fn encoder(
+    s: &AppState,
+    name: Option<&str>,
+    needs: &str,
+) -> Result<(Arc<slm::encode::Encoder>, String), ApiError> {
+    let model = pick(s, name)?;
+    match &model.served {
+        Served::Encoder(enc) => Ok((enc.clone(), model.name.clone())),
+        Served::Causal { .. } => Err(ApiError::invalid(
+            format!("'{}' is a text generator; {needs}", model.name),
+            Some("model"),
+        )),
+    }
+}
+
 async fn embed(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
     let req: EmbeddingsRequest = api::parse(body)?;
-    let model = pick(s, req.model.as_deref())?;
-    let Served::Encoder(enc) = &model.served else {
-        return Err(ApiError::invalid(
-            format!(
-                "'{}' is a text generator, not an embedding model",
-                model.name
-            ),
-            Some("model"),
-        ));
-    };
+    let (enc, name) = encoder(
+        s,
+        req.model.as_deref(),
+        "embeddings need an embedding model",
+    )?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -56,8 +75,6 @@ async fn embed(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
             Some("input"),
         ));
     }
-    let enc = enc.clone();
-    let name = model.name.clone();
     let dimensions = req.dimensions;
     let s = s.clone();
     tokio::task::spawn_blocking(move || {
@@ -100,25 +117,13 @@ async fn embed(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
     .map_err(|e| ApiError::server(format!("the embedding task failed: {e}")))?
 }
 
-pub(super) async fn rerank(State(s): St, body: Bytes) -> Response {
-    match rank(&s, &body).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
 async fn rank(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
     let req: RerankRequest = api::parse(body)?;
-    let model = pick(s, req.model.as_deref())?;
-    let Served::Encoder(enc) = &model.served else {
-        return Err(ApiError::invalid(
-            format!(
-                "'{}' is a text generator; reranking needs a cross-encoder or an embedding model",
-                model.name
-            ),
-            Some("model"),
-        ));
-    };
+    let (enc, name) = encoder(
+        s,
+        req.model.as_deref(),
+        "reranking needs a cross-encoder or an embedding model",
+    )?;
     if req.documents.is_empty() || req.documents.len() > 2048 {
         return Err(ApiError::invalid(
             "'documents' must hold 1 to 2048 documents",
@@ -128,7 +133,7 @@ async fn rank(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
     if req.query.is_empty() {
         return Err(ApiError::invalid("'query' is empty", Some("query")));
     }
-    let (enc, name, s) = (enc.clone(), model.name.clone(), s.clone());
+    let s = s.clone();
     tokio::task::spawn_blocking(move || {
         let docs: Vec<&str> = req.documents.iter().map(|d| d.text()).collect();
         let (scores, tokens) = enc
