@@ -3,22 +3,21 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::{pick, St};
+use super::{pick, RequestBody, St};
 use crate::api::{self, ApiError, EmbeddingsRequest, RerankRequest};
 use crate::{AppState, Served};
 
-pub(super) async fn embeddings(State(s): St, body: Bytes) -> Response {
+pub(super) async fn embeddings(State(s): St, RequestBody(body): RequestBody) -> Response {
     answer(embed(&s, &body).await)
 }
 
-pub(super) async fn rerank(State(s): St, body: Bytes) -> Response {
+pub(super) async fn rerank(State(s): St, RequestBody(body): RequestBody) -> Response {
     answer(rank(&s, &body).await)
 }
 

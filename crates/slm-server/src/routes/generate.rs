@@ -16,7 +16,7 @@ use slm::generate::{StopReason, TokenLogprob};
 use slm::tokenize::{Message, Tokenizer};
 use tokio::sync::mpsc;
 
-use super::{pick, St};
+use super::{pick, RequestBody, St};
 use crate::api::{self, ApiError, Content, GenRequest, Prompt};
 use crate::engine::{Event, Finished, Job, Refused};
 use crate::{AppState, Model, Served};
@@ -433,11 +433,11 @@ impl Shape<'_> {
     }
 }
 
-pub(super) async fn chat(State(s): St, body: Bytes) -> Response {
+pub(super) async fn chat(State(s): St, RequestBody(body): RequestBody) -> Response {
     generate(s, body, Kind::Chat).await
 }
 
-pub(super) async fn completions(State(s): St, body: Bytes) -> Response {
+pub(super) async fn completions(State(s): St, RequestBody(body): RequestBody) -> Response {
     generate(s, body, Kind::Completion).await
 }
 

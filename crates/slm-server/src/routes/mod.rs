@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +16,30 @@ use crate::api::ApiError;
 use crate::{AppState, Model};
 
 pub(super) type St = State<Arc<AppState>>;
+
+/// Bodies up to this size are read (2048 embedding inputs fit); a larger one is a 413.
+const BODY_LIMIT: usize = 16 << 20;
+
+/// A request body; one that is too large or cannot be read is refused with an OpenAI error
+/// object, as every other refusal is.
+pub(super) struct RequestBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RequestBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(RequestBody)
+            .map_err(|e| ApiError {
+                status: e.status(),
+                message: format!("The request body could not be read: {}", e.body_text()),
+                kind: "invalid_request_error",
+                param: None,
+                code: None,
+            })
+    }
+}
 
 mod encoders;
 mod generate;
@@ -32,6 +57,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         // Health checks need no key, as load balancers probe without one.
         .route("/health", get(health))
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
 }
