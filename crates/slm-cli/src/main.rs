@@ -37,6 +37,12 @@ struct EvalArgs {
     command: commands::eval::Command,
 }
 
+#[derive(clap::Args)]
+struct TokenizerArgs {
+    #[command(subcommand)]
+    command: commands::tokenizer::Command,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Stream a continuation of a prompt.
@@ -45,6 +51,8 @@ enum Command {
     Chat(Compute<commands::chat::Args>),
     /// Print the token ids of a text (or of a rendered chat).
     Tokenize(commands::tokenize::Args),
+    /// Train a tokenizer on your text (BPE, byte-level BPE, WordPiece, Unigram, words, characters).
+    Tokenizer(TokenizerArgs),
     /// Describe a model: architecture, parameters, tensor types, context, vocabulary.
     Info(commands::info::Args),
     /// Sentence embeddings of texts (JSONL or .npy), with the model's pooling.
@@ -107,6 +115,7 @@ fn main() -> ExitCode {
         Command::Merge(c) => c.threads,
         Command::Serve(c) => c.threads,
         Command::Tokenize(_)
+        | Command::Tokenizer(_)
         | Command::Info(_)
         | Command::Pull(_)
         | Command::List(_)
@@ -132,6 +141,7 @@ fn main() -> ExitCode {
         Command::Generate(c) => commands::generate::run(c.args),
         Command::Chat(c) => commands::chat::run(c.args),
         Command::Tokenize(a) => commands::tokenize::run(a),
+        Command::Tokenizer(a) => commands::tokenizer::run(a.command),
         Command::Info(a) => commands::info::run(a),
         Command::Bench(c) => commands::bench::run(c.args),
         Command::Embed(c) => commands::embed::run(c.args),

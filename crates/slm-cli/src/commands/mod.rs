@@ -15,6 +15,7 @@ pub mod quantize;
 pub mod serve;
 pub mod similarity;
 pub mod tokenize;
+pub mod tokenizer;
 pub mod tune;
 
 use std::path::PathBuf;

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod gguf_vocab;
 pub mod spm;
 pub mod to_gguf;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
