@@ -255,8 +255,8 @@ impl Worker {
 
     /// Frees the slots of clients that went away, then runs every active slot once: decode
     /// rows and short prompts share a pass while it stays under the model's uniform-row bound
-    /// (so each row computes exactly what it would alone), and a long prompt chunk runs in a
-    /// pass of its own. A slot that does not fit waits for the next step.
+    /// (so each row computes exactly what it would alone); a long prompt chunk, or one that does
+    /// not fit beside them, runs in a pass of its own.
     fn step(&mut self) {
         for slot in &mut self.slots {
             if slot
@@ -296,6 +296,10 @@ impl Worker {
                 passes.push(std::mem::take(&mut shared));
                 shared.push((i, n));
                 rows = 1;
+            } else {
+                // A prompt that does not fit beside the decode rows runs alone rather than
+                // wait for them to finish.
+                passes.push(vec![(i, n)]);
             }
         }
         if !shared.is_empty() {

@@ -598,3 +598,25 @@ fn a_client_that_hangs_up_on_a_whole_answer_frees_its_slot() {
         "still generating"
     );
 }
+
+#[test]
+fn a_prompt_that_does_not_fit_beside_running_streams_still_starts() {
+    let (s, base) = start(options(vec![smollm2()]));
+    // Three streams decoding for a long time, then a prompt of 30 tokens: 3 + 30 rows do not
+    // fit one uniform pass (32), so the prompt gets a pass of its own instead of waiting.
+    let streams: Vec<TcpStream> = (0..3).map(|_| open_stream(s.addr(), 100_000)).collect();
+    let prompt: Vec<u32> = (0..30).map(|i| 1000 + i).collect();
+    let t = Instant::now();
+    let (status, v) = post(
+        &format!("{base}/v1/completions"),
+        &json!({"prompt": prompt, "max_tokens": 2, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "waited {:?}",
+        t.elapsed()
+    );
+    assert_eq!(v["usage"]["prompt_tokens"], 30);
+    drop(streams);
+}

@@ -129,10 +129,13 @@ fn bad_options_are_errors() {
         .unwrap()
         .to_string();
     assert!(e.contains("<unk>"), "{e}");
-    let e = train(std::slice::from_ref(&file), &o(Kind::Word, 1, &["<unk>", "<eos>"]))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = train(
+        std::slice::from_ref(&file),
+        &o(Kind::Word, 1, &["<unk>", "<eos>"]),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("vocab-size"), "{e}");
     let e = train(&[dir.join("missing.txt")], &o(Kind::ByteBpe, 100, &[]))
         .err()
