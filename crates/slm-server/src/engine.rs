@@ -154,7 +154,6 @@ struct Active {
     /// Ids to run next: the rest of the prompt, then each sampled token.
     pending: Vec<u32>,
     cached_tokens: usize,
-    first_token: bool,
 }
 
 struct Slot {
@@ -249,7 +248,6 @@ impl Worker {
             gen,
             job,
             cached_tokens: keep,
-            first_token: true,
         });
     }
 
@@ -383,8 +381,7 @@ impl Worker {
             }
             let done = match a.gen.step(&self.tok, &mut row) {
                 Ok(step) => {
-                    if a.first_token {
-                        a.first_token = false;
+                    if a.gen.generated().len() == 1 {
                         self.metrics
                             .ttft
                             .observe(a.job.arrived.elapsed().as_secs_f64());

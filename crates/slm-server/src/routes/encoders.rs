@@ -44,6 +44,16 @@ fn encoder(
     }
 }
 
+/// Runs an encoder on tokio's blocking pool, so the HTTP workers keep answering meanwhile.
+async fn blocking(
+    what: &str,
+    f: impl FnOnce() -> Result<Value, ApiError> + Send + 'static,
+) -> Result<Value, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::server(format!("the {what} task failed: {e}")))?
+}
+
 async fn embed(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
     let req: EmbeddingsRequest = api::parse(body)?;
     let (enc, name) = encoder(
@@ -76,7 +86,7 @@ async fn embed(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
     }
     let dimensions = req.dimensions;
     let s = s.clone();
-    tokio::task::spawn_blocking(move || {
+    blocking("embedding", move || {
         let pairs: Vec<(&str, Option<&str>)> = texts.iter().map(|t| (t.as_str(), None)).collect();
         let (inputs, _) = enc.prepare(&pairs, enc.max_len, false).map_err(|e| {
             ApiError::invalid(e.to_string(), Some("input")).with_code("context_length_exceeded")
@@ -113,7 +123,6 @@ async fn embed(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
         }))
     })
     .await
-    .map_err(|e| ApiError::server(format!("the embedding task failed: {e}")))?
 }
 
 async fn rank(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
@@ -133,7 +142,7 @@ async fn rank(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
         return Err(ApiError::invalid("'query' is empty", Some("query")));
     }
     let s = s.clone();
-    tokio::task::spawn_blocking(move || {
+    blocking("rerank", move || {
         let docs: Vec<&str> = req.documents.iter().map(|d| d.text()).collect();
         let (scores, tokens) = enc
             .rerank(&req.query, &docs, 32)
@@ -160,5 +169,4 @@ async fn rank(s: &Arc<AppState>, body: &[u8]) -> Result<Value, ApiError> {
         }))
     })
     .await
-    .map_err(|e| ApiError::server(format!("the rerank task failed: {e}")))?
 }

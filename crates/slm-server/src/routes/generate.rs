@@ -37,6 +37,23 @@ enum Kind {
     Completion,
 }
 
+impl Kind {
+    /// The request field that holds the prompt, for errors about it.
+    fn prompt_param(self) -> &'static str {
+        match self {
+            Kind::Chat => "messages",
+            Kind::Completion => "prompt",
+        }
+    }
+
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Chat => "chatcmpl",
+            Kind::Completion => "cmpl",
+        }
+    }
+}
+
 /// What a generation request turned into: the job's prompt and options and how to answer.
 struct Prepared {
     kind: Kind,
@@ -100,29 +117,16 @@ fn prepare<'a>(
             Some("model"),
         ));
     };
-    let constraint = match req.schema()? {
-        None => None,
-        Some(schema) => {
-            let g = grammars
-                .get_or_init(|| {
-                    slm::generate::Grammars::new(tok)
-                        .map(Arc::new)
-                        .map_err(|e| e.to_string())
-                })
-                .as_ref()
-                .map_err(|e| {
-                    ApiError::invalid(format!("'{}': {e}", model.name), Some("response_format"))
-                })?;
-            Some(
-                g.json_schema(&schema)
-                    .map_err(|e| ApiError::invalid(e.to_string(), Some("response_format")))?,
-            )
-        }
-    };
     let logprobs = match (kind, &req.logprobs) {
         (_, None | Some(Value::Null)) => None,
         (Kind::Chat, Some(Value::Bool(b))) => b.then_some(0),
-        (Kind::Completion, Some(Value::Number(n))) => match n.as_u64().filter(|&n| n <= 5) {
+        (Kind::Chat, _) => {
+            return Err(ApiError::invalid(
+                "'logprobs' must be a boolean",
+                Some("logprobs"),
+            ))
+        }
+        (Kind::Completion, Some(v)) => match v.as_u64().filter(|&n| n <= 5) {
             Some(n) => Some(n as usize),
             None => {
                 return Err(ApiError::invalid(
@@ -131,18 +135,6 @@ fn prepare<'a>(
                 ))
             }
         },
-        (Kind::Chat, _) => {
-            return Err(ApiError::invalid(
-                "'logprobs' must be a boolean",
-                Some("logprobs"),
-            ))
-        }
-        (Kind::Completion, _) => {
-            return Err(ApiError::invalid(
-                "'logprobs' must be an integer from 0 to 5",
-                Some("logprobs"),
-            ))
-        }
     };
     let logprobs = match (kind, req.top_logprobs) {
         (Kind::Chat, Some(n)) if !(0..=20).contains(&n) => {
@@ -161,6 +153,10 @@ fn prepare<'a>(
         _ => logprobs,
     };
     let opts = req.options(logprobs)?;
+    let encode = |text: &str, special: bool| {
+        tok.encode(text, special)
+            .map_err(|e| ApiError::server(e.to_string()))
+    };
     let prompt = match kind {
         Kind::Chat => {
             let Some(messages) = &req.messages else {
@@ -197,17 +193,12 @@ fn prepare<'a>(
             let text = template
                 .render(&turns, true)
                 .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-            tok.encode(&text, false)
-                .map_err(|e| ApiError::server(e.to_string()))?
+            encode(&text, false)?
         }
         Kind::Completion => match &req.prompt {
             None => return Err(ApiError::invalid("'prompt' is required", Some("prompt"))),
-            Some(Prompt::Text(t)) => tok
-                .encode(t, true)
-                .map_err(|e| ApiError::server(e.to_string()))?,
-            Some(Prompt::Texts(ts)) if ts.len() == 1 => tok
-                .encode(&ts[0], true)
-                .map_err(|e| ApiError::server(e.to_string()))?,
+            Some(Prompt::Text(t)) => encode(t, true)?,
+            Some(Prompt::Texts(ts)) if ts.len() == 1 => encode(&ts[0], true)?,
             Some(Prompt::Texts(_)) => {
                 return Err(ApiError::invalid(
                     "one prompt per request is supported",
@@ -231,11 +222,7 @@ fn prepare<'a>(
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             "the prompt has no tokens",
-            Some(if kind == Kind::Chat {
-                "messages"
-            } else {
-                "prompt"
-            }),
+            Some(kind.prompt_param()),
         ));
     }
     if prompt.len() > engine.context {
@@ -245,14 +232,30 @@ fn prepare<'a>(
                 engine.context,
                 prompt.len()
             ),
-            Some(if kind == Kind::Chat {
-                "messages"
-            } else {
-                "prompt"
-            }),
+            Some(kind.prompt_param()),
         )
         .with_code("context_length_exceeded"));
     }
+    // Compiled last: a request refused for a cheaper reason never builds a grammar.
+    let constraint = match req.schema()? {
+        None => None,
+        Some(schema) => {
+            let g = grammars
+                .get_or_init(|| {
+                    slm::generate::Grammars::new(tok)
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string())
+                })
+                .as_ref()
+                .map_err(|e| {
+                    ApiError::invalid(format!("'{}': {e}", model.name), Some("response_format"))
+                })?;
+            Some(
+                g.json_schema(&schema)
+                    .map_err(|e| ApiError::invalid(e.to_string(), Some("response_format")))?,
+            )
+        }
+    };
     let include_usage = req
         .stream_options
         .as_ref()
@@ -268,11 +271,7 @@ fn prepare<'a>(
             include_usage,
             reuse_prefix: req.cache_prompt.unwrap_or(true),
             constraint,
-            id: new_id(if kind == Kind::Chat {
-                "chatcmpl"
-            } else {
-                "cmpl"
-            }),
+            id: new_id(kind.id_prefix()),
             created: crate::now(),
         },
         model,
