@@ -73,6 +73,8 @@ enum Command {
     Bench(Compute<commands::bench::Args>),
     /// Fine-tune a model on your data (full or LoRA).
     Finetune(Compute<commands::finetune::Args>),
+    /// Train a recurrent (LSTM/GRU) language model from random init, as PyTorch's word_language_model does.
+    Pretrain(Compute<commands::pretrain::Args>),
     /// Hyperparameter search over fine-tuning runs (grid or random).
     Tune(Compute<commands::tune::TuneArgs>),
     /// Merge a LoRA adapter into its base model (a folder transformers and slm load).
@@ -111,6 +113,7 @@ fn main() -> ExitCode {
         Command::Convert(c) => c.threads,
         Command::Bench(c) => c.threads,
         Command::Finetune(c) => c.threads,
+        Command::Pretrain(c) => c.threads,
         Command::Tune(c) => c.threads,
         Command::Merge(c) => c.threads,
         Command::Serve(c) => c.threads,
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
         Command::Convert(c) => commands::convert::run(c.args),
         Command::Serve(c) => commands::serve::run(c.args),
         Command::Finetune(c) => commands::finetune::run(c.args),
+        Command::Pretrain(c) => commands::pretrain::run(c.args),
         Command::Tune(c) => commands::tune::run(c.args),
         Command::Merge(c) => commands::merge::run(c.args),
         Command::Pull(a) => commands::hub::pull(a),

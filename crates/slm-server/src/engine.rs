@@ -237,7 +237,7 @@ impl Worker {
         } else {
             0
         };
-        slot.cache.truncate(keep);
+        let keep = slot.cache.truncate(keep);
         slot.ids.truncate(keep);
         let mut gen = Generation::new(&job.prompt, &job.opts, self.context);
         if let Some(c) = job.constraint.take() {

@@ -101,7 +101,9 @@ pub fn gguf_to_hf(src: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<V
         ModelConfig::Llama(c) => llama_config(c, &g)?,
         ModelConfig::Gpt2(c) => gpt2_config(c),
         ModelConfig::Gemma(c) => gemma_config(c),
-        ModelConfig::Bert(_) => unreachable!("from_gguf rejects encoders"),
+        ModelConfig::Bert(_) | ModelConfig::Rnn(_) => {
+            unreachable!("from_gguf builds neither encoders nor recurrent models")
+        }
     };
     cfg["bos_token_id"] = json!(id("tokenizer.ggml.bos_token_id"));
     cfg["eos_token_id"] = json!(id("tokenizer.ggml.eos_token_id"));

@@ -78,6 +78,8 @@ fn adamw_steps_follow_pytorch() {
     m.dropout = Dropout::Off;
     let b = batch(&r);
     let cfg = OptimConfig {
+        optimizer: slm::train::optim::Optimizer::AdamW,
+        plateau_factor: None,
         lr: 1e-2,
         weight_decay: 0.01,
         beta1: 0.9,

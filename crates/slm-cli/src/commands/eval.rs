@@ -83,7 +83,7 @@ pub struct PerplexityArgs {
     /// The text to score (UTF-8).
     #[arg(long)]
     text: PathBuf,
-    /// Tokens per window (default: the model's context, at most 1024).
+    /// Tokens per window (default: the model's context, at most 1024); a recurrent model runs the text as one stream, in chunks of this length.
     #[arg(long)]
     max_length: Option<usize>,
     /// Tokens between window starts; each window scores only tokens no earlier window scored
@@ -219,16 +219,25 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
             "{}",
             serde_json::json!({"text_tokens": ids.len(), "tokens_scored": p.tokens, "windows": p.windows,
                                "max_length": opts.max_length, "stride": opts.stride,
+                               "stream": m.model.recurrent(),
                                "mean_nll": p.mean_nll, "perplexity": p.perplexity(), "seconds": secs})
         );
     } else {
         outln!("text:        {} ({} tokens)", a.text.display(), ids.len());
-        outln!(
-            "windows:     {} (max length {}, stride {})",
-            p.windows,
-            opts.max_length,
-            opts.stride
-        );
+        if m.model.recurrent() {
+            outln!(
+                "stream:      {} chunks of {} tokens, the recurrent state carried",
+                p.windows,
+                opts.max_length
+            );
+        } else {
+            outln!(
+                "windows:     {} (max length {}, stride {})",
+                p.windows,
+                opts.max_length,
+                opts.stride
+            );
+        }
         outln!("scored:      {} tokens in {secs:.1} s", p.tokens);
         outln!("mean NLL:    {:.5}", p.mean_nll);
         outln!("perplexity:  {:.4}", p.perplexity());

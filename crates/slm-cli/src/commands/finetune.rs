@@ -146,8 +146,8 @@ pub struct Args {
     pub(crate) skip_empty: bool,
 }
 
-struct Bar {
-    bar: ProgressBar,
+pub(crate) struct Bar {
+    pub(crate) bar: ProgressBar,
 }
 
 impl Bar {
@@ -203,6 +203,8 @@ fn train_config(a: &Args) -> TrainConfig {
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
         optim: OptimConfig {
+            optimizer: slm::train::optim::Optimizer::AdamW,
+            plateau_factor: None,
             lr: a.lr.unwrap_or(if lora { 2e-4 } else { 5e-5 }),
             weight_decay: a.weight_decay,
             beta1: a.beta1,
@@ -221,6 +223,7 @@ fn train_config(a: &Args) -> TrainConfig {
         save_every: a.save_every,
         patience: a.patience,
         keep_best: a.keep_best,
+        shuffle: true,
     }
 }
 
@@ -233,7 +236,7 @@ fn dropout(a: &Args) -> Dropout {
     }
 }
 
-fn progress(total: usize) -> Bar {
+pub(crate) fn progress(total: usize) -> Bar {
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
@@ -242,7 +245,7 @@ fn progress(total: usize) -> Bar {
     Bar { bar }
 }
 
-fn report(summary: &trainer::Summary, out: &std::path::Path) -> Result<()> {
+pub(crate) fn report(summary: &trainer::Summary, out: &std::path::Path) -> Result<()> {
     let eval = summary
         .final_eval
         .as_ref()
@@ -275,7 +278,7 @@ fn report(summary: &trainer::Summary, out: &std::path::Path) -> Result<()> {
 /// them to the system and maps them again, and each round trip costs page faults and TLB
 /// shootdowns across the worker threads (measured: about 15% of a MiniLM step). Keeping freed
 /// memory in the heap makes the next step reuse it.
-fn keep_freed_memory() {
+pub(crate) fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         extern "C" {

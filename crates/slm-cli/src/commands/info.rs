@@ -63,7 +63,12 @@ pub fn run(mut a: Args) -> Result<()> {
     for (dtype, (n, p)) in &by_type {
         outln!("  {dtype:<12}  {n:>4} tensors, {p:>11} parameters");
     }
-    outln!("context length: {}", config.context_length());
+    if let slm::models::ModelConfig::Rnn(c) = &config {
+        outln!("layers:         {}", c.describe());
+        outln!("context length: unbounded (recurrent state)");
+    } else {
+        outln!("context length: {}", config.context_length());
+    }
     let Some(tok) = tok else {
         outln!(
             "vocab size:     {} (no tokenizer found)",

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod hub;
 pub mod info;
 pub mod merge;
+pub mod pretrain;
 pub mod quantize;
 pub mod serve;
 pub mod similarity;

@@ -112,13 +112,54 @@ pub(crate) fn log_sum_exp(row: &[f32]) -> f64 {
         .ln()
 }
 
-/// Runs `model` over `ids` window by window; `progress(done, total)` after each window.
+/// A recurrent model over `ids` as one stream, its state carried from chunk to chunk of
+/// `chunk` tokens: every token but the first is scored, as `word_language_model`'s
+/// `evaluate()` does. `windows` counts the chunks.
+fn stream_perplexity(
+    model: &mut dyn CausalLM,
+    ids: &[u32],
+    chunk: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Perplexity> {
+    if ids.len() < 2 {
+        return Err(Error::msg(format!(
+            "the text has {} tokens; perplexity needs at least 2",
+            ids.len()
+        )));
+    }
+    let chunk = chunk.max(1);
+    let inputs = &ids[..ids.len() - 1];
+    let total = inputs.len().div_ceil(chunk);
+    let mut nll = 0f64;
+    model.clear_cache();
+    for (c, part) in inputs.chunks(chunk).enumerate() {
+        let start = c * chunk;
+        let logits = model.forward(part, start, true)?.to_vec2::<f32>()?;
+        for (i, row) in logits.iter().enumerate() {
+            nll += log_sum_exp(row) - row[ids[start + i + 1] as usize] as f64;
+        }
+        progress(c + 1, total);
+    }
+    model.clear_cache();
+    let tokens = inputs.len();
+    Ok(Perplexity {
+        tokens,
+        mean_nll: nll / tokens as f64,
+        windows: total,
+    })
+}
+
+/// Runs `model` over `ids` window by window (a recurrent model: as one stream, in chunks of
+/// the window's length); `progress(done, total)` after each window.
 pub fn perplexity(
     model: &mut dyn CausalLM,
     ids: &[u32],
     opts: Options,
     progress: impl FnMut(usize, usize),
 ) -> Result<Perplexity> {
+    if model.recurrent() {
+        return stream_perplexity(model, ids, opts.max_length, progress);
+    }
     let (mut nll, mut tokens) = (0f64, 0usize);
     let windows = for_each_target(
         &mut [model],

@@ -42,7 +42,12 @@ impl ModelFiles {
         let config = path.join("config.json");
         let config = config.exists().then_some(config);
         let format = find_weights(path)?;
-        if config.is_none() && !matches!(format, WeightFormat::Gguf(_)) {
+        // A `word_language_model` checkpoint has a vocab.txt and no config: its sizes are
+        // read from the tensors (`models::config_of`).
+        if config.is_none()
+            && !matches!(format, WeightFormat::Gguf(_))
+            && !path.join("vocab.txt").exists()
+        {
             return Err(Error::file(path, "config.json not found in model folder"));
         }
         Ok(Self {
@@ -78,7 +83,12 @@ fn find_weights(dir: &Path) -> Result<WeightFormat> {
     if index.exists() {
         return Ok(WeightFormat::Safetensors(shards(&index)?));
     }
-    for name in ["pytorch_model.bin", "model.pth", "consolidated.pth"] {
+    for name in [
+        "pytorch_model.bin",
+        "model.pth",
+        "model.pt",
+        "consolidated.pth",
+    ] {
         let p = dir.join(name);
         if p.exists() {
             return Ok(WeightFormat::PyTorch(vec![p]));
@@ -110,7 +120,7 @@ fn find_weights(dir: &Path) -> Result<WeightFormat> {
         }
         0 => Err(Error::file(
             dir,
-            "no weights found (model.safetensors, model.safetensors.index.json, pytorch_model.bin or a .gguf file)",
+            "no weights found (model.safetensors, model.safetensors.index.json, pytorch_model.bin, model.pt or a .gguf file)",
         )),
         _ => Err(Error::file(dir, "several .gguf files in the folder; pass one of them")),
     }

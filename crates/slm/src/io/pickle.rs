@@ -149,6 +149,9 @@ enum Kind {
     Mark,
     List,
     Dict,
+    /// `collections.OrderedDict` or `defaultdict`, which REDUCE calls to make a dict (a
+    /// `state_dict` saved with torch.save), as candle's reader does.
+    DictClass,
     Other,
 }
 
@@ -262,11 +265,17 @@ impl Machine<'_> {
             match op {
                 0x80 => drop(self.take(1)?),
                 b'c' => {
-                    for _ in 0..2 {
+                    let mut names = [&[][..]; 2];
+                    for name in names.iter_mut() {
                         let nl = self.data[self.at..].iter().position(|&b| b == b'\n');
-                        self.at += nl.ok_or("GLOBAL without a newline")? + 1;
+                        let nl = nl.ok_or("GLOBAL without a newline")?;
+                        *name = &self.data[self.at..self.at + nl];
+                        self.at += nl + 1;
                     }
-                    self.stack.push(Obj::leaf(Kind::Other));
+                    let dict = names[0] == b"collections"
+                        && matches!(names[1], b"OrderedDict" | b"defaultdict");
+                    let kind = if dict { Kind::DictClass } else { Kind::Other };
+                    self.stack.push(Obj::leaf(kind));
                 }
                 b'K' | b'M' | b'J' | b'G' => {
                     let n = match op {
@@ -310,7 +319,9 @@ impl Machine<'_> {
                 }
                 b'R' | b'b' | 0x81 => {
                     let items = self.pop_n(2)?;
-                    self.push_made(Obj::parent(Kind::Other, &items))?;
+                    let dict = op == b'R' && items[0].kind == Kind::DictClass;
+                    let kind = if dict { Kind::Dict } else { Kind::Other };
+                    self.push_made(Obj::parent(kind, &items))?;
                 }
                 b'a' => {
                     let v = self.pop_n(1)?;

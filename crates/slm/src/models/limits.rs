@@ -222,6 +222,15 @@ impl ModelConfig {
                     )));
                 }
             }
+            ModelConfig::Rnn(r) => {
+                c.size("ntoken", r.ntoken, MAX_VOCAB)?;
+                c.size("ninp", r.ninp, MAX_WIDTH)?;
+                c.size("nhid", r.nhid, MAX_WIDTH)?;
+                c.size("nlayers", r.nlayers, MAX_LAYERS)?;
+                if !(0.0..1.0).contains(&r.dropout) {
+                    return Err(c.err(format!("dropout is {}; it must be in [0, 1)", r.dropout)));
+                }
+            }
         }
         Ok(())
     }

@@ -5,6 +5,7 @@ pub mod gemma;
 pub mod gpt2;
 mod limits;
 pub mod llama;
+pub mod rnn;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,6 +43,11 @@ pub trait CausalLM: Send {
     fn uniform_rows(&self) -> usize {
         crate::nn::qmatmul::GEMM_FROM_TOKENS
     }
+    /// A recurrent model: its cache is a state that runs forward only (no prefix of it can be
+    /// kept), and a text is evaluated as one stream.
+    fn recurrent(&self) -> bool {
+        false
+    }
 }
 
 /// The KV cache of one sequence, held by whoever runs it (a server slot).
@@ -59,8 +65,13 @@ impl SeqCache {
     }
 
     /// Keeps the first `len` positions: a new prompt sharing them reuses their keys and values.
-    pub fn truncate(&mut self, len: usize) {
-        self.0.iter_mut().for_each(|c| c.truncate(len));
+    /// Returns the positions kept: a recurrent model's state is kept whole or not at all.
+    pub fn truncate(&mut self, len: usize) -> usize {
+        self.0
+            .iter_mut()
+            .map(|c| c.truncate(len))
+            .min()
+            .unwrap_or(0)
     }
 }
 
@@ -98,6 +109,10 @@ impl<F: CausalFamily<InferW> + Send> CausalLM for Decoder<F> {
 
     fn vocab_size(&self) -> usize {
         self.model.vocab_size()
+    }
+
+    fn recurrent(&self) -> bool {
+        self.model.recurrent()
     }
 
     fn new_cache(&self) -> SeqCache {
@@ -145,10 +160,12 @@ pub enum Architecture {
     Gemma(gemma::Variant),
     /// Encoders (BERT, DistilBERT, RoBERTa): embeddings, classification, fill-mask.
     Bert(bert::Flavor),
+    /// Recurrent language models (PyTorch's `word_language_model`).
+    Rnn(crate::nn::recurrent::Cell),
 }
 
 pub const SUPPORTED: &str =
-    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3, gemma2, gemma3 (text); encoders: bert, distilbert, roberta";
+    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3, gemma2, gemma3 (text), LSTM/GRU language models (rnn_lm); encoders: bert, distilbert, roberta";
 
 impl Architecture {
     pub fn from_name(name: &str) -> Option<Self> {
@@ -185,6 +202,8 @@ impl Architecture {
             Architecture::Llama(v) => v.lora_targets(),
             Architecture::Gemma(v) => v.lora_targets(),
             Architecture::Bert(f) => f.lora_targets(),
+            // PEFT has no LoRA for recurrent layers.
+            Architecture::Rnn(_) => &[],
         };
         names.iter().map(|s| s.to_string()).collect()
     }
@@ -200,6 +219,8 @@ impl Architecture {
             Architecture::Bert(bert::Flavor::Bert) => "bert",
             Architecture::Bert(bert::Flavor::DistilBert) => "distilbert",
             Architecture::Bert(bert::Flavor::Roberta) => "roberta",
+            Architecture::Rnn(crate::nn::recurrent::Cell::Lstm) => "lstm",
+            Architecture::Rnn(crate::nn::recurrent::Cell::Gru) => "gru",
         }
     }
 
@@ -215,6 +236,7 @@ pub enum ModelConfig {
     Llama(llama::Config),
     Gemma(gemma::Config),
     Bert(bert::Config),
+    Rnn(rnn::Config),
 }
 
 impl ModelConfig {
@@ -224,6 +246,7 @@ impl ModelConfig {
             ModelConfig::Llama(c) => Architecture::Llama(c.variant),
             ModelConfig::Gemma(c) => Architecture::Gemma(c.variant),
             ModelConfig::Bert(c) => Architecture::Bert(c.flavor),
+            ModelConfig::Rnn(c) => Architecture::Rnn(c.rnn_type),
         }
     }
 
@@ -233,6 +256,7 @@ impl ModelConfig {
             ModelConfig::Llama(c) => c.max_position_embeddings,
             ModelConfig::Gemma(c) => c.max_position_embeddings,
             ModelConfig::Bert(c) => c.max_tokens(),
+            ModelConfig::Rnn(_) => u32::MAX as usize,
         }
     }
 
@@ -242,6 +266,7 @@ impl ModelConfig {
             ModelConfig::Llama(c) => c.vocab_size,
             ModelConfig::Gemma(c) => c.vocab_size,
             ModelConfig::Bert(c) => c.vocab_size,
+            ModelConfig::Rnn(c) => c.ntoken,
         }
     }
 
@@ -290,6 +315,7 @@ impl ModelConfig {
             Architecture::Bert(flavor) => {
                 ModelConfig::Bert(bert::Config::from_json(json, flavor).in_file(path)?)
             }
+            Architecture::Rnn(_) => unreachable!("rnn_lm is not an architecture name"),
         })
     }
 
@@ -435,6 +461,7 @@ impl ModelConfig {
                 })
             }
             Architecture::Bert(_) => unreachable!("encoders are rejected above"),
+            Architecture::Rnn(_) => unreachable!("no GGUF architecture name is a recurrent LM"),
         })
     }
 }
@@ -535,11 +562,40 @@ pub enum ComputeDtype {
 }
 
 pub fn config_of(files: &ModelFiles) -> Result<ModelConfig> {
+    if let Some(c) = rnn_config(files)? {
+        let c = ModelConfig::Rnn(c);
+        c.validate(files.config.as_deref().unwrap_or(&files.root))?;
+        return Ok(c);
+    }
     match (&files.format, &files.config) {
         (_, Some(cfg)) => ModelConfig::from_hf_json(cfg),
         (WeightFormat::Gguf(p), None) => ModelConfig::from_gguf(&*GgufFile::open_shared(p)?),
         _ => Err(Error::file(&files.root, "config.json not found")),
     }
+}
+
+/// A recurrent LM's config: from config.json when it says `rnn_lm`, else from the tensors of a
+/// folder without config.json that holds `rnn.weight_ih_l0` (a `word_language_model` checkpoint).
+fn rnn_config(files: &ModelFiles) -> Result<Option<rnn::Config>> {
+    if matches!(files.format, WeightFormat::Gguf(_)) {
+        return Ok(None);
+    }
+    let stated = match &files.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text).in_file(p)?;
+            match rnn::Config::from_json(&json) {
+                Some(c) => Some(c.in_file(p)?),
+                None => return Ok(None),
+            }
+        }
+        None => None,
+    };
+    let store = open_weights(files)?;
+    if stated.is_none() && !store.contains("rnn.weight_ih_l0") {
+        return Ok(None);
+    }
+    Ok(Some(rnn::Config::from_store(&*store, stated)?))
 }
 
 pub fn load_causal(path: &Path, dtype: ComputeDtype) -> Result<LoadedModel> {
@@ -571,6 +627,7 @@ pub fn load_causal_with(
         ModelConfig::Gpt2(c) => Box::new(Decoder::new(gpt2::Gpt2::new(c, &mut l)?)),
         ModelConfig::Llama(c) => Box::new(Decoder::new(llama::Llama::new(c, &mut l)?)),
         ModelConfig::Gemma(c) => Box::new(Decoder::new(gemma::Gemma::new(c, &mut l)?)),
+        ModelConfig::Rnn(c) => Box::new(Decoder::new(rnn::RnnLm::new(c, &mut l)?)),
         ModelConfig::Bert(_) => {
             return Err(Error::file(
                 &files.root,

@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use super::recurrent::RecurrentSpec;
 use super::{Activation, Rope};
 use crate::error::Result;
 
@@ -137,6 +138,18 @@ pub trait Exec {
         k: Self::X,
         v: Self::X,
     ) -> Result<Self::X>;
+    /// One direction of a recurrent layer (PyTorch's LSTM or GRU) over `gx`, the input
+    /// projection `x·W_ihᵀ + b_ih` of every position, with `hh` as `W_hh` and `b_hh`. Each
+    /// sequence starts from the state the executor holds in `slot` (a new sequence from zeros)
+    /// and leaves its final state there, so a stream can be run chunk after chunk. Returns
+    /// `h` of every position.
+    fn recurrent(
+        &mut self,
+        r: &RecurrentSpec,
+        hh: &<Self::W as Weights>::Linear,
+        slot: usize,
+        gx: Self::X,
+    ) -> Result<Self::X>;
     fn rows(&mut self, x: &Self::X, which: Rows) -> Result<Self::X>;
     /// Dropout with probability `p` while training; the identity otherwise.
     fn dropout(&mut self, x: Self::X, p: f32) -> Result<Self::X>;
@@ -155,6 +168,15 @@ pub trait Loader {
         din: usize,
         dout: usize,
         bias: bool,
+    ) -> Result<<Self::W as Weights>::Linear>;
+    /// A linear layer whose tensors are named on their own, weight `[dout, din]` (PyTorch's
+    /// `rnn.weight_ih_l0` and `rnn.bias_ih_l0`).
+    fn linear_named(
+        &mut self,
+        weight: &str,
+        bias: Option<&str>,
+        din: usize,
+        dout: usize,
     ) -> Result<<Self::W as Weights>::Linear>;
     /// GPT-2's `Conv1D`: weight stored `[din, dout]`, always with a bias.
     fn conv1d(
@@ -232,9 +254,15 @@ pub trait Loader {
 pub trait CausalFamily<W: Weights> {
     /// Logits of every position (`last_only`: of each sequence's last position).
     fn forward<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32], last_only: bool) -> Result<E::X>;
+    /// Cache slots: the layers (one per direction of a recurrent layer).
     fn n_layers(&self) -> usize;
     fn context_length(&self) -> usize;
     fn vocab_size(&self) -> usize;
+    /// The model carries a recurrent state instead of attending over a window: a text is run
+    /// as one stream, however long.
+    fn recurrent(&self) -> bool {
+        false
+    }
 }
 
 /// Three parts (Q, K, V), whatever an executor returned.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use super::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Rows, Weights};
+use super::recurrent::{self, Hidden, Layout, RecurrentSpec, State};
 use super::{kernels, Activation, Embedding, LayerNorm, Linear, Norm, RmsNorm, Vb};
 use crate::error::{Error, Result};
 
@@ -75,12 +76,16 @@ impl Act {
 
 /// Keys and values of one layer, `[nkv, cap, hd]` with spare capacity that doubles when
 /// full, so a decoded token writes its rows instead of copying the whole cache.
+///
+/// A recurrent layer keeps its state here instead: `h` in `k`, `c` in `v`, after `len`
+/// positions.
 #[derive(Clone, Default)]
 pub struct KvCache {
     k: Vec<f32>,
     v: Vec<f32>,
     cap: usize,
     len: usize,
+    recurrent: bool,
 }
 
 impl KvCache {
@@ -93,9 +98,30 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Forgets every position from `len` on (a server reusing a cached prompt prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// Forgets every position from `len` on (a server reusing a cached prompt prefix); returns
+    /// the positions kept. A recurrent state cannot forget its last positions: it is kept
+    /// whole or cleared.
+    pub fn truncate(&mut self, len: usize) -> usize {
+        self.len = if self.recurrent && len < self.len {
+            0
+        } else {
+            self.len.min(len)
+        };
+        self.len
+    }
+
+    /// The `(h, c)` a recurrent layer left, None before the first position.
+    fn recurrent_state(&self) -> Option<(&[f32], &[f32])> {
+        (self.len > 0).then_some((&self.k[..], &self.v[..]))
+    }
+
+    fn set_recurrent_state(&mut self, h: &[f32], c: &[f32], t: usize) {
+        self.k.clear();
+        self.k.extend_from_slice(h);
+        self.v.clear();
+        self.v.extend_from_slice(c);
+        self.len += t;
+        self.recurrent = true;
     }
 
     /// Appends `t` positions of `k`, `v` (`[heads, t, hd]`).
@@ -396,6 +422,73 @@ impl Exec for Infer<'_> {
         }))
     }
 
+    fn recurrent(&mut self, r: &RecurrentSpec, hh: &Linear, slot: usize, gx: Act) -> Result<Act> {
+        let Some((w, bias)) = hh.dense() else {
+            return Err(Error::msg(
+                "a recurrent layer's hidden weights must be dense",
+            ));
+        };
+        let gx = gx.tensor()?;
+        let hd = r.hidden;
+        let (starts, lengths): (Vec<usize>, Vec<usize>) = if self.seqs.is_empty() {
+            (
+                (0..self.b()).map(|s| s * self.t).collect(),
+                self.lengths.clone(),
+            )
+        } else {
+            let mut start = 0;
+            self.seqs
+                .iter()
+                .map(|s| {
+                    start += s.t;
+                    (start - s.t, s.t)
+                })
+                .unzip()
+        };
+        let b = lengths.len();
+        let mut state = State::zeros(r.cell, b, hd);
+        for (s, seq) in self.seqs.iter().enumerate() {
+            if let Some((h, c)) = seq.cache[slot].recurrent_state() {
+                if h.len() != hd || c.len() != state.c.len() / b {
+                    return Err(Error::msg("internal: a recurrent state of another size"));
+                }
+                state.h[s * hd..][..hd].copy_from_slice(h);
+                if !c.is_empty() {
+                    state.c[s * hd..][..hd].copy_from_slice(c);
+                }
+            }
+        }
+        let layout = Layout {
+            starts: &starts,
+            lengths: &lengths,
+            rows: gx.elem_count() / (r.cell.gates() * hd),
+        };
+        let bias = bias
+            .map(|b| b.flatten_all()?.to_vec1::<f32>())
+            .transpose()?;
+        let (y, _) = kernels::with_f32(&gx, |g| {
+            kernels::with_f32(w, |w| {
+                let hh = Hidden {
+                    w,
+                    transposed: true,
+                    b: bias.as_deref(),
+                };
+                recurrent::forward(*r, g, hh, &mut state, &layout, false)
+            })
+        })??;
+        for (s, seq) in self.seqs.iter_mut().enumerate() {
+            let c = if state.c.is_empty() {
+                &[][..]
+            } else {
+                &state.c[s * hd..][..hd]
+            };
+            seq.cache[slot].set_recurrent_state(&state.h[s * hd..][..hd], c, seq.t);
+        }
+        let mut dims = gx.dims().to_vec();
+        *dims.last_mut().unwrap() = hd;
+        Ok(Act::Full(kernels::tensor(y, dims)?))
+    }
+
     fn dropout(&mut self, x: Act, _p: f32) -> Result<Act> {
         Ok(x)
     }
@@ -503,6 +596,18 @@ impl Loader for VbLoader {
 
     fn conv1d(&mut self, name: &str, din: usize, dout: usize) -> Result<Linear> {
         Linear::conv1d(din, dout, &self.at(name))
+    }
+
+    fn linear_named(
+        &mut self,
+        weight: &str,
+        bias: Option<&str>,
+        din: usize,
+        dout: usize,
+    ) -> Result<Linear> {
+        let w = self.vb.get_weight(weight, &[dout, din])?;
+        let b = bias.map(|b| self.vb.get(b, &[dout])).transpose()?;
+        Linear::from_weight(w, b)
     }
 
     fn parts(

@@ -250,10 +250,11 @@ pub fn add_layer_norm(
     y
 }
 
-/// Softmax of one row. Max and sum use lane-wise partial results so that every loop
-/// vectorises (a plain fold is a serial dependency chain).
+/// Softmax of one row; returns the row's max and `Σ exp(x − max)`, so `log Σ exp(x)` costs no
+/// second pass. Max and sum use lane-wise partial results so that every loop vectorises (a
+/// plain fold is a serial dependency chain).
 #[inline]
-pub fn softmax_in_place(row: &mut [f32]) {
+pub fn softmax_in_place(row: &mut [f32]) -> (f32, f32) {
     let mut m8 = [f32::NEG_INFINITY; 8];
     let chunks = row.chunks_exact(8);
     let mut max = chunks
@@ -278,6 +279,7 @@ pub fn softmax_in_place(row: &mut [f32]) {
     sum += s8.iter().sum::<f32>();
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
+    (max, sum)
 }
 
 /// A raw pointer that tasks share to write disjoint parts of one buffer.

@@ -63,6 +63,15 @@ impl Linear {
         self.out_features
     }
 
+    /// The dense weight, stored `[in, out]`, and the bias: what a kernel that runs its own
+    /// product (the recurrence's step) reads. None for a quantized weight.
+    pub fn dense(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Some((w, self.bias.as_ref())),
+            LinearWeight::Quant(_) => None,
+        }
+    }
+
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quant(_))
     }

@@ -41,11 +41,11 @@ pub fn quantize_hf(
         ModelConfig::Llama(c) => llama_metadata(c, arch, &files.root)?,
         ModelConfig::Gpt2(c) => gpt2_metadata(c, &files.root)?,
         ModelConfig::Gemma(c) => gemma_metadata(c, arch, &files.root)?,
-        ModelConfig::Bert(_) => {
+        ModelConfig::Bert(_) | ModelConfig::Rnn(_) => {
             return Err(Error::file(
                 &files.root,
                 format!(
-                    "GGUF export covers causal models (gpt2, llama, qwen2, phi3, gemma2, gemma3), not '{arch}'"
+                    "GGUF export covers transformer causal models (gpt2, llama, qwen2, phi3, gemma2, gemma3), not '{arch}'"
                 ),
             ))
         }

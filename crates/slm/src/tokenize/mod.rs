@@ -179,6 +179,48 @@ fn wordpiece_txt_json(dir: &Path, vocab_txt: &Path) -> Result<Value> {
     Ok(wordpiece_json(vocab, added, lowercase, strip, true))
 }
 
+/// A recurrent LM's `vocab.txt` (PyTorch `word_language_model`'s dictionary, one word per
+/// line in id order) read as that example tokenizes: whitespace-split words and `<eos>` for
+/// every line end.
+fn word_list_json(vocab_txt: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(vocab_txt).map_err(|e| Error::io(vocab_txt, e))?;
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in text.lines().enumerate() {
+        if w.is_empty() || w.contains(char::is_whitespace) {
+            return Err(Error::file(
+                vocab_txt,
+                format!(
+                    "line {}: a vocabulary entry must be one word without spaces",
+                    i + 1
+                ),
+            ));
+        }
+        if vocab.insert(w.to_string(), json!(i)).is_some() {
+            return Err(Error::file(
+                vocab_txt,
+                format!("line {}: '{w}' is listed twice", i + 1),
+            ));
+        }
+    }
+    Ok(json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": {"type": "Replace", "pattern": {"String": "\n"}, "content": " <eos> "},
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    }))
+}
+
+/// A vocab.txt is a word list, not BERT's WordPiece vocabulary, beside a recurrent LM: a
+/// folder without config.json, or one whose config says `rnn_lm`.
+fn is_word_list_folder(dir: &Path) -> bool {
+    let cfg = dir.join("config.json");
+    !cfg.exists()
+        || read_json(&cfg).is_ok_and(|c| {
+            c.get("model_type").and_then(|v| v.as_str()) == Some(crate::models::rnn::MODEL_TYPE)
+        })
+}
+
 /// Ids, segment ids and the untruncated length of one encoder input.
 #[derive(Debug, Clone)]
 pub struct EncoderInput {
@@ -292,6 +334,9 @@ impl Tokenizer {
             .find(|(v, m)| v.exists() && m.exists())
         {
             Self::from_tokenizer(from_json(&gpt2_json(&v, &m)?, &v)?, v)
+        } else if dir.join("vocab.txt").exists() && is_word_list_folder(dir) {
+            let p = dir.join("vocab.txt");
+            Self::from_tokenizer(from_json(&word_list_json(&p)?, &p)?, p)
         } else if dir.join("vocab.txt").exists() {
             let p = dir.join("vocab.txt");
             let mut t = Self::from_tokenizer(from_json(&wordpiece_txt_json(dir, &p)?, &p)?, p);

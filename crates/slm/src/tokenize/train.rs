@@ -26,6 +26,7 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use std::io::Write;
+use std::str::FromStr;
 
 use crate::error::{Error, Result};
 use crate::io::write::write_atomic;
@@ -216,6 +217,9 @@ pub fn train(files: &[PathBuf], o: &TrainOptions) -> Result<Tokenizer> {
     let paths: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     tok.train_from_files(&mut trainer, paths)
         .map_err(tok_err("training"))?;
+    if matches!(o.kind, Kind::Word | Kind::Char) {
+        tok = contiguous_word_ids(&tok, &o.special_tokens)?;
+    }
     if o.kind == Kind::Word {
         // Set after training, so `<eos>` is not counted as a word: each line end becomes one.
         let eos = Replace::new("\n", " <eos> ").map_err(tok_err("normalizer"))?;
@@ -249,6 +253,50 @@ pub fn train(files: &[PathBuf], o: &TrainOptions) -> Result<Tokenizer> {
         tok.with_post_processor(Some(p));
     }
     Ok(tok)
+}
+
+/// The WordLevel trainer numbers the special tokens first and then every word by frequency,
+/// so a special token that is also a word of the text (WikiText's `<unk>`) is numbered twice
+/// and the word's number wins, leaving a hole at the special's: a vocabulary of n entries with
+/// an id n. Renumbers it: the special tokens first, in order, then the words in the trainer's
+/// order.
+fn contiguous_word_ids(tok: &Tokenizer, specials: &[String]) -> Result<Tokenizer> {
+    let mut doc: serde_json::Value = serde_json::from_str(
+        &tok.to_string(false)
+            .map_err(|e| Error::msg(format!("tokenizer.json: {e}")))?,
+    )
+    .map_err(|e| Error::msg(format!("tokenizer.json: {e}")))?;
+    let vocab = doc["model"]["vocab"]
+        .as_object()
+        .ok_or_else(|| Error::msg("internal: a WordLevel model without a vocabulary"))?;
+    let mut words: Vec<(&String, u64)> = vocab
+        .iter()
+        .filter(|(w, _)| !specials.contains(w))
+        .map(|(w, id)| (w, id.as_u64().unwrap_or(u64::MAX)))
+        .collect();
+    words.sort_by_key(|&(_, id)| id);
+    let order: Vec<String> = specials
+        .iter()
+        .cloned()
+        .chain(words.into_iter().map(|(w, _)| w.clone()))
+        .collect();
+    let renumbered: serde_json::Map<String, serde_json::Value> = order
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), serde_json::json!(i)))
+        .collect();
+    if let Some(added) = doc["added_tokens"].as_array_mut() {
+        for t in added {
+            if let Some(i) = t["content"]
+                .as_str()
+                .and_then(|c| order.iter().position(|w| w == c))
+            {
+                t["id"] = serde_json::json!(i);
+            }
+        }
+    }
+    doc["model"]["vocab"] = serde_json::Value::Object(renumbered);
+    Tokenizer::from_str(&doc.to_string()).map_err(tok_err("renumbered vocabulary"))
 }
 
 /// Writes `tokenizer.json` and a `tokenizer_config.json` naming the special tokens, so that

@@ -319,10 +319,15 @@ impl Model for CausalRun {
                     }
                 })
                 .collect();
-            let tensors: Vec<(String, Vec<usize>, &[f32])> = stored
+            let mut tensors: Vec<(String, Vec<usize>, &[f32])> = stored
                 .iter()
                 .map(|(n, s, v)| (n.clone(), s.clone(), v.as_ref()))
                 .collect();
+            // PyTorch's RNNModel lists a tied decoder weight in its state_dict as well.
+            if let Some(i) = self.model.tied_decoder() {
+                let x = &p.list[i];
+                tensors.push(("decoder.weight".into(), x.shape.clone(), x.value.as_slice()));
+            }
             write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
             copy_files(
                 &self.source,
@@ -340,6 +345,7 @@ impl Model for CausalRun {
                 "vocab.json",
                 "merges.txt",
                 "tokenizer.model",
+                "vocab.txt",
             ],
         )
     }

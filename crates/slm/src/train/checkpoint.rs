@@ -30,6 +30,9 @@ pub struct TrainState {
     pub bad_evals: usize,
     pub adam_t: u64,
     pub last_loss: f64,
+    /// Evaluations that cut the learning rate (`plateau_factor`).
+    #[serde(default)]
+    pub plateau_cuts: u32,
 }
 
 #[derive(Serialize, Deserialize)]

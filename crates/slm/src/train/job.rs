@@ -93,7 +93,7 @@ pub fn run(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
             )));
         }
     }
-    prepare_output(job, hooks)?;
+    prepare_output(Some(&job.model), &job.output, job.resume, job.force, hooks)?;
     match job.task {
         Task::CausalLm => run_causal(job, hooks),
         Task::Classify => run_classify(job, hooks),
@@ -104,17 +104,22 @@ pub fn run(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
 
 /// Refuses to mix a new run into an old one's folder or to replace a model already there, or
 /// clears the old run when forced; never writes into the model it reads.
-fn prepare_output(job: &Job, hooks: &dyn Hooks) -> TrainResult<()> {
-    let out = &job.output;
+pub(crate) fn prepare_output(
+    model: Option<&Path>,
+    out: &Path,
+    resume: bool,
+    force: bool,
+    hooks: &dyn Hooks,
+) -> TrainResult<()> {
     let same = |x: &Path, y: &Path| matches!((x.canonicalize(), y.canonicalize()), (Ok(x), Ok(y)) if x == y);
-    if job.model.is_dir() && same(out, &job.model) {
+    if model.is_some_and(|m| m.is_dir() && same(out, m)) {
         return Err(Error::Exists(format!(
             "-o {} is the model folder itself; write the fine-tuned model to another folder",
             out.display()
         )));
     }
     let has_run = out.join("checkpoint").exists() || out.join("metrics.jsonl").exists();
-    if has_run && !job.resume && !job.force {
+    if has_run && !resume && !force {
         return Err(Error::Exists(format!(
             "{} already holds a run; pass --resume to continue it or --force to start over",
             out.display()
@@ -128,7 +133,7 @@ fn prepare_output(job: &Job, hooks: &dyn Hooks) -> TrainResult<()> {
     ]
     .into_iter()
     .find(|f| out.join(f).exists());
-    if let Some(f) = model_file.filter(|_| !job.resume && !job.force) {
+    if let Some(f) = model_file.filter(|_| !resume && !force) {
         return Err(Error::Exists(format!(
             "{} already holds a model ({f}); pass --force to replace it or choose another -o",
             out.display()
@@ -141,8 +146,8 @@ fn prepare_output(job: &Job, hooks: &dyn Hooks) -> TrainResult<()> {
             bytes as f64 / 1e6
         ));
     }
-    if job.force && !job.resume {
-        for f in ["checkpoint", "checkpoint.old", "best"] {
+    if force && !resume {
+        for f in ["checkpoint", "checkpoint.old", "best", "init"] {
             let _ = std::fs::remove_dir_all(out.join(f));
         }
         let _ = std::fs::remove_file(out.join("metrics.jsonl"));

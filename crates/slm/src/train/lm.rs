@@ -8,8 +8,9 @@ use super::params::{step_seed, Params};
 use super::tape::{Dropout, LoraSpec, ParamLoader, Tape, TrainW};
 use super::TrainResult;
 use crate::io::{open_weights, ModelFiles};
-use crate::models::{config_of, gemma, gpt2, llama, Architecture, ModelConfig};
+use crate::models::{config_of, gemma, gpt2, llama, rnn, Architecture, ModelConfig};
 use crate::nn::exec::CausalFamily;
+use crate::nn::recurrent::State;
 use crate::nn::Vb;
 
 /// Token ids `[b, t]` with the id each position must predict (`None`: no loss there, as for
@@ -32,6 +33,7 @@ enum Net {
     Gpt2(gpt2::Gpt2<TrainW>),
     Llama(llama::Llama<TrainW>),
     Gemma(gemma::Gemma<TrainW>),
+    Rnn(rnn::RnnLm<TrainW>),
 }
 
 /// The Hugging Face folder a causal model trains from. Training reads f32 weights and saves a
@@ -77,6 +79,7 @@ impl CausalLm {
             ModelConfig::Gpt2(c) => Net::Gpt2(gpt2::Gpt2::new(c, &mut l)?),
             ModelConfig::Llama(c) => Net::Llama(llama::Llama::new(c, &mut l)?),
             ModelConfig::Gemma(c) => Net::Gemma(gemma::Gemma::new(c, &mut l)?),
+            ModelConfig::Rnn(c) => Net::Rnn(rnn::RnnLm::new(c, &mut l)?),
             ModelConfig::Bert(_) => {
                 return Err(crate::Error::Unsupported(format!(
                 "{}: '{}' is an encoder; causal-LM fine-tuning takes gpt2, llama, qwen2, phi3, gemma2 or gemma3",
@@ -114,27 +117,52 @@ impl CausalLm {
         self.arch == Architecture::Gpt2
     }
 
+    /// The parameter a tied recurrent LM's decoder reads (`encoder.weight`).
+    pub fn tied_decoder(&self) -> Option<usize> {
+        match &self.net {
+            Net::Rnn(m) if m.cfg.tie_weights => self
+                .params
+                .list
+                .iter()
+                .position(|p| p.name == "encoder.weight"),
+            _ => None,
+        }
+    }
+
+    /// A recurrent model: its state can be carried from one chunk of a stream to the next.
+    pub fn recurrent(&self) -> bool {
+        matches!(self.net, Net::Rnn(_))
+    }
+
     /// Runs the forward pass of a batch; `seed` while training (dropout), `None` to evaluate.
-    fn run(&self, batch: &CausalBatch, seed: Option<u64>) -> crate::Result<(Tape<'_>, usize)> {
+    /// Recurrent layers start from `states` (by layer; zeros where missing).
+    fn run(
+        &self,
+        batch: &CausalBatch,
+        seed: Option<u64>,
+        states: Vec<Option<State>>,
+    ) -> crate::Result<(Tape<'_>, usize)> {
         let mut tape = Tape::new(&self.params, batch.size(), batch.t, &batch.lengths, seed)
-            .with_dropout(self.dropout);
+            .with_dropout(self.dropout)
+            .with_states(states);
         let out = match &self.net {
             Net::Gpt2(m) => m.forward(&mut tape, &batch.ids, false)?,
             Net::Llama(m) => m.forward(&mut tape, &batch.ids, false)?,
             Net::Gemma(m) => m.forward(&mut tape, &batch.ids, false)?,
+            Net::Rnn(m) => m.forward(&mut tape, &batch.ids, false)?,
         };
         Ok((tape, out))
     }
 
     /// Logits `[b·t, vocab]` of a batch.
     pub fn logits(&self, batch: &CausalBatch) -> crate::Result<Vec<f32>> {
-        let (tape, out) = self.run(batch, None)?;
+        let (tape, out) = self.run(batch, None, Vec::new())?;
         Ok(tape.value(out).to_vec())
     }
 
     /// Summed token loss and the number of target tokens of a batch, without gradients.
     pub fn loss_sum(&self, batch: &CausalBatch) -> crate::Result<(f64, usize)> {
-        let (tape, out) = self.run(batch, None)?;
+        let (tape, out) = self.run(batch, None, Vec::new())?;
         let count = batch.targets.iter().filter(|t| t.is_some()).count();
         let (loss, _) = ops::cross_entropy(tape.value(out), &batch.targets, self.vocab, 1.0);
         Ok((loss, count))
@@ -143,17 +171,43 @@ impl CausalLm {
     /// The mean token loss that [`Self::forward_backward`] differentiates (training mode:
     /// the same dropout masks), without the backward.
     pub fn training_loss(&self, batch: &CausalBatch) -> crate::Result<f64> {
-        let (tape, out) = self.run(batch, Some(step_seed(self.seed, &batch.ids)))?;
+        let (tape, out) = self.run(batch, Some(step_seed(self.seed, &batch.ids)), Vec::new())?;
         let count = batch.targets.iter().filter(|t| t.is_some()).count().max(1);
         let (loss, _) =
             ops::cross_entropy(tape.value(out), &batch.targets, self.vocab, count as f32);
         Ok(loss)
     }
 
+    /// Summed token loss and target count of a batch whose recurrent layers start from
+    /// `states`, and the states they end in (evaluating a stream chunk by chunk).
+    pub fn loss_sum_with(
+        &self,
+        batch: &CausalBatch,
+        states: Vec<Option<State>>,
+    ) -> crate::Result<(f64, usize, Vec<Option<State>>)> {
+        let (mut tape, out) = self.run(batch, None, states)?;
+        let count = batch.targets.iter().filter(|t| t.is_some()).count();
+        let (loss, _) = ops::cross_entropy(tape.value(out), &batch.targets, self.vocab, 1.0);
+        Ok((loss, count, tape.take_states()))
+    }
+
     /// Forward and backward of the mean token loss / `accum`; returns the mean token loss.
     pub fn forward_backward(&mut self, batch: &CausalBatch, accum: usize) -> crate::Result<f64> {
+        Ok(self.forward_backward_with(batch, accum, Vec::new())?.0)
+    }
+
+    /// [`Self::forward_backward`] with recurrent layers starting from `states` (the state
+    /// carried, detached, from the previous chunk: truncated BPTT); also returns the states
+    /// the layers end in.
+    pub fn forward_backward_with(
+        &mut self,
+        batch: &CausalBatch,
+        accum: usize,
+        states: Vec<Option<State>>,
+    ) -> crate::Result<(f64, Vec<Option<State>>)> {
         let seed = step_seed(self.seed, &batch.ids);
-        let (tape, out) = self.run(batch, Some(seed))?;
+        let (mut tape, out) = self.run(batch, Some(seed), states)?;
+        let states = tape.take_states();
         let record = tape.finish();
         let count = batch.targets.iter().filter(|t| t.is_some()).count().max(1);
         let (loss, dlogits) = ops::cross_entropy(
@@ -163,6 +217,6 @@ impl CausalLm {
             (count * accum) as f32,
         );
         record.backward(out, dlogits, &mut self.params);
-        Ok(loss * accum as f64)
+        Ok((loss * accum as f64, states))
     }
 }

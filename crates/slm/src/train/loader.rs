@@ -118,6 +118,22 @@ impl Loader for ParamLoader {
         self.lin(name, din, dout, bias, false)
     }
 
+    fn linear_named(
+        &mut self,
+        weight: &str,
+        bias: Option<&str>,
+        din: usize,
+        dout: usize,
+    ) -> Result<Lin> {
+        Ok(Lin {
+            w: self.get(weight, &[dout, din], false)?,
+            b: bias.map(|b| self.get(b, &[dout], false)).transpose()?,
+            din,
+            dout,
+            lora: None,
+        })
+    }
+
     fn conv1d(&mut self, name: &str, din: usize, dout: usize) -> Result<Lin> {
         // A GGUF file stores Conv1D weights as [out, in] already.
         let conv = !self.vb.is_gguf();

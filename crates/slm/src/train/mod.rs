@@ -20,6 +20,8 @@ pub mod masked;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod pretrain;
+pub mod stream;
 pub mod tape;
 pub mod token;
 pub mod trainer;

@@ -326,16 +326,11 @@ pub fn cross_entropy(
                 return 0.0;
             };
             g.copy_from_slice(row);
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            softmax_in_place(g);
-            let lse: f64 = row
-                .iter()
-                .map(|&v| ((v - max) as f64).exp())
-                .sum::<f64>()
-                .ln()
-                + max as f64;
+            let (max, sum) = softmax_in_place(g);
+            let lse = max as f64 + (sum as f64).ln();
             g[t as usize] -= 1.0;
-            g.iter_mut().for_each(|v| *v /= denom);
+            let inv = 1.0 / denom;
+            g.iter_mut().for_each(|v| *v *= inv);
             lse - row[t as usize] as f64
         })
         .collect();

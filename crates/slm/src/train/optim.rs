@@ -13,8 +13,25 @@ pub enum Schedule {
     Cosine,
 }
 
+/// The update rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    #[default]
+    AdamW,
+    /// Plain SGD, `w -= lr·(g + weight_decay·w)`: what PyTorch's `word_language_model` uses
+    /// for its recurrent models (lr 20, gradients clipped to 0.25).
+    Sgd,
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OptimConfig {
+    #[serde(default)]
+    pub optimizer: Optimizer,
+    /// After an evaluation without improvement, the learning rate is multiplied by this
+    /// (`word_language_model` divides it by 4).
+    #[serde(default)]
+    pub plateau_factor: Option<f32>,
     pub lr: f32,
     pub weight_decay: f32,
     pub beta1: f32,
@@ -30,6 +47,8 @@ impl OptimConfig {
     /// A constant learning rate with PyTorch's AdamW defaults and no decay, warmup or clipping.
     pub fn constant(lr: f32) -> Self {
         Self {
+            optimizer: Optimizer::AdamW,
+            plateau_factor: None,
             lr,
             weight_decay: 0.0,
             beta1: 0.9,
@@ -120,6 +139,25 @@ impl AdamW {
     }
 }
 
+/// One SGD update of every trained parameter (PyTorch's `torch.optim.SGD` without momentum).
+pub fn sgd_step(p: &mut Params, lr: f32, weight_decay: f32) {
+    for param in p.list.iter_mut() {
+        let Some(g) = &param.grad else {
+            continue;
+        };
+        let wd = if param.decay { weight_decay } else { 0.0 };
+        param
+            .value
+            .par_chunks_mut(1 << 14)
+            .zip(g.par_chunks(1 << 14))
+            .for_each(|(w, g)| {
+                for (w, g) in w.iter_mut().zip(g) {
+                    *w -= lr * (g + wd * *w);
+                }
+            });
+    }
+}
+
 /// Scales all gradients so their global L2 norm is at most `max`; returns the norm before.
 pub fn clip_grad_norm(p: &mut Params, max: f32) -> f32 {
     // Fixed chunks summed in order: the same norm whatever the thread count.
@@ -152,6 +190,8 @@ mod tests {
     #[test]
     fn schedules_follow_transformers() {
         let c = |schedule| OptimConfig {
+            optimizer: Optimizer::AdamW,
+            plateau_factor: None,
             lr: 1.0,
             weight_decay: 0.0,
             beta1: 0.9,
@@ -175,6 +215,8 @@ mod tests {
         let mut p = Params::default();
         p.add("w".into(), vec![1, 2], vec![1.0, -2.0], true);
         let cfg = OptimConfig {
+            optimizer: Optimizer::AdamW,
+            plateau_factor: None,
             lr: 0.1,
             weight_decay: 0.01,
             beta1: 0.9,

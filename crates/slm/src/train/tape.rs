@@ -10,6 +10,7 @@ use super::ops::{self, AttnShape, NormCache};
 use super::params::{dropout_mask, Dx, Lin, LinCache, Params};
 use crate::error::{Error, Result};
 use crate::nn::exec::{AttnSpec, Exec, NormKind, Parts, Rows, Weights};
+use crate::nn::recurrent::{self, Hidden, Layout, RecurrentSpec, Saved, State};
 use crate::nn::{Activation, Rope};
 
 pub use super::loader::{LoraSpec, ParamLoader};
@@ -92,6 +93,15 @@ enum Op {
         rope: Option<Arc<Rope>>,
         inputs: [usize; 3],
     },
+    Recurrent {
+        spec: RecurrentSpec,
+        hh: Lin,
+        /// The input projection `gx`.
+        x: usize,
+        saved: Saved,
+        starts: Vec<usize>,
+        lengths: Vec<usize>,
+    },
     Rows {
         x: usize,
         rows: Vec<usize>,
@@ -138,6 +148,8 @@ pub struct Tape<'p> {
     dropout: Dropout,
     /// PEFT's `lora_dropout` for every LoRA branch, when set here rather than at load.
     lora_dropout: Option<f32>,
+    /// Recurrent layers' states by slot: where each starts, then where it ended.
+    states: Vec<Option<State>>,
     nodes: Vec<Node>,
 }
 
@@ -151,8 +163,26 @@ impl<'p> Tape<'p> {
             seed,
             dropout: Dropout::Off,
             lora_dropout: None,
+            states: Vec::new(),
             nodes: Vec::new(),
         }
+    }
+
+    /// Recurrent layers start from these states (by slot) instead of zeros: the hidden state
+    /// carried from the previous chunk of each sequence (truncated BPTT).
+    pub fn with_states(mut self, states: Vec<Option<State>>) -> Self {
+        self.states = states;
+        self
+    }
+
+    /// The states the recurrent layers ended in, by slot, for the next chunk.
+    pub fn take_states(&mut self) -> Vec<Option<State>> {
+        std::mem::take(&mut self.states)
+    }
+
+    /// Each sequence's rows, `[s·t, s·t + length)`.
+    fn layout_starts(&self) -> Vec<usize> {
+        (0..self.b).map(|s| s * self.t).collect()
     }
 
     /// Every LoRA branch's dropout rate, overriding the layers' own.
@@ -370,6 +400,26 @@ impl Record {
                     acc(before, qi, dq);
                     acc(before, ki, dk);
                     acc(before, vi, dv);
+                }
+                Op::Recurrent {
+                    spec,
+                    hh,
+                    x,
+                    saved,
+                    starts,
+                    lengths,
+                } => {
+                    let layout = Layout {
+                        starts: &starts,
+                        lengths: &lengths,
+                        rows: dy.len() / spec.hidden,
+                    };
+                    let (w, dw) = p.split(hh.w);
+                    let (dgx, db) = recurrent::backward(spec, &dy, &saved, w, &layout, dw);
+                    if let Some(b) = hh.b {
+                        add_grad(p, b, &db);
+                    }
+                    acc(before, x, dgx);
                 }
                 Op::Rows { x, rows, total } => {
                     if nodes[x].needs {
@@ -599,6 +649,55 @@ impl Exec for Tape<'_> {
             inputs: [q, k, v],
         };
         Ok(self.push(op, ctx, a.n_heads * a.head_dim, needs))
+    }
+
+    fn recurrent(&mut self, r: &RecurrentSpec, hh: &Lin, slot: usize, gx: usize) -> Result<usize> {
+        if hh.lora.is_some() {
+            return Err(Error::Unsupported(
+                "LoRA on a recurrent layer's hidden weights".into(),
+            ));
+        }
+        let (b, hd) = (self.b, r.hidden);
+        let mut state = match self.states.get_mut(slot).and_then(Option::take) {
+            Some(s) => s,
+            None => State::zeros(r.cell, b, hd),
+        };
+        let want = State::zeros(r.cell, b, hd);
+        if state.h.len() != want.h.len() || state.c.len() != want.c.len() {
+            return Err(Error::msg(format!(
+                "internal: a carried recurrent state for {} sequences, the batch has {b}",
+                state.h.len() / hd.max(1)
+            )));
+        }
+        let needs = self.nodes[gx].needs || self.lin_trained(hh);
+        // The backward reads the saved gates, not gx.
+        let gxv = self.consume(gx);
+        let starts = self.layout_starts();
+        let layout = Layout {
+            starts: &starts,
+            lengths: &self.lengths,
+            rows: self.b * self.t,
+        };
+        let p = self.p;
+        let hidden = Hidden {
+            w: p.value(hh.w),
+            transposed: false,
+            b: hh.b.map(|b| p.value(b)),
+        };
+        let (y, saved) = recurrent::forward(*r, &gxv, hidden, &mut state, &layout, needs);
+        if self.states.len() <= slot {
+            self.states.resize(slot + 1, None);
+        }
+        self.states[slot] = Some(state);
+        let op = Op::Recurrent {
+            spec: *r,
+            hh: *hh,
+            x: gx,
+            saved: saved.unwrap_or_default(),
+            starts,
+            lengths: self.lengths.clone(),
+        };
+        Ok(self.push(op, y, hd, needs))
     }
 
     fn rows(&mut self, x: &usize, which: Rows) -> Result<usize> {

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
-use super::optim::{clip_grad_norm, AdamW, OptimConfig};
+use super::optim::{clip_grad_norm, sgd_step, AdamW, OptimConfig, Optimizer};
 use super::params::{seeded, Params};
 use super::TrainResult;
 
@@ -56,6 +56,14 @@ pub struct TrainConfig {
     /// Stop after this many evaluations without improvement.
     pub patience: Option<usize>,
     pub keep_best: bool,
+    /// Examples in a new random order every epoch; off for consecutive chunks of streams,
+    /// whose recurrent state runs from one chunk into the next.
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl TrainConfig {
@@ -163,7 +171,11 @@ pub fn train<M: Model>(
     };
     model.params_mut().zero_grad();
     'epochs: while state.step < total {
-        let order = epoch_order(n_train, cfg.seed, state.epoch);
+        let order = if cfg.shuffle {
+            epoch_order(n_train, cfg.seed, state.epoch)
+        } else {
+            (0..n_train).collect()
+        };
         let batches: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
         while state.batch < batches.len() && state.step < total {
             let t0 = Instant::now();
@@ -178,8 +190,15 @@ pub fn train<M: Model>(
             }
             loss /= micro as f64;
             let grad_norm = clip_grad_norm(model.params_mut(), cfg.optim.max_grad_norm);
-            let lr = cfg.optim.lr_at(state.step, total);
-            opt.step(model.params_mut(), &cfg.optim, lr);
+            let annealed = cfg
+                .optim
+                .plateau_factor
+                .map_or(1.0, |f| f.powi(state.plateau_cuts as i32));
+            let lr = cfg.optim.lr_at(state.step, total) * annealed;
+            match cfg.optim.optimizer {
+                Optimizer::AdamW => opt.step(model.params_mut(), &cfg.optim, lr),
+                Optimizer::Sgd => sgd_step(model.params_mut(), lr, cfg.optim.weight_decay),
+            }
             model.params_mut().zero_grad();
             state.step += 1;
             last_loss = loss;
@@ -214,6 +233,14 @@ pub fn train<M: Model>(
                     }
                 } else {
                     state.bad_evals += 1;
+                    if let Some(f) = cfg.optim.plateau_factor {
+                        state.plateau_cuts += 1;
+                        hooks.message(&format!(
+                            "no improvement at step {}: learning rate × {f} (now × {})",
+                            state.step,
+                            f.powi(state.plateau_cuts as i32)
+                        ));
+                    }
                     if cfg.patience.is_some_and(|p| state.bad_evals >= p) {
                         hooks.message(&format!(
                             "early stop at step {}: no improvement in {} evaluations",

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Parity run: `slm pretrain` against PyTorch's word_language_model loop (tools/wlm_reference.py,
+main.py's logic) on the same data, vocabulary and hyperparameters, one after the other on this
+machine with the same thread count. Reports validation perplexity per epoch and training
+tokens/s (training steps only, evaluation excluded) of both.
+
+Data: WikiText-2 valid (SLM_ASSETS), lines 1-3000 to train on, the rest to validate; the
+vocabulary is `slm tokenizer train --type word` on the whole file (word_language_model builds
+its dictionary from every split). Defaults are main.py's: LSTM, emsize 200, nhid 200, 2 layers,
+dropout 0.2, bptt 35, batch 20, lr 20, clip 0.25; eval batch 10.
+
+Run: python tools/bench_wlm.py [--epochs 3] [--threads 2] [--arch lstm|gru] [--slm target/release/slm]
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wlm_reference import RNNModel, train, words  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(os.environ.get("SLM_ASSETS", ROOT.parent / "shared" / "assets"))
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arch", default="lstm", choices=["lstm", "gru"])
+    ap.add_argument("--slm", default=str(ROOT / "target" / "release" / "slm"))
+    a = ap.parse_args()
+    src = ASSETS / "corpora" / "wikitext-2" / "valid.txt"
+    lines = src.read_text(encoding="utf8").splitlines(keepends=True)
+    work = Path(tempfile.mkdtemp(prefix="bench_wlm_"))
+    (work / "train.txt").write_text("".join(lines[:3000]), encoding="utf8")
+    (work / "valid.txt").write_text("".join(lines[3000:]), encoding="utf8")
+    subprocess.run([a.slm, "tokenizer", "train", "--type", "word", "--vocab-size", "1000000", "--min-frequency", "1",
+                    str(src), "-o", str(work / "tok")], check=True, capture_output=True)
+    vocab = json.loads((work / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    ids = lambda f: [vocab.get(w, vocab["<unk>"]) for w in words((work / f).read_text(encoding="utf8").splitlines(keepends=True))]
+    train_ids, valid_ids = ids("train.txt"), ids("valid.txt")
+
+    print(f"CPU: {cpu_model()}; {a.threads} threads; torch {torch.__version__}")
+    print(f"{a.arch.upper()} 200/200 x2, dropout 0.2, vocab {len(vocab)}, {len(train_ids)} train / {len(valid_ids)} valid tokens")
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(1111)
+    model = RNNModel(a.arch.upper(), len(vocab), 200, 200, 2, dropout=0.2)
+    hist = train(model, train_ids, valid_ids, a.epochs, bsz=20, eval_bsz=10,
+                 log=lambda h: print(f"  pytorch epoch {h['epoch']}: valid ppl {math.exp(h['valid_loss']):.2f}, "
+                                     f"{h['tokens'] / h['train_seconds']:.0f} tok/s", flush=True))
+
+    out = work / "slm"
+    r = subprocess.run([a.slm, "pretrain", "--arch", a.arch, "--tokenizer", str(work / "tok"),
+                        "--train", str(work / "train.txt"), "--valid", str(work / "valid.txt"),
+                        "-o", str(out), "--epochs", str(a.epochs), "--threads", str(a.threads)],
+                       check=True, capture_output=True, text=True)
+    tps = float(re.search(r"\(([0-9.]+) tokens/s\)", r.stdout).group(1))
+    evals = [json.loads(l)["eval"]["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in l]
+
+    torch_tps = sum(h["tokens"] for h in hist) / sum(h["train_seconds"] for h in hist)
+    print("\n| epoch | PyTorch valid ppl | slm valid ppl | slm / PyTorch |")
+    print("|---|---|---|---|")
+    for h, e in zip(hist, evals):
+        p, s = math.exp(h["valid_loss"]), math.exp(e)
+        print(f"| {h['epoch']} | {p:.2f} | {s:.2f} | {s / p:.3f} |")
+    print(f"\ntraining tokens/s: PyTorch {torch_tps:.0f}, slm {tps:.0f} = {tps / torch_tps:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Reference fixtures for slm's recurrent models, made with PyTorch (torch==2.5.1, pinned in
+tools/requirements.txt), under tests/fixtures/rnn/.
+
+- cells.json: nn.LSTM and nn.GRU (2 layers, 3 sequences of 7 steps, a random initial state as
+  carried from a previous chunk): outputs, final states, and the gradients of sum(out * R) with
+  respect to the input and every parameter.
+- wlm_lstm/ and wlm_gru_tied/: checkpoints of PyTorch's word_language_model `RNNModel`
+  (github.com/pytorch/examples, word_language_model/model.py; the class below has its
+  structure and parameter names) trained by that example's loop (SGD, lr 20, clip 0.25,
+  bptt 35, batch 20, dropout 0.2, lr / 4 when validation does not improve) on the first lines
+  of WikiText-2 valid, saved as a bare state_dict with torch.save (LSTM) or as safetensors (GRU,
+  tied), each with its vocab.txt. reference.json holds the perplexity of later lines run as one
+  stream in eval mode, as main.py's evaluate() computes it, and the loss and gradients of a
+  second chunk whose hidden state is carried (detached) from the first.
+
+Words seen fewer than 3 times in the training lines are <unk>, as slm's word tokenizer maps
+words missing from vocab.txt.
+
+Run: python tools/make_rnn_fixtures.py   (SLM_ASSETS defaults to ../shared/assets)
+"""
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from wlm_reference import RNNModel, batchify, evaluate, get_batch, repackage, train, words
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "rnn"
+ASSETS = Path(os.environ.get("SLM_ASSETS", ROOT.parent / "shared" / "assets"))
+WIKI = ASSETS / "corpora" / "wikitext-2" / "valid.txt"
+TRAIN_LINES = (0, 600)
+EVAL_LINES = (600, 700)
+GRAD_LINES = (700, 760)
+
+
+def lines(span):
+    with open(WIKI, encoding="utf8") as f:
+        all_lines = f.readlines()
+    return all_lines[span[0]:span[1]]
+
+
+def flat(t):
+    return [round(float(v), 8) for v in t.detach().reshape(-1).tolist()]
+
+
+def record_cells():
+    torch.manual_seed(7)
+    out = {}
+    ninp, nhid, layers, b, t = 5, 6, 2, 3, 7
+    for kind in ["LSTM", "GRU"]:
+        rnn = getattr(nn, kind)(ninp, nhid, layers)
+        x = torch.randn(t, b, ninp, requires_grad=True)
+        h0 = torch.randn(layers, b, nhid) * 0.5
+        c0 = torch.randn(layers, b, nhid) * 0.5
+        state = (h0, c0) if kind == "LSTM" else h0
+        y, hn = rnn(x, state)
+        r = torch.randn_like(y)
+        (y * r).sum().backward()
+        seq_major = lambda v: flat(v.transpose(0, 1))  # [t, b, w] -> rows s*t + τ
+        case = {
+            "ninp": ninp, "nhid": nhid, "layers": layers, "b": b, "t": t,
+            "x": seq_major(x), "r": seq_major(r), "y": seq_major(y),
+            "h0": flat(h0), "dx": seq_major(x.grad),
+            "params": {n: flat(p) for n, p in rnn.named_parameters()},
+            "grads": {n: flat(p.grad) for n, p in rnn.named_parameters()},
+        }
+        if kind == "LSTM":
+            case.update(c0=flat(c0), hn=flat(hn[0]), cn=flat(hn[1]))
+        else:
+            case.update(hn=flat(hn))
+        out[kind] = case
+    (OUT / "cells.json").write_text(json.dumps(out))
+
+
+def record_wlm(name, rnn_type, ninp, nhid, tied, safetensors):
+    torch.manual_seed(1111)
+    train_words = words(lines(TRAIN_LINES))
+    counts = Counter(train_words)
+    vocab = ["<unk>", "<eos>"] + sorted(w for w, c in counts.items() if c >= 3 and w not in ("<unk>", "<eos>"))
+    index = {w: i for i, w in enumerate(vocab)}
+    to_ids = lambda ws: [index.get(w, 0) for w in ws]
+    train_ids = to_ids(train_words)
+    eval_ids = to_ids(words(lines(EVAL_LINES)))
+    model = RNNModel(rnn_type, len(vocab), ninp, nhid, 2, dropout=0.2, tie_weights=tied)
+    train(model, train_ids, eval_ids, epochs=3)
+    d = OUT / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.txt").write_text("".join(w + "\n" for w in vocab))
+    sd = model.state_dict()
+    if safetensors:
+        save_file({k: v.clone().contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
+    else:
+        torch.save(sd, d / "model.pt")
+    mean_nll = evaluate(model, eval_ids)
+    # A second chunk after a carried (detached) state, dropout off, as one training step sees it.
+    model.eval()
+    grad_ids = to_ids(words(lines(GRAD_LINES)))
+    data = batchify(grad_ids, 4)
+    bptt = 12
+    hidden = model.init_hidden(4)
+    x1, _ = get_batch(data, 0, bptt)
+    with torch.no_grad():
+        _, hidden = model(x1, hidden)
+    x2, y2 = get_batch(data, bptt, bptt)
+    model.zero_grad()
+    out, _ = model(x2, repackage(hidden))
+    loss = nn.CrossEntropyLoss()(out, y2)
+    loss.backward()
+    grads = {}
+    for n, p in model.named_parameters():
+        g = p.grad.reshape(-1)
+        if n.startswith("rnn.") or n == "decoder.bias":
+            grads[n] = {"all": flat(g)}
+        else:
+            idx = torch.linspace(0, g.numel() - 1, 64).long()
+            grads[n] = {"idx": idx.tolist(), "val": flat(g[idx]), "abs_sum": float(g.abs().sum())}
+    ref = {
+        "rnn_type": rnn_type, "ntoken": len(vocab), "ninp": ninp, "nhid": nhid, "nlayers": 2,
+        "tied": tied, "eval_lines": list(EVAL_LINES), "eval_tokens": len(eval_ids),
+        "mean_nll": mean_nll, "perplexity": math.exp(mean_nll),
+        "grad": {"lines": list(GRAD_LINES), "batch": 4, "bptt": bptt,
+                 "chunk1": flat(x1.t()), "chunk2": flat(x2.t()), "targets2": flat(y2.view(bptt, 4).t()),
+                 "loss": loss.item(), "grads": grads},
+    }
+    (d / "reference.json").write_text(json.dumps(ref, indent=1))
+    print(name, "vocab", len(vocab), "eval ppl", math.exp(mean_nll), "loss2", loss.item())
+
+
+def main():
+    print("torch", torch.__version__)
+    torch.set_num_threads(2)
+    OUT.mkdir(parents=True, exist_ok=True)
+    record_cells()
+    record_wlm("wlm_lstm", "LSTM", 24, 24, tied=False, safetensors=False)
+    record_wlm("wlm_gru_tied", "GRU", 20, 20, tied=True, safetensors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""PyTorch's word_language_model (github.com/pytorch/examples, word_language_model/model.py and
+main.py), as the fixtures and the parity benchmark run it: the RNNModel class with that file's
+structure and parameter names, batchify/get_batch, evaluate() and the training loop of main.py
+(SGD by hand after clip_grad_norm_, the learning rate divided by 4 when validation does not
+improve). Written out here because the example is not a package; the logic follows main.py.
+"""
+import time
+
+import torch
+import torch.nn as nn
+
+
+class RNNModel(nn.Module):
+    """word_language_model's RNNModel: encoder, LSTM/GRU, decoder, dropout, optional tying."""
+
+    def __init__(self, rnn_type, ntoken, ninp, nhid, nlayers, dropout=0.5, tie_weights=False):
+        super().__init__()
+        self.ntoken = ntoken
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = getattr(nn, rnn_type)(ninp, nhid, nlayers, dropout=dropout)
+        self.decoder = nn.Linear(nhid, ntoken)
+        if tie_weights:
+            self.decoder.weight = self.encoder.weight
+        initrange = 0.1
+        nn.init.uniform_(self.encoder.weight, -initrange, initrange)
+        nn.init.zeros_(self.decoder.bias)
+        nn.init.uniform_(self.decoder.weight, -initrange, initrange)
+        self.rnn_type, self.nhid, self.nlayers = rnn_type, nhid, nlayers
+
+    def forward(self, input, hidden):
+        emb = self.drop(self.encoder(input))
+        output, hidden = self.rnn(emb, hidden)
+        output = self.drop(output)
+        decoded = self.decoder(output).view(-1, self.ntoken)
+        return decoded, hidden
+
+    def init_hidden(self, bsz):
+        w = next(self.parameters())
+        if self.rnn_type == "LSTM":
+            return (w.new_zeros(self.nlayers, bsz, self.nhid), w.new_zeros(self.nlayers, bsz, self.nhid))
+        return w.new_zeros(self.nlayers, bsz, self.nhid)
+
+
+def repackage(h):
+    return h.detach() if isinstance(h, torch.Tensor) else tuple(repackage(v) for v in h)
+
+
+def words(ls):
+    out = []
+    for line in ls:
+        out += line.split() + ["<eos>"]
+    return out
+
+
+def batchify(ids, bsz):
+    n = len(ids) // bsz
+    return torch.tensor(ids[: n * bsz]).view(bsz, -1).t().contiguous()
+
+
+def get_batch(source, i, bptt):
+    seq_len = min(bptt, len(source) - 1 - i)
+    return source[i:i + seq_len], source[i + 1:i + 1 + seq_len].reshape(-1)
+
+
+def evaluate(model, ids, bptt=35, bsz=1):
+    """main.py's evaluate() over `bsz` streams: mean NLL over every predicted token."""
+    model.eval()
+    data = batchify(ids, bsz)
+    hidden = model.init_hidden(bsz)
+    crit = nn.CrossEntropyLoss()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, data.size(0) - 1, bptt):
+            x, y = get_batch(data, i, bptt)
+            out, hidden = model(x, hidden)
+            hidden = repackage(hidden)
+            total += len(x) * crit(out, y).item()
+    return total / (len(data) - 1)
+
+
+def train_epoch(model, data, lr, clip=0.25, bptt=35):
+    """One epoch of main.py's train(); returns the seconds it took."""
+    model.train()
+    crit = nn.CrossEntropyLoss()
+    hidden = model.init_hidden(data.size(1))
+    t0 = time.perf_counter()
+    for i in range(0, data.size(0) - 1, bptt):
+        x, y = get_batch(data, i, bptt)
+        model.zero_grad()
+        hidden = repackage(hidden)
+        out, hidden = model(x, hidden)
+        loss = crit(out, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-lr)
+    return time.perf_counter() - t0
+
+
+def train(model, ids, valid_ids, epochs, lr=20.0, clip=0.25, bptt=35, bsz=20, eval_bsz=1, log=None):
+    """main.py's epoch loop: evaluate after each epoch, lr / 4 when it did not improve."""
+    data = batchify(ids, bsz)
+    best = None
+    history = []
+    for epoch in range(epochs):
+        seconds = train_epoch(model, data, lr, clip, bptt)
+        v = evaluate(model, valid_ids, bptt, eval_bsz)
+        history.append({"epoch": epoch + 1, "valid_loss": v, "train_seconds": seconds,
+                        "tokens": data.size(1) * (data.size(0) - 1), "lr": lr})
+        if log:
+            log(history[-1])
+        if best is None or v < best:
+            best = v
+        else:
+            lr /= 4.0
+    return history
