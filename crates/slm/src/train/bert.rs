@@ -190,11 +190,12 @@ impl BertTrain {
     /// mean loss.
     pub fn forward_backward(&mut self, batch: &Batch, accum: usize) -> crate::Result<f64> {
         let (tape, y) = self.run(batch, Some(step_seed(self.method.seed, &batch.ids)))?;
-        let record = tape.finish();
+        let mut record = tape.finish();
         let (targets, classes) = self.targets(batch);
         let count = targets.iter().filter(|t| t.is_some()).count();
         let denom = (count.max(1) * accum) as f32;
-        let (loss, dlogits) = ops::cross_entropy(record.value(y), &targets, classes, denom);
+        let (loss, dlogits) =
+            ops::cross_entropy_owned(record.take_value(y), &targets, classes, denom);
         record.backward(y, dlogits, &mut self.params);
         Ok(loss * accum as f64)
     }

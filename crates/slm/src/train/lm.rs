@@ -208,10 +208,10 @@ impl CausalLm {
         let seed = step_seed(self.seed, &batch.ids);
         let (mut tape, out) = self.run(batch, Some(seed), states)?;
         let states = tape.take_states();
-        let record = tape.finish();
+        let mut record = tape.finish();
         let count = batch.targets.iter().filter(|t| t.is_some()).count().max(1);
-        let (loss, dlogits) = ops::cross_entropy(
-            record.value(out),
+        let (loss, dlogits) = ops::cross_entropy_owned(
+            record.take_value(out),
             &batch.targets,
             self.vocab,
             (count * accum) as f32,

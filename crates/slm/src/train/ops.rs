@@ -307,34 +307,42 @@ pub fn swiglu_backward(dy: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f
     (dg, du)
 }
 
-/// Mean cross-entropy of `logits[n, c]` against `targets` (entries `None` are ignored, as
-/// PyTorch's `ignore_index`), divided by `denom`. Returns the summed loss / denom and
-/// `dlogits`, the gradient of that value.
+/// Cross-entropy of `logits[n, c]` against `targets` (entries `None` are ignored, as
+/// PyTorch's `ignore_index`), summed and divided by `denom`. Returns that value and `dlogits`,
+/// its gradient (zero on the ignored rows).
 pub fn cross_entropy(
     logits: &[f32],
     targets: &[Option<u32>],
     c: usize,
     denom: f32,
 ) -> (f64, Vec<f32>) {
-    let mut grad = vec![0f32; logits.len()];
-    let losses: Vec<f64> = grad
+    cross_entropy_owned(logits.to_vec(), targets, c, denom)
+}
+
+/// [`cross_entropy`] turning `logits` into the gradient in place.
+pub fn cross_entropy_owned(
+    mut logits: Vec<f32>,
+    targets: &[Option<u32>],
+    c: usize,
+    denom: f32,
+) -> (f64, Vec<f32>) {
+    let inv = 1.0 / denom;
+    let losses: Vec<f64> = logits
         .par_chunks_mut(c)
-        .zip(logits.par_chunks(c))
         .zip(targets.par_iter())
-        .map(|((g, row), t)| {
+        .map(|(g, t)| {
             let Some(t) = *t else {
+                g.fill(0.0);
                 return 0.0;
             };
-            g.copy_from_slice(row);
+            let picked = g[t as usize] as f64;
             let (max, sum) = softmax_in_place(g);
-            let lse = max as f64 + (sum as f64).ln();
             g[t as usize] -= 1.0;
-            let inv = 1.0 / denom;
             g.iter_mut().for_each(|v| *v *= inv);
-            lse - row[t as usize] as f64
+            max as f64 + (sum as f64).ln() - picked
         })
         .collect();
-    (losses.iter().sum::<f64>() / denom as f64, grad)
+    (losses.iter().sum::<f64>() / denom as f64, logits)
 }
 
 /// A raw pointer tasks share to write disjoint parts of one buffer.

@@ -278,6 +278,17 @@ impl Record {
         &self.nodes[x].value
     }
 
+    /// The value of node `x`, moved out where its own backward does not read it (the loss
+    /// turns the logits into their gradient in place, sparing a buffer of `tokens × vocab`).
+    pub fn take_value(&mut self, x: usize) -> Vec<f32> {
+        let n = &mut self.nodes[x];
+        if matches!(n.op, Op::Softcap { .. }) {
+            n.value.clone()
+        } else {
+            std::mem::take(&mut n.value)
+        }
+    }
+
     /// Back-propagates `dout` (the loss gradient of node `out`) into the trained parameters.
     pub fn backward(mut self, out: usize, dout: Vec<f32>, p: &mut Params) {
         let n_nodes = self.nodes.len();
