@@ -64,6 +64,9 @@ pub struct CausalLm {
     /// The model's own dropout while training (evaluation never drops).
     pub dropout: Dropout,
     seed: u64,
+    /// Mixed into the dropout seed: the optimizer step of a stream run, whose chunks hold the
+    /// same tokens every epoch and would otherwise draw the same masks every epoch.
+    pub salt: u64,
     vocab: usize,
 }
 
@@ -108,6 +111,7 @@ impl CausalLm {
             lora,
             dropout: Dropout::Config,
             seed,
+            salt: 0,
             vocab: cfg.vocab_size(),
         })
     }
@@ -127,6 +131,14 @@ impl CausalLm {
                 .position(|p| p.name == "encoder.weight"),
             _ => None,
         }
+    }
+
+    /// The seed of a training step's dropout masks.
+    fn dropout_seed(&self, ids: &[u32]) -> u64 {
+        step_seed(
+            self.seed ^ self.salt.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ids,
+        )
     }
 
     /// A recurrent model: its state can be carried from one chunk of a stream to the next.
@@ -171,7 +183,7 @@ impl CausalLm {
     /// The mean token loss that [`Self::forward_backward`] differentiates (training mode:
     /// the same dropout masks), without the backward.
     pub fn training_loss(&self, batch: &CausalBatch) -> crate::Result<f64> {
-        let (tape, out) = self.run(batch, Some(step_seed(self.seed, &batch.ids)), Vec::new())?;
+        let (tape, out) = self.run(batch, Some(self.dropout_seed(&batch.ids)), Vec::new())?;
         let count = batch.targets.iter().filter(|t| t.is_some()).count().max(1);
         let (loss, _) =
             ops::cross_entropy(tape.value(out), &batch.targets, self.vocab, count as f32);
@@ -205,7 +217,7 @@ impl CausalLm {
         accum: usize,
         states: Vec<Option<State>>,
     ) -> crate::Result<(f64, Vec<Option<State>>)> {
-        let seed = step_seed(self.seed, &batch.ids);
+        let seed = self.dropout_seed(&batch.ids);
         let (mut tape, out) = self.run(batch, Some(seed), states)?;
         let states = tape.take_states();
         let mut record = tape.finish();

@@ -148,4 +148,9 @@ impl Model for StreamRun {
     fn save(&self, dir: &Path) -> TrainResult<()> {
         self.run.save(dir)
     }
+
+    fn begin_step(&mut self, step: usize) {
+        // New dropout masks every epoch, and the same ones in a resumed run.
+        self.run.model.salt = step as u64 + 1;
+    }
 }

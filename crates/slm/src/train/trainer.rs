@@ -27,6 +27,8 @@ pub trait Model {
     fn tokens(batch: &Self::Batch) -> usize;
     /// Writes a loadable model (or adapter) to `dir`.
     fn save(&self, dir: &Path) -> TrainResult<()>;
+    /// Optimizer step `step` (from 0) is about to run its batches.
+    fn begin_step(&mut self, _step: usize) {}
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,6 +184,7 @@ pub fn train<M: Model>(
             let mut loss = 0.0;
             let mut tokens = 0;
             let micro = (batches.len() - state.batch).min(cfg.grad_accum);
+            model.begin_step(state.step);
             for _ in 0..micro {
                 let batch = make_batch(batches[state.batch]);
                 tokens += M::tokens(&batch);
