@@ -228,3 +228,32 @@ fn a_config_that_contradicts_the_state_dict_is_refused() {
     std::fs::remove_file(dir.join("config.json")).unwrap();
     assert!(load_causal(&dir, ComputeDtype::Auto).is_ok());
 }
+
+/// A stream's chunks hold the same tokens every epoch: their dropout masks must still differ
+/// from epoch to epoch (the step enters the seed), and repeat for the same step (resume).
+#[test]
+fn stream_chunks_draw_new_dropout_masks_each_epoch() {
+    use slm::train::causal::CausalRun;
+    use slm::train::lm::CausalLm;
+    use slm::train::stream::{StreamRun, Streams};
+    use slm::train::tape::Dropout;
+    use slm::train::trainer::Model;
+    let dir = common::fixtures().join("rnn/wlm_lstm");
+    let mut model = CausalLm::load(&dir, None, 3).unwrap();
+    model.dropout = Dropout::Rate(0.5);
+    let mut run = StreamRun::new(CausalRun {
+        model,
+        source: dir.clone(),
+    });
+    let ids: Vec<u32> = (0..400).map(|i| (i * 7 % 1489) as u32).collect();
+    let chunk = Streams::new(&ids, 4, "ids").unwrap().chunk(0, 20);
+    let mut loss_at = |step: usize| {
+        run.begin_step(step);
+        let l = run.forward_backward(&chunk, 1).unwrap();
+        run.params_mut().zero_grad();
+        l
+    };
+    let (first, next_epoch, again) = (loss_at(0), loss_at(250), loss_at(0));
+    assert_ne!(first, next_epoch, "the same masks in two epochs");
+    assert_eq!(first, again, "a resumed step must draw the masks it drew");
+}
