@@ -257,3 +257,38 @@ fn stream_chunks_draw_new_dropout_masks_each_epoch() {
     assert_ne!(first, next_epoch, "the same masks in two epochs");
     assert_eq!(first, again, "a resumed step must draw the masks it drew");
 }
+
+/// A run stopped in the middle of an epoch and resumed from its checkpoint (the carried state
+/// included) ends with the same weights as the run that was never stopped.
+#[test]
+fn a_stopped_stream_run_resumes_to_the_same_weights() {
+    struct StopAt(usize);
+    impl slm::train::trainer::Hooks for StopAt {
+        fn step(&self, s: &slm::train::trainer::StepInfo) {
+            if s.step == self.0 {
+                panic!("stopped at step {}", s.step);
+            }
+        }
+    }
+    let dir = common::tempdir("pretrain_resume");
+    let train = wiki_lines(&dir, "train.txt", 0, 100);
+    let valid = wiki_lines(&dir, "valid.txt", 100, 120);
+    let tok = word_tokenizer(&dir, &[train.clone(), valid.clone()]);
+    let mut p = job(&dir, tok, train, valid, Cell::Lstm, false);
+    p.config.epochs = 2;
+    p.config.save_every = Some(20);
+    p.output = dir.join("whole");
+    let whole = run(&p, &NoHooks).unwrap();
+    p.output = dir.join("stopped");
+    // Step 43 is before the first epoch's end: the checkpoint of step 40 holds a carried state.
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&p, &StopAt(43))));
+    assert!(stopped.is_err(), "the run was not stopped");
+    p.resume = true;
+    let resumed = run(&p, &NoHooks).unwrap();
+    assert_eq!(resumed.steps, whole.steps);
+    let read = |d: &str| std::fs::read(dir.join(d).join("model.safetensors")).unwrap();
+    assert!(
+        read("whole") == read("stopped"),
+        "the resumed run ended elsewhere"
+    );
+}

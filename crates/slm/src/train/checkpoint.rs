@@ -45,12 +45,17 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> crate::Error + '_ {
     move |e| Error::io(path, e)
 }
 
+/// What a model carries from one step to the next besides its parameters (a recurrent
+/// model's state between chunks), saved with the checkpoint so a resumed run goes on from it.
+pub type Extra = Vec<(String, Vec<usize>, Vec<f32>)>;
+
 pub fn save(
     out: &Path,
     p: &Params,
     opt: &AdamW,
     state: &TrainState,
     cfg: &TrainConfig,
+    extra: &Extra,
 ) -> TrainResult<()> {
     let tmp = out.join(format!(".checkpoint.{}.tmp", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -80,6 +85,13 @@ pub fn save(
         })
         .collect();
     write_safetensors(&tmp.join("optimizer.safetensors"), &moments, None)?;
+    if !extra.is_empty() {
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = extra
+            .iter()
+            .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
+            .collect();
+        write_safetensors(&tmp.join("extra.safetensors"), &tensors, None)?;
+    }
     let file = StateFile {
         state: TrainState {
             adam_t: opt.t,
@@ -162,6 +174,14 @@ pub fn load(
     }
     opt.t = file.state.adam_t;
     Ok(file.state)
+}
+
+/// The [`Extra`] tensors of the checkpoint [`load`] reads (none when it has no such file).
+pub fn load_extra(out: &Path) -> TrainResult<HashMap<String, F32Tensor>> {
+    match find(out).map(|d| d.join("extra.safetensors")) {
+        Some(f) if f.is_file() => read_safetensors_f32(&f),
+        _ => Ok(HashMap::new()),
+    }
 }
 
 /// Opens `metrics.jsonl` for appending, first dropping the records after `step` (written by a

@@ -149,6 +149,43 @@ impl Model for StreamRun {
         self.run.save(dir)
     }
 
+    /// The carried states (`state.{slot}.h`, `.c`) and the chunk they follow (`state.last`).
+    fn extra_state(&self) -> super::checkpoint::Extra {
+        let Some(last) = self.last else {
+            return Vec::new();
+        };
+        let mut out = vec![("state.last".to_string(), vec![1], vec![last as f32])];
+        for (k, st) in self.carried.iter().enumerate() {
+            let Some(st) = st else { continue };
+            out.push((format!("state.{k}.h"), vec![st.h.len()], st.h.clone()));
+            if !st.c.is_empty() {
+                out.push((format!("state.{k}.c"), vec![st.c.len()], st.c.clone()));
+            }
+        }
+        out
+    }
+
+    fn restore_extra(
+        &mut self,
+        mut saved: std::collections::HashMap<String, crate::io::write::F32Tensor>,
+    ) -> TrainResult<()> {
+        let Some((_, last)) = saved.remove("state.last") else {
+            return Ok(());
+        };
+        self.last = last.first().map(|&x| x as usize);
+        self.carried = (0..)
+            .map_while(|k| {
+                let (_, h) = saved.remove(&format!("state.{k}.h"))?;
+                let c = saved
+                    .remove(&format!("state.{k}.c"))
+                    .map(|(_, c)| c)
+                    .unwrap_or_default();
+                Some(Some(State { h, c }))
+            })
+            .collect();
+        Ok(())
+    }
+
     fn begin_step(&mut self, step: usize) {
         // New dropout masks every epoch, and the same ones in a resumed run.
         self.run.model.salt = step as u64 + 1;

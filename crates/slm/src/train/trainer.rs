@@ -29,6 +29,17 @@ pub trait Model {
     fn save(&self, dir: &Path) -> TrainResult<()>;
     /// Optimizer step `step` (from 0) is about to run its batches.
     fn begin_step(&mut self, _step: usize) {}
+    /// What the model carries between steps, for the checkpoint.
+    fn extra_state(&self) -> checkpoint::Extra {
+        Vec::new()
+    }
+    /// Takes back what [`Model::extra_state`] saved, when resuming.
+    fn restore_extra(
+        &mut self,
+        _saved: std::collections::HashMap<String, crate::io::write::F32Tensor>,
+    ) -> TrainResult<()> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,6 +157,7 @@ pub fn train<M: Model>(
     let mut state = TrainState::default();
     if resume {
         state = checkpoint::load(out, model.params_mut(), &mut opt, cfg)?;
+        model.restore_extra(checkpoint::load_extra(out)?)?;
         hooks.message(&format!(
             "resumed at step {} (epoch {})",
             state.step,
@@ -256,7 +268,7 @@ pub fn train<M: Model>(
             }
             if cfg.save_every.is_some_and(|s| state.step % s == 0) {
                 state.last_loss = last_loss;
-                checkpoint::save(out, model.params(), &opt, &state, cfg)?;
+                checkpoint::save(out, model.params(), &opt, &state, cfg, &model.extra_state())?;
             }
         }
         state.epoch += 1;
@@ -273,7 +285,7 @@ pub fn train<M: Model>(
     };
     model.save(out)?;
     state.last_loss = last_loss;
-    checkpoint::save(out, model.params(), &opt, &state, cfg)?;
+    checkpoint::save(out, model.params(), &opt, &state, cfg, &model.extra_state())?;
     checkpoint::loss_curve(&metrics_path, &out.join("loss.svg"))?;
     Ok(Summary {
         steps: state.step,
