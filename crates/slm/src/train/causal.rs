@@ -335,23 +335,22 @@ impl Model for CausalRun {
                 &["config.json", "generation_config.json"],
             )?;
         }
-        copy_files(
-            &self.source,
-            dir,
-            &[
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-                "vocab.json",
-                "merges.txt",
-                "tokenizer.model",
-                "vocab.txt",
-            ],
-        )
+        copy_files(&self.source, dir, TOKENIZER_FILES)
     }
 }
 
-fn copy_files(from: &Path, to: &Path, names: &[&str]) -> TrainResult<()> {
+/// The files a tokenizer may be made of, copied beside a trained model.
+pub(crate) const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "vocab.txt",
+];
+
+pub(crate) fn copy_files(from: &Path, to: &Path, names: &[&str]) -> TrainResult<()> {
     for f in names {
         let src = from.join(f);
         if src.is_file() && from != to {

@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::causal::CausalRun;
+use super::causal::{copy_files, CausalRun, TOKENIZER_FILES};
 use super::job::prepare_output;
 use super::lm::CausalLm;
 use super::stream::{StreamRun, Streams};
@@ -103,22 +103,7 @@ fn write_init(
     write_safetensors(&dir.join("model.safetensors"), &refs, Some(meta))?;
     let json = serde_json::to_vec_pretty(&cfg.to_json()).map_err(|e| Error::msg(e.to_string()))?;
     write_atomic(&dir.join("config.json"), |w| w.write_all(&json))?;
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "vocab.json",
-        "merges.txt",
-        "tokenizer.model",
-        "vocab.txt",
-    ] {
-        let src = tok_dir.join(f);
-        if src.is_file() {
-            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            write_atomic(&dir.join(f), |w| w.write_all(&bytes))?;
-        }
-    }
-    Ok(())
+    copy_files(tok_dir, dir, TOKENIZER_FILES)
 }
 
 /// A word-level vocabulary as `word_language_model` reads it: one word per line, in id order.
