@@ -76,6 +76,12 @@ impl CausalLm {
     pub fn load(path: &Path, lora: Option<LoraSpec>, seed: u64) -> TrainResult<Self> {
         let files = ModelFiles::locate(path)?;
         let cfg = config_of(&files)?;
+        if lora.is_some() && matches!(cfg, ModelConfig::Rnn(_)) {
+            return Err(crate::Error::Unsupported(format!(
+                "{}: LoRA covers transformer layers (PEFT has none for LSTM/GRU); train a recurrent model fully",
+                path.display()
+            )));
+        }
         let vb = Vb::new(open_weights(&files)?, false);
         let mut l = ParamLoader::new(vb, lora.clone(), seed);
         let net = match &cfg {
