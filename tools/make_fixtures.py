@@ -723,7 +723,7 @@ def record_train_causal(root=OUT, names=("llama", "qwen2", "gpt2", "phi3"),
 def record_peft():
     """PEFT interop on the tiny bare BERT: an adapter made by PEFT (random A and B, a new
     classifier) with its logits, and the logits PEFT gives for the adapter slm wrote
-    (tests/fixtures/peft/slm_adapter, written by `SLM_WRITE_FIXTURES=1 cargo test --test peft`)."""
+    (tests/fixtures/peft/slm_adapter, written by `SLM_WRITE_FIXTURES=1 cargo test -p slm --test integration peft::`)."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import BertForSequenceClassification
     base = OUT / "encoders" / "bert_base" / "safetensors"
@@ -751,7 +751,7 @@ def record_peft():
         with torch.no_grad():
             rec["slm_adapter_logits"] = pm(input_ids=ids, attention_mask=mask).logits.tolist()
     # Causal adapters slm trained (tests/fixtures/peft/slm_{gpt2,phi3}_adapter, written by
-    # `SLM_WRITE_FIXTURES=1 cargo test --test peft`): PEFT's logits for them.
+    # `SLM_WRITE_FIXTURES=1 cargo test -p slm --test integration peft::`): PEFT's logits for them.
     ids = torch.tensor([json.loads((OUT / "train_causal.json").read_text())["input_ids"][0]])
     for name in ("gpt2", "phi3"):
         d = root / f"slm_{name}_adapter"
@@ -822,7 +822,7 @@ def record_peft_encoders():
     """PEFT interop for DistilBERT (SEQ_CLS) and RoBERTa (TOKEN_CLS): adapters PEFT made (random
     A and B, a head in modules_to_save moved away from the base's) with their logits, and PEFT's
     logits for the adapters slm trained (tests/fixtures/peft/slm_<name>_adapter, written by
-    `SLM_WRITE_FIXTURES=1 cargo test --test peft`). Each text runs alone: no padding."""
+    `SLM_WRITE_FIXTURES=1 cargo test -p slm --test integration peft::`). Each text runs alone: no padding."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
@@ -908,7 +908,7 @@ def record_gemma():
 
 def record_gemma_peft():
     """PEFT's logits for the Gemma adapters slm trained (tests/fixtures/gemma/peft/slm_<name>_adapter,
-    written by `SLM_WRITE_FIXTURES=1 cargo test --test peft`)."""
+    written by `SLM_WRITE_FIXTURES=1 cargo test -p slm --test integration peft::`)."""
     from peft import PeftModel
     root = OUT / "gemma"
     ids = torch.tensor([json.loads((root / "train_causal.json").read_text())["input_ids"][0]])

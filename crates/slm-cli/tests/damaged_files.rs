@@ -2,7 +2,7 @@
 //! must end with exit status 1 and a one-line error naming the file and the problem; never a
 //! panic, an abort or an attempt to allocate what the file cannot hold.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;

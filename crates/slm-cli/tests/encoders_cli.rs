@@ -1,7 +1,7 @@
 //! The encoder commands through the real binary: outputs that a user relies on (JSONL, .npy,
 //! labels) and bad input that must end in one clear line and exit status 1, never a panic.
 
-mod common;
+use crate::common;
 
 use common::{fixtures, minilm, run, tempdir};
 

@@ -1,7 +1,7 @@
 //! `slm eval perplexity` and `slm eval compare` through the binary, on the tiny GPT-2 fixture
 //! with a small word-level tokenizer written by the test (the fixture's vocabulary has 320 ids).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! `slm finetune` through the binary: a SIGKILLed run resumes to the same result as an
 //! uninterrupted one, and bad data ends in one clear line.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -829,4 +829,93 @@ fn token_classification_trains_a_tagger_classify_runs() {
     assert_eq!(code, 1);
     assert!(err.contains("line 1: 2 tokens but 1 tags"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// `slm pretrain --arch gpt2`: the size flags become GPT-2's config.json keys, the tokenizer
+/// `slm tokenizer train` made gives the vocabulary, and options of the other kind of model
+/// are refused by name.
+#[test]
+fn pretrain_gpt2_maps_its_flags_to_the_config() {
+    let dir = tempdir("pretrain_gpt2_cli");
+    let text = std::fs::read_to_string(asset("corpora/tinyshakespeare/input.txt")).unwrap();
+    let train = dir.join("train.txt");
+    std::fs::write(&train, &text[..20_000]).unwrap();
+    let (train, tok, out) = (
+        train.to_str().unwrap().to_string(),
+        dir.join("tok").to_str().unwrap().to_string(),
+        dir.join("out").to_str().unwrap().to_string(),
+    );
+    let (code, _, err) = run(
+        &[
+            "tokenizer",
+            "train",
+            "--type",
+            "byte-bpe",
+            "--vocab-size",
+            "300",
+            &train,
+            "-o",
+            &tok,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let base = [
+        "pretrain",
+        "--arch",
+        "gpt2",
+        "--tokenizer",
+        &tok,
+        "--train",
+        &train,
+        "-o",
+        &out,
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let args = with(&[
+        "--emsize",
+        "32",
+        "--nlayers",
+        "1",
+        "--heads",
+        "2",
+        "--context",
+        "32",
+        "--max-steps",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--threads",
+        "2",
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = run(&args, None);
+    assert_eq!(code, 0, "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/config.json")).unwrap())
+            .unwrap();
+    for (k, v) in [
+        ("n_embd", 32),
+        ("n_layer", 1),
+        ("n_head", 2),
+        ("n_positions", 32),
+        ("vocab_size", 300),
+    ] {
+        assert_eq!(cfg[k], v, "{k} in {cfg}");
+    }
+    assert_eq!(cfg["model_type"], "gpt2");
+    for (flag, value, says) in [
+        ("--bptt", "20", "--bptt is a recurrent option"),
+        ("--kv-heads", "1", "--kv-heads is a llama option"),
+    ] {
+        let args = with(&[flag, value, "--force"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run(&args, None);
+        assert_ne!(code, 0);
+        assert!(err.contains(says), "{flag}: {err}");
+    }
 }

@@ -1,8 +1,7 @@
 //! `slm pull/list/rm` and `--model ORG/NAME` through the binary, against the mock hub.
 
-mod common;
-#[path = "../../slm/tests/support/mock_hub.rs"]
-mod mock_hub;
+use crate::common;
+use crate::mock_hub;
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //! leave no file behind. (That llama.cpp reads these files and decodes the same tokens is checked
 //! by tools/check_quantized.py, recorded in BENCHMARKS.md.)
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -1,7 +1,7 @@
 //! `slm serve` as users start it: the binary on an ephemeral port answers what `slm generate`
 //! prints for the same prompt (streamed and whole), and SIGTERM stops it cleanly.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;

@@ -2,7 +2,7 @@
 //! killed runs' temp files are cleaned up, numbers out of range are usage errors (exit 2), and
 //! each message points the right way.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! the library's, and rerank with a cross-encoder (against transformers' logit) or an
 //! embedding model.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 

@@ -2,7 +2,7 @@
 //! empty, non-JSON, non-UTF-8, deeply nested and oversized bodies and every field with the
 //! wrong type, on every POST endpoint; the server answers normally afterwards.
 
-mod support;
+use crate::support;
 
 use serde_json::{json, Value};
 use support::*;

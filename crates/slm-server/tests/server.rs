@@ -3,7 +3,7 @@
 //! stop, prefix reuse, batched decoding, JSON-schema output, and answers equal to the library's
 //! own generation (what `slm generate` runs; the binary itself is compared in slm-cli's tests).
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;

@@ -3,7 +3,7 @@
 //! RoPE, Gemma 2's sliding window shorter than the prompts and soft-capping) and on the real
 //! quantized SmolLM2, bit for bit.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

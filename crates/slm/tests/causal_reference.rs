@@ -2,7 +2,7 @@
 //! architectures (tools/make_fixtures.py): logits within 1e-4 and identical greedy tokens, from
 //! safetensors (llama: sharded) and from pytorch_model.bin.
 
-mod common;
+use crate::common;
 
 fn check(family: &str, format: &str) {
     common::check_causal(family, &common::fixtures().join(family).join(format));

@@ -2,7 +2,7 @@
 //! DistilBERT and RoBERTa with each head (transformers 4.46.3) from safetensors and
 //! pytorch_model.bin, and the real all-MiniLM-L6-v2 through sentence-transformers 3.3.1.
 
-mod common;
+use crate::common;
 
 use serde_json::Value;
 use slm::encode::Encoder;

@@ -9,7 +9,7 @@
 //! cores), `SLM_FUZZ_SEED` the first seed. A longer run: `SLM_FUZZ_CASES=3000 cargo test
 //! --release -p slm --test fuzz -- --nocapture` (see README).
 
-mod common;
+use crate::common;
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};

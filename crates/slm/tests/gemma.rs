@@ -3,7 +3,7 @@
 //! cache, and from the config.json transformers 4.x
 //! writes (tools/make_v4_configs.py) and the older `sliding_window_pattern`.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -6,7 +6,7 @@
 //! llama.cpp's `rope_freqs` and recovered as `rope_scaling`. A SentencePiece tokenizer
 //! (llama2's tokenizer.model) goes through GGUF metadata and still passes llama.cpp's vectors.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

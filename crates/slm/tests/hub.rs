@@ -1,7 +1,6 @@
 //! The hub client against a mock hub on 127.0.0.1 serving real files from the assets.
 
-#[path = "support/mock_hub.rs"]
-mod mock_hub;
+use crate::mock_hub;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

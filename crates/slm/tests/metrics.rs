@@ -1,7 +1,7 @@
 //! Classification metrics against scikit-learn (tools/make_fixtures.py, `metrics` part), including
 //! classes that are never predicted (precision and F1 0, no NaN).
 
-mod common;
+use crate::common;
 
 use slm::eval::metrics::Report;
 

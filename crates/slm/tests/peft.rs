@@ -9,8 +9,7 @@ use slm::train::bert::{Batch, BertTrain, Method};
 use slm::train::classify::save_adapter;
 use slm::train::optim::{AdamW, OptimConfig};
 
-#[path = "support/train_fixture.rs"]
-mod train_fixture;
+use crate::train_fixture;
 
 use train_fixture::{fixtures, labels};
 

@@ -1,7 +1,7 @@
 //! Sliding-window perplexity against transformers' (tools/make_fixtures.py, `perplexity` part) on
 //! the tiny random-init GPT-2 and Llama fixtures: overlapping and disjoint windows.
 
-mod common;
+use crate::common;
 
 use slm::eval::perplexity::{perplexity, Options};
 use slm::models::{load_causal, ComputeDtype};

@@ -1,8 +1,9 @@
-//! `slm pretrain` of a recurrent LM on real text (WikiText-2 valid lines): the loss falls, the
-//! saved model is read back (config, tied weights, tokenizer) and its stream perplexity in
-//! inference equals the trainer's last evaluation; bad input gets clear errors.
+//! `slm pretrain` on real text (WikiText-2 valid lines for recurrent LMs, tiny shakespeare for
+//! GPT-2 and Llama): the loss falls, the saved model is read back (config, tied weights,
+//! tokenizer) and its perplexity in inference equals the trainer's last evaluation; a new
+//! transformer starts as transformers initialises one; bad input gets clear errors.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,7 @@ use slm::nn::recurrent::Cell;
 use slm::tokenize::train::{self as tok_train, Kind, TrainOptions};
 use slm::tokenize::Tokenizer;
 use slm::train::optim::{OptimConfig, Optimizer, Schedule};
-use slm::train::pretrain::{run, Pretrain, RnnSizes};
+use slm::train::pretrain::{run, Arch, Family, Pretrain, RnnSizes};
 use slm::train::trainer::{NoHooks, TrainConfig};
 
 /// Lines `a..b` of WikiText-2 valid in a file of `dir`.
@@ -48,20 +49,20 @@ fn job(
     tied: bool,
 ) -> Pretrain {
     Pretrain {
-        rnn: RnnSizes {
+        arch: Arch::Rnn(RnnSizes {
             cell,
             emsize: 24,
             nhid: 24,
             nlayers: 2,
             dropout: 0.1,
             tied,
-        },
+        }),
         init: None,
         tokenizer: tok,
         train: vec![train],
         valid: vec![valid],
         output: dir.join("out"),
-        bptt: 20,
+        seq_len: Some(20),
         batch_size: 8,
         eval_batch_size: 1,
         config: TrainConfig {
@@ -91,6 +92,27 @@ fn job(
         resume: false,
         force: false,
     }
+}
+
+/// The mean NLL inference gives `ids` (windows of 64, no overlap) is the trainer's last
+/// evaluation: two executors, one number.
+fn same_as_training(
+    m: &mut slm::models::LoadedModel,
+    ids: &[u32],
+    summary: &slm::train::trainer::Summary,
+    what: &str,
+) {
+    let opts = Options {
+        max_length: 64,
+        stride: 64,
+    };
+    let got = perplexity(m.model.as_mut(), ids, opts, |_, _| {}).unwrap();
+    let last = summary.final_eval.as_ref().unwrap().loss;
+    assert!(
+        (got.mean_nll - last).abs() < 1e-4,
+        "{what}: inference mean NLL {} vs training evaluation {last}",
+        got.mean_nll
+    );
 }
 
 fn eval_losses(out: &Path) -> Vec<f64> {
@@ -138,17 +160,7 @@ fn a_recurrent_lm_from_scratch_learns_and_reloads_with_the_same_perplexity() {
         let ids = tok
             .encode(&std::fs::read_to_string(&valid).unwrap(), false)
             .unwrap();
-        let opts = Options {
-            max_length: 64,
-            stride: 64,
-        };
-        let got = perplexity(m.model.as_mut(), &ids, opts, |_, _| {}).unwrap();
-        let last = summary.final_eval.unwrap().loss;
-        assert!(
-            (got.mean_nll - last).abs() < 1e-4,
-            "{cell:?}: inference mean NLL {} vs training evaluation {last}",
-            got.mean_nll
-        );
+        same_as_training(&mut m, &ids, &summary, &format!("{cell:?}"));
         // PyTorch's RNNModel state_dict keys, tied decoder included; the vocabulary as a list.
         let names: Vec<String> = slm::io::open_weights(&files)
             .unwrap()
@@ -186,11 +198,17 @@ fn bad_input_is_refused_with_a_clear_error() {
     let e = run(&p, &NoHooks).unwrap_err().to_string();
     assert!(e.contains("empty.txt") && e.contains("no text"), "{e}");
     p.train = vec![train.clone()];
-    p.rnn.tied = true;
-    p.rnn.emsize = 16;
+    fn sizes(p: &mut Pretrain) -> &mut RnnSizes {
+        match &mut p.arch {
+            Arch::Rnn(s) => s,
+            Arch::Transformer { .. } => unreachable!(),
+        }
+    }
+    sizes(&mut p).tied = true;
+    sizes(&mut p).emsize = 16;
     let e = run(&p, &NoHooks).unwrap_err().to_string();
     assert!(e.contains("tied") && e.contains("--emsize"), "{e}");
-    p.rnn.tied = false;
+    sizes(&mut p).tied = false;
     p.batch_size = 100_000;
     let e = run(&p, &NoHooks).unwrap_err().to_string();
     assert!(e.contains("cannot fill 100000 streams"), "{e}");
@@ -291,4 +309,156 @@ fn a_stopped_stream_run_resumes_to_the_same_weights() {
         read("whole") == read("stopped"),
         "the resumed run ended elsewhere"
     );
+}
+
+/// The first `a..b` bytes of tiny shakespeare (cut at line ends) in a file of `dir`.
+fn shakespeare(dir: &Path, name: &str, a: usize, b: usize) -> PathBuf {
+    let src = common::assets().join("corpora/tinyshakespeare/input.txt");
+    let text = std::fs::read_to_string(&src)
+        .unwrap_or_else(|e| panic!("{}: {e} (set SLM_ASSETS)", src.display()));
+    let start = text[a..].find('\n').map_or(a, |i| a + i + 1);
+    let end = text[b..].find('\n').map_or(b, |i| b + i + 1);
+    let p = dir.join(name);
+    std::fs::write(&p, &text[start..end]).unwrap();
+    p
+}
+
+fn transformer_job(dir: &Path, family: Family, keys: serde_json::Value) -> Pretrain {
+    let train = shakespeare(dir, "train.txt", 0, 60_000);
+    let valid = shakespeare(dir, "valid.txt", 60_000, 66_000);
+    let o = TrainOptions {
+        kind: Kind::ByteBpe,
+        vocab_size: 512,
+        min_frequency: 2,
+        special_tokens: Kind::ByteBpe.default_specials(),
+    };
+    let tok = tok_train::train(std::slice::from_ref(&train), &o).unwrap();
+    tok_train::save(&tok, &o, &dir.join("tok")).unwrap();
+    let mut p = job(dir, dir.join("tok"), train, valid, Cell::Lstm, false);
+    p.arch = Arch::Transformer {
+        family,
+        config: keys.as_object().unwrap().clone(),
+    };
+    p.seq_len = None;
+    p.batch_size = 8;
+    p.eval_batch_size = 8;
+    p.config.shuffle = true;
+    p.config.epochs = 4;
+    p.config.optim = OptimConfig {
+        optimizer: Optimizer::AdamW,
+        plateau_factor: None,
+        lr: 3e-3,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        warmup_steps: 5,
+        schedule: Schedule::Cosine,
+        max_grad_norm: 1.0,
+    };
+    p
+}
+
+/// Mean and standard deviation of a stored tensor.
+fn moments(store: &dyn slm::io::WeightStore, name: &str) -> (f64, f64, Vec<usize>) {
+    let t = store.load(name, false).unwrap().into_dense().unwrap();
+    let shape = t.dims().to_vec();
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt(), shape)
+}
+
+#[test]
+fn a_transformer_from_scratch_starts_as_transformers_initialises_it_and_learns() {
+    let cases = [
+        (
+            Family::Gpt2,
+            serde_json::json!({"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}),
+        ),
+        (
+            Family::Llama,
+            serde_json::json!({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                               "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "max_position_embeddings": 64}),
+        ),
+    ];
+    for (family, keys) in cases {
+        let dir = common::tempdir(&format!("pretrain_{family:?}"));
+        let p = transformer_job(&dir, family, keys);
+        let summary = run(&p, &NoHooks).unwrap();
+
+        // The initial weights follow transformers' `_init_weights`: N(0, 0.02²) (GPT-2's
+        // residual projections 0.02/√(2·layers)), zero biases, unit norms, a tied head.
+        let init = slm::io::ModelFiles::locate(&p.output.join("init")).unwrap();
+        let store = slm::io::open_weights(&init).unwrap();
+        let names: Vec<String> = store.tensors().into_iter().map(|t| t.name).collect();
+        assert!(
+            !names.iter().any(|n| n.contains("lm_head")),
+            "{family:?}: {names:?}"
+        );
+        let checks: &[(&str, f64, f64, &[usize])] = match family {
+            Family::Gpt2 => &[
+                ("wte.weight", 0.0, 0.02, &[512, 64]),
+                ("h.0.attn.c_attn.weight", 0.0, 0.02, &[64, 192]),
+                ("h.1.mlp.c_proj.weight", 0.0, 0.01, &[256, 64]),
+                ("h.0.attn.c_attn.bias", 0.0, 0.0, &[192]),
+                ("h.1.ln_2.weight", 1.0, 0.0, &[64]),
+                ("ln_f.bias", 0.0, 0.0, &[64]),
+            ],
+            Family::Llama => &[
+                ("model.embed_tokens.weight", 0.0, 0.02, &[512, 64]),
+                (
+                    "model.layers.0.self_attn.k_proj.weight",
+                    0.0,
+                    0.02,
+                    &[32, 64],
+                ),
+                ("model.layers.1.mlp.down_proj.weight", 0.0, 0.02, &[64, 128]),
+                (
+                    "model.layers.1.post_attention_layernorm.weight",
+                    1.0,
+                    0.0,
+                    &[64],
+                ),
+            ],
+        };
+        for &(name, mean, std, shape) in checks {
+            let (m, s, got) = moments(store.as_ref(), name);
+            assert_eq!(got, shape, "{family:?}: {name}");
+            assert!(
+                (m - mean).abs() < 2e-3 && (s - std).abs() < 0.1 * std + 1e-9,
+                "{family:?}: {name} has mean {m} std {s}, transformers draws mean {mean} std {std}"
+            );
+        }
+        let cfg = common::read_json(p.output.join("config.json"));
+        assert_eq!(cfg["vocab_size"], 512, "{family:?}");
+        assert_eq!(
+            cfg["eos_token_id"], 0,
+            "{family:?}: <|endoftext|> is the first token"
+        );
+
+        // The validation loss falls at every epoch, from below a uniform guess.
+        let evals = eval_losses(&p.output);
+        assert_eq!(evals.len(), 4, "{family:?}: one evaluation per epoch");
+        assert!(evals[0] < (512f64).ln(), "{family:?}: {evals:?}");
+        assert!(
+            evals.windows(2).all(|w| w[1] < w[0]),
+            "{family:?}: validation loss {evals:?}"
+        );
+
+        // Inference reads the saved folder to the trainer's last evaluation: the validation
+        // text's documents joined by EOS, in windows of the block length.
+        let mut m = load_causal(&p.output, ComputeDtype::Auto).unwrap();
+        let files = slm::io::ModelFiles::locate(&p.output).unwrap();
+        let tok = Tokenizer::load(&files).unwrap();
+        let text = std::fs::read_to_string(&p.valid[0]).unwrap();
+        let mut ids = Vec::new();
+        for doc in text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()) {
+            ids.extend(tok.encode(doc, false).unwrap());
+            ids.push(0);
+        }
+        same_as_training(&mut m, &ids, &summary, &format!("{family:?}"));
+    }
 }

@@ -3,7 +3,7 @@
 //! (a torch.save state_dict and a safetensors file, with vocab.txt and no config) evaluated as
 //! one stream.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,6 @@
 //! The real SmolLM2-135M-Instruct Q4_1 GGUF against transformers on the same dequantized weights.
 
-mod common;
+use crate::common;
 
 use slm::generate::{GenerateOptions, SamplingParams, Session};
 use slm::models::{load_causal, ComputeDtype};

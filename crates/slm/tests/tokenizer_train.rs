@@ -3,7 +3,7 @@
 //! BPE, characters and the SentencePiece types exactly; WordPiece lowercased; words with `<eos>`
 //! at each line end as PyTorch's `word_language_model` reads them).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

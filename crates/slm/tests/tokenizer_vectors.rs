@@ -1,7 +1,7 @@
 //! llama.cpp's tokenizer test vectors (`ggml-vocab-*.gguf.inp/.out`), from the GGUF vocabularies
 //! and from the original HF-format files, and the SmolLM2 chat template against transformers.
 
-mod common;
+use crate::common;
 
 use slm::io::gguf::GgufFile;
 use slm::tokenize::{Message, Tokenizer};

@@ -1,8 +1,7 @@
 //! The training engine against PyTorch: loss, gradients and AdamW steps of a tiny random-init
 //! BertForSequenceClassification recorded by tools/make_fixtures.py (part `train`).
 
-#[path = "support/train_fixture.rs"]
-mod train_fixture;
+use crate::train_fixture;
 
 use slm::train::bert::{Batch, BertTrain, Method};
 use slm::train::optim::{clip_grad_norm, AdamW, OptimConfig, Schedule};
@@ -706,7 +705,13 @@ fn training_and_inference_forwards_give_the_same_logits() {
                 .zip(&want)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(d < 1e-5, "{name} sequence {s}: max |diff| {d:e}");
+            // f32 rounding grows with the logits' size (Gemma 2's reach ~20): a few ulps of
+            // the largest, whatever order the two executors' kernels sum in.
+            let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+            assert!(
+                d < 1e-5 * scale,
+                "{name} sequence {s}: max |diff| {d:e} (largest logit {scale})"
+            );
         }
     }
 }

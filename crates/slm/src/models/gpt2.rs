@@ -28,6 +28,9 @@ pub struct Config {
     pub resid_pdrop: f32,
     #[serde(default = "default_dropout")]
     pub attn_pdrop: f32,
+    /// The std of a new model's weights.
+    #[serde(default = "super::default_init_range")]
+    pub initializer_range: f32,
 }
 
 fn default_dropout() -> f32 {
@@ -67,6 +70,18 @@ impl<W: Weights> Block<W> {
             c_fc: l.conv1d(&format!("{base}.mlp.c_fc"), h, inner)?,
             mlp_proj: l.conv1d(&format!("{base}.mlp.c_proj"), inner, h)?,
         })
+    }
+}
+
+impl Config {
+    /// `GPT2PreTrainedModel._init_weights`: N(0, range²) weights, the residual projections
+    /// (`c_proj`) scaled by 1/√(2·layers), the head tied.
+    pub fn init_rule(&self) -> crate::train::loader::InitRule {
+        crate::train::loader::InitRule {
+            std: self.initializer_range,
+            scaled: Some(("c_proj.weight", 1.0 / (2.0 * self.n_layer as f32).sqrt())),
+            tied: true,
+        }
     }
 }
 

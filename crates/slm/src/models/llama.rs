@@ -56,6 +56,9 @@ pub struct Config {
     /// Dropout on the attention probabilities while training (LlamaConfig: 0.0).
     #[serde(default)]
     pub attention_dropout: f32,
+    /// The std of a new model's weights.
+    #[serde(default = "super::default_init_range")]
+    pub initializer_range: f32,
     #[serde(skip, default = "default_variant")]
     pub variant: Variant,
 }

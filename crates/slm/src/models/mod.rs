@@ -229,6 +229,11 @@ impl Architecture {
     }
 }
 
+/// transformers' `initializer_range` default.
+fn default_init_range() -> f32 {
+    0.02
+}
+
 /// The model's configuration as a family understands it.
 #[derive(Debug, Clone)]
 pub enum ModelConfig {
@@ -257,6 +262,20 @@ impl ModelConfig {
             ModelConfig::Gemma(c) => c.max_position_embeddings,
             ModelConfig::Bert(c) => c.max_tokens(),
             ModelConfig::Rnn(_) => u32::MAX as usize,
+        }
+    }
+
+    /// How a new model of this config starts (`slm pretrain`), where transformers' rule is
+    /// followed: N(0, range²) weights, zero biases, unit norms.
+    pub fn init_rule(&self) -> Option<crate::train::loader::InitRule> {
+        match self {
+            ModelConfig::Gpt2(c) => Some(c.init_rule()),
+            ModelConfig::Llama(c) => Some(crate::train::loader::InitRule {
+                std: c.initializer_range,
+                scaled: None,
+                tied: c.tie_word_embeddings,
+            }),
+            _ => None,
         }
     }
 
@@ -375,6 +394,7 @@ impl ModelConfig {
                 embd_pdrop: 0.1,
                 resid_pdrop: 0.1,
                 attn_pdrop: 0.1,
+                initializer_range: default_init_range(),
             }),
             Architecture::Llama(variant) => {
                 let hidden = req("embedding_length")?;
@@ -407,6 +427,7 @@ impl ModelConfig {
                     use_sliding_window: None,
                     hidden_act: crate::nn::Activation::Silu,
                     attention_dropout: 0.0,
+                    initializer_range: default_init_range(),
                     variant,
                 })
             }

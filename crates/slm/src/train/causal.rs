@@ -160,7 +160,11 @@ fn chat_example(tok: &Tokenizer, msgs: &[Message]) -> crate::Result<(Vec<u32>, V
 }
 
 /// Documents separated by blank lines, each followed by EOS, cut into `max_len` blocks.
-fn pack_text(tok: &Tokenizer, text: &str, max_len: usize) -> TrainResult<Vec<CausalExample>> {
+pub(crate) fn pack_text(
+    tok: &Tokenizer,
+    text: &str,
+    max_len: usize,
+) -> TrainResult<Vec<CausalExample>> {
     let mut ids = Vec::new();
     let eos = tok.eos.first().copied();
     for doc in text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()) {

@@ -36,6 +36,24 @@ enum Net {
     Rnn(rnn::RnnLm<TrainW>),
 }
 
+impl Net {
+    fn new(cfg: &ModelConfig, l: &mut ParamLoader, path: &Path) -> TrainResult<Self> {
+        Ok(match cfg {
+            ModelConfig::Gpt2(c) => Net::Gpt2(gpt2::Gpt2::new(c, l)?),
+            ModelConfig::Llama(c) => Net::Llama(llama::Llama::new(c, l)?),
+            ModelConfig::Gemma(c) => Net::Gemma(gemma::Gemma::new(c, l)?),
+            ModelConfig::Rnn(c) => Net::Rnn(rnn::RnnLm::new(c, l)?),
+            ModelConfig::Bert(_) => {
+                return Err(crate::Error::Unsupported(format!(
+                "{}: '{}' is an encoder; causal-LM fine-tuning takes gpt2, llama, qwen2, phi3, gemma2 or gemma3",
+                path.display(),
+                cfg.architecture().name()
+            )))
+            }
+        })
+    }
+}
+
 /// The Hugging Face folder a causal model trains from. Training reads f32 weights and saves a
 /// Hugging Face folder, so a GGUF model is converted once (dequantized to f32) into
 /// `out/base` and trained from there; `converting` is told before that happens.
@@ -84,19 +102,7 @@ impl CausalLm {
         }
         let vb = Vb::new(open_weights(&files)?, false);
         let mut l = ParamLoader::new(vb, lora.clone(), seed);
-        let net = match &cfg {
-            ModelConfig::Gpt2(c) => Net::Gpt2(gpt2::Gpt2::new(c, &mut l)?),
-            ModelConfig::Llama(c) => Net::Llama(llama::Llama::new(c, &mut l)?),
-            ModelConfig::Gemma(c) => Net::Gemma(gemma::Gemma::new(c, &mut l)?),
-            ModelConfig::Rnn(c) => Net::Rnn(rnn::RnnLm::new(c, &mut l)?),
-            ModelConfig::Bert(_) => {
-                return Err(crate::Error::Unsupported(format!(
-                "{}: '{}' is an encoder; causal-LM fine-tuning takes gpt2, llama, qwen2, phi3, gemma2 or gemma3",
-                path.display(),
-                cfg.architecture().name()
-            )))
-            }
-        };
+        let net = Net::new(&cfg, &mut l, path)?;
         if let Some(spec) = &lora {
             let hit = l.params.list.iter().any(|p| p.name.contains(".lora_A"));
             if !hit {
@@ -115,6 +121,28 @@ impl CausalLm {
             params: l.params,
             arch: cfg.architecture(),
             lora,
+            dropout: Dropout::Config,
+            seed,
+            salt: 0,
+            vocab: cfg.vocab_size(),
+        })
+    }
+
+    /// A new model of `cfg`, every weight drawn by the family's initialisation from `seed`.
+    pub fn init(cfg: &ModelConfig, seed: u64) -> TrainResult<Self> {
+        let Some(rule) = cfg.init_rule() else {
+            return Err(crate::Error::Unsupported(format!(
+                "a new '{}' model is not initialised this way",
+                cfg.architecture().name()
+            )));
+        };
+        let mut l = ParamLoader::init(rule, seed);
+        let net = Net::new(cfg, &mut l, Path::new("<new model>"))?;
+        Ok(Self {
+            net,
+            params: l.params,
+            arch: cfg.architecture(),
+            lora: None,
             dropout: Dropout::Config,
             seed,
             salt: 0,

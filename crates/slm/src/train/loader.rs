@@ -29,10 +29,37 @@ impl LoraSpec {
     }
 }
 
+/// How a model with no checkpoint yet is initialised: transformers' `_init_weights` (linear
+/// and embedding weights from N(0, std²), biases zero, norms one), which a family states.
+#[derive(Debug, Clone)]
+pub struct InitRule {
+    pub std: f32,
+    /// Weights whose name ends with this are drawn with `std · factor` instead (GPT-2's
+    /// residual projections: 1/√(2·layers)).
+    pub scaled: Option<(&'static str, f32)>,
+    /// The output layer reads the embedding table; otherwise `lm_head` is a weight of its own.
+    pub tied: bool,
+}
+
+/// What a tensor of a new model starts as.
+#[derive(Debug, Clone, Copy)]
+enum Fresh {
+    Normal,
+    Ones,
+    Zeros,
+}
+
+/// Where the parameters' values come from.
+enum Source {
+    Stored(Vb),
+    Init(InitRule),
+}
+
 /// Loads a model's weights as f32 parameters under their Hugging Face names: all trained
-/// (`lora: None`), or frozen with LoRA factors on the targeted modules.
+/// (`lora: None`), or frozen with LoRA factors on the targeted modules; or draws a new
+/// model's by its family's [`InitRule`].
 pub struct ParamLoader {
-    vb: Vb,
+    source: Source,
     pub params: Params,
     lora: Option<LoraSpec>,
     rng: rand::rngs::StdRng,
@@ -44,8 +71,17 @@ pub struct ParamLoader {
 
 impl ParamLoader {
     pub fn new(vb: Vb, lora: Option<LoraSpec>, seed: u64) -> Self {
+        Self::with_source(Source::Stored(vb), lora, seed)
+    }
+
+    /// A new model, every parameter trained, drawn by `rule` from `seed`.
+    pub fn init(rule: InitRule, seed: u64) -> Self {
+        Self::with_source(Source::Init(rule), None, seed)
+    }
+
+    fn with_source(source: Source, lora: Option<LoraSpec>, seed: u64) -> Self {
         Self {
-            vb,
+            source,
             params: Params::default(),
             lora,
             rng: super::params::seeded(seed ^ 0x4c6f_5241),
@@ -58,9 +94,23 @@ impl ParamLoader {
         self.lora.is_none()
     }
 
-    /// The tensor `name` (as a task model names it) as a parameter of that name.
-    fn get(&mut self, name: &str, shape: &[usize], transposed: bool) -> Result<usize> {
-        self.get_as(name, shape, transposed, self.full())
+    fn stored(&self) -> Option<&Vb> {
+        match &self.source {
+            Source::Stored(vb) => Some(vb),
+            Source::Init(_) => None,
+        }
+    }
+
+    /// The tensor `name` (as a task model names it) as a parameter of that name; `fresh`
+    /// says what it starts as in a new model.
+    fn get(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        transposed: bool,
+        fresh: Fresh,
+    ) -> Result<usize> {
+        self.get_as(name, shape, transposed, self.full(), fresh)
     }
 
     fn get_as(
@@ -69,15 +119,32 @@ impl ParamLoader {
         shape: &[usize],
         transposed: bool,
         trained: bool,
+        fresh: Fresh,
     ) -> Result<usize> {
-        let stored: Vec<usize> = if transposed {
-            shape.iter().rev().copied().collect()
-        } else {
-            shape.to_vec()
+        let n: usize = shape.iter().product();
+        let v = match &self.source {
+            Source::Stored(vb) => {
+                let stored: Vec<usize> = if transposed {
+                    shape.iter().rev().copied().collect()
+                } else {
+                    shape.to_vec()
+                };
+                let t = vb.get(&stored_tensor(vb, name), &stored)?;
+                let t = if transposed { t.t()?.contiguous()? } else { t };
+                t.flatten_all()?.to_vec1::<f32>()?
+            }
+            Source::Init(rule) => match fresh {
+                Fresh::Ones => vec![1.0; n],
+                Fresh::Zeros => vec![0.0; n],
+                Fresh::Normal => {
+                    let std = match rule.scaled {
+                        Some((suffix, f)) if name.ends_with(suffix) => rule.std * f,
+                        _ => rule.std,
+                    };
+                    normal(n, std, &mut self.rng)
+                }
+            },
         };
-        let t = self.vb.get(&stored_tensor(&self.vb, name), &stored)?;
-        let t = if transposed { t.t()?.contiguous()? } else { t };
-        let v = t.flatten_all()?.to_vec1::<f32>()?;
         let i = self
             .params
             .add(name.to_string(), shape.to_vec(), v, trained);
@@ -88,9 +155,9 @@ impl ParamLoader {
 
     fn lin(&mut self, name: &str, din: usize, dout: usize, bias: bool, conv: bool) -> Result<Lin> {
         let mut l = Lin {
-            w: self.get(&format!("{name}.weight"), &[dout, din], conv)?,
+            w: self.get(&format!("{name}.weight"), &[dout, din], conv, Fresh::Normal)?,
             b: if bias {
-                Some(self.get(&format!("{name}.bias"), &[dout], false)?)
+                Some(self.get(&format!("{name}.bias"), &[dout], false, Fresh::Zeros)?)
             } else {
                 None
             },
@@ -111,7 +178,12 @@ impl Loader for ParamLoader {
     type W = TrainW;
 
     fn contains(&self, tensor: &str) -> bool {
-        self.vb.contains(&stored_tensor(&self.vb, tensor))
+        match &self.source {
+            Source::Stored(vb) => vb.contains(&stored_tensor(vb, tensor)),
+            // A new model has exactly the tensors its family asks for; whether the head is
+            // its own weight is the one choice the family asks about.
+            Source::Init(rule) => tensor == "lm_head.weight" && !rule.tied,
+        }
     }
 
     fn linear(&mut self, name: &str, din: usize, dout: usize, bias: bool) -> Result<Lin> {
@@ -126,8 +198,10 @@ impl Loader for ParamLoader {
         dout: usize,
     ) -> Result<Lin> {
         Ok(Lin {
-            w: self.get(weight, &[dout, din], false)?,
-            b: bias.map(|b| self.get(b, &[dout], false)).transpose()?,
+            w: self.get(weight, &[dout, din], false, Fresh::Normal)?,
+            b: bias
+                .map(|b| self.get(b, &[dout], false, Fresh::Zeros))
+                .transpose()?,
             din,
             dout,
             lora: None,
@@ -135,25 +209,34 @@ impl Loader for ParamLoader {
     }
 
     fn conv1d(&mut self, name: &str, din: usize, dout: usize) -> Result<Lin> {
-        // A GGUF file stores Conv1D weights as [out, in] already.
-        let conv = !self.vb.is_gguf();
+        // A GGUF file stores Conv1D weights as [out, in] already; a new model is saved as
+        // transformers stores them.
+        let conv = self.stored().is_none_or(|vb| !vb.is_gguf());
         self.lin(name, din, dout, true, conv)
     }
 
     fn norm(&mut self, kind: NormKind, name: &str, size: usize, eps: f64) -> Result<NormP> {
         // Checkpoints from the original TensorFlow BERT port name the parameters gamma/beta.
-        let stored = stored_module(&self.vb, name);
-        let (w, b) = if !self.vb.contains(&format!("{stored}.weight"))
-            && self.vb.contains(&format!("{stored}.gamma"))
-        {
+        let gamma = self.stored().is_some_and(|vb| {
+            let stored = stored_module(vb, name);
+            !vb.contains(&format!("{stored}.weight")) && vb.contains(&format!("{stored}.gamma"))
+        });
+        let (w, b) = if gamma {
             ("gamma", "beta")
         } else {
             ("weight", "bias")
         };
-        let g = self.get(&format!("{name}.{w}"), &[size], false)?;
+        // Gemma's `(1 + w)` norm starts at zero, as transformers' Gemma init has it.
+        let one = match kind {
+            NormKind::RmsOffset => Fresh::Zeros,
+            _ => Fresh::Ones,
+        };
+        let g = self.get(&format!("{name}.{w}"), &[size], false, one)?;
         let b = match kind {
             NormKind::Rms | NormKind::RmsOffset => None,
-            NormKind::Layer => Some(self.get(&format!("{name}.{b}"), &[size], false)?),
+            NormKind::Layer => {
+                Some(self.get(&format!("{name}.{b}"), &[size], false, Fresh::Zeros)?)
+            }
         };
         Ok(NormP {
             kind,
@@ -165,7 +248,12 @@ impl Loader for ParamLoader {
 
     fn embedding(&mut self, name: &str, count: usize, dim: usize) -> Result<EmbP> {
         Ok(EmbP {
-            table: self.get(&format!("{name}.weight"), &[count, dim], false)?,
+            table: self.get(
+                &format!("{name}.weight"),
+                &[count, dim],
+                false,
+                Fresh::Normal,
+            )?,
             dim,
         })
     }
@@ -174,11 +262,13 @@ impl Loader for ParamLoader {
         let key = format!("{name}.weight");
         let w = match self.by_name.get(&key) {
             Some(&w) => w,
-            None => self.get(&key, &[count, dim], false)?,
+            None => self.get(&key, &[count, dim], false, Fresh::Normal)?,
         };
         // A decoder's bias belongs to the head: trained (new if missing) in every run.
         let b = match bias {
-            Some(b) if self.contains(b) => Some(self.get_as(b, &[count], false, true)?),
+            Some(b) if self.contains(b) => {
+                Some(self.get_as(b, &[count], false, true, Fresh::Zeros)?)
+            }
             Some(b) => Some(
                 self.params
                     .add(b.to_string(), vec![count], vec![0.0; count], true),
@@ -197,11 +287,13 @@ impl Loader for ParamLoader {
     fn head(&mut self, name: &str, din: usize, dout: usize, saved: bool) -> Result<Lin> {
         let trained = self.full() || saved;
         let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
-        let stored = self.vb.shape_of(&stored_tensor(&self.vb, &wn));
+        let stored = self
+            .stored()
+            .and_then(|vb| vb.shape_of(&stored_tensor(vb, &wn)));
         if stored.as_deref() == Some(&[dout, din][..]) && self.contains(&bn) {
             return Ok(Lin {
-                w: self.get_as(&wn, &[dout, din], false, trained)?,
-                b: Some(self.get_as(&bn, &[dout], false, trained)?),
+                w: self.get_as(&wn, &[dout, din], false, trained, Fresh::Normal)?,
+                b: Some(self.get_as(&bn, &[dout], false, trained, Fresh::Zeros)?),
                 din,
                 dout,
                 lora: None,
@@ -221,8 +313,8 @@ impl Loader for ParamLoader {
         let (gn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
         let (g, b) = if self.contains(&gn) && self.contains(&bn) {
             (
-                self.get_as(&gn, &[size], false, true)?,
-                self.get_as(&bn, &[size], false, true)?,
+                self.get_as(&gn, &[size], false, true, Fresh::Ones)?,
+                self.get_as(&bn, &[size], false, true, Fresh::Zeros)?,
             )
         } else {
             (

@@ -1,14 +1,19 @@
-//! A language model from random init (`slm pretrain`): a recurrent LM trained as PyTorch's
-//! `word_language_model` trains it (streams, truncated BPTT, SGD with clipping and the learning
-//! rate cut on a plateau, or AdamW), on the same trainer as fine-tuning.
+//! A language model from random init (`slm pretrain`), on the same trainer as fine-tuning:
+//! - a recurrent LM trained as PyTorch's `word_language_model` trains it (streams, truncated
+//!   BPTT, SGD with clipping and the learning rate cut on a plateau, or AdamW);
+//! - a GPT-2 or Llama transformer initialised as transformers initialises one, trained on
+//!   blocks of the text in random order.
 //!
-//! The new model is written to `out/init/` first (its config, tokenizer and PyTorch-initialised
-//! weights), then trained from there like any checkpoint; the trained model lands in `out/`.
+//! The new model is written to `out/init/` first (its config, tokenizer and initial weights),
+//! then trained from there like any checkpoint; the trained model lands in `out/`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::causal::{copy_files, CausalRun, TOKENIZER_FILES};
+use super::causal::{
+    causal_eval_batches, copy_files, make_causal_batch, pack_text, CausalExample, CausalRun,
+    TOKENIZER_FILES,
+};
 use super::job::prepare_output;
 use super::lm::CausalLm;
 use super::stream::{StreamRun, Streams};
@@ -24,26 +29,89 @@ use crate::Error;
 /// What `slm pretrain` builds.
 #[derive(Debug, Clone)]
 pub struct Pretrain {
-    /// `RNNModel`'s sizes; `ntoken` is taken from the tokenizer.
-    pub rnn: RnnSizes,
+    pub arch: Arch,
     /// Start from this checkpoint's weights (a `word_language_model` state_dict or an slm
-    /// model) instead of a new initialisation; its tensors give the sizes, `rnn` only the
-    /// dropout.
+    /// model) instead of a new initialisation; its tensors give the sizes, the arch only the
+    /// dropout. Recurrent models only: a transformer checkpoint is fine-tuned.
     pub init: Option<PathBuf>,
     pub tokenizer: PathBuf,
     pub train: Vec<PathBuf>,
     pub valid: Vec<PathBuf>,
     pub output: PathBuf,
-    /// Positions per chunk (truncated BPTT).
-    pub bptt: usize,
-    /// Streams read side by side in training and in evaluation.
+    /// Positions per chunk (recurrent: how far back gradients flow) or per block
+    /// (transformer: default, its context).
+    pub seq_len: Option<usize>,
+    /// Streams read side by side (recurrent) or blocks per step (transformer).
     pub batch_size: usize,
     pub eval_batch_size: usize,
-    /// Epochs, optimizer, seed, evaluation and checkpoints. Its batch size is one chunk, its
-    /// order sequential; evaluation defaults to each epoch's end.
+    /// Epochs, optimizer, seed, evaluation and checkpoints; evaluation defaults to each
+    /// epoch's end. A recurrent run's batch size is one chunk, its order sequential.
     pub config: TrainConfig,
     pub resume: bool,
     pub force: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum Arch {
+    /// `word_language_model`'s `RNNModel`; `ntoken` is taken from the tokenizer.
+    Rnn(RnnSizes),
+    /// A transformer: `config` holds config.json keys over the family's defaults
+    /// ([`Family::defaults`]); the vocabulary and special tokens come from the tokenizer.
+    Transformer {
+        family: Family,
+        config: serde_json::Map<String, serde_json::Value>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Gpt2,
+    Llama,
+}
+
+impl Family {
+    /// A small model (~10M parameters with a few thousand tokens) in transformers' own key
+    /// names, which the caller's keys replace.
+    pub fn defaults(self) -> serde_json::Value {
+        match self {
+            Family::Gpt2 => serde_json::json!({
+                "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                "n_embd": 384, "n_layer": 6, "n_head": 6, "n_positions": 256, "n_inner": null,
+                "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                "embd_pdrop": 0.1, "resid_pdrop": 0.1, "attn_pdrop": 0.1,
+                "initializer_range": 0.02, "tie_word_embeddings": true, "torch_dtype": "float32",
+            }),
+            Family::Llama => serde_json::json!({
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
+                "num_attention_heads": 6, "num_key_value_heads": 6,
+                "max_position_embeddings": 256, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0, "attention_bias": false, "mlp_bias": false,
+                "attention_dropout": 0.0, "initializer_range": 0.02,
+                "tie_word_embeddings": true, "torch_dtype": "float32",
+            }),
+        }
+    }
+
+    /// The config.json of the new model: `keys` over the defaults, the tokenizer's
+    /// vocabulary size and special-token ids over both.
+    fn config(
+        self,
+        keys: &serde_json::Map<String, serde_json::Value>,
+        tok: &Tokenizer,
+    ) -> serde_json::Value {
+        let mut cfg = self.defaults();
+        let obj = cfg.as_object_mut().expect("defaults are an object");
+        for (k, v) in keys {
+            obj.insert(k.clone(), v.clone());
+        }
+        obj.insert("vocab_size".into(), tok.vocab_size().into());
+        let eos = tok.eos.first().copied();
+        for (k, id) in [("bos_token_id", tok.bos.or(eos)), ("eos_token_id", eos)] {
+            obj.insert(k.into(), id.map_or(serde_json::Value::Null, Into::into));
+        }
+        cfg
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -119,20 +187,122 @@ fn write_vocab_txt(tok: &Tokenizer, dir: &Path) -> TrainResult<()> {
 }
 
 pub fn run(p: &Pretrain, hooks: &dyn Hooks) -> TrainResult<Summary> {
-    let s = p.rnn;
+    if p.seq_len == Some(0) || p.batch_size == 0 || p.eval_batch_size == 0 {
+        return Err(Error::Unsupported(
+            "the sequence length, --batch-size and --eval-batch-size must be at least 1".into(),
+        ));
+    }
+    if p.train.is_empty() {
+        return Err(Error::Data("give at least one --train file".into()));
+    }
+    match &p.arch {
+        Arch::Rnn(s) => run_rnn(p, *s, hooks),
+        Arch::Transformer { family, config } => run_transformer(p, *family, config, hooks),
+    }
+}
+
+/// Every file's text cut into blocks of `len` tokens (documents joined by EOS).
+fn blocks(tok: &Tokenizer, files: &[PathBuf], len: usize) -> TrainResult<Vec<CausalExample>> {
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+        let b = pack_text(tok, &text, len)?;
+        if b.is_empty() {
+            return Err(Error::Data(format!(
+                "{}: no text to train on (fewer than 2 tokens)",
+                f.display()
+            )));
+        }
+        out.extend(b);
+    }
+    Ok(out)
+}
+
+fn run_transformer(
+    p: &Pretrain,
+    family: Family,
+    keys: &serde_json::Map<String, serde_json::Value>,
+    hooks: &dyn Hooks,
+) -> TrainResult<Summary> {
+    if let Some(init) = &p.init {
+        return Err(Error::Unsupported(format!(
+            "--init {}: a transformer checkpoint goes on training with `slm finetune --task causal-lm`",
+            init.display()
+        )));
+    }
+    prepare_output(None, &p.output, p.resume, p.force, hooks)?;
+    let tok = Tokenizer::from_hf_folder(&p.tokenizer)?;
+    let init = p.output.join("init");
+    let config_file = init.join("config.json");
+    if !(p.resume && init.join("model.safetensors").is_file()) {
+        std::fs::create_dir_all(&init).map_err(|e| Error::io(&init, e))?;
+        let json = serde_json::to_vec_pretty(&family.config(keys, &tok))
+            .map_err(|e| Error::msg(e.to_string()))?;
+        write_atomic(&config_file, |w| w.write_all(&json))?;
+        let cfg = ModelConfig::from_hf_json(&config_file)?;
+        copy_files(&p.tokenizer, &init, TOKENIZER_FILES)?;
+        let model = CausalLm::init(&cfg, p.config.seed)?;
+        trainer::Model::save(
+            &CausalRun {
+                model,
+                source: init.clone(),
+            },
+            &init,
+        )?;
+    }
+    let cfg = ModelConfig::from_hf_json(&config_file)?;
+    let context = cfg.context_length();
+    let len = p.seq_len.unwrap_or(context);
+    if len > context {
+        return Err(Error::Unsupported(format!(
+            "blocks of {len} tokens exceed the model's context of {context}"
+        )));
+    }
+    let train = blocks(&tok, &p.train, len)?;
+    let valid = blocks(&tok, &p.valid, len)?;
+    let mut model = CausalLm::load(&init, None, p.config.seed)?;
+    model.dropout = Dropout::Config;
+    let steps = train.len().div_ceil(p.batch_size);
+    hooks.message(&format!(
+        "{}: {} parameters; {} blocks of up to {len} tokens ({steps} steps per epoch); {} validation blocks",
+        cfg.architecture().name(),
+        model.params.n_total(),
+        train.len(),
+        valid.len()
+    ));
+    let config = TrainConfig {
+        batch_size: p.batch_size,
+        shuffle: true,
+        eval_every: p.config.eval_every.or(Some(steps)),
+        ..p.config.clone()
+    };
+    let pad = tok.pad_id();
+    let make =
+        |idx: &[usize]| make_causal_batch(&idx.iter().map(|&i| &train[i]).collect::<Vec<_>>(), pad);
+    let valid = causal_eval_batches(&valid, p.eval_batch_size, pad);
+    let mut run = CausalRun {
+        model,
+        source: init,
+    };
+    trainer::train(
+        &mut run,
+        train.len(),
+        &make,
+        &valid,
+        &config,
+        &p.output,
+        p.resume,
+        hooks,
+    )
+}
+
+fn run_rnn(p: &Pretrain, s: RnnSizes, hooks: &dyn Hooks) -> TrainResult<Summary> {
+    let bptt = p.seq_len.unwrap_or(35);
     if s.tied && s.emsize != s.nhid {
         return Err(Error::Unsupported(format!(
             "tied weights need --emsize equal to --nhid (got {} and {})",
             s.emsize, s.nhid
         )));
-    }
-    if p.bptt == 0 || p.batch_size == 0 || p.eval_batch_size == 0 {
-        return Err(Error::Unsupported(
-            "--bptt, --batch-size and --eval-batch-size must be at least 1".into(),
-        ));
-    }
-    if p.train.is_empty() {
-        return Err(Error::Data("give at least one --train file".into()));
     }
     prepare_output(None, &p.output, p.resume, p.force, hooks)?;
     let tok = Tokenizer::from_hf_folder(&p.tokenizer)?;
@@ -177,7 +347,7 @@ pub fn run(p: &Pretrain, hooks: &dyn Hooks) -> TrainResult<Summary> {
             p.eval_batch_size,
             "the validation text",
         )?
-        .batches(p.bptt)
+        .batches(bptt)
     };
     let init = p.output.join("init");
     if !(p.resume && init.join("model.safetensors").is_file()) {
@@ -189,14 +359,14 @@ pub fn run(p: &Pretrain, hooks: &dyn Hooks) -> TrainResult<Summary> {
     // The sizes are checked (and the tensors read back) as any checkpoint's.
     let mut model = CausalLm::load(&init, None, p.config.seed)?;
     model.dropout = Dropout::Config;
-    let n = train.chunks(p.bptt);
+    let n = train.chunks(bptt);
     hooks.message(&format!(
         "{}: {} parameters; {} streams × {} chunks of {} tokens per epoch; {} validation chunks",
         cfg.describe(),
         model.params.n_total(),
         p.batch_size,
         n,
-        p.bptt,
+        bptt,
         valid.len()
     ));
     let config = TrainConfig {
@@ -210,7 +380,7 @@ pub fn run(p: &Pretrain, hooks: &dyn Hooks) -> TrainResult<Summary> {
         model,
         source: init,
     });
-    let make = |idx: &[usize]| train.chunk(idx[0], p.bptt);
+    let make = |idx: &[usize]| train.chunk(idx[0], bptt);
     trainer::train(
         &mut run, n, &make, &valid, &config, &p.output, p.resume, hooks,
     )
