@@ -14,6 +14,12 @@ tools/requirements.txt), under tests/fixtures/rnn/.
   stream in eval mode, as main.py's evaluate() computes it, and the loss and gradients of a
   second chunk whose hidden state is carried (detached) from the first.
 
+- bilstm_max/ and gru_mean/: text classifiers (wlm_reference.RNNClassifier: a 2-layer
+  bidirectional LSTM with max pooling, a 1-layer GRU with mean pooling) at PyTorch's
+  initialisation with a word-level tokenizer.json, and in reference.json the logits of a padded
+  batch of texts of different lengths (eval mode) and the cross-entropy loss and gradients of
+  every parameter for their labels (dropout off).
+
 Words seen fewer than 3 times in the training lines are <unk>, as slm's word tokenizer maps
 words missing from vocab.txt.
 
@@ -29,7 +35,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from wlm_reference import RNNModel, batchify, evaluate, get_batch, repackage, train, words
+from wlm_reference import RNNClassifier, RNNModel, batchify, evaluate, get_batch, repackage, train, words
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "rnn"
@@ -133,6 +139,43 @@ def record_wlm(name, rnn_type, ninp, nhid, tied, safetensors):
     print(name, "vocab", len(vocab), "eval ppl", math.exp(mean_nll), "loss2", loss.item())
 
 
+def record_classifier(name, rnn_type, nlayers, bidirectional, pooling):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    torch.manual_seed(11)
+    words = ["<pad>", "<unk>"] + [f"w{i}" for i in range(30)]
+    ntoken, ninp, nhid, nclass = len(words), 6, 5, 3
+    model = RNNClassifier(rnn_type, ntoken, ninp, nhid, nlayers, nclass,
+                          bidirectional=bidirectional, pooling=pooling, dropout=0.0)
+    d = OUT / name
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()},
+              str(d / "model.safetensors"))
+    cfg = {"model_type": "rnn_classifier", "rnn_type": rnn_type, "ntoken": ntoken, "ninp": ninp,
+           "nhid": nhid, "nlayers": nlayers, "bidirectional": bidirectional, "pooling": pooling,
+           "dropout": 0.0, "labels": ["neg", "neu", "pos"]}
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "pad_token": "<pad>"}))
+    texts = ["w3 w7 w1 w20 w5 w9 w2", "w4 w4 zz", "w11", "w29 w0 w13 w8 w6"]
+    ids = [tok.encode(t).ids for t in texts]
+    labels = [2, 0, 1, 0]
+    t = max(map(len, ids))
+    x = torch.tensor([i + [0] * (t - len(i)) for i in ids])
+    lengths = torch.tensor([len(i) for i in ids])
+    model.eval()
+    with torch.no_grad():
+        logits = model(x, lengths)
+    model.train()
+    loss = nn.functional.cross_entropy(model(x, lengths), torch.tensor(labels))
+    loss.backward()
+    ref = {"texts": texts, "ids": ids, "labels": labels, "logits": [flat(r) for r in logits],
+           "loss": float(loss), "grads": {k: flat(p.grad) for k, p in model.named_parameters()}}
+    (d / "reference.json").write_text(json.dumps(ref, indent=1))
+
+
 def main():
     print("torch", torch.__version__)
     torch.set_num_threads(2)
@@ -140,6 +183,8 @@ def main():
     record_cells()
     record_wlm("wlm_lstm", "LSTM", 24, 24, tied=False, safetensors=False)
     record_wlm("wlm_gru_tied", "GRU", 20, 20, tied=True, safetensors=True)
+    record_classifier("bilstm_max", "LSTM", 2, True, "max")
+    record_classifier("gru_mean", "GRU", 1, False, "mean")
 
 
 if __name__ == "__main__":

@@ -115,3 +115,35 @@ def train(model, ids, valid_ids, epochs, lr=20.0, clip=0.25, bptt=35, bsz=20, ev
         else:
             lr /= 4.0
     return history
+
+
+class RNNClassifier(nn.Module):
+    """The text classifier `slm finetune --task classify --arch bilstm|bigru|lstm|gru` builds,
+    with slm's parameter names: embedding -> dropout -> (bi)LSTM/GRU over packed sequences
+    (dropout between layers) -> mean or max over each text's positions -> dropout -> linear.
+    PyTorch's default initialisation (the embedding N(0, 1))."""
+
+    def __init__(self, rnn_type, ntoken, ninp, nhid, nlayers, nclass, bidirectional=True,
+                 pooling="max", dropout=0.3):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = getattr(nn, rnn_type)(ninp, nhid, nlayers, batch_first=True,
+                                         dropout=dropout if nlayers > 1 else 0.0,
+                                         bidirectional=bidirectional)
+        self.classifier = nn.Linear(nhid * (2 if bidirectional else 1), nclass)
+        self.pooling = pooling
+
+    def forward(self, ids, lengths):
+        """ids [b, t] right-padded, lengths [b] (CPU int64): logits [b, nclass]."""
+        x = self.drop(self.encoder(ids))
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1)
+        if self.pooling == "max":
+            pooled = out.masked_fill(~mask, float("-inf")).max(1).values
+        else:
+            pooled = (out * mask).sum(1) / lengths[:, None].to(out.dtype)
+        return self.classifier(self.drop(pooled))

@@ -919,3 +919,116 @@ fn pretrain_gpt2_maps_its_flags_to_the_config() {
         assert!(err.contains(says), "{flag}: {err}");
     }
 }
+
+/// Accuracy in a run's last evaluation (metrics.jsonl).
+fn last_accuracy(out: &Path) -> f64 {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["eval"]["metric"][1].as_f64())
+        .next_back()
+        .expect("an evaluation with accuracy")
+}
+
+/// A BiLSTM classifier from scratch on real SST-2 rows: it learns (above chance on the GLUE dev
+/// sentences), `eval classify` and `classify` read the saved folder to the trainer's own
+/// accuracy, and stop-word removal trained into the tokenizer is applied at inference too.
+#[test]
+fn a_bilstm_classifier_from_scratch_learns_sst2_and_serves_its_own_accuracy() {
+    let dir = tempdir("bilstm_sst2");
+    let train = dir.join("train.tsv");
+    let valid = dir.join("valid.tsv");
+    std::fs::write(&train, sst2_train_rows(10_000)).unwrap();
+    std::fs::write(&valid, sst2_rows(0, 300)).unwrap();
+    let (train, valid) = (train.to_str().unwrap(), valid.to_str().unwrap());
+    for (name, extra) in [
+        ("plain", &[][..]),
+        ("stop", &["--lowercase", "--remove-stopwords", "en"][..]),
+    ] {
+        let out = dir.join(name);
+        let out_s = out.to_str().unwrap();
+        let mut args = vec![
+            "finetune",
+            "--task",
+            "classify",
+            "--arch",
+            "bilstm",
+            "--train",
+            train,
+            "--valid",
+            valid,
+            "-o",
+            out_s,
+            "--epochs",
+            "3",
+            "--emsize",
+            "48",
+            "--nhid",
+            "48",
+            "--batch-size",
+            "32",
+            "--threads",
+            "2",
+        ];
+        args.extend(extra);
+        let (code, _, err) = run(&args, None);
+        assert_eq!(code, 0, "{name}: {err}");
+        let acc = last_accuracy(&out);
+        assert!(
+            acc > 0.6,
+            "{name}: accuracy {acc} on 300 SST-2 dev sentences"
+        );
+        let (code, stdout, err) = run(&["eval", "classify", "-m", out_s, "--data", valid], None);
+        assert_eq!(code, 0, "{name}: {err}");
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with("accuracy"))
+            .unwrap_or_else(|| panic!("{name}: no accuracy in {stdout}"));
+        let got: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(
+            (got - acc).abs() < 1e-4,
+            "{name}: eval classify {got} vs the trainer's {acc}"
+        );
+        let tok: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap())
+                .unwrap();
+        let vocab = tok["model"]["vocab"].as_object().unwrap();
+        let has_the = vocab.contains_key("the");
+        assert_eq!(has_the, name == "plain", "{name}: 'the' in the vocabulary");
+        // The preprocessing is the tokenizer's: to the stop-word model, the same words with
+        // and without stop words and capitals are the same input.
+        let (code, stdout, err) = run(
+            &[
+                "classify",
+                "-m",
+                out_s,
+                "--json",
+                "THE gripping , FUNNY film",
+                "a gripping , funny film",
+            ],
+            None,
+        );
+        assert_eq!(code, 0, "{name}: {err}");
+        let scores: Vec<f64> = stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["score"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(scores.len(), 2, "{name}: {stdout}");
+        if name == "stop" {
+            assert_eq!(
+                scores[0], scores[1],
+                "stop words and case changed the input"
+            );
+        }
+    }
+}
+
+/// The first `n` rows of SST-2's training split.
+fn sst2_train_rows(n: usize) -> String {
+    let text = std::fs::read_to_string(asset("classification/sst2/train.tsv")).unwrap();
+    text.lines().take(n + 1).collect::<Vec<_>>().join("\n") + "\n"
+}

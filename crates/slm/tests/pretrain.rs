@@ -33,6 +33,7 @@ fn word_tokenizer(dir: &Path, files: &[PathBuf]) -> PathBuf {
         vocab_size: 100_000,
         min_frequency: 2,
         special_tokens: Kind::Word.default_specials(),
+        preprocess: Default::default(),
     };
     let tok = tok_train::train(files, &o).unwrap();
     let out = dir.join("tok");
@@ -331,6 +332,7 @@ fn transformer_job(dir: &Path, family: Family, keys: serde_json::Value) -> Pretr
         vocab_size: 512,
         min_frequency: 2,
         special_tokens: Kind::ByteBpe.default_specials(),
+        preprocess: Default::default(),
     };
     let tok = tok_train::train(std::slice::from_ref(&train), &o).unwrap();
     tok_train::save(&tok, &o, &dir.join("tok")).unwrap();

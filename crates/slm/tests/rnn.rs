@@ -297,3 +297,91 @@ fn rnn_model_gradients_with_a_carried_state_match_pytorch() {
         assert_eq!(grads.len(), m.params.list.len(), "{name}: parameters");
     }
 }
+
+/// A recurrent text classifier (tools/make_rnn_fixtures.py: PyTorch's modules at their own
+/// initialisation, packed sequences of different lengths): the training executor's logits,
+/// loss and every gradient, and the inference executor's probabilities, against PyTorch's.
+fn check_classifier(name: &str) {
+    use slm::tokenize::EncoderInput;
+    use slm::train::bert::Batch;
+    use slm::train::rnn_classify::RnnClassifierTrain;
+    let dir = rnn_fixtures().join(name);
+    let r = common::read_json(dir.join("reference.json"));
+    let ids: Vec<Vec<u32>> = r["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(common::ids)
+        .collect();
+    let inputs: Vec<EncoderInput> = ids
+        .iter()
+        .map(|i| EncoderInput {
+            ids: i.clone(),
+            type_ids: vec![0; i.len()],
+            full_len: i.len(),
+        })
+        .collect();
+    let mut batch = Batch::padded(&inputs.iter().collect::<Vec<_>>(), 0);
+    batch.labels = common::ids(&r["labels"]);
+    let mut m = RnnClassifierTrain::load(&dir, 0).unwrap();
+    let want: Vec<f32> = r["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(floats)
+        .collect();
+    close(
+        &format!("{name} logits"),
+        &m.logits(&batch).unwrap(),
+        &want,
+        1e-5,
+    );
+    let loss = m.forward_backward(&batch, 1).unwrap();
+    let want_loss = r["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want_loss).abs() < 1e-5,
+        "{name}: loss {loss} vs {want_loss}"
+    );
+    let grads = r["grads"].as_object().unwrap();
+    assert_eq!(grads.len(), m.params.list.len(), "{name}: parameters");
+    for p in &m.params.list {
+        let want = grads
+            .get(&p.name)
+            .unwrap_or_else(|| panic!("{name}: PyTorch has no parameter {}", p.name));
+        close(
+            &format!("{name} d{}", p.name),
+            p.grad.as_deref().unwrap(),
+            &floats(want),
+            1e-4,
+        );
+    }
+    // Inference: the same network over the inference executor, from the texts.
+    let c = slm::encode::rnn::RnnTextClassifier::load(&dir).unwrap();
+    let texts: Vec<&str> = r["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let probs: Vec<f32> = c.classify(&texts, 3).unwrap().concat();
+    let softmax: Vec<f32> = want
+        .chunks(3)
+        .flat_map(|row| {
+            let m = row.iter().fold(f32::MIN, |a, &b| a.max(b));
+            let e: Vec<f32> = row.iter().map(|x| (x - m).exp()).collect();
+            let s: f32 = e.iter().sum();
+            e.into_iter().map(move |x| x / s)
+        })
+        .collect();
+    close(&format!("{name} probabilities"), &probs, &softmax, 1e-5);
+}
+
+#[test]
+fn a_bidirectional_lstm_classifier_with_max_pooling_matches_pytorch() {
+    check_classifier("bilstm_max");
+}
+
+#[test]
+fn a_gru_classifier_with_mean_pooling_matches_pytorch() {
+    check_classifier("gru_mean");
+}

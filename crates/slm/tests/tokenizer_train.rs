@@ -31,6 +31,7 @@ fn trained(
         vocab_size: vocab,
         min_frequency: 2,
         special_tokens: kind.default_specials(),
+        preprocess: Default::default(),
     };
     let t = train(&[file], &o).unwrap();
     let out = dir.join("out");
@@ -123,6 +124,7 @@ fn bad_options_are_errors() {
         vocab_size: vocab,
         min_frequency: 2,
         special_tokens: specials.iter().map(|s| s.to_string()).collect(),
+        preprocess: Default::default(),
     };
     let e = train(std::slice::from_ref(&file), &o(Kind::Bpe, 1000, &["<s>"]))
         .err()
@@ -142,4 +144,87 @@ fn bad_options_are_errors() {
         .unwrap()
         .to_string();
     assert!(e.contains("missing.txt"), "{e}");
+}
+
+/// Word tokenizers with classic preprocessing on tiny shakespeare: the vocabulary is built from
+/// the cleaned text (no capitals, accents, stop words or attached punctuation) and the saved
+/// tokenizer.json applies the same cleaning to new text, `<eos>` at line ends included.
+#[test]
+fn preprocessing_is_trained_into_the_tokenizer_and_applied_after_reloading() {
+    use slm::tokenize::preprocess::{stopwords_file, stopwords_for, Preprocess, Punctuation};
+    let dir = common::tempdir("tok-train-preprocess");
+    let (file, _) = corpus(&dir);
+    let en = stopwords_for("en").unwrap();
+    assert!(en.len() > 150 && en.iter().any(|w| w == "the") && en.iter().any(|w| w == "not"));
+    let words = |tok: &Tokenizer, text: &str| -> Vec<String> {
+        let ids = tok.encode(text, false).unwrap();
+        ids.iter().map(|&i| tok.id_to_token(i).unwrap()).collect()
+    };
+    let cases = [
+        (
+            Preprocess {
+                lowercase: true,
+                strip_accents: true,
+                punctuation: Punctuation::Split,
+                stopwords: en.clone(),
+            },
+            "The KING is NOT hére, my lord!\n",
+            // "hére" loses its accent and is then the stop word "here".
+            vec!["king", ",", "lord", "!", "<eos>"],
+            &["The", "the", "speak,", "Speak", "not"][..],
+        ),
+        (
+            Preprocess {
+                lowercase: true,
+                punctuation: Punctuation::Remove,
+                ..Default::default()
+            },
+            "Speak, speak.\n",
+            vec!["speak", "speak", "<eos>"],
+            &["The", "speak,", "Speak", "speak."][..],
+        ),
+    ];
+    for (i, (p, text, want, absent)) in cases.into_iter().enumerate() {
+        let o = TrainOptions {
+            kind: Kind::Word,
+            vocab_size: 5000,
+            min_frequency: 1,
+            special_tokens: Kind::Word.default_specials(),
+            preprocess: p.clone(),
+        };
+        let t = train(std::slice::from_ref(&file), &o).unwrap();
+        let vocab = t.get_vocab(true);
+        for a in absent {
+            assert!(!vocab.contains_key(*a), "case {i}: '{a}' in the vocabulary");
+        }
+        let out = dir.join(format!("out{i}"));
+        save(&t, &o, &out).unwrap();
+        let tok = Tokenizer::from_hf_folder(&out).unwrap();
+        assert_eq!(words(&tok, text), want, "case {i}: {text:?}");
+    }
+    // A stop-word file; an unknown language, and preprocessing on a subword tokenizer, refused.
+    let f = dir.join("stop.txt");
+    std::fs::write(&f, "# mine\nthou\nthee\n\n").unwrap();
+    assert_eq!(stopwords_file(&f).unwrap(), ["thou", "thee"]);
+    std::fs::write(&f, "two words\n").unwrap();
+    assert!(stopwords_file(&f)
+        .unwrap_err()
+        .to_string()
+        .contains("one stop word per line"));
+    assert!(stopwords_for("xx")
+        .unwrap_err()
+        .to_string()
+        .contains("no stop-word list for 'xx'"));
+    let o = TrainOptions {
+        kind: Kind::ByteBpe,
+        vocab_size: 500,
+        min_frequency: 2,
+        special_tokens: Kind::ByteBpe.default_specials(),
+        preprocess: Preprocess {
+            lowercase: true,
+            ..Default::default()
+        },
+    };
+    let e = train(&[file], &o).unwrap_err().to_string();
+    assert!(e.contains("word and char tokenizers"), "{e}");
 }

@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use slm::data::Record;
 use slm::encode::Encoder;
 
 use super::encoder::InputArgs;
@@ -20,8 +21,45 @@ pub struct Args {
     pub adapter: Option<PathBuf>,
 }
 
+/// One line per text: the best label, its probability and the text (or all of it as JSON).
+fn print_sequence_labels(
+    json: bool,
+    labels: &[String],
+    records: &[Record],
+    probs: &[Vec<f32>],
+) -> Result<()> {
+    for (r, p) in records.iter().zip(probs) {
+        let best = (0..p.len())
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
+            .unwrap_or(0);
+        if json {
+            let all: serde_json::Map<String, serde_json::Value> = labels
+                .iter()
+                .cloned()
+                .zip(p.iter().map(|&x| x.into()))
+                .collect();
+            let line = serde_json::json!({"text": r.text, "label": labels[best], "score": p[best], "probabilities": all});
+            outln!("{line}");
+        } else {
+            outln!("{}\t{:.4}\t{}", labels[best], p[best], r.text);
+        }
+    }
+    Ok(())
+}
+
 pub fn run(mut args: Args) -> Result<()> {
     super::resolve_model(&mut args.model)?;
+    if slm::encode::rnn::is_rnn_classifier(&args.model) {
+        anyhow::ensure!(
+            args.adapter.is_none(),
+            "--adapter: an RNN classifier has no LoRA adapters"
+        );
+        let m = slm::encode::rnn::RnnTextClassifier::load(&args.model)?;
+        let records = args.input.records()?;
+        let texts: Vec<&str> = records.iter().map(|r| r.text.as_str()).collect();
+        let probs = m.classify(&texts, args.input.batch_size)?;
+        return print_sequence_labels(args.json, &m.cfg.labels, &records, &probs);
+    }
     let enc = Encoder::load_with(&args.model, args.adapter.as_deref())?;
     let records = args.input.records()?;
     let inputs = args.input.prepare(&enc, &records)?;
@@ -58,21 +96,5 @@ pub fn run(mut args: Args) -> Result<()> {
         return Ok(());
     }
     let probs = enc.classify(&inputs, args.input.batch_size)?;
-    for (r, p) in records.iter().zip(&probs) {
-        let best = (0..p.len())
-            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
-            .unwrap_or(0);
-        if args.json {
-            let all: serde_json::Map<String, serde_json::Value> = labels
-                .iter()
-                .cloned()
-                .zip(p.iter().map(|&x| x.into()))
-                .collect();
-            let line = serde_json::json!({"text": r.text, "label": labels[best], "score": p[best], "probabilities": all});
-            outln!("{line}");
-        } else {
-            outln!("{}\t{:.4}\t{}", labels[best], p[best], r.text);
-        }
-    }
-    Ok(())
+    print_sequence_labels(args.json, labels, &records, &probs)
 }

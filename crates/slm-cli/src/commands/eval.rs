@@ -245,6 +245,40 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
+/// The model's labels and each record's class probabilities: an encoder's head, or a
+/// recurrent classifier's.
+fn classify_records(
+    a: &ClassifyArgs,
+    records: &[slm::data::Record],
+) -> Result<(Vec<String>, Vec<Vec<f32>>)> {
+    if slm::encode::rnn::is_rnn_classifier(&a.model) {
+        anyhow::ensure!(
+            a.adapter.is_none(),
+            "--adapter: an RNN classifier has no LoRA adapters"
+        );
+        let m = slm::encode::rnn::RnnTextClassifier::load(&a.model)?;
+        let texts: Vec<&str> = records.iter().map(|r| r.text.as_str()).collect();
+        return Ok((m.cfg.labels.clone(), m.classify(&texts, a.batch_size)?));
+    }
+    let enc = slm::encode::Encoder::load_with(&a.model, a.adapter.as_deref())?;
+    if enc.model.task != slm::models::bert::Task::SequenceClassification {
+        bail!(
+            "{}: the model has no sequence-classification head; fine-tune one with `slm finetune --task classify`, or apply a SEQ_CLS adapter with --adapter",
+            a.model.display()
+        );
+    }
+    let texts: Vec<(&str, Option<&str>)> =
+        records.iter().map(|r| (r.text.as_str(), None)).collect();
+    let (inputs, cut) = enc.prepare(&texts, a.max_length.unwrap_or(enc.max_len), true)?;
+    if !cut.is_empty() {
+        eprintln!("warning: {} text(s) were truncated", cut.len());
+    }
+    Ok((
+        enc.model.labels.clone(),
+        enc.classify(&inputs, a.batch_size)?,
+    ))
+}
+
 fn run_classify(mut a: ClassifyArgs) -> Result<()> {
     if let Some(dir) = &a.report {
         for f in ["report.json", "confusion.svg"] {
@@ -253,20 +287,13 @@ fn run_classify(mut a: ClassifyArgs) -> Result<()> {
         super::clean_stale(dir);
     }
     super::resolve_model(&mut a.model)?;
-    let enc = slm::encode::Encoder::load_with(&a.model, a.adapter.as_deref())?;
-    if enc.model.task != slm::models::bert::Task::SequenceClassification {
-        bail!(
-            "{}: the model has no sequence-classification head; fine-tune one with `slm finetune --task classify`, or apply a SEQ_CLS adapter with --adapter",
-            a.model.display()
-        );
-    }
     let cols = slm::data::Columns {
         text: a.column.clone(),
         pair: None,
         label: a.label_column.clone(),
     };
     let records = slm::data::read_records(&a.data, &cols, a.skip_empty)?;
-    let labels = enc.model.labels.clone();
+    let (labels, probs) = classify_records(&a, &records)?;
     let truth = records
         .iter()
         .map(|r| {
@@ -288,13 +315,6 @@ fn run_classify(mut a: ClassifyArgs) -> Result<()> {
                 })
         })
         .collect::<Result<Vec<usize>>>()?;
-    let texts: Vec<(&str, Option<&str>)> =
-        records.iter().map(|r| (r.text.as_str(), None)).collect();
-    let (inputs, cut) = enc.prepare(&texts, a.max_length.unwrap_or(enc.max_len), true)?;
-    if !cut.is_empty() {
-        eprintln!("warning: {} text(s) were truncated", cut.len());
-    }
-    let probs = enc.classify(&inputs, a.batch_size)?;
     let pred: Vec<usize> = probs
         .iter()
         .map(|p| {

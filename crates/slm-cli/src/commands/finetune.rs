@@ -36,9 +36,10 @@ pub enum Sched {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// The model to start from: a folder, or a hub id ORG/NAME.
-    #[arg(long, short = 'm')]
-    pub(crate) model: PathBuf,
+    /// The model to start from: a folder, or a hub id ORG/NAME. With --arch: a recurrent
+    /// language model whose tokenizer and embedding the classifier starts from (optional).
+    #[arg(long, short = 'm', required_unless_present = "arch")]
+    pub(crate) model: Option<PathBuf>,
     /// What to train: a classifier head, a tagger, next-token prediction or masked-token prediction.
     #[arg(long, value_enum, default_value = "classify")]
     pub(crate) task: Task,
@@ -69,7 +70,7 @@ pub struct Args {
     /// Batches whose gradients are summed before each optimizer step.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = crate::parse::positive)]
     pub(crate) grad_accum: usize,
-    /// Peak learning rate (default: 5e-5 for full fine-tuning, 2e-4 for LoRA).
+    /// Peak learning rate (default: 5e-5 for full fine-tuning, 2e-4 for LoRA, 1e-3 with --arch).
     #[arg(long)]
     pub(crate) lr: Option<f32>,
     /// Steps of linear warmup from 0 to --lr.
@@ -144,6 +145,93 @@ pub struct Args {
     /// Classification: drop rows whose text is empty instead of stopping with an error.
     #[arg(long)]
     pub(crate) skip_empty: bool,
+    #[command(flatten)]
+    pub(crate) rnn: RnnArgs,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RnnArch {
+    /// A bidirectional LSTM.
+    Bilstm,
+    /// A bidirectional GRU.
+    Bigru,
+    Lstm,
+    Gru,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolArg {
+    Mean,
+    Max,
+}
+
+/// A recurrent text classifier built by `--task classify --arch ...`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct RnnArgs {
+    /// Build a recurrent classifier instead of fine-tuning an encoder: from random init, or
+    /// from the embedding of the recurrent language model -m names. Its --dropout (default
+    /// 0.3) is on the embeddings, between layers and before the head.
+    #[arg(long, value_enum)]
+    arch: Option<RnnArch>,
+    /// --arch: embedding size.
+    #[arg(long, default_value_t = 128, value_parser = crate::parse::positive)]
+    emsize: usize,
+    /// --arch: hidden units per direction.
+    #[arg(long, default_value_t = 128, value_parser = crate::parse::positive)]
+    nhid: usize,
+    /// --arch: recurrent layers.
+    #[arg(long, default_value_t = 1, value_parser = crate::parse::positive)]
+    nlayers: usize,
+    /// --arch: how a text's positions become one vector for the head.
+    #[arg(long, value_enum, default_value = "max")]
+    pooling: PoolArg,
+    /// --arch: a word tokenizer folder to use (default: one trained on the training texts).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// --arch: the trained tokenizer's largest vocabulary.
+    #[arg(long, default_value_t = 30_000, value_parser = crate::parse::positive)]
+    vocab_size: usize,
+    /// --arch: words seen fewer times in the training texts are <unk>.
+    #[arg(long, default_value_t = 2)]
+    min_frequency: u64,
+    #[command(flatten)]
+    preprocess: super::tokenizer::PreprocessArgs,
+}
+
+impl RnnArgs {
+    fn spec(&self, dropout: Option<f32>) -> Result<Option<slm::train::rnn_classify::RnnSpec>> {
+        use slm::nn::recurrent::Cell;
+        let Some(arch) = self.arch else {
+            return Ok(None);
+        };
+        let (cell, bidirectional) = match arch {
+            RnnArch::Bilstm => (Cell::Lstm, true),
+            RnnArch::Bigru => (Cell::Gru, true),
+            RnnArch::Lstm => (Cell::Lstm, false),
+            RnnArch::Gru => (Cell::Gru, false),
+        };
+        let preprocess = self.preprocess.preprocess()?;
+        anyhow::ensure!(
+            preprocess.is_empty() || self.tokenizer.is_none(),
+            "--tokenizer brings its own preprocessing; the lowercase, accent, punctuation and stop-word options apply to the tokenizer slm trains"
+        );
+        Ok(Some(slm::train::rnn_classify::RnnSpec {
+            cell,
+            bidirectional,
+            emsize: self.emsize,
+            nhid: self.nhid,
+            nlayers: self.nlayers,
+            pooling: match self.pooling {
+                PoolArg::Mean => slm::nn::exec::Pool::Mean,
+                PoolArg::Max => slm::nn::exec::Pool::Max,
+            },
+            dropout: dropout.unwrap_or(0.3),
+            tokenizer: self.tokenizer.clone(),
+            vocab_size: self.vocab_size,
+            min_frequency: self.min_frequency,
+            preprocess,
+        }))
+    }
 }
 
 pub(crate) struct Bar {
@@ -205,7 +293,14 @@ fn train_config(a: &Args) -> TrainConfig {
         optim: OptimConfig {
             optimizer: slm::train::optim::Optimizer::AdamW,
             plateau_factor: None,
-            lr: a.lr.unwrap_or(if lora { 2e-4 } else { 5e-5 }),
+            // A network from random init (--arch) learns at Adam's usual rate.
+            lr: a.lr.unwrap_or(if a.rnn.arch.is_some() {
+                1e-3
+            } else if lora {
+                2e-4
+            } else {
+                5e-5
+            }),
             weight_decay: a.weight_decay,
             beta1: a.beta1,
             beta2: a.beta2,
@@ -301,15 +396,20 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// The run an `Args` describes, for the library.
-fn job(a: &Args) -> Job {
-    Job {
+fn job(a: &Args) -> Result<Job> {
+    let rnn = a.rnn.spec(a.dropout)?;
+    anyhow::ensure!(
+        rnn.is_none() || a.task == Task::Classify,
+        "--arch builds a text classifier: use it with --task classify"
+    );
+    Ok(Job {
         task: match a.task {
             Task::Classify => job::Task::Classify,
             Task::CausalLm => job::Task::CausalLm,
             Task::MaskedLm => job::Task::MaskedLm,
             Task::TokenClassify => job::Task::TokenClassify,
         },
-        model: a.model.clone(),
+        model: a.model.clone().unwrap_or_default(),
         output: a.output.clone(),
         train: a.train.clone(),
         valid: a.valid.clone(),
@@ -327,17 +427,25 @@ fn job(a: &Args) -> Job {
             dropout: a.lora_dropout,
             targets: a.target_modules.clone(),
         }),
-        dropout: dropout(a),
+        // An RNN classifier's --dropout is its config's rate.
+        dropout: if rnn.is_some() && !a.no_dropout {
+            Dropout::Config
+        } else {
+            dropout(a)
+        },
+        rnn,
         config: train_config(a),
         resume: a.resume,
         force: a.force,
-    }
+    })
 }
 
 /// Runs the training an `Args` describes; `slm tune` calls it once per trial.
 pub(crate) fn train(mut a: Args) -> Result<(trainer::Summary, PathBuf)> {
-    super::resolve_model(&mut a.model)?;
-    let job = job(&a);
+    if let Some(m) = a.model.as_mut() {
+        super::resolve_model(m)?;
+    }
+    let job = job(&a)?;
     let bar = progress(0);
     let summary =
         job::run(&job, &bar).with_context(|| format!("training into {}", job.output.display()));

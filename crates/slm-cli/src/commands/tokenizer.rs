@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use slm::tokenize::preprocess::{self, Preprocess, Punctuation};
 use slm::tokenize::train::{self, Kind, TrainOptions};
 
 #[derive(clap::Subcommand, Debug)]
@@ -43,12 +44,62 @@ pub struct TrainArgs {
     /// A special token (repeatable, in id order; default: the type's usual ones).
     #[arg(long = "special")]
     special: Vec<String>,
+    #[command(flatten)]
+    preprocess: PreprocessArgs,
     /// The output folder (tokenizer.json, tokenizer_config.json).
     #[arg(long, short = 'o')]
     output: PathBuf,
     /// Replace an existing tokenizer in the output folder.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum PunctArg {
+    Keep,
+    Split,
+    Remove,
+}
+
+/// Classic preprocessing for word and char tokenizers, built into tokenizer.json (so every
+/// command that reads the model applies it).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PreprocessArgs {
+    /// Lowercase the text.
+    #[arg(long)]
+    lowercase: bool,
+    /// Strip accents (é → e).
+    #[arg(long)]
+    strip_accents: bool,
+    /// Punctuation: left in words, split into words of its own, or removed.
+    #[arg(long, value_enum, default_value = "keep")]
+    punctuation: PunctArg,
+    /// Remove the stop words of a language (ISO 639-1: en, de, fr, ...; NLTK's lists).
+    #[arg(long, value_name = "LANG")]
+    remove_stopwords: Option<String>,
+    /// Remove the stop words in this file (one per line).
+    #[arg(long, value_name = "FILE", conflicts_with = "remove_stopwords")]
+    stopwords: Option<PathBuf>,
+}
+
+impl PreprocessArgs {
+    pub fn preprocess(&self) -> Result<Preprocess> {
+        let stopwords = match (&self.remove_stopwords, &self.stopwords) {
+            (Some(lang), _) => preprocess::stopwords_for(lang)?,
+            (None, Some(f)) => preprocess::stopwords_file(f)?,
+            (None, None) => Vec::new(),
+        };
+        Ok(Preprocess {
+            lowercase: self.lowercase,
+            strip_accents: self.strip_accents,
+            punctuation: match self.punctuation {
+                PunctArg::Keep => Punctuation::Keep,
+                PunctArg::Split => Punctuation::Split,
+                PunctArg::Remove => Punctuation::Remove,
+            },
+            stopwords,
+        })
+    }
 }
 
 pub fn run(c: Command) -> Result<()> {
@@ -71,6 +122,7 @@ pub fn run(c: Command) -> Result<()> {
         } else {
             a.special
         },
+        preprocess: a.preprocess.preprocess()?,
     };
     let t = std::time::Instant::now();
     let tok = train::train(&a.files, &opts)?;

@@ -3,6 +3,7 @@
 //! predictions.
 
 pub mod pooling;
+pub mod rnn;
 
 use std::path::Path;
 

@@ -304,6 +304,12 @@ impl ModelConfig {
             .get("architectures")
             .and_then(|a| a.get(0))
             .and_then(|v| v.as_str());
+        if model_type == Some(rnn::CLASSIFIER_TYPE) {
+            return Err(Error::file(
+                path,
+                "an RNN text classifier: run it with `slm classify` or `slm eval classify`",
+            ));
+        }
         let found = model_type.or(first_arch).unwrap_or("<none>");
         let arch = model_type
             .and_then(Architecture::from_name)

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::io::WeightStore;
-use crate::nn::exec::{CausalFamily, Exec, Loader, Rows, Weights};
+use crate::nn::exec::{CausalFamily, Exec, Loader, Pool, Rows, Weights};
 use crate::nn::recurrent::{Cell, RecurrentSpec};
 
 /// `model_type` of the config.json slm writes.
@@ -303,5 +303,207 @@ impl<W: Weights> CausalFamily<W> for RnnLm<W> {
 
     fn recurrent(&self) -> bool {
         true
+    }
+}
+
+/// `model_type` of an RNN text classifier's config.json.
+pub const CLASSIFIER_TYPE: &str = "rnn_classifier";
+
+/// A recurrent text classifier: embedding → dropout → stacked (bi)LSTM or GRU with dropout
+/// between layers → mean or max over the positions → dropout → linear head. The weights keep
+/// PyTorch's names (`encoder.weight` as in `RNNModel`, so a language model's embedding can seed
+/// it; `nn.LSTM`'s `rnn.weight_ih_l{k}[_reverse]`; `classifier.weight`/`bias`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassifierConfig {
+    pub rnn_type: Cell,
+    pub ntoken: usize,
+    pub ninp: usize,
+    pub nhid: usize,
+    pub nlayers: usize,
+    pub bidirectional: bool,
+    pub pooling: Pool,
+    #[serde(default)]
+    pub dropout: f32,
+    /// Class names by id.
+    pub labels: Vec<String>,
+}
+
+impl ClassifierConfig {
+    /// A config.json's classifier, when its `model_type` is [`CLASSIFIER_TYPE`].
+    pub fn from_json(json: &serde_json::Value) -> Option<serde_json::Result<Self>> {
+        (json.get("model_type").and_then(|v| v.as_str()) == Some(CLASSIFIER_TYPE))
+            .then(|| serde_json::from_value(json.clone()))
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("a config serialises");
+        v["model_type"] = CLASSIFIER_TYPE.into();
+        v
+    }
+
+    fn dirs(&self) -> usize {
+        if self.bidirectional {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The features the head reads.
+    pub fn pooled_size(&self) -> usize {
+        self.dirs() * self.nhid
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{}{} ntoken={} ninp={} nhid={} nlayers={} {} pooling, {} labels",
+            if self.bidirectional { "bi" } else { "" },
+            self.rnn_type.name(),
+            self.ntoken,
+            self.ninp,
+            self.nhid,
+            self.nlayers,
+            match self.pooling {
+                Pool::Mean => "mean",
+                Pool::Max => "max",
+            },
+            self.labels.len()
+        )
+    }
+
+    /// `nn.LSTM`'s name of layer `k`'s tensor `kind` (`weight_ih`, `bias_hh`, ...).
+    fn name(k: usize, kind: &str, reverse: bool) -> String {
+        format!("rnn.{kind}_l{k}{}", if reverse { "_reverse" } else { "" })
+    }
+
+    /// A new classifier's tensors as PyTorch initialises its modules: the embedding N(0, 1),
+    /// every recurrent weight and bias U(±1/√nhid), the head U(±1/√fan_in) (`nn.Linear`'s
+    /// Kaiming-uniform with a = √5).
+    pub fn init_tensors(&self, seed: u64) -> Tensors {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut uniform =
+            |n: usize, k: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-k..k)).collect() };
+        let (v, e, h) = (self.ntoken, self.ninp, self.nhid);
+        let g = self.rnn_type.gates() * h;
+        let k = 1.0 / (h as f32).sqrt();
+        let mut normal_rng = crate::train::params::seeded(seed ^ 0x656d_6265);
+        let mut out = vec![(
+            "encoder.weight".to_string(),
+            vec![v, e],
+            crate::train::params::normal(v * e, 1.0, &mut normal_rng),
+        )];
+        for l in 0..self.nlayers {
+            let din = if l == 0 { e } else { self.pooled_size() };
+            for reverse in [false, true].into_iter().take(self.dirs()) {
+                out.push((
+                    Self::name(l, "weight_ih", reverse),
+                    vec![g, din],
+                    uniform(g * din, k),
+                ));
+                out.push((
+                    Self::name(l, "weight_hh", reverse),
+                    vec![g, h],
+                    uniform(g * h, k),
+                ));
+                out.push((Self::name(l, "bias_ih", reverse), vec![g], uniform(g, k)));
+                out.push((Self::name(l, "bias_hh", reverse), vec![g], uniform(g, k)));
+            }
+        }
+        let (f, c) = (self.pooled_size(), self.labels.len());
+        let kf = 1.0 / (f as f32).sqrt();
+        out.push(("classifier.weight".into(), vec![c, f], uniform(c * f, kf)));
+        out.push(("classifier.bias".into(), vec![c], uniform(c, kf)));
+        out
+    }
+}
+
+/// The classifier config of a folder whose config.json says `rnn_classifier`.
+pub fn classifier_config(files: &crate::io::ModelFiles) -> Result<Option<ClassifierConfig>> {
+    let Some(p) = &files.config else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(p, e))?;
+    ClassifierConfig::from_json(&json)
+        .transpose()
+        .map_err(|e| Error::file(p, e))
+}
+
+/// One direction of a layer.
+struct Direction<W: Weights> {
+    ih: W::Linear,
+    hh: W::Linear,
+    spec: RecurrentSpec,
+}
+
+pub struct RnnClassifier<W: Weights> {
+    encoder: W::Embedding,
+    /// Per layer, the forward direction and the backward one when bidirectional.
+    layers: Vec<Vec<Direction<W>>>,
+    classifier: W::Linear,
+    pub cfg: ClassifierConfig,
+}
+
+impl<W: Weights> RnnClassifier<W> {
+    pub fn new(cfg: &ClassifierConfig, l: &mut impl Loader<W = W>) -> Result<Self> {
+        let g = cfg.rnn_type.gates() * cfg.nhid;
+        let encoder = l.embedding("encoder", cfg.ntoken, cfg.ninp)?;
+        let mut layers = Vec::with_capacity(cfg.nlayers);
+        for k in 0..cfg.nlayers {
+            let din = if k == 0 { cfg.ninp } else { cfg.pooled_size() };
+            let mut dirs = Vec::new();
+            for reverse in [false, true].into_iter().take(cfg.dirs()) {
+                let n = |kind: &str| ClassifierConfig::name(k, kind, reverse);
+                dirs.push(Direction {
+                    ih: l.linear_named(&n("weight_ih"), Some(&n("bias_ih")), din, g)?,
+                    hh: l.linear_named(&n("weight_hh"), Some(&n("bias_hh")), cfg.nhid, g)?,
+                    spec: RecurrentSpec {
+                        cell: cfg.rnn_type,
+                        hidden: cfg.nhid,
+                        reverse,
+                    },
+                });
+            }
+            layers.push(dirs);
+        }
+        let classifier = l.head("classifier", cfg.pooled_size(), cfg.labels.len(), true)?;
+        Ok(Self {
+            encoder,
+            layers,
+            classifier,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Logits, one row per sequence of the executor's batch.
+    pub fn forward<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32]) -> Result<E::X> {
+        let p = self.cfg.dropout;
+        let x = e.embed(&self.encoder, ids)?;
+        let mut x = e.dropout(x, p)?;
+        for (k, dirs) in self.layers.iter().enumerate() {
+            if k > 0 {
+                x = e.dropout(x, p)?;
+            }
+            let mut outs = Vec::with_capacity(2);
+            for (d, dir) in dirs.iter().enumerate() {
+                let gx = e.linear(&dir.ih, &x, None)?;
+                outs.push(e.recurrent(&dir.spec, &dir.hh, 2 * k + d, gx)?);
+            }
+            let mut outs = outs.into_iter();
+            let first = outs.next().expect("a layer has a direction");
+            x = match outs.next() {
+                Some(back) => e.concat(first, back)?,
+                None => first,
+            };
+        }
+        let pooled = e.pool(x, self.cfg.pooling)?;
+        let pooled = e.dropout(pooled, p)?;
+        e.linear(&self.classifier, &pooled, None)
+    }
+
+    /// Cache slots the recurrent layers use (two per bidirectional layer).
+    pub fn n_slots(&self) -> usize {
+        2 * self.layers.len()
     }
 }

@@ -82,6 +82,14 @@ pub enum Rows<'a> {
     Pick(&'a [usize]),
 }
 
+/// How a sequence's positions become one row (a classifier's input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    Mean,
+    Max,
+}
+
 /// What a family's forward pass can do. The executor knows the batch (its sequences, lengths
 /// and positions); the family only wires layers.
 pub trait Exec {
@@ -151,6 +159,11 @@ pub trait Exec {
         gx: Self::X,
     ) -> Result<Self::X>;
     fn rows(&mut self, x: &Self::X, which: Rows) -> Result<Self::X>;
+    /// `[a | b]`, row by row (the two directions of a bidirectional layer).
+    fn concat(&mut self, a: Self::X, b: Self::X) -> Result<Self::X>;
+    /// One row per sequence: the mean or the element-wise maximum of its positions, padding
+    /// left out.
+    fn pool(&mut self, x: Self::X, how: Pool) -> Result<Self::X>;
     /// Dropout with probability `p` while training; the identity otherwise.
     fn dropout(&mut self, x: Self::X, p: f32) -> Result<Self::X>;
 }

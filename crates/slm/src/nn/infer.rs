@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Rows, Weights};
+use super::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Pool, Rows, Weights};
 use super::recurrent::{self, Hidden, Layout, RecurrentSpec, State};
 use super::{kernels, Activation, Embedding, LayerNorm, Linear, Norm, RmsNorm, Vb};
 use crate::error::{Error, Result};
@@ -253,6 +253,26 @@ impl Act {
 }
 
 impl Infer<'_> {
+    /// Where each sequence's rows are: padded rows of `t` in an encoder batch, one after
+    /// another in a decoder batch.
+    fn spans(&self) -> (Vec<usize>, Vec<usize>) {
+        if self.seqs.is_empty() {
+            (
+                (0..self.b()).map(|s| s * self.t).collect(),
+                self.lengths.clone(),
+            )
+        } else {
+            let mut start = 0;
+            self.seqs
+                .iter()
+                .map(|s| {
+                    start += s.t;
+                    (start - s.t, s.t)
+                })
+                .unzip()
+        }
+    }
+
     /// Encoder self-attention: every query sees its sequence's non-padding keys. The kernel
     /// reads Q|K|V side by side from one `[b, t, (nh + 2·nkv)·hd]` buffer.
     fn bidirectional(&self, a: &AttnSpec, q: Act, k: Act, v: Act) -> Result<Act> {
@@ -430,21 +450,7 @@ impl Exec for Infer<'_> {
         };
         let gx = gx.tensor()?;
         let hd = r.hidden;
-        let (starts, lengths): (Vec<usize>, Vec<usize>) = if self.seqs.is_empty() {
-            (
-                (0..self.b()).map(|s| s * self.t).collect(),
-                self.lengths.clone(),
-            )
-        } else {
-            let mut start = 0;
-            self.seqs
-                .iter()
-                .map(|s| {
-                    start += s.t;
-                    (start - s.t, s.t)
-                })
-                .unzip()
-        };
+        let (starts, lengths) = self.spans();
         let b = lengths.len();
         let mut state = State::zeros(r.cell, b, hd);
         for (s, seq) in self.seqs.iter().enumerate() {
@@ -486,6 +492,40 @@ impl Exec for Infer<'_> {
         }
         let mut dims = gx.dims().to_vec();
         *dims.last_mut().unwrap() = hd;
+        Ok(Act::Full(kernels::tensor(y, dims)?))
+    }
+
+    fn concat(&mut self, a: Act, b: Act) -> Result<Act> {
+        Ok(Act::Full(Tensor::cat(&[a.tensor()?, b.tensor()?], 2)?))
+    }
+
+    fn pool(&mut self, x: Act, how: Pool) -> Result<Act> {
+        let x = x.tensor()?;
+        let w = x.dim(2)?;
+        let (starts, lengths) = self.spans();
+        let y = kernels::with_f32(&x, |v| {
+            let mut out = vec![0f32; starts.len() * w];
+            for ((o, &s0), &n) in out.chunks_mut(w).zip(&starts).zip(&lengths) {
+                let n = n.max(1);
+                let rows = v[s0 * w..(s0 + n) * w].chunks(w);
+                match how {
+                    Pool::Mean => {
+                        rows.for_each(|r| o.iter_mut().zip(r).for_each(|(a, b)| *a += b));
+                        o.iter_mut().for_each(|a| *a /= n as f32);
+                    }
+                    Pool::Max => {
+                        o.fill(f32::NEG_INFINITY);
+                        rows.for_each(|r| o.iter_mut().zip(r).for_each(|(a, &b)| *a = a.max(b)));
+                    }
+                }
+            }
+            out
+        })?;
+        let dims = if self.seqs.is_empty() {
+            vec![starts.len(), 1, w]
+        } else {
+            vec![1, starts.len(), w]
+        };
         Ok(Act::Full(kernels::tensor(y, dims)?))
     }
 

@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod gguf_vocab;
+pub mod preprocess;
 pub mod spm;
 pub mod to_gguf;
 pub mod train;

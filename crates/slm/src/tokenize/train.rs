@@ -17,9 +17,11 @@ use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::utils::Sequence;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
 use tokenizers::processors::template::TemplateProcessing;
@@ -28,6 +30,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 use std::io::Write;
 use std::str::FromStr;
 
+use super::preprocess::{Preprocess, Punctuation};
 use crate::error::{Error, Result};
 use crate::io::write::write_atomic;
 
@@ -90,6 +93,9 @@ pub struct TrainOptions {
     pub min_frequency: u64,
     /// Added first, in order, with the first ids.
     pub special_tokens: Vec<String>,
+    /// Lowercasing, accents, punctuation and stop words, built into the tokenizer (word and
+    /// character tokenizers only).
+    pub preprocess: Preprocess,
 }
 
 fn tok_err(what: &str) -> impl Fn(tokenizers::Error) -> Error + '_ {
@@ -119,6 +125,11 @@ pub fn train(files: &[PathBuf], o: &TrainOptions) -> Result<Tokenizer> {
         return Err(Error::msg(format!(
             "the special tokens must include {unk}, which this tokenizer type writes for unseen text"
         )));
+    }
+    if !o.preprocess.is_empty() && !matches!(o.kind, Kind::Word | Kind::Char) {
+        return Err(Error::msg(
+            "lowercasing, accents, punctuation and stop words are for word and char tokenizers; a subword tokenizer keeps its own normalisation",
+        ));
     }
     let specials: Vec<AddedToken> = o
         .special_tokens
@@ -198,7 +209,24 @@ pub fn train(files: &[PathBuf], o: &TrainOptions) -> Result<Tokenizer> {
                 .build()
                 .map_err(|e| Error::msg(format!("WordLevel trainer: {e}")))?;
             let mut tok = Tokenizer::new(model);
-            if o.kind == Kind::Word {
+            let pre = o.preprocess.normalizers()?;
+            if !pre.is_empty() {
+                tok.with_normalizer(Some(Sequence::new(pre)))
+                    .map_err(tok_err("normalizer"))?;
+            }
+            if o.kind == Kind::Word && o.preprocess.punctuation == Punctuation::Split {
+                // Each punctuation mark its own word; the `<eos>` that line ends become stays whole.
+                let punct = Split::new(
+                    SplitPattern::Regex(r"<eos>|\p{P}".into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(tok_err("split"))?;
+                tok.with_pre_tokenizer(Some(PreSequence::new(vec![
+                    WhitespaceSplit.into(),
+                    punct.into(),
+                ])));
+            } else if o.kind == Kind::Word {
                 tok.with_pre_tokenizer(Some(WhitespaceSplit));
             } else {
                 // Every character (newlines too) is its own piece, and decoding joins them.
@@ -223,7 +251,9 @@ pub fn train(files: &[PathBuf], o: &TrainOptions) -> Result<Tokenizer> {
     if o.kind == Kind::Word {
         // Set after training, so `<eos>` is not counted as a word: each line end becomes one.
         let eos = Replace::new("\n", " <eos> ").map_err(tok_err("normalizer"))?;
-        tok.with_normalizer(Some(eos))
+        let mut all = o.preprocess.normalizers()?;
+        all.push(eos.into());
+        tok.with_normalizer(Some(Sequence::new(all)))
             .map_err(tok_err("normalizer"))?;
     }
     let id = |s: &str| {

@@ -143,6 +143,33 @@ pub fn make_batch(examples: &[&Example], pad: u32) -> Batch {
     b
 }
 
+/// Mean cross-entropy and accuracy over `batches`; `run` gives a batch's logits, its targets
+/// (`None`: not scored) and the number of classes.
+pub fn evaluate_classes<B>(
+    batches: &[B],
+    done: &dyn Fn(usize),
+    run: impl Fn(&B) -> TrainResult<(Vec<f32>, Vec<Option<u32>>, usize)>,
+) -> TrainResult<Evaluation> {
+    let (mut loss, mut correct, mut n) = (0.0, 0usize, 0usize);
+    for (i, b) in batches.iter().enumerate() {
+        let (logits, targets, c) = run(b)?;
+        loss += ops::cross_entropy(&logits, &targets, c, 1.0).0;
+        for (row, t) in logits.chunks(c).zip(&targets) {
+            let Some(t) = t else { continue };
+            let pred = (0..c)
+                .max_by(|&x, &y| row[x].total_cmp(&row[y]))
+                .unwrap_or(0);
+            correct += usize::from(pred == *t as usize);
+            n += 1;
+        }
+        done(i + 1);
+    }
+    Ok(Evaluation {
+        loss: loss / n.max(1) as f64,
+        metric: Some(("accuracy".into(), correct as f64 / n.max(1) as f64)),
+    })
+}
+
 /// The model side of a classification run: the network and where its tokenizer files are.
 pub struct ClassifierRun {
     pub model: BertTrain,
@@ -166,24 +193,9 @@ impl Model for ClassifierRun {
 
     fn evaluate(&self, batches: &[Batch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {
         // Per sequence, or per labelled token for token classification.
-        let (mut loss, mut correct, mut n) = (0.0, 0usize, 0usize);
-        for (i, b) in batches.iter().enumerate() {
-            let logits = self.model.logits(b)?;
+        evaluate_classes(batches, done, |b| {
             let (targets, c) = self.model.targets(b);
-            loss += ops::cross_entropy(&logits, &targets, c, 1.0).0;
-            for (row, t) in logits.chunks(c).zip(&targets) {
-                let Some(t) = t else { continue };
-                let pred = (0..c)
-                    .max_by(|&x, &y| row[x].total_cmp(&row[y]))
-                    .unwrap_or(0);
-                correct += usize::from(pred == *t as usize);
-                n += 1;
-            }
-            done(i + 1);
-        }
-        Ok(Evaluation {
-            loss: loss / n.max(1) as f64,
-            metric: Some(("accuracy".into(), correct as f64 / n.max(1) as f64)),
+            Ok((self.model.logits(b)?, targets, c))
         })
     }
 

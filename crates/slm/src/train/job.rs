@@ -75,12 +75,30 @@ pub struct Job {
     /// Tokens per example (default: 256 for causal LM, 128 for encoders, or fewer positions).
     pub max_length: Option<usize>,
     pub lora: Option<Lora>,
+    /// Classification: build a recurrent classifier (from scratch, or from the recurrent
+    /// language model `model` names) instead of fine-tuning an encoder.
+    pub rnn: Option<super::rnn_classify::RnnSpec>,
     pub dropout: Dropout,
     pub config: TrainConfig,
     /// Continue the run in `output` from its last checkpoint.
     pub resume: bool,
     /// Replace a run or model already in `output`.
     pub force: bool,
+}
+
+impl Job {
+    /// Where a classification run's rows come from and how they are cut.
+    pub(crate) fn data_options(&self, max_len: usize) -> DataOptions<'_> {
+        DataOptions {
+            train: &self.train,
+            valid: self.valid.as_deref(),
+            valid_split: self.valid_split,
+            seed: self.config.seed,
+            max_len,
+            columns: self.columns.clone(),
+            skip_empty: self.skip_empty,
+        }
+    }
 }
 
 /// Runs `job` to the end, reporting through `hooks`.
@@ -93,10 +111,19 @@ pub fn run(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
             )));
         }
     }
+    if job.rnn.is_some() && job.task != Task::Classify {
+        return Err(Error::Unsupported(format!(
+            "--arch builds a recurrent classifier (--task classify), not --task {}",
+            job.task.name()
+        )));
+    }
     prepare_output(Some(&job.model), &job.output, job.resume, job.force, hooks)?;
     match job.task {
         Task::CausalLm => run_causal(job, hooks),
-        Task::Classify => run_classify(job, hooks),
+        Task::Classify => match &job.rnn {
+            Some(spec) => super::rnn_classify::run(job, spec, hooks),
+            None => run_classify(job, hooks),
+        },
         Task::MaskedLm => run_masked(job, hooks),
         Task::TokenClassify => run_token(job, hooks),
     }
@@ -355,18 +382,7 @@ fn fit_labelled<E>(
 
 fn run_classify(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
     let (files, tok, max_length, method) = encoder_setup(job)?;
-    let data = load_data(
-        &tok,
-        &DataOptions {
-            train: &job.train,
-            valid: job.valid.as_deref(),
-            valid_split: job.valid_split,
-            seed: job.config.seed,
-            max_len: max_length,
-            columns: job.columns.clone(),
-            skip_empty: job.skip_empty,
-        },
-    )?;
+    let data = load_data(&tok, &job.data_options(max_length))?;
     let mut model = BertTrain::load(&job.model, data.labels.clone(), &method)?;
     configure(&mut model, job);
     let set = Labelled {

@@ -21,6 +21,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod pretrain;
+pub mod rnn_classify;
 pub mod stream;
 pub mod tape;
 pub mod token;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::ops::{self, AttnShape, NormCache};
 use super::params::{dropout_mask, Dx, Lin, LinCache, Params};
 use crate::error::{Error, Result};
-use crate::nn::exec::{AttnSpec, Exec, NormKind, Parts, Rows, Weights};
+use crate::nn::exec::{AttnSpec, Exec, NormKind, Parts, Pool, Rows, Weights};
 use crate::nn::recurrent::{self, Hidden, Layout, RecurrentSpec, Saved, State};
 use crate::nn::{Activation, Rope};
 
@@ -111,6 +111,21 @@ enum Op {
     Dropout {
         x: usize,
         mask: Vec<f32>,
+    },
+    /// `[a | b]`; `a` is `wa` wide.
+    Concat {
+        a: usize,
+        b: usize,
+        wa: usize,
+    },
+    Pool {
+        x: usize,
+        how: Pool,
+        /// Mean: each sequence's length; max: the row each output value came from.
+        lengths: Vec<usize>,
+        argmax: Vec<u32>,
+        /// Rows of `x`.
+        total: usize,
     },
     Scale {
         x: usize,
@@ -451,6 +466,49 @@ impl Record {
                         dy.iter().zip(&mask).map(|(d, m)| d * m).collect(),
                     );
                 }
+                Op::Concat { a, b, wa } => {
+                    let w = node.width;
+                    let (da, db): (Vec<f32>, Vec<f32>) = if nodes[a].needs || nodes[b].needs {
+                        let da = dy.chunks(w).flat_map(|r| &r[..wa]).copied().collect();
+                        let db = dy.chunks(w).flat_map(|r| &r[wa..]).copied().collect();
+                        (da, db)
+                    } else {
+                        (Vec::new(), Vec::new())
+                    };
+                    acc(before, a, da);
+                    acc(before, b, db);
+                }
+                Op::Pool {
+                    x,
+                    how,
+                    lengths,
+                    argmax,
+                    total,
+                } => {
+                    if nodes[x].needs {
+                        let w = node.width;
+                        let t = total / lengths.len().max(1);
+                        let g = before[x].get_or_insert_with(|| vec![0f32; total * w]);
+                        for (s, row) in dy.chunks(w).enumerate() {
+                            match how {
+                                Pool::Mean => {
+                                    let n = lengths[s].max(1);
+                                    for r in s * t..s * t + n {
+                                        g[r * w..][..w]
+                                            .iter_mut()
+                                            .zip(row)
+                                            .for_each(|(a, d)| *a += d / n as f32);
+                                    }
+                                }
+                                Pool::Max => {
+                                    for (j, d) in row.iter().enumerate() {
+                                        g[argmax[s * w + j] as usize * w + j] += d;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
                 Op::Scale { x, s } => acc(before, x, dy.iter().map(|d| d * s).collect()),
                 Op::Softcap { x, cap } => {
                     let g = dy
@@ -728,6 +786,63 @@ impl Exec for Tape<'_> {
             .collect();
         let (needs, total) = (self.nodes[x].needs, self.n_rows(x));
         Ok(self.push(Op::Rows { x, rows, total }, v, w, needs))
+    }
+
+    fn concat(&mut self, a: usize, b: usize) -> Result<usize> {
+        let (wa, wb) = (self.nodes[a].width, self.nodes[b].width);
+        let (va, vb) = (self.consume(a), self.consume(b));
+        let mut v = Vec::with_capacity(va.len() + vb.len());
+        for (ra, rb) in va.chunks(wa).zip(vb.chunks(wb)) {
+            v.extend_from_slice(ra);
+            v.extend_from_slice(rb);
+        }
+        let needs = self.nodes[a].needs || self.nodes[b].needs;
+        Ok(self.push(Op::Concat { a, b, wa }, v, wa + wb, needs))
+    }
+
+    fn pool(&mut self, x: usize, how: Pool) -> Result<usize> {
+        let (w, t, total) = (self.nodes[x].width, self.t, self.n_rows(x));
+        let xv = &self.nodes[x].value;
+        let lengths = self.lengths.clone();
+        let mut out = vec![0f32; self.b * w];
+        let mut argmax = Vec::new();
+        for (s, o) in out.chunks_mut(w).enumerate() {
+            let n = lengths[s].max(1);
+            let rows = (s * t..s * t + n).map(|r| &xv[r * w..][..w]);
+            match how {
+                Pool::Mean => {
+                    for r in rows {
+                        o.iter_mut().zip(r).for_each(|(a, b)| *a += b);
+                    }
+                    o.iter_mut().for_each(|a| *a /= n as f32);
+                }
+                Pool::Max => {
+                    let mut best = vec![(s * t) as u32; w];
+                    o.copy_from_slice(&xv[s * t * w..][..w]);
+                    for (k, r) in rows.enumerate().skip(1) {
+                        for j in 0..w {
+                            if r[j] > o[j] {
+                                o[j] = r[j];
+                                best[j] = (s * t + k) as u32;
+                            }
+                        }
+                    }
+                    argmax.extend(best);
+                }
+            }
+        }
+        let needs = self.nodes[x].needs;
+        if !self.nodes[x].keep {
+            self.nodes[x].value = Vec::new();
+        }
+        let op = Op::Pool {
+            x,
+            how,
+            lengths,
+            argmax,
+            total,
+        };
+        Ok(self.push(op, out, w, needs))
     }
 
     fn dropout(&mut self, x: usize, p: f32) -> Result<usize> {

@@ -1,0 +1,86 @@
+//! Recurrent text classifiers at inference: the same network definition the trainer ran
+//! (`models::rnn::RnnClassifier`), over the inference executor, in padded batches.
+
+use std::path::Path;
+
+use candle_core::D;
+
+use crate::error::{Error, Result};
+use crate::io::{open_weights, ModelFiles};
+use crate::models::rnn::{classifier_config, ClassifierConfig, RnnClassifier};
+use crate::nn::infer::{Infer, InferW, VbLoader};
+use crate::nn::Vb;
+use crate::tokenize::Tokenizer;
+
+pub struct RnnTextClassifier {
+    net: RnnClassifier<InferW>,
+    pub tokenizer: Tokenizer,
+    pub cfg: ClassifierConfig,
+}
+
+/// Whether `path` is a folder holding an RNN text classifier.
+pub fn is_rnn_classifier(path: &Path) -> bool {
+    ModelFiles::locate(path)
+        .ok()
+        .and_then(|f| classifier_config(&f).ok().flatten())
+        .is_some()
+}
+
+impl RnnTextClassifier {
+    pub fn load(path: &Path) -> Result<Self> {
+        let files = ModelFiles::locate(path)?;
+        let cfg = classifier_config(&files)?.ok_or_else(|| {
+            Error::file(
+                path,
+                "not an RNN text classifier (model_type rnn_classifier)",
+            )
+        })?;
+        let tokenizer = Tokenizer::load(&files)?;
+        tokenizer.check_matches(cfg.ntoken)?;
+        let vb = Vb::new(open_weights(&files)?, false);
+        let net = RnnClassifier::new(&cfg, &mut VbLoader::new(vb))?;
+        Ok(Self {
+            net,
+            tokenizer,
+            cfg,
+        })
+    }
+
+    /// Token ids of a text, as the classifier was trained on them: a text the preprocessing
+    /// leaves empty is one unknown word.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.tokenizer.encode(text, false)?;
+        if ids.is_empty() {
+            ids.push(self.tokenizer.token_to_id("<unk>").unwrap_or(0));
+        }
+        Ok(ids)
+    }
+
+    /// Class probabilities of each text, in batches of `batch_size` of similar length.
+    pub fn classify(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        let ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| self.encode(t))
+            .collect::<Result<_>>()?;
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+        let mut out = vec![Vec::new(); ids.len()];
+        let pad = self.tokenizer.pad_id();
+        for chunk in order.chunks(batch_size.max(1)) {
+            let t = chunk.iter().map(|&i| ids[i].len()).max().unwrap_or(1);
+            let lengths: Vec<usize> = chunk.iter().map(|&i| ids[i].len()).collect();
+            let mut flat = Vec::with_capacity(chunk.len() * t);
+            for &i in chunk {
+                flat.extend(&ids[i]);
+                flat.extend(std::iter::repeat_n(pad, t - ids[i].len()));
+            }
+            let mut e = Infer::encoder(&lengths, t);
+            let logits = self.net.forward(&mut e, &flat)?.tensor()?.squeeze(1)?;
+            let p = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+            for (&i, row) in chunk.iter().zip(p) {
+                out[i] = row;
+            }
+        }
+        Ok(out)
+    }
+}
