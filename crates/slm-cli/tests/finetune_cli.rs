@@ -1032,3 +1032,67 @@ fn sst2_train_rows(n: usize) -> String {
     let text = std::fs::read_to_string(asset("classification/sst2/train.tsv")).unwrap();
     text.lines().take(n + 1).collect::<Vec<_>>().join("\n") + "\n"
 }
+
+/// `--arch lstm -m LM`: the classifier starts from a word_language_model checkpoint's
+/// embedding and vocabulary (vocab.txt), and an embedding of another size is refused by name.
+#[test]
+fn an_rnn_classifier_starts_from_a_language_models_embedding() {
+    let dir = tempdir("rnn_cls_from_lm");
+    let train = dir.join("train.tsv");
+    let valid = dir.join("valid.tsv");
+    std::fs::write(&train, sst2_train_rows(300)).unwrap();
+    std::fs::write(&valid, sst2_rows(0, 50)).unwrap();
+    let lm = fixtures().join("rnn/wlm_lstm");
+    let out = dir.join("out");
+    let (lm_s, train_s, valid_s, out_s) = (
+        lm.to_str().unwrap(),
+        train.to_str().unwrap(),
+        valid.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let args = |emsize: &'static str| {
+        vec![
+            "finetune",
+            "--task",
+            "classify",
+            "--arch",
+            "lstm",
+            "-m",
+            lm_s,
+            "--emsize",
+            emsize,
+            "--nhid",
+            "16",
+            "--train",
+            train_s,
+            "--valid",
+            valid_s,
+            "-o",
+            out_s,
+            "--epochs",
+            "1",
+            "--threads",
+            "2",
+            "--force",
+        ]
+    };
+    let (code, _, err) = run(&args("32"), None);
+    assert_ne!(code, 0);
+    assert!(err.contains("its embedding is 1489×24"), "{err}");
+    let (code, _, err) = run(&args("24"), None);
+    assert_eq!(code, 0, "{err}");
+    let table = |p: &Path| -> Vec<f32> {
+        let files = slm::io::ModelFiles::locate(p).unwrap();
+        let t = slm::io::open_weights(&files)
+            .unwrap()
+            .load("encoder.weight", false)
+            .unwrap()
+            .into_dense()
+            .unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    assert_eq!(table(&out.join("init")), table(&lm), "the LM's embedding");
+    let (code, stdout, err) = run(&["classify", "-m", out_s, "a fine , moving film"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.ends_with("a fine , moving film\n"), "{stdout}");
+}

@@ -58,6 +58,14 @@ impl Layout<'_> {
         self.lengths.iter().copied().max().unwrap_or(0)
     }
 
+    /// The sequences still running at step `k`, into `out`; whether they are the first ones
+    /// (then their state rows need no gathering).
+    fn active(&self, k: usize, out: &mut Vec<usize>) -> bool {
+        out.clear();
+        out.extend((0..self.lengths.len()).filter(|&s| self.lengths[s] > k));
+        out.iter().enumerate().all(|(i, &s)| i == s)
+    }
+
     /// The row sequence `s` runs at step `k`, when it is still running.
     fn row(&self, s: usize, k: usize, reverse: bool) -> Option<usize> {
         let n = self.lengths[s];
@@ -134,27 +142,33 @@ pub fn forward(
         },
     });
     let mut a = vec![0f32; b * g];
+    // Only the sequences still running take part in a step's product (texts of different
+    // lengths in one batch: the padding costs nothing), as PyTorch's packed sequences do.
+    let (mut act, mut hbuf) = (Vec::with_capacity(b), Vec::new());
     for k in 0..layout.steps() {
+        let prefix = layout.active(k, &mut act);
+        let n = act.len();
+        let a = &mut a[..n * g];
         match hh.b {
             Some(bias) => a.chunks_mut(g).for_each(|r| r.copy_from_slice(bias)),
             None => a.fill(0.0),
         }
-        matmul(
-            &mut a,
-            true,
-            &state.h,
-            false,
-            hh.w,
-            !hh.transposed,
-            (b, g, hd),
-            1.0,
-        );
-        for s in 0..b {
+        let hin: &[f32] = if prefix {
+            &state.h[..n * hd]
+        } else {
+            hbuf.clear();
+            for &s in &act {
+                hbuf.extend_from_slice(&state.h[s * hd..][..hd]);
+            }
+            &hbuf
+        };
+        matmul(a, true, hin, false, hh.w, !hh.transposed, (n, g, hd), 1.0);
+        for (i, &s) in act.iter().enumerate() {
             let Some(row) = layout.row(s, k, spec.reverse) else {
                 continue;
             };
             let x = &gx[row * g..][..g];
-            let ah = &a[s * g..][..g];
+            let ah = &a[i * g..][..g];
             let h = &mut state.h[s * hd..][..hd];
             let y = &mut out[row * hd..][..hd];
             match spec.cell {
@@ -253,9 +267,11 @@ pub fn backward(
     let mut dh = vec![0f32; b * hd];
     let mut dc = vec![0f32; b * hd];
     let mut dah = vec![0f32; b * g];
+    let (mut act, mut dhbuf) = (Vec::with_capacity(b), Vec::new());
     for k in (0..layout.steps()).rev() {
-        dah.fill(0.0);
-        for s in 0..b {
+        let prefix = layout.active(k, &mut act);
+        let n = act.len();
+        for (i, &s) in act.iter().enumerate() {
             let Some(row) = layout.row(s, k, spec.reverse) else {
                 continue;
             };
@@ -264,7 +280,7 @@ pub fn backward(
                 .zip(&dy[row * hd..][..hd])
                 .for_each(|(a, d)| *a += d);
             let gates = &saved.gates[row * g..][..g];
-            let da = &mut dah[s * g..][..g];
+            let da = &mut dah[i * g..][..g];
             match spec.cell {
                 Cell::Lstm => {
                     let dcs = &mut dc[s * hd..][..hd];
@@ -310,8 +326,29 @@ pub fn backward(
                 }
             }
         }
-        // dh of the previous step: what flows back through W_hh.
-        matmul(&mut dh, true, &dah, false, w, false, (b, hd, g), 1.0);
+        // dh of the previous step: what flows back through W_hh (running sequences only).
+        let dah = &dah[..n * g];
+        if prefix {
+            matmul(
+                &mut dh[..n * hd],
+                true,
+                dah,
+                false,
+                w,
+                false,
+                (n, hd, g),
+                1.0,
+            );
+        } else {
+            dhbuf.resize(n * hd, 0.0);
+            matmul(&mut dhbuf, false, dah, false, w, false, (n, hd, g), 1.0);
+            for (i, &s) in act.iter().enumerate() {
+                dh[s * hd..][..hd]
+                    .iter_mut()
+                    .zip(&dhbuf[i * hd..][..hd])
+                    .for_each(|(a, d)| *a += d);
+            }
+        }
     }
     let dah_all = if spec.cell == Cell::Gru {
         &dah_all

@@ -212,13 +212,15 @@ fn word_list_json(vocab_txt: &Path) -> Result<Value> {
     }))
 }
 
-/// A vocab.txt is a word list, not BERT's WordPiece vocabulary, beside a recurrent LM: a
-/// folder without config.json, or one whose config says `rnn_lm`.
+/// A vocab.txt is a word list, not BERT's WordPiece vocabulary, beside a recurrent model: a
+/// folder without config.json, or one whose config says `rnn_lm` or `rnn_classifier`.
 fn is_word_list_folder(dir: &Path) -> bool {
+    use crate::models::rnn::{CLASSIFIER_TYPE, MODEL_TYPE};
     let cfg = dir.join("config.json");
     !cfg.exists()
         || read_json(&cfg).is_ok_and(|c| {
-            c.get("model_type").and_then(|v| v.as_str()) == Some(crate::models::rnn::MODEL_TYPE)
+            let t = c.get("model_type").and_then(|v| v.as_str());
+            t == Some(MODEL_TYPE) || t == Some(CLASSIFIER_TYPE)
         })
 }
 

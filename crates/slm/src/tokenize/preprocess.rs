@@ -51,7 +51,7 @@ pub struct Preprocess {
 }
 
 /// The stop-word list of a language (an ISO 639-1 code: `en`, `de`, `fr`, ...) from the
-/// `stop-words` crate: NLTK's list where NLTK has one (English: 179 words), else the
+/// `stop-words` crate: NLTK's list where NLTK has one (English: 198 words), else the
 /// stopwords-iso list.
 pub fn stopwords_for(lang: &str) -> Result<Vec<String>> {
     match stop_words::lookup(lang) {

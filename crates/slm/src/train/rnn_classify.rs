@@ -215,6 +215,7 @@ pub fn run(job: &Job, spec: &RnnSpec, hooks: &dyn Hooks) -> TrainResult<Summary>
     let init = job.output.join("init");
     let from_lm = !job.model.as_os_str().is_empty();
     if !(job.resume && init.join("model.safetensors").is_file()) {
+        std::fs::create_dir_all(&init).map_err(|e| Error::io(&init, e))?;
         match (&spec.tokenizer, from_lm) {
             (Some(t), _) => copy_files(t, &init, TOKENIZER_FILES)?,
             (None, true) => copy_files(&job.model, &init, TOKENIZER_FILES)?,
