@@ -50,11 +50,8 @@ fn print_sequence_labels(
 pub fn run(mut args: Args) -> Result<()> {
     super::resolve_model(&mut args.model)?;
     if slm::encode::rnn::is_rnn_classifier(&args.model) {
-        anyhow::ensure!(
-            args.adapter.is_none(),
-            "--adapter: an RNN classifier has no LoRA adapters"
-        );
-        let m = slm::encode::rnn::RnnTextClassifier::load(&args.model)?;
+        let m =
+            slm::encode::rnn::RnnTextClassifier::load_with(&args.model, args.adapter.as_deref())?;
         let records = args.input.records()?;
         let texts: Vec<&str> = records.iter().map(|r| r.text.as_str()).collect();
         let probs = m.classify(&texts, args.input.batch_size)?;

@@ -252,11 +252,7 @@ fn classify_records(
     records: &[slm::data::Record],
 ) -> Result<(Vec<String>, Vec<Vec<f32>>)> {
     if slm::encode::rnn::is_rnn_classifier(&a.model) {
-        anyhow::ensure!(
-            a.adapter.is_none(),
-            "--adapter: an RNN classifier has no LoRA adapters"
-        );
-        let m = slm::encode::rnn::RnnTextClassifier::load(&a.model)?;
+        let m = slm::encode::rnn::RnnTextClassifier::load_with(&a.model, a.adapter.as_deref())?;
         let texts: Vec<&str> = records.iter().map(|r| r.text.as_str()).collect();
         return Ok((m.cfg.labels.clone(), m.classify(&texts, a.batch_size)?));
     }

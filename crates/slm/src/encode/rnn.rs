@@ -7,7 +7,7 @@ use candle_core::D;
 
 use crate::error::{Error, Result};
 use crate::io::{open_weights, ModelFiles};
-use crate::models::rnn::{classifier_config, ClassifierConfig, RnnClassifier};
+use crate::models::rnn::{classifier_config, unknown_if_empty, ClassifierConfig, RnnClassifier};
 use crate::nn::infer::{Infer, InferW, VbLoader};
 use crate::nn::Vb;
 use crate::tokenize::Tokenizer;
@@ -28,6 +28,18 @@ pub fn is_rnn_classifier(path: &Path) -> bool {
 
 impl RnnTextClassifier {
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, None)
+    }
+
+    /// Loads the classifier; `adapter` is refused by name (LoRA has no recurrent layers), as
+    /// the encoders' loader takes one.
+    pub fn load_with(path: &Path, adapter: Option<&Path>) -> Result<Self> {
+        if let Some(a) = adapter {
+            return Err(Error::file(
+                a,
+                "an RNN classifier takes no LoRA adapter (it is trained fully)",
+            ));
+        }
         let files = ModelFiles::locate(path)?;
         let cfg = classifier_config(&files)?.ok_or_else(|| {
             Error::file(
@@ -46,13 +58,10 @@ impl RnnTextClassifier {
         })
     }
 
-    /// Token ids of a text, as the classifier was trained on them: a text the preprocessing
-    /// leaves empty is one unknown word.
+    /// Token ids of a text, as the classifier was trained on them.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = self.tokenizer.encode(text, false)?;
-        if ids.is_empty() {
-            ids.push(self.tokenizer.token_to_id("<unk>").unwrap_or(0));
-        }
+        unknown_if_empty(&mut ids, &self.tokenizer);
         Ok(ids)
     }
 

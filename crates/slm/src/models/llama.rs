@@ -77,6 +77,16 @@ fn default_variant() -> Variant {
 }
 
 impl Config {
+    /// `LlamaPreTrainedModel._init_weights`: N(0, range²) linear and embedding weights,
+    /// unit norms, the head tied as the config says.
+    pub fn init_rule(&self) -> crate::train::loader::InitRule {
+        crate::train::loader::InitRule {
+            std: self.initializer_range,
+            scaled: None,
+            tied: self.tie_word_embeddings,
+        }
+    }
+
     pub fn n_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }

@@ -270,11 +270,7 @@ impl ModelConfig {
     pub fn init_rule(&self) -> Option<crate::train::loader::InitRule> {
         match self {
             ModelConfig::Gpt2(c) => Some(c.init_rule()),
-            ModelConfig::Llama(c) => Some(crate::train::loader::InitRule {
-                std: c.initializer_range,
-                scaled: None,
-                tied: c.tie_word_embeddings,
-            }),
+            ModelConfig::Llama(c) => Some(c.init_rule()),
             _ => None,
         }
     }

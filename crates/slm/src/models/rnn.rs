@@ -186,6 +186,23 @@ impl Config {
 /// Named tensors with their shapes, as written to safetensors.
 pub type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
 
+/// The tensors borrowed, as `write_safetensors` takes them.
+pub fn tensor_refs(t: &Tensors) -> Vec<(String, Vec<usize>, &[f32])> {
+    t.iter()
+        .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
+        .collect()
+}
+
+/// A classifier's input: a text its tokenizer's preprocessing leaves empty (stop words only)
+/// is one unknown word, in training and at inference alike.
+pub fn unknown_if_empty(ids: &mut Vec<u32>, tok: &crate::tokenize::Tokenizer) -> bool {
+    let empty = ids.is_empty();
+    if empty {
+        ids.push(tok.token_to_id("<unk>").unwrap_or(0));
+    }
+    empty
+}
+
 /// A new model's tensors as PyTorch initialises `RNNModel`: the embedding and decoder
 /// uniform in ±0.1 with a zero bias (`init_weights`), every recurrent weight and bias uniform
 /// in ±1/√nhid (`nn.LSTM`'s reset). Tied weights store the table once, as `encoder.weight`.
@@ -500,10 +517,5 @@ impl<W: Weights> RnnClassifier<W> {
         let pooled = e.pool(x, self.cfg.pooling)?;
         let pooled = e.dropout(pooled, p)?;
         e.linear(&self.classifier, &pooled, None)
-    }
-
-    /// Cache slots the recurrent layers use (two per bidirectional layer).
-    pub fn n_slots(&self) -> usize {
-        2 * self.layers.len()
     }
 }

@@ -1,8 +1,8 @@
 //! Classic text clean-up for word-level pipelines (lowercasing, accent stripping, punctuation,
 //! stop words), compiled into the tokenizer itself: normalizers and a pre-tokenizer in
 //! `tokenizer.json`. It is then saved with every model that uses the tokenizer and applied the
-//! same way wherever the tokenizer runs (training, `classify`, `embed`, `generate`, and
-//! transformers' or `tokenizers`' own loaders), with no separate setting to forget.
+//! same way wherever the tokenizer runs (training, `classify`, `generate`, and transformers'
+//! or `tokenizers`' own loaders), with no separate setting to forget.
 //!
 //! Only word and character tokenizers take it: subword tokenizers for transformers keep the
 //! normalisation their models were trained with.
@@ -26,17 +26,6 @@ pub enum Punctuation {
     Split,
     /// Punctuation characters are replaced by spaces.
     Remove,
-}
-
-impl Punctuation {
-    pub fn from_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "keep" => Punctuation::Keep,
-            "split" => Punctuation::Split,
-            "remove" => Punctuation::Remove,
-            _ => return None,
-        })
-    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

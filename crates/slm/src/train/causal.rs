@@ -354,6 +354,22 @@ pub(crate) const TOKENIZER_FILES: &[&str] = &[
     "vocab.txt",
 ];
 
+/// A model folder slm and PyTorch read: `model.safetensors` (PyTorch's metadata),
+/// `config.json`, and the tokenizer files of `tokenizer`.
+pub(crate) fn write_folder(
+    dir: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    config: &serde_json::Value,
+    tokenizer: &Path,
+) -> TrainResult<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors(&dir.join("model.safetensors"), tensors, Some(meta))?;
+    let json = serde_json::to_vec_pretty(config).map_err(|e| Error::msg(e.to_string()))?;
+    write_atomic(&dir.join("config.json"), |w| w.write_all(&json))?;
+    copy_files(tokenizer, dir, TOKENIZER_FILES)
+}
+
 pub(crate) fn copy_files(from: &Path, to: &Path, names: &[&str]) -> TrainResult<()> {
     for f in names {
         let src = from.join(f);

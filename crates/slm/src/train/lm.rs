@@ -116,7 +116,17 @@ impl CausalLm {
                 )));
             }
         }
-        Ok(Self {
+        Ok(Self::built(net, l, &cfg, lora, seed))
+    }
+
+    fn built(
+        net: Net,
+        l: ParamLoader,
+        cfg: &ModelConfig,
+        lora: Option<LoraSpec>,
+        seed: u64,
+    ) -> Self {
+        Self {
             net,
             params: l.params,
             arch: cfg.architecture(),
@@ -125,7 +135,7 @@ impl CausalLm {
             seed,
             salt: 0,
             vocab: cfg.vocab_size(),
-        })
+        }
     }
 
     /// A new model of `cfg`, every weight drawn by the family's initialisation from `seed`.
@@ -138,16 +148,7 @@ impl CausalLm {
         };
         let mut l = ParamLoader::init(rule, seed);
         let net = Net::new(cfg, &mut l, Path::new("<new model>"))?;
-        Ok(Self {
-            net,
-            params: l.params,
-            arch: cfg.architecture(),
-            lora: None,
-            dropout: Dropout::Config,
-            seed,
-            salt: 0,
-            vocab: cfg.vocab_size(),
-        })
+        Ok(Self::built(net, l, cfg, None, seed))
     }
 
     /// LoRA targets on GPT-2's `Conv1D` layers: PEFT's `fan_in_fan_out`.

@@ -11,8 +11,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::causal::{
-    causal_eval_batches, copy_files, make_causal_batch, pack_text, CausalExample, CausalRun,
-    TOKENIZER_FILES,
+    causal_eval_batches, copy_files, make_causal_batch, pack_text, write_folder, CausalExample,
+    CausalRun, TOKENIZER_FILES,
 };
 use super::job::prepare_output;
 use super::lm::CausalLm;
@@ -20,7 +20,7 @@ use super::stream::{StreamRun, Streams};
 use super::tape::Dropout;
 use super::trainer::{self, Hooks, Summary, TrainConfig};
 use super::TrainResult;
-use crate::io::write::{write_atomic, write_safetensors};
+use crate::io::write::write_atomic;
 use crate::models::{rnn, ModelConfig};
 use crate::nn::recurrent::Cell;
 use crate::tokenize::Tokenizer;
@@ -162,16 +162,7 @@ fn write_init(
     tensors: rnn::Tensors,
     tok_dir: &Path,
 ) -> TrainResult<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
-        .iter()
-        .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
-        .collect();
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&dir.join("model.safetensors"), &refs, Some(meta))?;
-    let json = serde_json::to_vec_pretty(&cfg.to_json()).map_err(|e| Error::msg(e.to_string()))?;
-    write_atomic(&dir.join("config.json"), |w| w.write_all(&json))?;
-    copy_files(tok_dir, dir, TOKENIZER_FILES)
+    write_folder(dir, &rnn::tensor_refs(&tensors), &cfg.to_json(), tok_dir)
 }
 
 /// A word-level vocabulary as `word_language_model` reads it: one word per line, in id order.
@@ -234,13 +225,17 @@ fn run_transformer(
     let tok = Tokenizer::from_hf_folder(&p.tokenizer)?;
     let init = p.output.join("init");
     let config_file = init.join("config.json");
-    if !(p.resume && init.join("model.safetensors").is_file()) {
+    let fresh = !(p.resume && init.join("model.safetensors").is_file());
+    if fresh {
         std::fs::create_dir_all(&init).map_err(|e| Error::io(&init, e))?;
         let json = serde_json::to_vec_pretty(&family.config(keys, &tok))
             .map_err(|e| Error::msg(e.to_string()))?;
         write_atomic(&config_file, |w| w.write_all(&json))?;
-        let cfg = ModelConfig::from_hf_json(&config_file)?;
         copy_files(&p.tokenizer, &init, TOKENIZER_FILES)?;
+    }
+    // Read back as any checkpoint's config is: its sizes are checked.
+    let cfg = ModelConfig::from_hf_json(&config_file)?;
+    if fresh {
         let model = CausalLm::init(&cfg, p.config.seed)?;
         trainer::Model::save(
             &CausalRun {
@@ -250,7 +245,6 @@ fn run_transformer(
             &init,
         )?;
     }
-    let cfg = ModelConfig::from_hf_json(&config_file)?;
     let context = cfg.context_length();
     let len = p.seq_len.unwrap_or(context);
     if len > context {

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::bert::Batch;
-use super::causal::{copy_files, TOKENIZER_FILES};
+use super::causal::{copy_files, write_folder, TOKENIZER_FILES};
 use super::classify::{evaluate_classes, load_data, make_batch};
 use super::job::Job;
 use super::ops;
@@ -18,9 +18,11 @@ use super::params::{step_seed, Params};
 use super::tape::{Dropout, ParamLoader, Tape, TrainW};
 use super::trainer::{self, Evaluation, Hooks, Model, Summary};
 use super::TrainResult;
-use crate::io::write::{write_atomic, write_safetensors};
+use crate::io::write::write_atomic;
 use crate::io::{open_weights, ModelFiles};
-use crate::models::rnn::{classifier_config, ClassifierConfig, RnnClassifier, Tensors};
+use crate::models::rnn::{
+    classifier_config, tensor_refs, unknown_if_empty, ClassifierConfig, RnnClassifier, Tensors,
+};
 use crate::models::{config_of, ModelConfig};
 use crate::nn::exec::Pool;
 use crate::nn::recurrent::Cell;
@@ -139,23 +141,8 @@ impl Model for RnnClassifierRun {
             .iter()
             .map(|p| (p.name.clone(), p.shape.clone(), p.value.as_slice()))
             .collect();
-        write_model(dir, &self.model.cfg, &tensors, &self.source)
+        write_folder(dir, &tensors, &self.model.cfg.to_json(), &self.source)
     }
-}
-
-/// model.safetensors (PyTorch's names), config.json and the tokenizer's files.
-fn write_model(
-    dir: &Path,
-    cfg: &ClassifierConfig,
-    tensors: &[(String, Vec<usize>, &[f32])],
-    tokenizer: &Path,
-) -> TrainResult<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&dir.join("model.safetensors"), tensors, Some(meta))?;
-    let json = serde_json::to_vec_pretty(&cfg.to_json()).map_err(|e| Error::msg(e.to_string()))?;
-    write_atomic(&dir.join("config.json"), |w| w.write_all(&json))?;
-    copy_files(tokenizer, dir, TOKENIZER_FILES)
 }
 
 /// A word tokenizer trained on the training texts (one per line), with `<pad>` and `<unk>`.
@@ -225,11 +212,8 @@ pub fn run(job: &Job, spec: &RnnSpec, hooks: &dyn Hooks) -> TrainResult<Summary>
     let tok = Tokenizer::from_hf_folder(&init)?;
     let max_length = job.max_length.unwrap_or(256);
     let mut data = load_data(&tok, &job.data_options(max_length))?;
-    // A text of stop words only is left with nothing: it is read as one unknown word.
-    let unk = tok.token_to_id("<unk>").unwrap_or(0);
     for e in data.train.iter_mut().chain(data.valid.iter_mut()) {
-        if e.input.ids.is_empty() {
-            e.input.ids.push(unk);
+        if unknown_if_empty(&mut e.input.ids, &tok) {
             e.input.type_ids.push(0);
         }
     }
@@ -249,11 +233,7 @@ pub fn run(job: &Job, spec: &RnnSpec, hooks: &dyn Hooks) -> TrainResult<Summary>
         if from_lm {
             tensors[0].2 = lm_embedding(&job.model, cfg.ntoken, cfg.ninp)?;
         }
-        let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
-            .iter()
-            .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
-            .collect();
-        write_model(&init, &cfg, &refs, &init)?;
+        write_folder(&init, &tensor_refs(&tensors), &cfg.to_json(), &init)?;
     }
     let mut model = RnnClassifierTrain::load(&init, job.config.seed)?;
     model.dropout = job.dropout;
