@@ -951,6 +951,113 @@ def record_gemma3_270m():
     (OUT / "gemma3_270m.json").write_text(json.dumps(out, indent=1))
 
 
+T5_SOURCES = [[17, 42, 99, 3, 250, 1], [5, 1],
+              [300, 301, 302, 7, 7, 7, 7, 9, 11, 13, 200, 100, 64, 33, 21, 8, 150, 151, 152, 1]]
+T5_TARGETS = [[0, 12, 13, 14, 88, 1], [0, 5, 1], [0, 301, 300, 7, 9, 11, 13, 1]]
+# Beam searches: (num_beams, max_new_tokens, length_penalty, early_stopping, no_repeat_ngram_size,
+# num_return_sequences); each runs with the model's eos and with an eos the model emits early.
+BEAMS = [(4, 10, 1.0, False, 0, 1), (4, 9, 0.6, True, 0, 2), (3, 12, 2.0, False, 2, 3), (4, 8, 1.0, "never", 0, 1)]
+
+
+def tiny_t5s():
+    """T5 (ReLU, tied head scaled by d_model^-1/2, a decoder deeper than the encoder, 8 buckets up
+    to distance 12 so the third source reaches the saturated buckets) and T5 v1.1 / Flan-T5
+    (gated-GELU, untied head, heads of 24 so num_heads·d_kv is not d_model)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    common = dict(vocab_size=VOCAB, d_model=64, num_heads=4, pad_token_id=0, eos_token_id=1,
+                  decoder_start_token_id=0, dropout_rate=0.1)
+    yield "t5_relu", T5ForConditionalGeneration(T5Config(
+        **common, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3, feed_forward_proj="relu",
+        relative_attention_num_buckets=8, relative_attention_max_distance=12, tie_word_embeddings=True))
+    yield "t5_gated", T5ForConditionalGeneration(T5Config(
+        **common, d_kv=24, d_ff=80, num_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+
+
+def beam_cases(model, ids, eos, extra=None):
+    """transformers' beam search of `ids` under each setting of BEAMS: the returned rows (padded
+    as generate() pads them) and their scores."""
+    out = []
+    for nb, new, lp, early, ngram, ret in BEAMS:
+        kw = dict(num_beams=nb, max_new_tokens=new, length_penalty=lp, early_stopping=early,
+                  no_repeat_ngram_size=ngram, num_return_sequences=ret, do_sample=False,
+                  eos_token_id=eos, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        kw.update(extra or {})
+        with torch.no_grad():
+            g = model.generate(torch.tensor([ids]), **kw)
+        out.append({"num_beams": nb, "max_new_tokens": new, "length_penalty": lp, "early_stopping": early,
+                    "no_repeat_ngram_size": ngram, "num_return": ret, "eos": eos,
+                    "sequences": g.sequences.tolist(), "scores": g.sequences_scores.tolist()})
+    return out
+
+
+def record_t5():
+    """Tiny T5s: encoder states (alone and as a padded batch), teacher-forced decoder logits and
+    loss, greedy ids and beam searches; the relative-position buckets; beam searches of the tiny
+    GPT-2 (beam search of a causal model)."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+    root = OUT / "t5"
+    root.mkdir(exist_ok=True)
+    for name, model in tiny_t5s():
+        d = root / name
+        if d.exists():
+            shutil.rmtree(d)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.normal_(1.0, 0.1)
+                elif "relative_attention_bias" in n:
+                    p.normal_(0.0, 1.0)
+                elif n.endswith((".q.weight", ".k.weight")):
+                    p.normal_(0.0, 0.15)
+                else:
+                    p.normal_(0.0, 0.08)
+        model.eval()
+        model.save_pretrained(d / "safetensors", safe_serialization=True)
+        if name == "t5_relu":
+            model.save_pretrained(d / "bin", safe_serialization=False)
+        cfg = model.config
+        cases = []
+        for src, tgt in zip(T5_SOURCES, T5_TARGETS):
+            x = torch.tensor([src])
+            with torch.no_grad():
+                enc = model.encoder(input_ids=x).last_hidden_state[0]
+                dec = torch.tensor([tgt[:-1]])
+                logits = model(input_ids=x, decoder_input_ids=dec).logits[0]
+                loss = model(input_ids=x, labels=torch.tensor([tgt[1:]])).loss.item()
+                greedy = model.generate(x, max_new_tokens=12, do_sample=False)[0].tolist()
+            early = greedy[3] if len(greedy) > 3 else 1
+            cases.append({"input_ids": src, "encoder": enc.numpy().round(7).tolist(),
+                          "decoder_input_ids": tgt[:-1], "logits": logits.numpy().round(7).tolist(),
+                          "labels": tgt[1:], "loss": loss, "greedy": greedy,
+                          "beams": beam_cases(model, src, 1) + beam_cases(model, src, early)})
+        # The sources as one padded batch.
+        n = max(len(s) for s in T5_SOURCES)
+        ids = torch.tensor([s + [0] * (n - len(s)) for s in T5_SOURCES])
+        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in T5_SOURCES])
+        with torch.no_grad():
+            batch = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        batch = [batch[i, :len(s)].numpy().round(7).tolist() for i, s in enumerate(T5_SOURCES)]
+        rel = torch.arange(-150, 151)
+        buckets = {str(bi): T5Attention._relative_position_bucket(
+            rel, bidirectional=bi, num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance).tolist() for bi in (True, False)}
+        (d / "expected.json").write_text(json.dumps({
+            "family": name, "transformers": transformers.__version__, "cases": cases,
+            "batch_encoder": batch, "relative": list(range(-150, 151)), "buckets": buckets}))
+        print(name, sum(p.numel() for p in model.parameters()), "params; greedy",
+              [c["greedy"] for c in cases])
+    # Beam search of a causal model: the tiny GPT-2.
+    gpt2 = AutoModelForCausalLM.from_pretrained(OUT / "gpt2" / "safetensors")
+    gpt2.eval()
+    causal = []
+    for ids in PROMPTS:
+        with torch.no_grad():
+            greedy = gpt2.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        early = greedy[0, len(ids) + 2].item()
+        causal.append({"input_ids": ids, "beams": beam_cases(gpt2, ids, None) + beam_cases(gpt2, ids, early)})
+    (root / "gpt2_beams.json").write_text(json.dumps({"transformers": transformers.__version__, "cases": causal}))
+
+
 def main():
     torch.manual_seed(1234)
     print("torch", torch.__version__, "transformers", transformers.__version__)
@@ -964,6 +1071,8 @@ def main():
         return record_gemma_peft()
     if only == ["gemma270m"]:
         return record_gemma3_270m()
+    if only == ["t5"]:
+        return record_t5()
     for name, model, kw in tiny_models():
         if not only or name in only:
             record_tiny(name, model, kw)

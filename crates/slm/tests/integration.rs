@@ -20,6 +20,7 @@ mod peft;
 mod perplexity;
 mod pretrain;
 mod rnn;
+mod seq2seq;
 mod smollm2;
 mod tokenizer_train;
 mod tokenizer_vectors;

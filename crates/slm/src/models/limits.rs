@@ -222,6 +222,28 @@ impl ModelConfig {
                     )));
                 }
             }
+            ModelConfig::T5(t) => {
+                c.size("vocab_size", t.vocab_size, MAX_VOCAB)?;
+                c.size("d_model", t.d_model, MAX_WIDTH)?;
+                c.size("d_kv", t.d_kv, MAX_HEAD_DIM)?;
+                c.size("d_ff", t.d_ff, MAX_FFN)?;
+                c.size("num_layers", t.num_layers, MAX_LAYERS)?;
+                c.size("num_decoder_layers", t.decoder_layers(), MAX_LAYERS)?;
+                c.size("num_heads", t.num_heads, MAX_HEADS)?;
+                c.size("relative_attention_num_buckets", t.relative_attention_num_buckets, 1 << 16)?;
+                if t.relative_attention_num_buckets < 4 {
+                    return Err(c.err("relative_attention_num_buckets must be at least 4".into()));
+                }
+                c.size("relative_attention_max_distance", t.relative_attention_max_distance, MAX_POSITIONS)?;
+                if t.relative_attention_max_distance <= t.relative_attention_num_buckets / 2 {
+                    return Err(c.err(format!(
+                        "relative_attention_max_distance ({}) must exceed half the buckets ({}): the decoder's exact buckets",
+                        t.relative_attention_max_distance, t.relative_attention_num_buckets
+                    )));
+                }
+                c.positive("layer_norm_epsilon", t.layer_norm_epsilon)?;
+                t.feed_forward().map_err(|e| c.err(e.to_string()))?;
+            }
             ModelConfig::Rnn(r) => {
                 c.size("ntoken", r.ntoken, MAX_VOCAB)?;
                 c.size("ninp", r.ninp, MAX_WIDTH)?;

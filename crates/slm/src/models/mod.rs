@@ -6,6 +6,8 @@ pub mod gpt2;
 mod limits;
 pub mod llama;
 pub mod rnn;
+pub mod seq2seq;
+pub mod t5;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -162,10 +164,12 @@ pub enum Architecture {
     Bert(bert::Flavor),
     /// Recurrent language models (PyTorch's `word_language_model`).
     Rnn(crate::nn::recurrent::Cell),
+    /// Encoder-decoders: T5, T5 v1.1, Flan-T5, mT5.
+    T5,
 }
 
 pub const SUPPORTED: &str =
-    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3, gemma2, gemma3 (text), LSTM/GRU language models (rnn_lm); encoders: bert, distilbert, roberta";
+    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3, gemma2, gemma3 (text), LSTM/GRU language models (rnn_lm); encoders: bert, distilbert, roberta; encoder-decoders: t5, mt5";
 
 impl Architecture {
     pub fn from_name(name: &str) -> Option<Self> {
@@ -181,6 +185,9 @@ impl Architecture {
             // refused with its text_config when config.json is read.
             "gemma3_text" | "gemma3" | "Gemma3ForCausalLM" => {
                 Architecture::Gemma(gemma::Variant::Gemma3)
+            }
+            "t5" | "mt5" | "T5ForConditionalGeneration" | "MT5ForConditionalGeneration" => {
+                Architecture::T5
             }
             "bert" => Architecture::Bert(bert::Flavor::Bert),
             "distilbert" => Architecture::Bert(bert::Flavor::DistilBert),
@@ -204,6 +211,7 @@ impl Architecture {
             Architecture::Bert(f) => f.lora_targets(),
             // PEFT has no LoRA for recurrent layers.
             Architecture::Rnn(_) => &[],
+            Architecture::T5 => t5::LORA_TARGETS,
         };
         names.iter().map(|s| s.to_string()).collect()
     }
@@ -221,6 +229,7 @@ impl Architecture {
             Architecture::Bert(bert::Flavor::Roberta) => "roberta",
             Architecture::Rnn(crate::nn::recurrent::Cell::Lstm) => "lstm",
             Architecture::Rnn(crate::nn::recurrent::Cell::Gru) => "gru",
+            Architecture::T5 => "t5",
         }
     }
 
@@ -242,6 +251,7 @@ pub enum ModelConfig {
     Gemma(gemma::Config),
     Bert(bert::Config),
     Rnn(rnn::Config),
+    T5(t5::Config),
 }
 
 impl ModelConfig {
@@ -252,6 +262,7 @@ impl ModelConfig {
             ModelConfig::Gemma(c) => Architecture::Gemma(c.variant),
             ModelConfig::Bert(c) => Architecture::Bert(c.flavor),
             ModelConfig::Rnn(c) => Architecture::Rnn(c.rnn_type),
+            ModelConfig::T5(_) => Architecture::T5,
         }
     }
 
@@ -261,7 +272,7 @@ impl ModelConfig {
             ModelConfig::Llama(c) => c.max_position_embeddings,
             ModelConfig::Gemma(c) => c.max_position_embeddings,
             ModelConfig::Bert(c) => c.max_tokens(),
-            ModelConfig::Rnn(_) => u32::MAX as usize,
+            ModelConfig::Rnn(_) | ModelConfig::T5(_) => u32::MAX as usize,
         }
     }
 
@@ -282,6 +293,7 @@ impl ModelConfig {
             ModelConfig::Gemma(c) => c.vocab_size,
             ModelConfig::Bert(c) => c.vocab_size,
             ModelConfig::Rnn(c) => c.ntoken,
+            ModelConfig::T5(c) => c.vocab_size,
         }
     }
 
@@ -336,6 +348,7 @@ impl ModelConfig {
             Architecture::Bert(flavor) => {
                 ModelConfig::Bert(bert::Config::from_json(json, flavor).in_file(path)?)
             }
+            Architecture::T5 => ModelConfig::T5(serde_json::from_value(json).in_file(path)?),
             Architecture::Rnn(_) => unreachable!("rnn_lm is not an architecture name"),
         })
     }
@@ -484,6 +497,12 @@ impl ModelConfig {
                 })
             }
             Architecture::Bert(_) => unreachable!("encoders are rejected above"),
+            Architecture::T5 => {
+                return Err(Error::file(
+                    &g.path,
+                    "GGUF T5 models are not supported yet; use the Hugging Face folder",
+                ))
+            }
             Architecture::Rnn(_) => unreachable!("no GGUF architecture name is a recurrent LM"),
         })
     }
@@ -658,6 +677,12 @@ pub fn load_causal_with(
                     "'{}' is an encoder model, not a text generator; use embed, similarity, classify or fill-mask",
                     config.architecture().name()
                 ),
+            ))
+        }
+        ModelConfig::T5(_) => {
+            return Err(Error::file(
+                &files.root,
+                "an encoder-decoder model: it runs with `slm generate` (one input, one output), not as a causal LM",
             ))
         }
     };

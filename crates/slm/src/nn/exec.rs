@@ -71,6 +71,47 @@ impl AttnSpec {
     }
 }
 
+/// T5's relative positions: a score's learned bias depends on the bucket of its key's
+/// distance from the query, exact for near keys and logarithmic up to `max_distance`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelativePositions {
+    pub buckets: usize,
+    pub max_distance: usize,
+    /// Encoders tell earlier from later keys; decoders see earlier ones only.
+    pub bidirectional: bool,
+}
+
+impl RelativePositions {
+    /// transformers' `T5Attention._relative_position_bucket` of `key − query`, in the same
+    /// f32 arithmetic (the truncation of its logarithm decides the larger buckets).
+    pub fn bucket(&self, rel: isize) -> u32 {
+        let (mut n, mut bucket) = (self.buckets, 0);
+        let dist = if self.bidirectional {
+            n /= 2;
+            if rel > 0 {
+                bucket += n;
+            }
+            rel.unsigned_abs()
+        } else {
+            (-rel.min(0)) as usize
+        };
+        let exact = n / 2;
+        if dist < exact {
+            return (bucket + dist) as u32;
+        }
+        let ratio = (self.max_distance as f64 / exact as f64).ln() as f32;
+        let large = exact + ((dist as f32 / exact as f32).ln() / ratio * (n - exact) as f32) as usize;
+        (bucket + large.min(n - 1)) as u32
+    }
+
+    /// The bucket of every distance `−d..=d`, `d` = `max_distance`: every farther key shares
+    /// the bucket of distance ±d.
+    pub fn ids(&self) -> Vec<u32> {
+        let d = self.max_distance as isize;
+        (-d..=d).map(|r| self.bucket(r)).collect()
+    }
+}
+
 /// Which rows of `[tokens, width]` an op picks, per sequence or overall.
 #[derive(Debug, Clone, Copy)]
 pub enum Rows<'a> {
@@ -158,6 +199,47 @@ pub trait Exec {
         slot: usize,
         gx: Self::X,
     ) -> Result<Self::X>;
+    /// T5's position bias: the learned bias of each head (`table`: `[buckets, heads]`) for
+    /// every key-minus-query distance, as [`Exec::attention_biased`] reads it.
+    fn relative_bias(
+        &mut self,
+        _table: &<Self::W as Weights>::Embedding,
+        _rel: RelativePositions,
+    ) -> Result<Self::X> {
+        Err(crate::error::Error::Unsupported(
+            "relative position biases in this executor".into(),
+        ))
+    }
+    /// Self-attention with `bias` (from [`Exec::relative_bias`]) added to the scores.
+    fn attention_biased(
+        &mut self,
+        _a: &AttnSpec,
+        _layer: usize,
+        _q: Self::X,
+        _k: Self::X,
+        _v: Self::X,
+        _bias: &Self::X,
+    ) -> Result<Self::X> {
+        Err(crate::error::Error::Unsupported(
+            "relative position biases in this executor".into(),
+        ))
+    }
+    /// A decoder's attention over the encoder's states `memory`: keys and values are `k` and
+    /// `v` of `memory`, every source position visible. The executor may keep them in cache
+    /// slot `slot` from one decoding step to the next, and is then given no `memory`.
+    fn cross_attention(
+        &mut self,
+        _a: &AttnSpec,
+        _slot: usize,
+        _q: Self::X,
+        _k: &<Self::W as Weights>::Linear,
+        _v: &<Self::W as Weights>::Linear,
+        _memory: Option<&Self::X>,
+    ) -> Result<Self::X> {
+        Err(crate::error::Error::Unsupported(
+            "cross-attention in this executor".into(),
+        ))
+    }
     fn rows(&mut self, x: &Self::X, which: Rows) -> Result<Self::X>;
     /// `[a | b]`, row by row (the two directions of a bidirectional layer).
     fn concat(&mut self, a: Self::X, b: Self::X) -> Result<Self::X>;
@@ -276,6 +358,26 @@ pub trait CausalFamily<W: Weights> {
     fn recurrent(&self) -> bool {
         false
     }
+}
+
+/// An encoder-decoder family (T5, BART, Marian), written once over any executor.
+pub trait Seq2SeqFamily<W: Weights> {
+    /// The encoder's final states of the source `ids`, `[tokens, d_model]`.
+    fn encode<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32]) -> Result<E::X>;
+    /// Logits of the decoder's rows `ids` (`last_only`: of each sequence's last one) over the
+    /// encoder states `memory` (None once the executor holds them in cache).
+    fn decode<E: Exec<W = W>>(
+        &self,
+        e: &mut E,
+        ids: &[u32],
+        memory: Option<&E::X>,
+        last_only: bool,
+    ) -> Result<E::X>;
+    /// Cache slots of the decoder: its self-attention layers, then its cross-attention ones.
+    fn n_slots(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// The longest source and target, where learned positions bound them.
+    fn context_length(&self) -> usize;
 }
 
 /// Three parts (Q, K, V), whatever an executor returned.

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Pool, Rows, Weights};
+use super::exec::{
+    AttnSpec, Exec, Loader, NormKind, Parts, Pool, RelativePositions, Rows, Weights,
+};
 use super::recurrent::{self, Hidden, Layout, RecurrentSpec, State};
 use super::{kernels, Activation, Embedding, LayerNorm, Linear, Norm, RmsNorm, Vb};
 use crate::error::{Error, Result};
@@ -86,6 +88,16 @@ pub struct KvCache {
     cap: usize,
     len: usize,
     recurrent: bool,
+    /// A cross-attention layer's keys and values of the encoder's states, made at the first
+    /// decoding step and shared by every beam of that source.
+    cross: Option<Arc<CrossKv>>,
+}
+
+/// Keys and values of a source, `[nkv, len, hd]` each.
+struct CrossKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    len: usize,
 }
 
 impl KvCache {
@@ -102,6 +114,9 @@ impl KvCache {
     /// the positions kept. A recurrent state cannot forget its last positions: it is kept
     /// whole or cleared.
     pub fn truncate(&mut self, len: usize) -> usize {
+        if len == 0 {
+            self.cross = None;
+        }
         self.len = if self.recurrent && len < self.len {
             0
         } else {
@@ -196,7 +211,7 @@ impl<'a> Infer<'a> {
         let mut out = Vec::with_capacity(seqs.len());
         for (cache, t) in seqs {
             let pos = cache.first().map_or(0, |c| c.len);
-            if let Some(c) = cache.iter().find(|c| c.len != pos) {
+            if let Some(c) = cache.iter().find(|c| c.cross.is_none() && c.len != pos) {
                 return Err(Error::msg(format!(
                     "internal: the layers' KV caches hold {} and {pos} positions",
                     c.len
@@ -253,6 +268,35 @@ impl Act {
 }
 
 impl Infer<'_> {
+    /// Causal attention of each sequence over its cache, or an encoder's bidirectional one.
+    fn self_attention(
+        &mut self,
+        a: &AttnSpec,
+        layer: usize,
+        q: Act,
+        k: Act,
+        v: Act,
+        bias: Option<&Act>,
+    ) -> Result<Act> {
+        if !a.causal {
+            return self.bidirectional(a, q, k, v, bias);
+        }
+        let bias = bias.map(|b| b.tensor()).transpose()?;
+        if let [seq] = self.seqs.as_mut_slice() {
+            return cached_attention(a, layer, seq, q, k, v, bias.as_ref());
+        }
+        let mut start = 0;
+        let mut ys = Vec::with_capacity(self.seqs.len());
+        for seq in self.seqs.iter_mut() {
+            let n = seq.t;
+            let part = |x: &Act| x.rows(start, n);
+            let y = cached_attention(a, layer, seq, part(&q)?, part(&k)?, part(&v)?, bias.as_ref())?;
+            ys.push(y.tensor()?);
+            start += n;
+        }
+        Ok(Act::Full(Tensor::cat(&ys, 1)?))
+    }
+
     /// Where each sequence's rows are: padded rows of `t` in an encoder batch, one after
     /// another in a decoder batch.
     fn spans(&self) -> (Vec<usize>, Vec<usize>) {
@@ -275,7 +319,14 @@ impl Infer<'_> {
 
     /// Encoder self-attention: every query sees its sequence's non-padding keys. The kernel
     /// reads Q|K|V side by side from one `[b, t, (nh + 2·nkv)·hd]` buffer.
-    fn bidirectional(&self, a: &AttnSpec, q: Act, k: Act, v: Act) -> Result<Act> {
+    fn bidirectional(
+        &self,
+        a: &AttnSpec,
+        q: Act,
+        k: Act,
+        v: Act,
+        bias: Option<&Act>,
+    ) -> Result<Act> {
         let (nh, nkv, hd, t, b) = (a.n_heads, a.n_kv_heads, a.head_dim, self.t, self.b());
         if a.rope.is_some() {
             return Err(Error::msg("internal: rotary embeddings in an encoder"));
@@ -286,10 +337,27 @@ impl Infer<'_> {
             None => Tensor::cat(&[q.tensor()?, k.tensor()?, v.tensor()?], 2)?.contiguous()?,
         };
         let lengths = &self.lengths;
-        let y = kernels::with_f32(&fused, |s| {
-            kernels::bidirectional_attention(s, t, nh, nkv, hd, lengths)
-        })?;
+        let bias = bias.map(|b| b.tensor()).transpose()?;
+        let y = with_bias(bias.as_ref(), |bias| {
+            kernels::with_f32(&fused, |s| {
+                kernels::bidirectional_attention(s, t, nh, nkv, hd, lengths, a.scores(), bias)
+            })
+        })??;
         Ok(Act::Full(kernels::tensor(y, vec![b, t, nh * hd])?))
+    }
+}
+
+/// `f` given the relative biases of `bias` (`[heads, 2d + 1]`), if any.
+fn with_bias<R>(
+    bias: Option<&Tensor>,
+    f: impl FnOnce(Option<kernels::RelBias>) -> R,
+) -> Result<R> {
+    match bias {
+        None => Ok(f(None)),
+        Some(b) => {
+            let d = (b.dim(1)? - 1) / 2;
+            kernels::with_f32(b, |table| f(Some(kernels::RelBias { table, d })))
+        }
     }
 }
 
@@ -396,19 +464,66 @@ impl Exec for Infer<'_> {
     }
 
     fn attention(&mut self, a: &AttnSpec, layer: usize, q: Act, k: Act, v: Act) -> Result<Act> {
-        if !a.causal {
-            return self.bidirectional(a, q, k, v);
-        }
-        if let [seq] = self.seqs.as_mut_slice() {
-            return cached_attention(a, layer, seq, q, k, v);
+        self.self_attention(a, layer, q, k, v, None)
+    }
+
+    fn relative_bias(&mut self, table: &Embedding, rel: RelativePositions) -> Result<Act> {
+        let rows = self.table_rows(table, &rel.ids(), 1)?.tensor()?;
+        Ok(Act::Full(rows.squeeze(0)?.t()?.contiguous()?))
+    }
+
+    fn attention_biased(
+        &mut self,
+        a: &AttnSpec,
+        layer: usize,
+        q: Act,
+        k: Act,
+        v: Act,
+        bias: &Act,
+    ) -> Result<Act> {
+        self.self_attention(a, layer, q, k, v, Some(bias))
+    }
+
+    fn cross_attention(
+        &mut self,
+        a: &AttnSpec,
+        slot: usize,
+        q: Act,
+        k: &Linear,
+        v: &Linear,
+        memory: Option<&Act>,
+    ) -> Result<Act> {
+        let (nh, nkv, hd) = (a.n_heads, a.n_kv_heads, a.head_dim);
+        if self.seqs.iter().any(|s| s.cache[slot].cross.is_none()) {
+            let (Some(memory), [seq]) = (memory, self.seqs.as_mut_slice()) else {
+                return Err(Error::msg(
+                    "internal: cross-attention keys are made for one sequence, from its encoder states",
+                ));
+            };
+            let m = memory.tensor()?;
+            let len = m.dim(1)?;
+            let kh = kernels::with_f32(&heads(&Act::Full(k.forward(&m)?), nkv, hd)?, <[f32]>::to_vec)?;
+            let vh = kernels::with_f32(&heads(&Act::Full(v.forward(&m)?), nkv, hd)?, <[f32]>::to_vec)?;
+            seq.cache[slot].cross = Some(Arc::new(CrossKv { k: kh, v: vh, len }));
         }
         let mut start = 0;
         let mut ys = Vec::with_capacity(self.seqs.len());
-        for seq in self.seqs.iter_mut() {
-            let n = seq.t;
-            let part = |x: &Act| x.rows(start, n);
-            ys.push(cached_attention(a, layer, seq, part(&q)?, part(&k)?, part(&v)?)?.tensor()?);
-            start += n;
+        for seq in &self.seqs {
+            let Some(kv) = &seq.cache[slot].cross else {
+                return Err(Error::msg("internal: no cross-attention keys"));
+            };
+            let qh = heads(&q.rows(start, seq.t)?, nh, hd)?;
+            let keys = kernels::KeyView {
+                k: &kv.k,
+                v: &kv.v,
+                cap: kv.len,
+                len: kv.len,
+            };
+            let y = kernels::with_f32(&qh, |q| {
+                kernels::cross_attention(q, keys, nh, nkv, hd, a.scores())
+            })?;
+            ys.push(kernels::tensor(y, vec![1, seq.t, nh * hd])?);
+            start += seq.t;
         }
         Ok(Act::Full(Tensor::cat(&ys, 1)?))
     }
@@ -542,6 +657,7 @@ fn cached_attention(
     q: Act,
     k: Act,
     v: Act,
+    bias: Option<&Tensor>,
 ) -> Result<Act> {
     let (nh, nkv, hd, t, pos) = (a.n_heads, a.n_kv_heads, a.head_dim, seq.t, seq.pos);
     let widths = [nh * hd, nkv * hd, nkv * hd];
@@ -575,9 +691,11 @@ fn cached_attention(
         cap: cache.cap,
         len: cache.len,
     };
-    let y = kernels::with_f32(&q, |q| {
-        kernels::causal_attention(q, keys, nh, nkv, hd, pos, a.scores())
-    })?;
+    let y = with_bias(bias, |bias| {
+        kernels::with_f32(&q, |q| {
+            kernels::causal_attention(q, keys, nh, nkv, hd, pos, a.scores(), bias)
+        })
+    })??;
     Ok(Act::Full(kernels::tensor(y, vec![1, t, nh * hd])?))
 }
 

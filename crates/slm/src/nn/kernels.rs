@@ -313,6 +313,7 @@ unsafe fn head_attention(
     nk: usize,
     hd: usize,
     sc: Scores,
+    bias: Option<HeadBias>,
     keys: impl Fn(usize) -> std::ops::Range<usize>,
 ) {
     let scale = sc.scale;
@@ -342,6 +343,9 @@ unsafe fn head_attention(
         let r = keys(i);
         row[..r.start].fill(0.0);
         row[r.end..].fill(0.0);
+        if let Some(b) = &bias {
+            b.add(&mut row[r.clone()], r.start, i);
+        }
         if let Some(cap) = sc.softcap {
             row[r.clone()]
                 .iter_mut()
@@ -377,6 +381,7 @@ unsafe fn head_attention(
 /// excluded exactly as transformers' additive mask of the dtype minimum does. Returns
 /// `[b, t, nh·hd]` with heads side by side, ready for the output projection. One task per
 /// (sequence, head); no head is ever copied out of the projection.
+#[allow(clippy::too_many_arguments)]
 pub fn bidirectional_attention(
     qkv: &[f32],
     t: usize,
@@ -384,6 +389,8 @@ pub fn bidirectional_attention(
     nkv: usize,
     hd: usize,
     lengths: &[usize],
+    sc: Scores,
+    bias: Option<RelBias>,
 ) -> Vec<f32> {
     let b = lengths.len();
     assert_eq!(qkv.len(), b * t * (nh + 2 * nkv) * hd);
@@ -408,7 +415,8 @@ pub fn bidirectional_attention(
                 t,
                 len,
                 hd,
-                Scores::standard(hd),
+                sc,
+                bias.map(|b| b.head(h, 0)),
                 |_| 0..len,
             )
         }
@@ -437,6 +445,45 @@ impl Scores {
     }
 }
 
+/// T5's learned relative position bias as the kernels read it: head `h` adds
+/// `table[h·(2d+1) + clamp(key − query, −d, d) + d]` to each score, `d` being the distance from
+/// which every bias is the same (T5's `max_distance`: its buckets saturate there).
+#[derive(Clone, Copy)]
+pub struct RelBias<'a> {
+    pub table: &'a [f32],
+    pub d: usize,
+}
+
+impl<'a> RelBias<'a> {
+    /// Head `h`'s biases for queries whose first row sits at position `q0`.
+    fn head(&self, h: usize, q0: usize) -> HeadBias<'a> {
+        let n = 2 * self.d + 1;
+        HeadBias {
+            row: &self.table[h * n..(h + 1) * n],
+            d: self.d as isize,
+            q0,
+        }
+    }
+}
+
+/// One head's relative biases (see [`RelBias`]).
+struct HeadBias<'a> {
+    row: &'a [f32],
+    d: isize,
+    q0: usize,
+}
+
+impl HeadBias<'_> {
+    /// Adds the biases of keys `k0..k0 + scores.len()` to query row `i`'s scores.
+    fn add(&self, scores: &mut [f32], k0: usize, i: usize) {
+        let q = (self.q0 + i) as isize;
+        for (j, s) in scores.iter_mut().enumerate() {
+            let r = ((k0 + j) as isize - q).clamp(-self.d, self.d);
+            *s += self.row[(r + self.d) as usize];
+        }
+    }
+}
+
 /// A KV cache as the attention kernel reads it: per head `cap` rows of `hd`, the first `len`
 /// filled.
 pub struct KeyView<'a> {
@@ -448,6 +495,7 @@ pub struct KeyView<'a> {
 
 /// Causal attention of `t` new queries at positions `pos..pos+t` (`q`: `[nh, t, hd]`) over the
 /// cached keys, with an optional sliding window. Returns `[t, nh·hd]`.
+#[allow(clippy::too_many_arguments)]
 pub fn causal_attention(
     q: &[f32],
     kv: KeyView,
@@ -456,22 +504,55 @@ pub fn causal_attention(
     hd: usize,
     pos: usize,
     sc: Scores,
+    bias: Option<RelBias>,
+) -> Vec<f32> {
+    let t = q.len() / (nh * hd);
+    assert!(pos + t <= kv.len);
+    let keys = |i: usize| {
+        let qpos = pos + i;
+        let lo = sc.window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+        lo..qpos + 1
+    };
+    cached_attention(q, kv, nh, nkv, hd, sc, bias.map(|b| (b, pos)), keys)
+}
+
+/// Cross-attention of `t` decoder queries (`[nh, t, hd]`) over every key of the encoder's
+/// (`kv`, computed once per source). Returns `[t, nh·hd]`.
+pub fn cross_attention(
+    q: &[f32],
+    kv: KeyView,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    sc: Scores,
+) -> Vec<f32> {
+    let len = kv.len;
+    cached_attention(q, kv, nh, nkv, hd, sc, None, |_| 0..len)
+}
+
+/// Each head of `q` over the keys `keys(i)` of its K/V head in `kv`, rows `i` of query
+/// positions `q0 + i` when biased.
+#[allow(clippy::too_many_arguments)]
+fn cached_attention(
+    q: &[f32],
+    kv: KeyView,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    sc: Scores,
+    bias: Option<(RelBias, usize)>,
+    keys: impl Fn(usize) -> std::ops::Range<usize> + Sync,
 ) -> Vec<f32> {
     let t = q.len() / (nh * hd);
     assert_eq!(q.len(), nh * t * hd);
     assert!(kv.k.len() == nkv * kv.cap * hd && kv.v.len() == kv.k.len());
-    assert!(pos + t <= kv.len && kv.len <= kv.cap);
+    assert!(kv.len <= kv.cap);
     let hidden = nh * hd;
     let groups = nh / nkv;
     let mut y = vec![0f32; t * hidden];
     let out = SharedMut(y.as_mut_ptr());
     let run = |h: usize| {
         let kvh = h / groups;
-        let keys = |i: usize| {
-            let qpos = pos + i;
-            let lo = sc.window.map_or(0, |w| (qpos + 1).saturating_sub(w));
-            lo..qpos + 1
-        };
         // SAFETY: q is [nh, t, hd] and each head of the cache holds `cap >= len` rows of hd
         // (checked above); this call alone writes head h's columns of `y` (t × hidden).
         unsafe {
@@ -484,7 +565,8 @@ pub fn causal_attention(
                 kv.len,
                 hd,
                 sc,
-                keys,
+                bias.map(|(b, q0)| b.head(h, q0)),
+                &keys,
             )
         }
     };
@@ -585,6 +667,7 @@ mod tests {
                     window,
                     ..Scores::standard(hd)
                 },
+                None,
             );
             for h in 0..nh {
                 let kvh = h / (nh / nkv);
@@ -626,7 +709,7 @@ mod tests {
             0.0, 1.0, 0.0, 1.0, 3.0, 4.0, //
             0.0, 0.0, 9e3, 9e3, 9e3, 9e3,
         ];
-        let y = bidirectional_attention(&qkv, t, 1, 1, hd, &[2]);
+        let y = bidirectional_attention(&qkv, t, 1, 1, hd, &[2], Scores::standard(hd), None);
         let s = 1.0 / 2f32.sqrt();
         let (e1, e0) = (s.exp(), 1.0f32);
         let p = e1 / (e1 + e0);
@@ -634,7 +717,7 @@ mod tests {
         assert!((y[1] - (p * 2.0 + (1.0 - p) * 4.0)).abs() < 1e-5);
         qkv[14] = -5.0;
         assert_eq!(
-            bidirectional_attention(&qkv, t, 1, 1, hd, &[2])[..4],
+            bidirectional_attention(&qkv, t, 1, 1, hd, &[2], Scores::standard(hd), None)[..4],
             y[..4]
         );
     }
