@@ -2,6 +2,7 @@
 //! against transformers on the same random weights: encoder states, decoder logits, relative
 //! position buckets, greedy and beam-search outputs (tools/make_fixtures.py t5).
 
+use slm::generate::beam::{self, BeamOptions, EarlyStopping, Hypothesis};
 use slm::generate::sampling::argmax;
 use slm::models::seq2seq::{load_seq2seq, Seq2SeqLM};
 use slm::nn::exec::RelativePositions;
@@ -137,4 +138,91 @@ fn t5_greedy_ids_match_generate() {
             );
         }
     }
+}
+
+/// The options of a recorded `generate(num_beams=…)` call.
+fn beam_options(b: &serde_json::Value, default_eos: u32) -> BeamOptions {
+    BeamOptions {
+        beams: b["num_beams"].as_u64().unwrap() as usize,
+        max_new_tokens: b["max_new_tokens"].as_u64().unwrap() as usize,
+        length_penalty: b["length_penalty"].as_f64().unwrap(),
+        early_stopping: match &b["early_stopping"] {
+            serde_json::Value::Bool(true) => EarlyStopping::Finished,
+            serde_json::Value::Bool(false) => EarlyStopping::Heuristic,
+            _ => EarlyStopping::Never,
+        },
+        no_repeat_ngram: b["no_repeat_ngram_size"].as_u64().unwrap() as usize,
+        num_return: b["num_return"].as_u64().unwrap() as usize,
+        // None: generate() falls back to the model's EOS.
+        eos: Some(b["eos"].as_u64().map_or(default_eos, |e| e as u32)),
+    }
+}
+
+/// The rows generate() returns for these hypotheses: prompt and tokens, the EOS appended to
+/// those shorter than the longest (plus one, within the maximum length), padding after.
+fn generate_rows(prompt: &[u32], hyps: &[Hypothesis], opts: &BeamOptions, pad: u32) -> Vec<Vec<u32>> {
+    let longest = hyps.iter().map(|h| prompt.len() + h.tokens.len()).max().unwrap();
+    let width = (longest + 1).min(prompt.len() + opts.max_new_tokens);
+    hyps.iter()
+        .map(|h| {
+            let mut r = [prompt, &h.tokens].concat();
+            if r.len() < width {
+                r.push(opts.eos.unwrap());
+            }
+            r.resize(width, pad);
+            r
+        })
+        .collect()
+}
+
+fn check_beams(what: &str, prompt: &[u32], b: &serde_json::Value, got: &[Hypothesis], opts: &BeamOptions) {
+    let want: Vec<Vec<u32>> = b["sequences"].as_array().unwrap().iter().map(ids).collect();
+    assert_eq!(generate_rows(prompt, got, opts, 0), want, "{what} {opts:?}");
+    for (h, w) in got.iter().zip(b["scores"].as_array().unwrap()) {
+        let w = w.as_f64().unwrap();
+        assert!((h.score - w).abs() < 1e-4, "{what} {opts:?}: score {} vs {w}", h.score);
+    }
+}
+
+#[test]
+fn t5_beam_search_matches_generate() {
+    let mut settings = 0;
+    for name in ["t5_relu", "t5_gated"] {
+        let dir = fixtures().join("t5").join(name);
+        let expected = read_json(dir.join("expected.json"));
+        let m = load_seq2seq(&dir.join("safetensors")).unwrap();
+        for case in expected["cases"].as_array().unwrap() {
+            let src = ids(&case["input_ids"]);
+            for b in case["beams"].as_array().unwrap() {
+                let opts = beam_options(b, m.model.eos());
+                let got = beam::seq2seq(m.model.as_ref(), &src, &opts).unwrap();
+                check_beams(&format!("{name} {src:?}"), &[0], b, &got, &opts);
+                settings += 1;
+            }
+        }
+    }
+    assert_eq!(settings, 2 * 3 * 8);
+}
+
+#[test]
+fn causal_beam_search_matches_generate() {
+    let expected = read_json(fixtures().join("t5/gpt2_beams.json"));
+    let m = slm::models::load_causal(
+        &fixtures().join("gpt2/safetensors"),
+        slm::models::ComputeDtype::F32,
+    )
+    .unwrap();
+    let mut finished = 0;
+    for case in expected["cases"].as_array().unwrap() {
+        let prompt = ids(&case["input_ids"]);
+        for b in case["beams"].as_array().unwrap() {
+            // The tiny GPT-2's EOS is id 0.
+            let opts = beam_options(b, 0);
+            let got = beam::causal(m.model.as_ref(), &prompt, &opts).unwrap();
+            finished += got.iter().filter(|h| h.eos).count();
+            check_beams(&format!("gpt2 {prompt:?}"), &prompt, b, &got, &opts);
+        }
+    }
+    // The early EOS ends some hypotheses: the finished-hypothesis path is exercised.
+    assert!(finished > 0);
 }

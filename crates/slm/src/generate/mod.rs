@@ -1,6 +1,7 @@
 //! Text generation: a session that reuses the KV cache across turns, sampling, stop strings and
 //! streaming UTF-8 output.
 
+pub mod beam;
 pub mod constrain;
 pub mod sampling;
 pub mod stream;
