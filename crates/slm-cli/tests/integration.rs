@@ -12,5 +12,6 @@ mod eval_cli;
 mod finetune_cli;
 mod hub_cli;
 mod quantize_cli;
+mod seq2seq_cli;
 mod serve_cli;
 mod user_errors;

@@ -53,12 +53,17 @@ fn t5_encoder_states_and_decoder_logits_match_transformers() {
                 .decode(&mut [(&mut cache, &dec)], Some(&enc), true)
                 .unwrap();
             let d = max_diff(&logits.to_vec2::<f32>().unwrap(), &case["logits"]);
-            assert!(d <= 1e-4, "{name}/{format} decoder logits {dec:?}: max |diff| {d}");
+            assert!(
+                d <= 1e-4,
+                "{name}/{format} decoder logits {dec:?}: max |diff| {d}"
+            );
             // The same rows one at a time over the cache (cross-attention keys kept).
             let mut cache = model.new_cache();
             for (i, &id) in dec.iter().enumerate() {
                 let memory = (i == 0).then_some(&enc);
-                let row = model.decode(&mut [(&mut cache, &[id])], memory, false).unwrap();
+                let row = model
+                    .decode(&mut [(&mut cache, &[id])], memory, false)
+                    .unwrap();
                 let want = &case["logits"][i];
                 let d = max_diff(&row.to_vec2::<f32>().unwrap(), &serde_json::json!([want]));
                 assert!(d <= 1e-4, "{name} cached step {i}: max |diff| {d}");
@@ -113,7 +118,9 @@ fn greedy(model: &dyn Seq2SeqLM, src: &[u32], max_new: usize) -> Vec<u32> {
     for i in 0..max_new {
         let memory = (i == 0).then_some(&enc);
         let last = [*out.last().unwrap()];
-        let logits = model.decode(&mut [(&mut cache, &last)], memory, false).unwrap();
+        let logits = model
+            .decode(&mut [(&mut cache, &last)], memory, false)
+            .unwrap();
         let next = argmax(&logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         out.push(next);
         if next == model.eos() {
@@ -160,8 +167,17 @@ fn beam_options(b: &serde_json::Value, default_eos: u32) -> BeamOptions {
 
 /// The rows generate() returns for these hypotheses: prompt and tokens, the EOS appended to
 /// those shorter than the longest (plus one, within the maximum length), padding after.
-fn generate_rows(prompt: &[u32], hyps: &[Hypothesis], opts: &BeamOptions, pad: u32) -> Vec<Vec<u32>> {
-    let longest = hyps.iter().map(|h| prompt.len() + h.tokens.len()).max().unwrap();
+fn generate_rows(
+    prompt: &[u32],
+    hyps: &[Hypothesis],
+    opts: &BeamOptions,
+    pad: u32,
+) -> Vec<Vec<u32>> {
+    let longest = hyps
+        .iter()
+        .map(|h| prompt.len() + h.tokens.len())
+        .max()
+        .unwrap();
     let width = (longest + 1).min(prompt.len() + opts.max_new_tokens);
     hyps.iter()
         .map(|h| {
@@ -175,12 +191,22 @@ fn generate_rows(prompt: &[u32], hyps: &[Hypothesis], opts: &BeamOptions, pad: u
         .collect()
 }
 
-fn check_beams(what: &str, prompt: &[u32], b: &serde_json::Value, got: &[Hypothesis], opts: &BeamOptions) {
+fn check_beams(
+    what: &str,
+    prompt: &[u32],
+    b: &serde_json::Value,
+    got: &[Hypothesis],
+    opts: &BeamOptions,
+) {
     let want: Vec<Vec<u32>> = b["sequences"].as_array().unwrap().iter().map(ids).collect();
     assert_eq!(generate_rows(prompt, got, opts, 0), want, "{what} {opts:?}");
     for (h, w) in got.iter().zip(b["scores"].as_array().unwrap()) {
         let w = w.as_f64().unwrap();
-        assert!((h.score - w).abs() < 1e-4, "{what} {opts:?}: score {} vs {w}", h.score);
+        assert!(
+            (h.score - w).abs() < 1e-4,
+            "{what} {opts:?}: score {} vs {w}",
+            h.score
+        );
     }
 }
 

@@ -133,16 +133,26 @@ pub fn beam_search<C: Clone>(
         hyps: Vec::new(),
         worst: 1e9,
     };
+    if opts.max_new_tokens == 0 {
+        return Ok(vec![Hypothesis {
+            tokens: Vec::new(),
+            score: 0.0,
+            eos: false,
+        }]);
+    }
     let keep = 2 * nb;
-    let mut done = false;
-    while opts.max_new_tokens > 0 {
+    let done = loop {
         let mut cand: Vec<(f32, usize)> = Vec::with_capacity(nb * vocab);
         for (b, l) in logits.iter().enumerate() {
             let mut lp = log_softmax(l);
             for t in banned(&seqs[b], opts.no_repeat_ngram) {
                 lp[t as usize] = f32::NEG_INFINITY;
             }
-            cand.extend(lp.iter().enumerate().map(|(v, &s)| (s + beam_scores[b], b * vocab + v)));
+            cand.extend(
+                lp.iter()
+                    .enumerate()
+                    .map(|(v, &s)| (s + beam_scores[b], b * vocab + v)),
+            );
         }
         let k = keep.min(cand.len());
         cand.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -163,7 +173,7 @@ pub fn beam_search<C: Clone>(
                 break;
             }
         }
-        done = kept.is_done(cand[0].0 as f64, cur_len, prompt_len);
+        let done = kept.is_done(cand[0].0 as f64, cur_len, prompt_len);
         seqs = next
             .iter()
             .map(|&(_, t, b)| {
@@ -175,11 +185,11 @@ pub fn beam_search<C: Clone>(
         caches = next.iter().map(|&(_, _, b)| caches[b].clone()).collect();
         beam_scores = next.iter().map(|n| n.0).collect();
         if done || seqs[0].len() >= max_length {
-            break;
+            break done;
         }
         let last: Vec<u32> = next.iter().map(|n| n.1).collect();
         logits = step(&mut caches, &last)?;
-    }
+    };
     if !done {
         for (s, &score) in seqs.iter().zip(&beam_scores) {
             kept.add(s.clone(), score as f64, s.len() - prompt_len, false);
@@ -221,21 +231,6 @@ pub fn banned(seq: &[u32], n: usize) -> Vec<u32> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn banned_tokens_complete_a_seen_ngram() {
-        assert_eq!(banned(&[1, 2, 3, 1, 2], 3), vec![3]);
-        assert_eq!(banned(&[1, 2, 3, 1], 2), vec![2]);
-        assert!(banned(&[1, 2], 3).is_empty());
-        assert!(banned(&[5, 5, 5], 0).is_empty());
-        // A unigram ban forbids every token seen.
-        assert_eq!(banned(&[4, 7], 1), vec![4, 7]);
-    }
-}
-
 /// Each beam's one new token over its cache, as rows of `[n, vocab]`.
 fn rows(t: candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
@@ -248,7 +243,9 @@ pub fn causal(
     opts: &BeamOptions,
 ) -> Result<Vec<Hypothesis>> {
     if prompt.is_empty() {
-        return Err(crate::error::Error::msg("an empty prompt: nothing to continue"));
+        return Err(crate::error::Error::msg(
+            "an empty prompt: nothing to continue",
+        ));
     }
     crate::models::check_context(prompt.len() + opts.max_new_tokens, model.context_length())?;
     let mut cache = model.new_cache();
@@ -281,4 +278,19 @@ pub fn seq2seq(
             .collect();
         rows(model.decode(&mut seqs, None, false)?)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn banned_tokens_complete_a_seen_ngram() {
+        assert_eq!(banned(&[1, 2, 3, 1, 2], 3), vec![3]);
+        assert_eq!(banned(&[1, 2, 3, 1], 2), vec![2]);
+        assert!(banned(&[1, 2], 3).is_empty());
+        assert!(banned(&[5, 5, 5], 0).is_empty());
+        // A unigram ban forbids every token seen.
+        assert_eq!(banned(&[4, 7], 1), vec![4, 7]);
+    }
 }

@@ -4,6 +4,7 @@
 pub mod beam;
 pub mod constrain;
 pub mod sampling;
+pub mod seq2seq;
 pub mod stream;
 
 use std::time::{Duration, Instant};

@@ -230,11 +230,19 @@ impl ModelConfig {
                 c.size("num_layers", t.num_layers, MAX_LAYERS)?;
                 c.size("num_decoder_layers", t.decoder_layers(), MAX_LAYERS)?;
                 c.size("num_heads", t.num_heads, MAX_HEADS)?;
-                c.size("relative_attention_num_buckets", t.relative_attention_num_buckets, 1 << 16)?;
+                c.size(
+                    "relative_attention_num_buckets",
+                    t.relative_attention_num_buckets,
+                    1 << 16,
+                )?;
                 if t.relative_attention_num_buckets < 4 {
                     return Err(c.err("relative_attention_num_buckets must be at least 4".into()));
                 }
-                c.size("relative_attention_max_distance", t.relative_attention_max_distance, MAX_POSITIONS)?;
+                c.size(
+                    "relative_attention_max_distance",
+                    t.relative_attention_max_distance,
+                    MAX_POSITIONS,
+                )?;
                 if t.relative_attention_max_distance <= t.relative_attention_num_buckets / 2 {
                     return Err(c.err(format!(
                         "relative_attention_max_distance ({}) must exceed half the buckets ({}): the decoder's exact buckets",

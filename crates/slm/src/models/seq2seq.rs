@@ -77,7 +77,9 @@ impl<F: Seq2SeqFamily<InferW> + Send + Sync> Seq2SeqLM for EncoderDecoder<F> {
         let mut runs = Vec::with_capacity(seqs.len());
         for (cache, seq_ids) in seqs.iter_mut() {
             if cache.0.len() != self.model.n_slots() {
-                return Err(Error::msg("internal: a decoder cache made for another model"));
+                return Err(Error::msg(
+                    "internal: a decoder cache made for another model",
+                ));
             }
             super::check_context(cache.len() + seq_ids.len(), self.model.context_length())?;
             ids.extend_from_slice(seq_ids);
@@ -88,7 +90,9 @@ impl<F: Seq2SeqFamily<InferW> + Send + Sync> Seq2SeqLM for EncoderDecoder<F> {
         }
         let mut e = Infer::batch(runs)?;
         let memory = memory.map(|m| Act::Full(m.clone()));
-        let y = self.model.decode(&mut e, &ids, memory.as_ref(), !all_rows)?;
+        let y = self
+            .model
+            .decode(&mut e, &ids, memory.as_ref(), !all_rows)?;
         Ok(y.tensor()?.squeeze(0)?)
     }
 

@@ -151,7 +151,12 @@ impl<W: Weights> Ff<W> {
             FeedForward::Dense(l.linear(&format!("{m}.wi"), d, f, false)?)
         };
         Ok(Self {
-            norm: l.norm(NormKind::Rms, &format!("{base}.layer_norm"), d, cfg.layer_norm_epsilon)?,
+            norm: l.norm(
+                NormKind::Rms,
+                &format!("{base}.layer_norm"),
+                d,
+                cfg.layer_norm_epsilon,
+            )?,
             wi,
             wo: l.linear(&format!("{m}.wo"), f, d, false)?,
         })
@@ -188,7 +193,12 @@ impl<W: Weights> SelfAttn<W> {
         let names = ["q", "k", "v"].map(|p| format!("{m}.{p}"));
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         Ok(Self {
-            norm: l.norm(NormKind::Rms, &format!("{base}.layer_norm"), d, cfg.layer_norm_epsilon)?,
+            norm: l.norm(
+                NormKind::Rms,
+                &format!("{base}.layer_norm"),
+                d,
+                cfg.layer_norm_epsilon,
+            )?,
             qkv: l.parts(&names, d, &[inner; 3], false)?,
             o: l.linear(&format!("{m}.o"), inner, d, false)?,
         })
@@ -248,14 +258,19 @@ pub struct T5<W: Weights> {
 impl<W: Weights> T5<W> {
     pub fn new(cfg: &Config, l: &mut impl Loader<W = W>) -> Result<Self> {
         cfg.feed_forward()?;
-        let (d, inner, eps) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.layer_norm_epsilon);
+        let (d, inner, eps) = (
+            cfg.d_model,
+            cfg.num_heads * cfg.d_kv,
+            cfg.layer_norm_epsilon,
+        );
         // The one table is `shared`; checkpoints that kept only a stack's copy name it there.
         let table = ["shared", "encoder.embed_tokens", "decoder.embed_tokens"]
             .into_iter()
             .find(|n| l.contains(&format!("{n}.weight")))
             .unwrap_or("shared");
         let shared = l.embedding(table, cfg.vocab_size, d)?;
-        let rel = |stack: &str| format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias");
+        let rel =
+            |stack: &str| format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias");
         let buckets = cfg.relative_attention_num_buckets;
         let encoder_bias = l.embedding(&rel("encoder"), buckets, cfg.num_heads)?;
         let decoder_bias = l.embedding(&rel("decoder"), buckets, cfg.num_heads)?;

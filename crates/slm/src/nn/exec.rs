@@ -100,7 +100,8 @@ impl RelativePositions {
             return (bucket + dist) as u32;
         }
         let ratio = (self.max_distance as f64 / exact as f64).ln() as f32;
-        let large = exact + ((dist as f32 / exact as f32).ln() / ratio * (n - exact) as f32) as usize;
+        let large =
+            exact + ((dist as f32 / exact as f32).ln() / ratio * (n - exact) as f32) as usize;
         (bucket + large.min(n - 1)) as u32
     }
 

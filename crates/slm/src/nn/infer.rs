@@ -290,7 +290,15 @@ impl Infer<'_> {
         for seq in self.seqs.iter_mut() {
             let n = seq.t;
             let part = |x: &Act| x.rows(start, n);
-            let y = cached_attention(a, layer, seq, part(&q)?, part(&k)?, part(&v)?, bias.as_ref())?;
+            let y = cached_attention(
+                a,
+                layer,
+                seq,
+                part(&q)?,
+                part(&k)?,
+                part(&v)?,
+                bias.as_ref(),
+            )?;
             ys.push(y.tensor()?);
             start += n;
         }
@@ -348,10 +356,7 @@ impl Infer<'_> {
 }
 
 /// `f` given the relative biases of `bias` (`[heads, 2d + 1]`), if any.
-fn with_bias<R>(
-    bias: Option<&Tensor>,
-    f: impl FnOnce(Option<kernels::RelBias>) -> R,
-) -> Result<R> {
+fn with_bias<R>(bias: Option<&Tensor>, f: impl FnOnce(Option<kernels::RelBias>) -> R) -> Result<R> {
     match bias {
         None => Ok(f(None)),
         Some(b) => {
@@ -502,8 +507,14 @@ impl Exec for Infer<'_> {
             };
             let m = memory.tensor()?;
             let len = m.dim(1)?;
-            let kh = kernels::with_f32(&heads(&Act::Full(k.forward(&m)?), nkv, hd)?, <[f32]>::to_vec)?;
-            let vh = kernels::with_f32(&heads(&Act::Full(v.forward(&m)?), nkv, hd)?, <[f32]>::to_vec)?;
+            let kh = kernels::with_f32(
+                &heads(&Act::Full(k.forward(&m)?), nkv, hd)?,
+                <[f32]>::to_vec,
+            )?;
+            let vh = kernels::with_f32(
+                &heads(&Act::Full(v.forward(&m)?), nkv, hd)?,
+                <[f32]>::to_vec,
+            )?;
             seq.cache[slot].cross = Some(Arc::new(CrossKv { k: kh, v: vh, len }));
         }
         let mut start = 0;
