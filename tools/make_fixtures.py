@@ -1058,6 +1058,74 @@ def record_t5():
     (root / "gpt2_beams.json").write_text(json.dumps({"transformers": transformers.__version__, "cases": causal}))
 
 
+def overlap_pairs():
+    """Hypothesis/reference pairs from tiny shakespeare lines, each hypothesis damaged a
+    different way (words dropped, swapped, replaced, case, punctuation, digits, HTML entities,
+    accents, an empty one), with a few hand-made pairs for the tokenizers' edge cases."""
+    import random
+    rng = random.Random(7)
+    text = (ASSETS / "corpora" / "tinyshakespeare" / "input.txt").read_text()
+    lines = [l.strip() for l in text.splitlines() if len(l.split()) >= 4][:400]
+    refs, hyps = [], []
+    for i, ref in enumerate(lines[::4][:90]):
+        w = ref.split()
+        k = i % 6
+        if k == 0:
+            w = [x for j, x in enumerate(w) if rng.random() > 0.25 or j == 0]
+        elif k == 1 and len(w) > 2:
+            a = rng.randrange(len(w) - 1); w[a], w[a + 1] = w[a + 1], w[a]
+        elif k == 2:
+            w = [rng.choice(["the", "a", "lord", "good", "sir"]) if rng.random() < 0.3 else x for x in w]
+        elif k == 3:
+            w = [x.upper() if rng.random() < 0.3 else x for x in w] + ["indeed."]
+        elif k == 4:
+            w = w[: max(1, len(w) // 2)]
+        hyps.append(" ".join(w)); refs.append(ref)
+    hand = [("The price is 1,000.50 dollars - or 3-4 euros.", "The price is 1,000.50 dollars, or 3-4 euros!"),
+            ("&quot;Café&quot; &amp; crème &lt;br&gt; {x} [y] ~z~ `q` @home #tag $5 %",
+             "\"Café\" & crème <br> {x} [y] ~z~ `q` @home #tag $5 %"),
+            ("", "Nothing was generated here."),
+            ("generously connected happiness relational conditional hopefully", "generous connection happy relate condition hope"),
+            ("The runners were running faster than the ran race", "A runner runs fast in races")]
+    for h, r in hand:
+        hyps.append(h); refs.append(r)
+    return hyps, refs
+
+
+def record_overlap():
+    """BLEU and chrF by sacrebleu, ROUGE-1/2/L by rouge-score (stemmed), per pair and over the
+    corpus; NLTK's Porter stems of every distinct word of tiny shakespeare (rouge-score's
+    stemmer) to tests/fixtures/overlap.json."""
+    import re
+    import nltk
+    import rouge_score
+    import sacrebleu
+    from nltk.stem import porter
+    from rouge_score import rouge_scorer
+    hyps, refs = overlap_pairs()
+    bleu = sacrebleu.corpus_bleu(hyps, [refs])
+    chrf = sacrebleu.corpus_chrf(hyps, [refs])
+    sc = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    pairs = []
+    for h, r in zip(hyps, refs):
+        s = sc.score(r, h)
+        pairs.append({k: [v.precision, v.recall, v.fmeasure] for k, v in s.items()})
+    subsets = {"first10": (hyps[:10], refs[:10]), "hand": (hyps[-5:], refs[-5:])}
+    sub = {k: {"bleu": sacrebleu.corpus_bleu(h, [r]).score, "chrf": sacrebleu.corpus_chrf(h, [r]).score}
+           for k, (h, r) in subsets.items()}
+    text = (ASSETS / "corpora" / "tinyshakespeare" / "input.txt").read_text().lower()
+    words = sorted(set(re.findall(r"[a-z0-9]+", text)))
+    stem = porter.PorterStemmer()
+    stems = {w: stem.stem(w) for w in words if len(w) > 3}
+    out = {"sacrebleu": sacrebleu.__version__, "rouge_score": "0.1.2", "nltk": nltk.__version__,
+           "hyps": hyps, "refs": refs, "bleu": bleu.score, "bleu_precisions": bleu.precisions,
+           "bleu_bp": bleu.bp, "chrf": chrf.score, "subsets": sub, "rouge": pairs,
+           "tokens_13a": [sacrebleu.tokenizers.tokenizer_13a.Tokenizer13a()(h) for h in hyps[-5:]],
+           "stems": stems}
+    (OUT / "overlap.json").write_text(json.dumps(out))
+    print("overlap: bleu", bleu.score, "chrf", chrf.score, len(stems), "stems")
+
+
 def main():
     torch.manual_seed(1234)
     print("torch", torch.__version__, "transformers", transformers.__version__)
@@ -1073,6 +1141,8 @@ def main():
         return record_gemma3_270m()
     if only == ["t5"]:
         return record_t5()
+    if only == ["overlap"]:
+        return record_overlap()
     for name, model, kw in tiny_models():
         if not only or name in only:
             record_tiny(name, model, kw)

@@ -16,6 +16,7 @@ mod gemma;
 mod gguf_export;
 mod hub;
 mod metrics;
+mod overlap;
 mod peft;
 mod perplexity;
 mod pretrain;
