@@ -8,6 +8,7 @@
 //! shared, not copied).
 
 use crate::error::Result;
+use crate::models::SeqCache;
 
 /// When a beam search may stop before the maximum length (`early_stopping`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -236,6 +237,15 @@ fn rows(t: candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
 }
 
+/// Each beam's cache with its one new token, as a batched forward pass takes them.
+fn one_each<'a>(caches: &'a mut [SeqCache], last: &'a [u32]) -> Vec<(&'a mut SeqCache, &'a [u32])> {
+    caches
+        .iter_mut()
+        .zip(last)
+        .map(|(c, t)| (c, std::slice::from_ref(t)))
+        .collect()
+}
+
 /// Beam search of a causal model after `prompt`.
 pub fn causal(
     model: &dyn crate::models::CausalLM,
@@ -251,11 +261,7 @@ pub fn causal(
     let mut cache = model.new_cache();
     let first = rows(model.forward_batch(&mut [(&mut cache, prompt)])?)?.remove(0);
     beam_search(prompt, cache, first, opts, |caches, last| {
-        let mut seqs: Vec<_> = caches
-            .iter_mut()
-            .zip(last)
-            .map(|(c, t)| (c, std::slice::from_ref(t)))
-            .collect();
+        let mut seqs = one_each(caches, last);
         rows(model.forward_batch(&mut seqs)?)
     })
 }
@@ -271,11 +277,7 @@ pub fn seq2seq(
     let mut cache = model.new_cache();
     let first = rows(model.decode(&mut [(&mut cache, &start)], Some(&memory), false)?)?.remove(0);
     beam_search(&start, cache, first, opts, |caches, last| {
-        let mut seqs: Vec<_> = caches
-            .iter_mut()
-            .zip(last)
-            .map(|(c, t)| (c, std::slice::from_ref(t)))
-            .collect();
+        let mut seqs = one_each(caches, last);
         rows(model.decode(&mut seqs, None, false)?)
     })
 }

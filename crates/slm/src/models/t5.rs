@@ -135,13 +135,14 @@ enum FeedForward<W: Weights> {
 struct Ff<W: Weights> {
     norm: W::Norm,
     wi: FeedForward<W>,
+    act: Activation,
     wo: W::Linear,
 }
 
 impl<W: Weights> Ff<W> {
     fn new(cfg: &Config, l: &mut impl Loader<W = W>, base: &str) -> Result<Self> {
         let (d, f) = (cfg.d_model, cfg.d_ff);
-        let (gated, _) = cfg.feed_forward()?;
+        let (gated, act) = cfg.feed_forward()?;
         let m = format!("{base}.DenseReluDense");
         let wi = if gated {
             let names = [format!("{m}.wi_0"), format!("{m}.wi_1")];
@@ -158,12 +159,13 @@ impl<W: Weights> Ff<W> {
                 cfg.layer_norm_epsilon,
             )?,
             wi,
+            act,
             wo: l.linear(&format!("{m}.wo"), f, d, false)?,
         })
     }
 
     fn forward<E: Exec<W = W>>(&self, e: &mut E, cfg: &Config, x: E::X) -> Result<E::X> {
-        let (_, act) = cfg.feed_forward()?;
+        let act = self.act;
         let h = e.norm(&self.norm, &x)?;
         let h = match &self.wi {
             FeedForward::Dense(wi) => e.linear(wi, &h, Some(act))?,
@@ -257,7 +259,6 @@ pub struct T5<W: Weights> {
 
 impl<W: Weights> T5<W> {
     pub fn new(cfg: &Config, l: &mut impl Loader<W = W>) -> Result<Self> {
-        cfg.feed_forward()?;
         let (d, inner, eps) = (
             cfg.d_model,
             cfg.num_heads * cfg.d_kv,
