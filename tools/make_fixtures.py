@@ -1058,6 +1058,67 @@ def record_t5():
     (root / "gpt2_beams.json").write_text(json.dumps({"transformers": transformers.__version__, "cases": causal}))
 
 
+T5_GRADS = ["shared.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "encoder.block.1.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.1.layer_norm.weight",
+            "decoder.block.0.layer.1.EncDecAttention.k.weight", "decoder.block.1.layer.1.EncDecAttention.q.weight",
+            "decoder.block.1.layer.0.SelfAttention.v.weight", "encoder.final_layer_norm.weight",
+            "decoder.final_layer_norm.weight"]
+T5_GRADS_BY = {"t5_relu": ["decoder.block.2.layer.2.DenseReluDense.wo.weight", "encoder.block.1.layer.1.DenseReluDense.wi.weight"],
+               "t5_gated": ["decoder.block.1.layer.2.DenseReluDense.wi_0.weight",
+                            "encoder.block.0.layer.1.DenseReluDense.wi_1.weight", "lm_head.weight"]}
+
+
+def record_train_t5():
+    """Teacher-forced loss and gradients of the tiny T5s on a padded batch of all three pairs
+    (sources padded and masked, targets padded with -100), full and with a PEFT LoRA
+    (SEQ_2_SEQ_LM on q, v and wo, random A and B, saved to t5/peft/<name>_lora) with its
+    logits; dropout off; and PEFT's logits for the adapters slm trained
+    (t5/peft/slm_<name>_adapter, written by `SLM_WRITE_FIXTURES=1 cargo test -p slm --test
+    integration seq2seq_train::`). Written to t5/train.json."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import T5ForConditionalGeneration
+    root = OUT / "t5"
+    ns, nt = max(map(len, T5_SOURCES)), max(len(t) - 1 for t in T5_TARGETS)
+    ids = torch.tensor([s + [0] * (ns - len(s)) for s in T5_SOURCES])
+    mask = (torch.arange(ns)[None] < torch.tensor([len(s) for s in T5_SOURCES])[:, None]).long()
+    labels = torch.tensor([t[1:] + [-100] * (nt - len(t) + 1) for t in T5_TARGETS])
+    rec = {"sources": T5_SOURCES, "targets": [t[1:] for t in T5_TARGETS], "peft": peft.__version__, "models": {}}
+    for name in ("t5_relu", "t5_gated"):
+        model = T5ForConditionalGeneration.from_pretrained(root / name / "safetensors")
+        model.eval()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        named = dict(model.named_parameters())
+        r = {"loss": out.loss.item(),
+             "grads": {n: grad_list(named[n].grad) for n in T5_GRADS + T5_GRADS_BY[name]}}
+        model.zero_grad()
+        torch.manual_seed(12)
+        cfg = LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+                         init_lora_weights=False, target_modules=["q", "v", "wo"])
+        pm = get_peft_model(model, cfg)
+        pm.eval()
+        out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        pm.save_pretrained(root / "peft" / f"{name}_lora")
+        r["lora_loss"] = out.loss.item()
+        r["lora_grads"] = {n.removeprefix("base_model.model.").replace(".default", ""): grad_list(p.grad)
+                           for n, p in pm.named_parameters() if p.requires_grad and "block.1." in n}
+        x, dec = torch.tensor([T5_SOURCES[0]]), torch.tensor([T5_TARGETS[0][:-1]])
+        with torch.no_grad():
+            r["lora_logits"] = pm(input_ids=x, decoder_input_ids=dec).logits[0].numpy().round(7).tolist()
+        slm = root / "peft" / f"slm_{name}_adapter"
+        if slm.exists():
+            base = T5ForConditionalGeneration.from_pretrained(root / name / "safetensors")
+            pm = PeftModel.from_pretrained(base, slm)
+            pm.eval()
+            with torch.no_grad():
+                r["slm_adapter_logits"] = pm(input_ids=x, decoder_input_ids=dec).logits[0].numpy().round(7).tolist()
+        rec["models"][name] = r
+        print(f"train_t5 {name}: loss {r['loss']:.6f} lora {r['lora_loss']:.6f}")
+    (root / "train.json").write_text(json.dumps(rec))
+
+
 def overlap_pairs():
     """Hypothesis/reference pairs from tiny shakespeare lines, each hypothesis damaged a
     different way (words dropped, swapped, replaced, case, punctuation, digits, HTML entities,
@@ -1141,6 +1202,8 @@ def main():
         return record_gemma3_270m()
     if only == ["t5"]:
         return record_t5()
+    if only == ["t5_train"]:
+        return record_train_t5()
     if only == ["overlap"]:
         return record_overlap()
     for name, model, kw in tiny_models():

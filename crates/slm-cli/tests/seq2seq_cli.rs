@@ -105,7 +105,7 @@ fn t5_generates_greedy_batched_and_beam_outputs() {
         eos: Some(1),
         ..Default::default()
     };
-    let src = tok.encode(INPUTS[1], true).unwrap();
+    let src = tok.encode_sequence(INPUTS[1]).unwrap();
     let hyps = slm::generate::beam::seq2seq(loaded.model.as_ref(), &src, &opts).unwrap();
     let want: Vec<String> = hyps
         .iter()
@@ -151,6 +151,209 @@ fn t5_generates_greedy_batched_and_beam_outputs() {
     assert_ne!(code, 0);
     assert!(
         err.contains("--num-return 3 is more than --beams 2"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Short lines of tiny shakespeare with their words in reverse order, as JSONL pairs.
+fn reversal_pairs(path: &Path, skip: usize, n: usize) {
+    let text = std::fs::read_to_string(asset("corpora/tinyshakespeare/input.txt")).unwrap();
+    let rows: String = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| (3..=7).contains(&w.len()))
+        .skip(skip)
+        .take(n)
+        .map(|w| {
+            let rev: Vec<&str> = w.iter().rev().copied().collect();
+            format!(
+                "{}\n",
+                serde_json::json!({"input": w.join(" "), "target": rev.join(" ")})
+            )
+        })
+        .collect();
+    std::fs::write(path, rows).unwrap();
+}
+
+fn last_eval_loss(out: &Path) -> f64 {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["eval"]["loss"].as_f64())
+        .expect("an evaluation")
+}
+
+fn json_of(out: &str) -> serde_json::Value {
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `finetune --task seq2seq` (full and LoRA), then `eval seq2seq` of what it wrote: the
+/// teacher-forced loss equals the trainer's last evaluation, `--generate` scores the outputs
+/// it writes to `--report`, and `generate` runs the model and the adapter.
+#[test]
+fn t5_finetunes_fully_and_with_lora_and_evaluates() {
+    let dir = tempdir("t5-finetune");
+    let model = t5_with_tokenizer(&dir);
+    let (train, valid) = (dir.join("train.jsonl"), dir.join("valid.jsonl"));
+    reversal_pairs(&train, 0, 160);
+    reversal_pairs(&valid, 160, 12);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let finetune = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "finetune".to_string(),
+            "-m".into(),
+            s(&model),
+            "--task".into(),
+            "seq2seq".into(),
+            "--train".into(),
+            s(&train),
+            "--valid".into(),
+            s(&valid),
+            "-o".into(),
+            s(out),
+            "--epochs".into(),
+            "2".into(),
+            "--batch-size".into(),
+            "16".into(),
+            "--max-length".into(),
+            "24".into(),
+            "--max-target-length".into(),
+            "24".into(),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run(&args, None);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            err.contains("160 train / 12 valid pairs (input/target"),
+            "{err}"
+        );
+    };
+    let (full, lora) = (dir.join("full"), dir.join("lora"));
+    finetune(&full, &["--lr", "1e-3"]);
+    finetune(&lora, &["--method", "lora", "--lr", "5e-3"]);
+    assert!(full.join("model.safetensors").is_file());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lora.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_2_SEQ_LM");
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q", "v"]));
+
+    // The teacher-forced loss of the saved model (and of the base with the adapter) is the
+    // trainer's last validation loss.
+    for (m, adapter, out) in [(&full, None, &full), (&model, Some(&lora), &lora)] {
+        let mut args = vec![
+            "eval".to_string(),
+            "seq2seq".into(),
+            "-m".into(),
+            s(m),
+            "--data".into(),
+            s(&valid),
+            "--max-length".into(),
+            "24".into(),
+            "--json".into(),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter".to_string(), s(a)]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stdout, err) = run(&args, None);
+        assert_eq!(code, 0, "{err}");
+        let r = json_of(&stdout);
+        let (got, want) = (r["mean_nll"].as_f64().unwrap(), last_eval_loss(out));
+        assert!((got - want).abs() < 1e-4, "{}: {got} vs {want}", s(out));
+        assert_eq!(r["pairs"], 12);
+        assert!((r["perplexity"].as_f64().unwrap() - got.exp()).abs() < 1e-6);
+    }
+
+    // --generate: the scores of the outputs written to the report.
+    let report = dir.join("report");
+    let eval_gen = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "seq2seq",
+            "-m",
+            full.to_str().unwrap(),
+            "--data",
+            valid.to_str().unwrap(),
+            "--generate",
+            "--max-new-tokens",
+            "16",
+            "--report",
+            report.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        run(&args, None)
+    };
+    let (code, stdout, err) = eval_gen(&[]);
+    assert_eq!(code, 0, "{err}");
+    let r = json_of(&stdout);
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(report.join("outputs.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 12);
+    let outs: Vec<&str> = rows.iter().map(|r| r["output"].as_str().unwrap()).collect();
+    let refs: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    let bleu = slm::eval::overlap::bleu(&outs, &refs).score;
+    assert!((r["generated"]["bleu"]["score"].as_f64().unwrap() - bleu).abs() < 1e-9);
+    let chrf = slm::eval::overlap::chrf(&outs, &refs);
+    assert!((r["generated"]["chrf"].as_f64().unwrap() - chrf).abs() < 1e-9);
+    let saved = json_of(&std::fs::read_to_string(report.join("report.json")).unwrap());
+    assert_eq!(saved["report"]["generated"], r["generated"]);
+    // Greedy outputs are what `slm generate` prints for the same input.
+    let first = rows[0]["input"].as_str().unwrap();
+    let (code, stdout, err) = run(
+        &[
+            "generate",
+            "-m",
+            full.to_str().unwrap(),
+            first,
+            "--temperature",
+            "0",
+            "-n",
+            "16",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(stdout.trim(), outs[0].trim());
+    // The report is not overwritten without --force.
+    let (code, _, err) = eval_gen(&[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("report.json") && err.contains("--force"),
+        "{err}"
+    );
+    let (code, _, err) = eval_gen(&["--force", "--beams", "2"]);
+    assert_eq!(code, 0, "{err}");
+
+    // A pair without its target is named by line.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"input\": \"a b\", \"target\": \"b a\"}\n{\"input\": \"c\"}\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(
+        &[
+            "eval",
+            "seq2seq",
+            "-m",
+            full.to_str().unwrap(),
+            "--data",
+            bad.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("bad.jsonl: line 2: no \"target\" string"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

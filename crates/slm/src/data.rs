@@ -253,3 +253,56 @@ mod tests {
         assert!(e.contains("no text column named body"), "{e}");
     }
 }
+
+/// A source text and its target text (a translation, a summary, a correction).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextPair {
+    pub input: String,
+    pub target: String,
+    /// 1-based line in the file.
+    pub line: usize,
+}
+
+/// The two field names a pair may use.
+const PAIR_FIELDS: [(&str, &str, &str); 2] = [
+    ("input", "target", "input/target"),
+    ("prompt", "completion", "prompt/completion"),
+];
+
+/// JSONL pairs, one `{"input", "target"}` or `{"prompt", "completion"}` object per line
+/// (blank lines skipped), with the names the file used.
+pub fn read_pairs(path: &Path) -> Result<(Vec<TextPair>, &'static str)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |n: usize, msg: String| Error::Data(format!("{}: line {n}: {msg}", path.display()));
+    let (mut out, mut format) = (Vec::new(), "input/target");
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(n, format!("not JSON: {e}")))?;
+        let Some(&(src, tgt, name)) = PAIR_FIELDS.iter().find(|f| v.get(f.0).is_some()) else {
+            return Err(bad(
+                n,
+                "expected {\"input\", \"target\"} or {\"prompt\", \"completion\"}".into(),
+            ));
+        };
+        format = name;
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| bad(n, format!("no \"{k}\" string")))
+        };
+        out.push(TextPair {
+            input: field(src)?,
+            target: field(tgt)?,
+            line: n,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::Data(format!("{}: no pairs", path.display())));
+    }
+    Ok((out, format))
+}

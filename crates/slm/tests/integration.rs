@@ -22,6 +22,7 @@ mod perplexity;
 mod pretrain;
 mod rnn;
 mod seq2seq;
+mod seq2seq_train;
 mod smollm2;
 mod tokenizer_train;
 mod tokenizer_vectors;

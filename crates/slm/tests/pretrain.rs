@@ -425,6 +425,7 @@ fn a_transformer_from_scratch_starts_as_transformers_initialises_it_and_learns()
                     &[64],
                 ),
             ],
+            Family::T5 => unreachable!("a seq2seq run: tests/seq2seq_train.rs"),
         };
         for &(name, mean, std, shape) in checks {
             let (m, s, got) = moments(store.as_ref(), name);
@@ -463,4 +464,127 @@ fn a_transformer_from_scratch_starts_as_transformers_initialises_it_and_learns()
         }
         same_as_training(&mut m, &ids, &summary, &format!("{family:?}"));
     }
+}
+
+/// Pairs of tiny shakespeare's short lines and the same words in reverse order, as JSONL.
+fn reversal_pairs(dir: &Path, name: &str, lines: std::ops::Range<usize>) -> PathBuf {
+    let src = common::assets().join("corpora/tinyshakespeare/input.txt");
+    let text = std::fs::read_to_string(&src)
+        .unwrap_or_else(|e| panic!("{}: {e} (set SLM_ASSETS)", src.display()));
+    let mut out = String::new();
+    let short = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| (3..=8).contains(&w.len()));
+    for w in short.skip(lines.start).take(lines.len()) {
+        let rev: Vec<&str> = w.iter().rev().copied().collect();
+        let row = serde_json::json!({"input": w.join(" "), "target": rev.join(" ")});
+        out.push_str(&format!("{row}\n"));
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, out).unwrap();
+    p
+}
+
+#[test]
+fn a_t5_from_scratch_starts_as_transformers_initialises_it_and_learns() {
+    let dir = common::tempdir("pretrain_t5");
+    let train = reversal_pairs(&dir, "train.jsonl", 0..800);
+    let valid = reversal_pairs(&dir, "valid.jsonl", 800..860);
+    let text = shakespeare(&dir, "text.txt", 0, 100_000);
+    // T5's special tokens and ids: <pad> 0 (the decoder's start), </s> 1, <unk> 2.
+    let o = TrainOptions {
+        kind: Kind::Unigram,
+        vocab_size: 400,
+        min_frequency: 2,
+        special_tokens: ["<pad>", "</s>", "<unk>"].map(String::from).to_vec(),
+        preprocess: Default::default(),
+    };
+    let tok = tok_train::train(&[text], &o).unwrap();
+    tok_train::save(&tok, &o, &dir.join("t5tok")).unwrap();
+    let mut p = transformer_job(
+        &dir,
+        Family::T5,
+        serde_json::json!({"d_model": 32, "d_ff": 64, "num_layers": 2, "num_heads": 4}),
+    );
+    p.tokenizer = dir.join("t5tok");
+    p.train = vec![train];
+    p.valid = vec![valid.clone()];
+    p.seq_len = Some(32);
+    p.batch_size = 16;
+    p.config.epochs = 3;
+    let summary = run(&p, &NoHooks).unwrap();
+
+    let cfg = common::read_json(p.output.join("config.json"));
+    for (k, v) in [
+        ("pad_token_id", 0),
+        ("decoder_start_token_id", 0),
+        ("eos_token_id", 1),
+        ("d_kv", 8),
+        ("vocab_size", 400),
+    ] {
+        assert_eq!(cfg[k], v, "{k}");
+    }
+    // transformers' T5 `_init_weights`: N(0, 1) embeddings, N(0, 1/fan-in) projections (the
+    // query's fan-in d_model·d_kv), unit norms, a tied head.
+    let init = slm::io::ModelFiles::locate(&p.output.join("init")).unwrap();
+    let store = slm::io::open_weights(&init).unwrap();
+    assert!(!store.tensors().iter().any(|t| t.name.contains("lm_head")));
+    let r = |x: f64| x.powf(-0.5);
+    let attn = "encoder.block.0.layer.0.SelfAttention";
+    let checks: &[(&str, f64, f64, &[usize])] = &[
+        ("shared.weight", 0.0, 1.0, &[400, 32]),
+        (&format!("{attn}.q.weight"), 0.0, r(32.0 * 8.0), &[32, 32]),
+        (&format!("{attn}.k.weight"), 0.0, r(32.0), &[32, 32]),
+        (&format!("{attn}.o.weight"), 0.0, r(32.0), &[32, 32]),
+        (
+            &format!("{attn}.relative_attention_bias.weight"),
+            0.0,
+            r(32.0),
+            &[32, 4],
+        ),
+        (
+            "decoder.block.1.layer.2.DenseReluDense.wo.weight",
+            0.0,
+            r(64.0),
+            &[32, 64],
+        ),
+        (
+            "decoder.block.1.layer.1.EncDecAttention.v.weight",
+            0.0,
+            r(32.0),
+            &[32, 32],
+        ),
+        ("decoder.final_layer_norm.weight", 1.0, 0.0, &[32]),
+    ];
+    for &(name, mean, std, shape) in checks {
+        let (m, s, got) = moments(store.as_ref(), name);
+        assert_eq!(got, shape, "{name}");
+        // Four standard errors of the sample's mean and deviation (the bias table has 128).
+        let n = shape.iter().product::<usize>() as f64;
+        assert!(
+            (m - mean).abs() <= 4.0 * std / n.sqrt()
+                && (s - std).abs() <= 4.0 * std / (2.0 * n).sqrt() + 1e-9,
+            "{name} has mean {m} std {s}, transformers draws mean {mean} std {std}"
+        );
+    }
+
+    // The validation loss falls at every epoch, from below a uniform guess.
+    let evals = eval_losses(&p.output);
+    assert_eq!(evals.len(), 3, "one evaluation per epoch");
+    assert!(evals[0] < (400f64).ln(), "{evals:?}");
+    assert!(evals.windows(2).all(|w| w[1] < w[0]), "{evals:?}");
+
+    // Inference reads the saved model to the trainer's last evaluation.
+    let m = slm::models::seq2seq::load_seq2seq(&p.output).unwrap();
+    let tok = Tokenizer::load(&m.files).unwrap();
+    let (pairs, _) = slm::data::read_pairs(&valid).unwrap();
+    let got =
+        slm::eval::seq2seq::teacher_forced(m.model.as_ref(), &tok, &pairs, 32, &|_| {}).unwrap();
+    let last = summary.final_eval.as_ref().unwrap().loss;
+    assert!(
+        (got.mean_nll - last).abs() < 1e-4,
+        "inference mean NLL {} vs training evaluation {last}",
+        got.mean_nll
+    );
 }

@@ -165,7 +165,7 @@ fn causal_batch(r: &serde_json::Value) -> slm::train::lm::CausalBatch {
     }
 }
 
-fn check_grads(params: &slm::train::params::Params, want: &serde_json::Value) {
+pub(crate) fn check_grads(params: &slm::train::params::Params, want: &serde_json::Value) {
     for (name, g) in want.as_object().unwrap() {
         let g: Vec<f64> = serde_json::from_value(g.clone()).unwrap();
         let p = params

@@ -17,6 +17,45 @@ pub enum Command {
     /// Perplexity of two models (e.g. f32 and quantized), the KL divergence of the second's
     /// next-token distribution from the first's, and their top-1 agreement.
     Compare(CompareArgs),
+    /// An encoder-decoder on JSONL pairs: the targets' teacher-forced loss and perplexity,
+    /// and with --generate BLEU, chrF, ROUGE and exact match of its outputs.
+    Seq2seq(Seq2SeqArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Seq2SeqArgs {
+    /// An encoder-decoder model folder (T5).
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// A PEFT LoRA adapter folder to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSONL pairs: {"input", "target"} or {"prompt", "completion"} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Tokens per source and per target; longer ones are cut (and counted).
+    #[arg(long, default_value_t = 512, value_parser = crate::parse::positive)]
+    max_length: usize,
+    /// Also generate each input's output and score it against the target.
+    #[arg(long)]
+    generate: bool,
+    /// Longest generated output, in tokens.
+    #[arg(long, default_value_t = 128, value_parser = crate::parse::positive)]
+    max_new_tokens: usize,
+    /// Greedy outputs generated side by side (beam search runs one input at a time).
+    #[arg(long, default_value_t = 16, value_parser = crate::parse::positive)]
+    batch_size: usize,
+    #[command(flatten)]
+    beams: super::generate::BeamArgs,
+    /// Also write report.json (and outputs.jsonl with --generate) into this folder.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Replace files already in the --report folder.
+    #[arg(long)]
+    force: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -100,7 +139,141 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Perplexity(a) => run_perplexity(a),
         Command::Classify(a) => run_classify(a),
         Command::Compare(a) => run_compare(a),
+        Command::Seq2seq(a) => run_seq2seq(a),
     }
+}
+
+fn run_seq2seq(mut a: Seq2SeqArgs) -> Result<()> {
+    use slm::eval::seq2seq::{teacher_forced, Generated};
+    let files: &[&str] = if a.generate {
+        &["report.json", "outputs.jsonl"]
+    } else {
+        &["report.json"]
+    };
+    if let Some(dir) = &a.report {
+        for f in files {
+            slm::io::write::check_overwrite(&dir.join(f), a.force)?;
+        }
+        super::clean_stale(dir);
+    }
+    if a.beams.num_return > 1 {
+        bail!("--num-return: one output per input is scored");
+    }
+    super::resolve_model(&mut a.model)?;
+    let (pairs, _) = slm::data::read_pairs(&a.data)?;
+    let m = slm::models::seq2seq::load_seq2seq_with(&a.model, a.adapter.as_deref())?;
+    let tok = slm::tokenize::Tokenizer::load(&m.files)?;
+    tok.check_matches(m.config.vocab_size())?;
+    let model = m.model.as_ref();
+    let bar = progress_bar();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}, ETA {eta}")
+            .expect("valid template"),
+    );
+    bar.set_length(pairs.len() as u64);
+    bar.set_message("pairs scored");
+    let mut report = teacher_forced(model, &tok, &pairs, a.max_length, &|k| {
+        bar.set_position(k as u64)
+    })?;
+    let mut outputs = Vec::new();
+    if a.generate {
+        bar.set_position(0);
+        bar.set_message("outputs generated");
+        let sources = pairs
+            .iter()
+            .map(|p| Ok(slm::train::seq2seq::encode(&tok, &p.input, a.max_length)?.0))
+            .collect::<Result<Vec<_>>>()?;
+        if a.beams.beams > 1 {
+            let opts = a.beams.options(a.max_new_tokens, Some(model.eos()))?;
+            for s in &sources {
+                let best = slm::generate::beam::seq2seq(model, s, &opts)?.remove(0);
+                outputs.push(tok.decode(&best.tokens, true)?);
+                bar.inc(1);
+            }
+        } else {
+            let opts = slm::generate::GenerateOptions {
+                max_tokens: a.max_new_tokens,
+                sampling: slm::generate::SamplingParams {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            for chunk in sources.chunks(a.batch_size) {
+                let outs = slm::generate::seq2seq::generate(
+                    model,
+                    &tok,
+                    chunk,
+                    &opts,
+                    &mut |_, _| Ok(()),
+                )?;
+                outputs.extend(outs.into_iter().map(|o| o.text));
+                bar.inc(chunk.len() as u64);
+            }
+        }
+        let hyps: Vec<&str> = outputs.iter().map(|s| s.trim()).collect();
+        let refs: Vec<&str> = pairs.iter().map(|p| p.target.trim()).collect();
+        report.generated = Some(Generated::score(&hyps, &refs));
+    }
+    bar.finish_and_clear();
+    if report.truncated > 0 {
+        eprintln!(
+            "warning: {} pair(s) were cut to --max-length {}",
+            report.truncated, a.max_length
+        );
+    }
+    if a.json {
+        out!("{}", serde_json::to_string(&report)?);
+    } else {
+        out!("{}", seq2seq_table(&report));
+    }
+    if let Some(dir) = &a.report {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+        let json = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "data": a.data.display().to_string(),
+            "report": report,
+        });
+        let text = serde_json::to_string_pretty(&json)?;
+        slm::io::write::write_atomic(&dir.join("report.json"), |w| w.write_all(text.as_bytes()))?;
+        if a.generate {
+            let mut lines = String::new();
+            for (p, o) in pairs.iter().zip(&outputs) {
+                let row = serde_json::json!({"input": p.input, "target": p.target, "output": o});
+                lines.push_str(&format!("{row}\n"));
+            }
+            slm::io::write::write_atomic(&dir.join("outputs.jsonl"), |w| {
+                w.write_all(lines.as_bytes())
+            })?;
+        }
+        eprintln!(
+            "wrote {}",
+            files
+                .iter()
+                .map(|f| dir.join(f).display().to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        );
+    }
+    Ok(())
+}
+
+/// The report as aligned lines.
+fn seq2seq_table(r: &slm::eval::seq2seq::Report) -> String {
+    let mut s = format!(
+        "pairs        {} ({} target tokens)\nmean NLL     {:.4}\nperplexity   {:.4}",
+        r.pairs, r.target_tokens, r.mean_nll, r.perplexity
+    );
+    if let Some(g) = &r.generated {
+        let p = g.bleu.precisions;
+        s.push_str(&format!(
+            "\nBLEU         {:.2} ({:.1}/{:.1}/{:.1}/{:.1}, BP {:.3}, {}/{} words)\nchrF         {:.2}\nROUGE-1/2/L  {:.4} / {:.4} / {:.4} (F1)\nexact match  {:.2}%",
+            g.bleu.score, p[0], p[1], p[2], p[3], g.bleu.brevity_penalty, g.bleu.sys_len,
+            g.bleu.ref_len, g.chrf, g.rouge.rouge1.fmeasure, g.rouge.rouge2.fmeasure,
+            g.rouge.rouge_l.fmeasure, g.exact_match
+        ));
+    }
+    s
 }
 
 fn progress_bar() -> indicatif::ProgressBar {

@@ -19,6 +19,8 @@ pub enum Task {
     MaskedLm,
     /// A tag per word (NER, POS) from JSONL {"tokens": [...], "tags": [...]} (BERT family).
     TokenClassify,
+    /// A target text from a source text (T5): JSONL {"input", "target"} or {"prompt", "completion"}.
+    Seq2seq,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +100,9 @@ pub struct Args {
     /// counted). Default: 128 for classification, 256 for causal LM (or the model's positions).
     #[arg(long)]
     pub(crate) max_length: Option<usize>,
+    /// Seq2seq: tokens per target, EOS included (default: 128); --max-length bounds the source.
+    #[arg(long)]
+    pub(crate) max_target_length: Option<usize>,
     /// Evaluate on the validation set every N steps.
     #[arg(long)]
     pub(crate) eval_every: Option<usize>,
@@ -408,6 +413,7 @@ fn job(a: &Args) -> Result<Job> {
             Task::CausalLm => job::Task::CausalLm,
             Task::MaskedLm => job::Task::MaskedLm,
             Task::TokenClassify => job::Task::TokenClassify,
+            Task::Seq2seq => job::Task::Seq2Seq,
         },
         model: a.model.clone().unwrap_or_default(),
         output: a.output.clone(),
@@ -421,6 +427,7 @@ fn job(a: &Args) -> Result<Job> {
         },
         skip_empty: a.skip_empty,
         max_length: a.max_length,
+        max_target_length: a.max_target_length,
         lora: (a.method == Method::Lora).then(|| Lora {
             r: a.lora_r,
             alpha: a.lora_alpha,

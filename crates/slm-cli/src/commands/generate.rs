@@ -36,13 +36,13 @@ pub struct Args {
 
 /// Beam search, as transformers' `generate(num_beams=…)`.
 #[derive(clap::Args, Debug)]
-struct BeamArgs {
+pub(crate) struct BeamArgs {
     /// Beam search with this many beams (1: sample or greedy, as the sampling flags say).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    beams: u32,
+    pub(crate) beams: u32,
     /// Print this many of the best beams, one per line.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    num_return: u32,
+    pub(crate) num_return: u32,
     /// Finished beams are scored `sum(logprobs) / length^p`: above 1 favours longer outputs.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     length_penalty: f64,
@@ -63,7 +63,7 @@ enum EarlyStop {
 }
 
 impl BeamArgs {
-    fn options(&self, max_new_tokens: usize, eos: Option<u32>) -> Result<BeamOptions> {
+    pub(crate) fn options(&self, max_new_tokens: usize, eos: Option<u32>) -> Result<BeamOptions> {
         if self.num_return > self.beams {
             bail!(
                 "--num-return {} is more than --beams {}: a beam search returns at most its beams",
@@ -208,20 +208,23 @@ fn print_beams(
 
 /// An encoder-decoder (T5): the input is encoded, the output decoded from the decoder's start.
 fn run_seq2seq(a: &Args, path: &Path) -> Result<()> {
-    if a.model.adapter.is_some() {
-        bail!("--adapter is not supported for encoder-decoder models yet");
-    }
     if a.json_schema.is_some() {
         bail!("--json-schema is not supported for encoder-decoder models");
     }
     let inputs = inputs(a)?;
-    let m = slm::models::seq2seq::load_seq2seq(path)?;
+    let m = slm::models::seq2seq::load_seq2seq_with(path, a.model.adapter.as_deref())?;
     let tok = Tokenizer::load(&m.files)?;
     tok.check_matches(m.config.vocab_size())?;
     let model = m.model.as_ref();
     let sources = inputs
         .iter()
-        .map(|t| tok.encode(t, !a.no_special))
+        .map(|t| {
+            if a.no_special {
+                tok.encode(t, false)
+            } else {
+                tok.encode_sequence(t)
+            }
+        })
         .collect::<slm::Result<Vec<_>>>()?;
     let mut out = std::io::stdout().lock();
     let t0 = std::time::Instant::now();

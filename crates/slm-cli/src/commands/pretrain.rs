@@ -18,6 +18,8 @@ pub enum Arch {
     Gru,
     Gpt2,
     Llama,
+    /// An encoder-decoder, trained on JSONL pairs {"input", "target"}.
+    T5,
 }
 
 impl Arch {
@@ -26,6 +28,7 @@ impl Arch {
             Arch::Lstm | Arch::Gru => None,
             Arch::Gpt2 => Some(Family::Gpt2),
             Arch::Llama => Some(Family::Llama),
+            Arch::T5 => Some(Family::T5),
         }
     }
 }
@@ -178,16 +181,22 @@ fn transformer_keys(
     let serde_json::Value::Object(mut keys) = config_file(a)? else {
         unreachable!("checked to be an object")
     };
-    let names: [&str; 5] = match family {
-        Family::Gpt2 => ["n_embd", "n_inner", "n_layer", "n_head", "n_positions"],
-        Family::Llama => [
+    let names: &[&str] = match family {
+        Family::Gpt2 => &["n_embd", "n_inner", "n_layer", "n_head", "n_positions"],
+        Family::Llama => &[
             "hidden_size",
             "intermediate_size",
             "num_hidden_layers",
             "num_attention_heads",
             "max_position_embeddings",
         ],
+        // Relative positions: T5 has no context to set.
+        Family::T5 => &["d_model", "d_ff", "num_layers", "num_heads"],
     };
+    anyhow::ensure!(
+        family != Family::T5 || a.context.is_none(),
+        "--context: t5 has relative positions and no fixed context; --max-length bounds the pairs"
+    );
     let flags = [a.emsize, a.nhid, a.nlayers, a.heads, a.context];
     for (k, v) in names.iter().zip(flags) {
         if let Some(v) = v {
@@ -202,6 +211,12 @@ fn transformer_keys(
                 for k in ["embd_pdrop", "resid_pdrop", "attn_pdrop"] {
                     keys.insert(k.into(), d.into());
                 }
+            }
+        }
+        Family::T5 => {
+            anyhow::ensure!(a.kv_heads.is_none(), "--kv-heads is a llama option");
+            if let Some(d) = a.dropout {
+                keys.insert("dropout_rate".into(), d.into());
             }
         }
         Family::Llama => {

@@ -79,7 +79,7 @@ impl Config {
     pub fn init_rule(&self) -> crate::train::loader::InitRule {
         crate::train::loader::InitRule {
             std: self.initializer_range,
-            scaled: Some(("c_proj.weight", 1.0 / (2.0 * self.n_layer as f32).sqrt())),
+            scaled: vec![("c_proj.weight", 1.0 / (2.0 * self.n_layer as f32).sqrt())],
             tied: true,
         }
     }

@@ -82,7 +82,7 @@ impl Config {
     pub fn init_rule(&self) -> crate::train::loader::InitRule {
         crate::train::loader::InitRule {
             std: self.initializer_range,
-            scaled: None,
+            scaled: Vec::new(),
             tied: self.tie_word_embeddings,
         }
     }

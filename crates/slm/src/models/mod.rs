@@ -282,6 +282,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => Some(c.init_rule()),
             ModelConfig::Llama(c) => Some(c.init_rule()),
+            ModelConfig::T5(c) => Some(c.init_rule()),
             _ => None,
         }
     }

@@ -128,9 +128,18 @@ pub fn is_seq2seq(path: &Path) -> bool {
 }
 
 pub fn load_seq2seq(path: &Path) -> Result<LoadedSeq2Seq> {
+    load_seq2seq_with(path, None)
+}
+
+/// An encoder-decoder with a PEFT LoRA adapter (`SEQ_2_SEQ_LM`) applied to its weights.
+pub fn load_seq2seq_with(path: &Path, adapter: Option<&Path>) -> Result<LoadedSeq2Seq> {
     let files = ModelFiles::locate(path)?;
     let config = config_of(&files)?;
-    let weights = open_weights(&files)?;
+    let mut weights = open_weights(&files)?;
+    if let Some(dir) = adapter {
+        let a = crate::io::peft::PeftAdapter::open(dir)?;
+        weights = std::sync::Arc::new(crate::io::peft::AdaptedStore::new(weights, a)?);
+    }
     let mut l = VbLoader::new(Vb::new(weights, false));
     let model: Box<dyn Seq2SeqLM> = match &config {
         ModelConfig::T5(c) => Box::new(EncoderDecoder {

@@ -95,6 +95,33 @@ impl Config {
         ))
     }
 
+    /// transformers' `T5PreTrainedModel._init_weights` (`initializer_factor` 1): embeddings
+    /// and an untied head from N(0, 1), every projection from N(0, 1/fan-in) (the query's
+    /// fan-in counting `d_kv` too, which stands in for attention's missing `1/√d_kv`).
+    pub fn init_rule(&self) -> crate::train::loader::InitRule {
+        let (d, kv, inner) = (
+            self.d_model as f32,
+            self.d_kv as f32,
+            (self.num_heads * self.d_kv) as f32,
+        );
+        let r = |x: f32| x.powf(-0.5);
+        crate::train::loader::InitRule {
+            std: 1.0,
+            scaled: vec![
+                (".q.weight", r(d * kv)),
+                (".k.weight", r(d)),
+                (".v.weight", r(d)),
+                (".o.weight", r(inner)),
+                ("relative_attention_bias.weight", r(d)),
+                (".wi.weight", r(d)),
+                (".wi_0.weight", r(d)),
+                (".wi_1.weight", r(d)),
+                (".wo.weight", r(self.d_ff as f32)),
+            ],
+            tied: self.tie_word_embeddings,
+        }
+    }
+
     pub fn decoder_start(&self) -> u32 {
         self.decoder_start_token_id.unwrap_or(self.pad_token_id)
     }

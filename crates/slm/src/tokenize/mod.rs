@@ -510,6 +510,17 @@ impl Tokenizer {
         ))
     }
 
+    /// An encoder-decoder's input or target: the tokenizer's special tokens, and EOS at the
+    /// end even where the tokenizer adds none (T5's tokenizer always ends with `</s>`; one
+    /// trained by slm has no post-processor).
+    pub fn encode_sequence(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text, true)?;
+        if let Some(&e) = self.eos.first().filter(|e| ids.last() != Some(e)) {
+            ids.push(e);
+        }
+        Ok(ids)
+    }
+
     /// The id padding positions take: the tokenizer's `[PAD]`/`<pad>`, else 0 as transformers does.
     pub fn pad_id(&self) -> u32 {
         ["[PAD]", "<pad>"]

@@ -258,17 +258,7 @@ impl Model for CausalRun {
     }
 
     fn evaluate(&self, batches: &[CausalBatch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {
-        let (mut sum, mut n) = (0.0, 0usize);
-        for (i, b) in batches.iter().enumerate() {
-            let (s, c) = self.model.loss_sum(b)?;
-            sum += s;
-            n += c;
-            done(i + 1);
-        }
-        Ok(Evaluation {
-            loss: sum / n.max(1) as f64,
-            metric: None,
-        })
+        Evaluation::mean_token_loss(batches, done, |b| self.model.loss_sum(b))
     }
 
     fn tokens(batch: &CausalBatch) -> usize {
@@ -276,71 +266,98 @@ impl Model for CausalRun {
     }
 
     fn save(&self, dir: &Path) -> TrainResult<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let p = &self.model.params;
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        if let Some(spec) = &self.model.lora {
-            let tensors: Vec<(String, Vec<usize>, &[f32])> = p
-                .list
-                .iter()
-                .filter(|x| x.name.contains(".lora_"))
-                .map(|x| {
-                    (
-                        format!("base_model.model.{}", x.name),
-                        x.shape.clone(),
-                        x.value.as_slice(),
-                    )
-                })
-                .collect();
-            write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
-            let config = serde_json::json!({
-                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.r, "lora_alpha": spec.alpha,
-                "lora_dropout": spec.dropout, "target_modules": spec.targets, "modules_to_save": null,
-                "base_model_name_or_path": self.source.display().to_string(), "bias": "none",
-                "fan_in_fan_out": self.model.fan_in_fan_out(), "inference_mode": true, "init_lora_weights": true,
-                "use_rslora": false, "use_dora": false, "layers_to_transform": null,
-                "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {}, "revision": null,
-            });
-            let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::msg(e.to_string()))?;
-            write_atomic(&dir.join("adapter_config.json"), |w| w.write_all(&json))?;
-        } else {
-            // GPT-2's Conv1D weights go back to their stored [in, out] layout.
-            let stored: Vec<(String, Vec<usize>, std::borrow::Cow<[f32]>)> = p
-                .list
-                .iter()
-                .map(|x| {
-                    if x.transposed {
-                        let (o, i) = (x.shape[0], x.shape[1]);
-                        let mut t = vec![0f32; o * i];
-                        for r in 0..o {
-                            for c in 0..i {
-                                t[c * o + r] = x.value[r * i + c];
-                            }
-                        }
-                        (x.name.clone(), vec![i, o], t.into())
-                    } else {
-                        (x.name.clone(), x.shape.clone(), x.value.as_slice().into())
-                    }
-                })
-                .collect();
-            let mut tensors: Vec<(String, Vec<usize>, &[f32])> = stored
-                .iter()
-                .map(|(n, s, v)| (n.clone(), s.clone(), v.as_ref()))
-                .collect();
-            // PyTorch's RNNModel lists a tied decoder weight in its state_dict as well.
-            if let Some(i) = self.model.tied_decoder() {
-                let x = &p.list[i];
-                tensors.push(("decoder.weight".into(), x.shape.clone(), x.value.as_slice()));
-            }
-            write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
-            copy_files(
-                &self.source,
-                dir,
-                &["config.json", "generation_config.json"],
-            )?;
-        }
-        copy_files(&self.source, dir, TOKENIZER_FILES)
+        let m = &self.model;
+        save_model(
+            dir,
+            &Saved {
+                params: &m.params,
+                lora: m.lora.as_ref(),
+                source: &self.source,
+                task_type: "CAUSAL_LM",
+                fan_in_fan_out: m.fan_in_fan_out(),
+                // PyTorch's RNNModel lists a tied decoder weight in its state_dict as well.
+                alias: m.tied_decoder().map(|i| (i, "decoder.weight")),
+            },
+        )
     }
+}
+
+/// What a trained model's folder holds: the full weights beside the source's config, or the
+/// LoRA factors as a PEFT adapter.
+pub(crate) struct Saved<'a> {
+    pub params: &'a super::params::Params,
+    pub lora: Option<&'a super::tape::LoraSpec>,
+    /// The folder the model came from (config and tokenizer files).
+    pub source: &'a Path,
+    /// PEFT's `task_type`: `CAUSAL_LM`, `SEQ_2_SEQ_LM`.
+    pub task_type: &'static str,
+    /// LoRA on GPT-2's `Conv1D` layers.
+    pub fan_in_fan_out: bool,
+    /// A parameter the state_dict lists a second time, under this name.
+    pub alias: Option<(usize, &'static str)>,
+}
+
+/// Writes a trained model (or its adapter) and the source's tokenizer into `dir`.
+pub(crate) fn save_model(dir: &Path, s: &Saved) -> TrainResult<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let p = s.params;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    if let Some(spec) = s.lora {
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = p
+            .list
+            .iter()
+            .filter(|x| x.name.contains(".lora_"))
+            .map(|x| {
+                (
+                    format!("base_model.model.{}", x.name),
+                    x.shape.clone(),
+                    x.value.as_slice(),
+                )
+            })
+            .collect();
+        write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
+        let config = serde_json::json!({
+            "peft_type": "LORA", "task_type": s.task_type, "r": spec.r, "lora_alpha": spec.alpha,
+            "lora_dropout": spec.dropout, "target_modules": spec.targets, "modules_to_save": null,
+            "base_model_name_or_path": s.source.display().to_string(), "bias": "none",
+            "fan_in_fan_out": s.fan_in_fan_out, "inference_mode": true, "init_lora_weights": true,
+            "use_rslora": false, "use_dora": false, "layers_to_transform": null,
+            "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {}, "revision": null,
+        });
+        let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::msg(e.to_string()))?;
+        write_atomic(&dir.join("adapter_config.json"), |w| w.write_all(&json))?;
+    } else {
+        // GPT-2's Conv1D weights go back to their stored [in, out] layout.
+        let stored: Vec<(String, Vec<usize>, std::borrow::Cow<[f32]>)> = p
+            .list
+            .iter()
+            .map(|x| {
+                if x.transposed {
+                    let (o, i) = (x.shape[0], x.shape[1]);
+                    let mut t = vec![0f32; o * i];
+                    for r in 0..o {
+                        for c in 0..i {
+                            t[c * o + r] = x.value[r * i + c];
+                        }
+                    }
+                    (x.name.clone(), vec![i, o], t.into())
+                } else {
+                    (x.name.clone(), x.shape.clone(), x.value.as_slice().into())
+                }
+            })
+            .collect();
+        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = stored
+            .iter()
+            .map(|(n, s, v)| (n.clone(), s.clone(), v.as_ref()))
+            .collect();
+        if let Some((i, name)) = s.alias {
+            let x = &p.list[i];
+            tensors.push((name.into(), x.shape.clone(), x.value.as_slice()));
+        }
+        write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
+        copy_files(s.source, dir, &["config.json", "generation_config.json"])?;
+    }
+    copy_files(s.source, dir, TOKENIZER_FILES)
 }
 
 /// The files a tokenizer may be made of, copied beside a trained model.

@@ -13,6 +13,9 @@ use super::classify::{load_data, make_batch, ClassifierRun, DataOptions};
 use super::lm::{trainable_source, CausalLm};
 use super::masked::{load_masked_data, MaskedRun, Masker};
 use super::params::Params;
+use super::seq2seq::{
+    load_seq2seq_data, seq2seq_batches, Seq2SeqBatch, Seq2SeqDataOptions, Seq2SeqRun, Seq2SeqTrain,
+};
 use super::tape::{Dropout, LoraSpec};
 use super::token::{load_token_data, make_token_batch};
 use super::trainer::{self, Hooks, Summary, TrainConfig};
@@ -32,6 +35,8 @@ pub enum Task {
     MaskedLm,
     /// A tag per word (BERT family).
     TokenClassify,
+    /// A target sequence from a source sequence (encoder-decoders).
+    Seq2Seq,
 }
 
 impl Task {
@@ -42,6 +47,7 @@ impl Task {
             Task::CausalLm => "causal-lm",
             Task::MaskedLm => "masked-lm",
             Task::TokenClassify => "token-classify",
+            Task::Seq2Seq => "seq2seq",
         }
     }
 }
@@ -72,8 +78,11 @@ pub struct Job {
     pub columns: crate::data::Columns,
     /// Classification: drop rows with empty text instead of refusing them.
     pub skip_empty: bool,
-    /// Tokens per example (default: 256 for causal LM, 128 for encoders, or fewer positions).
+    /// Tokens per example (default: 256 for causal LM, 128 for encoders, or fewer positions);
+    /// for seq2seq, per source.
     pub max_length: Option<usize>,
+    /// Seq2seq: tokens per target (default: 128).
+    pub max_target_length: Option<usize>,
     pub lora: Option<Lora>,
     /// Classification: build a recurrent classifier (from scratch, or from the recurrent
     /// language model `model` names) instead of fine-tuning an encoder.
@@ -126,6 +135,7 @@ pub fn run(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
         },
         Task::MaskedLm => run_masked(job, hooks),
         Task::TokenClassify => run_token(job, hooks),
+        Task::Seq2Seq => run_seq2seq(job, hooks),
     }
 }
 
@@ -456,6 +466,63 @@ fn run_masked(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
         .map(|(k, c)| masker.batch(&c.iter().collect::<Vec<_>>(), &[usize::MAX - k]))
         .collect();
     let mut run = MaskedRun {
+        model,
+        source: files.root.clone(),
+    };
+    fit(job, &mut run, train_set.len(), &make, &valid, hooks)
+}
+
+fn run_seq2seq(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
+    let files = ModelFiles::locate(&job.model)?;
+    let tok = Tokenizer::load(&files)?;
+    let cfg = crate::models::config_of(&files)?;
+    let (max_source, max_target) = (
+        job.max_length.unwrap_or(256),
+        job.max_target_length.unwrap_or(128),
+    );
+    let data = load_seq2seq_data(
+        &tok,
+        &Seq2SeqDataOptions {
+            train: &job.train,
+            valid: job.valid.as_deref(),
+            valid_split: job.valid_split,
+            seed: job.config.seed,
+            max_source,
+            max_target,
+        },
+    )?;
+    let lora = job.lora.as_ref().map(|l| LoraSpec {
+        r: l.r,
+        alpha: l.alpha,
+        targets: lora_targets(l, &cfg),
+        dropout: l.dropout,
+    });
+    let mut model = Seq2SeqTrain::load(&job.model, lora, job.config.seed)?;
+    model.dropout = job.dropout;
+    announce(
+        hooks,
+        &format!(
+            "{} train / {} valid pairs ({}, up to {max_source} source and {max_target} target tokens)",
+            data.train.len(),
+            data.valid.len(),
+            data.format
+        ),
+        &model.params,
+        data.truncated,
+        "pairs",
+        max_source.max(max_target),
+    );
+    let (start, pad) = (model.start, model.pad);
+    let train_set = &data.train;
+    let make = |idx: &[usize]| {
+        Seq2SeqBatch::new(
+            &idx.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(),
+            start,
+            pad,
+        )
+    };
+    let valid = seq2seq_batches(&data.valid, job.config.batch_size, start, pad);
+    let mut run = Seq2SeqRun {
         model,
         source: files.root.clone(),
     };

@@ -34,9 +34,10 @@ impl LoraSpec {
 #[derive(Debug, Clone)]
 pub struct InitRule {
     pub std: f32,
-    /// Weights whose name ends with this are drawn with `std · factor` instead (GPT-2's
-    /// residual projections: 1/√(2·layers)).
-    pub scaled: Option<(&'static str, f32)>,
+    /// Weights whose name ends with one of these are drawn with `std · factor` instead, the
+    /// first match deciding (GPT-2's residual projections: 1/√(2·layers); T5's per-module
+    /// fan-in scaling).
+    pub scaled: Vec<(&'static str, f32)>,
     /// The output layer reads the embedding table; otherwise `lm_head` is a weight of its own.
     pub tied: bool,
 }
@@ -137,9 +138,9 @@ impl ParamLoader {
                 Fresh::Ones => vec![1.0; n],
                 Fresh::Zeros => vec![0.0; n],
                 Fresh::Normal => {
-                    let std = match rule.scaled {
-                        Some((suffix, f)) if name.ends_with(suffix) => rule.std * f,
-                        _ => rule.std,
+                    let std = match rule.scaled.iter().find(|s| name.ends_with(s.0)) {
+                        Some((_, f)) => rule.std * f,
+                        None => rule.std,
                     };
                     normal(n, std, &mut self.rng)
                 }

@@ -7,6 +7,7 @@
 //! - [`optim`]: AdamW, schedules, clipping.
 //! - [`trainer`]: the loop: accumulation, evaluation, early stopping, checkpoints and resume.
 //! - [`classify`]: a text/label dataset turned into batches, and the classification run.
+//! - [`seq2seq`]: encoder-decoders taught by teacher forcing.
 //! - [`job`]: one whole run of any task, from the model and data files to the saved output.
 
 pub mod bert;
@@ -22,6 +23,7 @@ pub mod optim;
 pub mod params;
 pub mod pretrain;
 pub mod rnn_classify;
+pub mod seq2seq;
 pub mod stream;
 pub mod tape;
 pub mod token;

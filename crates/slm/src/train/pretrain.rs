@@ -2,7 +2,9 @@
 //! - a recurrent LM trained as PyTorch's `word_language_model` trains it (streams, truncated
 //!   BPTT, SGD with clipping and the learning rate cut on a plateau, or AdamW);
 //! - a GPT-2 or Llama transformer initialised as transformers initialises one, trained on
-//!   blocks of the text in random order.
+//!   blocks of the text in random order;
+//! - a T5 encoder-decoder, initialised the same way, trained on JSONL pairs
+//!   (`{"input", "target"}`) by teacher forcing.
 //!
 //! The new model is written to `out/init/` first (its config, tokenizer and initial weights),
 //! then trained from there like any checkpoint; the trained model lands in `out/`.
@@ -67,6 +69,7 @@ pub enum Arch {
 pub enum Family {
     Gpt2,
     Llama,
+    T5,
 }
 
 impl Family {
@@ -90,6 +93,14 @@ impl Family {
                 "attention_dropout": 0.0, "initializer_range": 0.02,
                 "tie_word_embeddings": true, "torch_dtype": "float32",
             }),
+            Family::T5 => serde_json::json!({
+                "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+                "d_model": 256, "d_ff": 1024, "num_layers": 4, "num_heads": 8,
+                "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+                "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6, "initializer_factor": 1.0,
+                "feed_forward_proj": "relu", "tie_word_embeddings": true,
+                "is_encoder_decoder": true, "use_cache": true, "torch_dtype": "float32",
+            }),
         }
     }
 
@@ -107,6 +118,23 @@ impl Family {
         }
         obj.insert("vocab_size".into(), tok.vocab_size().into());
         let eos = tok.eos.first().copied();
+        if self == Family::T5 {
+            // Each head's width follows the model's unless stated; the decoder starts from
+            // the padding id, as T5's does.
+            if !keys.contains_key("d_kv") {
+                let n = |k: &str| obj.get(k).and_then(|v| v.as_u64()).unwrap_or(1).max(1);
+                let d_kv = (n("d_model") / n("num_heads")).max(1);
+                obj.insert("d_kv".into(), d_kv.into());
+            }
+            let pad = tok.pad_id();
+            obj.insert("pad_token_id".into(), pad.into());
+            obj.insert("decoder_start_token_id".into(), pad.into());
+            obj.insert(
+                "eos_token_id".into(),
+                eos.map_or(serde_json::Value::Null, Into::into),
+            );
+            return cfg;
+        }
         for (k, id) in [("bos_token_id", tok.bos.or(eos)), ("eos_token_id", eos)] {
             obj.insert(k.into(), id.map_or(serde_json::Value::Null, Into::into));
         }
@@ -209,6 +237,97 @@ fn blocks(tok: &Tokenizer, files: &[PathBuf], len: usize) -> TrainResult<Vec<Cau
     Ok(out)
 }
 
+/// `out/init/` with the new model's config.json and the tokenizer's files (kept when
+/// resuming): the folder, the config as read back, and whether the weights are still to be
+/// drawn.
+fn new_config(
+    p: &Pretrain,
+    family: Family,
+    keys: &serde_json::Map<String, serde_json::Value>,
+    tok: &Tokenizer,
+) -> TrainResult<(PathBuf, ModelConfig, bool)> {
+    let init = p.output.join("init");
+    let config_file = init.join("config.json");
+    let fresh = !(p.resume && init.join("model.safetensors").is_file());
+    if fresh {
+        std::fs::create_dir_all(&init).map_err(|e| Error::io(&init, e))?;
+        let json = serde_json::to_vec_pretty(&family.config(keys, tok))
+            .map_err(|e| Error::msg(e.to_string()))?;
+        write_atomic(&config_file, |w| w.write_all(&json))?;
+        copy_files(&p.tokenizer, &init, TOKENIZER_FILES)?;
+    }
+    // Read back as any checkpoint's config is: its sizes are checked.
+    let cfg = ModelConfig::from_hf_json(&config_file)?;
+    Ok((init, cfg, fresh))
+}
+
+/// A new encoder-decoder trained on pairs: sources and targets of up to `seq_len` tokens.
+fn run_seq2seq(
+    p: &Pretrain,
+    tok: &Tokenizer,
+    init: PathBuf,
+    cfg: &ModelConfig,
+    fresh: bool,
+    hooks: &dyn Hooks,
+) -> TrainResult<Summary> {
+    use super::seq2seq::{read_pairs, seq2seq_batches, Seq2SeqBatch, Seq2SeqRun, Seq2SeqTrain};
+    if fresh {
+        let run = Seq2SeqRun {
+            model: Seq2SeqTrain::init(cfg, p.config.seed)?,
+            source: init.clone(),
+        };
+        trainer::Model::save(&run, &init)?;
+    }
+    let len = p.seq_len.unwrap_or(256);
+    let pairs = |files: &[PathBuf]| -> TrainResult<_> {
+        let mut out = Vec::new();
+        for f in files {
+            out.extend(read_pairs(tok, f, len, len)?.0);
+        }
+        Ok(out)
+    };
+    let (train, valid) = (pairs(&p.train)?, pairs(&p.valid)?);
+    let mut model = Seq2SeqTrain::load(&init, None, p.config.seed)?;
+    model.dropout = Dropout::Config;
+    let steps = train.len().div_ceil(p.batch_size);
+    hooks.message(&format!(
+        "{}: {} parameters; {} pairs of up to {len} tokens ({steps} steps per epoch); {} validation pairs",
+        cfg.architecture().name(),
+        model.params.n_total(),
+        train.len(),
+        valid.len()
+    ));
+    let config = TrainConfig {
+        batch_size: p.batch_size,
+        shuffle: true,
+        eval_every: p.config.eval_every.or(Some(steps)),
+        ..p.config.clone()
+    };
+    let (start, pad) = (model.start, model.pad);
+    let make = |idx: &[usize]| {
+        Seq2SeqBatch::new(
+            &idx.iter().map(|&i| &train[i]).collect::<Vec<_>>(),
+            start,
+            pad,
+        )
+    };
+    let valid = seq2seq_batches(&valid, p.eval_batch_size, start, pad);
+    let mut run = Seq2SeqRun {
+        model,
+        source: init,
+    };
+    trainer::train(
+        &mut run,
+        train.len(),
+        &make,
+        &valid,
+        &config,
+        &p.output,
+        p.resume,
+        hooks,
+    )
+}
+
 fn run_transformer(
     p: &Pretrain,
     family: Family,
@@ -223,18 +342,10 @@ fn run_transformer(
     }
     prepare_output(None, &p.output, p.resume, p.force, hooks)?;
     let tok = Tokenizer::from_hf_folder(&p.tokenizer)?;
-    let init = p.output.join("init");
-    let config_file = init.join("config.json");
-    let fresh = !(p.resume && init.join("model.safetensors").is_file());
-    if fresh {
-        std::fs::create_dir_all(&init).map_err(|e| Error::io(&init, e))?;
-        let json = serde_json::to_vec_pretty(&family.config(keys, &tok))
-            .map_err(|e| Error::msg(e.to_string()))?;
-        write_atomic(&config_file, |w| w.write_all(&json))?;
-        copy_files(&p.tokenizer, &init, TOKENIZER_FILES)?;
+    let (init, cfg, fresh) = new_config(p, family, keys, &tok)?;
+    if family == Family::T5 {
+        return run_seq2seq(p, &tok, init, &cfg, fresh, hooks);
     }
-    // Read back as any checkpoint's config is: its sizes are checked.
-    let cfg = ModelConfig::from_hf_json(&config_file)?;
     if fresh {
         let model = CausalLm::init(&cfg, p.config.seed)?;
         trainer::Model::save(

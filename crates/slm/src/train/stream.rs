@@ -126,18 +126,14 @@ impl Model for StreamRun {
     }
 
     fn evaluate(&self, batches: &[StreamBatch], done: &dyn Fn(usize)) -> TrainResult<Evaluation> {
-        let (mut sum, mut n) = (0.0, 0usize);
         let mut states = Vec::new();
-        for (i, b) in batches.iter().enumerate() {
-            let (s, c, next) = self.run.model.loss_sum_with(&b.batch, states)?;
+        Evaluation::mean_token_loss(batches, done, |b| {
+            let (s, c, next) = self
+                .run
+                .model
+                .loss_sum_with(&b.batch, std::mem::take(&mut states))?;
             states = next;
-            sum += s;
-            n += c;
-            done(i + 1);
-        }
-        Ok(Evaluation {
-            loss: sum / n.max(1) as f64,
-            metric: None,
+            Ok((s, c))
         })
     }
 

@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use super::ops::{self, AttnShape, NormCache};
+use super::ops::{self, AttnShape, Bias, NormCache};
 use super::params::{dropout_mask, Dx, Lin, LinCache, Params};
 use crate::error::{Error, Result};
-use crate::nn::exec::{AttnSpec, Exec, NormKind, Parts, Pool, Rows, Weights};
+use crate::nn::exec::{AttnSpec, Exec, NormKind, Parts, Pool, RelativePositions, Rows, Weights};
 use crate::nn::recurrent::{self, Hidden, Layout, RecurrentSpec, Saved, State};
 use crate::nn::{Activation, Rope};
 
@@ -92,6 +92,14 @@ enum Op {
         shape: AttnShape,
         rope: Option<Arc<Rope>>,
         inputs: [usize; 3],
+        /// The node of a distance bias added to the scores (T5).
+        bias: Option<usize>,
+    },
+    /// T5's bias table gathered by distance bucket, `[heads, 2·max_distance + 1]`: column
+    /// `c` reads bucket `ids[c]`.
+    RelBias {
+        e: EmbP,
+        ids: Vec<u32>,
     },
     Recurrent {
         spec: RecurrentSpec,
@@ -165,6 +173,9 @@ pub struct Tape<'p> {
     lora_dropout: Option<f32>,
     /// Recurrent layers' states by slot: where each starts, then where it ended.
     states: Vec<Option<State>>,
+    /// An encoder-decoder's source, once its decoder runs: the encoder's `t` and lengths,
+    /// what cross-attention's keys are masked by.
+    source: Option<(usize, Vec<usize>)>,
     nodes: Vec<Node>,
 }
 
@@ -179,8 +190,20 @@ impl<'p> Tape<'p> {
             dropout: Dropout::Off,
             lora_dropout: None,
             states: Vec::new(),
+            source: None,
             nodes: Vec::new(),
         }
+    }
+
+    /// The ops that follow run on the decoder's `t` and `lengths` (the same sequences'
+    /// targets), after the encoder ran on the sources the tape was made with.
+    pub fn begin_decoder(&mut self, t: usize, lengths: &[usize]) {
+        let source = (
+            self.t,
+            std::mem::replace(&mut self.lengths, lengths.to_vec()),
+        );
+        self.source = Some(source);
+        self.t = t;
     }
 
     /// Recurrent layers start from these states (by slot) instead of zeros: the hidden state
@@ -274,6 +297,68 @@ impl<'p> Tape<'p> {
         }
         let needs = self.p.trainable(e.table);
         Ok(self.push(Op::Embed { e: *e, ids }, x, e.dim, needs))
+    }
+
+    /// Attention of `q` over `k`, `v`: self-attention, or (`cross`) the decoder's queries
+    /// over the source's keys, every non-padding source position visible.
+    fn attend(
+        &mut self,
+        a: &AttnSpec,
+        [q, k, v]: [usize; 3],
+        bias: Option<usize>,
+        cross: bool,
+    ) -> Result<usize> {
+        let (tk, key_lengths) = match (&self.source, cross) {
+            (Some((ts, lengths)), true) => (*ts, lengths.clone()),
+            (None, true) => {
+                return Err(Error::msg(
+                    "internal: cross-attention before the decoder's sequences were set",
+                ))
+            }
+            (_, false) => (self.t, self.lengths.clone()),
+        };
+        let shape = AttnShape {
+            b: self.b,
+            t: self.t,
+            tk,
+            nh: a.n_heads,
+            nkv: a.n_kv_heads,
+            hd: a.head_dim,
+            causal: a.causal && !cross,
+            window: a.window,
+            dropout: self.rate(a.dropout),
+            scale: a.scores().scale,
+            softcap: a.softcap,
+        };
+        // Q, K and V have no other reader: the node takes their values.
+        let mut qv = std::mem::take(&mut self.nodes[q].value);
+        let mut kv = std::mem::take(&mut self.nodes[k].value);
+        let vv = std::mem::take(&mut self.nodes[v].value);
+        if let Some(r) = &a.rope {
+            if self.t > r.max_positions() {
+                return Err(Error::ContextOverflow {
+                    tokens: self.t,
+                    context: r.max_positions(),
+                });
+            }
+            let (cos, sin) = r.rows();
+            ops::rope(&mut qv, cos, sin, self.t, a.n_heads, a.head_dim, false);
+            ops::rope(&mut kv, cos, sin, self.t, a.n_kv_heads, a.head_dim, false);
+        }
+        let table = bias.map(|x| bias_of(&self.nodes[x]));
+        let (ctx, probs) = ops::attention(&qv, &kv, &vv, &key_lengths, table, shape);
+        let needs = [q, k, v].iter().chain(&bias).any(|&x| self.nodes[x].needs);
+        let op = Op::Attention {
+            q: qv,
+            k: kv,
+            v: vv,
+            probs,
+            shape,
+            rope: a.rope.clone(),
+            inputs: [q, k, v],
+            bias,
+        };
+        Ok(self.push(op, ctx, a.n_heads * a.head_dim, needs))
     }
 
     /// The recorded pass, no longer borrowing the parameters (so the backward can write
@@ -416,8 +501,11 @@ impl Record {
                     shape: s,
                     rope,
                     inputs: [qi, ki, vi],
+                    bias,
                 } => {
-                    let (mut dq, mut dk, dv) = ops::attention_backward(&dy, &q, &k, &v, &probs, s);
+                    let table = bias.map(|x| bias_of(&nodes[x]));
+                    let g = ops::attention_backward(&dy, &q, &k, &v, &probs, table, s);
+                    let (mut dq, mut dk) = (g.dq, g.dk);
                     if let Some(r) = &rope {
                         let (cos, sin) = r.rows();
                         ops::rope(&mut dq, cos, sin, s.t, s.nh, s.hd, true);
@@ -425,7 +513,20 @@ impl Record {
                     }
                     acc(before, qi, dq);
                     acc(before, ki, dk);
-                    acc(before, vi, dv);
+                    acc(before, vi, g.dv);
+                    if let (Some(x), Some(db)) = (bias, g.dbias) {
+                        acc(before, x, db);
+                    }
+                }
+                Op::RelBias { e, ids } => {
+                    if let Some(g) = p.grad(e.table) {
+                        let w = ids.len();
+                        for (h, row) in dy.chunks(w).enumerate() {
+                            for (&id, d) in ids.iter().zip(row) {
+                                g[id as usize * e.dim + h] += d;
+                            }
+                        }
+                    }
                 }
                 Op::Recurrent {
                     spec,
@@ -521,6 +622,14 @@ impl Record {
                 Op::Done => {}
             }
         }
+    }
+}
+
+/// The distance bias a [`Op::RelBias`] node holds, as the attention kernels read it.
+fn bias_of(n: &Node) -> Bias<'_> {
+    Bias {
+        table: &n.value,
+        max_distance: n.width / 2,
     }
 }
 
@@ -679,45 +788,60 @@ impl Exec for Tape<'_> {
         k: usize,
         v: usize,
     ) -> Result<usize> {
-        let shape = AttnShape {
-            b: self.b,
-            t: self.t,
-            nh: a.n_heads,
-            nkv: a.n_kv_heads,
-            hd: a.head_dim,
-            causal: a.causal,
-            window: a.window,
-            dropout: self.rate(a.dropout),
-            scale: a.scores().scale,
-            softcap: a.softcap,
-        };
-        // Q, K and V have no other reader: the node takes their values.
-        let mut qv = std::mem::take(&mut self.nodes[q].value);
-        let mut kv = std::mem::take(&mut self.nodes[k].value);
-        let vv = std::mem::take(&mut self.nodes[v].value);
-        if let Some(r) = &a.rope {
-            if self.t > r.max_positions() {
-                return Err(Error::ContextOverflow {
-                    tokens: self.t,
-                    context: r.max_positions(),
-                });
-            }
-            let (cos, sin) = r.rows();
-            ops::rope(&mut qv, cos, sin, self.t, a.n_heads, a.head_dim, false);
-            ops::rope(&mut kv, cos, sin, self.t, a.n_kv_heads, a.head_dim, false);
+        self.attend(a, [q, k, v], None, false)
+    }
+
+    fn relative_bias(&mut self, e: &EmbP, rel: RelativePositions) -> Result<usize> {
+        let ids = rel.ids();
+        let table = self.p.value(e.table);
+        let (heads, w) = (e.dim, ids.len());
+        let count = table.len() / heads.max(1);
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= count) {
+            return Err(Error::msg(format!(
+                "relative position bucket {id} is outside the bias table ({count} rows)"
+            )));
         }
-        let (ctx, probs) = ops::attention(&qv, &kv, &vv, &self.lengths, shape);
-        let needs = self.nodes[q].needs || self.nodes[k].needs || self.nodes[v].needs;
-        let op = Op::Attention {
-            q: qv,
-            k: kv,
-            v: vv,
-            probs,
-            shape,
-            rope: a.rope.clone(),
-            inputs: [q, k, v],
+        let mut v = vec![0f32; heads * w];
+        for (c, &id) in ids.iter().enumerate() {
+            for h in 0..heads {
+                v[h * w + c] = table[id as usize * heads + h];
+            }
+        }
+        let needs = self.p.trainable(e.table);
+        let x = self.push(Op::RelBias { e: *e, ids }, v, w, needs);
+        self.nodes[x].keep = true;
+        Ok(x)
+    }
+
+    fn attention_biased(
+        &mut self,
+        a: &AttnSpec,
+        _layer: usize,
+        q: usize,
+        k: usize,
+        v: usize,
+        bias: &usize,
+    ) -> Result<usize> {
+        self.attend(a, [q, k, v], Some(*bias), false)
+    }
+
+    fn cross_attention(
+        &mut self,
+        a: &AttnSpec,
+        _slot: usize,
+        q: usize,
+        k: &Lin,
+        v: &Lin,
+        memory: Option<&usize>,
+    ) -> Result<usize> {
+        let Some(&m) = memory else {
+            return Err(Error::msg(
+                "internal: cross-attention in training is given the encoder states",
+            ));
         };
-        Ok(self.push(op, ctx, a.n_heads * a.head_dim, needs))
+        let k = self.linear(k, &m, None)?;
+        let v = self.linear(v, &m, None)?;
+        self.attend(a, [q, k, v], None, true)
     }
 
     fn recurrent(&mut self, r: &RecurrentSpec, hh: &Lin, slot: usize, gx: usize) -> Result<usize> {

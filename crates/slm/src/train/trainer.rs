@@ -50,6 +50,26 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
+    /// The loss per token over `batches`, from each batch's summed loss and token count;
+    /// `done(k)` after the k-th batch.
+    pub fn mean_token_loss<B>(
+        batches: &[B],
+        done: &dyn Fn(usize),
+        mut loss_sum: impl FnMut(&B) -> TrainResult<(f64, usize)>,
+    ) -> TrainResult<Self> {
+        let (mut sum, mut n) = (0.0, 0usize);
+        for (i, b) in batches.iter().enumerate() {
+            let (s, c) = loss_sum(b)?;
+            sum += s;
+            n += c;
+            done(i + 1);
+        }
+        Ok(Evaluation {
+            loss: sum / n.max(1) as f64,
+            metric: None,
+        })
+    }
+
     /// What early stopping and keep-best compare: the metric, else the negated loss.
     fn score(&self) -> f64 {
         self.metric.as_ref().map_or(-self.loss, |m| m.1)
