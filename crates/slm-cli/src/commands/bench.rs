@@ -34,6 +34,9 @@ pub struct Args {
     /// Encoders: texts to embed (default: the 872 SST-2 test sentences from SLM_ASSETS).
     #[arg(long)]
     input: Option<std::path::PathBuf>,
+    /// Encoder-decoders: beams of the beam-search measurement.
+    #[arg(long, default_value_t = 4, value_parser = crate::parse::positive)]
+    beams: usize,
     /// Encoders: texts per batch.
     #[arg(long, default_value_t = 32, value_parser = crate::parse::positive)]
     batch_size: usize,
@@ -64,6 +67,9 @@ pub fn run(mut a: Args) -> Result<()> {
     let files = slm::io::ModelFiles::locate(&a.model.model)?;
     if slm::models::config_of(&files)?.architecture().is_encoder() {
         return run_encoder(a);
+    }
+    if slm::models::seq2seq::is_seq2seq(&a.model.model) {
+        return run_seq2seq(a);
     }
     let text_path = a
         .text
@@ -218,6 +224,75 @@ fn run_encoder(a: Args) -> Result<()> {
             a.repeats,
             a.batch_size
         );
+    }
+    Ok(())
+}
+
+/// An encoder-decoder, as transformers' `generate` is timed on one: the encoder's tokens/s
+/// over a source of `--prompt-tokens` ids, then `--gen-tokens` decoder steps over its states,
+/// greedy and as a `--beams` beam search that no EOS ends. The ids are spread over the
+/// vocabulary (the benchmark's models are random: no tokenizer needed).
+fn run_seq2seq(a: Args) -> Result<()> {
+    use slm::generate::beam::{seq2seq_over, BeamOptions};
+    let t = Instant::now();
+    let m = slm::models::seq2seq::load_seq2seq(&a.model.model)?;
+    let load = t.elapsed().as_secs_f64();
+    let model = m.model.as_ref();
+    let vocab = model.vocab_size().max(4) as u64;
+    let source: Vec<u32> = (0..a.prompt_tokens as u64)
+        .map(|i| (3 + (i * 7919) % (vocab - 3)) as u32)
+        .collect();
+    let (mut enc, mut greedy, mut beam) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..a.repeats {
+        let t = Instant::now();
+        let memory = model.encode(&[&source])?.remove(0);
+        enc.push(source.len() as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let mut cache = model.new_cache();
+        let mut next = model.decoder_start();
+        for step in 0..a.gen_tokens {
+            let mem = (step == 0).then_some(&memory);
+            let logits =
+                model.decode(&mut [(&mut cache, std::slice::from_ref(&next))], mem, false)?;
+            next = argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+        }
+        greedy.push(a.gen_tokens as f64 / t.elapsed().as_secs_f64());
+        let opts = BeamOptions {
+            beams: a.beams,
+            max_new_tokens: a.gen_tokens,
+            eos: None,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        seq2seq_over(model, &memory, &opts)?;
+        beam.push(a.gen_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    let threads = rayon::current_num_threads();
+    let (enc, greedy, beam) = (median(enc), median(greedy), median(beam));
+    if a.json {
+        outln!(
+            "{}",
+            serde_json::json!({"model": a.model.model, "threads": threads, "load_s": load,
+                               "encoder_tok_s": enc, "greedy_decode_tok_s": greedy,
+                               "beam_decode_tok_s": beam, "beams": a.beams,
+                               "source_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
+                               "repeats": a.repeats, "peak_rss_mib": peak_rss_mib()})
+        );
+    } else {
+        outln!("model:        {}", a.model.model.display());
+        outln!("threads:      {threads}");
+        outln!("load:         {load:.3} s");
+        outln!(
+            "encoder:      {enc:.1} tok/s ({} source tokens)",
+            a.prompt_tokens
+        );
+        outln!("greedy:       {greedy:.1} tok/s ({} tokens)", a.gen_tokens);
+        outln!(
+            "{}-beam:       {beam:.1} tok/s ({} tokens)",
+            a.beams,
+            a.gen_tokens
+        );
+        outln!("(medians of {} runs)", a.repeats);
     }
     Ok(())
 }

@@ -223,9 +223,9 @@ fn run_seq2seq(mut a: Seq2SeqArgs) -> Result<()> {
         );
     }
     if a.json {
-        out!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
-        out!("{}", seq2seq_table(&report));
+        outln!("{}", seq2seq_table(&report));
     }
     if let Some(dir) = &a.report {
         std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;

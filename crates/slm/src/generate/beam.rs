@@ -273,9 +273,18 @@ pub fn seq2seq(
     opts: &BeamOptions,
 ) -> Result<Vec<Hypothesis>> {
     let memory = model.encode(&[source])?.remove(0);
+    seq2seq_over(model, &memory, opts)
+}
+
+/// Beam search of an encoder-decoder's output over the encoder states `memory` of one source.
+pub fn seq2seq_over(
+    model: &dyn crate::models::seq2seq::Seq2SeqLM,
+    memory: &candle_core::Tensor,
+    opts: &BeamOptions,
+) -> Result<Vec<Hypothesis>> {
     let start = [model.decoder_start()];
     let mut cache = model.new_cache();
-    let first = rows(model.decode(&mut [(&mut cache, &start)], Some(&memory), false)?)?.remove(0);
+    let first = rows(model.decode(&mut [(&mut cache, &start)], Some(memory), false)?)?.remove(0);
     beam_search(&start, cache, first, opts, |caches, last| {
         let mut seqs = one_each(caches, last);
         rows(model.decode(&mut seqs, None, false)?)
