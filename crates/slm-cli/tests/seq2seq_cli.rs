@@ -242,9 +242,28 @@ fn t5_finetunes_fully_and_with_lora_and_evaluates() {
     assert_eq!(cfg["task_type"], "SEQ_2_SEQ_LM");
     assert_eq!(cfg["target_modules"], serde_json::json!(["q", "v"]));
 
-    // The teacher-forced loss of the saved model (and of the base with the adapter) is the
-    // trainer's last validation loss.
-    for (m, adapter, out) in [(&full, None, &full), (&model, Some(&lora), &lora)] {
+    let merged = dir.join("merged");
+    let (code, _, err) = run(
+        &[
+            "merge",
+            "-m",
+            model.to_str().unwrap(),
+            "--adapter",
+            lora.to_str().unwrap(),
+            "-o",
+            merged.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+
+    // The teacher-forced loss of the saved model (of the base with the adapter, and of the two
+    // merged) is the trainer's last validation loss.
+    for (m, adapter, out) in [
+        (&full, None, &full),
+        (&model, Some(&lora), &lora),
+        (&merged, None, &lora),
+    ] {
         let mut args = vec![
             "eval".to_string(),
             "seq2seq".into(),
@@ -355,6 +374,74 @@ fn t5_finetunes_fully_and_with_lora_and_evaluates() {
     assert!(
         err.contains("bad.jsonl: line 2: no \"target\" string"),
         "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A seq2seq run killed after a checkpoint resumes to exactly the uninterrupted run's model.
+#[test]
+fn a_killed_seq2seq_run_resumes_to_the_same_model() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempdir("t5-resume");
+    let model = t5_with_tokenizer(&dir);
+    let train = dir.join("train.jsonl");
+    reversal_pairs(&train, 0, 96);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "finetune",
+            "-m",
+            model.to_str().unwrap(),
+            "--task",
+            "seq2seq",
+            "--train",
+            train.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "24",
+            "--batch-size",
+            "8",
+            "--save-every",
+            "1",
+            "--lr",
+            "1e-3",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let whole = dir.join("whole");
+    let a = args(&whole);
+    let (code, _, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    assert_eq!(code, 0, "{err}");
+    let killed = dir.join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slm"))
+        .args(args(&killed))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !killed.join("checkpoint/state.json").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint");
+        assert!(child.try_wait().unwrap().is_none(), "ended before the kill");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !killed.join("model.safetensors").exists(),
+        "killed after the end"
+    );
+    let mut b = args(&killed);
+    b.push("--resume".into());
+    let (code, _, err) = run(&b.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    assert_eq!(code, 0, "{err}");
+    let x = std::fs::read(whole.join("model.safetensors")).unwrap();
+    let y = std::fs::read(killed.join("model.safetensors")).unwrap();
+    assert!(
+        x == y,
+        "the resumed model differs from the uninterrupted one"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,8 +1,10 @@
 //! Fine-tuning on the CPU.
 //!
-//! - [`ops`]: forward and hand-written backward of every layer, on row-major f32 buffers.
+//! - [`ops`]: forward and hand-written backward of every layer, on row-major f32 buffers;
+//!   [`attention`]: the attention kernel's.
 //! - [`params`]: parameters by transformers name, LoRA-capable linear layers.
-//! - [`tape`]: the training executor; [`loader`]: which weights train, by HF name.
+//! - [`tape`]: the training executor, [`record`]: the backward of what it recorded;
+//!   [`loader`]: which weights train, by HF name.
 //! - [`bert`]: BERT sequence classification built from those.
 //! - [`optim`]: AdamW, schedules, clipping.
 //! - [`trainer`]: the loop: accumulation, evaluation, early stopping, checkpoints and resume.
@@ -10,6 +12,7 @@
 //! - [`seq2seq`]: encoder-decoders taught by teacher forcing.
 //! - [`job`]: one whole run of any task, from the model and data files to the saved output.
 
+pub mod attention;
 pub mod bert;
 pub mod causal;
 pub mod checkpoint;
@@ -22,6 +25,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod pretrain;
+pub mod record;
 pub mod rnn_classify;
 pub mod seq2seq;
 pub mod stream;
