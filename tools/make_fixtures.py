@@ -1119,6 +1119,103 @@ def record_train_t5():
     (root / "train.json").write_text(json.dumps(rec))
 
 
+def tiny_barts():
+    """BART (post-norm layers with biases, learned positions offset by 2, a layernorm on the
+    embeddings, exact GELU, a tied head with a final_logits_bias, a decoder deeper than the
+    encoder) with embeddings scaled by sqrt(d_model)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+    yield "bart", BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
+        activation_function="gelu", scale_embedding=True, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None, forced_bos_token_id=None,
+        no_repeat_ngram_size=0, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1))
+
+
+BART_SOURCES = [[0, 17, 42, 99, 3, 250, 2], [0, 5, 2],
+                [0, 300, 301, 302, 7, 7, 7, 7, 9, 11, 13, 200, 100, 64, 33, 21, 8, 150, 151, 152, 2]]
+BART_TARGETS = [[2, 0, 12, 13, 14, 88, 2], [2, 0, 5, 2], [2, 0, 301, 300, 7, 9, 11, 13, 2]]
+BART_GRADS = ["model.shared.weight", "model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight",
+              "model.encoder.layernorm_embedding.weight", "model.encoder.layers.1.self_attn.q_proj.weight",
+              "model.encoder.layers.0.self_attn.k_proj.bias", "model.encoder.layers.0.fc1.weight",
+              "model.decoder.layers.0.encoder_attn.k_proj.weight", "model.decoder.layers.2.encoder_attn_layer_norm.bias",
+              "model.decoder.layers.1.self_attn.v_proj.bias", "model.decoder.layers.2.fc2.weight",
+              "model.decoder.layers.2.final_layer_norm.weight"]
+
+
+def record_bart():
+    """The tiny BART: encoder states (alone and as a padded batch), teacher-forced logits and
+    loss, greedy ids and beam searches (tests/seq2seq.rs), and the loss and gradients of a
+    padded batch, full and with a PEFT LoRA on q_proj and v_proj (tests/seq2seq_train.rs).
+    Written to bart/."""
+    from peft import LoraConfig, get_peft_model
+    root = OUT / "bart"
+    root.mkdir(exist_ok=True)
+    for name, model in tiny_barts():
+        d = root / name
+        if d.exists():
+            shutil.rmtree(d)
+        torch.manual_seed(77)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.normal_(1.0 if n.endswith("weight") else 0.0, 0.1)
+                else:
+                    p.normal_(0.0, 0.08)
+            model.final_logits_bias.normal_(0.0, 0.5)
+            # Random weights favour EOS at once; this makes the outputs run a while.
+            model.final_logits_bias[0, 2] = -4.0
+        model.eval()
+        model.save_pretrained(d / "safetensors", safe_serialization=True)
+        cases = []
+        for src, tgt in zip(BART_SOURCES, BART_TARGETS):
+            x = torch.tensor([src])
+            with torch.no_grad():
+                enc = model.model.encoder(input_ids=x).last_hidden_state[0]
+                dec = torch.tensor([tgt[:-1]])
+                logits = model(input_ids=x, decoder_input_ids=dec).logits[0]
+                loss = model(input_ids=x, decoder_input_ids=dec, labels=torch.tensor([tgt[1:]])).loss.item()
+                greedy = model.generate(x, max_new_tokens=12, do_sample=False)[0].tolist()
+            early = greedy[3] if len(greedy) > 3 else 2
+            cases.append({"input_ids": src, "encoder": enc.numpy().round(7).tolist(),
+                          "decoder_input_ids": tgt[:-1], "logits": logits.numpy().round(7).tolist(),
+                          "labels": tgt[1:], "loss": loss, "greedy": greedy,
+                          "beams": beam_cases(model, src, 2, {"pad_token_id": 1}) + beam_cases(model, src, early, {"pad_token_id": 1})})
+        n = max(len(s) for s in BART_SOURCES)
+        ids = torch.tensor([s + [1] * (n - len(s)) for s in BART_SOURCES])
+        mask = (ids != 1).long()
+        with torch.no_grad():
+            batch = model.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        batch = [batch[i, :len(s)].numpy().round(7).tolist() for i, s in enumerate(BART_SOURCES)]
+        (d / "expected.json").write_text(json.dumps({
+            "family": name, "transformers": transformers.__version__, "cases": cases, "batch_encoder": batch}))
+        # Training: the padded batch, labels padded with -100 (decoder inputs given, as the
+        # tests build them: the start id, then the target).
+        nt = max(len(t) - 1 for t in BART_TARGETS)
+        dec = torch.tensor([t[:-1] + [1] * (nt - len(t) + 1) for t in BART_TARGETS])
+        labels = torch.tensor([t[1:] + [-100] * (nt - len(t) + 1) for t in BART_TARGETS])
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, labels=labels)
+        out.loss.backward()
+        named = dict(model.named_parameters())
+        rec = {"sources": BART_SOURCES, "targets": [t[1:] for t in BART_TARGETS], "loss": out.loss.item(),
+               "grads": {k: grad_list(named[k].grad) for k in BART_GRADS}}
+        model.zero_grad()
+        torch.manual_seed(13)
+        cfg = LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+                         init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+        pm = get_peft_model(model, cfg)
+        pm.eval()
+        out = pm(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, labels=labels)
+        out.loss.backward()
+        pm.save_pretrained(d / "peft_lora")
+        rec["lora_loss"] = out.loss.item()
+        rec["lora_grads"] = {k.removeprefix("base_model.model.").replace(".default", ""): grad_list(p.grad)
+                             for k, p in pm.named_parameters() if p.requires_grad and "layers.1." in k}
+        (d / "train.json").write_text(json.dumps(rec))
+        print(name, sum(p.numel() for p in model.parameters()), "params; greedy", [c["greedy"] for c in cases],
+              "loss", rec["loss"], "lora", rec["lora_loss"])
+
+
 def overlap_pairs():
     """Hypothesis/reference pairs from tiny shakespeare lines, each hypothesis damaged a
     different way (words dropped, swapped, replaced, case, punctuation, digits, HTML entities,
@@ -1204,6 +1301,8 @@ def main():
         return record_t5()
     if only == ["t5_train"]:
         return record_train_t5()
+    if only == ["bart"]:
+        return record_bart()
     if only == ["overlap"]:
         return record_overlap()
     for name, model, kw in tiny_models():

@@ -101,7 +101,7 @@ pub fn gguf_to_hf(src: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<V
         ModelConfig::Llama(c) => llama_config(c, &g)?,
         ModelConfig::Gpt2(c) => gpt2_config(c),
         ModelConfig::Gemma(c) => gemma_config(c),
-        ModelConfig::Bert(_) | ModelConfig::Rnn(_) | ModelConfig::T5(_) => {
+        ModelConfig::Bert(_) | ModelConfig::Rnn(_) | ModelConfig::T5(_) | ModelConfig::Bart(_) => {
             unreachable!("from_gguf builds neither encoders nor recurrent models")
         }
     };

@@ -28,16 +28,21 @@ fn rows(t: &candle_core::Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().unwrap()
 }
 
-const FAMILIES: [(&str, &str); 3] = [
-    ("t5_relu", "safetensors"),
-    ("t5_relu", "bin"),
-    ("t5_gated", "safetensors"),
+/// Each family's fixture (under tests/fixtures) and the weight files it is read from.
+const FAMILIES: [(&str, &str); 4] = [
+    ("t5/t5_relu", "safetensors"),
+    ("t5/t5_relu", "bin"),
+    ("t5/t5_gated", "safetensors"),
+    ("bart/bart", "safetensors"),
 ];
 
+/// The fixtures with greedy and beam-search references.
+const MODELS: [&str; 3] = ["t5/t5_relu", "t5/t5_gated", "bart/bart"];
+
 #[test]
-fn t5_encoder_states_and_decoder_logits_match_transformers() {
+fn encoder_states_and_decoder_logits_match_transformers() {
     for (name, format) in FAMILIES {
-        let dir = fixtures().join("t5").join(name);
+        let dir = fixtures().join(name);
         let expected = read_json(dir.join("expected.json"));
         let m = load_seq2seq(&dir.join(format)).unwrap();
         let model = m.model.as_ref();
@@ -131,9 +136,9 @@ fn greedy(model: &dyn Seq2SeqLM, src: &[u32], max_new: usize) -> Vec<u32> {
 }
 
 #[test]
-fn t5_greedy_ids_match_generate() {
-    for name in ["t5_relu", "t5_gated"] {
-        let dir = fixtures().join("t5").join(name);
+fn greedy_ids_match_generate() {
+    for name in MODELS {
+        let dir = fixtures().join(name);
         let expected = read_json(dir.join("expected.json"));
         let m = load_seq2seq(&dir.join("safetensors")).unwrap();
         for case in expected["cases"].as_array().unwrap() {
@@ -197,9 +202,14 @@ fn check_beams(
     b: &serde_json::Value,
     got: &[Hypothesis],
     opts: &BeamOptions,
+    pad: u32,
 ) {
     let want: Vec<Vec<u32>> = b["sequences"].as_array().unwrap().iter().map(ids).collect();
-    assert_eq!(generate_rows(prompt, got, opts, 0), want, "{what} {opts:?}");
+    assert_eq!(
+        generate_rows(prompt, got, opts, pad),
+        want,
+        "{what} {opts:?}"
+    );
     for (h, w) in got.iter().zip(b["scores"].as_array().unwrap()) {
         let w = w.as_f64().unwrap();
         assert!(
@@ -211,10 +221,10 @@ fn check_beams(
 }
 
 #[test]
-fn t5_beam_search_matches_generate() {
+fn beam_search_matches_generate() {
     let mut settings = 0;
-    for name in ["t5_relu", "t5_gated"] {
-        let dir = fixtures().join("t5").join(name);
+    for name in MODELS {
+        let dir = fixtures().join(name);
         let expected = read_json(dir.join("expected.json"));
         let m = load_seq2seq(&dir.join("safetensors")).unwrap();
         for case in expected["cases"].as_array().unwrap() {
@@ -222,12 +232,13 @@ fn t5_beam_search_matches_generate() {
             for b in case["beams"].as_array().unwrap() {
                 let opts = beam_options(b, m.model.eos());
                 let got = beam::seq2seq(m.model.as_ref(), &src, &opts).unwrap();
-                check_beams(&format!("{name} {src:?}"), &[0], b, &got, &opts);
+                let (start, pad) = (m.model.decoder_start(), m.model.pad());
+                check_beams(&format!("{name} {src:?}"), &[start], b, &got, &opts, pad);
                 settings += 1;
             }
         }
     }
-    assert_eq!(settings, 2 * 3 * 8);
+    assert_eq!(settings, 3 * 3 * 8);
 }
 
 #[test]
@@ -246,7 +257,7 @@ fn causal_beam_search_matches_generate() {
             let opts = beam_options(b, 0);
             let got = beam::causal(m.model.as_ref(), &prompt, &opts).unwrap();
             finished += got.iter().filter(|h| h.eos).count();
-            check_beams(&format!("gpt2 {prompt:?}"), &prompt, b, &got, &opts);
+            check_beams(&format!("gpt2 {prompt:?}"), &prompt, b, &got, &opts, 0);
         }
     }
     // The early EOS ends some hypotheses: the finished-hypothesis path is exercised.

@@ -252,6 +252,31 @@ impl ModelConfig {
                 c.positive("layer_norm_epsilon", t.layer_norm_epsilon)?;
                 t.feed_forward().map_err(|e| c.err(e.to_string()))?;
             }
+            ModelConfig::Bart(t) => {
+                c.size("vocab_size", t.vocab_size, MAX_VOCAB)?;
+                c.size("d_model", t.d_model, MAX_WIDTH)?;
+                c.size("encoder_layers", t.encoder_layers, MAX_LAYERS)?;
+                c.size("decoder_layers", t.decoder_layers, MAX_LAYERS)?;
+                c.size("encoder_ffn_dim", t.encoder_ffn_dim, MAX_FFN)?;
+                c.size("decoder_ffn_dim", t.decoder_ffn_dim, MAX_FFN)?;
+                c.size(
+                    "max_position_embeddings",
+                    t.max_position_embeddings,
+                    MAX_POSITIONS,
+                )?;
+                for (k, h) in [
+                    ("encoder_attention_heads", t.encoder_attention_heads),
+                    ("decoder_attention_heads", t.decoder_attention_heads),
+                ] {
+                    c.size(k, h, MAX_HEADS)?;
+                    if t.d_model % h != 0 {
+                        return Err(c.err(format!(
+                            "d_model ({}) is not a multiple of {k} ({h})",
+                            t.d_model
+                        )));
+                    }
+                }
+            }
             ModelConfig::Rnn(r) => {
                 c.size("ntoken", r.ntoken, MAX_VOCAB)?;
                 c.size("ninp", r.ninp, MAX_WIDTH)?;

@@ -1,5 +1,6 @@
 //! Model families and the one entry point that builds the right one from a model's files.
 
+pub mod bart;
 pub mod bert;
 pub mod gemma;
 pub mod gpt2;
@@ -166,10 +167,12 @@ pub enum Architecture {
     Rnn(crate::nn::recurrent::Cell),
     /// Encoder-decoders: T5, T5 v1.1, Flan-T5, mT5.
     T5,
+    /// Encoder-decoders: BART.
+    Bart,
 }
 
 pub const SUPPORTED: &str =
-    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3, gemma2, gemma3 (text), LSTM/GRU language models (rnn_lm); encoders: bert, distilbert, roberta; encoder-decoders: t5, mt5";
+    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3, gemma2, gemma3 (text), LSTM/GRU language models (rnn_lm); encoders: bert, distilbert, roberta; encoder-decoders: t5, mt5, bart";
 
 impl Architecture {
     pub fn from_name(name: &str) -> Option<Self> {
@@ -189,6 +192,7 @@ impl Architecture {
             "t5" | "mt5" | "T5ForConditionalGeneration" | "MT5ForConditionalGeneration" => {
                 Architecture::T5
             }
+            "bart" | "BartForConditionalGeneration" => Architecture::Bart,
             "bert" => Architecture::Bert(bert::Flavor::Bert),
             "distilbert" => Architecture::Bert(bert::Flavor::DistilBert),
             "roberta" | "xlm-roberta" => Architecture::Bert(bert::Flavor::Roberta),
@@ -212,6 +216,7 @@ impl Architecture {
             // PEFT has no LoRA for recurrent layers.
             Architecture::Rnn(_) => &[],
             Architecture::T5 => t5::LORA_TARGETS,
+            Architecture::Bart => bart::LORA_TARGETS,
         };
         names.iter().map(|s| s.to_string()).collect()
     }
@@ -230,6 +235,7 @@ impl Architecture {
             Architecture::Rnn(crate::nn::recurrent::Cell::Lstm) => "lstm",
             Architecture::Rnn(crate::nn::recurrent::Cell::Gru) => "gru",
             Architecture::T5 => "t5",
+            Architecture::Bart => "bart",
         }
     }
 
@@ -252,6 +258,7 @@ pub enum ModelConfig {
     Bert(bert::Config),
     Rnn(rnn::Config),
     T5(t5::Config),
+    Bart(bart::Config),
 }
 
 impl ModelConfig {
@@ -263,6 +270,7 @@ impl ModelConfig {
             ModelConfig::Bert(c) => Architecture::Bert(c.flavor),
             ModelConfig::Rnn(c) => Architecture::Rnn(c.rnn_type),
             ModelConfig::T5(_) => Architecture::T5,
+            ModelConfig::Bart(_) => Architecture::Bart,
         }
     }
 
@@ -273,6 +281,7 @@ impl ModelConfig {
             ModelConfig::Gemma(c) => c.max_position_embeddings,
             ModelConfig::Bert(c) => c.max_tokens(),
             ModelConfig::Rnn(_) | ModelConfig::T5(_) => u32::MAX as usize,
+            ModelConfig::Bart(c) => c.max_position_embeddings,
         }
     }
 
@@ -295,6 +304,7 @@ impl ModelConfig {
             ModelConfig::Bert(c) => c.vocab_size,
             ModelConfig::Rnn(c) => c.ntoken,
             ModelConfig::T5(c) => c.vocab_size,
+            ModelConfig::Bart(c) => c.vocab_size,
         }
     }
 
@@ -350,6 +360,7 @@ impl ModelConfig {
                 ModelConfig::Bert(bert::Config::from_json(json, flavor).in_file(path)?)
             }
             Architecture::T5 => ModelConfig::T5(serde_json::from_value(json).in_file(path)?),
+            Architecture::Bart => ModelConfig::Bart(serde_json::from_value(json).in_file(path)?),
             Architecture::Rnn(_) => unreachable!("rnn_lm is not an architecture name"),
         })
     }
@@ -498,10 +509,10 @@ impl ModelConfig {
                 })
             }
             Architecture::Bert(_) => unreachable!("encoders are rejected above"),
-            Architecture::T5 => {
+            Architecture::T5 | Architecture::Bart => {
                 return Err(Error::file(
                     &g.path,
-                    "GGUF T5 models are not supported yet; use the Hugging Face folder",
+                    "GGUF encoder-decoders are not supported yet; use the Hugging Face folder",
                 ))
             }
             Architecture::Rnn(_) => unreachable!("no GGUF architecture name is a recurrent LM"),
@@ -680,7 +691,7 @@ pub fn load_causal_with(
                 ),
             ))
         }
-        ModelConfig::T5(_) => {
+        ModelConfig::T5(_) | ModelConfig::Bart(_) => {
             return Err(Error::file(
                 &files.root,
                 "an encoder-decoder model: it runs with `slm generate` (one input, one output), not as a causal LM",

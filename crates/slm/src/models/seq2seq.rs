@@ -124,7 +124,7 @@ pub struct LoadedSeq2Seq {
 pub fn is_seq2seq(path: &Path) -> bool {
     ModelFiles::locate(path)
         .and_then(|f| config_of(&f))
-        .is_ok_and(|c| matches!(c, ModelConfig::T5(_)))
+        .is_ok_and(|c| matches!(c, ModelConfig::T5(_) | ModelConfig::Bart(_)))
 }
 
 pub fn load_seq2seq(path: &Path) -> Result<LoadedSeq2Seq> {
@@ -144,6 +144,12 @@ pub fn load_seq2seq_with(path: &Path, adapter: Option<&Path>) -> Result<LoadedSe
     let model: Box<dyn Seq2SeqLM> = match &config {
         ModelConfig::T5(c) => Box::new(EncoderDecoder {
             model: super::t5::T5::new(c, &mut l)?,
+            start: c.decoder_start(),
+            eos: c.eos_token_id,
+            pad: c.pad_token_id,
+        }),
+        ModelConfig::Bart(c) => Box::new(EncoderDecoder {
+            model: super::bart::Bart::new(c, &mut l)?,
             start: c.decoder_start(),
             eos: c.eos_token_id,
             pad: c.pad_token_id,

@@ -816,7 +816,15 @@ impl Loader for VbLoader {
         }
         let w = self.at(name).get_weight("weight", &[count, dim])?;
         let b = match bias {
-            Some(b) => Some(self.vb.get(&stored_tensor(&self.vb, b), &[count])?),
+            // BART's `final_logits_bias` is stored `[1, count]`.
+            Some(b) => {
+                let name = stored_tensor(&self.vb, b);
+                let shape = match self.vb.shape_of(&name) {
+                    Some(s) if s == [1, count] => s,
+                    _ => vec![count],
+                };
+                Some(self.vb.get(&name, &shape)?.reshape(count)?)
+            }
             None => None,
         };
         Linear::from_weight(w, b)

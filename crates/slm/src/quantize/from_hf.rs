@@ -41,7 +41,7 @@ pub fn quantize_hf(
         ModelConfig::Llama(c) => llama_metadata(c, arch, &files.root)?,
         ModelConfig::Gpt2(c) => gpt2_metadata(c, &files.root)?,
         ModelConfig::Gemma(c) => gemma_metadata(c, arch, &files.root)?,
-        ModelConfig::Bert(_) | ModelConfig::Rnn(_) | ModelConfig::T5(_) => {
+        ModelConfig::Bert(_) | ModelConfig::Rnn(_) | ModelConfig::T5(_) | ModelConfig::Bart(_) => {
             return Err(Error::file(
                 &files.root,
                 format!(

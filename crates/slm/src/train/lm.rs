@@ -43,7 +43,7 @@ impl Net {
             ModelConfig::Llama(c) => Net::Llama(llama::Llama::new(c, l)?),
             ModelConfig::Gemma(c) => Net::Gemma(gemma::Gemma::new(c, l)?),
             ModelConfig::Rnn(c) => Net::Rnn(rnn::RnnLm::new(c, l)?),
-            ModelConfig::Bert(_) | ModelConfig::T5(_) => {
+            ModelConfig::Bert(_) | ModelConfig::T5(_) | ModelConfig::Bart(_) => {
                 return Err(crate::Error::Unsupported(format!(
                 "{}: '{}' is not a causal language model; causal-LM fine-tuning takes gpt2, llama, qwen2, phi3, gemma2 or gemma3",
                 path.display(),

@@ -265,8 +265,14 @@ impl Loader for ParamLoader {
             Some(&w) => w,
             None => self.get(&key, &[count, dim], false, Fresh::Normal)?,
         };
-        // A decoder's bias belongs to the head: trained (new if missing) in every run.
+        // A decoder's bias belongs to the head: trained (new if missing) in every run; one
+        // stored `[1, count]` is a buffer (BART's `final_logits_bias`), read and never trained.
+        let buffer = self
+            .stored()
+            .and_then(|vb| vb.shape_of(&stored_tensor(vb, bias?)))
+            .is_some_and(|s| s == [1, count]);
         let b = match bias {
+            Some(b) if buffer => Some(self.get_as(b, &[1, count], false, false, Fresh::Zeros)?),
             Some(b) if self.contains(b) => {
                 Some(self.get_as(b, &[count], false, true, Fresh::Zeros)?)
             }

@@ -15,7 +15,7 @@ use super::tape::{Dropout, LoraSpec, ParamLoader, Tape, TrainW};
 use super::trainer::{Evaluation, Model};
 use super::TrainResult;
 use crate::io::{open_weights, ModelFiles};
-use crate::models::{config_of, t5, Architecture, ModelConfig};
+use crate::models::{bart, config_of, t5, Architecture, ModelConfig};
 use crate::nn::exec::Seq2SeqFamily;
 use crate::nn::Vb;
 use crate::tokenize::Tokenizer;
@@ -171,6 +171,7 @@ pub fn seq2seq_batches(
 
 enum Net {
     T5(t5::T5<TrainW>),
+    Bart(bart::Bart<TrainW>),
 }
 
 /// The forward pass of one family over a batch: encoder on the sources, decoder on the
@@ -249,9 +250,14 @@ impl Seq2SeqTrain {
                 c.decoder_start(),
                 c.pad_token_id,
             ),
+            ModelConfig::Bart(c) => (
+                Net::Bart(bart::Bart::new(c, l)?),
+                c.decoder_start(),
+                c.pad_token_id,
+            ),
             other => {
                 return Err(Error::Unsupported(format!(
-                    "{}: '{}' is not an encoder-decoder; --task seq2seq trains t5 models",
+                    "{}: '{}' is not an encoder-decoder; --task seq2seq trains t5 and bart models",
                     path.display(),
                     other.architecture().name()
                 )))
@@ -282,6 +288,7 @@ impl Seq2SeqTrain {
         .with_dropout(self.dropout);
         let out = match &self.net {
             Net::T5(m) => forward(m, &mut tape, batch)?,
+            Net::Bart(m) => forward(m, &mut tape, batch)?,
         };
         Ok((tape, out))
     }

@@ -1,0 +1,312 @@
+//! BART: an encoder-decoder of post-norm layers (`norm(x + sublayer(x))`) with biased
+//! projections, learned positions offset by 2, a LayerNorm on the embeddings (optionally
+//! scaled by √d_model), and a head tied to the shared embeddings plus a fixed
+//! `final_logits_bias`.
+
+use serde::Deserialize;
+
+use crate::error::Result;
+use crate::nn::exec::{
+    three, AttnSpec, Exec, Loader, NormKind, Parts, Rows, Seq2SeqFamily, Weights,
+};
+use crate::nn::Activation;
+
+/// BART's learned positions start at row 2 (fairseq kept two rows for padding).
+const POSITION_OFFSET: usize = 2;
+const EPS: f64 = 1e-5;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub encoder_layers: usize,
+    pub decoder_layers: usize,
+    pub encoder_attention_heads: usize,
+    pub decoder_attention_heads: usize,
+    pub encoder_ffn_dim: usize,
+    pub decoder_ffn_dim: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub activation_function: Activation,
+    #[serde(default = "default_dropout")]
+    pub dropout: f32,
+    #[serde(default)]
+    pub attention_dropout: f32,
+    #[serde(default)]
+    pub activation_dropout: f32,
+    /// Embeddings multiplied by √d_model.
+    #[serde(default)]
+    pub scale_embedding: bool,
+    #[serde(default = "default_pad")]
+    pub pad_token_id: u32,
+    #[serde(default = "default_eos")]
+    pub eos_token_id: u32,
+    /// BART's decoder starts from EOS.
+    pub decoder_start_token_id: Option<u32>,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+}
+
+fn default_act() -> Activation {
+    Activation::Gelu
+}
+fn default_dropout() -> f32 {
+    0.1
+}
+fn default_pad() -> u32 {
+    1
+}
+fn default_eos() -> u32 {
+    2
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Config {
+    pub fn decoder_start(&self) -> u32 {
+        self.decoder_start_token_id.unwrap_or(self.eos_token_id)
+    }
+
+    fn attn(&self, heads: usize, causal: bool) -> AttnSpec {
+        AttnSpec {
+            n_heads: heads,
+            n_kv_heads: heads,
+            head_dim: self.d_model / heads,
+            rope: None,
+            window: None,
+            dropout: self.attention_dropout,
+            causal,
+            scale: None,
+            softcap: None,
+        }
+    }
+}
+
+/// The modules PEFT's LoRA targets by default for BART.
+pub const LORA_TARGETS: &[&str] = &["q_proj", "v_proj"];
+
+/// `BartAttention` as self-attention: fused where the executor can.
+struct SelfAttn<W: Weights> {
+    qkv: Parts<W::Linear>,
+    out: W::Linear,
+    norm: W::Norm,
+}
+
+/// `BartAttention` over the encoder's states.
+struct CrossAttn<W: Weights> {
+    q: W::Linear,
+    k: W::Linear,
+    v: W::Linear,
+    out: W::Linear,
+    norm: W::Norm,
+}
+
+struct Ffn<W: Weights> {
+    fc1: W::Linear,
+    fc2: W::Linear,
+    norm: W::Norm,
+}
+
+struct Layer<W: Weights> {
+    attn: SelfAttn<W>,
+    cross: Option<CrossAttn<W>>,
+    ffn: Ffn<W>,
+}
+
+/// The embeddings of one stack: its tokens (the shared table), positions and their norm.
+struct Embeddings<W: Weights> {
+    positions: W::Embedding,
+    norm: W::Norm,
+}
+
+pub struct Bart<W: Weights> {
+    shared: W::Embedding,
+    encoder_embed: Embeddings<W>,
+    decoder_embed: Embeddings<W>,
+    encoder: Vec<Layer<W>>,
+    decoder: Vec<Layer<W>>,
+    lm_head: W::Linear,
+    pub cfg: Config,
+}
+
+impl<W: Weights> Bart<W> {
+    pub fn new(cfg: &Config, l: &mut impl Loader<W = W>) -> Result<Self> {
+        let d = cfg.d_model;
+        let table = ["model.shared", "model.encoder.embed_tokens"]
+            .into_iter()
+            .find(|n| l.contains(&format!("{n}.weight")))
+            .unwrap_or("model.shared");
+        let shared = l.embedding(table, cfg.vocab_size, d)?;
+        let embeddings = |l: &mut _, stack: &str| -> Result<Embeddings<W>> {
+            Ok(Embeddings {
+                positions: Loader::embedding(
+                    l,
+                    &format!("model.{stack}.embed_positions"),
+                    cfg.max_position_embeddings + POSITION_OFFSET,
+                    d,
+                )?,
+                norm: Loader::norm(
+                    l,
+                    NormKind::Layer,
+                    &format!("model.{stack}.layernorm_embedding"),
+                    d,
+                    EPS,
+                )?,
+            })
+        };
+        let encoder_embed = embeddings(l, "encoder")?;
+        let decoder_embed = embeddings(l, "decoder")?;
+        let layer =
+            |l: &mut _, stack: &str, i: usize, ffn: usize, cross: bool| -> Result<Layer<W>> {
+                let b = format!("model.{stack}.layers.{i}");
+                let names = ["q_proj", "k_proj", "v_proj"].map(|p| format!("{b}.self_attn.{p}"));
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let cross = if cross {
+                    let c = format!("{b}.encoder_attn");
+                    Some(CrossAttn {
+                        q: Loader::linear(l, &format!("{c}.q_proj"), d, d, true)?,
+                        k: Loader::linear(l, &format!("{c}.k_proj"), d, d, true)?,
+                        v: Loader::linear(l, &format!("{c}.v_proj"), d, d, true)?,
+                        out: Loader::linear(l, &format!("{c}.out_proj"), d, d, true)?,
+                        norm: Loader::norm(l, NormKind::Layer, &format!("{c}_layer_norm"), d, EPS)?,
+                    })
+                } else {
+                    None
+                };
+                Ok(Layer {
+                    attn: SelfAttn {
+                        qkv: Loader::parts(l, &names, d, &[d; 3], true)?,
+                        out: Loader::linear(l, &format!("{b}.self_attn.out_proj"), d, d, true)?,
+                        norm: Loader::norm(
+                            l,
+                            NormKind::Layer,
+                            &format!("{b}.self_attn_layer_norm"),
+                            d,
+                            EPS,
+                        )?,
+                    },
+                    cross,
+                    ffn: Ffn {
+                        fc1: Loader::linear(l, &format!("{b}.fc1"), d, ffn, true)?,
+                        fc2: Loader::linear(l, &format!("{b}.fc2"), ffn, d, true)?,
+                        norm: Loader::norm(
+                            l,
+                            NormKind::Layer,
+                            &format!("{b}.final_layer_norm"),
+                            d,
+                            EPS,
+                        )?,
+                    },
+                })
+            };
+        let encoder = (0..cfg.encoder_layers)
+            .map(|i| layer(l, "encoder", i, cfg.encoder_ffn_dim, false))
+            .collect::<Result<_>>()?;
+        let decoder = (0..cfg.decoder_layers)
+            .map(|i| layer(l, "decoder", i, cfg.decoder_ffn_dim, true))
+            .collect::<Result<_>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            l.tied(table, cfg.vocab_size, d, Some("final_logits_bias"))?
+        } else {
+            l.linear("lm_head", d, cfg.vocab_size, false)?
+        };
+        Ok(Self {
+            shared,
+            encoder_embed,
+            decoder_embed,
+            encoder,
+            decoder,
+            lm_head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Token embeddings (scaled when the config says so) plus positions, normed.
+    fn embed<E: Exec<W = W>>(&self, e: &mut E, emb: &Embeddings<W>, ids: &[u32]) -> Result<E::X> {
+        let c = &self.cfg;
+        let mut x = e.embed(&self.shared, ids)?;
+        if c.scale_embedding {
+            x = e.scale(x, (c.d_model as f32).sqrt())?;
+        }
+        let p = e.positions(&emb.positions, POSITION_OFFSET)?;
+        let x = e.add(x, p)?;
+        let x = e.norm(&emb.norm, &x)?;
+        e.dropout(x, c.dropout)
+    }
+
+    /// One post-norm layer: self-attention, cross-attention (decoders), feed-forward.
+    fn layer<E: Exec<W = W>>(
+        &self,
+        e: &mut E,
+        (layer, i, slot): (&Layer<W>, usize, usize),
+        spec: &AttnSpec,
+        memory: Option<&E::X>,
+        x: E::X,
+    ) -> Result<E::X> {
+        let c = &self.cfg;
+        let [q, k, v] = three(e.parts(&layer.attn.qkv, &x)?)?;
+        let a = e.attention(spec, i, q, k, v)?;
+        let a = e.linear(&layer.attn.out, &a, None)?;
+        let a = e.dropout(a, c.dropout)?;
+        let mut x = e.add_norm(&layer.attn.norm, a, x)?;
+        if let Some(ca) = &layer.cross {
+            let q = e.linear(&ca.q, &x, None)?;
+            let cross = AttnSpec {
+                causal: false,
+                ..spec.clone()
+            };
+            let a = e.cross_attention(&cross, slot, q, &ca.k, &ca.v, memory)?;
+            let a = e.linear(&ca.out, &a, None)?;
+            let a = e.dropout(a, c.dropout)?;
+            x = e.add_norm(&ca.norm, a, x)?;
+        }
+        let h = e.linear(&layer.ffn.fc1, &x, Some(c.activation_function))?;
+        let h = e.dropout(h, c.activation_dropout)?;
+        let h = e.linear(&layer.ffn.fc2, &h, None)?;
+        let h = e.dropout(h, c.dropout)?;
+        e.add_norm(&layer.ffn.norm, h, x)
+    }
+}
+
+impl<W: Weights> Seq2SeqFamily<W> for Bart<W> {
+    fn encode<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32]) -> Result<E::X> {
+        let spec = self.cfg.attn(self.cfg.encoder_attention_heads, false);
+        let mut x = self.embed(e, &self.encoder_embed, ids)?;
+        for (i, l) in self.encoder.iter().enumerate() {
+            x = self.layer(e, (l, i, 0), &spec, None, x)?;
+        }
+        Ok(x)
+    }
+
+    fn decode<E: Exec<W = W>>(
+        &self,
+        e: &mut E,
+        ids: &[u32],
+        memory: Option<&E::X>,
+        last_only: bool,
+    ) -> Result<E::X> {
+        let spec = self.cfg.attn(self.cfg.decoder_attention_heads, true);
+        let n = self.decoder.len();
+        let mut x = self.embed(e, &self.decoder_embed, ids)?;
+        for (i, l) in self.decoder.iter().enumerate() {
+            x = self.layer(e, (l, i, n + i), &spec, memory, x)?;
+        }
+        if last_only {
+            x = e.rows(&x, Rows::Last)?;
+        }
+        e.linear(&self.lm_head, &x, None)
+    }
+
+    fn n_slots(&self) -> usize {
+        2 * self.decoder.len()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn context_length(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+}
