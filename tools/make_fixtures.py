@@ -1122,14 +1122,25 @@ def record_train_t5():
 def tiny_barts():
     """BART (post-norm layers with biases, learned positions offset by 2, a layernorm on the
     embeddings, exact GELU, a tied head with a final_logits_bias, a decoder deeper than the
-    encoder) with embeddings scaled by sqrt(d_model)."""
-    from transformers import BartConfig, BartForConditionalGeneration
-    yield "bart", BartForConditionalGeneration(BartConfig(
+    encoder) with embeddings scaled by sqrt(d_model); Marian (sinusoidal positions that are not
+    saved, no embedding layernorm, swish, EOS 0 and the last id as padding and decoder start),
+    each with its (sources, targets, pad, eos)."""
+    from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel
+    yield "bart", (BART_SOURCES, BART_TARGETS, 1, 2), BartForConditionalGeneration(BartConfig(
         vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
         activation_function="gelu", scale_embedding=True, pad_token_id=1, bos_token_id=0,
         eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None, forced_bos_token_id=None,
         no_repeat_ngram_size=0, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1))
+    pad = VOCAB - 1
+    sources = [[t if t != 2 else 0 for t in s[1:]] for s in BART_SOURCES]
+    targets = [[pad] + [t if t != 2 else 0 for t in x[2:]] for x in BART_TARGETS]
+    yield "marian", (sources, targets, pad, 0), MarianMTModel(MarianConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
+        activation_function="swish", scale_embedding=True, pad_token_id=pad, eos_token_id=0,
+        decoder_start_token_id=pad, forced_eos_token_id=None, dropout=0.1, attention_dropout=0.1,
+        activation_dropout=0.1))
 
 
 BART_SOURCES = [[0, 17, 42, 99, 3, 250, 2], [0, 5, 2],
@@ -1151,24 +1162,27 @@ def record_bart():
     from peft import LoraConfig, get_peft_model
     root = OUT / "bart"
     root.mkdir(exist_ok=True)
-    for name, model in tiny_barts():
+    for name, (sources, targets, pad, eos), model in tiny_barts():
         d = root / name
         if d.exists():
             shutil.rmtree(d)
         torch.manual_seed(77)
         with torch.no_grad():
             for n, p in model.named_parameters():
+                if not p.requires_grad:
+                    continue  # Marian's sinusoidal positions: fixed, and not saved
                 if p.dim() == 1:
                     p.normal_(1.0 if n.endswith("weight") else 0.0, 0.1)
                 else:
                     p.normal_(0.0, 0.08)
-            model.final_logits_bias.normal_(0.0, 0.5)
-            # Random weights favour EOS at once; this makes the outputs run a while.
-            model.final_logits_bias[0, 2] = -4.0
+            model.final_logits_bias.normal_(0.0, 0.05)
+            # Random weights may favour EOS or padding at once; this makes the outputs run.
+            model.final_logits_bias[0, eos] = -2.0
+            model.final_logits_bias[0, pad] = -2.0
         model.eval()
         model.save_pretrained(d / "safetensors", safe_serialization=True)
         cases = []
-        for src, tgt in zip(BART_SOURCES, BART_TARGETS):
+        for src, tgt in zip(sources, targets):
             x = torch.tensor([src])
             with torch.no_grad():
                 enc = model.model.encoder(input_ids=x).last_hidden_state[0]
@@ -1176,29 +1190,31 @@ def record_bart():
                 logits = model(input_ids=x, decoder_input_ids=dec).logits[0]
                 loss = model(input_ids=x, decoder_input_ids=dec, labels=torch.tensor([tgt[1:]])).loss.item()
                 greedy = model.generate(x, max_new_tokens=12, do_sample=False)[0].tolist()
-            early = greedy[3] if len(greedy) > 3 else 2
+            early = greedy[3] if len(greedy) > 3 else eos
+            kw = {"pad_token_id": pad}
             cases.append({"input_ids": src, "encoder": enc.numpy().round(7).tolist(),
                           "decoder_input_ids": tgt[:-1], "logits": logits.numpy().round(7).tolist(),
                           "labels": tgt[1:], "loss": loss, "greedy": greedy,
-                          "beams": beam_cases(model, src, 2, {"pad_token_id": 1}) + beam_cases(model, src, early, {"pad_token_id": 1})})
-        n = max(len(s) for s in BART_SOURCES)
-        ids = torch.tensor([s + [1] * (n - len(s)) for s in BART_SOURCES])
-        mask = (ids != 1).long()
+                          "beams": beam_cases(model, src, eos, kw) + beam_cases(model, src, early, kw)})
+        n = max(len(s) for s in sources)
+        ids = torch.tensor([s + [pad] * (n - len(s)) for s in sources])
+        mask = (torch.arange(n)[None] < torch.tensor([len(s) for s in sources])[:, None]).long()
         with torch.no_grad():
             batch = model.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        batch = [batch[i, :len(s)].numpy().round(7).tolist() for i, s in enumerate(BART_SOURCES)]
+        batch = [batch[i, :len(s)].numpy().round(7).tolist() for i, s in enumerate(sources)]
         (d / "expected.json").write_text(json.dumps({
             "family": name, "transformers": transformers.__version__, "cases": cases, "batch_encoder": batch}))
         # Training: the padded batch, labels padded with -100 (decoder inputs given, as the
         # tests build them: the start id, then the target).
-        nt = max(len(t) - 1 for t in BART_TARGETS)
-        dec = torch.tensor([t[:-1] + [1] * (nt - len(t) + 1) for t in BART_TARGETS])
-        labels = torch.tensor([t[1:] + [-100] * (nt - len(t) + 1) for t in BART_TARGETS])
+        nt = max(len(t) - 1 for t in targets)
+        dec = torch.tensor([t[:-1] + [pad] * (nt - len(t) + 1) for t in targets])
+        labels = torch.tensor([t[1:] + [-100] * (nt - len(t) + 1) for t in targets])
         out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, labels=labels)
         out.loss.backward()
         named = dict(model.named_parameters())
-        rec = {"sources": BART_SOURCES, "targets": [t[1:] for t in BART_TARGETS], "loss": out.loss.item(),
-               "grads": {k: grad_list(named[k].grad) for k in BART_GRADS}}
+        grads = [k for k in BART_GRADS if k in named and named[k].requires_grad]
+        rec = {"sources": sources, "targets": [t[1:] for t in targets], "loss": out.loss.item(),
+               "grads": {k: grad_list(named[k].grad) for k in grads}}
         model.zero_grad()
         torch.manual_seed(13)
         cfg = LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, lora_dropout=0.0,

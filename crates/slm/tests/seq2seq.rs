@@ -29,15 +29,16 @@ fn rows(t: &candle_core::Tensor) -> Vec<Vec<f32>> {
 }
 
 /// Each family's fixture (under tests/fixtures) and the weight files it is read from.
-const FAMILIES: [(&str, &str); 4] = [
+const FAMILIES: [(&str, &str); 5] = [
     ("t5/t5_relu", "safetensors"),
     ("t5/t5_relu", "bin"),
     ("t5/t5_gated", "safetensors"),
     ("bart/bart", "safetensors"),
+    ("bart/marian", "safetensors"),
 ];
 
 /// The fixtures with greedy and beam-search references.
-const MODELS: [&str; 3] = ["t5/t5_relu", "t5/t5_gated", "bart/bart"];
+const MODELS: [&str; 4] = ["t5/t5_relu", "t5/t5_gated", "bart/bart", "bart/marian"];
 
 #[test]
 fn encoder_states_and_decoder_logits_match_transformers() {
@@ -238,7 +239,7 @@ fn beam_search_matches_generate() {
             }
         }
     }
-    assert_eq!(settings, 3 * 3 * 8);
+    assert_eq!(settings, 4 * 3 * 8);
 }
 
 #[test]

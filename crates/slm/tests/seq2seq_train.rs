@@ -235,39 +235,50 @@ fn t5_adapters_slm_trains_load_in_peft() {
     }
 }
 
-/// BART (post-norm, learned positions, biased projections, a frozen `final_logits_bias`): the
-/// loss and gradients of a padded batch, full and with PEFT's LoRA factors on q_proj, v_proj.
+/// BART (post-norm, learned positions, biased projections, a frozen `final_logits_bias`) and
+/// Marian (sinusoidal positions computed, not stored): the loss and gradients of a padded
+/// batch, full and with PEFT's LoRA factors on q_proj, v_proj.
 #[test]
-fn bart_loss_and_gradients_match_pytorch_and_peft() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bart/bart");
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
-    let ex = examples(&r);
-    // BART starts its decoder from EOS (2) and pads with 1.
-    let b = Seq2SeqBatch::new(&ex.iter().collect::<Vec<_>>(), 2, 1);
-    let base = dir.join("safetensors");
-    let mut m = Seq2SeqTrain::load(&base, None, 0).unwrap();
-    assert_eq!((m.start, m.pad), (2, 1));
-    m.dropout = Dropout::Off;
-    let loss = m.forward_backward(&b, 1).unwrap();
-    let w = r["loss"].as_f64().unwrap();
-    assert!((loss - w).abs() < 1e-5, "loss {loss} vs torch {w}");
-    check_grads(&m.params, &r["grads"]);
-    for p in &m.params.list {
-        let trained = p.grad.as_ref().is_some_and(|g| g.iter().any(|&x| x != 0.0));
-        // transformers keeps final_logits_bias as a buffer: never trained.
-        assert_eq!(trained, p.name != "final_logits_bias", "{}", p.name);
-    }
+fn bart_and_marian_loss_and_gradients_match_pytorch_and_peft() {
+    // BART starts its decoder from EOS (2) and pads with 1; Marian starts from padding.
+    for (name, start, pad) in [("bart", 2, 1), ("marian", 319, 319)] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/bart")
+            .join(name);
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap())
+                .unwrap();
+        let ex = examples(&r);
+        let b = Seq2SeqBatch::new(&ex.iter().collect::<Vec<_>>(), start, pad);
+        let base = dir.join("safetensors");
+        let mut m = Seq2SeqTrain::load(&base, None, 0).unwrap();
+        assert_eq!((m.start, m.pad), (start, pad), "{name}");
+        m.dropout = Dropout::Off;
+        let loss = m.forward_backward(&b, 1).unwrap();
+        let w = r["loss"].as_f64().unwrap();
+        assert!((loss - w).abs() < 1e-5, "{name}: loss {loss} vs torch {w}");
+        check_grads(&m.params, &r["grads"]);
+        for p in &m.params.list {
+            let trained = p.grad.as_ref().is_some_and(|g| g.iter().any(|&x| x != 0.0));
+            // transformers keeps final_logits_bias (and Marian its positions) as buffers.
+            let buffer = p.name == "final_logits_bias"
+                || (name == "marian" && p.name.contains("embed_positions"));
+            assert_eq!(trained, !buffer, "{name}: {}", p.name);
+        }
 
-    let spec = LoraSpec {
-        targets: vec!["q_proj".into(), "v_proj".into()],
-        ..lora()
-    };
-    let mut m = Seq2SeqTrain::load(&base, Some(spec), 0).unwrap();
-    m.dropout = Dropout::Off;
-    peft_factors(&mut m, &dir.join("peft_lora"));
-    let loss = m.forward_backward(&b, 1).unwrap();
-    let w = r["lora_loss"].as_f64().unwrap();
-    assert!((loss - w).abs() < 1e-5, "LoRA loss {loss} vs PEFT {w}");
-    check_grads(&m.params, &r["lora_grads"]);
+        let spec = LoraSpec {
+            targets: vec!["q_proj".into(), "v_proj".into()],
+            ..lora()
+        };
+        let mut m = Seq2SeqTrain::load(&base, Some(spec), 0).unwrap();
+        m.dropout = Dropout::Off;
+        peft_factors(&mut m, &dir.join("peft_lora"));
+        let loss = m.forward_backward(&b, 1).unwrap();
+        let w = r["lora_loss"].as_f64().unwrap();
+        assert!(
+            (loss - w).abs() < 1e-5,
+            "{name}: LoRA loss {loss} vs PEFT {w}"
+        );
+        check_grads(&m.params, &r["lora_grads"]);
+    }
 }

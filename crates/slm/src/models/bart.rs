@@ -1,7 +1,8 @@
-//! BART: an encoder-decoder of post-norm layers (`norm(x + sublayer(x))`) with biased
-//! projections, learned positions offset by 2, a LayerNorm on the embeddings (optionally
-//! scaled by √d_model), and a head tied to the shared embeddings plus a fixed
-//! `final_logits_bias`.
+//! BART and Marian: encoder-decoders of post-norm layers (`norm(x + sublayer(x))`) with
+//! biased projections and a head tied to the shared embeddings plus a fixed
+//! `final_logits_bias`. BART learns its positions (offset by 2) and norms its embeddings;
+//! Marian (the `opus-mt` translators) adds sinusoidal positions that checkpoints do not store,
+//! scales its embeddings by √d_model and has no embedding norm.
 
 use serde::Deserialize;
 
@@ -11,9 +12,25 @@ use crate::nn::exec::{
 };
 use crate::nn::Activation;
 
-/// BART's learned positions start at row 2 (fairseq kept two rows for padding).
-const POSITION_OFFSET: usize = 2;
 const EPS: f64 = 1e-5;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Variant {
+    #[default]
+    Bart,
+    Marian,
+}
+
+impl Variant {
+    /// The row of position 0: BART's learned table starts at row 2 (fairseq kept two rows
+    /// for padding).
+    fn position_offset(self) -> usize {
+        match self {
+            Variant::Bart => 2,
+            Variant::Marian => 0,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -45,6 +62,12 @@ pub struct Config {
     pub decoder_start_token_id: Option<u32>,
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
+    /// Marian: one table for source and target tokens (a separate decoder table is not
+    /// supported).
+    #[serde(default = "default_true")]
+    pub share_encoder_decoder_embeddings: bool,
+    #[serde(skip)]
+    pub variant: Variant,
 }
 
 fn default_act() -> Activation {
@@ -64,8 +87,38 @@ fn default_true() -> bool {
 }
 
 impl Config {
+    /// Reads config.json of either variant.
+    pub fn from_json(json: serde_json::Value, variant: Variant) -> serde_json::Result<Self> {
+        let mut c: Self = serde_json::from_value(json)?;
+        c.variant = variant;
+        Ok(c)
+    }
+
+    /// BART's decoder starts from EOS, Marian's from padding.
     pub fn decoder_start(&self) -> u32 {
-        self.decoder_start_token_id.unwrap_or(self.eos_token_id)
+        self.decoder_start_token_id.unwrap_or(match self.variant {
+            Variant::Bart => self.eos_token_id,
+            Variant::Marian => self.pad_token_id,
+        })
+    }
+
+    /// `MarianSinusoidalPositionalEmbedding`'s table: position `p`, feature `j` is
+    /// `p / 10000^(2⌊j/2⌋/d)`, the sines of the even features first, then the cosines of the
+    /// odd ones (computed in f64 as NumPy does, then rounded).
+    fn sinusoids(&self) -> Vec<f32> {
+        let (n, d) = (self.max_position_embeddings, self.d_model);
+        let half = d.div_ceil(2);
+        let mut out = vec![0f32; n * d];
+        for (p, row) in out.chunks_mut(d).enumerate() {
+            let angle = |j: usize| p as f64 / 10000f64.powf((2 * (j / 2)) as f64 / d as f64);
+            for (k, j) in (0..d).step_by(2).enumerate() {
+                row[k] = angle(j).sin() as f32;
+            }
+            for (k, j) in (1..d).step_by(2).enumerate() {
+                row[half + k] = angle(j).cos() as f32;
+            }
+        }
+        out
     }
 
     fn attn(&self, heads: usize, causal: bool) -> AttnSpec {
@@ -83,7 +136,7 @@ impl Config {
     }
 }
 
-/// The modules PEFT's LoRA targets by default for BART.
+/// The modules PEFT's LoRA targets by default for BART and Marian.
 pub const LORA_TARGETS: &[&str] = &["q_proj", "v_proj"];
 
 /// `BartAttention` as self-attention: fused where the executor can.
@@ -117,7 +170,7 @@ struct Layer<W: Weights> {
 /// The embeddings of one stack: its tokens (the shared table), positions and their norm.
 struct Embeddings<W: Weights> {
     positions: W::Embedding,
-    norm: W::Norm,
+    norm: Option<W::Norm>,
 }
 
 pub struct Bart<W: Weights> {
@@ -137,22 +190,40 @@ impl<W: Weights> Bart<W> {
             .into_iter()
             .find(|n| l.contains(&format!("{n}.weight")))
             .unwrap_or("model.shared");
-        let shared = l.embedding(table, cfg.vocab_size, d)?;
+        let shared = l.padded_embedding(table, cfg.vocab_size, d, cfg.pad_token_id)?;
+        if !cfg.share_encoder_decoder_embeddings {
+            return Err(crate::Error::Unsupported(
+                "a Marian model with separate source and target embeddings (share_encoder_decoder_embeddings: false)".into(),
+            ));
+        }
         let embeddings = |l: &mut _, stack: &str| -> Result<Embeddings<W>> {
-            Ok(Embeddings {
-                positions: Loader::embedding(
-                    l,
-                    &format!("model.{stack}.embed_positions"),
-                    cfg.max_position_embeddings + POSITION_OFFSET,
-                    d,
-                )?,
-                norm: Loader::norm(
-                    l,
-                    NormKind::Layer,
-                    &format!("model.{stack}.layernorm_embedding"),
-                    d,
-                    EPS,
-                )?,
+            let positions = format!("model.{stack}.embed_positions");
+            Ok(match cfg.variant {
+                Variant::Bart => Embeddings {
+                    positions: Loader::embedding(
+                        l,
+                        &positions,
+                        cfg.max_position_embeddings + 2,
+                        d,
+                    )?,
+                    norm: Some(Loader::norm(
+                        l,
+                        NormKind::Layer,
+                        &format!("model.{stack}.layernorm_embedding"),
+                        d,
+                        EPS,
+                    )?),
+                },
+                Variant::Marian => Embeddings {
+                    positions: Loader::computed(
+                        l,
+                        &positions,
+                        cfg.max_position_embeddings,
+                        d,
+                        cfg.sinusoids(),
+                    )?,
+                    norm: None,
+                },
             })
         };
         let encoder_embed = embeddings(l, "encoder")?;
@@ -229,9 +300,11 @@ impl<W: Weights> Bart<W> {
         if c.scale_embedding {
             x = e.scale(x, (c.d_model as f32).sqrt())?;
         }
-        let p = e.positions(&emb.positions, POSITION_OFFSET)?;
-        let x = e.add(x, p)?;
-        let x = e.norm(&emb.norm, &x)?;
+        let p = e.positions(&emb.positions, c.variant.position_offset())?;
+        let mut x = e.add(x, p)?;
+        if let Some(n) = &emb.norm {
+            x = e.norm(n, &x)?;
+        }
         e.dropout(x, c.dropout)
     }
 

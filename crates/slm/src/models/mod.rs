@@ -167,12 +167,12 @@ pub enum Architecture {
     Rnn(crate::nn::recurrent::Cell),
     /// Encoder-decoders: T5, T5 v1.1, Flan-T5, mT5.
     T5,
-    /// Encoder-decoders: BART.
-    Bart,
+    /// Encoder-decoders: BART, Marian.
+    Bart(bart::Variant),
 }
 
 pub const SUPPORTED: &str =
-    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3, gemma2, gemma3 (text), LSTM/GRU language models (rnn_lm); encoders: bert, distilbert, roberta; encoder-decoders: t5, mt5, bart";
+    "gpt2, llama (llama, mistral, smollm, tinyllama), qwen2, phi3, gemma2, gemma3 (text), LSTM/GRU language models (rnn_lm); encoders: bert, distilbert, roberta; encoder-decoders: t5, mt5, bart, marian";
 
 impl Architecture {
     pub fn from_name(name: &str) -> Option<Self> {
@@ -192,7 +192,8 @@ impl Architecture {
             "t5" | "mt5" | "T5ForConditionalGeneration" | "MT5ForConditionalGeneration" => {
                 Architecture::T5
             }
-            "bart" | "BartForConditionalGeneration" => Architecture::Bart,
+            "bart" | "BartForConditionalGeneration" => Architecture::Bart(bart::Variant::Bart),
+            "marian" | "MarianMTModel" => Architecture::Bart(bart::Variant::Marian),
             "bert" => Architecture::Bert(bert::Flavor::Bert),
             "distilbert" => Architecture::Bert(bert::Flavor::DistilBert),
             "roberta" | "xlm-roberta" => Architecture::Bert(bert::Flavor::Roberta),
@@ -216,7 +217,7 @@ impl Architecture {
             // PEFT has no LoRA for recurrent layers.
             Architecture::Rnn(_) => &[],
             Architecture::T5 => t5::LORA_TARGETS,
-            Architecture::Bart => bart::LORA_TARGETS,
+            Architecture::Bart(_) => bart::LORA_TARGETS,
         };
         names.iter().map(|s| s.to_string()).collect()
     }
@@ -235,7 +236,8 @@ impl Architecture {
             Architecture::Rnn(crate::nn::recurrent::Cell::Lstm) => "lstm",
             Architecture::Rnn(crate::nn::recurrent::Cell::Gru) => "gru",
             Architecture::T5 => "t5",
-            Architecture::Bart => "bart",
+            Architecture::Bart(bart::Variant::Bart) => "bart",
+            Architecture::Bart(bart::Variant::Marian) => "marian",
         }
     }
 
@@ -270,7 +272,7 @@ impl ModelConfig {
             ModelConfig::Bert(c) => Architecture::Bert(c.flavor),
             ModelConfig::Rnn(c) => Architecture::Rnn(c.rnn_type),
             ModelConfig::T5(_) => Architecture::T5,
-            ModelConfig::Bart(_) => Architecture::Bart,
+            ModelConfig::Bart(c) => Architecture::Bart(c.variant),
         }
     }
 
@@ -360,7 +362,9 @@ impl ModelConfig {
                 ModelConfig::Bert(bert::Config::from_json(json, flavor).in_file(path)?)
             }
             Architecture::T5 => ModelConfig::T5(serde_json::from_value(json).in_file(path)?),
-            Architecture::Bart => ModelConfig::Bart(serde_json::from_value(json).in_file(path)?),
+            Architecture::Bart(v) => {
+                ModelConfig::Bart(bart::Config::from_json(json, v).in_file(path)?)
+            }
             Architecture::Rnn(_) => unreachable!("rnn_lm is not an architecture name"),
         })
     }
@@ -509,7 +513,7 @@ impl ModelConfig {
                 })
             }
             Architecture::Bert(_) => unreachable!("encoders are rejected above"),
-            Architecture::T5 | Architecture::Bart => {
+            Architecture::T5 | Architecture::Bart(_) => {
                 return Err(Error::file(
                     &g.path,
                     "GGUF encoder-decoders are not supported yet; use the Hugging Face folder",

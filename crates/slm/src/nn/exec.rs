@@ -318,6 +318,26 @@ pub trait Loader {
         count: usize,
         dim: usize,
     ) -> Result<<Self::W as Weights>::Embedding>;
+    /// A token table whose `padding` row gets no gradient from lookups, as PyTorch's
+    /// `nn.Embedding(padding_idx=…)` (BART's, Marian's); to inference, a table like any other.
+    fn padded_embedding(
+        &mut self,
+        name: &str,
+        count: usize,
+        dim: usize,
+        _padding: u32,
+    ) -> Result<<Self::W as Weights>::Embedding> {
+        self.embedding(name, count, dim)
+    }
+    /// A table the checkpoint does not store because the family computes it (Marian's
+    /// sinusoidal positions), `[count, dim]` row-major; never trained.
+    fn computed(
+        &mut self,
+        name: &str,
+        count: usize,
+        dim: usize,
+        values: Vec<f32>,
+    ) -> Result<<Self::W as Weights>::Embedding>;
     /// An output layer reading the embedding table `name` (tied weights), with the bias
     /// tensor `bias` (a masked-LM decoder's).
     fn tied(

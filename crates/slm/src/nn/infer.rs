@@ -809,6 +809,17 @@ impl Loader for VbLoader {
         Ok(e)
     }
 
+    fn computed(
+        &mut self,
+        _name: &str,
+        count: usize,
+        dim: usize,
+        values: Vec<f32>,
+    ) -> Result<Embedding> {
+        let t = Tensor::from_vec(values, (count, dim), &candle_core::Device::Cpu)?;
+        Embedding::from_tensor(t)
+    }
+
     fn tied(&mut self, name: &str, count: usize, dim: usize, bias: Option<&str>) -> Result<Linear> {
         let shared = self.embeddings.get(name).and_then(Embedding::tied_linear);
         if let Some(l) = shared.filter(|l| bias.is_none() && l.out_features() == count) {

@@ -174,6 +174,15 @@ enum EmbeddingTable {
 }
 
 impl Embedding {
+    /// A table of `[count, dim]` values.
+    pub fn from_tensor(t: Tensor) -> Result<Self> {
+        let dim = t.dim(1)?;
+        Ok(Self {
+            table: EmbeddingTable::Dense(t),
+            dim,
+        })
+    }
+
     pub fn new(count: usize, dim: usize, vb: &Vb) -> Result<Self> {
         let table = match vb.get_weight("weight", &[count, dim])? {
             Weight::Dense(t) => EmbeddingTable::Dense(t),

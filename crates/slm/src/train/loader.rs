@@ -256,6 +256,33 @@ impl Loader for ParamLoader {
                 Fresh::Normal,
             )?,
             dim,
+            padding: None,
+        })
+    }
+
+    fn padded_embedding(
+        &mut self,
+        name: &str,
+        count: usize,
+        dim: usize,
+        padding: u32,
+    ) -> Result<EmbP> {
+        Ok(EmbP {
+            padding: Some(padding),
+            ..self.embedding(name, count, dim)?
+        })
+    }
+
+    fn computed(&mut self, name: &str, count: usize, dim: usize, values: Vec<f32>) -> Result<EmbP> {
+        let key = format!("{name}.weight");
+        let table = self
+            .params
+            .add(key.clone(), vec![count, dim], values, false);
+        self.by_name.insert(key, table);
+        Ok(EmbP {
+            table,
+            dim,
+            padding: None,
         })
     }
 

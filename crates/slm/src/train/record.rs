@@ -63,6 +63,9 @@ impl Record {
                 Op::Embed { e, ids } => {
                     if let Some(g) = p.grad(e.table) {
                         for (row, &id) in dy.chunks(e.dim).zip(&ids) {
+                            if e.padding == Some(id) {
+                                continue;
+                            }
                             g[id as usize * e.dim..][..e.dim]
                                 .iter_mut()
                                 .zip(row)

@@ -44,6 +44,8 @@ pub struct NormP {
 pub struct EmbP {
     pub table: usize,
     pub dim: usize,
+    /// `nn.Embedding(padding_idx=…)`: lookups of this id pass no gradient to its row.
+    pub padding: Option<u32>,
 }
 
 impl Weights for TrainW {
