@@ -289,20 +289,7 @@ fn run_seq2seq(
     let (train, valid) = (pairs(&p.train)?, pairs(&p.valid)?);
     let mut model = Seq2SeqTrain::load(&init, None, p.config.seed)?;
     model.dropout = Dropout::Config;
-    let steps = train.len().div_ceil(p.batch_size);
-    hooks.message(&format!(
-        "{}: {} parameters; {} pairs of up to {len} tokens ({steps} steps per epoch); {} validation pairs",
-        cfg.architecture().name(),
-        model.params.n_total(),
-        train.len(),
-        valid.len()
-    ));
-    let config = TrainConfig {
-        batch_size: p.batch_size,
-        shuffle: true,
-        eval_every: p.config.eval_every.or(Some(steps)),
-        ..p.config.clone()
-    };
+    let counts = (train.len(), valid.len(), len);
     let (start, pad) = (model.start, model.pad);
     let make = |idx: &[usize]| {
         Seq2SeqBatch::new(
@@ -316,15 +303,37 @@ fn run_seq2seq(
         model,
         source: init,
     };
+    fit_examples(p, cfg, &mut run, counts, "pairs", &make, &valid, hooks)
+}
+
+/// A transformer run's loop: its examples shuffled, `--batch-size` per step, an evaluation
+/// at each epoch's end unless told otherwise; `counts` (train, valid, tokens per example) and
+/// `unit` make the line announcing it.
+#[allow(clippy::too_many_arguments)]
+fn fit_examples<M: trainer::Model>(
+    p: &Pretrain,
+    cfg: &ModelConfig,
+    run: &mut M,
+    (n_train, n_valid, len): (usize, usize, usize),
+    unit: &str,
+    make: &dyn Fn(&[usize]) -> M::Batch,
+    valid: &[M::Batch],
+    hooks: &dyn Hooks,
+) -> TrainResult<Summary> {
+    let steps = n_train.div_ceil(p.batch_size);
+    hooks.message(&format!(
+        "{}: {} parameters; {n_train} {unit} of up to {len} tokens ({steps} steps per epoch); {n_valid} validation {unit}",
+        cfg.architecture().name(),
+        run.params().n_total(),
+    ));
+    let config = TrainConfig {
+        batch_size: p.batch_size,
+        shuffle: true,
+        eval_every: p.config.eval_every.or(Some(steps)),
+        ..p.config.clone()
+    };
     trainer::train(
-        &mut run,
-        train.len(),
-        &make,
-        &valid,
-        &config,
-        &p.output,
-        p.resume,
-        hooks,
+        run, n_train, make, valid, &config, &p.output, p.resume, hooks,
     )
 }
 
@@ -367,20 +376,7 @@ fn run_transformer(
     let valid = blocks(&tok, &p.valid, len)?;
     let mut model = CausalLm::load(&init, None, p.config.seed)?;
     model.dropout = Dropout::Config;
-    let steps = train.len().div_ceil(p.batch_size);
-    hooks.message(&format!(
-        "{}: {} parameters; {} blocks of up to {len} tokens ({steps} steps per epoch); {} validation blocks",
-        cfg.architecture().name(),
-        model.params.n_total(),
-        train.len(),
-        valid.len()
-    ));
-    let config = TrainConfig {
-        batch_size: p.batch_size,
-        shuffle: true,
-        eval_every: p.config.eval_every.or(Some(steps)),
-        ..p.config.clone()
-    };
+    let counts = (train.len(), valid.len(), len);
     let pad = tok.pad_id();
     let make =
         |idx: &[usize]| make_causal_batch(&idx.iter().map(|&i| &train[i]).collect::<Vec<_>>(), pad);
@@ -389,16 +385,7 @@ fn run_transformer(
         model,
         source: init,
     };
-    trainer::train(
-        &mut run,
-        train.len(),
-        &make,
-        &valid,
-        &config,
-        &p.output,
-        p.resume,
-        hooks,
-    )
+    fit_examples(p, &cfg, &mut run, counts, "blocks", &make, &valid, hooks)
 }
 
 fn run_rnn(p: &Pretrain, s: RnnSizes, hooks: &dyn Hooks) -> TrainResult<Summary> {
