@@ -1164,8 +1164,9 @@ def record_bart():
     root.mkdir(exist_ok=True)
     for name, (sources, targets, pad, eos), model in tiny_barts():
         d = root / name
-        if d.exists():
-            shutil.rmtree(d)
+        for sub in ("safetensors", "peft_lora"):  # slm_adapter is slm's, read below
+            if (d / sub).exists():
+                shutil.rmtree(d / sub)
         torch.manual_seed(77)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -1227,6 +1228,18 @@ def record_bart():
         rec["lora_loss"] = out.loss.item()
         rec["lora_grads"] = {k.removeprefix("base_model.model.").replace(".default", ""): grad_list(p.grad)
                              for k, p in pm.named_parameters() if p.requires_grad and "layers.1." in k}
+        x, first = torch.tensor([sources[0]]), torch.tensor([targets[0][:-1]])
+        with torch.no_grad():
+            rec["lora_logits"] = pm(input_ids=x, decoder_input_ids=first).logits[0].numpy().round(7).tolist()
+        # The adapter slm trained (written by `SLM_WRITE_FIXTURES=1 cargo test -p slm --test
+        # integration seq2seq_train::`), applied by PEFT to the saved base.
+        slm = d / "slm_adapter"
+        if slm.exists():
+            from peft import PeftModel
+            base = type(model).from_pretrained(d / "safetensors")
+            sm = PeftModel.from_pretrained(base, slm).eval()
+            with torch.no_grad():
+                rec["slm_adapter_logits"] = sm(input_ids=x, decoder_input_ids=first).logits[0].numpy().round(7).tolist()
         (d / "train.json").write_text(json.dumps(rec))
         print(name, sum(p.numel() for p in model.parameters()), "params; greedy", [c["greedy"] for c in cases],
               "loss", rec["loss"], "lora", rec["lora_loss"])

@@ -98,11 +98,15 @@ fn peft_factors(m: &mut Seq2SeqTrain, adapter: &Path) {
 /// The logits inference gives for the first pair's teacher-forced decoder inputs, with an
 /// adapter applied to the weights.
 fn adapted_logits(name: &str, adapter: &Path, r: &serde_json::Value) -> Vec<f32> {
+    adapted_logits_in(&base(name), adapter, r)
+}
+
+fn adapted_logits_in(base: &Path, adapter: &Path, r: &serde_json::Value) -> Vec<f32> {
     let ex = &examples(r)[0];
-    let m = slm::models::seq2seq::load_seq2seq_with(&base(name), Some(adapter)).unwrap();
+    let m = slm::models::seq2seq::load_seq2seq_with(base, Some(adapter)).unwrap();
     let memory = m.model.encode(&[&ex.source]).unwrap();
     let mut cache = m.model.new_cache();
-    let dec: Vec<u32> = std::iter::once(0)
+    let dec: Vec<u32> = std::iter::once(m.model.decoder_start())
         .chain(ex.target[..ex.target.len() - 1].iter().copied())
         .collect();
     let y = m
@@ -164,13 +168,18 @@ fn t5_lora_matches_peft() {
 
 /// A few LoRA steps, saved as a PEFT adapter.
 fn write_slm_adapter(name: &str, r: &serde_json::Value, dir: &Path) {
-    let mut model = Seq2SeqTrain::load(&base(name), Some(lora()), 3).unwrap();
+    write_slm_adapter_in(&base(name), lora(), r, dir)
+}
+
+fn write_slm_adapter_in(base: &Path, spec: LoraSpec, r: &serde_json::Value, dir: &Path) {
+    let mut model = Seq2SeqTrain::load(base, Some(spec), 3).unwrap();
     model.dropout = Dropout::Off;
+    let ex = examples(r);
+    let b = Seq2SeqBatch::new(&ex.iter().collect::<Vec<_>>(), model.start, model.pad);
     let mut run = Seq2SeqRun {
         model,
-        source: base(name),
+        source: base.to_path_buf(),
     };
-    let b = batch(r);
     let mut opt = AdamW::new(&run.model.params);
     let cfg = OptimConfig::constant(2e-2);
     for _ in 0..3 {
@@ -280,5 +289,33 @@ fn bart_and_marian_loss_and_gradients_match_pytorch_and_peft() {
             "{name}: LoRA loss {loss} vs PEFT {w}"
         );
         check_grads(&m.params, &r["lora_grads"]);
+        // PEFT's adapter applied by inference gives PEFT's logits.
+        let adapter = dir.join("peft_lora");
+        assert_close(
+            &adapted_logits_in(&base, &adapter, &r),
+            &logits_of(&r["lora_logits"]),
+            1e-4,
+            &format!("{name}: PEFT adapter in slm"),
+        );
+        // The adapter slm trained (committed; `SLM_WRITE_FIXTURES=1` rewrites it, then
+        // `make_fixtures.py bart` records PEFT's logits for it) gives in PEFT slm's logits.
+        let committed = dir.join("slm_adapter");
+        let spec = LoraSpec {
+            targets: vec!["q_proj".into(), "v_proj".into()],
+            ..lora()
+        };
+        if std::env::var_os("SLM_WRITE_FIXTURES").is_some() {
+            write_slm_adapter_in(&base, spec, &r, &committed);
+            continue;
+        }
+        let want = r
+            .get("slm_adapter_logits")
+            .unwrap_or_else(|| panic!("{name}: run make_fixtures.py bart"));
+        assert_close(
+            &adapted_logits_in(&base, &committed, &r),
+            &logits_of(want),
+            1e-4,
+            &format!("{name}: slm adapter in PEFT"),
+        );
     }
 }
