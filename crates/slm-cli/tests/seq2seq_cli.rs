@@ -375,6 +375,33 @@ fn t5_finetunes_fully_and_with_lora_and_evaluates() {
         err.contains("bad.jsonl: line 2: no \"target\" string"),
         "{err}"
     );
+    // The task and the model must agree, whatever the data.
+    let wrong = |m: &Path, task: &str| {
+        let out = dir.join(format!("wrong-{task}"));
+        let (code, _, err) = run(
+            &[
+                "finetune",
+                "-m",
+                m.to_str().unwrap(),
+                "--task",
+                task,
+                "--train",
+                bad.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert_ne!(code, 0);
+        err
+    };
+    let err = wrong(&full, "causal-lm");
+    assert!(
+        err.contains("is an encoder-decoder; train it with --task seq2seq"),
+        "{err}"
+    );
+    let err = wrong(&fixtures().join("gpt2/safetensors"), "seq2seq");
+    assert!(err.contains("'gpt2' is not an encoder-decoder"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

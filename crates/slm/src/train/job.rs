@@ -252,8 +252,15 @@ fn run_causal(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
         ))
     })?;
     let files = ModelFiles::locate(&source)?;
-    let tok = Tokenizer::load(&files)?;
     let cfg = crate::models::config_of(&files)?;
+    if crate::models::seq2seq::is_seq2seq(&source) {
+        return Err(Error::Unsupported(format!(
+            "{}: '{}' is an encoder-decoder; train it with --task seq2seq",
+            job.model.display(),
+            cfg.architecture().name()
+        )));
+    }
+    let tok = Tokenizer::load(&files)?;
     let positions = cfg.context_length();
     let max_length = job.max_length.unwrap_or(256.min(positions));
     if max_length > positions {
@@ -474,8 +481,15 @@ fn run_masked(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
 
 fn run_seq2seq(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
     let files = ModelFiles::locate(&job.model)?;
-    let tok = Tokenizer::load(&files)?;
     let cfg = crate::models::config_of(&files)?;
+    if !crate::models::seq2seq::is_seq2seq(&job.model) {
+        return Err(Error::Unsupported(format!(
+            "{}: '{}' is not an encoder-decoder; --task seq2seq trains t5, bart and marian models (--task causal-lm trains this one)",
+            job.model.display(),
+            cfg.architecture().name()
+        )));
+    }
+    let tok = Tokenizer::load(&files)?;
     let (max_source, max_target) = (
         job.max_length.unwrap_or(256),
         job.max_target_length.unwrap_or(128),
