@@ -65,10 +65,11 @@ pub fn run(mut a: Args) -> Result<()> {
         bail!("--repeats must be at least 1");
     }
     let files = slm::io::ModelFiles::locate(&a.model.model)?;
-    if slm::models::config_of(&files)?.architecture().is_encoder() {
+    let arch = slm::models::config_of(&files)?.architecture();
+    if arch.is_encoder() {
         return run_encoder(a);
     }
-    if slm::models::seq2seq::is_seq2seq(&a.model.model) {
+    if arch.is_seq2seq() {
         return run_seq2seq(a);
     }
     let text_path = a

@@ -25,14 +25,7 @@ pub fn target_nll(model: &dyn Seq2SeqLM, source: &[u32], target: &[u32]) -> Resu
     let rows = logits.to_vec2::<f32>()?;
     let mut sum = 0.0;
     for (row, &t) in rows.iter().zip(target) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        let lse = max
-            + row
-                .iter()
-                .map(|&x| (x as f64 - max).exp())
-                .sum::<f64>()
-                .ln();
-        sum += lse - row[t as usize] as f64;
+        sum += super::perplexity::log_sum_exp(row) - row[t as usize] as f64;
     }
     Ok((sum, target.len()))
 }

@@ -244,6 +244,11 @@ impl Architecture {
     pub fn is_encoder(&self) -> bool {
         matches!(self, Architecture::Bert(_))
     }
+
+    /// T5, BART, Marian: run by `models::seq2seq`, trained by `--task seq2seq`.
+    pub fn is_seq2seq(&self) -> bool {
+        matches!(self, Architecture::T5 | Architecture::Bart(_))
+    }
 }
 
 /// transformers' `initializer_range` default.

@@ -124,7 +124,7 @@ pub struct LoadedSeq2Seq {
 pub fn is_seq2seq(path: &Path) -> bool {
     ModelFiles::locate(path)
         .and_then(|f| config_of(&f))
-        .is_ok_and(|c| matches!(c, ModelConfig::T5(_) | ModelConfig::Bart(_)))
+        .is_ok_and(|c| c.architecture().is_seq2seq())
 }
 
 pub fn load_seq2seq(path: &Path) -> Result<LoadedSeq2Seq> {

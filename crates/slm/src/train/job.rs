@@ -253,7 +253,7 @@ fn run_causal(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
     })?;
     let files = ModelFiles::locate(&source)?;
     let cfg = crate::models::config_of(&files)?;
-    if crate::models::seq2seq::is_seq2seq(&source) {
+    if cfg.architecture().is_seq2seq() {
         return Err(Error::Unsupported(format!(
             "{}: '{}' is an encoder-decoder; train it with --task seq2seq",
             job.model.display(),
@@ -482,7 +482,7 @@ fn run_masked(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
 fn run_seq2seq(job: &Job, hooks: &dyn Hooks) -> TrainResult<Summary> {
     let files = ModelFiles::locate(&job.model)?;
     let cfg = crate::models::config_of(&files)?;
-    if !crate::models::seq2seq::is_seq2seq(&job.model) {
+    if !cfg.architecture().is_seq2seq() {
         return Err(Error::Unsupported(format!(
             "{}: '{}' is not an encoder-decoder; --task seq2seq trains t5, bart and marian models (--task causal-lm trains this one)",
             job.model.display(),
