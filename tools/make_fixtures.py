@@ -1313,6 +1313,221 @@ def record_overlap():
     print("overlap: bleu", bleu.score, "chrf", chrf.score, len(stems), "stems")
 
 
+def record_marian_tokenizer():
+    """A Marian translator's tokenizer as opus-mt models ship it (source.spm, target.spm, one
+    vocab.json whose ids are not the SentencePiece ids, EOS 0, UNK 1, padding last), with two
+    unigram SentencePiece models trained by the sentencepiece library on real text: the source
+    with Marian's nmt_nfkc normalization (a precompiled charsmap), the target without any
+    (identity). MarianTokenizer's ids of source and target texts (the llama.cpp tokenizer test
+    inputs among them) and its decoding, and a tiny random MarianMTModel in the same folder with
+    its greedy translations decoded: written to marian_tok/."""
+    import io
+    import sentencepiece as spm
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+    d = OUT / "marian_tok"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir()
+    sst = [l.split("\t")[0] for l in (ASSETS / "classification/sst2/train.tsv").read_text().splitlines()[1:]]
+    shakespeare = [l for l in (ASSETS / "corpora/tinyshakespeare/input.txt").read_text().splitlines() if l.strip()]
+    models = {}
+    for side, lines, vocab, rule in (("source", sst[:20000], 900, "nmt_nfkc"),
+                                     ("target", shakespeare[:20000], 700, "identity")):
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab,
+                                       model_type="unigram", normalization_rule_name=rule,
+                                       character_coverage=0.9995, num_threads=1, seed_sentencepiece_size=100000,
+                                       minloglevel=2)
+        (d / f"{side}.spm").write_bytes(buf.getvalue())
+        models[side] = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    # Marian's vocab.json: EOS and UNK first, then the pieces of both sides (the shared ones once),
+    # padding last.
+    vocab = {"</s>": 0, "<unk>": 1}
+    for m in (models["source"], models["target"]):
+        for i in range(m.get_piece_size()):
+            p = m.id_to_piece(i)
+            if not (m.is_control(i) or m.is_unknown(i)) and p not in vocab:
+                vocab[p] = len(vocab)
+    vocab["<pad>"] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=2))
+    tok = MarianTokenizer(str(d / "source.spm"), str(d / "target.spm"), str(d / "vocab.json"),
+                          source_lang="en", target_lang="xx")
+    tok.save_pretrained(d)
+    inp = (ASSETS / "tokenizers/vectors/ggml-vocab-llama-spm.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
+    texts = sst[20000:20060] + inp + [">>fra<< The house is wonderful.", ">>deu<<Guten Tag", "a >>x<< b",
+                                       "Ｆｕｌｌ－ｗｉｄｔｈ ＡＢＣ １２３ and ﬁ ligatures", "", "   ", "tab\there\nnewline"]
+    targets = shakespeare[20000:20060] + inp[:20]
+    src_ids = [tok(t).input_ids for t in texts]
+    tgt_ids = [tok(text_target=t).input_ids for t in targets]
+    decoded = [{"ids": ids, "skip": tok.decode(ids, skip_special_tokens=True),
+                "keep": tok.decode(ids, skip_special_tokens=False)} for ids in tgt_ids + src_ids[:20]]
+    pad = vocab["<pad>"]
+    mixed = [[5, 1, 7, 0, 9], [pad, 40, 41, 0, pad, pad], [0], [len(vocab) - 2, 3, 1, 1]]
+    decoded += [{"ids": ids, "skip": tok.decode(ids, skip_special_tokens=True),
+                 "keep": tok.decode(ids, skip_special_tokens=False)} for ids in mixed]
+    torch.manual_seed(5)
+    model = MarianMTModel(MarianConfig(
+        vocab_size=len(vocab), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=128,
+        activation_function="swish", scale_embedding=True, pad_token_id=pad, eos_token_id=0,
+        decoder_start_token_id=pad, forced_eos_token_id=0, max_length=24, num_beams=1))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and p.dim() > 1:
+                p.normal_(0.0, 0.3)
+        model.final_logits_bias[0, 0] = -3.0
+    model.eval()
+    model.save_pretrained(d, safe_serialization=True)
+    translate = texts[:3] + [texts[61]]
+    batch = tok(translate, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=16, do_sample=False, num_beams=1)
+    greedy = [{"input": t, "ids": o.tolist(), "text": tok.decode(o, skip_special_tokens=True)}
+              for t, o in zip(translate, out)]
+    (d / "expected.json").write_text(json.dumps({
+        "transformers": transformers.__version__, "sentencepiece": spm.__version__,
+        "source": [{"text": t, "ids": i} for t, i in zip(texts, src_ids)],
+        "target": [{"text": t, "ids": i} for t, i in zip(targets, tgt_ids)],
+        "decode": decoded, "greedy": greedy}, ensure_ascii=False))
+    print("marian_tok:", len(vocab), "ids;", len(texts), "sources,", len(targets), "targets")
+
+
+def bart_folder(d):
+    """A BART tokenizer folder as facebook/bart-* ship it without tokenizer.json: vocab.json with
+    <s> <pad> </s> <unk> first and <mask> last around GPT-2's byte-level BPE (GPT-2's ids moved up
+    by 4), merges.txt, and config.json naming the model type. Built from the GPT-2 asset the same
+    way by the Rust test, so no copy of the vocabulary is committed."""
+    enc = json.loads((ASSETS / "tokenizers/gpt2/encoder.json").read_text())
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({t: i + 4 for t, i in enc.items()})
+    vocab["<mask>"] = len(vocab)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    shutil.copy(ASSETS / "tokenizers/gpt2/vocab.bpe", d / "merges.txt")
+    (d / "config.json").write_text(json.dumps({"model_type": "bart", "bos_token_id": 0, "eos_token_id": 2,
+                                               "pad_token_id": 1, "decoder_start_token_id": 2}))
+
+
+def record_bart_tokenizer():
+    """BartTokenizer (the Python one, reading vocab.json + merges.txt) on a BART folder built by
+    bart_folder(): ids with <s> ... </s> of single texts (the llama.cpp GPT-2 tokenizer test inputs
+    among them) and of pairs, and decoding with and without special tokens: bart_tok/expected.json."""
+    import tempfile
+    from transformers import BartTokenizer, BartTokenizerFast
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        bart_folder(d)
+        slow = BartTokenizer.from_pretrained(d)
+        fast = BartTokenizerFast.from_pretrained(d)
+        sst = [l.split("\t")[0] for l in (ASSETS / "classification/sst2/test.tsv").read_text().splitlines()[1:]]
+        inp = (ASSETS / "tokenizers/vectors/ggml-vocab-gpt-2.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
+        texts = sst[:40] + inp + ["<s>Hello</s>", "a <mask> b", "Hello<mask>world", "  <mask>", "<pad><unk>x",
+                                 "</s></s>", "The house is wonderful.", ""]
+        single = []
+        for t in texts:
+            ids = slow(t).input_ids
+            assert ids == fast(t).input_ids, t
+            single.append({"text": t, "ids": ids})
+        pairs = []
+        for a, b in zip(sst[40:50], sst[50:60]):
+            ids = slow(a, b).input_ids
+            assert ids == fast(a, b).input_ids
+            pairs.append({"a": a, "b": b, "ids": ids})
+        decoded = [{"ids": e["ids"], "skip": slow.decode(e["ids"], skip_special_tokens=True),
+                    "keep": slow.decode(e["ids"], skip_special_tokens=False)} for e in single[:50]]
+    out = OUT / "bart_tok"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "expected.json").write_text(json.dumps({
+        "transformers": transformers.__version__, "single": single, "pairs": pairs, "decode": decoded},
+        ensure_ascii=False))
+    print("bart_tok:", len(single), "texts,", len(pairs), "pairs")
+
+
+def record_t5_gguf():
+    """T5 as llama.cpp's GGUF: a Flan-T5-style model (gated GELU, untied head, a decoder shallower
+    than the encoder: the converter maps only the encoder's count of blocks) and a t5-small-style one (ReLU, tied head), each with a T5-layout
+    SentencePiece unigram vocabulary trained by the sentencepiece library on SST-2 (<pad> 0,
+    </s> 1, <unk> 2, nmt_nfkc, 8 extra ids) and relative positions as llama.cpp assumes them
+    (32 buckets, max distance 128). Each HF folder is converted to f32 GGUF by llama.cpp's own
+    convert_hf_to_gguf.py (LLAMA_CPP: its source folder). T5Tokenizer's ids, teacher-forced
+    decoder logits and greedy generate() outputs: t5_gguf/NAME/{hf/, NAME.gguf, expected.json}."""
+    import io
+    import subprocess
+    import sentencepiece as spm
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+    llama_cpp = Path(os.environ["LLAMA_CPP"])
+    root = OUT / "t5_gguf"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir()
+    sst = [l.split("\t")[0] for l in (ASSETS / "classification/sst2/train.tsv").read_text().splitlines()[1:]]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sst[:20000]), model_writer=buf, vocab_size=400,
+                                   model_type="unigram", normalization_rule_name="nmt_nfkc",
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+                                   num_threads=1, minloglevel=2)
+    dev = [l.split("\t")[0] for l in (ASSETS / "classification/sst2/dev.tsv").read_text().splitlines()[1:]]
+    texts = ["translate English to German: The house is wonderful.", "summarize: " + dev[0], dev[1],
+             "Ｆｕｌｌ－ｗｉｄｔｈ <extra_id_0> and <extra_id_3>!"]
+    common = dict(vocab_size=408, d_model=32, num_heads=4, d_kv=8, pad_token_id=0, eos_token_id=1,
+                  decoder_start_token_id=0, relative_attention_num_buckets=32,
+                  relative_attention_max_distance=128, n_positions=512)
+    models = {
+        "flan": T5Config(**common, d_ff=48, num_layers=3, num_decoder_layers=2, feed_forward_proj="gated-gelu",
+                         tie_word_embeddings=False),
+        "t5": T5Config(**common, d_ff=64, num_layers=2, feed_forward_proj="relu", tie_word_embeddings=True),
+    }
+    for name, cfg in models.items():
+        d = root / name
+        hf = d / "hf"
+        hf.mkdir(parents=True)
+        (hf / "spiece.model").write_bytes(buf.getvalue())
+        tok = T5Tokenizer(str(hf / "spiece.model"), extra_ids=8, legacy=True)
+        tok.save_pretrained(hf)
+        torch.manual_seed(11)
+        model = T5ForConditionalGeneration(cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.normal_(1.0, 0.1)
+                elif "relative_attention_bias" in n:
+                    p.normal_(0.0, 1.0)
+                elif n.endswith((".q.weight", ".k.weight")):
+                    p.normal_(0.0, 0.3)
+                else:
+                    p.normal_(0.0, 0.15)
+        model.eval()
+        model.save_pretrained(hf, safe_serialization=True)
+        subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
+                        "--outfile", str(d / f"{name}.gguf")], check=True, capture_output=True)
+        cases = []
+        for t in texts:
+            x = tok(t, return_tensors="pt").input_ids
+            with torch.no_grad():
+                greedy = model.generate(x, max_new_tokens=10, do_sample=False)[0]
+                dec = greedy[:-1].unsqueeze(0) if len(greedy) > 1 else greedy.unsqueeze(0)
+                logits = model(input_ids=x, decoder_input_ids=dec).logits[0]
+            cases.append({"text": t, "input_ids": x[0].tolist(), "decoder_input_ids": dec[0].tolist(),
+                          "logits": logits.numpy().round(7).tolist(), "greedy": greedy.tolist(),
+                          "greedy_text": tok.decode(greedy, skip_special_tokens=True)})
+        (d / "expected.json").write_text(json.dumps({
+            "transformers": transformers.__version__, "sentencepiece": spm.__version__,
+            "llama_cpp_converter": "llama-cpp-python 0.3.36 sdist, vendor/llama.cpp/convert_hf_to_gguf.py",
+            "cases": cases}, ensure_ascii=False))
+        print("t5_gguf", name, sum(p.numel() for p in model.parameters()), "params; greedy",
+              [c["greedy_text"] for c in cases])
+    # T5Tokenizer (SentencePiece itself) on more texts: SST-2, the llama.cpp tokenizer test
+    # inputs, T5's sentinels with the spaces around them.
+    tok = T5Tokenizer.from_pretrained(root / "t5" / "hf")
+    inp = (ASSETS / "tokenizers/vectors/ggml-vocab-llama-spm.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
+    more = dev[2:42] + inp + ["<extra_id_0>", "a<extra_id_1>b", "x <extra_id_7> y </s> z", "<pad>hi<unk>", "</s>"]
+    enc = [{"text": t, "ids": tok(t).input_ids} for t in more]
+    dec = [{"ids": e["ids"], "skip": tok.decode(e["ids"], skip_special_tokens=True),
+            "keep": tok.decode(e["ids"], skip_special_tokens=False)} for e in enc[:60]]
+    (root / "tokens.json").write_text(json.dumps({"transformers": transformers.__version__, "encode": enc,
+                                                  "decode": dec}, ensure_ascii=False))
+
+
 def main():
     torch.manual_seed(1234)
     print("torch", torch.__version__, "transformers", transformers.__version__)
@@ -1332,6 +1547,12 @@ def main():
         return record_train_t5()
     if only == ["bart"]:
         return record_bart()
+    if only == ["marian_tok"]:
+        return record_marian_tokenizer()
+    if only == ["bart_tok"]:
+        return record_bart_tokenizer()
+    if only == ["t5_gguf"]:
+        return record_t5_gguf()
     if only == ["overlap"]:
         return record_overlap()
     for name, model, kw in tiny_models():

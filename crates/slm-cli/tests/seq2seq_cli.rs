@@ -472,3 +472,53 @@ fn a_killed_seq2seq_run_resumes_to_the_same_model() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A Marian translator folder as opus-mt ships it (source.spm, target.spm, vocab.json, a
+/// MarianMTModel with `forced_eos_token_id`): `slm generate`'s greedy translations, alone and
+/// batched, are transformers' `generate()` outputs decoded by `MarianTokenizer`
+/// (tools/make_fixtures.py marian_tok).
+#[test]
+fn marian_translates_as_transformers_alone_and_batched() {
+    let model = fixtures().join("marian_tok");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("expected.json")).unwrap())
+            .unwrap();
+    let cases = want["greedy"].as_array().unwrap();
+    let m = model.to_str().unwrap();
+    let mut inputs = Vec::new();
+    for c in cases {
+        let input = c["input"].as_str().unwrap();
+        let (code, out, err) = run(
+            &["generate", "-m", m, input, "--temperature", "0", "-n", "16"],
+            None,
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            out.trim_end_matches('\n'),
+            c["text"].as_str().unwrap(),
+            "{input:?}"
+        );
+        inputs.push(input);
+    }
+    let dir = tempdir("marian-generate");
+    let file = dir.join("inputs.txt");
+    std::fs::write(&file, inputs.join("\n")).unwrap();
+    let (code, out, err) = run(
+        &[
+            "generate",
+            "-m",
+            m,
+            "-i",
+            file.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "16",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let want: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(out.lines().collect::<Vec<_>>(), want);
+    let _ = std::fs::remove_dir_all(&dir);
+}

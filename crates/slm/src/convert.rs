@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::io::gguf::{hf_name, GgufFile, GPT2_CONV1D};
 use crate::io::WeightStore;
-use crate::models::{gemma, gpt2, llama, ModelConfig};
+use crate::models::{gemma, gpt2, llama, t5, ModelConfig};
 use crate::nn::RopeScaling;
 
 /// The element types a converted folder can hold.
@@ -60,12 +60,21 @@ pub fn gguf_to_hf(src: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<V
         if NOT_WEIGHTS.contains(&gname.as_str()) || (duplicate_head && gname == "output.weight") {
             continue;
         }
-        let name = hf_name(arch, gname).ok_or_else(|| {
+        let mut name = hf_name(arch, gname).ok_or_else(|| {
             Error::file(
                 src,
                 format!("tensor '{gname}' has no Hugging Face name for {arch}"),
             )
         })?;
+        // T5's `ffn_up` is `wi_1` beside a gate, else ReLU's `wi`.
+        if arch == "t5"
+            && !g
+                .content
+                .tensor_infos
+                .contains_key(&gname.replace("ffn_up", "ffn_gate"))
+        {
+            name = name.replace("DenseReluDense.wi_1.", "DenseReluDense.wi.");
+        }
         names.push(name);
     }
     let tied = !names.iter().any(|n| n == "lm_head.weight");
@@ -101,8 +110,9 @@ pub fn gguf_to_hf(src: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<V
         ModelConfig::Llama(c) => llama_config(c, &g)?,
         ModelConfig::Gpt2(c) => gpt2_config(c),
         ModelConfig::Gemma(c) => gemma_config(c),
-        ModelConfig::Bert(_) | ModelConfig::Rnn(_) | ModelConfig::T5(_) | ModelConfig::Bart(_) => {
-            unreachable!("from_gguf builds neither encoders nor recurrent models")
+        ModelConfig::T5(c) => t5_config(c),
+        ModelConfig::Bert(_) | ModelConfig::Rnn(_) | ModelConfig::Bart(_) => {
+            unreachable!("from_gguf builds neither encoders, BART nor recurrent models")
         }
     };
     cfg["bos_token_id"] = json!(id("tokenizer.ggml.bos_token_id"));
@@ -248,6 +258,27 @@ fn short(x: f64) -> f64 {
     format!("{}", x as f32).parse().unwrap_or(x)
 }
 
+fn t5_config(c: &t5::Config) -> Value {
+    json!({
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "is_encoder_decoder": true,
+        "vocab_size": c.vocab_size,
+        "d_model": c.d_model,
+        "d_kv": c.d_kv,
+        "d_ff": c.d_ff,
+        "num_layers": c.num_layers,
+        "num_decoder_layers": c.decoder_layers(),
+        "num_heads": c.num_heads,
+        "relative_attention_num_buckets": c.relative_attention_num_buckets,
+        "relative_attention_max_distance": c.relative_attention_max_distance,
+        "layer_norm_epsilon": short(c.layer_norm_epsilon),
+        "feed_forward_proj": c.feed_forward_proj,
+        "pad_token_id": c.pad_token_id,
+        "decoder_start_token_id": c.decoder_start(),
+    })
+}
+
 fn gpt2_config(c: &gpt2::Config) -> Value {
     json!({
         "architectures": ["GPT2LMHeadModel"],
@@ -273,16 +304,38 @@ fn write_tokenizer(g: &GgufFile, out: &Path, context: usize) -> Result<()> {
     let mut doc = crate::tokenize::gguf_vocab::tokenizer_json(g)?;
     let token = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
     let bos = token(tok.bos);
-    if let (true, Some(b)) = (tok.add_bos, &bos) {
-        // As transformers' Llama converter: BOS added by the post-processor.
+    let eos = token(tok.eos.first().copied());
+    // As transformers' converters: BOS before each text (Llama's), EOS after it (T5's), added by
+    // the post-processor.
+    let bos = bos.filter(|_| tok.add_bos);
+    let eos_added = eos.clone().filter(|_| tok.add_eos);
+    if bos.is_some() || eos_added.is_some() {
+        let special = |t: &Option<String>, type_id: u32| {
+            t.iter()
+                .map(|t| json!({"SpecialToken": {"id": t, "type_id": type_id}}))
+                .collect::<Vec<_>>()
+        };
+        let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+        let part = |id: &str, type_id: u32| {
+            let mut p = special(&bos, type_id);
+            p.push(seq(id, type_id));
+            p.extend(special(&eos_added, type_id));
+            p
+        };
+        let mut pair = part("A", 0);
+        pair.extend(part("B", 1));
+        let mut specials = serde_json::Map::new();
+        for (t, id) in [(&bos, tok.bos), (&eos_added, tok.eos.first().copied())] {
+            if let Some(t) = t {
+                specials.insert(t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}));
+            }
+        }
         doc["post_processor"] = json!({
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {b.as_str(): {"id": b, "ids": [tok.bos], "tokens": [b]}}
+            "type": "TemplateProcessing", "single": part("A", 0), "pair": pair,
+            "special_tokens": specials
         });
     }
+    let bos = token(tok.bos);
     write("tokenizer.json", doc.to_string().as_bytes())?;
     if tok.eos.len() > 1 {
         // Several ends of generation (Gemma's <eos> and <end_of_turn>): transformers reads
@@ -292,7 +345,7 @@ fn write_tokenizer(g: &GgufFile, out: &Path, context: usize) -> Result<()> {
     }
     let tc = json!({
         "bos_token": bos,
-        "eos_token": token(tok.eos.first().copied()),
+        "eos_token": eos,
         "add_bos_token": tok.add_bos,
         "add_eos_token": tok.add_eos,
         "chat_template": tok.chat_template,

@@ -8,6 +8,7 @@ mod mock_hub;
 #[path = "support/train_fixture.rs"]
 mod train_fixture;
 
+mod bart_tokenizer;
 mod batch_decode;
 mod causal_reference;
 mod encoders;
@@ -15,6 +16,7 @@ mod fuzz;
 mod gemma;
 mod gguf_export;
 mod hub;
+mod marian_tokenizer;
 mod metrics;
 mod overlap;
 mod peft;
@@ -24,6 +26,7 @@ mod rnn;
 mod seq2seq;
 mod seq2seq_train;
 mod smollm2;
+mod t5_gguf;
 mod tokenizer_train;
 mod tokenizer_vectors;
 mod train;

@@ -168,6 +168,7 @@ fn beam_options(b: &serde_json::Value, default_eos: u32) -> BeamOptions {
         num_return: b["num_return"].as_u64().unwrap() as usize,
         // None: generate() falls back to the model's EOS.
         eos: Some(b["eos"].as_u64().map_or(default_eos, |e| e as u32)),
+        forced_eos: None,
     }
 }
 

@@ -181,7 +181,7 @@ fn run_seq2seq(mut a: Seq2SeqArgs) -> Result<()> {
         bar.set_message("outputs generated");
         let sources = pairs
             .iter()
-            .map(|p| Ok(slm::train::seq2seq::encode(&tok, &p.input, a.max_length)?.0))
+            .map(|p| Ok(slm::train::seq2seq::encode(&tok, &p.input, false, a.max_length)?.0))
             .collect::<Result<Vec<_>>>()?;
         if a.beams.beams > 1 {
             let opts = a.beams.options(a.max_new_tokens, Some(model.eos()))?;

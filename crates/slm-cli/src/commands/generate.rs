@@ -83,6 +83,8 @@ impl BeamArgs {
             no_repeat_ngram: self.no_repeat_ngram_size,
             num_return: self.num_return as usize,
             eos,
+            // An encoder-decoder's own (config.json) is taken by the beam search.
+            forced_eos: None,
         })
     }
 }

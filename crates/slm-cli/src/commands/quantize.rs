@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The model to quantize: a GGUF file, or a Hugging Face folder (GPT-2, Llama family, Qwen2,
-    /// Phi-3; byte-level BPE or SentencePiece tokenizer).
+    /// Phi-3, Gemma 2/3, T5; byte-level BPE or SentencePiece tokenizer).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// A PEFT LoRA adapter to merge first (Hugging Face folder models only).

@@ -81,8 +81,8 @@ pub fn teacher_forced(
 ) -> Result<Report> {
     let (mut sum, mut n, mut truncated) = (0.0, 0, 0);
     for (i, p) in pairs.iter().enumerate() {
-        let (source, a) = crate::train::seq2seq::encode(tok, &p.input, max_len)?;
-        let (target, b) = crate::train::seq2seq::encode(tok, &p.target, max_len)?;
+        let (source, a) = crate::train::seq2seq::encode(tok, &p.input, false, max_len)?;
+        let (target, b) = crate::train::seq2seq::encode(tok, &p.target, true, max_len)?;
         truncated += usize::from(a || b);
         let (s, c) = target_nll(model, &source, &target)?;
         sum += s;

@@ -34,6 +34,9 @@ pub struct BeamOptions {
     /// How many of the best hypotheses to return (at most `beams`).
     pub num_return: usize,
     pub eos: Option<u32>,
+    /// The token the last position the length limit allows must be (transformers'
+    /// `forced_eos_token_id`).
+    pub forced_eos: Option<u32>,
 }
 
 impl Default for BeamOptions {
@@ -46,6 +49,7 @@ impl Default for BeamOptions {
             no_repeat_ngram: 0,
             num_return: 1,
             eos: None,
+            forced_eos: None,
         }
     }
 }
@@ -148,6 +152,9 @@ pub fn beam_search<C: Clone>(
             let mut lp = log_softmax(l);
             for t in banned(&seqs[b], opts.no_repeat_ngram) {
                 lp[t as usize] = f32::NEG_INFINITY;
+            }
+            if let Some(e) = opts.forced_eos.filter(|_| seqs[b].len() + 1 == max_length) {
+                force(&mut lp, e, 0.0);
             }
             cand.extend(
                 lp.iter()
@@ -285,10 +292,23 @@ pub fn seq2seq_over(
     let start = [model.decoder_start()];
     let mut cache = model.new_cache();
     let first = rows(model.decode(&mut [(&mut cache, &start)], Some(memory), false)?)?.remove(0);
+    let opts = &BeamOptions {
+        forced_eos: opts.forced_eos.or(model.forced_eos()),
+        ..opts.clone()
+    };
     beam_search(&start, cache, first, opts, |caches, last| {
         let mut seqs = one_each(caches, last);
         rows(model.decode(&mut seqs, None, false)?)
     })
+}
+
+/// Every score but `token`'s made impossible, `token`'s set to `to`, as transformers' forced
+/// EOS processor does.
+pub fn force(scores: &mut [f32], token: u32, to: f32) {
+    scores.fill(f32::NEG_INFINITY);
+    if let Some(s) = scores.get_mut(token as usize) {
+        *s = to;
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,11 @@ pub fn generate(
     while !running.is_empty() {
         let mut next = Vec::with_capacity(running.len());
         for &i in &running {
+            if let Some(e) = model.forced_eos() {
+                if gens[i].generated().len() + 1 == opts.max_tokens {
+                    super::beam::force(&mut logits[i], e, 0.0);
+                }
+            }
             let step = gens[i].step(tok, &mut logits[i])?;
             if !step.text.is_empty() {
                 on_text(i, &step.text)?;

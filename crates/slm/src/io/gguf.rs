@@ -204,12 +204,65 @@ pub fn unpermute_qk_rows(rows: usize, heads: usize) -> Vec<usize> {
 }
 
 /// HF module names and llama.cpp's, per family: (HF, GGUF). Layer modules sit under
-/// `{prefix}{i}.` in HF and `blk.{i}.` in GGUF.
+/// `{prefix}{i}.` in HF and `blk.{i}.` in GGUF; an encoder-decoder has a second stack.
 struct NameTable {
     prefix: &'static str,
     global: &'static [(&'static str, &'static str)],
     layer: &'static [(&'static str, &'static str)],
+    /// More stacks: (HF prefix, GGUF prefix, layer modules).
+    stacks: &'static [Stack],
 }
+
+type Stack = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+/// T5's blocks, as llama.cpp's converter names them: the encoder's `layer.1` and the decoder's
+/// `layer.2` are the feed-forward block; `wi` (ReLU) and `wi_1` (gated) are both `ffn_up`.
+const T5_SELF: [(&str, &str); 6] = [
+    ("layer.0.layer_norm", "attn_norm"),
+    ("layer.0.SelfAttention.q", "attn_q"),
+    ("layer.0.SelfAttention.k", "attn_k"),
+    ("layer.0.SelfAttention.v", "attn_v"),
+    ("layer.0.SelfAttention.o", "attn_o"),
+    (
+        "layer.0.SelfAttention.relative_attention_bias",
+        "attn_rel_b",
+    ),
+];
+const T5_ENCODER: &[(&str, &str)] = &[
+    T5_SELF[0],
+    T5_SELF[1],
+    T5_SELF[2],
+    T5_SELF[3],
+    T5_SELF[4],
+    T5_SELF[5],
+    ("layer.1.layer_norm", "ffn_norm"),
+    ("layer.1.DenseReluDense.wi_0", "ffn_gate"),
+    ("layer.1.DenseReluDense.wi_1", "ffn_up"),
+    ("layer.1.DenseReluDense.wi", "ffn_up"),
+    ("layer.1.DenseReluDense.wo", "ffn_down"),
+];
+const T5_DECODER: &[(&str, &str)] = &[
+    T5_SELF[0],
+    T5_SELF[1],
+    T5_SELF[2],
+    T5_SELF[3],
+    T5_SELF[4],
+    T5_SELF[5],
+    ("layer.1.layer_norm", "cross_attn_norm"),
+    ("layer.1.EncDecAttention.q", "cross_attn_q"),
+    ("layer.1.EncDecAttention.k", "cross_attn_k"),
+    ("layer.1.EncDecAttention.v", "cross_attn_v"),
+    ("layer.1.EncDecAttention.o", "cross_attn_o"),
+    ("layer.2.layer_norm", "ffn_norm"),
+    ("layer.2.DenseReluDense.wi_0", "ffn_gate"),
+    ("layer.2.DenseReluDense.wi_1", "ffn_up"),
+    ("layer.2.DenseReluDense.wi", "ffn_up"),
+    ("layer.2.DenseReluDense.wo", "ffn_down"),
+];
 
 const LLAMA_GLOBAL: &[(&str, &str)] = &[
     ("model.embed_tokens", "token_embd"),
@@ -223,6 +276,20 @@ const NORMS: [(&str, &str); 2] = [
 
 fn name_table(arch: &str) -> NameTable {
     match arch {
+        "t5" => NameTable {
+            prefix: "",
+            global: &[
+                ("shared", "token_embd"),
+                ("encoder.final_layer_norm", "enc.output_norm"),
+                ("decoder.final_layer_norm", "dec.output_norm"),
+                ("lm_head", "output"),
+            ],
+            layer: &[],
+            stacks: &[
+                ("encoder.block.", "enc.blk.", T5_ENCODER),
+                ("decoder.block.", "dec.blk.", T5_DECODER),
+            ],
+        },
         "gpt2" => NameTable {
             prefix: "transformer.h.",
             global: &[
@@ -239,6 +306,7 @@ fn name_table(arch: &str) -> NameTable {
                 ("ln_1", "attn_norm"),
                 ("ln_2", "ffn_norm"),
             ],
+            stacks: &[],
         },
         // Phi-3 fuses q/k/v and gate/up; llama.cpp keeps them fused (gate first).
         "phi3" => NameTable {
@@ -252,6 +320,7 @@ fn name_table(arch: &str) -> NameTable {
                 NORMS[0],
                 NORMS[1],
             ],
+            stacks: &[],
         },
         // Gemma norms around both blocks: HF's post_attention_layernorm is llama.cpp's
         // post_attention_norm here, and its pre_feedforward_layernorm the ffn_norm.
@@ -273,6 +342,7 @@ fn name_table(arch: &str) -> NameTable {
                 ("pre_feedforward_layernorm", "ffn_norm"),
                 ("post_feedforward_layernorm", "post_ffw_norm"),
             ],
+            stacks: &[],
         },
         _ => NameTable {
             prefix: "model.layers.",
@@ -288,6 +358,7 @@ fn name_table(arch: &str) -> NameTable {
                 NORMS[0],
                 NORMS[1],
             ],
+            stacks: &[],
         },
     }
 }
@@ -307,6 +378,14 @@ pub fn gemma_norm(arch: &str, hf: &str) -> bool {
     matches!(arch, "gemma2" | "gemma3") && hf.ends_with("norm.weight")
 }
 
+impl NameTable {
+    /// Every stack: (HF prefix, GGUF prefix, modules).
+    fn all_stacks(&self) -> impl Iterator<Item = Stack> + '_ {
+        let main = (!self.layer.is_empty()).then_some((self.prefix, "blk.", self.layer));
+        main.into_iter().chain(self.stacks.iter().copied())
+    }
+}
+
 /// HF tensor name to llama.cpp's, for the architectures slm runs.
 pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
     let t = name_table(arch);
@@ -314,21 +393,30 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
     if let Some((_, g)) = t.global.iter().find(|(h, _)| *h == module) {
         return Some(format!("{g}.{kind}"));
     }
-    let (layer, module) = module.strip_prefix(t.prefix)?.split_once('.')?;
-    let (_, g) = t.layer.iter().find(|(h, _)| *h == module)?;
-    Some(format!("blk.{layer}.{g}.{kind}"))
+    let found = t.all_stacks().find_map(|(hp, gp, layer)| {
+        let (i, module) = module.strip_prefix(hp)?.split_once('.')?;
+        i.parse::<usize>().ok()?;
+        let (_, g) = layer.iter().find(|(h, _)| *h == module)?;
+        Some(format!("{gp}{i}.{g}.{kind}"))
+    });
+    found
 }
 
-/// llama.cpp's tensor name to HF's: the inverse of [`gguf_name`].
+/// llama.cpp's tensor name to HF's: the inverse of [`gguf_name`]. Where two HF modules share a
+/// GGUF name (T5's `wi` and `wi_1`), the first is given; the caller knows which the model has.
 pub fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     let t = name_table(arch);
     let (module, kind) = gguf.rsplit_once('.')?;
     if let Some((h, _)) = t.global.iter().find(|(_, g)| *g == module) {
         return Some(format!("{h}.{kind}"));
     }
-    let (layer, module) = module.strip_prefix("blk.")?.split_once('.')?;
-    let (h, _) = t.layer.iter().find(|(_, g)| *g == module)?;
-    Some(format!("{}{layer}.{h}.{kind}", t.prefix))
+    let found = t.all_stacks().find_map(|(hp, gp, layer)| {
+        let (i, module) = module.strip_prefix(gp)?.split_once('.')?;
+        i.parse::<usize>().ok()?;
+        let (h, _) = layer.iter().find(|(_, g)| *g == module)?;
+        Some(format!("{hp}{i}.{h}.{kind}"))
+    });
+    found
 }
 
 impl WeightStore for GgufFile {

@@ -60,6 +60,10 @@ pub struct Config {
     pub eos_token_id: u32,
     /// BART's decoder starts from EOS.
     pub decoder_start_token_id: Option<u32>,
+    /// The token generation must end with when it reaches its length limit (transformers'
+    /// `ForcedEOSTokenLogitsProcessor`; BART and opus-mt configs set it).
+    #[serde(default)]
+    pub forced_eos_token_id: Option<u32>,
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
     /// Marian: one table for source and target tokens (a separate decoder table is not

@@ -518,10 +518,48 @@ impl ModelConfig {
                 })
             }
             Architecture::Bert(_) => unreachable!("encoders are rejected above"),
-            Architecture::T5 | Architecture::Bart(_) => {
+            Architecture::T5 => {
+                let d_model = req("embedding_length")?;
+                let has = |t: &str| g.content.tensor_infos.contains_key(t);
+                let tok = |k: &str| g.meta_u64(&format!("tokenizer.ggml.{k}")).map(|v| v as u32);
+                ModelConfig::T5(t5::Config {
+                    vocab_size,
+                    d_model,
+                    d_kv: g
+                        .meta_u64(&key("attention.key_length"))
+                        .map_or(d_model / heads, |v| v as usize),
+                    d_ff: req("feed_forward_length")?,
+                    num_layers: req("block_count")?,
+                    num_decoder_layers: Some(match g.meta(&key("decoder_block_count")) {
+                        Some(_) => req("decoder_block_count")?,
+                        None => req("block_count")?,
+                    }),
+                    num_heads: heads,
+                    relative_attention_num_buckets: req("attention.relative_buckets_count")?,
+                    // llama.cpp's buckets reach a fixed distance, T5's default.
+                    relative_attention_max_distance: 128,
+                    dropout_rate: 0.0,
+                    layer_norm_epsilon: g
+                        .meta_f64(&key("attention.layer_norm_rms_epsilon"))
+                        .or_else(|| g.meta_f64(&key("attention.layer_norm_epsilon")))
+                        .unwrap_or(1e-6),
+                    // llama.cpp picks gated GELU when the gate tensors are there, else ReLU.
+                    feed_forward_proj: match has("enc.blk.0.ffn_gate.weight") {
+                        true => "gated-gelu".into(),
+                        false => "relu".into(),
+                    },
+                    tie_word_embeddings: !has("output.weight"),
+                    pad_token_id: tok("padding_token_id").unwrap_or(0),
+                    eos_token_id: tok("eos_token_id").unwrap_or(1),
+                    decoder_start_token_id: g
+                        .meta_u64(&key("decoder_start_token_id"))
+                        .map(|v| v as u32),
+                })
+            }
+            Architecture::Bart(_) => {
                 return Err(Error::file(
                     &g.path,
-                    "GGUF encoder-decoders are not supported yet; use the Hugging Face folder",
+                    "llama.cpp has no GGUF form of BART or Marian; use the Hugging Face folder",
                 ))
             }
             Architecture::Rnn(_) => unreachable!("no GGUF architecture name is a recurrent LM"),

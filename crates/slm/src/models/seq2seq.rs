@@ -32,6 +32,11 @@ pub trait Seq2SeqLM: Send + Sync {
     fn eos(&self) -> u32;
     fn pad(&self) -> u32;
     fn vocab_size(&self) -> usize;
+    /// The token the last position a length limit allows is forced to (config
+    /// `forced_eos_token_id`).
+    fn forced_eos(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A [`Seq2SeqFamily`] on the inference executor.
@@ -40,6 +45,7 @@ pub struct EncoderDecoder<F> {
     start: u32,
     eos: u32,
     pad: u32,
+    forced_eos: Option<u32>,
 }
 
 impl<F: Seq2SeqFamily<InferW> + Send + Sync> Seq2SeqLM for EncoderDecoder<F> {
@@ -111,6 +117,10 @@ impl<F: Seq2SeqFamily<InferW> + Send + Sync> Seq2SeqLM for EncoderDecoder<F> {
     fn vocab_size(&self) -> usize {
         self.model.vocab_size()
     }
+
+    fn forced_eos(&self) -> Option<u32> {
+        self.forced_eos
+    }
 }
 
 /// An encoder-decoder ready to run.
@@ -147,12 +157,14 @@ pub fn load_seq2seq_with(path: &Path, adapter: Option<&Path>) -> Result<LoadedSe
             start: c.decoder_start(),
             eos: c.eos_token_id,
             pad: c.pad_token_id,
+            forced_eos: None,
         }),
         ModelConfig::Bart(c) => Box::new(EncoderDecoder {
             model: super::bart::Bart::new(c, &mut l)?,
             start: c.decoder_start(),
             eos: c.eos_token_id,
             pad: c.pad_token_id,
+            forced_eos: c.forced_eos_token_id,
         }),
         other => {
             return Err(Error::file(

@@ -1,4 +1,4 @@
-//! A GGUF file from a Hugging Face folder (GPT-2, Llama, Qwen2, Phi-3), as llama.cpp's
+//! A GGUF file from a Hugging Face folder (GPT-2, Llama, Qwen2, Phi-3, Gemma, T5), as llama.cpp's
 //! `convert_hf_to_gguf.py` followed by `llama-quantize` writes it: tensors renamed, the Llama Q/K
 //! rows permuted for llama.cpp's rotary layout, GPT-2's Conv1D weights transposed, RoPE scaling
 //! as llama.cpp keeps it, the tokenizer (byte-level BPE or SentencePiece) and chat template in the
@@ -18,7 +18,7 @@ use crate::io::gguf::{gemma_norm, gguf_name, unpermute_qk_rows, GPT2_CONV1D};
 use crate::io::peft::{AdaptedStore, PeftAdapter};
 use crate::io::{open_weights, ModelFiles, WeightFormat, WeightStore};
 use crate::models::llama::{Config, Variant};
-use crate::models::{config_of, gemma, gpt2, ModelConfig};
+use crate::models::{config_of, gemma, gpt2, t5, ModelConfig};
 use crate::nn::Activation;
 use crate::tokenize::to_gguf;
 
@@ -41,11 +41,12 @@ pub fn quantize_hf(
         ModelConfig::Llama(c) => llama_metadata(c, arch, &files.root)?,
         ModelConfig::Gpt2(c) => gpt2_metadata(c, &files.root)?,
         ModelConfig::Gemma(c) => gemma_metadata(c, arch, &files.root)?,
-        ModelConfig::Bert(_) | ModelConfig::Rnn(_) | ModelConfig::T5(_) | ModelConfig::Bart(_) => {
+        ModelConfig::T5(c) => t5_metadata(c, &files.root)?,
+        ModelConfig::Bert(_) | ModelConfig::Rnn(_) | ModelConfig::Bart(_) => {
             return Err(Error::file(
                 &files.root,
                 format!(
-                    "GGUF export covers transformer causal models (gpt2, llama, qwen2, phi3, gemma2, gemma3), not '{arch}'"
+                    "GGUF export covers gpt2, llama, qwen2, phi3, gemma2, gemma3 and t5 (llama.cpp's architectures), not '{arch}'"
                 ),
             ))
         }
@@ -64,7 +65,19 @@ pub fn quantize_hf(
     }
     let tied = match &config {
         ModelConfig::Llama(c) => c.tie_word_embeddings || !store.contains("lm_head.weight"),
+        ModelConfig::T5(c) => c.tie_word_embeddings || !store.contains("lm_head.weight"),
         _ => !store.contains("lm_head.weight"),
+    };
+    // T5 files may hold the one embedding table up to three times: `shared` first, as
+    // llama.cpp's converter keeps the first it meets.
+    let t5_tables = [
+        "shared.weight",
+        "encoder.embed_tokens.weight",
+        "decoder.embed_tokens.weight",
+    ];
+    let t5_table = match config {
+        ModelConfig::T5(_) => t5_tables.into_iter().find(|n| store.contains(n)),
+        _ => None,
     };
     let gpt2 = matches!(config, ModelConfig::Gpt2(_));
     // (GGUF name, HF name): rotary tables and attention-mask buffers are not weights, and a tied
@@ -75,6 +88,12 @@ pub fn quantize_hf(
             .iter()
             .any(|b| name.ends_with(b));
         if buffer || (tied && name == "lm_head.weight") {
+            continue;
+        }
+        if t5_table.is_some() && t5_tables.contains(&name.as_str()) {
+            if t5_table == Some(name.as_str()) {
+                plan.push(("token_embd.weight".into(), name));
+            }
             continue;
         }
         let g = gguf_name(arch, &name).ok_or_else(|| {
@@ -301,6 +320,54 @@ fn gemma_metadata(c: &gemma::Config, arch: &str, root: &Path) -> Result<Vec<(Str
         }
         meta.extend(linear_rope(arch, s));
     }
+    Ok(meta)
+}
+
+/// T5's facts as llama.cpp reads them. Its graph fixes what the config could vary (buckets
+/// reaching distance 128; ReLU, or gated GELU-tanh when there are gate tensors): another value
+/// would make the file hold another model, so it is refused by name.
+fn t5_metadata(c: &t5::Config, root: &Path) -> Result<Vec<(String, Value)>> {
+    let refuse = |what: String| Err(Error::file(root, format!("GGUF export of t5: {what}")));
+    if c.relative_attention_max_distance != 128 {
+        return refuse(format!(
+            "relative_attention_max_distance {} is not llama.cpp's fixed 128",
+            c.relative_attention_max_distance
+        ));
+    }
+    match c.feed_forward()? {
+        (false, Activation::Relu) | (true, Activation::GeluNew) => {}
+        _ => {
+            return refuse(format!(
+                "feed_forward_proj '{}' (llama.cpp runs relu and gated-gelu)",
+                c.feed_forward_proj
+            ))
+        }
+    }
+    let k = |s: &str| format!("t5.{s}");
+    let eps = Value::F32(c.layer_norm_epsilon as f32);
+    let mut meta = vec![
+        model_name(root),
+        // T5 has no context limit of its own; the converter's default.
+        (k("context_length"), u(512)),
+        (k("embedding_length"), u(c.d_model)),
+        (k("feed_forward_length"), u(c.d_ff)),
+        (k("block_count"), u(c.num_layers)),
+    ];
+    if let Some(n) = c.num_decoder_layers {
+        meta.push((k("decoder_block_count"), u(n)));
+    }
+    meta.extend([
+        (k("attention.head_count"), u(c.num_heads)),
+        (k("attention.key_length"), u(c.d_kv)),
+        (k("attention.value_length"), u(c.d_kv)),
+        (k("attention.layer_norm_epsilon"), eps.clone()),
+        (
+            k("attention.relative_buckets_count"),
+            u(c.relative_attention_num_buckets),
+        ),
+        (k("attention.layer_norm_rms_epsilon"), eps),
+        (k("decoder_start_token_id"), Value::U32(c.decoder_start())),
+    ]);
     Ok(meta)
 }
 

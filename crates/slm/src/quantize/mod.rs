@@ -59,7 +59,8 @@ pub fn tensor_type(
     want: GgmlDType,
     has_output: bool,
 ) -> Result<GgmlDType> {
-    if dims.len() < 2 {
+    // T5's relative position biases stay f32, as llama-quantize keeps them.
+    if dims.len() < 2 || name.ends_with("attn_rel_b.weight") {
         return Ok(GgmlDType::F32);
     }
     let cols = dims[dims.len() - 1];

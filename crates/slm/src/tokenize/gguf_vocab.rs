@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use super::spm::{self, Piece};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::io::gguf::GgufFile;
 
 fn strings(g: &GgufFile, key: &str) -> Result<Option<Vec<String>>> {
@@ -68,6 +68,46 @@ pub fn spm_vocab(g: &GgufFile) -> Result<(Vec<Piece>, Option<String>, bool)> {
     Ok((pieces, unk, space_prefix))
 }
 
+/// A unigram SentencePiece (llama.cpp's `t5` model, which its T5 converter writes) as the
+/// model it came from: the pieces with their scores and types, the normalizer's charsmap and
+/// whitespace rules.
+pub fn unigram_model(g: &GgufFile) -> Result<spm::SpmModel> {
+    let (pieces, _, add_dummy_prefix) = spm_vocab(g)?;
+    let charsmap = match g.meta("tokenizer.ggml.precompiled_charsmap") {
+        None => Vec::new(),
+        Some(v) => numbers_exact(g, v, "tokenizer.ggml.precompiled_charsmap")?,
+    };
+    Ok(spm::SpmModel {
+        pieces,
+        model_type: 1,
+        charsmap,
+        add_dummy_prefix,
+        remove_extra_whitespaces: g
+            .meta_bool("tokenizer.ggml.remove_extra_whitespaces")
+            .unwrap_or(true),
+    })
+}
+
+/// An array of bytes, each element checked (a charsmap is a binary blob: no element may be
+/// quietly turned into 0).
+fn numbers_exact(
+    g: &GgufFile,
+    v: &candle_core::quantized::gguf_file::Value,
+    key: &str,
+) -> Result<Vec<u8>> {
+    use candle_core::quantized::gguf_file::Value as V;
+    let bad = || Error::file(&g.path, format!("'{key}' is not an array of bytes"));
+    v.to_vec()
+        .map_err(|_| bad())?
+        .iter()
+        .map(|x| match x {
+            V::U8(b) => Ok(*b),
+            V::I8(b) => Ok(*b as u8),
+            _ => Err(bad()),
+        })
+        .collect()
+}
+
 pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
     let model = g.meta_str("tokenizer.ggml.model").ok_or_else(|| {
         Error::file(
@@ -121,6 +161,13 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
             let (pieces, unk, space_prefix) = spm_vocab(g)?;
             spm::tokenizer_json(&pieces, unk.as_deref(), space_prefix)
         }
+        "t5" => {
+            let t = spm::unigram_tokenizer(&unigram_model(g)?).in_file(&g.path)?;
+            let doc = t
+                .to_string(false)
+                .map_err(|e| Error::file(&g.path, format!("cannot write the tokenizer: {e}")))?;
+            serde_json::from_str(&doc).in_file(&g.path)
+        }
         "bert" => {
             // llama.cpp stores word-initial pieces with a leading "▁" and continuation pieces
             // without WordPiece's "##"; undo that to get the original vocab.txt.
@@ -147,7 +194,9 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
         }
         other => Err(Error::file(
             &g.path,
-            format!("tokenizer model '{other}' is not supported (supported: gpt2, llama, bert)"),
+            format!(
+                "tokenizer model '{other}' is not supported (supported: gpt2, llama, t5, bert)"
+            ),
         )),
     }
 }

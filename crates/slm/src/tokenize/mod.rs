@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod gguf_vocab;
+pub mod marian;
 pub mod preprocess;
 pub mod spm;
 pub mod to_gguf;
@@ -38,6 +39,12 @@ pub struct Tokenizer {
     pub add_bos: bool,
     pub add_eos: bool,
     pub chat_template: Option<String>,
+    /// Marian's two SentencePiece models and vocab.json, which give the ids instead of `inner`.
+    marian: Option<std::sync::Arc<marian::MarianVocab>>,
+    /// T5Tokenizer's conventions for a unigram SentencePiece (`spiece.model`, llama.cpp's `t5`):
+    /// EOS added only where the text does not end with it, and special tokens kept in decoded
+    /// text joined as its `convert_tokens_to_string` joins them.
+    t5_rules: bool,
 }
 
 fn from_json(doc: &Value, origin: &Path) -> Result<tokenizers::Tokenizer> {
@@ -85,8 +92,83 @@ fn check_templates(processor: Option<&Value>, origin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A `tokenizer.json` for GPT-2's original files: a byte-level BPE with the GPT-2 regex.
-pub fn gpt2_json(vocab: &Path, merges: &Path) -> Result<Value> {
+/// A folder's SentencePiece unigram model: T5's `spiece.model`, or a `tokenizer.model` whose
+/// trainer was unigram (Llama's are BPE).
+pub(crate) fn unigram_file(dir: &Path) -> Result<Option<PathBuf>> {
+    let spiece = dir.join("spiece.model");
+    if spiece.exists() {
+        return Ok(Some(spiece));
+    }
+    let p = dir.join("tokenizer.model");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+    let m = spm::parse_model(&bytes).in_file(&p)?;
+    Ok((m.model_type == 1).then_some(p))
+}
+
+/// Tokens a slow tokenizer added after its model's vocabulary, by id: `added_tokens.json`, else
+/// `tokenizer_config.json`'s `added_tokens_decoder`, else T5's `extra_ids` count: sentinels after
+/// the model's `base` pieces, `<extra_id_0>` last.
+pub(crate) fn added_tokens(dir: &Path, base: usize) -> Result<Vec<(u32, String)>> {
+    let mut out: Vec<(u32, String)> = Vec::new();
+    let file = dir.join("added_tokens.json");
+    let config = dir.join("tokenizer_config.json");
+    let bad = |p: &Path| Error::file(p, "added tokens must map token text to an id");
+    if file.exists() {
+        let v = read_json(&file)?;
+        for (text, id) in v.as_object().ok_or_else(|| bad(&file))? {
+            let id = id.as_u64().ok_or_else(|| bad(&file))?;
+            out.push((id as u32, text.clone()));
+        }
+    } else if config.exists() {
+        let v = read_json(&config)?;
+        if let Some(d) = v.get("added_tokens_decoder").and_then(|d| d.as_object()) {
+            for (id, t) in d {
+                let id = id.parse::<u32>().map_err(|_| bad(&config))?;
+                let text = t.get("content").and_then(|c| c.as_str());
+                out.push((id, text.ok_or_else(|| bad(&config))?.to_string()));
+            }
+        } else if let Some(n) = v.get("extra_ids").and_then(|n| n.as_u64()) {
+            let n = n as usize;
+            out.extend((0..n).map(|i| ((base + n - 1 - i) as u32, format!("<extra_id_{i}>"))));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The byte-level BPE files of a folder without `tokenizer.json`: `vocab.json` + `merges.txt`
+/// (transformers' names) or `encoder.json` + `vocab.bpe` (OpenAI's).
+pub(crate) fn bpe_files(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
+        .iter()
+        .map(|(v, m)| (dir.join(v), dir.join(m)))
+        .find(|(v, m)| v.exists() && m.exists())
+}
+
+/// Whether a folder's byte-level BPE is RoBERTa's form: BART and RoBERTa ship the same files as
+/// GPT-2, and transformers tells them apart by the model type (`config.json`) or the tokenizer
+/// class (`tokenizer_config.json`), not by the vocabulary.
+pub(crate) fn is_roberta_style(dir: &Path) -> bool {
+    let field = |file: &str, key: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+            .and_then(|v| v.get(key)?.as_str().map(str::to_lowercase))
+    };
+    let roberta_types = ["bart", "roberta", "longformer", "led"];
+    field("config.json", "model_type").is_some_and(|t| roberta_types.contains(&t.as_str()))
+        || field("tokenizer_config.json", "tokenizer_class")
+            .is_some_and(|c| roberta_types.iter().any(|t| c.starts_with(t)))
+}
+
+/// A `tokenizer.json` for byte-level BPE files as transformers' converter writes it: GPT-2's
+/// (`<|endoftext|>` special, nothing added around a text) or, with `roberta`, BART's and
+/// RoBERTa's (`<s> A </s>`, `<s> A </s></s> B </s>` for pairs, and `<mask>` taking the space
+/// before it, as `RobertaTokenizer` declares it with `lstrip`).
+pub fn gpt2_json(vocab: &Path, merges: &Path, roberta: bool) -> Result<Value> {
     let v: Value =
         serde_json::from_str(&std::fs::read_to_string(vocab).map_err(|e| Error::io(vocab, e))?)
             .in_file(vocab)?;
@@ -99,18 +181,38 @@ pub fn gpt2_json(vocab: &Path, merges: &Path) -> Result<Value> {
             json!([a, b])
         })
         .collect();
-    // transformers' GPT2Tokenizer makes "<|endoftext|>" its special BOS/EOS/UNK token: it is
-    // matched whole in text, never split by BPE.
-    let added: Vec<Value> = v
-        .get("<|endoftext|>")
-        .and_then(|id| id.as_u64())
-        .map(|id| added_token(id as u32, "<|endoftext|>", true))
-        .into_iter()
-        .collect();
+    let id_of = |t: &str| v.get(t).and_then(|id| id.as_u64()).map(|id| id as u32);
+    let (added, post) = if roberta {
+        let (Some(cls), Some(sep)) = (id_of("<s>"), id_of("</s>")) else {
+            return Err(Error::file(
+                vocab,
+                "a BART/RoBERTa vocabulary needs the tokens <s> and </s>",
+            ));
+        };
+        let added: Vec<Value> = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+            .iter()
+            .filter_map(|t| {
+                let mut a = added_token(id_of(t)?, t, true);
+                a["lstrip"] = json!(*t == "<mask>");
+                Some(a)
+            })
+            .collect();
+        let post = json!({"type": "RobertaProcessing", "sep": ["</s>", sep], "cls": ["<s>", cls],
+                          "trim_offsets": true, "add_prefix_space": false});
+        (added, post)
+    } else {
+        // transformers' GPT2Tokenizer makes "<|endoftext|>" its special BOS/EOS/UNK token: it
+        // is matched whole in text, never split by BPE.
+        let added = id_of("<|endoftext|>")
+            .map(|id| added_token(id, "<|endoftext|>", true))
+            .into_iter()
+            .collect();
+        (added, Value::Null)
+    };
     Ok(json!({
         "version": "1.0", "added_tokens": added, "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
+        "post_processor": post,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
@@ -270,6 +372,8 @@ impl Tokenizer {
             add_bos: false,
             add_eos: false,
             chat_template: None,
+            marian: None,
+            t5_rules: false,
         }
     }
 
@@ -301,9 +405,15 @@ impl Tokenizer {
         .flatten()
         .collect();
         t.eos.dedup();
-        let spm = g.meta_str("tokenizer.ggml.model") == Some("llama");
-        t.add_bos = g.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(spm);
-        t.add_eos = g.meta_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        let model = g.meta_str("tokenizer.ggml.model");
+        // llama.cpp's defaults: BOS before SentencePiece (llama) texts, EOS after T5's.
+        t.add_bos = g
+            .meta_bool("tokenizer.ggml.add_bos_token")
+            .unwrap_or(model == Some("llama"));
+        t.add_eos = g
+            .meta_bool("tokenizer.ggml.add_eos_token")
+            .unwrap_or(model == Some("t5"));
+        t.t5_rules = model == Some("t5");
         t.chat_template = g.meta_str("tokenizer.chat_template").map(String::from);
         if g.architecture().is_ok_and(|a| a.starts_with("gemma")) {
             // Gemma files often carry no template; a turn ends with <end_of_turn>.
@@ -331,12 +441,18 @@ impl Tokenizer {
             let mut t = Self::from_tokenizer(inner, tj.clone());
             t.manual_specials = false;
             t
-        } else if let Some((v, m)) = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
-            .iter()
-            .map(|(v, m)| (dir.join(v), dir.join(m)))
-            .find(|(v, m)| v.exists() && m.exists())
-        {
-            Self::from_tokenizer(from_json(&gpt2_json(&v, &m)?, &v)?, v)
+        } else if marian::is_marian_folder(dir) {
+            let vocab = marian::MarianVocab::load(dir)?;
+            let splitter = vocab.source_splitter().clone();
+            let mut t = Self::from_tokenizer(splitter, dir.join("source.spm"));
+            t.marian = Some(std::sync::Arc::new(vocab));
+            t.manual_specials = false;
+            t
+        } else if let Some((v, m)) = bpe_files(dir) {
+            let roberta = is_roberta_style(dir);
+            let mut t = Self::from_tokenizer(from_json(&gpt2_json(&v, &m, roberta)?, &v)?, v);
+            t.manual_specials = !roberta;
+            t
         } else if dir.join("vocab.txt").exists() && is_word_list_folder(dir) {
             let p = dir.join("vocab.txt");
             Self::from_tokenizer(from_json(&word_list_json(&p)?, &p)?, p)
@@ -345,6 +461,8 @@ impl Tokenizer {
             let mut t = Self::from_tokenizer(from_json(&wordpiece_txt_json(dir, &p)?, &p)?, p);
             t.manual_specials = false;
             t
+        } else if let Some(p) = unigram_file(dir)? {
+            Self::from_unigram_folder(dir, &p)?
         } else if dir.join("tokenizer.model").exists() {
             let p = dir.join("tokenizer.model");
             let t = Self::from_spm_file(&p)?;
@@ -352,7 +470,7 @@ impl Tokenizer {
         } else {
             return Err(Error::file(
                 dir,
-                "no tokenizer found (tokenizer.json, vocab.json + merges.txt, vocab.txt, or tokenizer.model)",
+                "no tokenizer found (tokenizer.json, vocab.json + merges.txt, vocab.txt, spiece.model or tokenizer.model)",
             ));
         };
         let tc = dir.join("tokenizer_config.json");
@@ -366,9 +484,10 @@ impl Tokenizer {
                     .and_then(|e| e.get("template")?.as_str().map(String::from)),
                 _ => None,
             };
-            let id = |k: &str| token_str(cfg.get(k)).and_then(|s| t.inner.token_to_id(&s));
-            t.bos = id("bos_token");
-            t.eos.extend(id("eos_token"));
+            let id = |k: &str| token_str(cfg.get(k)).and_then(|s| t.token_to_id(&s));
+            let (bos, eos) = (id("bos_token"), id("eos_token"));
+            t.bos = bos;
+            t.eos.extend(eos);
             if let Some(b) = cfg.get("add_bos_token").and_then(|v| v.as_bool()) {
                 t.add_bos = b;
             }
@@ -395,6 +514,40 @@ impl Tokenizer {
         Ok(t)
     }
 
+    /// T5's tokenizer from its SentencePiece unigram model (`spiece.model`) without a
+    /// `tokenizer.json`, as `T5Tokenizer` reads it: the pieces' own ids, the sentinels
+    /// (`<extra_id_N>`, from `added_tokens.json` or `tokenizer_config.json`) after them, and
+    /// `</s>` closing every text.
+    fn from_unigram_folder(dir: &Path, path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let mut m = spm::parse_model(&bytes).in_file(path)?;
+        for (id, text) in added_tokens(dir, m.pieces.len())? {
+            match (id as usize).cmp(&m.pieces.len()) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => m.pieces.push(spm::Piece {
+                    text,
+                    score: 0.0,
+                    kind: 4,
+                }),
+                std::cmp::Ordering::Greater => {
+                    return Err(Error::file(
+                        dir,
+                        format!(
+                            "added token '{text}' has id {id}, but the vocabulary ends at {}",
+                            m.pieces.len()
+                        ),
+                    ))
+                }
+            }
+        }
+        let inner = spm::unigram_tokenizer(&m).in_file(path)?;
+        let mut t = Self::from_tokenizer(inner, path.to_path_buf());
+        t.eos = t.token_to_id("</s>").into_iter().collect();
+        t.add_eos = true;
+        t.t5_rules = true;
+        Ok(t)
+    }
+
     /// A SentencePiece `tokenizer.model`, converted the way transformers does.
     pub fn from_spm_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -411,6 +564,9 @@ impl Tokenizer {
     /// Token ids for `text`. With `add_special`, BOS/EOS are added as the model's tokenizer would.
     /// Special-token text such as `<|im_start|>` always maps to its id, as in transformers.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        if let Some(m) = &self.marian {
+            return m.encode(text, false, add_special);
+        }
         let enc = self
             .inner
             .encode(text, add_special && !self.manual_specials)
@@ -422,7 +578,8 @@ impl Tokenizer {
                     ids.insert(0, b);
                 }
             }
-            if self.add_eos {
+            let present = self.t5_rules && ids.last().is_some_and(|l| self.eos.contains(l));
+            if self.add_eos && !present {
                 ids.extend(self.eos.first());
             }
         }
@@ -433,6 +590,7 @@ impl Tokenizer {
     /// (`[CLS] a [SEP] b [SEP]`), segment ids, and truncation to `max_len` tokens by HF's
     /// longest-first rule.
     pub fn encode_pair(&self, a: &str, b: Option<&str>, max_len: usize) -> Result<EncoderInput> {
+        self.not_marian("encoding texts for an encoder-only model")?;
         use tokenizers::utils::truncation::{
             truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
         };
@@ -479,6 +637,7 @@ impl Tokenizer {
             truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
         };
         use tokenizers::PostProcessor;
+        self.not_marian("encoding split words")?;
         let err = |e| Error::msg(format!("tokenization failed: {e}"));
         let words: Vec<&str> = words.iter().map(String::as_str).collect();
         let input = tokenizers::InputSequence::PreTokenized(words.into());
@@ -521,6 +680,25 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// An encoder-decoder's target (labels): Marian's target-side SentencePiece where the
+    /// model has one, else as [`Self::encode_sequence`].
+    pub fn encode_target(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.marian {
+            Some(m) => m.encode(text, true, true),
+            None => self.encode_sequence(text),
+        }
+    }
+
+    fn not_marian(&self, what: &str) -> Result<()> {
+        match self.marian {
+            Some(_) => Err(Error::file(
+                &self.origin,
+                format!("{what} is not supported with a Marian tokenizer"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The id padding positions take: the tokenizer's `[PAD]`/`<pad>`, else 0 as transformers does.
     pub fn pad_id(&self) -> u32 {
         ["[PAD]", "<pad>"]
@@ -530,20 +708,60 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| Error::msg(format!("detokenization failed: {e}")))
+        if let Some(m) = &self.marian {
+            return Ok(m.decode(ids, skip_special));
+        }
+        let decode = |ids: &[u32]| {
+            self.inner
+                .decode(ids, skip_special)
+                .map_err(|e| Error::msg(format!("detokenization failed: {e}")))
+        };
+        if !self.t5_rules || skip_special {
+            return decode(ids);
+        }
+        // T5Tokenizer: SentencePiece decodes the pieces between special tokens; a space goes
+        // before each such run that a special token ends; the text is stripped.
+        let specials = self.inner.get_added_tokens_decoder();
+        let (mut out, mut run, mut after_special) = (String::new(), Vec::new(), false);
+        for &id in ids {
+            match specials.get(&id).filter(|t| t.special) {
+                Some(t) => {
+                    if !after_special {
+                        out.push(' ');
+                    }
+                    out.push_str(&decode(&run)?);
+                    out.push_str(&t.content);
+                    run.clear();
+                    after_special = true;
+                }
+                None => {
+                    run.push(id);
+                    after_special = false;
+                }
+            }
+        }
+        out.push_str(&decode(&run)?);
+        Ok(out.trim().to_string())
     }
 
     pub fn vocab_size(&self) -> usize {
+        if let Some(m) = &self.marian {
+            return m.vocab_size();
+        }
         self.inner.get_vocab_size(true)
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
+        if let Some(m) = &self.marian {
+            return m.id_to_token(id);
+        }
         self.inner.id_to_token(id)
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        if let Some(m) = &self.marian {
+            return m.token_to_id(token);
+        }
         self.inner.token_to_id(token)
     }
 

@@ -14,23 +14,162 @@ pub struct Piece {
     pub kind: i32,
 }
 
-/// Parses the `pieces` field of a SentencePiece `ModelProto`; other fields are not needed.
+/// What of a SentencePiece `ModelProto` decides how it splits text: the pieces, the algorithm
+/// and the normalizer.
+#[derive(Debug, Clone)]
+pub struct SpmModel {
+    pub pieces: Vec<Piece>,
+    /// `trainer_spec.model_type`: 1 unigram (the proto's default), 2 BPE.
+    pub model_type: u64,
+    /// `normalizer_spec.precompiled_charsmap` (empty for the `identity` rule).
+    pub charsmap: Vec<u8>,
+    pub add_dummy_prefix: bool,
+    pub remove_extra_whitespaces: bool,
+}
+
+/// Parses the `pieces` field of a SentencePiece `ModelProto`.
 pub fn parse_model_proto(bytes: &[u8]) -> std::result::Result<Vec<Piece>, String> {
+    parse_model(bytes).map(|m| m.pieces)
+}
+
+/// Parses a SentencePiece `ModelProto` (fields 1 pieces, 2 trainer_spec, 3 normalizer_spec;
+/// proto2 defaults where a field is absent).
+pub fn parse_model(bytes: &[u8]) -> std::result::Result<SpmModel, String> {
     let mut r = Reader { b: bytes, pos: 0 };
-    let mut pieces = Vec::new();
+    let mut m = SpmModel {
+        pieces: Vec::new(),
+        model_type: 1,
+        charsmap: Vec::new(),
+        add_dummy_prefix: true,
+        remove_extra_whitespaces: true,
+    };
     while r.pos < r.b.len() {
-        let (field, wire) = r.key()?;
-        if field == 1 && wire == 2 {
-            let sub = r.bytes()?;
-            pieces.push(parse_piece(sub)?);
-        } else {
-            r.skip(wire)?;
+        match r.key()? {
+            (1, 2) => m.pieces.push(parse_piece(r.bytes()?)?),
+            (2, 2) => {
+                let mut t = Reader {
+                    b: r.bytes()?,
+                    pos: 0,
+                };
+                while t.pos < t.b.len() {
+                    match t.key()? {
+                        (3, 0) => m.model_type = t.varint()?,
+                        (_, wire) => t.skip(wire)?,
+                    }
+                }
+            }
+            (3, 2) => {
+                let mut n = Reader {
+                    b: r.bytes()?,
+                    pos: 0,
+                };
+                while n.pos < n.b.len() {
+                    match n.key()? {
+                        (2, 2) => m.charsmap = n.bytes()?.to_vec(),
+                        (3, 0) => m.add_dummy_prefix = n.varint()? != 0,
+                        (4, 0) => m.remove_extra_whitespaces = n.varint()? != 0,
+                        (_, wire) => n.skip(wire)?,
+                    }
+                }
+            }
+            (_, wire) => r.skip(wire)?,
         }
     }
-    if pieces.is_empty() {
+    if m.pieces.is_empty() {
         return Err("no pieces found; not a SentencePiece model".into());
     }
-    Ok(pieces)
+    Ok(m)
+}
+
+/// A tokenizer that splits text into the pieces SentencePiece's unigram `Encode` gives: the
+/// model's charsmap, its whitespace rules (leading, trailing and repeated spaces dropped when
+/// `remove_extra_whitespaces`), "▁" for spaces and before the text (`add_dummy_prefix`), words
+/// split at "▁", and the Viterbi segmentation over the normal and user-defined pieces (control
+/// pieces such as `</s>` never match text in SentencePiece). Its ids are positions among those
+/// pieces, not the model's: callers read the pieces' text (Marian maps it through vocab.json).
+pub fn unigram_splitter(m: &SpmModel) -> Result<tokenizers::Tokenizer> {
+    let kept: Vec<&Piece> = m
+        .pieces
+        .iter()
+        .filter(|p| matches!(p.kind, 1 | 2 | 4))
+        .collect();
+    unigram_over(m, &kept)
+}
+
+/// SentencePiece's unigram `Encode` with the model's own ids (T5's `spiece.model`, llama.cpp's
+/// `t5` vocabularies): every piece keeps its position, and the control, unknown and
+/// user-defined pieces (`</s>`, `<pad>`, T5's `<extra_id_N>`) are special tokens matched whole
+/// in text, as T5Tokenizer splits on them before SentencePiece sees the rest.
+pub fn unigram_tokenizer(m: &SpmModel) -> Result<tokenizers::Tokenizer> {
+    let all: Vec<&Piece> = m.pieces.iter().collect();
+    let mut t = unigram_over(m, &all)?;
+    let special: Vec<tokenizers::AddedToken> = m
+        .pieces
+        .iter()
+        .filter(|p| matches!(p.kind, 2..=4))
+        .map(|p| {
+            // T5Tokenizer's sentinels (its user-defined pieces) take the spaces around them.
+            let user = p.kind == 4;
+            tokenizers::AddedToken::from(p.text.clone(), true)
+                .normalized(false)
+                .lstrip(user)
+                .rstrip(user)
+        })
+        .collect();
+    t.add_special_tokens(special)
+        .map_err(|e| Error::msg(format!("cannot add the special pieces: {e}")))?;
+    let prepend = if m.add_dummy_prefix {
+        tokenizers::pre_tokenizers::metaspace::PrependScheme::Always
+    } else {
+        tokenizers::pre_tokenizers::metaspace::PrependScheme::Never
+    };
+    t.with_decoder(Some(tokenizers::decoders::metaspace::Metaspace::new(
+        '\u{2581}', prepend, true,
+    )));
+    Ok(t)
+}
+
+fn unigram_over(m: &SpmModel, pieces: &[&Piece]) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::normalizers::{Precompiled, Replace, Sequence};
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    let err = |e: String| Error::msg(format!("cannot build the SentencePiece tokenizer: {e}"));
+    if m.model_type != 1 {
+        return Err(err(format!("model type {} is not unigram", m.model_type)));
+    }
+    let unk = pieces
+        .iter()
+        .position(|p| p.kind == 2)
+        .ok_or_else(|| err("no unknown piece".into()))?;
+    let vocab = pieces
+        .iter()
+        .map(|p| (p.text.clone(), p.score as f64))
+        .collect();
+    let model = tokenizers::models::unigram::Unigram::from(vocab, Some(unk), false)
+        .map_err(|e| err(e.to_string()))?;
+    let mut t = tokenizers::Tokenizer::new(model);
+    let mut norms: Vec<tokenizers::NormalizerWrapper> = Vec::new();
+    if !m.charsmap.is_empty() {
+        norms.push(
+            Precompiled::from(&m.charsmap)
+                .map_err(|e| err(format!("bad precompiled charsmap: {e}")))?
+                .into(),
+        );
+    }
+    if m.remove_extra_whitespaces {
+        for (pattern, to) in [("^ +", ""), (" +$", ""), (" {2,}", " ")] {
+            let re = tokenizers::normalizers::replace::ReplacePattern::Regex(pattern.into());
+            norms.push(Replace::new(re, to).map_err(|e| err(e.to_string()))?.into());
+        }
+    }
+    t.with_normalizer(Some(Sequence::new(norms)))
+        .map_err(|e| err(e.to_string()))?;
+    let prepend = if m.add_dummy_prefix {
+        PrependScheme::Always
+    } else {
+        PrependScheme::Never
+    };
+    t.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', prepend, true)));
+    Ok(t)
 }
 
 fn parse_piece(b: &[u8]) -> std::result::Result<Piece, String> {

@@ -23,7 +23,9 @@ pub fn gguf_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value
     let spm_path = dir.join("tokenizer.model");
     // As llama.cpp's converter: SentencePiece's own file first, it carries the scores.
     let tj = dir.join("tokenizer.json");
-    let mut meta = if spm_path.exists() {
+    let mut meta = if let Some(p) = super::unigram_file(dir)? {
+        unigram(dir, &p, vocab_size)?
+    } else if spm_path.exists() {
         sentencepiece(dir, &spm_path, vocab_size)?
     } else if tj.exists() && read_json(&tj)?["model"]["byte_fallback"] == true {
         sentencepiece_json(&tj, vocab_size)?
@@ -75,6 +77,61 @@ pub fn gguf_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value
     ));
     if let Some(t) = tok.chat_template {
         meta.push(("tokenizer.chat_template".into(), Value::String(t)));
+    }
+    Ok(meta)
+}
+
+/// A unigram SentencePiece (T5's `spiece.model`) as llama.cpp's `t5` vocabulary: the pieces
+/// with their scores and types, the sentinels after them as user-defined tokens (score -1000,
+/// as its converter writes them), and the normalizer's charsmap and whitespace rules.
+fn unigram(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let m = spm::parse_model(&bytes).in_file(path)?;
+    if m.pieces.len() > vocab_size {
+        return Err(too_many(path, m.pieces.len(), vocab_size));
+    }
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![NORMAL; vocab_size];
+    let mut scores = vec![-1000f32; vocab_size];
+    for (i, p) in m.pieces.iter().enumerate() {
+        tokens[i] = Some(p.text.clone());
+        types[i] = p.kind;
+        scores[i] = p.score;
+    }
+    for (id, text) in super::added_tokens(dir, m.pieces.len())? {
+        let id = id as usize;
+        if id >= vocab_size {
+            return Err(too_many(path, id + 1, vocab_size));
+        }
+        if id >= m.pieces.len() {
+            tokens[id] = Some(text);
+            types[id] = USER_DEFINED;
+        }
+    }
+    let (tokens, types) = padded(tokens, types);
+    let mut meta = vec![
+        ("tokenizer.ggml.model".into(), Value::String("t5".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        (
+            "tokenizer.ggml.add_space_prefix".into(),
+            Value::Bool(m.add_dummy_prefix),
+        ),
+        (
+            "tokenizer.ggml.remove_extra_whitespaces".into(),
+            Value::Bool(m.remove_extra_whitespaces),
+        ),
+    ];
+    if !m.charsmap.is_empty() {
+        meta.push((
+            "tokenizer.ggml.precompiled_charsmap".into(),
+            Value::Array(m.charsmap.into_iter().map(Value::U8).collect()),
+        ));
     }
     Ok(meta)
 }
@@ -252,12 +309,8 @@ fn byte_level_bpe(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>>
     let tj = dir.join("tokenizer.json");
     let (doc, path) = if tj.exists() {
         (read_json(&tj)?, tj)
-    } else if let Some((v, m)) = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
-        .iter()
-        .map(|(v, m)| (dir.join(v), dir.join(m)))
-        .find(|(v, m)| v.exists() && m.exists())
-    {
-        (super::gpt2_json(&v, &m)?, v)
+    } else if let Some((v, m)) = super::bpe_files(dir) {
+        (super::gpt2_json(&v, &m, super::is_roberta_style(dir))?, v)
     } else {
         return Err(Error::file(
             dir,

@@ -47,10 +47,19 @@ pub struct Seq2SeqDataOptions<'a> {
     pub max_target: usize,
 }
 
-/// Token ids of `text` as [`Tokenizer::encode_sequence`] makes them, cut to `max` keeping the
-/// last token; and whether it was cut.
-pub fn encode(tok: &Tokenizer, text: &str, max: usize) -> crate::Result<(Vec<u32>, bool)> {
-    let mut ids = tok.encode_sequence(text)?;
+/// Token ids of `text` as [`Tokenizer::encode_sequence`] makes them (a `target` through the
+/// target side, which differs for Marian), cut to `max` keeping the last token; and whether it
+/// was cut.
+pub fn encode(
+    tok: &Tokenizer,
+    text: &str,
+    target: bool,
+    max: usize,
+) -> crate::Result<(Vec<u32>, bool)> {
+    let mut ids = match target {
+        true => tok.encode_target(text)?,
+        false => tok.encode_sequence(text)?,
+    };
     let cut = ids.len() > max;
     if cut {
         let last = ids[ids.len() - 1];
@@ -71,8 +80,8 @@ pub fn read_pairs(
     let mut truncated = 0;
     let mut out = Vec::with_capacity(pairs.len());
     for p in &pairs {
-        let (source, a) = encode(tok, &p.input, max_source)?;
-        let (target, b) = encode(tok, &p.target, max_target)?;
+        let (source, a) = encode(tok, &p.input, false, max_source)?;
+        let (target, b) = encode(tok, &p.target, true, max_target)?;
         if source.is_empty() || target.is_empty() {
             return Err(Error::Data(format!(
                 "{}: line {}: an empty {}: nothing to learn",
