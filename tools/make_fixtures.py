@@ -990,6 +990,21 @@ def beam_cases(model, ids, eos, extra=None):
     return out
 
 
+def perturb_t5(model, qk, other):
+    """Random weights larger than T5's init, so that a tiny model's outputs differ by input:
+    norm gains near 1, position biases N(0, 1), queries and keys N(0, qk), the rest N(0, other)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.1)
+            elif "relative_attention_bias" in n:
+                p.normal_(0.0, 1.0)
+            elif n.endswith((".q.weight", ".k.weight")):
+                p.normal_(0.0, qk)
+            else:
+                p.normal_(0.0, other)
+
+
 def record_t5():
     """Tiny T5s: encoder states (alone and as a padded batch), teacher-forced decoder logits and
     loss, greedy ids and beam searches; the relative-position buckets; beam searches of the tiny
@@ -1001,16 +1016,7 @@ def record_t5():
         d = root / name
         if d.exists():
             shutil.rmtree(d)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if p.dim() == 1:
-                    p.normal_(1.0, 0.1)
-                elif "relative_attention_bias" in n:
-                    p.normal_(0.0, 1.0)
-                elif n.endswith((".q.weight", ".k.weight")):
-                    p.normal_(0.0, 0.15)
-                else:
-                    p.normal_(0.0, 0.08)
+        perturb_t5(model, 0.15, 0.08)
         model.eval()
         model.save_pretrained(d / "safetensors", safe_serialization=True)
         if name == "t5_relu":
@@ -1486,16 +1492,7 @@ def record_t5_gguf():
         tok.save_pretrained(hf)
         torch.manual_seed(11)
         model = T5ForConditionalGeneration(cfg)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if p.dim() == 1:
-                    p.normal_(1.0, 0.1)
-                elif "relative_attention_bias" in n:
-                    p.normal_(0.0, 1.0)
-                elif n.endswith((".q.weight", ".k.weight")):
-                    p.normal_(0.0, 0.3)
-                else:
-                    p.normal_(0.0, 0.15)
+        perturb_t5(model, 0.3, 0.15)
         model.eval()
         model.save_pretrained(hf, safe_serialization=True)
         subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",

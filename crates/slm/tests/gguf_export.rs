@@ -317,7 +317,7 @@ fn unsupported_models_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("causal models") && err.contains("bert"),
+        err.contains("GGUF export covers") && err.contains("'bert'"),
         "{err}"
     );
 

@@ -9,7 +9,7 @@ use slm::nn::exec::RelativePositions;
 
 use crate::common::{fixtures, ids, read_json};
 
-fn max_diff(got: &[Vec<f32>], want: &serde_json::Value) -> f32 {
+pub fn max_diff(got: &[Vec<f32>], want: &serde_json::Value) -> f32 {
     let want = want.as_array().unwrap();
     assert_eq!(got.len(), want.len(), "rows");
     let mut worst = 0f32;
@@ -117,7 +117,7 @@ fn relative_position_buckets_match_transformers() {
 }
 
 /// Greedy decoding over the cache, stopping at EOS as generate() does.
-fn greedy(model: &dyn Seq2SeqLM, src: &[u32], max_new: usize) -> Vec<u32> {
+pub fn greedy(model: &dyn Seq2SeqLM, src: &[u32], max_new: usize) -> Vec<u32> {
     let enc = model.encode(&[src]).unwrap().remove(0);
     let mut cache = model.new_cache();
     let mut out = vec![model.decoder_start()];

@@ -7,49 +7,17 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
-use slm::generate::sampling::argmax;
 use slm::io::gguf::GgufFile;
-use slm::models::seq2seq::{load_seq2seq, Seq2SeqLM};
+use slm::models::seq2seq::load_seq2seq;
 use slm::tokenize::Tokenizer;
 
 use crate::common::{fixtures, ids, read_json, tempdir};
+use crate::seq2seq::{greedy, max_diff};
 
 const MODELS: [&str; 2] = ["flan", "t5"];
 
 fn dir(name: &str) -> PathBuf {
     fixtures().join("t5_gguf").join(name)
-}
-
-fn max_diff(got: &[Vec<f32>], want: &serde_json::Value) -> f32 {
-    let want = want.as_array().unwrap();
-    assert_eq!(got.len(), want.len(), "rows");
-    let mut worst = 0f32;
-    for (g, w) in got.iter().zip(want) {
-        for (a, b) in g.iter().zip(w.as_array().unwrap()) {
-            worst = worst.max((a - b.as_f64().unwrap() as f32).abs());
-        }
-    }
-    worst
-}
-
-fn greedy(model: &dyn Seq2SeqLM, src: &[u32], max_new: usize) -> Vec<u32> {
-    let enc = model.encode(&[src]).unwrap().remove(0);
-    let mut cache = model.new_cache();
-    let mut out = vec![model.decoder_start()];
-    for i in 0..max_new {
-        let memory = (i == 0).then_some(&enc);
-        let last = [*out.last().unwrap()];
-        let logits = model
-            .decode(&mut [(&mut cache, &last)], memory, false)
-            .unwrap();
-        out.push(argmax(
-            &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        ));
-        if *out.last().unwrap() == model.eos() {
-            break;
-        }
-    }
-    out
 }
 
 /// The model at `path` (a GGUF file or a folder) against transformers on its fixture: the

@@ -388,33 +388,31 @@ impl NameTable {
 
 /// HF tensor name to llama.cpp's, for the architectures slm runs.
 pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
-    let t = name_table(arch);
-    let (module, kind) = hf.rsplit_once('.')?;
-    if let Some((_, g)) = t.global.iter().find(|(h, _)| *h == module) {
-        return Some(format!("{g}.{kind}"));
-    }
-    let found = t.all_stacks().find_map(|(hp, gp, layer)| {
-        let (i, module) = module.strip_prefix(hp)?.split_once('.')?;
-        i.parse::<usize>().ok()?;
-        let (_, g) = layer.iter().find(|(h, _)| *h == module)?;
-        Some(format!("{gp}{i}.{g}.{kind}"))
-    });
-    found
+    map_name(arch, hf, true)
 }
 
 /// llama.cpp's tensor name to HF's: the inverse of [`gguf_name`]. Where two HF modules share a
 /// GGUF name (T5's `wi` and `wi_1`), the first is given; the caller knows which the model has.
 pub fn hf_name(arch: &str, gguf: &str) -> Option<String> {
+    map_name(arch, gguf, false)
+}
+
+fn map_name(arch: &str, name: &str, to_gguf: bool) -> Option<String> {
     let t = name_table(arch);
-    let (module, kind) = gguf.rsplit_once('.')?;
-    if let Some((h, _)) = t.global.iter().find(|(_, g)| *g == module) {
-        return Some(format!("{h}.{kind}"));
+    let pick = |pair: &(&'static str, &'static str)| match to_gguf {
+        true => (pair.0, pair.1),
+        false => (pair.1, pair.0),
+    };
+    let (module, kind) = name.rsplit_once('.')?;
+    if let Some((_, to)) = t.global.iter().map(pick).find(|(from, _)| *from == module) {
+        return Some(format!("{to}.{kind}"));
     }
     let found = t.all_stacks().find_map(|(hp, gp, layer)| {
-        let (i, module) = module.strip_prefix(gp)?.split_once('.')?;
+        let (from_prefix, to_prefix) = pick(&(hp, gp));
+        let (i, module) = module.strip_prefix(from_prefix)?.split_once('.')?;
         i.parse::<usize>().ok()?;
-        let (h, _) = layer.iter().find(|(_, g)| *g == module)?;
-        Some(format!("{hp}{i}.{h}.{kind}"))
+        let (_, to) = layer.iter().map(pick).find(|(from, _)| *from == module)?;
+        Some(format!("{to_prefix}{i}.{to}.{kind}"))
     });
     found
 }

@@ -108,16 +108,8 @@ fn unigram(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(String, Va
             types[id] = USER_DEFINED;
         }
     }
-    let (tokens, types) = padded(tokens, types);
-    let mut meta = vec![
-        ("tokenizer.ggml.model".into(), Value::String("t5".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
-        (
-            "tokenizer.ggml.scores".into(),
-            Value::Array(scores.into_iter().map(Value::F32).collect()),
-        ),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+    let mut meta = scored_vocab("t5", tokens, scores, types);
+    meta.extend([
         (
             "tokenizer.ggml.add_space_prefix".into(),
             Value::Bool(m.add_dummy_prefix),
@@ -126,7 +118,7 @@ fn unigram(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(String, Va
             "tokenizer.ggml.remove_extra_whitespaces".into(),
             Value::Bool(m.remove_extra_whitespaces),
         ),
-    ];
+    ]);
     if !m.charsmap.is_empty() {
         meta.push((
             "tokenizer.ggml.precompiled_charsmap".into(),
@@ -134,6 +126,26 @@ fn unigram(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(String, Va
         ));
     }
     Ok(meta)
+}
+
+/// A SentencePiece vocabulary's keys (`llama` or `t5`), padded to the model's rows.
+fn scored_vocab(
+    model: &str,
+    tokens: Vec<Option<String>>,
+    scores: Vec<f32>,
+    types: Vec<i32>,
+) -> Vec<(String, Value)> {
+    let (tokens, types) = padded(tokens, types);
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String(model.into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+    ]
 }
 
 fn too_many(path: &Path, tokens: usize, vocab_size: usize) -> Error {
@@ -217,17 +229,7 @@ fn sentencepiece(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(Stri
         types[id] = if special { CONTROL } else { USER_DEFINED };
         scores[id] = 0.0;
     }
-    let (tokens, types) = padded(tokens, types);
-    Ok(vec![
-        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
-        (
-            "tokenizer.ggml.scores".into(),
-            Value::Array(scores.into_iter().map(Value::F32).collect()),
-        ),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-    ])
+    Ok(scored_vocab("llama", tokens, scores, types))
 }
 
 /// A SentencePiece vocabulary from its `tokenizer.json` form (a byte-fallback BPE, as
@@ -288,21 +290,12 @@ fn sentencepiece_json(path: &Path, vocab_size: usize) -> Result<Vec<(String, Val
     }
     // No "▁" before the text when the normalizer does not prepend one (Gemma).
     let prepends = doc["normalizer"].to_string().contains("Prepend");
-    let (tokens, types) = padded(tokens, types);
-    Ok(vec![
-        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
-        (
-            "tokenizer.ggml.scores".into(),
-            Value::Array(scores.into_iter().map(Value::F32).collect()),
-        ),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-        (
-            "tokenizer.ggml.add_space_prefix".into(),
-            Value::Bool(prepends),
-        ),
-    ])
+    let mut meta = scored_vocab("llama", tokens, scores, types);
+    meta.push((
+        "tokenizer.ggml.add_space_prefix".into(),
+        Value::Bool(prepends),
+    ));
+    Ok(meta)
 }
 
 fn byte_level_bpe(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
