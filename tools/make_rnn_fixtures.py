@@ -23,11 +23,12 @@ tools/requirements.txt), under tests/fixtures/rnn/.
 Words seen fewer than 3 times in the training lines are <unk>, as slm's word tokenizer maps
 words missing from vocab.txt.
 
-Run: python tools/make_rnn_fixtures.py   (SLM_ASSETS defaults to ../shared/assets)
+Run: python tools/make_rnn_fixtures.py [classifiers]   (SLM_ASSETS defaults to ../shared/assets)
 """
 import json
 import math
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -168,10 +169,12 @@ def record_classifier(name, rnn_type, nlayers, bidirectional, pooling):
     model.eval()
     with torch.no_grad():
         logits = model(x, lengths)
+        pooled = model.pooled(x, lengths)
     model.train()
     loss = nn.functional.cross_entropy(model(x, lengths), torch.tensor(labels))
     loss.backward()
     ref = {"texts": texts, "ids": ids, "labels": labels, "logits": [flat(r) for r in logits],
+           "pooled": [flat(r) for r in pooled],
            "loss": float(loss), "grads": {k: flat(p.grad) for k, p in model.named_parameters()}}
     (d / "reference.json").write_text(json.dumps(ref, indent=1))
 
@@ -180,9 +183,10 @@ def main():
     print("torch", torch.__version__)
     torch.set_num_threads(2)
     OUT.mkdir(parents=True, exist_ok=True)
-    record_cells()
-    record_wlm("wlm_lstm", "LSTM", 24, 24, tied=False, safetensors=False)
-    record_wlm("wlm_gru_tied", "GRU", 20, 20, tied=True, safetensors=True)
+    if sys.argv[1:] != ["classifiers"]:
+        record_cells()
+        record_wlm("wlm_lstm", "LSTM", 24, 24, tied=False, safetensors=False)
+        record_wlm("wlm_gru_tied", "GRU", 20, 20, tied=True, safetensors=True)
     record_classifier("bilstm_max", "LSTM", 2, True, "max")
     record_classifier("gru_mean", "GRU", 1, False, "mean")
 

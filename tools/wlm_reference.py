@@ -136,6 +136,10 @@ class RNNClassifier(nn.Module):
 
     def forward(self, ids, lengths):
         """ids [b, t] right-padded, lengths [b] (CPU int64): logits [b, nclass]."""
+        return self.classifier(self.drop(self.pooled(ids, lengths)))
+
+    def pooled(self, ids, lengths):
+        """Each text's pooled recurrent states [b, nhid * directions]: what `slm embed` gives."""
         x = self.drop(self.encoder(ids))
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
                                                    enforce_sorted=False)
@@ -146,4 +150,4 @@ class RNNClassifier(nn.Module):
             pooled = out.masked_fill(~mask, float("-inf")).max(1).values
         else:
             pooled = (out * mask).sum(1) / lengths[:, None].to(out.dtype)
-        return self.classifier(self.drop(pooled))
+        return pooled

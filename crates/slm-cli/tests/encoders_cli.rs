@@ -326,3 +326,41 @@ fn eval_classify_reports_metrics_and_writes_files() {
         "{err}"
     );
 }
+
+/// `slm embed` and `slm similarity` on a recurrent text classifier (the 2-layer BiLSTM fixture):
+/// the embedding is PyTorch's pooled states (tools/make_rnn_fixtures.py); `--pooling` is
+/// refused, the classifier's own pooling being part of the trained model.
+#[test]
+fn embed_takes_an_rnn_classifier() {
+    let dir = fixtures().join("rnn/bilstm_max");
+    let m = dir.to_str().unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let text = r["texts"][0].as_str().unwrap();
+    let (code, out, err) = run(&["embed", "-m", m, text], None);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let got: Vec<f64> = v["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let want: Vec<f64> = r["pooled"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert!(
+        got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5),
+        "{got:?} vs {want:?}"
+    );
+    let (code, out, err) = run(&["similarity", "-m", m, text, text], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1.0000"), "{out}");
+    let err = fails(&["embed", "-m", m, "--pooling", "mean", text], None);
+    assert!(err.contains("--pooling does not apply"), "{err}");
+}

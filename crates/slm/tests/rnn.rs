@@ -385,3 +385,33 @@ fn a_bidirectional_lstm_classifier_with_max_pooling_matches_pytorch() {
 fn a_gru_classifier_with_mean_pooling_matches_pytorch() {
     check_classifier("gru_mean");
 }
+
+/// `slm embed` on a recurrent classifier: each text's pooled states (max over a 2-layer BiLSTM,
+/// mean over a GRU) equal PyTorch's `RNNClassifier.pooled`, alone and in padded batches.
+#[test]
+fn rnn_classifier_embeddings_equal_pytorch_pooled_states() {
+    for name in ["bilstm_max", "gru_mean"] {
+        let dir = rnn_fixtures().join(name);
+        let r = common::read_json(dir.join("reference.json"));
+        let m = slm::encode::rnn::RnnTextClassifier::load(&dir).unwrap();
+        let texts: Vec<&str> = r["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let want: Vec<Vec<f32>> = r["pooled"].as_array().unwrap().iter().map(floats).collect();
+        for batch in [1, 4] {
+            let got = m.embed(&texts, batch, false).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                close(&format!("{name} pooled (batch {batch})"), g, w, 1e-5);
+            }
+        }
+        let unit = m.embed(&texts, 4, true).unwrap();
+        for (u, w) in unit.iter().zip(&want) {
+            let n = w.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let w: Vec<f32> = w.iter().map(|x| x / n).collect();
+            close(&format!("{name} normalized"), u, &w, 1e-5);
+        }
+    }
+}

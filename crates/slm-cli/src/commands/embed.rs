@@ -8,7 +8,8 @@ use super::encoder::{default_encoder, InputArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A BERT, DistilBERT or RoBERTa model folder (sentence-transformers folders included).
+    /// A BERT, DistilBERT or RoBERTa model folder (sentence-transformers folders included), or
+    /// an RNN text classifier (`finetune --task classify --arch bilstm…`).
     #[arg(long, short = 'm', default_value_os_t = default_encoder())]
     pub model: PathBuf,
     #[command(flatten)]
@@ -47,6 +48,20 @@ impl PoolingArgs {
         model: &std::path::Path,
         input: &InputArgs,
     ) -> Result<(Vec<slm::data::Record>, Vec<Vec<f32>>)> {
+        if slm::encode::rnn::is_rnn_classifier(model) {
+            // A recurrent classifier's embedding is what its head reads; its pooling is part of
+            // the trained model.
+            if self.pooling.is_some() {
+                anyhow::bail!(
+                    "--pooling does not apply to an RNN classifier: its embedding is the pooling it was trained with"
+                );
+            }
+            let m = slm::encode::rnn::RnnTextClassifier::load_with(model, self.adapter.as_deref())?;
+            let records = input.records()?;
+            let texts: Vec<&str> = records.iter().map(|r| r.text.as_str()).collect();
+            let vectors = m.embed(&texts, input.batch_size, self.normalize)?;
+            return Ok((records, vectors));
+        }
         let enc = Encoder::load_with(model, self.adapter.as_deref())?;
         let records = input.records()?;
         let inputs = input.prepare(&enc, &records)?;

@@ -67,6 +67,42 @@ impl RnnTextClassifier {
 
     /// Class probabilities of each text, in batches of `batch_size` of similar length.
     pub fn classify(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        self.batched(texts, batch_size, |e, ids| {
+            let logits = self.net.forward(e, ids)?.tensor()?.squeeze(1)?;
+            Ok(candle_nn::ops::softmax(&logits, D::Minus1)?)
+        })
+    }
+
+    /// Each text's embedding: the pooled recurrent states the classifier's head reads, scaled
+    /// to unit length with `normalize`.
+    pub fn embed(
+        &self,
+        texts: &[&str],
+        batch_size: usize,
+        normalize: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.batched(texts, batch_size, |e, ids| {
+            let v = self.net.pooled(e, ids)?.tensor()?.squeeze(1)?;
+            Ok(match normalize {
+                true => v.broadcast_div(
+                    &v.sqr()?
+                        .sum_keepdim(D::Minus1)?
+                        .sqrt()?
+                        .clamp(1e-12, f32::MAX)?,
+                )?,
+                false => v,
+            })
+        })
+    }
+
+    /// `run` over the texts in batches of `batch_size` of similar length, one row per text, in
+    /// the texts' order.
+    fn batched(
+        &self,
+        texts: &[&str],
+        batch_size: usize,
+        run: impl Fn(&mut Infer, &[u32]) -> Result<candle_core::Tensor>,
+    ) -> Result<Vec<Vec<f32>>> {
         let ids: Vec<Vec<u32>> = texts
             .iter()
             .map(|t| self.encode(t))
@@ -84,9 +120,8 @@ impl RnnTextClassifier {
                 flat.extend(std::iter::repeat_n(pad, t - ids[i].len()));
             }
             let mut e = Infer::encoder(&lengths, t);
-            let logits = self.net.forward(&mut e, &flat)?.tensor()?.squeeze(1)?;
-            let p = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
-            for (&i, row) in chunk.iter().zip(p) {
+            let rows = run(&mut e, &flat)?.to_vec2::<f32>()?;
+            for (&i, row) in chunk.iter().zip(rows) {
                 out[i] = row;
             }
         }

@@ -383,6 +383,12 @@ impl ModelConfig {
 
     fn parse_gguf(g: &GgufFile) -> Result<Self> {
         let name = g.architecture()?;
+        if name == "t5encoder" {
+            return Err(Error::file(
+                &g.path,
+                "a T5 encoder alone ('t5encoder') is not supported; slm runs T5 GGUF files with their decoder ('t5')",
+            ));
+        }
         let arch = Architecture::from_name(name).ok_or_else(|| Error::UnknownArchitecture {
             found: name.to_string(),
             origin: format!("{} general.architecture", g.path.display()),

@@ -495,6 +495,13 @@ impl<W: Weights> RnnClassifier<W> {
 
     /// Logits, one row per sequence of the executor's batch.
     pub fn forward<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32]) -> Result<E::X> {
+        let pooled = self.pooled(e, ids)?;
+        let pooled = e.dropout(pooled, self.cfg.dropout)?;
+        e.linear(&self.classifier, &pooled, None)
+    }
+
+    /// Each sequence's pooled recurrent states, what the head reads: the text's embedding.
+    pub fn pooled<E: Exec<W = W>>(&self, e: &mut E, ids: &[u32]) -> Result<E::X> {
         let p = self.cfg.dropout;
         let x = e.embed(&self.encoder, ids)?;
         let mut x = e.dropout(x, p)?;
@@ -514,8 +521,6 @@ impl<W: Weights> RnnClassifier<W> {
                 None => first,
             };
         }
-        let pooled = e.pool(x, self.cfg.pooling)?;
-        let pooled = e.dropout(pooled, p)?;
-        e.linear(&self.classifier, &pooled, None)
+        e.pool(x, self.cfg.pooling)
     }
 }
