@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Do llama.cpp and transformers read what `slm quantize` and `slm convert` write? (issue 5)
 
-For each tiny random-init fixture (gpt2, llama with Llama 3 RoPE scaling, qwen2, phi3), with the
-real GPT-2 BPE cut to its 320 tokens as tokenizer:
+For each tiny random-init fixture (gpt2, llama with Llama 3 RoPE scaling, qwen2, phi3, gemma2
+with soft-capping and alternating sliding layers, gemma3 with q/k norms and two RoPE bases), with
+the real GPT-2 BPE cut to its 320 tokens as tokenizer:
   1. `slm quantize -m FOLDER -t f32|q8_0` writes a GGUF;
   2. llama.cpp (llama-cpp-python) loads it: its logits on the fixture prompts are compared with
      transformers' (expected.json), and its greedy tokens with transformers' (f32) and with slm's
@@ -14,7 +15,7 @@ transformers', the converted folder in transformers, and llama.cpp's own tokeniz
 the GGUF slm wrote.
 
     pip install -r tools/requirements.txt llama-cpp-python==0.3.16
-    cargo build --release && python tools/check_gguf_export.py [gpt2 llama qwen2 spm-llama spm-phi3]
+    cargo build --release && python tools/check_gguf_export.py [gpt2 llama qwen2 gemma2 gemma3 spm-llama spm-phi3]
 """
 import json
 import os
@@ -36,8 +37,9 @@ SLM = ROOT / "target" / "release" / "slm"
 
 
 def slm(*args):
-    return subprocess.run([str(SLM), "--threads", "2", *args], check=True, capture_output=True,
-                          text=True).stdout
+    env = dict(os.environ, RAYON_NUM_THREADS="2")
+    return subprocess.run([str(SLM), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout
 
 
 def bpe_320(dst):
@@ -76,39 +78,88 @@ def llamacpp_text(llm, prompt, n_new):
     return llm.detokenize(out).decode("utf-8", errors="replace")
 
 
+GELU = ("gpt2", "gemma2", "gemma3")
+GELU_TOL = 2e-3
+
+
+def same_as_llama_quantize(tmp, family, ours):
+    """slm's Q8_0 file against llama.cpp's own quantization of slm's f32 file, tensor by tensor."""
+    import ctypes
+    import gguf as gguf_py
+    import llama_cpp
+    theirs = tmp / f"{family}-llama-q8_0.gguf"
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    assert llama_cpp.llama_model_quantize(str(tmp / f"{family}-f32.gguf").encode(), str(theirs).encode(),
+                                          ctypes.byref(p)) == 0
+    a = {t.name: (t.tensor_type, t.data.tobytes()) for t in gguf_py.GGUFReader(str(ours)).tensors}
+    b = {t.name: (t.tensor_type, t.data.tobytes()) for t in gguf_py.GGUFReader(str(theirs)).tensors}
+    differ = sorted(n for n in b if a.get(n) != b[n]) + sorted(set(a) - set(b))
+    print(f"{family} q8_0: {len(a)} tensors, {len(differ)} differ from llama.cpp's own quantization"
+          + (f": {differ[:5]}" if differ else ""))
+    return not differ
+
+
 def main():
+    if sys.argv[1:2] == ["--q8-greedy"]:
+        llm = llamacpp(Path(sys.argv[2]))
+        print(json.dumps([llamacpp_text(llm, p, 10) for p in PROMPTS]))
+        return
     tmp = Path(tempfile.mkdtemp())
     ok = True
     # Phi-3 ships with SentencePiece only and llama.cpp looks up its added tokens: checked below.
     only = sys.argv[1:]
-    for family in [f for f in ["gpt2", "llama", "qwen2"] if not only or f in only]:
+    for family in [f for f in ["gpt2", "llama", "qwen2", "gemma2", "gemma3"] if not only or f in only]:
         hf = tmp / family
         shutil.copytree(FIX / family / "safetensors", hf)
         bpe_320(hf)
         exp = json.loads((FIX / family / "expected.json").read_text())
+        if family == "gemma2":
+            # The fixture's query_pre_attn_scalar (20) is not the one llama.cpp derives (24):
+            # slm refuses to export it (tests/gguf_export.rs); checked here that it does.
+            r = subprocess.run([str(SLM), "quantize", "-m", str(hf), "-t", "f32", "-o",
+                                str(tmp / "gemma2.gguf")], capture_output=True, text=True)
+            good = r.returncode != 0 and "query_pre_attn_scalar" in r.stderr
+            ok &= good
+            print(f"gemma2: export {'refused' if good else 'NOT refused'}: {r.stderr.strip()}")
+            continue
         for qtype in ["f32", "q8_0"]:
             gguf = tmp / f"{family}-{qtype}.gguf"
             slm("quantize", "-m", str(hf), "-t", qtype, "-o", str(gguf))
-            llm = llamacpp(gguf)
             if qtype == "f32":
+                llm = llamacpp(gguf)
                 for case in exp["cases"]:
                     ids, want = case["input_ids"], case["greedy"]
                     logits, greedy = llamacpp_run(llm, ids, len(want))
                     diff = float(np.abs(logits - np.array(case["logits"])).max())
-                    good = greedy == want and diff < 1e-3
+                    scale = float(np.abs(np.array(case["logits"])).max())
+                    # GELU families: llama.cpp's GELU is an f16 lookup table.
+                    good = greedy == want and diff < (GELU_TOL if family in GELU else 1e-3) * max(scale, 1)
                     ok &= good
-                    print(f"{family} f32 in llama.cpp: max |logit - transformers| {diff:.2e}, "
-                          f"greedy {'=' if greedy == want else '!='} transformers")
+                    print(f"{family} f32 in llama.cpp: max |logit - transformers| {diff:.2e} "
+                          f"(max |logit| {scale:.2f}), greedy {'=' if greedy == want else '!='} transformers")
+                del llm
             else:
-                for prompt in PROMPTS:
-                    theirs = llamacpp_text(llm, prompt, 10)
+                ok &= same_as_llama_quantize(tmp, family, gguf)
+                # In a child: llama-cpp-python 0.3.36 crashes evaluating these tiny Q8_0 models
+                # on AVX-512 (its own quantization of them as well).
+                r = subprocess.run([sys.executable, __file__, "--q8-greedy", str(gguf)],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(f"{family} q8_0: llama.cpp exited with {r.returncode} evaluating it "
+                          f"(it does so on its own Q8_0 of the same f32 file too)")
+                    continue
+                for prompt, theirs in zip(PROMPTS, json.loads(r.stdout.splitlines()[-1])):
                     ours = slm("generate", "-m", str(gguf), "--temperature", "0", "-n", "10",
                                "--ignore-eos", "--no-special", prompt).removesuffix("\n")
                     good = ours == theirs
                     ok &= good
                     print(f"{family} q8_0: llama.cpp greedy {'=' if good else '!='} slm greedy "
                           f"from {prompt!r}" + ("" if good else f": {theirs!r} vs {ours!r}"))
-            del llm
+        if family.startswith("gemma"):
+            # transformers 4.46 (tools/requirements.txt) has no Gemma 3; tests/gguf_export.rs
+            # checks the converted Gemma folders against the fixtures' transformers outputs.
+            continue
         back = tmp / f"{family}-back"
         slm("convert", "-m", str(tmp / f"{family}-f32.gguf"), "-o", str(back))
         model = AutoModelForCausalLM.from_pretrained(back, torch_dtype=torch.float32).eval()

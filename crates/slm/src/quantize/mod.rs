@@ -59,8 +59,9 @@ pub fn tensor_type(
     want: GgmlDType,
     has_output: bool,
 ) -> Result<GgmlDType> {
-    // T5's relative position biases stay f32, as llama-quantize keeps them.
-    if dims.len() < 2 || name.ends_with("attn_rel_b.weight") {
+    // Position tables stay f32, as llama-quantize keeps them: GPT-2's learned positions and
+    // T5's relative position biases.
+    if dims.len() < 2 || name == "position_embd.weight" || name.ends_with("attn_rel_b.weight") {
         return Ok(GgmlDType::F32);
     }
     let cols = dims[dims.len() - 1];
@@ -249,6 +250,15 @@ mod tests {
         assert_eq!(
             t("token_embd.weight", &[49152, 576], GgmlDType::Q4_0).unwrap(),
             GgmlDType::Q8_0
+        );
+        // Position tables are never quantized (found against llama.cpp's own quantization).
+        assert_eq!(
+            t("position_embd.weight", &[1024, 768], GgmlDType::Q8_0).unwrap(),
+            GgmlDType::F32
+        );
+        assert_eq!(
+            t("enc.blk.0.attn_rel_b.weight", &[32, 8], GgmlDType::Q4_0).unwrap(),
+            GgmlDType::F32
         );
         let err = t("blk.0.attn_q.weight", &[64, 48], GgmlDType::Q4_0)
             .unwrap_err()
