@@ -14,7 +14,9 @@ Also a Llama and a Phi-3 with the real Llama 2 SentencePiece vocabulary: llama.c
 transformers', the converted folder in transformers, and llama.cpp's own tokenizer test vectors on
 the GGUF slm wrote.
 
-    pip install -r tools/requirements.txt llama-cpp-python==0.3.16
+    pip install -r tools/requirements.txt llama-cpp-python==0.3.36
+    (on a CPU with AMX, build it with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON
+    -DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF": its AMX path crashes on Q8_0)
     cargo build --release && python tools/check_gguf_export.py [gpt2 llama qwen2 gemma2 gemma3 spm-llama spm-phi3]
 """
 import json
@@ -141,13 +143,13 @@ def main():
                 del llm
             else:
                 ok &= same_as_llama_quantize(tmp, family, gguf)
-                # In a child: llama-cpp-python 0.3.36 crashes evaluating these tiny Q8_0 models
-                # on AVX-512 (its own quantization of them as well).
+                # In a child: llama-cpp-python 0.3.36 built with GGML_NATIVE crashes evaluating
+                # Q8_0 models on AMX CPUs (its own quantization of them as well).
                 r = subprocess.run([sys.executable, __file__, "--q8-greedy", str(gguf)],
                                    capture_output=True, text=True)
                 if r.returncode != 0:
                     print(f"{family} q8_0: llama.cpp exited with {r.returncode} evaluating it "
-                          f"(it does so on its own Q8_0 of the same f32 file too)")
+                          f"(an AMX build does so on its own Q8_0 of the same file too)")
                     continue
                 for prompt, theirs in zip(PROMPTS, json.loads(r.stdout.splitlines()[-1])):
                     ours = slm("generate", "-m", str(gguf), "--temperature", "0", "-n", "10",
