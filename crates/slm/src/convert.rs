@@ -307,9 +307,9 @@ fn write_tokenizer(g: &GgufFile, out: &Path, context: usize) -> Result<()> {
     let eos = token(tok.eos.first().copied());
     // As transformers' converters: BOS before each text (Llama's), EOS after it (T5's), added by
     // the post-processor.
-    let bos = bos.filter(|_| tok.add_bos);
+    let bos_added = bos.clone().filter(|_| tok.add_bos);
     let eos_added = eos.clone().filter(|_| tok.add_eos);
-    if bos.is_some() || eos_added.is_some() {
+    if bos_added.is_some() || eos_added.is_some() {
         let special = |t: &Option<String>, type_id: u32| {
             t.iter()
                 .map(|t| json!({"SpecialToken": {"id": t, "type_id": type_id}}))
@@ -317,7 +317,7 @@ fn write_tokenizer(g: &GgufFile, out: &Path, context: usize) -> Result<()> {
         };
         let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
         let part = |id: &str, type_id: u32| {
-            let mut p = special(&bos, type_id);
+            let mut p = special(&bos_added, type_id);
             p.push(seq(id, type_id));
             p.extend(special(&eos_added, type_id));
             p
@@ -325,7 +325,10 @@ fn write_tokenizer(g: &GgufFile, out: &Path, context: usize) -> Result<()> {
         let mut pair = part("A", 0);
         pair.extend(part("B", 1));
         let mut specials = serde_json::Map::new();
-        for (t, id) in [(&bos, tok.bos), (&eos_added, tok.eos.first().copied())] {
+        for (t, id) in [
+            (&bos_added, tok.bos),
+            (&eos_added, tok.eos.first().copied()),
+        ] {
             if let Some(t) = t {
                 specials.insert(t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}));
             }
@@ -335,7 +338,6 @@ fn write_tokenizer(g: &GgufFile, out: &Path, context: usize) -> Result<()> {
             "special_tokens": specials
         });
     }
-    let bos = token(tok.bos);
     write("tokenizer.json", doc.to_string().as_bytes())?;
     if tok.eos.len() > 1 {
         // Several ends of generation (Gemma's <eos> and <end_of_turn>): transformers reads

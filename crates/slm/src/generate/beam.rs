@@ -154,7 +154,7 @@ pub fn beam_search<C: Clone>(
                 lp[t as usize] = f32::NEG_INFINITY;
             }
             if let Some(e) = opts.forced_eos.filter(|_| seqs[b].len() + 1 == max_length) {
-                force(&mut lp, e, 0.0);
+                force(&mut lp, e);
             }
             cand.extend(
                 lp.iter()
@@ -302,12 +302,12 @@ pub fn seq2seq_over(
     })
 }
 
-/// Every score but `token`'s made impossible, `token`'s set to `to`, as transformers' forced
-/// EOS processor does.
-pub fn force(scores: &mut [f32], token: u32, to: f32) {
+/// Every score but `token`'s made impossible and `token`'s 0, as transformers' forced EOS
+/// processor does.
+pub fn force(scores: &mut [f32], token: u32) {
     scores.fill(f32::NEG_INFINITY);
     if let Some(s) = scores.get_mut(token as usize) {
-        *s = to;
+        *s = 0.0;
     }
 }
 

@@ -49,7 +49,7 @@ pub fn generate(
         for &i in &running {
             if let Some(e) = model.forced_eos() {
                 if gens[i].generated().len() + 1 == opts.max_tokens {
-                    super::beam::force(&mut logits[i], e, 0.0);
+                    super::beam::force(&mut logits[i], e);
                 }
             }
             let step = gens[i].step(tok, &mut logits[i])?;

@@ -208,20 +208,18 @@ pub fn unpermute_qk_rows(rows: usize, heads: usize) -> Vec<usize> {
 struct NameTable {
     prefix: &'static str,
     global: &'static [(&'static str, &'static str)],
-    layer: &'static [(&'static str, &'static str)],
-    /// More stacks: (HF prefix, GGUF prefix, layer modules).
+    layer: &'static Names,
+    /// More stacks: (HF prefix, GGUF prefix, layer modules in parts).
     stacks: &'static [Stack],
 }
 
-type Stack = (
-    &'static str,
-    &'static str,
-    &'static [(&'static str, &'static str)],
-);
+type Names = [(&'static str, &'static str)];
+type Stack = (&'static str, &'static str, &'static [&'static Names]);
 
-/// T5's blocks, as llama.cpp's converter names them: the encoder's `layer.1` and the decoder's
-/// `layer.2` are the feed-forward block; `wi` (ReLU) and `wi_1` (gated) are both `ffn_up`.
-const T5_SELF: [(&str, &str); 6] = [
+/// T5's blocks, as llama.cpp's converter names them: self-attention in both stacks, then the
+/// encoder's feed-forward block (`layer.1`) or the decoder's cross-attention and feed-forward
+/// (`layer.1`, `layer.2`); `wi` (ReLU) and `wi_1` (gated) are both `ffn_up`.
+const T5_SELF: &Names = &[
     ("layer.0.layer_norm", "attn_norm"),
     ("layer.0.SelfAttention.q", "attn_q"),
     ("layer.0.SelfAttention.k", "attn_k"),
@@ -232,26 +230,14 @@ const T5_SELF: [(&str, &str); 6] = [
         "attn_rel_b",
     ),
 ];
-const T5_ENCODER: &[(&str, &str)] = &[
-    T5_SELF[0],
-    T5_SELF[1],
-    T5_SELF[2],
-    T5_SELF[3],
-    T5_SELF[4],
-    T5_SELF[5],
+const T5_ENCODER_FF: &Names = &[
     ("layer.1.layer_norm", "ffn_norm"),
     ("layer.1.DenseReluDense.wi_0", "ffn_gate"),
     ("layer.1.DenseReluDense.wi_1", "ffn_up"),
     ("layer.1.DenseReluDense.wi", "ffn_up"),
     ("layer.1.DenseReluDense.wo", "ffn_down"),
 ];
-const T5_DECODER: &[(&str, &str)] = &[
-    T5_SELF[0],
-    T5_SELF[1],
-    T5_SELF[2],
-    T5_SELF[3],
-    T5_SELF[4],
-    T5_SELF[5],
+const T5_DECODER_REST: &Names = &[
     ("layer.1.layer_norm", "cross_attn_norm"),
     ("layer.1.EncDecAttention.q", "cross_attn_q"),
     ("layer.1.EncDecAttention.k", "cross_attn_k"),
@@ -286,8 +272,8 @@ fn name_table(arch: &str) -> NameTable {
             ],
             layer: &[],
             stacks: &[
-                ("encoder.block.", "enc.blk.", T5_ENCODER),
-                ("decoder.block.", "dec.blk.", T5_DECODER),
+                ("encoder.block.", "enc.blk.", &[T5_SELF, T5_ENCODER_FF]),
+                ("decoder.block.", "dec.blk.", &[T5_SELF, T5_DECODER_REST]),
             ],
         },
         "gpt2" => NameTable {
@@ -379,9 +365,13 @@ pub fn gemma_norm(arch: &str, hf: &str) -> bool {
 }
 
 impl NameTable {
-    /// Every stack: (HF prefix, GGUF prefix, modules).
-    fn all_stacks(&self) -> impl Iterator<Item = Stack> + '_ {
-        let main = (!self.layer.is_empty()).then_some((self.prefix, "blk.", self.layer));
+    /// Every stack: (HF prefix, GGUF prefix, modules in parts).
+    fn all_stacks(&self) -> impl Iterator<Item = (&'static str, &'static str, &[&'static Names])> {
+        let main = (!self.layer.is_empty()).then_some((
+            self.prefix,
+            "blk.",
+            std::slice::from_ref(&self.layer),
+        ));
         main.into_iter().chain(self.stacks.iter().copied())
     }
 }
@@ -411,7 +401,11 @@ fn map_name(arch: &str, name: &str, to_gguf: bool) -> Option<String> {
         let (from_prefix, to_prefix) = pick(&(hp, gp));
         let (i, module) = module.strip_prefix(from_prefix)?.split_once('.')?;
         i.parse::<usize>().ok()?;
-        let (_, to) = layer.iter().map(pick).find(|(from, _)| *from == module)?;
+        let (_, to) = layer
+            .iter()
+            .flat_map(|part| part.iter())
+            .map(pick)
+            .find(|(from, _)| *from == module)?;
         Some(format!("{to_prefix}{i}.{to}.{kind}"))
     });
     found

@@ -75,7 +75,7 @@ pub fn unigram_model(g: &GgufFile) -> Result<spm::SpmModel> {
     let (pieces, _, add_dummy_prefix) = spm_vocab(g)?;
     let charsmap = match g.meta("tokenizer.ggml.precompiled_charsmap") {
         None => Vec::new(),
-        Some(v) => numbers_exact(g, v, "tokenizer.ggml.precompiled_charsmap")?,
+        Some(v) => byte_array(g, v, "tokenizer.ggml.precompiled_charsmap")?,
     };
     Ok(spm::SpmModel {
         pieces,
@@ -90,7 +90,7 @@ pub fn unigram_model(g: &GgufFile) -> Result<spm::SpmModel> {
 
 /// An array of bytes, each element checked (a charsmap is a binary blob: no element may be
 /// quietly turned into 0).
-fn numbers_exact(
+fn byte_array(
     g: &GgufFile,
     v: &candle_core::quantized::gguf_file::Value,
     key: &str,

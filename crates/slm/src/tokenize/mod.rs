@@ -92,48 +92,62 @@ fn check_templates(processor: Option<&Value>, origin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A folder's SentencePiece unigram model: T5's `spiece.model`, or a `tokenizer.model` whose
-/// trainer was unigram (Llama's are BPE).
-pub(crate) fn unigram_file(dir: &Path) -> Result<Option<PathBuf>> {
-    let spiece = dir.join("spiece.model");
-    if spiece.exists() {
-        return Ok(Some(spiece));
-    }
-    let p = dir.join("tokenizer.model");
-    if !p.exists() {
+/// A folder's SentencePiece model, parsed once: T5's `spiece.model` (always unigram, as
+/// `T5Tokenizer` reads it) or `tokenizer.model` (unigram, or BPE as Llama's), and whether it is
+/// to be read as unigram.
+pub(crate) fn spm_model(dir: &Path) -> Result<Option<(PathBuf, spm::SpmModel, bool)>> {
+    let Some(p) = ["spiece.model", "tokenizer.model"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.exists())
+    else {
         return Ok(None);
-    }
+    };
     let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
     let m = spm::parse_model(&bytes).in_file(&p)?;
-    Ok((m.model_type == 1).then_some(p))
+    let unigram = m.model_type == 1 || p.ends_with("spiece.model");
+    Ok(Some((p, m, unigram)))
 }
 
-/// Tokens a slow tokenizer added after its model's vocabulary, by id: `added_tokens.json`, else
-/// `tokenizer_config.json`'s `added_tokens_decoder`, else T5's `extra_ids` count: sentinels after
-/// the model's `base` pieces, `<extra_id_0>` last.
-pub(crate) fn added_tokens(dir: &Path, base: usize) -> Result<Vec<(u32, String)>> {
-    let mut out: Vec<(u32, String)> = Vec::new();
-    let file = dir.join("added_tokens.json");
-    let config = dir.join("tokenizer_config.json");
+/// Tokens added after a model's own vocabulary, by id, with whether each is special:
+/// `tokenizer.json`'s `added_tokens`, else `tokenizer_config.json`'s `added_tokens_decoder`, else
+/// `added_tokens.json`, else T5's `extra_ids` count (sentinels after the model's `base` pieces,
+/// `<extra_id_0>` last).
+pub(crate) fn added_tokens(dir: &Path, base: usize) -> Result<Vec<(u32, String, bool)>> {
+    let mut out: Vec<(u32, String, bool)> = Vec::new();
+    let (tj, config, file) = (
+        dir.join("tokenizer.json"),
+        dir.join("tokenizer_config.json"),
+        dir.join("added_tokens.json"),
+    );
     let bad = |p: &Path| Error::file(p, "added tokens must map token text to an id");
-    if file.exists() {
+    let config_doc = if config.exists() {
+        read_json(&config)?
+    } else {
+        Value::Null
+    };
+    if tj.exists() {
+        let doc = read_json(&tj)?;
+        for a in doc["added_tokens"].as_array().into_iter().flatten() {
+            let id = a["id"].as_u64().ok_or_else(|| bad(&tj))?;
+            let text = a["content"].as_str().ok_or_else(|| bad(&tj))?;
+            out.push((id as u32, text.to_string(), a["special"] == true));
+        }
+    } else if let Some(d) = config_doc["added_tokens_decoder"].as_object() {
+        for (id, a) in d {
+            let id = id.parse::<u32>().map_err(|_| bad(&config))?;
+            let text = a["content"].as_str().ok_or_else(|| bad(&config))?;
+            out.push((id, text.to_string(), a["special"] == true));
+        }
+    } else if file.exists() {
         let v = read_json(&file)?;
         for (text, id) in v.as_object().ok_or_else(|| bad(&file))? {
             let id = id.as_u64().ok_or_else(|| bad(&file))?;
-            out.push((id as u32, text.clone()));
+            out.push((id as u32, text.clone(), false));
         }
-    } else if config.exists() {
-        let v = read_json(&config)?;
-        if let Some(d) = v.get("added_tokens_decoder").and_then(|d| d.as_object()) {
-            for (id, t) in d {
-                let id = id.parse::<u32>().map_err(|_| bad(&config))?;
-                let text = t.get("content").and_then(|c| c.as_str());
-                out.push((id, text.ok_or_else(|| bad(&config))?.to_string()));
-            }
-        } else if let Some(n) = v.get("extra_ids").and_then(|n| n.as_u64()) {
-            let n = n as usize;
-            out.extend((0..n).map(|i| ((base + n - 1 - i) as u32, format!("<extra_id_{i}>"))));
-        }
+    } else if let Some(n) = config_doc["extra_ids"].as_u64() {
+        let n = n as usize;
+        out.extend((0..n).map(|i| ((base + n - 1 - i) as u32, format!("<extra_id_{i}>"), true)));
     }
     out.sort();
     Ok(out)
@@ -461,12 +475,14 @@ impl Tokenizer {
             let mut t = Self::from_tokenizer(from_json(&wordpiece_txt_json(dir, &p)?, &p)?, p);
             t.manual_specials = false;
             t
-        } else if let Some(p) = unigram_file(dir)? {
-            Self::from_unigram_folder(dir, &p)?
-        } else if dir.join("tokenizer.model").exists() {
-            let p = dir.join("tokenizer.model");
-            let t = Self::from_spm_file(&p)?;
-            Self { add_bos: true, ..t }
+        } else if let Some((p, m, unigram)) = spm_model(dir)? {
+            match unigram {
+                true => Self::from_unigram_folder(dir, &p, m)?,
+                false => Self {
+                    add_bos: true,
+                    ..Self::from_spm_pieces(&p, m.pieces)?
+                },
+            }
         } else {
             return Err(Error::file(
                 dir,
@@ -518,10 +534,8 @@ impl Tokenizer {
     /// `tokenizer.json`, as `T5Tokenizer` reads it: the pieces' own ids, the sentinels
     /// (`<extra_id_N>`, from `added_tokens.json` or `tokenizer_config.json`) after them, and
     /// `</s>` closing every text.
-    fn from_unigram_folder(dir: &Path, path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let mut m = spm::parse_model(&bytes).in_file(path)?;
-        for (id, text) in added_tokens(dir, m.pieces.len())? {
+    fn from_unigram_folder(dir: &Path, path: &Path, mut m: spm::SpmModel) -> Result<Self> {
+        for (id, text, _) in added_tokens(dir, m.pieces.len())? {
             match (id as usize).cmp(&m.pieces.len()) {
                 std::cmp::Ordering::Less => continue,
                 std::cmp::Ordering::Equal => m.pieces.push(spm::Piece {
@@ -551,7 +565,10 @@ impl Tokenizer {
     /// A SentencePiece `tokenizer.model`, converted the way transformers does.
     pub fn from_spm_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let pieces = spm::parse_model_proto(&bytes).in_file(path)?;
+        Self::from_spm_pieces(path, spm::parse_model_proto(&bytes).in_file(path)?)
+    }
+
+    fn from_spm_pieces(path: &Path, pieces: Vec<spm::Piece>) -> Result<Self> {
         let unk = pieces.iter().find(|p| p.kind == 2).map(|p| p.text.clone());
         let inner = spm::tokenizer(&pieces, unk.as_deref(), true).in_file(path)?;
         let mut t = Self::from_tokenizer(inner, path.to_path_buf());

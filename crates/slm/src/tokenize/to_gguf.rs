@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file::Value;
 use serde_json::Value as Json;
 
 use super::{read_json, spm, token_str, Tokenizer};
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
 
 /// SentencePiece's piece types, which GGUF's `token_type` shares.
 const NORMAL: i32 = 1;
@@ -20,13 +20,13 @@ const UNUSED: i32 = 5;
 /// The `tokenizer.ggml.*` keys and the chat template for the tokenizer in `dir`, padded to
 /// `vocab_size` entries (the rows of the model's embedding) as llama.cpp requires.
 pub fn gguf_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
-    let spm_path = dir.join("tokenizer.model");
     // As llama.cpp's converter: SentencePiece's own file first, it carries the scores.
     let tj = dir.join("tokenizer.json");
-    let mut meta = if let Some(p) = super::unigram_file(dir)? {
-        unigram(dir, &p, vocab_size)?
-    } else if spm_path.exists() {
-        sentencepiece(dir, &spm_path, vocab_size)?
+    let mut meta = if let Some((p, m, unigram)) = super::spm_model(dir)? {
+        match unigram {
+            true => self::unigram(dir, &p, m, vocab_size)?,
+            false => sentencepiece(dir, &p, m.pieces, vocab_size)?,
+        }
     } else if tj.exists() && read_json(&tj)?["model"]["byte_fallback"] == true {
         sentencepiece_json(&tj, vocab_size)?
     } else {
@@ -84,9 +84,12 @@ pub fn gguf_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value
 /// A unigram SentencePiece (T5's `spiece.model`) as llama.cpp's `t5` vocabulary: the pieces
 /// with their scores and types, the sentinels after them as user-defined tokens (score -1000,
 /// as its converter writes them), and the normalizer's charsmap and whitespace rules.
-fn unigram(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let m = spm::parse_model(&bytes).in_file(path)?;
+fn unigram(
+    dir: &Path,
+    path: &Path,
+    m: spm::SpmModel,
+    vocab_size: usize,
+) -> Result<Vec<(String, Value)>> {
     if m.pieces.len() > vocab_size {
         return Err(too_many(path, m.pieces.len(), vocab_size));
     }
@@ -98,7 +101,7 @@ fn unigram(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(String, Va
         types[i] = p.kind;
         scores[i] = p.score;
     }
-    for (id, text) in super::added_tokens(dir, m.pieces.len())? {
+    for (id, text, _) in super::added_tokens(dir, m.pieces.len())? {
         let id = id as usize;
         if id >= vocab_size {
             return Err(too_many(path, id + 1, vocab_size));
@@ -170,41 +173,12 @@ fn padded(tokens: Vec<Option<String>>, mut types: Vec<i32>) -> (Vec<Value>, Vec<
     (tokens, types.into_iter().map(Value::I32).collect())
 }
 
-/// Added tokens by id: tokenizer.json's `added_tokens`, else tokenizer_config's
-/// `added_tokens_decoder`.
-fn added_tokens(dir: &Path) -> Result<Vec<(usize, String, bool)>> {
-    let tj = dir.join("tokenizer.json");
-    if tj.exists() {
-        let doc = read_json(&tj)?;
-        return Ok(doc["added_tokens"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| {
-                let id = a["id"].as_u64()? as usize;
-                Some((id, a["content"].as_str()?.to_string(), a["special"] == true))
-            })
-            .collect());
-    }
-    let tc = dir.join("tokenizer_config.json");
-    if !tc.exists() {
-        return Ok(Vec::new());
-    }
-    let cfg = read_json(&tc)?;
-    Ok(cfg["added_tokens_decoder"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(id, a)| {
-            let id = id.parse().ok()?;
-            Some((id, a["content"].as_str()?.to_string(), a["special"] == true))
-        })
-        .collect())
-}
-
-fn sentencepiece(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let pieces = spm::parse_model_proto(&bytes).in_file(path)?;
+fn sentencepiece(
+    dir: &Path,
+    path: &Path,
+    pieces: Vec<spm::Piece>,
+    vocab_size: usize,
+) -> Result<Vec<(String, Value)>> {
     if pieces.len() > vocab_size {
         return Err(too_many(path, pieces.len(), vocab_size));
     }
@@ -218,7 +192,8 @@ fn sentencepiece(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(Stri
     }
     // Tokens added on top of the SentencePiece model (Phi-3's chat markers); the model's own
     // pieces keep their types (<unk> stays unknown, <s> control).
-    for (id, text, special) in added_tokens(dir)? {
+    for (id, text, special) in super::added_tokens(dir, pieces.len())? {
+        let id = id as usize;
         if id >= vocab_size {
             return Err(too_many(path, id + 1, vocab_size));
         }
