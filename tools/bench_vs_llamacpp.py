@@ -1,9 +1,19 @@
 #!/usr/bin/env python3
-"""Side-by-side decode/prefill benchmark: slm vs llama.cpp (llama-cpp-python) on the same GGUF,
-the same 256-token prompt (tiny shakespeare) and the same thread count, alternating runs.
+"""Side-by-side decode/prefill benchmark: slm vs llama.cpp on the same GGUF, the same 256-token
+prompt (tiny shakespeare) and the same thread count, alternating runs.
 
-    pip install llama-cpp-python==0.3.2 numpy
-    cargo build --release && python tools/bench_vs_llamacpp.py [--threads 2] [--repeats 5]
+Two peers, each optional:
+- native `llama-bench` (`--llama-bench PATH`): prefill = `-p 256 -n 0`, decode = `-p 0 -n 128
+  -d 256` (128 tokens after a 256-token context), what issue 18 compares against. Build it from
+  the llama.cpp source inside the llama-cpp-python 0.3.36 sdist:
+      cmake -S vendor/llama.cpp -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+            -DLLAMA_CURL=OFF && cmake --build build --target llama-bench
+- the Python binding (`pip install llama-cpp-python==0.3.36 numpy`; skipped with `--no-binding`),
+  which also gives llama.cpp's load time and peak RSS (its decode carries the binding's
+  per-token overhead).
+
+    cargo build --release && python tools/bench_vs_llamacpp.py [--model F.gguf] \
+        [--llama-bench build/bin/llama-bench] [--threads 2] [--repeats 5]
 """
 import argparse
 import json
@@ -55,30 +65,57 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--model", default=str(MODEL), help="a GGUF file (default: the SmolLM2 Q4_1 asset)")
+    ap.add_argument("--llama-bench", help="native llama-bench binary to run beside slm")
+    ap.add_argument("--no-binding", action="store_true", help="skip llama-cpp-python")
+    ap.add_argument("--slm", default=str(ROOT / "target/release/slm"), help="the slm binary")
     ap.add_argument("--child", action="store_true")
     a = ap.parse_args()
     if a.child:
         return llamacpp_once(a.model, a.threads, a.prompt_tokens, a.gen_tokens)
-    slm = ROOT / "target/release/slm"
-    runs = {"slm": [], "llama.cpp": []}
+    slm = a.slm
+    runs = {"slm": []}
+    if not a.no_binding:
+        runs["llama.cpp"] = []
+    if a.llama_bench:
+        runs["llama-bench"] = []
+    commit = None
     for _ in range(a.repeats):
         out = subprocess.check_output([str(slm), "bench", "--threads", str(a.threads), "--repeats", "1",
                                        "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens",
                                        str(a.gen_tokens), "--json", "--model", a.model])
         runs["slm"].append(json.loads(out))
-        out = subprocess.check_output([sys.executable, __file__, "--child", "--model", a.model,
-                                       "--threads", str(a.threads),
-                                       "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens",
-                                       str(a.gen_tokens)])
-        runs["llama.cpp"].append(json.loads(out))
+        if not a.no_binding:
+            out = subprocess.check_output([sys.executable, __file__, "--child", "--model", a.model,
+                                           "--threads", str(a.threads),
+                                           "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens",
+                                           str(a.gen_tokens)])
+            runs["llama.cpp"].append(json.loads(out))
+        if a.llama_bench:
+            row = {}
+            for key, args in [("prefill_tok_s", ["-p", str(a.prompt_tokens), "-n", "0"]),
+                              ("decode_tok_s", ["-p", "0", "-n", str(a.gen_tokens),
+                                                "-d", str(a.prompt_tokens)])]:
+                out = subprocess.check_output([a.llama_bench, "-m", a.model, "-t", str(a.threads),
+                                               "-r", "1", "-o", "json", *args],
+                                              stderr=subprocess.DEVNULL)
+                res = json.loads(out)[0]
+                row[key] = res["avg_ts"]
+                commit = res.get("build_commit")
+            runs["llama-bench"].append(row)
     keys = ["load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mib"]
-    med = {k: {n: statistics.median(r[k] for r in rs) for n, rs in runs.items()} for k in keys}
+    peers = [n for n in runs if n != "slm"]
     print(f"{Path(a.model).name}, {a.threads} threads, prompt {a.prompt_tokens}, "
-          f"decode {a.gen_tokens}, medians of {a.repeats} alternating runs")
-    print(f"| metric | slm | llama.cpp | slm / llama.cpp |\n|---|---|---|---|")
+          f"decode {a.gen_tokens}, medians of {a.repeats} alternating runs"
+          + (f"; llama-bench commit {commit}" if commit else ""))
+    print("| metric | slm | " + " | ".join(peers) + " | " + " | ".join(f"slm / {p}" for p in peers)
+          + " |\n|---|---|" + "---|" * (2 * len(peers)))
     for k in keys:
-        s, l = med[k]["slm"], med[k]["llama.cpp"]
-        print(f"| {k} | {s:.3f} | {l:.3f} | {s / l:.2f}x |")
+        med = {n: statistics.median(r[k] for r in rs) if all(k in r for r in rs) else None
+               for n, rs in runs.items()}
+        s = med["slm"]
+        vals = [f"{med[p]:.3f}" if med[p] is not None else "-" for p in peers]
+        ratios = [f"{s / med[p]:.2f}x" if med[p] else "-" for p in peers]
+        print(f"| {k} | {s:.3f} | " + " | ".join(vals) + " | " + " | ".join(ratios) + " |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ pub mod linear;
 pub mod norm;
 pub mod qdot;
 pub mod qmatmul;
+mod qpack;
 pub mod recurrent;
 pub mod rope;
 pub mod vb;

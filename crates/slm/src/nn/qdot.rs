@@ -53,8 +53,14 @@ impl Kind {
         self.layout().bytes
     }
 
+    /// Where a block's codes and (5-bit types) fifth bits start.
+    pub(crate) fn codes_at(self) -> (usize, Option<usize>) {
+        let l = self.layout();
+        (l.codes, l.high_bits)
+    }
+
     /// The unsigned code of element `j` (0..32) of a 4/5-bit block.
-    fn code(self, blk: &[u8], j: usize) -> i32 {
+    pub(crate) fn code(self, blk: &[u8], j: usize) -> i32 {
         let l = self.layout();
         let byte = blk[l.codes + j % 16];
         let mut q = if j < 16 { byte & 0x0F } else { byte >> 4 } as i32;
@@ -97,10 +103,10 @@ impl Kind {
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 pub struct BlockQ8 {
-    qs: [i8; QK],
-    d: f32,
-    sum: f32,
-    isum: i32,
+    pub(crate) qs: [i8; QK],
+    pub(crate) d: f32,
+    pub(crate) sum: f32,
+    pub(crate) isum: i32,
 }
 
 /// Activations to 8-bit blocks as llama.cpp's `quantize_row_q8_0`/`q8_1` do on x86: scale
@@ -185,33 +191,6 @@ pub(crate) fn has_vnni() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
-}
-
-/// Dots of four consecutive weight rows (`row_bytes` apart in `w4`) with the same activations.
-/// Only called when [`has_vnni`] is true.
-pub(crate) fn dot4(kind: Kind, w4: &[u8], row_bytes: usize, x: &[BlockQ8]) -> [f32; 4] {
-    assert!(w4.len() >= 4 * row_bytes && row_bytes >= x.len() * kind.block_bytes());
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: has_vnni() checked the CPU features; the assert bounds every block read.
-        unsafe { vnni::dot4(kind, w4, row_bytes, x) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!()
-}
-
-/// Four weight rows against four activation rows; only called when [`has_vnni`] is true.
-pub(crate) fn dot4x4(kind: Kind, w4: &[u8], row_bytes: usize, x: [&[BlockQ8]; 4]) -> [[f32; 4]; 4] {
-    let nb = x[0].len();
-    assert!(x.iter().all(|r| r.len() == nb));
-    assert!(w4.len() >= 4 * row_bytes && row_bytes >= nb * kind.block_bytes());
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: has_vnni() checked the CPU features; the asserts bound every block read.
-        unsafe { vnni::dot4x4(kind, w4, row_bytes, x) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!()
 }
 
 /// The reference each SIMD path is tested against.
@@ -354,134 +333,6 @@ mod avx2 {
         let mut out = [0f32; N];
         for t in 0..N {
             out[t] = hsum(acc[t]) + extra[t];
-        }
-        out
-    }
-}
-
-/// AVX-512 VNNI on 256-bit registers: `vpdpbusd` multiplies unsigned by signed bytes and sums
-/// groups of four into 32-bit lanes in one instruction, where AVX2 needs `maddubs` + `madd`.
-#[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::avx2::hsum;
-    use super::{BlockQ8, Kind, Layout};
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn f16(p: *const u8) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (p as *const u16).read_unaligned() as i32,
-        )))
-    }
-
-    /// A block's bytes as `vpdpbusd`'s unsigned operand: the codes, or |q| for Q8_0.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn operand(kind: Kind, l: Layout, blk: *const u8) -> __m256i {
-        if kind == Kind::Q8_0 {
-            _mm256_loadu_si256(blk.add(2) as *const __m256i)
-        } else {
-            super::avx2::codes(l, blk)
-        }
-    }
-
-    /// Lanes of `Σ w·y` for one block: Q8_0's signs moved onto y, the offset types' `offset·Σy`
-    /// (`oy`, per lane) subtracted.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn lanes(kind: Kind, q: __m256i, y: __m256i, oy: __m256i) -> __m256i {
-        let zero = _mm256_setzero_si256();
-        match kind {
-            Kind::Q8_0 => _mm256_dpbusd_epi32(zero, _mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)),
-            Kind::Q4_0 | Kind::Q5_0 => _mm256_sub_epi32(_mm256_dpbusd_epi32(zero, q, y), oy),
-            Kind::Q4_1 | Kind::Q5_1 => _mm256_dpbusd_epi32(zero, q, y),
-        }
-    }
-
-    /// Lanes of `offset·Σy`; zero (and no work) for the types without an offset.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn offset_lanes(kind: Kind, y: __m256i) -> __m256i {
-        match kind {
-            Kind::Q4_0 => _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), y),
-            Kind::Q5_0 => _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), y),
-            _ => _mm256_setzero_si256(),
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub unsafe fn dot4(kind: Kind, w4: &[u8], row_bytes: usize, x: &[BlockQ8]) -> [f32; 4] {
-        let l = kind.layout();
-        let base = w4.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut extra = [0f32; 4];
-        for (b, xb) in x.iter().enumerate() {
-            let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
-            let oy = offset_lanes(kind, y);
-            for r in 0..4 {
-                let blk = base.add(r * row_bytes + b * l.bytes);
-                if let Some(m) = l.min {
-                    extra[r] += f16(blk.add(m)) * xb.sum;
-                }
-                let s = lanes(kind, operand(kind, l, blk), y, oy);
-                let d = _mm256_set1_ps(f16(blk) * xb.d);
-                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r]);
-            }
-        }
-        [
-            hsum(acc[0]) + extra[0],
-            hsum(acc[1]) + extra[1],
-            hsum(acc[2]) + extra[2],
-            hsum(acc[3]) + extra[3],
-        ]
-    }
-
-    /// A 4×4 tile for prefill: four weight rows against four activation rows, so each weight
-    /// block is unpacked once for four tokens. Result `[row][token]`. (A 512-bit form with two
-    /// blocks per register measured 25% slower here: 16 accumulators plus operands spill.)
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    #[allow(clippy::needless_range_loop)]
-    // b indexes four slices and the weight rows alike
-    // Kept out of line: inlined into the caller's loop it measured 10% slower (spills).
-    #[inline(never)]
-    pub unsafe fn dot4x4(
-        kind: Kind,
-        w4: &[u8],
-        row_bytes: usize,
-        x: [&[BlockQ8]; 4],
-    ) -> [[f32; 4]; 4] {
-        let l = kind.layout();
-        let base = w4.as_ptr();
-        let zero = _mm256_setzero_si256();
-        let mut acc = [[_mm256_setzero_ps(); 4]; 4];
-        let mut extra = [[0f32; 4]; 4];
-        for b in 0..x[0].len() {
-            let mut q = [zero; 4];
-            let mut d = [0f32; 4];
-            for r in 0..4 {
-                let blk = base.add(r * row_bytes + b * l.bytes);
-                d[r] = f16(blk);
-                q[r] = operand(kind, l, blk);
-                if let Some(m) = l.min {
-                    let min = f16(blk.add(m));
-                    for i in 0..4 {
-                        extra[r][i] += min * x[i][b].sum;
-                    }
-                }
-            }
-            for i in 0..4 {
-                let xb = &x[i][b];
-                let y = _mm256_load_si256(xb.qs.as_ptr() as *const __m256i);
-                let oy = offset_lanes(kind, y);
-                for r in 0..4 {
-                    let s = lanes(kind, q[r], y, oy);
-                    let dd = _mm256_set1_ps(d[r] * xb.d);
-                    acc[r][i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), acc[r][i]);
-                }
-            }
-        }
-        let mut out = [[0f32; 4]; 4];
-        for r in 0..4 {
-            for i in 0..4 {
-                out[r][i] = hsum(acc[r][i]) + extra[r][i];
-            }
         }
         out
     }

@@ -1,0 +1,342 @@
+//! Legacy block-quantized weights repacked at load for the VNNI kernels: eight rows interleaved,
+//! so that each 32-bit lane of a `vpdpbusd` accumulates one row (llama.cpp's repacked `Q4_0_8x8`
+//! idea, for every legacy type). In GGUF's row layout a block of one row fills the eight lanes
+//! and has to be summed across them, scaled and added once per row; interleaved, one
+//! conversion, one scale multiply and one FMA serve eight rows, the activation bytes are
+//! broadcast from memory, and the eight results land side by side with no horizontal sum.
+//!
+//! The layout is lossless (scales stay f16, codes keep their bits), so a packed matrix holds
+//! exactly the bytes of the file, only reordered, in four planes that each start on a cache line:
+//! - `codes`, per group of eight rows and block: operand `k` (0..8) holds values `4k..4k+4` of
+//!   row `r` in lane `r`. 4/5-bit types store two operands per byte (operand `j` in the low
+//!   nibbles of 32 bytes, operand `j + 4` in the high ones: 128 bytes); Q8_0 stores each operand
+//!   as 32 bytes biased by 128 to unsigned (256 bytes), the bias taken back out with `128 Σy`.
+//! - `high` (Q5_0, Q5_1): the fifth bits, byte `4r + i` holding bit `k` for value `4k + i`.
+//! - `scales` and `mins` (Q4_1, Q5_1): eight f16 per group and block.
+
+use rayon::prelude::*;
+
+use super::qdot::{Kind, QK};
+use super::qmatmul::AlignedBytes;
+
+/// Rows per interleaved group: the eight 32-bit lanes of a 256-bit register.
+pub(crate) const ROWS: usize = 8;
+
+pub(crate) struct Packed {
+    kind: Kind,
+    groups: usize,
+    /// Blocks per row.
+    nb: usize,
+    codes: AlignedBytes,
+    high: AlignedBytes,
+    scales: AlignedBytes,
+    mins: AlignedBytes,
+}
+
+fn code_bytes(kind: Kind) -> usize {
+    if kind == Kind::Q8_0 {
+        8 * QK
+    } else {
+        4 * QK
+    }
+}
+
+/// A plane split into one slice per group (empty slices for a plane the type has not).
+fn per_group(plane: &mut [u8], groups: usize) -> Vec<&mut [u8]> {
+    if plane.is_empty() {
+        return (0..groups).map(|_| Default::default()).collect();
+    }
+    let n = plane.len() / groups;
+    plane.chunks_mut(n).collect()
+}
+
+/// Lane `r` of stored operand `k` is row r's four code bytes at `4k` in the file's order:
+/// Q8_0's values `4k..4k+4` (eight operands), or the 4-bit bytes `4k..4k+4`, whose low nibbles
+/// are values `4k..` and high nibbles values `16 + 4k..` (operands k and k + 4 of the kernel).
+fn operands_stored(kind: Kind) -> usize {
+    if kind == Kind::Q8_0 {
+        8
+    } else {
+        4
+    }
+}
+
+fn has_high(kind: Kind) -> bool {
+    matches!(kind, Kind::Q5_0 | Kind::Q5_1)
+}
+
+fn has_min(kind: Kind) -> bool {
+    matches!(kind, Kind::Q4_1 | Kind::Q5_1)
+}
+
+impl Packed {
+    /// The first `groups * ROWS` rows of `raw` (GGUF row layout, `nb` blocks per row).
+    pub(crate) fn new(kind: Kind, raw: &[u8], groups: usize, nb: usize) -> Self {
+        let bb = kind.block_bytes();
+        let row_bytes = nb * bb;
+        let cb = code_bytes(kind);
+        let per = |on: bool, unit: usize| if on { groups * nb * unit } else { 0 };
+        let mut codes = AlignedBytes::zeroed(groups * nb * cb);
+        let mut high = AlignedBytes::zeroed(per(has_high(kind), 32));
+        let mut scales = AlignedBytes::zeroed(groups * nb * 2 * ROWS);
+        let mut mins = AlignedBytes::zeroed(per(has_min(kind), 2 * ROWS));
+        let (at, high_at) = kind.codes_at();
+        let ops = operands_stored(kind);
+        let (c, h, s, m) = (
+            per_group(&mut codes, groups),
+            per_group(&mut high, groups),
+            per_group(&mut scales, groups),
+            per_group(&mut mins, groups),
+        );
+        c.into_par_iter()
+            .zip(h)
+            .zip(s)
+            .zip(m)
+            .enumerate()
+            .for_each(|(g, (((c, h), s), m))| {
+                for lane in 0..ROWS {
+                    let row = &raw[(g * ROWS + lane) * row_bytes..][..row_bytes];
+                    for (b, blk) in row.chunks_exact(bb).enumerate() {
+                        let sc = b * 2 * ROWS + 2 * lane;
+                        s[sc..sc + 2].copy_from_slice(&blk[..2]);
+                        if has_min(kind) {
+                            m[sc..sc + 2].copy_from_slice(&blk[2..4]);
+                        }
+                        let codes = &mut c[b * cb..(b + 1) * cb];
+                        for k in 0..ops {
+                            let src = &blk[at + 4 * k..at + 4 * k + 4];
+                            let dst = &mut codes[k * 32 + lane * 4..][..4];
+                            dst.copy_from_slice(src);
+                            if kind == Kind::Q8_0 {
+                                dst.iter_mut().for_each(|q| *q ^= 0x80);
+                            }
+                        }
+                        if let Some(hat) = high_at {
+                            let qh = u32::from_le_bytes(blk[hat..hat + 4].try_into().unwrap());
+                            for i in 0..4 {
+                                let mut hb = 0u8;
+                                for k in 0..8 {
+                                    hb |= (((qh >> (4 * k + i)) & 1) as u8) << k;
+                                }
+                                h[b * 32 + lane * 4 + i] = hb;
+                            }
+                        }
+                    }
+                }
+            });
+        Self {
+            kind,
+            groups,
+            nb,
+            codes,
+            high,
+            scales,
+            mins,
+        }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.groups * ROWS
+    }
+
+    /// Block `b` of row `r` as the file stores it (the inverse of the packing).
+    fn file_block(&self, r: usize, b: usize, out: &mut [u8]) {
+        let (g, lane) = (r / ROWS, r % ROWS);
+        let kind = self.kind;
+        let u = g * self.nb + b;
+        let sc = u * 2 * ROWS + 2 * lane;
+        out[..2].copy_from_slice(&self.scales[sc..sc + 2]);
+        if has_min(kind) {
+            out[2..4].copy_from_slice(&self.mins[sc..sc + 2]);
+        }
+        let cb = code_bytes(kind);
+        let codes = &self.codes[u * cb..(u + 1) * cb];
+        let (at, high_at) = kind.codes_at();
+        let ops = operands_stored(kind);
+        for k in 0..ops {
+            let src = &codes[k * 32 + lane * 4..][..4];
+            let dst = &mut out[at + 4 * k..at + 4 * k + 4];
+            if kind == Kind::Q8_0 {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = s ^ 0x80;
+                }
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
+        if let Some(hat) = high_at {
+            let h = &self.high[u * 32 + lane * 4..][..4];
+            let mut qh = 0u32;
+            for (i, &hb) in h.iter().enumerate() {
+                for k in 0..8 {
+                    qh |= (((hb >> k) & 1) as u32) << (4 * k + i);
+                }
+            }
+            out[hat..hat + 4].copy_from_slice(&qh.to_le_bytes());
+        }
+    }
+
+    /// Row `r` in f32: each block put back as the file stores it and dequantized as such, so the
+    /// values are bit for bit those of the file's layout.
+    pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let mut blk = [0u8; 34];
+        let bb = self.kind.block_bytes();
+        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+            self.file_block(r, b, &mut blk[..bb]);
+            self.kind.dequantize(&blk[..bb], o);
+        }
+    }
+
+    /// Several packed matrices as one, group after group (each plane concatenated).
+    pub(crate) fn concat(parts: &[&Packed]) -> Option<Packed> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.kind != first.kind || p.nb != first.nb)
+        {
+            return None;
+        }
+        let plane = |f: fn(&Packed) -> &AlignedBytes| {
+            AlignedBytes::from_slices(&parts.iter().map(|p| &f(p)[..]).collect::<Vec<_>>())
+        };
+        Some(Packed {
+            kind: first.kind,
+            groups: parts.iter().map(|p| p.groups).sum(),
+            nb: first.nb,
+            codes: plane(|p| &p.codes),
+            high: plane(|p| &p.high),
+            scales: plane(|p| &p.scales),
+            mins: plane(|p| &p.mins),
+        })
+    }
+
+    /// `y[t * ld + 8g + lane] = row (8g + lane) · x[t]` for the groups `g0..g1` and `N` (1 to 4)
+    /// activation rows. Only called when [`super::qdot::has_vnni`] is true.
+    ///
+    /// # Safety
+    /// `y` must have room for `(N - 1) * ld + 8 * g1` values, and no other thread may write the
+    /// slots this call writes.
+    pub(crate) unsafe fn gemv<const N: usize>(
+        &self,
+        g0: usize,
+        g1: usize,
+        x: [&[super::qdot::BlockQ8]; N],
+        y: *mut f32,
+        ld: usize,
+    ) {
+        assert!(g1 <= self.groups && x.iter().all(|r| r.len() == self.nb));
+        #[cfg(target_arch = "x86_64")]
+        {
+            vnni::gemv(self, g0, g1, x, y, ld)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{has_high, has_min, Packed, ROWS};
+    use crate::nn::qdot::{BlockQ8, Kind};
+    use std::arch::x86_64::*;
+
+    // `b` and `t` index several arrays alike.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub(super) unsafe fn gemv<const N: usize>(
+        p: &Packed,
+        g0: usize,
+        g1: usize,
+        x: [&[BlockQ8]; N],
+        y: *mut f32,
+        ld: usize,
+    ) {
+        let kind = p.kind;
+        let nb = p.nb;
+        let (high, min) = (has_high(kind), has_min(kind));
+        let offset = match kind {
+            Kind::Q4_0 => 8,
+            Kind::Q5_0 => 16,
+            Kind::Q8_0 => 128,
+            _ => 0,
+        };
+        let nib = _mm256_set1_epi8(0x0F);
+        let bit5 = _mm256_set1_epi8(0x10);
+        let zero = _mm256_setzero_si256();
+        let codes = p.codes.as_ptr();
+        for g in g0..g1 {
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut accm = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let u = g * nb + b;
+                let mut a = [zero; 8];
+                if kind == Kind::Q8_0 {
+                    let c = codes.add(u * 256);
+                    for k in 0..8 {
+                        a[k] = _mm256_load_si256(c.add(32 * k) as *const __m256i);
+                    }
+                } else {
+                    let c = codes.add(u * 128);
+                    for j in 0..4 {
+                        let v = _mm256_load_si256(c.add(32 * j) as *const __m256i);
+                        a[j] = _mm256_and_si256(v, nib);
+                        a[j + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                    }
+                    if high {
+                        // Bit k of each byte to bit 4 of operand k (16-bit shifts by at most
+                        // four never carry a bit that lands on bit 4 across the byte boundary).
+                        let h = _mm256_load_si256(p.high.as_ptr().add(u * 32) as *const __m256i);
+                        let hs = [
+                            _mm256_slli_epi16::<4>(h),
+                            _mm256_slli_epi16::<3>(h),
+                            _mm256_slli_epi16::<2>(h),
+                            _mm256_slli_epi16::<1>(h),
+                            h,
+                            _mm256_srli_epi16::<1>(h),
+                            _mm256_srli_epi16::<2>(h),
+                            _mm256_srli_epi16::<3>(h),
+                        ];
+                        for k in 0..8 {
+                            a[k] = _mm256_or_si256(a[k], _mm256_and_si256(hs[k], bit5));
+                        }
+                    }
+                }
+                let sp = p.scales.as_ptr().add(u * 2 * ROWS) as *const __m128i;
+                let dw = _mm256_cvtph_ps(_mm_load_si128(sp));
+                let mw = if min {
+                    let mp = p.mins.as_ptr().add(u * 2 * ROWS) as *const __m128i;
+                    _mm256_cvtph_ps(_mm_load_si128(mp))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for t in 0..N {
+                    let xb = &x[t][b];
+                    let q = xb.qs.as_ptr() as *const i32;
+                    let bc = |k: usize| _mm256_set1_epi32(q.add(k).read_unaligned());
+                    // Two chains of four keep the multiply-adds' latency hidden.
+                    let mut s0 = _mm256_dpbusd_epi32(zero, a[0], bc(0));
+                    let mut s1 = _mm256_dpbusd_epi32(zero, a[1], bc(1));
+                    s0 = _mm256_dpbusd_epi32(s0, a[2], bc(2));
+                    s1 = _mm256_dpbusd_epi32(s1, a[3], bc(3));
+                    s0 = _mm256_dpbusd_epi32(s0, a[4], bc(4));
+                    s1 = _mm256_dpbusd_epi32(s1, a[5], bc(5));
+                    s0 = _mm256_dpbusd_epi32(s0, a[6], bc(6));
+                    s1 = _mm256_dpbusd_epi32(s1, a[7], bc(7));
+                    let mut s = _mm256_add_epi32(s0, s1);
+                    if offset != 0 {
+                        s = _mm256_sub_epi32(s, _mm256_set1_epi32(offset * xb.isum));
+                    }
+                    let d = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
+                    if min {
+                        accm[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb.sum), accm[t]);
+                    }
+                }
+            }
+            for t in 0..N {
+                let out = y.add(t * ld + g * ROWS);
+                _mm256_storeu_ps(out, _mm256_add_ps(acc[t], accm[t]));
+            }
+        }
+    }
+}
