@@ -151,6 +151,20 @@ impl GgufFile {
         Some((info.ggml_dtype, info.shape.dims().to_vec(), bytes))
     }
 
+    /// Drops this process's mapping of `bytes` (a slice of the mapping) once they are copied
+    /// into the model's own layout: the pages stay in the page cache, but no longer count in
+    /// the resident set, so a loaded model holds its weights once instead of twice.
+    fn release(&self, bytes: &[u8]) {
+        let off = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
+        // SAFETY: a read-only shared file mapping: MADV_DONTNEED only unmaps the pages, and a
+        // later read faults them back in from the file, unchanged.
+        #[cfg(unix)]
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, bytes.len())
+        };
+    }
+
     /// The inverse of llama.cpp's `permute` for rotary Q/K rows, or None when not needed.
     fn qk_heads(&self, hf_name: &str) -> Option<usize> {
         if self.architecture().ok()? != "llama" {
@@ -458,6 +472,7 @@ impl WeightStore for GgufFile {
             cols,
             data: bytes.to_vec(),
         };
+        self.release(bytes);
         if let Some(heads) = self.qk_heads(name) {
             if rows % heads != 0 || (rows / heads) % 2 != 0 {
                 return Err(Error::file(
