@@ -71,8 +71,16 @@ pub fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer)> {
         Dtype::Auto => ComputeDtype::Auto,
         Dtype::F32 => ComputeDtype::F32,
     };
-    let m = load_causal_with(&path, dtype, args.adapter.as_deref())?;
-    let tok = Tokenizer::load(&m.files)?;
+    // The tokenizer is built while the weights load: for a 262,144-piece vocabulary (Gemma)
+    // building it takes about as long as the weights do.
+    let files = slm::io::ModelFiles::locate(&path)?;
+    let (m, tok) = std::thread::scope(|s| {
+        let tok = s.spawn(|| Tokenizer::load(&files));
+        let m = load_causal_with(&path, dtype, args.adapter.as_deref());
+        (m, tok.join())
+    });
+    let m = m?;
+    let tok = tok.map_err(|_| anyhow::anyhow!("the tokenizer's loader panicked"))??;
     tok.check_matches(m.config.vocab_size())?;
     Ok((m, tok))
 }
