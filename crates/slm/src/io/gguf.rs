@@ -43,16 +43,25 @@ impl GgufFile {
 
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        fn parse<R: std::io::Read + std::io::Seek>(path: &Path, mut reader: R) -> Result<Content> {
+            crate::error::guard_foreign(path, "not a valid GGUF file", || {
+                Content::read(&mut reader)
+                    .map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))
+            })
+        }
         // SAFETY: read-only mapping of a file we do not modify.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let mmap = match unsafe { Mmap::map(&file) } {
+            Ok(m) => m,
+            Err(e) => {
+                // Not mappable (a device, say): what is wrong with its bytes is the better error.
+                parse(path, std::io::BufReader::new(&file))?;
+                return Err(Error::io(path, e));
+            }
+        };
         // The header is parsed from the mapping: through a BufReader over the file, candle's
         // reader asked the kernel for its position once per string (98,381 lseek calls for
         // SmolLM2's vocabulary and merges).
-        let mut reader = std::io::Cursor::new(&mmap[..]);
-        let content = crate::error::guard_foreign(path, "not a valid GGUF file", || {
-            Content::read(&mut reader)
-                .map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))
-        })?;
+        let content = parse(path, std::io::Cursor::new(&mmap[..]))?;
         let len = mmap.len() as u64;
         let mut ranges = Vec::with_capacity(content.tensor_infos.len());
         for (name, info) in &content.tensor_infos {
