@@ -405,6 +405,8 @@ impl Tokenizer {
         let inner = if g.meta_str("tokenizer.ggml.model") == Some("llama") {
             let (pieces, unk, space_prefix) = gguf_vocab::spm_vocab(g)?;
             spm::tokenizer(&pieces, unk.as_deref(), space_prefix).in_file(&g.path)?
+        } else if g.meta_str("tokenizer.ggml.model") == Some("gpt2") {
+            gguf_vocab::gpt2_tokenizer(g)?
         } else {
             from_json(&gguf_vocab::tokenizer_json(g)?, &g.path)?
         };
