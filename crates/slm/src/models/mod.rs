@@ -39,8 +39,8 @@ pub trait CausalLM: Send {
     /// The weights are read once for all of them: how a server decodes many streams at once.
     fn forward_batch(&self, seqs: &mut [(&mut SeqCache, &[u32])]) -> Result<Tensor>;
     /// A pass of fewer rows than this runs each row as it would run alone, bit for bit, on
-    /// block-quantized weights (the integer-dot kernels); larger passes switch to dequantize +
-    /// GEMM. A server that keeps its shared passes under it gives every stream the answer it
+    /// block-quantized weights (the integer-dot kernels); larger passes may switch to
+    /// dequantize + GEMM (the file's layout, on CPUs without VNNI). A server that keeps its shared passes under it gives every stream the answer it
     /// would get alone. Dense weights give no such guarantee (the GEMM's blocking depends on
     /// the row count), only agreement to rounding.
     fn uniform_rows(&self) -> usize {

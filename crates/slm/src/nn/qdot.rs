@@ -60,7 +60,7 @@ impl Kind {
     }
 
     /// The unsigned code of element `j` (0..32) of a 4/5-bit block.
-    pub(crate) fn code(self, blk: &[u8], j: usize) -> i32 {
+    fn code(self, blk: &[u8], j: usize) -> i32 {
         let l = self.layout();
         let byte = blk[l.codes + j % 16];
         let mut q = if j < 16 { byte & 0x0F } else { byte >> 4 } as i32;

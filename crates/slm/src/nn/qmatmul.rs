@@ -4,8 +4,8 @@
 //! activations are quantized once per call to 8-bit blocks (like llama.cpp's Q8_0/Q8_1), and each
 //! weight row is dotted against them with integer multiply-adds, rows split across threads: on
 //! VNNI CPUs over weights repacked at load into groups of eight interleaved rows (`qpack.rs`),
-//! elsewhere with AVX2 over the file's row layout (`qdot.rs`). From 32 tokens on, the weights are
-//! dequantized once and multiplied in f32.
+//! elsewhere with AVX2 over the file's row layout (`qdot.rs`), where from 32 tokens on the
+//! weights are dequantized once and multiplied in f32 instead.
 //! candle's CPU path has no SIMD kernel for Q4_1/Q5_x and pays for a generic dispatch per call;
 //! the k-quants go through candle's `QMatMul`.
 
@@ -30,7 +30,7 @@ pub struct OwnQ {
     cols: usize,
     /// The first `packed.rows()` rows, interleaved for the VNNI kernel (None without VNNI).
     packed: Option<Packed>,
-    /// The other rows in the file's layout: all of them without VNNI, else the last `rows % 8`.
+    /// The other rows in the file's layout: all of them without VNNI, else the last `rows % ROWS`.
     data: AlignedBytes,
 }
 
@@ -431,7 +431,8 @@ mod tests {
                 data: vec![],
             })
             .unwrap();
-            for pack in [false, has_vnni()] {
+            // Both layouts where the CPU runs both; the file's layout alone elsewhere.
+            for pack in [false, true].into_iter().filter(|&p| !p || has_vnni()) {
                 let own = OwnQ::build(kind, rows, cols, &raw, pack);
                 // 70 rows: packed, 8 interleaved groups and 6 rows in the file's layout.
                 assert_eq!(own.packed_rows(), if pack { 64 } else { 0 });
@@ -442,131 +443,128 @@ mod tests {
 
     fn check(own: &OwnQ, raw: &[u8], x: &[f32], m: usize, want: &[Vec<f32>], deq: &Tensor) {
         let (rows, cols, dtype) = (own.rows, own.cols, own.kind);
-        {
-            let mut got = vec![0f32; m * rows];
-            own.matmul(x, m, &mut got);
-            let bb = own.kind.block_bytes() * cols / QK;
-            for i in 0..m {
-                for r in 0..rows {
-                    let (g, w) = (got[i * rows + r], want[i][r]);
-                    assert!(
-                        (g - w).abs() < 0.02 * (1.0 + w.abs()),
-                        "{dtype:?} [{i},{r}]: {g} vs {w}"
-                    );
-                }
-            }
-            // Every token count the integer kernels take (1 to 5: the four-token pass and each
-            // remainder) against the scalar reference on the file's rows.
-            let xs: Vec<Vec<BlockQ8>> = (0..m)
-                .map(|i| quantize_q8(&x[i * cols..(i + 1) * cols]))
-                .collect();
-            let mut alone = vec![vec![0f32; rows]; m];
-            for (i, a) in alone.iter_mut().enumerate() {
-                own.matmul(&x[i * cols..(i + 1) * cols], 1, a);
-            }
-            for mm in 1..=5 {
-                let mut got = vec![0f32; mm * rows];
-                own.matmul(&x[..mm * cols], mm, &mut got);
-                for i in 0..mm {
-                    // Each token's results do not depend on what it shares the pass with.
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got[i * rows..(i + 1) * rows]), bits(&alone[i]));
-                    for r in 0..rows {
-                        let want = dot_scalar(own.kind, &raw[r * bb..(r + 1) * bb], &xs[i]);
-                        let g = got[i * rows + r];
-                        assert!(
-                            (g - want).abs() < 1e-5 * (1.0 + want.abs()),
-                            "{dtype:?} m={mm} [{i},{r}]: {g} vs {want}"
-                        );
-                    }
-                }
-            }
-            // The repacked rows dequantize to the file's values bit for bit.
-            let mut a = vec![0f32; cols];
-            let mut b = vec![0f32; cols];
+        let mut got = vec![0f32; m * rows];
+        own.matmul(x, m, &mut got);
+        let bb = own.kind.block_bytes() * cols / QK;
+        for i in 0..m {
             for r in 0..rows {
-                own.dequantize_rows(r, r + 1, &mut a);
-                for (blk, o) in raw[r * bb..(r + 1) * bb]
-                    .chunks_exact(own.kind.block_bytes())
-                    .zip(b.chunks_exact_mut(QK))
-                {
-                    own.kind.dequantize(blk, o);
-                }
-                assert_eq!(
-                    a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "{dtype:?} row {r}"
+                let (g, w) = (got[i * rows + r], want[i][r]);
+                assert!(
+                    (g - w).abs() < 0.02 * (1.0 + w.abs()),
+                    "{dtype:?} [{i},{r}]: {g} vs {w}"
                 );
             }
-            // From GEMM_FROM_TOKENS rows on, the file's layout takes the dequantize + f32 GEMM
-            // path: no activation quantization, so it agrees with the dequantized product to f32
-            // rounding. Packed weights stay on the integer kernel.
-            let mb = GEMM_FROM_TOKENS + 3;
-            let xb: Vec<f32> = (0..mb * cols)
-                .map(|i| ((i * 31 % 101) as f32 - 50.0) / 50.0)
-                .collect();
-            let want_b = Tensor::from_vec(xb.clone(), (mb, cols), &Device::Cpu)
-                .unwrap()
-                .matmul(&deq.t().unwrap())
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            let mut got_b = vec![0f32; mb * rows];
-            own.matmul(&xb, mb, &mut got_b);
-            let bb = own.kind.block_bytes() * cols / QK;
-            for i in 0..mb {
-                let xq = quantize_q8(&xb[i * cols..(i + 1) * cols]);
+        }
+        // Every token count the integer kernels take (1 to 5: the four-token pass and each
+        // remainder) against the scalar reference on the file's rows.
+        let xs: Vec<Vec<BlockQ8>> = (0..m)
+            .map(|i| quantize_q8(&x[i * cols..(i + 1) * cols]))
+            .collect();
+        let mut alone = vec![vec![0f32; rows]; m];
+        for (i, a) in alone.iter_mut().enumerate() {
+            own.matmul(&x[i * cols..(i + 1) * cols], 1, a);
+        }
+        for mm in 1..=5 {
+            let mut got = vec![0f32; mm * rows];
+            own.matmul(&x[..mm * cols], mm, &mut got);
+            for i in 0..mm {
+                // Each token's results do not depend on what it shares the pass with.
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got[i * rows..(i + 1) * rows]), bits(&alone[i]));
                 for r in 0..rows {
-                    let g = got_b[i * rows + r];
-                    if own.packed.is_some() {
-                        let want = dot_scalar(own.kind, &raw[r * bb..(r + 1) * bb], &xq);
-                        assert!((g - want).abs() < 1e-5 * (1.0 + want.abs()));
-                        continue;
-                    }
-                    let w = want_b[i][r];
-                    assert!(
-                        (g - w).abs() < 1e-4 * (1.0 + w.abs()),
-                        "{dtype:?} gemm [{i},{r}]: {g} vs {w}"
-                    );
-                }
-            }
-            // Four tokens on one unpacked row: bit for bit each token alone, and the scalar
-            // reference to rounding.
-            let xs4: Vec<Vec<BlockQ8>> = (0..4)
-                .map(|i| quantize_q8(&x[i * cols..(i + 1) * cols]))
-                .collect();
-            for r in 0..rows {
-                let wr = &raw[r * bb..(r + 1) * bb];
-                let got = dot_xn(own.kind, wr, [&xs4[0], &xs4[1], &xs4[2], &xs4[3]]);
-                let two = dot_xn(own.kind, wr, [&xs4[0], &xs4[1]]);
-                let three = dot_xn(own.kind, wr, [&xs4[0], &xs4[1], &xs4[2]]);
-                assert_eq!(two.map(f32::to_bits), [got[0], got[1]].map(f32::to_bits));
-                assert_eq!(
-                    three.map(f32::to_bits),
-                    [got[0], got[1], got[2]].map(f32::to_bits)
-                );
-                for (i, g) in got.iter().enumerate() {
-                    assert_eq!(
-                        g.to_bits(),
-                        dot(own.kind, wr, &xs4[i]).to_bits(),
-                        "{dtype:?} row {r} token {i}"
-                    );
-                    let want = dot_scalar(own.kind, wr, &xs4[i]);
+                    let want = dot_scalar(own.kind, &raw[r * bb..(r + 1) * bb], &xs[i]);
+                    let g = got[i * rows + r];
                     assert!(
                         (g - want).abs() < 1e-5 * (1.0 + want.abs()),
-                        "{dtype:?} x4 row {r}: {g} vs {want}"
+                        "{dtype:?} m={mm} [{i},{r}]: {g} vs {want}"
                     );
                 }
             }
-            let xq = &xs[0];
+        }
+        // The repacked rows dequantize to the file's values bit for bit.
+        let mut a = vec![0f32; cols];
+        let mut b = vec![0f32; cols];
+        for r in 0..rows {
+            own.dequantize_rows(r, r + 1, &mut a);
+            for (blk, o) in raw[r * bb..(r + 1) * bb]
+                .chunks_exact(own.kind.block_bytes())
+                .zip(b.chunks_exact_mut(QK))
+            {
+                own.kind.dequantize(blk, o);
+            }
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{dtype:?} row {r}"
+            );
+        }
+        // From GEMM_FROM_TOKENS rows on, the file's layout takes the dequantize + f32 GEMM
+        // path: no activation quantization, so it agrees with the dequantized product to f32
+        // rounding. Packed weights stay on the integer kernel.
+        let mb = GEMM_FROM_TOKENS + 3;
+        let xb: Vec<f32> = (0..mb * cols)
+            .map(|i| ((i * 31 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let want_b = Tensor::from_vec(xb.clone(), (mb, cols), &Device::Cpu)
+            .unwrap()
+            .matmul(&deq.t().unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut got_b = vec![0f32; mb * rows];
+        own.matmul(&xb, mb, &mut got_b);
+        for i in 0..mb {
+            let xq = quantize_q8(&xb[i * cols..(i + 1) * cols]);
             for r in 0..rows {
-                let wr = &raw[r * bb..(r + 1) * bb];
-                let (a, b) = (dot(own.kind, wr, xq), dot_scalar(own.kind, wr, xq));
+                let g = got_b[i * rows + r];
+                if own.packed.is_some() {
+                    let want = dot_scalar(own.kind, &raw[r * bb..(r + 1) * bb], &xq);
+                    assert!((g - want).abs() < 1e-5 * (1.0 + want.abs()));
+                    continue;
+                }
+                let w = want_b[i][r];
                 assert!(
-                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
-                    "{dtype:?} row {r}: {a} vs {b}"
+                    (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "{dtype:?} gemm [{i},{r}]: {g} vs {w}"
                 );
             }
+        }
+        // Four tokens on one unpacked row: bit for bit each token alone, and the scalar
+        // reference to rounding.
+        let xs4: Vec<Vec<BlockQ8>> = (0..4)
+            .map(|i| quantize_q8(&x[i * cols..(i + 1) * cols]))
+            .collect();
+        for r in 0..rows {
+            let wr = &raw[r * bb..(r + 1) * bb];
+            let got = dot_xn(own.kind, wr, [&xs4[0], &xs4[1], &xs4[2], &xs4[3]]);
+            let two = dot_xn(own.kind, wr, [&xs4[0], &xs4[1]]);
+            let three = dot_xn(own.kind, wr, [&xs4[0], &xs4[1], &xs4[2]]);
+            assert_eq!(two.map(f32::to_bits), [got[0], got[1]].map(f32::to_bits));
+            assert_eq!(
+                three.map(f32::to_bits),
+                [got[0], got[1], got[2]].map(f32::to_bits)
+            );
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    dot(own.kind, wr, &xs4[i]).to_bits(),
+                    "{dtype:?} row {r} token {i}"
+                );
+                let want = dot_scalar(own.kind, wr, &xs4[i]);
+                assert!(
+                    (g - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "{dtype:?} x4 row {r}: {g} vs {want}"
+                );
+            }
+        }
+        let xq = &xs[0];
+        for r in 0..rows {
+            let wr = &raw[r * bb..(r + 1) * bb];
+            let (a, b) = (dot(own.kind, wr, xq), dot_scalar(own.kind, wr, xq));
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "{dtype:?} row {r}: {a} vs {b}"
+            );
         }
     }
 }

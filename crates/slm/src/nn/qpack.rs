@@ -12,7 +12,7 @@
 //!   nibbles of 32 bytes, operand `j + 4` in the high ones: 128 bytes); Q8_0 stores each operand
 //!   as 32 bytes biased by 128 to unsigned (256 bytes), the bias taken back out with `128 Σy`.
 //! - `high` (Q5_0, Q5_1): the fifth bits, byte `4r + i` holding bit `k` for value `4k + i`.
-//! - `scales` and `mins` (Q4_1, Q5_1): eight f16 per group and block.
+//! - `scales` (every type) and `mins` (Q4_1, Q5_1): eight f16 per group and block.
 
 use rayon::prelude::*;
 
@@ -33,12 +33,9 @@ pub(crate) struct Packed {
     mins: AlignedBytes,
 }
 
+/// Code bytes per group and block: each stored operand is four bytes for each of eight rows.
 fn code_bytes(kind: Kind) -> usize {
-    if kind == Kind::Q8_0 {
-        8 * QK
-    } else {
-        4 * QK
-    }
+    operands_stored(kind) * 4 * ROWS
 }
 
 /// A plane split into one slice per group (empty slices for a plane the type has not).

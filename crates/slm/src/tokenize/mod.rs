@@ -21,6 +21,20 @@ use crate::io::{ModelFiles, WeightFormat};
 
 pub use chat::{ChatTemplate, Message};
 
+/// Adds `(text, special)` tokens to a tokenizer whose model already holds them, so that each
+/// keeps its vocabulary id (added to an empty model, they would get ids of their own).
+pub(crate) fn add_vocab_tokens(
+    t: &mut tokenizers::Tokenizer,
+    tokens: impl Iterator<Item = (String, bool)>,
+) -> std::result::Result<(), tokenizers::Error> {
+    let (special, other): (Vec<_>, Vec<_>) = tokens
+        .map(|(text, special)| tokenizers::AddedToken::from(text, special).normalized(!special))
+        .partition(|a| a.special);
+    t.add_special_tokens(special)?;
+    t.add_tokens(other)?;
+    Ok(())
+}
+
 pub(crate) fn added_token(id: u32, content: &str, special: bool) -> Value {
     json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
            "normalized": !special, "special": special})

@@ -315,19 +315,12 @@ pub fn tokenizer(
         b.build()
             .map_err(|e| Error::msg(format!("cannot build tokenizer: {e}")))?,
     );
-    // Added after the model, so that each takes its piece's id (added to an empty model, they
-    // would get ids of their own).
-    let (special, other): (Vec<_>, Vec<_>) = pieces
+    let pieces = pieces
         .iter()
         .filter(|p| matches!(p.kind, 2..=4))
-        .map(|p| {
-            let special = p.kind != 4;
-            tokenizers::AddedToken::from(p.text.clone(), special).normalized(!special)
-        })
-        .partition(|a| a.special);
-    let added = |e: tokenizers::Error| Error::msg(format!("cannot add the special pieces: {e}"));
-    t.add_special_tokens(special).map_err(added)?;
-    t.add_tokens(other).map_err(added)?;
+        .map(|p| (p.text.clone(), p.kind != 4));
+    super::add_vocab_tokens(&mut t, pieces)
+        .map_err(|e| Error::msg(format!("cannot add the special pieces: {e}")))?;
     Ok(t)
 }
 
