@@ -386,9 +386,11 @@ pub(crate) fn keep_freed_memory() {
         }
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_MMAP_THRESHOLD: i32 = -3;
+        const M_MMAP_MAX: i32 = -4;
         // SAFETY: mallopt only changes allocator tuning; it is called before training starts.
         unsafe {
             mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_MMAP_MAX, 0);
             mallopt(M_TRIM_THRESHOLD, i32::MAX);
         }
     }

@@ -69,6 +69,48 @@ pub fn matmul(
     (m, n, k): (usize, usize, usize),
     scale: f32,
 ) {
+    let threads = rayon::current_num_threads();
+    let par = m * n * k >= PAR_MACS && threads > 1;
+    gemm_on(
+        dst,
+        acc,
+        a,
+        at,
+        b,
+        bt,
+        (m, n, k),
+        scale,
+        par.then_some(threads),
+    );
+}
+
+/// [`matmul`] on the calling thread alone: for callers that already run one GEMM per worker.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_serial(
+    dst: &mut [f32],
+    acc: bool,
+    a: &[f32],
+    at: bool,
+    b: &[f32],
+    bt: bool,
+    dims: (usize, usize, usize),
+    scale: f32,
+) {
+    gemm_on(dst, acc, a, at, b, bt, dims, scale, None);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_on(
+    dst: &mut [f32],
+    acc: bool,
+    a: &[f32],
+    at: bool,
+    b: &[f32],
+    bt: bool,
+    (m, n, k): (usize, usize, usize),
+    scale: f32,
+    threads: Option<usize>,
+) {
     assert_eq!(dst.len(), m * n, "matmul dst");
     assert_eq!(a.len(), m * k, "matmul lhs");
     assert_eq!(b.len(), k * n, "matmul rhs");
@@ -83,11 +125,9 @@ pub fn matmul(
     }
     let (a_cs, a_rs) = if at { (m, 1) } else { (1, k) };
     let (b_cs, b_rs) = if bt { (k, 1) } else { (1, n) };
-    let threads = rayon::current_num_threads();
-    let par = if m * n * k >= PAR_MACS && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
+    let par = match threads {
+        Some(t) => gemm::Parallelism::Rayon(t),
+        None => gemm::Parallelism::None,
     };
     // SAFETY: the strides describe exactly the buffers whose lengths were checked above.
     unsafe {

@@ -8,7 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::kernels::{exp, matmul, tanh};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::kernels::{exp, matmul, matmul_serial, tanh};
 
 /// The recurrent cell, with PyTorch's gate order (`i, f, g, o`; `r, z, n`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +119,112 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// Below this many multiply-adds per step the recurrence runs on one thread: splitting a
+/// step costs a barrier, which small layers do not pay back.
+const PAR_STEP_MACS: usize = 1 << 17;
+
+/// How many workers split a layer's hidden units. A step is a small GEMM (tens of
+/// microseconds), so handing each one to the pool as a parallel GEMM spends most of it waking
+/// threads and packing `W_hh` again; instead each worker keeps its own slice of `W_hh` for the
+/// whole sequence and the workers meet once per step. One worker when the pool has one thread,
+/// when the caller is itself a pool worker (the pool is busy), or for small layers.
+fn workers(spec: RecurrentSpec, layout: &Layout) -> usize {
+    let hd = spec.hidden;
+    let step_macs = layout.lengths.len() * spec.cell.gates() * hd * hd;
+    let threads = rayon::current_num_threads();
+    if threads < 2 || step_macs < PAR_STEP_MACS || rayon::current_thread_index().is_some() {
+        return 1;
+    }
+    threads.min(hd / 16).max(1)
+}
+
+/// The hidden units `j0..j1` that worker `t` of `parts` owns (every gate of each).
+fn units(hidden: usize, parts: usize, t: usize) -> (usize, usize) {
+    (hidden * t / parts, hidden * (t + 1) / parts)
+}
+
+/// The workers' meeting point between steps. A step's work is tens of microseconds, less
+/// than sleeping on a futex and waking again costs, so it spins; it yields after a while so
+/// that an oversubscribed machine still makes progress.
+struct SpinBarrier {
+    parts: usize,
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+}
+
+impl SpinBarrier {
+    fn new(parts: usize) -> Self {
+        Self {
+            parts,
+            arrived: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+        }
+    }
+
+    fn wait(&self) {
+        if self.parts == 1 {
+            return;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.parts {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation
+                .store(generation.wrapping_add(1), Ordering::Release);
+        } else {
+            let mut spins = 0u32;
+            while self.generation.load(Ordering::Acquire) == generation {
+                if spins < 1 << 14 {
+                    std::hint::spin_loop();
+                    spins += 1;
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f(worker, barrier)` on `parts` pool threads at once (on the caller alone for one).
+fn run_workers(parts: usize, f: impl Fn(usize, &SpinBarrier) + Sync) {
+    let barrier = SpinBarrier::new(parts);
+    if parts == 1 {
+        f(0, &barrier);
+    } else {
+        rayon::broadcast(|ctx| {
+            if ctx.index() < parts {
+                f(ctx.index(), &barrier)
+            }
+        });
+    }
+}
+
+/// A buffer that the workers write at disjoint places: each its own hidden units of each row.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32, usize);
+
+// SAFETY: the workers touch disjoint elements between barriers (see each use).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn new(v: &mut [f32]) -> Self {
+        Self(v.as_mut_ptr(), v.len())
+    }
+
+    /// SAFETY: no other worker reads or writes `start..start + len` until the next barrier.
+    #[inline(always)]
+    unsafe fn range<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
+        assert!(start + len <= self.1);
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+
+    /// SAFETY: no worker writes the first `len` elements until the next barrier.
+    unsafe fn head<'a>(self, len: usize) -> &'a [f32] {
+        assert!(len <= self.1);
+        std::slice::from_raw_parts(self.0, len)
+    }
+}
+
 /// Runs the recurrence over every sequence of `gx` (`[rows, gates·hidden]`) from `state`, which
 /// ends holding each sequence's final state. Returns `h` of every row, and with `save` what
 /// the backward needs.
@@ -128,8 +236,24 @@ pub fn forward(
     layout: &Layout,
     save: bool,
 ) -> (Vec<f32>, Option<Saved>) {
-    let (hd, g) = (spec.hidden, spec.cell.gates() * spec.hidden);
+    let parts = workers(spec, layout);
+    forward_on(parts, spec, gx, hh, state, layout, save)
+}
+
+/// [`forward`] on `parts` workers.
+fn forward_on(
+    parts: usize,
+    spec: RecurrentSpec,
+    gx: &[f32],
+    hh: Hidden,
+    state: &mut State,
+    layout: &Layout,
+    save: bool,
+) -> (Vec<f32>, Option<Saved>) {
+    let (hd, gates) = (spec.hidden, spec.cell.gates());
+    let g = gates * hd;
     let b = layout.lengths.len();
+    let steps = layout.steps();
     let mut out = vec![0f32; layout.rows * hd];
     let mut saved = save.then(|| Saved {
         gates: vec![0.0; layout.rows * g],
@@ -141,106 +265,145 @@ pub fn forward(
             Vec::new()
         },
     });
-    let mut a = vec![0f32; b * g];
-    // Only the sequences still running take part in a step's product (texts of different
-    // lengths in one batch: the padding costs nothing), as PyTorch's packed sequences do.
-    let (mut act, mut hbuf) = (Vec::with_capacity(b), Vec::new());
-    for k in 0..layout.steps() {
-        let prefix = layout.active(k, &mut act);
-        let n = act.len();
-        let a = &mut a[..n * g];
-        match hh.b {
-            Some(bias) => a.chunks_mut(g).for_each(|r| r.copy_from_slice(bias)),
-            None => a.fill(0.0),
-        }
-        let hin: &[f32] = if prefix {
-            &state.h[..n * hd]
-        } else {
-            hbuf.clear();
-            for &s in &act {
-                hbuf.extend_from_slice(&state.h[s * hd..][..hd]);
-            }
-            &hbuf
-        };
-        matmul(a, true, hin, false, hh.w, !hh.transposed, (n, g, hd), 1.0);
-        for (i, &s) in act.iter().enumerate() {
-            let Some(row) = layout.row(s, k, spec.reverse) else {
-                continue;
-            };
-            let x = &gx[row * g..][..g];
-            let ah = &a[i * g..][..g];
-            let h = &mut state.h[s * hd..][..hd];
-            let y = &mut out[row * hd..][..hd];
-            match spec.cell {
-                Cell::Lstm => {
-                    let c = &mut state.c[s * hd..][..hd];
-                    if let Some(sv) = saved.as_mut() {
-                        sv.hprev[row * hd..][..hd].copy_from_slice(h);
-                        sv.cprev[row * hd..][..hd].copy_from_slice(c);
+    // `h` is double-buffered: during step k every worker reads buffer k % 2 (all units) and
+    // writes its own units of the other.
+    let mut h_next = state.h.clone();
+    {
+        let hs = [Shared::new(&mut state.h), Shared::new(&mut h_next)];
+        let c = Shared::new(&mut state.c);
+        let y = Shared::new(&mut out);
+        let sv = saved.as_mut().map(|s| {
+            [
+                Shared::new(&mut s.gates),
+                Shared::new(&mut s.hprev),
+                Shared::new(&mut s.cprev),
+                Shared::new(&mut s.aux),
+            ]
+        });
+        run_workers(parts, |t, barrier| {
+            let (j0, j1) = units(hd, parts, t);
+            let w = j1 - j0;
+            let gw = gates * w;
+            // This worker's rows of W_hh (units j0..j1 of every gate), `[gates·w, hd]`, and b_hh.
+            let mut wt = Vec::with_capacity(gw * hd);
+            for q in 0..gates {
+                for r in q * hd + j0..q * hd + j1 {
+                    if hh.transposed {
+                        wt.extend((0..hd).map(|k| hh.w[k * g + r]));
+                    } else {
+                        wt.extend_from_slice(&hh.w[r * hd..][..hd]);
                     }
-                    let gates = saved.as_mut().map(|sv| &mut sv.gates[row * g..][..g]);
-                    lstm_step(x, ah, h, c, y, hd, gates);
-                }
-                Cell::Gru => {
-                    if let Some(sv) = saved.as_mut() {
-                        sv.hprev[row * hd..][..hd].copy_from_slice(h);
-                        sv.aux[row * hd..][..hd].copy_from_slice(&ah[2 * hd..]);
-                    }
-                    let gates = saved.as_mut().map(|sv| &mut sv.gates[row * g..][..g]);
-                    gru_step(x, ah, h, y, hd, gates);
                 }
             }
-        }
+            let bias: Option<Vec<f32>> = hh.b.map(|bias| {
+                (0..gates)
+                    .flat_map(|q| bias[q * hd + j0..q * hd + j1].iter().copied())
+                    .collect()
+            });
+            let mut a = vec![0f32; b * gw];
+            let mut gbuf = vec![0f32; gw];
+            // Only the sequences still running take part in a step's product (texts of
+            // different lengths in one batch: the padding costs nothing), as PyTorch's packed
+            // sequences do.
+            let (mut act, mut hbuf) = (Vec::with_capacity(b), Vec::new());
+            for k in 0..steps {
+                let prefix = layout.active(k, &mut act);
+                let n = act.len();
+                let hnext = hs[(k + 1) % 2];
+                // SAFETY: nobody writes buffer k % 2 during step k.
+                let h = unsafe { hs[k % 2].head(b * hd) };
+                let a = &mut a[..n * gw];
+                match &bias {
+                    Some(bias) => a.chunks_mut(gw).for_each(|r| r.copy_from_slice(bias)),
+                    None => a.fill(0.0),
+                }
+                let hin: &[f32] = if prefix {
+                    &h[..n * hd]
+                } else {
+                    hbuf.clear();
+                    for &s in &act {
+                        hbuf.extend_from_slice(&h[s * hd..][..hd]);
+                    }
+                    &hbuf
+                };
+                matmul_serial(a, true, hin, false, &wt, true, (n, gw, hd), 1.0);
+                for s in (0..b).filter(|&s| layout.lengths[s] <= k) {
+                    // A sequence that has ended carries its state over (SAFETY: as below).
+                    unsafe { hnext.range(s * hd + j0, w) }.copy_from_slice(&h[s * hd + j0..][..w]);
+                }
+                for (i, &s) in act.iter().enumerate() {
+                    let row = layout.row(s, k, spec.reverse).expect("a running sequence");
+                    let (x, ah) = (&gx[row * g..][..g], &a[i * gw..][..gw]);
+                    // Gate q of this worker's units: its input part and its hidden part.
+                    let pre = |q: usize| (&x[q * hd + j0..][..w], &ah[q * w..][..w]);
+                    let gv = &mut gbuf[..gw];
+                    for (q, out) in gv.chunks_exact_mut(w).enumerate() {
+                        let (xq, aq) = pre(q);
+                        // The LSTM's g gate and the GRU's n gate are tanh (the GRU's takes r first).
+                        match (spec.cell, q) {
+                            (Cell::Gru, 2) => out.copy_from_slice(aq),
+                            (Cell::Lstm, 2) => out
+                                .iter_mut()
+                                .zip(xq.iter().zip(aq))
+                                .for_each(|(o, (a, b))| *o = tanh(a + b)),
+                            _ => out
+                                .iter_mut()
+                                .zip(xq.iter().zip(aq))
+                                .for_each(|(o, (a, b))| *o = sigmoid(a + b)),
+                        }
+                    }
+                    let hp = &h[s * hd + j0..][..w];
+                    // SAFETY: these units of sequence s and of its row are this worker's
+                    // alone, and `hnext` is not read before the barrier.
+                    let (hn, yv) =
+                        unsafe { (hnext.range(s * hd + j0, w), y.range(row * hd + j0, w)) };
+                    if let Some(sv) = sv {
+                        unsafe { sv[1].range(row * hd + j0, w) }.copy_from_slice(hp);
+                    }
+                    match spec.cell {
+                        Cell::Lstm => {
+                            let c = unsafe { c.range(s * hd + j0, w) };
+                            let (ig, rest) = gv.split_at(w);
+                            let (f, rest) = rest.split_at(w);
+                            let (gg, o) = rest.split_at(w);
+                            if let Some(sv) = sv {
+                                unsafe { sv[2].range(row * hd + j0, w) }.copy_from_slice(c);
+                            }
+                            for jj in 0..w {
+                                let cn = f[jj] * c[jj] + ig[jj] * gg[jj];
+                                c[jj] = cn;
+                                hn[jj] = o[jj] * tanh(cn);
+                            }
+                        }
+                        Cell::Gru => {
+                            let (r, rest) = gv.split_at_mut(w);
+                            let (z, n) = rest.split_at_mut(w);
+                            let xn = &x[2 * hd + j0..][..w];
+                            if let Some(sv) = sv {
+                                // `h·W_hn + b_hn`, which r multiplies: the backward needs it.
+                                unsafe { sv[3].range(row * hd + j0, w) }.copy_from_slice(n);
+                            }
+                            for jj in 0..w {
+                                n[jj] = tanh(xn[jj] + r[jj] * n[jj]);
+                                hn[jj] = (1.0 - z[jj]) * n[jj] + z[jj] * hp[jj];
+                            }
+                        }
+                    }
+                    yv.copy_from_slice(hn);
+                    if let Some(sv) = sv {
+                        for (q, v) in gv.chunks_exact(w).enumerate() {
+                            unsafe { sv[0].range(row * g + q * hd + j0, w) }.copy_from_slice(v);
+                        }
+                    }
+                }
+                barrier.wait();
+            }
+        });
+    }
+    if steps % 2 == 1 {
+        state.h = h_next;
     }
     (out, saved)
-}
-
-fn lstm_step(
-    x: &[f32],
-    ah: &[f32],
-    h: &mut [f32],
-    c: &mut [f32],
-    y: &mut [f32],
-    hd: usize,
-    mut save: Option<&mut [f32]>,
-) {
-    for j in 0..hd {
-        let i = sigmoid(x[j] + ah[j]);
-        let f = sigmoid(x[hd + j] + ah[hd + j]);
-        let gg = tanh(x[2 * hd + j] + ah[2 * hd + j]);
-        let o = sigmoid(x[3 * hd + j] + ah[3 * hd + j]);
-        c[j] = f * c[j] + i * gg;
-        h[j] = o * tanh(c[j]);
-        y[j] = h[j];
-        if let Some(sv) = save.as_deref_mut() {
-            sv[j] = i;
-            sv[hd + j] = f;
-            sv[2 * hd + j] = gg;
-            sv[3 * hd + j] = o;
-        }
-    }
-}
-
-fn gru_step(
-    x: &[f32],
-    ah: &[f32],
-    h: &mut [f32],
-    y: &mut [f32],
-    hd: usize,
-    mut save: Option<&mut [f32]>,
-) {
-    for j in 0..hd {
-        let r = sigmoid(x[j] + ah[j]);
-        let z = sigmoid(x[hd + j] + ah[hd + j]);
-        let n = tanh(x[2 * hd + j] + r * ah[2 * hd + j]);
-        h[j] = (1.0 - z) * n + z * h[j];
-        y[j] = h[j];
-        if let Some(sv) = save.as_deref_mut() {
-            sv[j] = r;
-            sv[hd + j] = z;
-            sv[2 * hd + j] = n;
-        }
-    }
 }
 
 /// Back-propagation through time of [`forward`]: from `dy` (`[rows, hidden]`, the loss
@@ -255,8 +418,23 @@ pub fn backward(
     layout: &Layout,
     dw: Option<&mut [f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (hd, g) = (spec.hidden, spec.cell.gates() * spec.hidden);
+    backward_on(workers(spec, layout), spec, dy, saved, w, layout, dw)
+}
+
+/// [`backward`] on `parts` workers.
+fn backward_on(
+    parts: usize,
+    spec: RecurrentSpec,
+    dy: &[f32],
+    saved: &Saved,
+    w: &[f32],
+    layout: &Layout,
+    dw: Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (hd, gates) = (spec.hidden, spec.cell.gates());
+    let g = gates * hd;
     let b = layout.lengths.len();
+    let steps = layout.steps();
     let mut dgx = vec![0f32; layout.rows * g];
     // For a GRU the hidden side's gradient differs from the input side's in the n gate.
     let mut dah_all = if spec.cell == Cell::Gru {
@@ -266,89 +444,102 @@ pub fn backward(
     };
     let mut dh = vec![0f32; b * hd];
     let mut dc = vec![0f32; b * hd];
-    let mut dah = vec![0f32; b * g];
-    let (mut act, mut dhbuf) = (Vec::with_capacity(b), Vec::new());
-    for k in (0..layout.steps()).rev() {
-        let prefix = layout.active(k, &mut act);
-        let n = act.len();
-        for (i, &s) in act.iter().enumerate() {
-            let Some(row) = layout.row(s, k, spec.reverse) else {
-                continue;
-            };
-            let dhs = &mut dh[s * hd..][..hd];
-            dhs.iter_mut()
-                .zip(&dy[row * hd..][..hd])
-                .for_each(|(a, d)| *a += d);
-            let gates = &saved.gates[row * g..][..g];
-            let da = &mut dah[i * g..][..g];
-            match spec.cell {
-                Cell::Lstm => {
-                    let dcs = &mut dc[s * hd..][..hd];
-                    let cprev = &saved.cprev[row * hd..][..hd];
-                    for j in 0..hd {
-                        let (i, f, gg, o) = (
-                            gates[j],
-                            gates[hd + j],
-                            gates[2 * hd + j],
-                            gates[3 * hd + j],
-                        );
-                        let c = f * cprev[j] + i * gg;
-                        let tc = tanh(c);
-                        let dct = dcs[j] + dhs[j] * o * (1.0 - tc * tc);
-                        da[j] = dct * gg * i * (1.0 - i);
-                        da[hd + j] = dct * cprev[j] * f * (1.0 - f);
-                        da[2 * hd + j] = dct * i * (1.0 - gg * gg);
-                        da[3 * hd + j] = dhs[j] * tc * o * (1.0 - o);
-                        dcs[j] = dct * f;
-                        dhs[j] = 0.0;
+    // The gate gradients of a step, double-buffered: a worker fills step k − 1's while the
+    // others still read step k's (all units) for their share of dh.
+    let mut dah = [vec![0f32; b * g], vec![0f32; b * g]];
+    {
+        let (dgx_p, dall_p) = (Shared::new(&mut dgx), Shared::new(&mut dah_all));
+        let (dh_p, dc_p) = (Shared::new(&mut dh), Shared::new(&mut dc));
+        let [d0, d1] = &mut dah;
+        let das = [Shared::new(d0), Shared::new(d1)];
+        run_workers(parts, |t, barrier| {
+            let (j0, j1) = units(hd, parts, t);
+            let wd = j1 - j0;
+            // W_hh's columns j0..j1 (every gate row), `[g, wd]`: these units' dh is da·W[:, j0..j1].
+            let wc: Vec<f32> = w
+                .chunks_exact(hd)
+                .flat_map(|r| r[j0..j1].iter().copied())
+                .collect();
+            let mut dhbuf = vec![0f32; b * wd];
+            let mut act = Vec::with_capacity(b);
+            for k in (0..steps).rev() {
+                layout.active(k, &mut act);
+                let n = act.len();
+                let da = das[k % 2];
+                // SAFETY (every access through a `Shared` below): unit j of sequence s, and of
+                // its row, is this worker's alone until the barrier.
+                for (ai, &s) in act.iter().enumerate() {
+                    let row = layout.row(s, k, spec.reverse).expect("a running sequence");
+                    let gq = |q: usize| &saved.gates[row * g + q * hd + j0..][..wd];
+                    let dhs = unsafe { dh_p.range(s * hd + j0, wd) };
+                    dhs.iter_mut()
+                        .zip(&dy[row * hd + j0..][..wd])
+                        .for_each(|(a, d)| *a += d);
+                    // This step's gate gradients of these units, gate by gate.
+                    let mut das = [0, 1, 2, 3].map(|q| match q < gates {
+                        true => unsafe { da.range(ai * g + q * hd + j0, wd) },
+                        false => &mut [][..],
+                    });
+                    match spec.cell {
+                        Cell::Lstm => {
+                            let (ig, f, gg, o) = (gq(0), gq(1), gq(2), gq(3));
+                            let cprev = &saved.cprev[row * hd + j0..][..wd];
+                            let dcs = unsafe { dc_p.range(s * hd + j0, wd) };
+                            let [d0, d1, d2, d3] = &mut das;
+                            for jj in 0..wd {
+                                let tc = tanh(f[jj] * cprev[jj] + ig[jj] * gg[jj]);
+                                let d = dhs[jj];
+                                let dct = dcs[jj] + d * o[jj] * (1.0 - tc * tc);
+                                d0[jj] = dct * gg[jj] * ig[jj] * (1.0 - ig[jj]);
+                                d1[jj] = dct * cprev[jj] * f[jj] * (1.0 - f[jj]);
+                                d2[jj] = dct * ig[jj] * (1.0 - gg[jj] * gg[jj]);
+                                d3[jj] = d * tc * o[jj] * (1.0 - o[jj]);
+                                dcs[jj] = dct * f[jj];
+                                dhs[jj] = 0.0;
+                            }
+                            for (q, d) in das.iter().enumerate() {
+                                unsafe { dgx_p.range(row * g + q * hd + j0, wd) }
+                                    .copy_from_slice(d);
+                            }
+                        }
+                        Cell::Gru => {
+                            let (r, z, nv) = (gq(0), gq(1), gq(2));
+                            let hprev = &saved.hprev[row * hd + j0..][..wd];
+                            let ahn = &saved.aux[row * hd + j0..][..wd];
+                            let [dx0, dx1, dx2] = [0, 1, 2]
+                                .map(|q| unsafe { dgx_p.range(row * g + q * hd + j0, wd) });
+                            let [d0, d1, d2, _] = &mut das;
+                            for jj in 0..wd {
+                                let d = dhs[jj];
+                                let dan = d * (1.0 - z[jj]) * (1.0 - nv[jj] * nv[jj]);
+                                let dar = dan * ahn[jj] * r[jj] * (1.0 - r[jj]);
+                                let daz = d * (hprev[jj] - nv[jj]) * z[jj] * (1.0 - z[jj]);
+                                (dx0[jj], dx1[jj], dx2[jj]) = (dar, daz, dan);
+                                (d0[jj], d1[jj], d2[jj]) = (dar, daz, dan * r[jj]);
+                                dhs[jj] = d * z[jj];
+                            }
+                            for (q, d) in das[..3].iter().enumerate() {
+                                unsafe { dall_p.range(row * g + q * hd + j0, wd) }
+                                    .copy_from_slice(d);
+                            }
+                        }
                     }
-                    dgx[row * g..][..g].copy_from_slice(da);
                 }
-                Cell::Gru => {
-                    let hprev = &saved.hprev[row * hd..][..hd];
-                    let ahn = &saved.aux[row * hd..][..hd];
-                    let dx = &mut dgx[row * g..][..g];
-                    for j in 0..hd {
-                        let (r, z, n) = (gates[j], gates[hd + j], gates[2 * hd + j]);
-                        let d = dhs[j];
-                        let dan = d * (1.0 - z) * (1.0 - n * n);
-                        let dar = dan * ahn[j] * r * (1.0 - r);
-                        let daz = d * (hprev[j] - n) * z * (1.0 - z);
-                        dx[j] = dar;
-                        dx[hd + j] = daz;
-                        dx[2 * hd + j] = dan;
-                        da[j] = dar;
-                        da[hd + j] = daz;
-                        da[2 * hd + j] = dan * r;
-                        dhs[j] = d * z;
-                    }
-                    dah_all[row * g..][..g].copy_from_slice(da);
+                barrier.wait();
+                // dh of the previous step: what flows back through W_hh to this worker's units
+                // (running sequences only).
+                let dbuf = &mut dhbuf[..n * wd];
+                // SAFETY: after the barrier nobody writes this step's gate gradients.
+                let dak = unsafe { da.head(n * g) };
+                matmul_serial(dbuf, false, dak, false, &wc, false, (n, wd, g), 1.0);
+                for (i, &s) in act.iter().enumerate() {
+                    unsafe { dh_p.range(s * hd + j0, wd) }
+                        .iter_mut()
+                        .zip(&dbuf[i * wd..][..wd])
+                        .for_each(|(a, d)| *a += d);
                 }
             }
-        }
-        // dh of the previous step: what flows back through W_hh (running sequences only).
-        let dah = &dah[..n * g];
-        if prefix {
-            matmul(
-                &mut dh[..n * hd],
-                true,
-                dah,
-                false,
-                w,
-                false,
-                (n, hd, g),
-                1.0,
-            );
-        } else {
-            dhbuf.resize(n * hd, 0.0);
-            matmul(&mut dhbuf, false, dah, false, w, false, (n, hd, g), 1.0);
-            for (i, &s) in act.iter().enumerate() {
-                dh[s * hd..][..hd]
-                    .iter_mut()
-                    .zip(&dhbuf[i * hd..][..hd])
-                    .for_each(|(a, d)| *a += d);
-            }
-        }
+        });
     }
     let dah_all = if spec.cell == Cell::Gru {
         &dah_all
@@ -377,6 +568,72 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Split across workers (each its own units, meeting once per step) the recurrence gives
+    /// what one worker gives: forward outputs, final states and every gradient, for both
+    /// cells and directions, with sequences ending at different steps.
+    #[test]
+    fn workers_agree_with_one_worker() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for cell in [Cell::Lstm, Cell::Gru] {
+            for reverse in [false, true] {
+                let (hd, b) = (40, 5);
+                let g = cell.gates() * hd;
+                let spec = RecurrentSpec {
+                    cell,
+                    hidden: hd,
+                    reverse,
+                };
+                let lengths = [7, 3, 7, 0, 5];
+                let starts: Vec<usize> = (0..b).map(|s| s * 7).collect();
+                let l = Layout {
+                    starts: &starts,
+                    lengths: &lengths,
+                    rows: b * 7,
+                };
+                let gx = rand(l.rows * g, 1);
+                let w = rand(g * hd, 2).iter().map(|v| v * 0.3).collect::<Vec<_>>();
+                let bh = rand(g, 3);
+                let dy = rand(l.rows * hd, 4);
+                let run = |parts: usize| {
+                    let mut st = State {
+                        h: rand(b * hd, 5),
+                        c: if cell == Cell::Lstm {
+                            rand(b * hd, 6)
+                        } else {
+                            Vec::new()
+                        },
+                    };
+                    let hh = Hidden {
+                        w: &w,
+                        transposed: false,
+                        b: Some(&bh),
+                    };
+                    let (y, saved) = forward_on(parts, spec, &gx, hh, &mut st, &l, true);
+                    let mut dw = vec![0f32; g * hd];
+                    let (dgx, db) =
+                        backward_on(parts, spec, &dy, &saved.unwrap(), &w, &l, Some(&mut dw));
+                    [y, st.h, st.c, dgx, db, dw]
+                };
+                let one = run(1);
+                for parts in [2, 3] {
+                    let many = pool.install(|| run(parts));
+                    for (k, (a, b)) in one.iter().zip(&many).enumerate() {
+                        assert_eq!(a.len(), b.len());
+                        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                            assert!(
+                                (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                                "{cell:?} reverse={reverse} parts={parts} output {k}[{i}]: {x} vs {y}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
