@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
-use super::optim::{clip_grad_norm, sgd_step, AdamW, OptimConfig, Optimizer};
+use super::optim::{clip_factor, grad_norm, scale_grads, sgd_step, AdamW, OptimConfig, Optimizer};
 use super::params::{seeded, Params};
 use super::TrainResult;
 
@@ -224,17 +224,22 @@ pub fn train<M: Model>(
                 state.batch += 1;
             }
             loss /= micro as f64;
-            let grad_norm = clip_grad_norm(model.params_mut(), cfg.optim.max_grad_norm);
+            let grad_norm = grad_norm(model.params());
+            let clip = clip_factor(grad_norm, cfg.optim.max_grad_norm);
             let annealed = cfg
                 .optim
                 .plateau_factor
                 .map_or(1.0, |f| f.powi(state.plateau_cuts as i32));
             let lr = cfg.optim.lr_at(state.step, total) * annealed;
             match cfg.optim.optimizer {
-                Optimizer::AdamW => opt.step(model.params_mut(), &cfg.optim, lr),
-                Optimizer::Sgd => sgd_step(model.params_mut(), lr, cfg.optim.weight_decay),
+                Optimizer::AdamW => {
+                    scale_grads(model.params_mut(), clip);
+                    opt.step(model.params_mut(), &cfg.optim, lr);
+                    model.params_mut().zero_grad();
+                }
+                // Scales, steps and zeroes in one pass.
+                Optimizer::Sgd => sgd_step(model.params_mut(), lr, cfg.optim.weight_decay, clip),
             }
-            model.params_mut().zero_grad();
             state.step += 1;
             last_loss = loss;
             tokens_total += tokens;
