@@ -64,6 +64,7 @@ def main():
     train_ids, valid_ids = ids("train.txt"), ids("valid.txt")
 
     print(f"CPU: {cpu_model()}; {a.threads} threads; torch {torch.__version__}")
+    print(f"work folder (data, vocabulary, initial weights; tools/wlm_dropout_rng.py reads it): {work}")
     print(f"{a.arch.upper()} 200/200 x2, dropout {a.dropout}, vocab {len(vocab)}, {len(train_ids)} train / {len(valid_ids)} valid tokens")
 
     torch.set_num_threads(a.threads)

@@ -7,7 +7,7 @@ bernoulli_ path). Shows how much the epoch-3 perplexity depends on where the mas
     python tools/wlm_dropout_rng.py WORK_DIR SEED EPOCHS rand|torch
 (WORK_DIR: the bench_wlm_* folder with tok/, train.txt, valid.txt, init-SEED/)
 """
-import json, math, sys, time
+import json, math, sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import torch, torch.nn as nn
 from safetensors.torch import load_file

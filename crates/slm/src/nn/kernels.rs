@@ -71,7 +71,8 @@ pub fn matmul(
 ) {
     let threads = rayon::current_num_threads();
     let par = m * n * k >= PAR_MACS && threads > 1;
-    gemm_on(
+    matmul_on(
+        par.then_some(threads),
         dst,
         acc,
         a,
@@ -80,27 +81,14 @@ pub fn matmul(
         bt,
         (m, n, k),
         scale,
-        par.then_some(threads),
     );
 }
 
-/// [`matmul`] on the calling thread alone: for callers that already run one GEMM per worker.
+/// [`matmul`] on `threads` pool threads, or on the calling thread alone with `None` (for
+/// callers that already run one GEMM per worker).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_serial(
-    dst: &mut [f32],
-    acc: bool,
-    a: &[f32],
-    at: bool,
-    b: &[f32],
-    bt: bool,
-    dims: (usize, usize, usize),
-    scale: f32,
-) {
-    gemm_on(dst, acc, a, at, b, bt, dims, scale, None);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm_on(
+pub fn matmul_on(
+    threads: Option<usize>,
     dst: &mut [f32],
     acc: bool,
     a: &[f32],
@@ -109,7 +97,6 @@ fn gemm_on(
     bt: bool,
     (m, n, k): (usize, usize, usize),
     scale: f32,
-    threads: Option<usize>,
 ) {
     assert_eq!(dst.len(), m * n, "matmul dst");
     assert_eq!(a.len(), m * k, "matmul lhs");

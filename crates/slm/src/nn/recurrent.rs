@@ -8,9 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use super::kernels::{exp, matmul, matmul_serial, tanh};
+use super::kernels::{exp, matmul, matmul_on, tanh};
 
 /// The recurrent cell, with PyTorch's gate order (`i, f, g, o`; `r, z, n`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,18 +184,37 @@ impl SpinBarrier {
     }
 }
 
-/// Runs `f(worker, barrier)` on `parts` pool threads at once (on the caller alone for one).
-fn run_workers(parts: usize, f: impl Fn(usize, &SpinBarrier) + Sync) {
-    let barrier = SpinBarrier::new(parts);
-    if parts == 1 {
-        f(0, &barrier);
-    } else {
-        rayon::broadcast(|ctx| {
-            if ctx.index() < parts {
-                f(ctx.index(), &barrier)
-            }
-        });
+/// Set while a recurrence runs on the pool. Two at once could deadlock: each broadcast reaches
+/// the workers in its own order, so worker 0 could wait at one's barrier for worker 1, which
+/// waits at the other's for worker 0. A caller that finds the pool taken runs alone.
+static POOL_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Frees the pool when the broadcast ends, a panicking one included.
+struct PoolGuard;
+
+impl Drop for PoolGuard {
+    fn drop(&mut self) {
+        POOL_TAKEN.store(false, Ordering::Release);
     }
+}
+
+/// Runs `f(worker, workers, barrier)` on `parts` pool threads at once, or on the caller alone
+/// (`workers` = 1) when `parts` is 1 or another recurrence holds the pool.
+fn run_workers(parts: usize, f: impl Fn(usize, usize, &SpinBarrier) + Sync) {
+    let taken = parts > 1
+        && POOL_TAKEN
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok();
+    if !taken {
+        return f(0, 1, &SpinBarrier::new(1));
+    }
+    let _guard = PoolGuard;
+    let barrier = SpinBarrier::new(parts);
+    rayon::broadcast(|ctx| {
+        if ctx.index() < parts {
+            f(ctx.index(), parts, &barrier)
+        }
+    });
 }
 
 /// A buffer that the workers write at disjoint places: each its own hidden units of each row.
@@ -280,7 +299,7 @@ fn forward_on(
                 Shared::new(&mut s.aux),
             ]
         });
-        run_workers(parts, |t, barrier| {
+        run_workers(parts, |t, parts, barrier| {
             let (j0, j1) = units(hd, parts, t);
             let w = j1 - j0;
             let gw = gates * w;
@@ -326,7 +345,7 @@ fn forward_on(
                     }
                     &hbuf
                 };
-                matmul_serial(a, true, hin, false, &wt, true, (n, gw, hd), 1.0);
+                matmul_on(None, a, true, hin, false, &wt, true, (n, gw, hd), 1.0);
                 for s in (0..b).filter(|&s| layout.lengths[s] <= k) {
                     // A sequence that has ended carries its state over (SAFETY: as below).
                     unsafe { hnext.range(s * hd + j0, w) }.copy_from_slice(&h[s * hd + j0..][..w]);
@@ -452,7 +471,7 @@ fn backward_on(
         let (dh_p, dc_p) = (Shared::new(&mut dh), Shared::new(&mut dc));
         let [d0, d1] = &mut dah;
         let das = [Shared::new(d0), Shared::new(d1)];
-        run_workers(parts, |t, barrier| {
+        run_workers(parts, |t, parts, barrier| {
             let (j0, j1) = units(hd, parts, t);
             let wd = j1 - j0;
             // W_hh's columns j0..j1 (every gate row), `[g, wd]`: these units' dh is da·W[:, j0..j1].
@@ -531,7 +550,7 @@ fn backward_on(
                 let dbuf = &mut dhbuf[..n * wd];
                 // SAFETY: after the barrier nobody writes this step's gate gradients.
                 let dak = unsafe { da.head(n * g) };
-                matmul_serial(dbuf, false, dak, false, &wc, false, (n, wd, g), 1.0);
+                matmul_on(None, dbuf, false, dak, false, &wc, false, (n, wd, g), 1.0);
                 for (i, &s) in act.iter().enumerate() {
                     unsafe { dh_p.range(s * hd + j0, wd) }
                         .iter_mut()
@@ -598,18 +617,13 @@ mod tests {
                 let w = rand(g * hd, 2).iter().map(|v| v * 0.3).collect::<Vec<_>>();
                 let bh = rand(g, 3);
                 let dy = rand(l.rows * hd, 4);
-                let run = |parts: usize| {
-                    let mut st = State {
-                        h: rand(b * hd, 5),
-                        c: if cell == Cell::Lstm {
-                            rand(b * hd, 6)
-                        } else {
-                            Vec::new()
-                        },
-                    };
+                // W_hh as training stores it, and transposed as inference stores it.
+                let wt: Vec<f32> = (0..hd * g).map(|i| w[(i % g) * hd + i / g]).collect();
+                let run = |parts: usize, transposed: bool| {
+                    let mut st = start_state(cell, b, hd);
                     let hh = Hidden {
-                        w: &w,
-                        transposed: false,
+                        w: if transposed { &wt } else { &w },
+                        transposed,
                         b: Some(&bh),
                     };
                     let (y, saved) = forward_on(parts, spec, &gx, hh, &mut st, &l, true);
@@ -618,15 +632,16 @@ mod tests {
                         backward_on(parts, spec, &dy, &saved.unwrap(), &w, &l, Some(&mut dw));
                     [y, st.h, st.c, dgx, db, dw]
                 };
-                let one = run(1);
-                for parts in [2, 3] {
-                    let many = pool.install(|| run(parts));
+                let one = run(1, false);
+                for (parts, transposed) in [(2, false), (3, false), (2, true)] {
+                    let many = pool.install(|| run(parts, transposed));
                     for (k, (a, b)) in one.iter().zip(&many).enumerate() {
                         assert_eq!(a.len(), b.len());
                         for (i, (x, y)) in a.iter().zip(b).enumerate() {
                             assert!(
                                 (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
-                                "{cell:?} reverse={reverse} parts={parts} output {k}[{i}]: {x} vs {y}"
+                                "{cell:?} reverse={reverse} parts={parts} transposed={transposed} \
+                                 output {k}[{i}]: {x} vs {y}"
                             );
                         }
                     }
@@ -647,17 +662,21 @@ mod tests {
             .collect()
     }
 
-    /// Σ y·r for the given gx and W_hh, from a fixed nonzero state.
-    fn loss(spec: RecurrentSpec, gx: &[f32], w: &[f32], bh: &[f32], l: &Layout, r: &[f32]) -> f64 {
-        let b = l.lengths.len();
-        let mut st = State {
-            h: rand(b * spec.hidden, 5),
-            c: if spec.cell == Cell::Lstm {
-                rand(b * spec.hidden, 6)
+    /// A fixed nonzero state for `b` sequences.
+    fn start_state(cell: Cell, b: usize, hd: usize) -> State {
+        State {
+            h: rand(b * hd, 5),
+            c: if cell == Cell::Lstm {
+                rand(b * hd, 6)
             } else {
                 Vec::new()
             },
-        };
+        }
+    }
+
+    /// Σ y·r for the given gx and W_hh, from a fixed nonzero state.
+    fn loss(spec: RecurrentSpec, gx: &[f32], w: &[f32], bh: &[f32], l: &Layout, r: &[f32]) -> f64 {
+        let mut st = start_state(spec.cell, l.lengths.len(), spec.hidden);
         let hh = Hidden {
             w,
             transposed: false,
@@ -690,14 +709,7 @@ mod tests {
                 let w = rand(g * hd, 2);
                 let bh = rand(g, 3);
                 let r = rand(10 * hd, 4);
-                let mut st = State {
-                    h: rand(2 * hd, 5),
-                    c: if cell == Cell::Lstm {
-                        rand(2 * hd, 6)
-                    } else {
-                        Vec::new()
-                    },
-                };
+                let mut st = start_state(cell, 2, hd);
                 let hh = Hidden {
                     w: &w,
                     transposed: false,
