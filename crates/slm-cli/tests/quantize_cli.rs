@@ -63,7 +63,7 @@ fn q8_0_rereads_bit_exactly_and_generates() {
             dtype: ta,
             rows,
             cols,
-            data: bytes_a.to_vec(),
+            data: bytes_a.to_vec().into(),
         }
         .dequantize()
         .unwrap()

@@ -46,7 +46,7 @@ fn llg(what: &str, e: impl std::fmt::Display) -> Error {
 impl Grammars {
     pub fn new(tok: &Tokenizer) -> Result<Self> {
         let json: Value = serde_json::from_str(
-            &tok.inner()
+            &tok.inner()?
                 .to_string(false)
                 .map_err(|e| llg("the tokenizer as JSON", e))?,
         )
@@ -65,7 +65,7 @@ impl Grammars {
         let trie = TokTrie::from(&TokRxInfo::new(words.len() as u32, eos), &words);
         let env: TokEnv = Arc::new(Vocab {
             trie,
-            inner: tok.inner().clone(),
+            inner: tok.inner()?.clone(),
         });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| llg("llguidance", e))?;
         factory.quiet();

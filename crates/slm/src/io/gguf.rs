@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
-    mmap: Mmap,
+    mmap: std::sync::Arc<Mmap>,
 }
 
 impl GgufFile {
@@ -100,7 +100,7 @@ impl GgufFile {
         Ok(Self {
             path: path.to_path_buf(),
             content,
-            mmap,
+            mmap: std::sync::Arc::new(mmap),
         })
     }
 
@@ -161,20 +161,6 @@ impl GgufFile {
         let (start, size) = byte_range(&self.content, info)?;
         let bytes = &self.mmap[start as usize..(start + size) as usize];
         Some((info.ggml_dtype, info.shape.dims().to_vec(), bytes))
-    }
-
-    /// Drops this process's mapping of `bytes` (a slice of the mapping) once they are copied
-    /// into the model's own layout: the pages stay in the page cache, but no longer count in
-    /// the resident set, so a loaded model holds its weights once instead of twice.
-    fn release(&self, bytes: &[u8]) {
-        let off = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
-        // SAFETY: a read-only shared file mapping: MADV_DONTNEED only unmaps the pages, and a
-        // later read faults them back in from the file, unchanged.
-        #[cfg(unix)]
-        let _ = unsafe {
-            self.mmap
-                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, bytes.len())
-        };
     }
 
     /// The inverse of llama.cpp's `permute` for rotary Q/K rows, or None when not needed.
@@ -478,13 +464,17 @@ impl WeightStore for GgufFile {
                 ))
             }
         };
+        let start = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
         let mut q = QuantWeight {
             dtype,
             rows,
             cols,
-            data: bytes.to_vec(),
+            data: super::WeightBytes::Mapped {
+                map: self.mmap.clone(),
+                start,
+                len: bytes.len(),
+            },
         };
-        self.release(bytes);
         if let Some(heads) = self.qk_heads(name) {
             if rows % heads != 0 || (rows / heads) % 2 != 0 {
                 return Err(Error::file(

@@ -25,7 +25,87 @@ pub struct QuantWeight {
     pub dtype: GgmlDType,
     pub rows: usize,
     pub cols: usize,
-    pub data: Vec<u8>,
+    pub data: WeightBytes,
+}
+
+/// A quantized weight's bytes: its own copy, or still in the file's mapping. Kernels that repack
+/// at load read the mapping directly: copying first had the largest tensor twice in memory at
+/// once (Gemma's 178 MB embedding table: the peak of its whole load).
+pub enum WeightBytes {
+    Owned(Vec<u8>),
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl std::fmt::Debug for WeightBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            WeightBytes::Owned(_) => "owned",
+            WeightBytes::Mapped { .. } => "mapped",
+        };
+        write!(f, "{} {kind} bytes", self.len())
+    }
+}
+
+impl From<Vec<u8>> for WeightBytes {
+    fn from(v: Vec<u8>) -> Self {
+        WeightBytes::Owned(v)
+    }
+}
+
+impl std::ops::Deref for WeightBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            WeightBytes::Owned(v) => v,
+            WeightBytes::Mapped { map, start, len } => &map[*start..*start + *len],
+        }
+    }
+}
+
+impl WeightBytes {
+    /// Drops bytes `start..end` of a mapped weight from the resident set once a kernel has
+    /// repacked them (a no-op for an owned copy): the source of a 178 MB table need not stay
+    /// resident beside its repacked copy until the whole table is done.
+    pub fn release(&self, start: usize, end: usize) {
+        #[cfg(unix)]
+        if let WeightBytes::Mapped {
+            map,
+            start: at,
+            len,
+        } = self
+        {
+            let end = end.min(*len);
+            if start < end {
+                // SAFETY: as in `drop`.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        at + start,
+                        end - start,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// Once a mapped weight is dropped (repacked, copied by candle, or dequantized), its pages leave
+/// this process's resident set: they stay in the page cache, and a later read of the same bytes
+/// faults them back in from the file, unchanged.
+impl Drop for WeightBytes {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let WeightBytes::Mapped { map, start, len } = self {
+            // SAFETY: a read-only shared file mapping: MADV_DONTNEED only unmaps the pages.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, *len)
+            };
+        }
+    }
 }
 
 impl QuantWeight {
@@ -40,7 +120,7 @@ impl QuantWeight {
         for (dst, &src) in src_of_dst.iter().enumerate() {
             out[dst * rb..(dst + 1) * rb].copy_from_slice(&self.data[src * rb..(src + 1) * rb]);
         }
-        self.data = out;
+        self.data = out.into();
     }
 
     pub fn to_qtensor(&self) -> Result<candle_core::quantized::QTensor> {

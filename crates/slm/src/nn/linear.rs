@@ -243,7 +243,7 @@ impl Embedding {
                         dtype: q.dtype,
                         rows: 1,
                         cols: q.cols,
-                        data: q.data[id * rb..(id + 1) * rb].to_vec(),
+                        data: q.data[id * rb..(id + 1) * rb].to_vec().into(),
                     };
                     out.extend(row.dequantize()?.flatten_all()?.to_vec1::<f32>()?);
                 }

@@ -10,6 +10,7 @@ pub mod norm;
 pub mod qdot;
 pub mod qmatmul;
 mod qpack;
+mod qpack_k;
 pub mod recurrent;
 pub mod rope;
 pub mod vb;

@@ -99,7 +99,8 @@ impl Kind {
 }
 
 /// One block of quantized activations: `x ≈ d * qs`. `sum` is `d * Σqs` rounded to f16 (for
-/// the types with a minimum), `isum` the exact `Σqs` (for the types with an offset).
+/// the types with a minimum), `isum` the exact `Σqs` (for the types with an offset), `isum_lo`
+/// that of the first 16 (Q6_K's offset applies per 16 values, each with its own scale).
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 pub struct BlockQ8 {
@@ -107,6 +108,7 @@ pub struct BlockQ8 {
     pub(crate) d: f32,
     pub(crate) sum: f32,
     pub(crate) isum: i32,
+    pub(crate) isum_lo: i32,
 }
 
 /// Activations to 8-bit blocks as llama.cpp's `quantize_row_q8_0`/`q8_1` do on x86: scale
@@ -130,12 +132,14 @@ pub fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
                 let r = (v * id + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
                 *q = r as i8;
             }
-            let s: i32 = qs.iter().map(|&q| q as i32).sum();
+            let lo: i32 = qs[..16].iter().map(|&q| q as i32).sum();
+            let s: i32 = lo + qs[16..].iter().map(|&q| q as i32).sum::<i32>();
             BlockQ8 {
                 qs,
                 d: f16::from_f32(d).to_f32(),
                 sum: f16::from_f32(d * s as f32).to_f32(),
                 isum: s,
+                isum_lo: lo,
             }
         })
         .collect()

@@ -18,9 +18,12 @@ use crate::io::QuantWeight;
 
 use super::qdot::{dot, dot_xn, has_vnni, quantize_q8, BlockQ8, Kind, QK};
 use super::qpack::{Packed, ROWS};
+use super::qpack_k::{KKind, KPacked, QK_K};
 
 pub enum QMatMul {
     Own(OwnQ),
+    /// Q4_K, Q5_K, Q6_K repacked for the VNNI kernel (`qpack_k.rs`).
+    OwnK(KPacked),
     Candle(CandleQMatMul),
 }
 
@@ -103,8 +106,22 @@ impl QMatMul {
 
     pub fn new(w: QuantWeight) -> Result<Self> {
         let kind = own_kind(&w);
+        if let Some(k) = KKind::of(w.dtype).filter(|_| has_vnni()) {
+            if w.rows > 0 && w.rows.is_multiple_of(ROWS) && w.cols.is_multiple_of(QK_K) {
+                let done = |a, b| w.data.release(a, b);
+                let p = KPacked::new(k, &w.data, w.rows, w.cols / QK_K, &done);
+                return Ok(QMatMul::OwnK(p));
+            }
+        }
         Ok(match kind {
-            Some(kind) => QMatMul::Own(OwnQ::new(kind, w.rows, w.cols, &w.data)),
+            Some(kind) => QMatMul::Own(OwnQ::build(
+                kind,
+                w.rows,
+                w.cols,
+                &w.data,
+                has_vnni(),
+                &|a, b| w.data.release(a, b),
+            )),
             _ => QMatMul::Candle(CandleQMatMul::from_qtensor(w.to_qtensor()?)?),
         })
     }
@@ -125,7 +142,7 @@ impl QMatMul {
     pub fn own_shape(&self) -> Option<(usize, usize)> {
         match self {
             QMatMul::Own(o) => Some((o.rows, o.cols)),
-            QMatMul::Candle(_) => None,
+            _ => None,
         }
     }
 
@@ -136,7 +153,7 @@ impl QMatMul {
             .iter()
             .map(|p| match p {
                 QMatMul::Own(o) => Some(o),
-                QMatMul::Candle(_) => None,
+                _ => None,
             })
             .collect::<Option<_>>()?;
         let first = own.first()?;
@@ -176,23 +193,120 @@ impl QMatMul {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             QMatMul::Candle(q) => Ok(q.forward(&x.contiguous()?)?),
-            QMatMul::Own(q) => {
-                let dims = x.dims().to_vec();
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let m = xs.len() / q.cols;
-                let mut y = vec![0f32; m * q.rows];
-                q.matmul(&xs, m, &mut y);
-                let mut out = dims;
-                *out.last_mut().unwrap() = q.rows;
-                Ok(Tensor::from_vec(y, out, &Device::Cpu)?)
-            }
+            QMatMul::Own(q) => own_forward(x, q.rows, q.cols, |xs, m, y| q.matmul(xs, m, y)),
+            QMatMul::OwnK(p) => own_forward(x, p.rows(), p.cols(), |xs, m, y| {
+                let xq = quantize_rows(xs, p.cols(), m);
+                run_interleaved(
+                    p,
+                    &xq,
+                    m,
+                    p.rows(),
+                    y.as_mut_ptr(),
+                    alone(m, p.rows(), p.cols()),
+                )
+            }),
         }
     }
+}
+
+/// `x` (`[.., cols]`) through `matmul(x, m, y)` into a `[.., rows]` tensor.
+fn own_forward(
+    x: &Tensor,
+    rows: usize,
+    cols: usize,
+    matmul: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let m = xs.len() / cols;
+    let mut y = vec![0f32; m * rows];
+    matmul(&xs, m, &mut y);
+    let mut out = dims;
+    *out.last_mut().unwrap() = rows;
+    Ok(Tensor::from_vec(y, out, &Device::Cpu)?)
 }
 
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+/// Weights interleaved in groups of eight rows for a VNNI kernel (`qpack.rs`, `qpack_k.rs`).
+pub(super) trait Interleaved: Sync {
+    fn groups(&self) -> usize;
+    /// Blocks of 32 per row.
+    fn blocks(&self) -> usize;
+    /// # Safety
+    /// As `Packed::gemv`: room in `y`, and no other writer of the slots written.
+    unsafe fn gemv<const N: usize>(
+        &self,
+        g0: usize,
+        g1: usize,
+        x: [&[BlockQ8]; N],
+        y: *mut f32,
+        ld: usize,
+    );
+}
+
+/// `y[i, r]` for the `m` quantized activation rows of `xq` and every interleaved row (`ld`
+/// values per row of `y`), split by groups across candle's barrier pool unless `alone`.
+fn run_interleaved<P: Interleaved>(
+    p: &P,
+    xq: &[BlockQ8],
+    m: usize,
+    ld: usize,
+    y: *mut f32,
+    alone: bool,
+) {
+    let nb = p.blocks();
+    let xr = |i: usize| &xq[i * nb..(i + 1) * nb];
+    let out = SendPtr(y);
+    let out = &out;
+    // Tokens outer, groups inner: four tokens' activations and the chunk's weights both stay in
+    // L1 while every pair of them meets once.
+    let run = |g0: usize, g1: usize| {
+        let mut i = 0;
+        while i < m {
+            // SAFETY: groups g0..g1 of each token's row belong to this task alone, and y has
+            // m*ld slots.
+            unsafe {
+                let y = out.0.add(i * ld);
+                match m - i {
+                    1 => p.gemv(g0, g1, [xr(i)], y, ld),
+                    2 => p.gemv(g0, g1, [xr(i), xr(i + 1)], y, ld),
+                    3 => p.gemv(g0, g1, [xr(i), xr(i + 1), xr(i + 2)], y, ld),
+                    // Eight tokens at a time measured slower (register pressure).
+                    _ => p.gemv(g0, g1, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)], y, ld),
+                }
+            }
+            i += (m - i).min(4);
+        }
+    };
+    let groups = p.groups();
+    if alone {
+        run(0, groups);
+    } else {
+        // candle's barrier pool: its workers spin briefly between calls, so the ~200 small
+        // products of one decoded token start without a futex wake-up each.
+        candle_core::utils::barrier_pool().execute_chunked(groups.div_ceil(2), |c| {
+            run(2 * c.start, (2 * c.end).min(groups))
+        });
+    }
+}
+
+/// Activations as 8-bit blocks, rows quantized in parallel from four on.
+fn quantize_rows(x: &[f32], cols: usize, m: usize) -> Vec<BlockQ8> {
+    if m >= 4 {
+        x.par_chunks(cols).flat_map_iter(quantize_q8).collect()
+    } else {
+        quantize_q8(x)
+    }
+}
+
+/// Whether a product this size is run on this thread alone: handing work to other threads costs
+/// microseconds.
+fn alone(m: usize, rows: usize, cols: usize) -> bool {
+    rayon::current_num_threads() <= 1 || m * rows * cols < 1 << 18
+}
 
 /// From this many tokens on, a product over the file's row layout (CPUs without VNNI)
 /// dequantizes its weights to f32 and runs an f32 GEMM: unpacking once is amortized over the
@@ -201,15 +315,19 @@ unsafe impl Sync for SendPtr {}
 pub const GEMM_FROM_TOKENS: usize = 32;
 
 impl OwnQ {
-    fn new(kind: Kind, rows: usize, cols: usize, raw: &[u8]) -> Self {
-        Self::build(kind, rows, cols, raw, has_vnni())
-    }
-
     /// `pack`: interleave the rows for the VNNI kernel (tests also run the other path).
-    fn build(kind: Kind, rows: usize, cols: usize, raw: &[u8], pack: bool) -> Self {
+    /// `done(a, b)`: bytes `a..b` of `raw` are repacked and will not be read again.
+    fn build(
+        kind: Kind,
+        rows: usize,
+        cols: usize,
+        raw: &[u8],
+        pack: bool,
+        done: &(dyn Fn(usize, usize) + Sync),
+    ) -> Self {
         let groups = if pack { rows / ROWS } else { 0 };
         let nb = cols / QK;
-        let packed = (groups > 0).then(|| Packed::new(kind, raw, groups, nb));
+        let packed = (groups > 0).then(|| Packed::new(kind, raw, groups, nb, done));
         let tail = &raw[groups * ROWS * nb * kind.block_bytes()..];
         Self {
             kind,
@@ -297,52 +415,17 @@ impl OwnQ {
             return self.matmul_f32(x, m, y);
         }
         let nb = self.cols / QK;
-        let xq: Vec<BlockQ8> = if m >= 4 {
-            x.par_chunks(self.cols).flat_map_iter(quantize_q8).collect()
-        } else {
-            quantize_q8(x)
-        };
+        let xq = quantize_rows(x, self.cols, m);
         let row_bytes = nb * self.kind.block_bytes();
         let rows = self.rows;
         let xr = |i: usize| &xq[i * nb..(i + 1) * nb];
-        let out = SendPtr(y.as_mut_ptr());
-        let out = &out;
-        let threads = rayon::current_num_threads().max(1);
-        // Handing work to other threads costs microseconds; small products stay on this one.
-        let alone = threads == 1 || m * rows * self.cols < 1 << 18;
+        let alone = alone(m, rows, self.cols);
         if let Some(p) = &self.packed {
-            // Tokens outer, groups inner: four tokens' activations and the chunk's weights both
-            // stay in L1 while every pair of them meets once.
-            let run = |g0: usize, g1: usize| {
-                let mut i = 0;
-                while i < m {
-                    // SAFETY: groups g0..g1 of each token's row belong to this task alone, and
-                    // y has m*rows slots.
-                    unsafe {
-                        let y = out.0.add(i * rows);
-                        match m - i {
-                            1 => p.gemv(g0, g1, [xr(i)], y, rows),
-                            2 => p.gemv(g0, g1, [xr(i), xr(i + 1)], y, rows),
-                            3 => p.gemv(g0, g1, [xr(i), xr(i + 1), xr(i + 2)], y, rows),
-                            // Eight tokens at a time measured slower (register pressure).
-                            _ => p.gemv(g0, g1, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)], y, rows),
-                        }
-                    }
-                    i += (m - i).min(4);
-                }
-            };
-            let groups = p.rows() / ROWS;
-            if alone {
-                run(0, groups);
-            } else {
-                // candle's barrier pool: its workers spin briefly between calls, so the ~200
-                // small products of one decoded token start without a futex wake-up each.
-                candle_core::utils::barrier_pool().execute_chunked(groups.div_ceil(2), |c| {
-                    run(2 * c.start, (2 * c.end).min(groups))
-                });
-            }
+            run_interleaved(p, &xq, m, rows, y.as_mut_ptr(), alone);
         }
         let r_off = self.packed_rows();
+        let out = SendPtr(y.as_mut_ptr());
+        let out = &out;
         let run = |r0: usize, wchunk: &[u8]| {
             // SAFETY (all writes below): each (i, r) of y is written by exactly one task, and
             // y has m*rows slots.
@@ -428,16 +511,89 @@ mod tests {
                 dtype,
                 rows,
                 cols,
-                data: vec![],
+                data: Vec::new().into(),
             })
             .unwrap();
             // Both layouts where the CPU runs both; the file's layout alone elsewhere.
             for pack in [false, true].into_iter().filter(|&p| !p || has_vnni()) {
-                let own = OwnQ::build(kind, rows, cols, &raw, pack);
+                let own = OwnQ::build(kind, rows, cols, &raw, pack, &|_, _| {});
                 // 70 rows: packed, 8 interleaved groups and 6 rows in the file's layout.
                 assert_eq!(own.packed_rows(), if pack { 64 } else { 0 });
                 check(&own, &raw, &x, m, &want, &deq);
             }
+        }
+    }
+
+    /// The k-quant kernel against candle's dequantized product (to the activations' 8-bit
+    /// rounding) and against the scalar reference in the kernel's own arithmetic, for 1 to 5
+    /// tokens (each token's results independent of the pass it shares).
+    #[test]
+    fn k_quant_kernel_matches_dequantized_matmul_and_reference() {
+        use crate::nn::qpack_k::dot_scalar;
+        let (rows, cols, m) = (72, 512, 5);
+        // Rows of different magnitudes and signs, so sub-block scales and minimums vary.
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                let v = ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (0.05 + (r % 7) as f32 * 0.1);
+                v + if c / 32 % 3 == 0 { 0.2 } else { -0.05 }
+            })
+            .collect();
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| (i * 104729 % 997) as f32 / 498.0 - 1.0)
+            .collect();
+        let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let q = QTensor::quantize(&wt, dtype).unwrap();
+            let deq = q.dequantize(&Device::Cpu).unwrap();
+            let want = xt
+                .matmul(&deq.t().unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let raw = q.data().unwrap().to_vec();
+            let own = QMatMul::new(QuantWeight {
+                dtype,
+                rows,
+                cols,
+                data: raw.clone().into(),
+            })
+            .unwrap();
+            let QMatMul::OwnK(p) = &own else {
+                assert!(!has_vnni(), "{dtype:?} should take the VNNI kernel");
+                continue;
+            };
+            let kind = KKind::of(dtype).unwrap();
+            let bb = kind.block_bytes() * cols / QK_K;
+            let alone: Vec<Vec<f32>> = (0..m)
+                .map(|i| {
+                    let y = own.forward(&xt.narrow(0, i, 1).unwrap()).unwrap();
+                    y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+                .collect();
+            for mm in 1..=m {
+                let got = own.forward(&xt.narrow(0, 0, mm).unwrap()).unwrap();
+                let got = got.to_vec2::<f32>().unwrap();
+                for i in 0..mm {
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got[i]), bits(&alone[i]), "{dtype:?} m={mm} token {i}");
+                    let xq = quantize_q8(&x[i * cols..(i + 1) * cols]);
+                    for r in 0..rows {
+                        let (g, w) = (got[i][r], want[i][r]);
+                        assert!(
+                            (g - w).abs() < 0.02 * (1.0 + w.abs()),
+                            "{dtype:?} [{i},{r}]: {g} vs dequantized {w}"
+                        );
+                        let reference = dot_scalar(kind, &raw[r * bb..(r + 1) * bb], &xq);
+                        assert!(
+                            (g - reference).abs() < 1e-5 * (1.0 + reference.abs()),
+                            "{dtype:?} m={mm} [{i},{r}]: {g} vs reference {reference}"
+                        );
+                    }
+                }
+            }
+            assert_eq!((p.rows(), p.cols()), (rows, cols));
         }
     }
 

@@ -39,7 +39,7 @@ fn code_bytes(kind: Kind) -> usize {
 }
 
 /// A plane split into one slice per group (empty slices for a plane the type has not).
-fn per_group(plane: &mut [u8], groups: usize) -> Vec<&mut [u8]> {
+pub(crate) fn per_group(plane: &mut [u8], groups: usize) -> Vec<&mut [u8]> {
     if plane.is_empty() {
         return (0..groups).map(|_| Default::default()).collect();
     }
@@ -67,8 +67,16 @@ fn has_min(kind: Kind) -> bool {
 }
 
 impl Packed {
-    /// The first `groups * ROWS` rows of `raw` (GGUF row layout, `nb` blocks per row).
-    pub(crate) fn new(kind: Kind, raw: &[u8], groups: usize, nb: usize) -> Self {
+    /// The first `groups * ROWS` rows of `raw` (GGUF row layout, `nb` blocks per row), packed
+    /// a few MB at a time; after each stretch `done(a, b)` says bytes `a..b` of `raw` are
+    /// no longer needed.
+    pub(crate) fn new(
+        kind: Kind,
+        raw: &[u8],
+        groups: usize,
+        nb: usize,
+        done: &(dyn Fn(usize, usize) + Sync),
+    ) -> Self {
         let bb = kind.block_bytes();
         let row_bytes = nb * bb;
         let cb = code_bytes(kind);
@@ -85,12 +93,13 @@ impl Packed {
             per_group(&mut scales, groups),
             per_group(&mut mins, groups),
         );
-        c.into_par_iter()
-            .zip(h)
-            .zip(s)
-            .zip(m)
-            .enumerate()
-            .for_each(|(g, (((c, h), s), m))| {
+        let group_bytes = ROWS * row_bytes;
+        let step = (8 << 20) / group_bytes.max(1) + 1;
+        let mut parts = c.into_iter().zip(h).zip(s).zip(m).enumerate().peekable();
+        while parts.peek().is_some() {
+            let chunk: Vec<_> = parts.by_ref().take(step).collect();
+            let (g0, g1) = (chunk[0].0, chunk[chunk.len() - 1].0 + 1);
+            chunk.into_par_iter().for_each(|(g, (((c, h), s), m))| {
                 for lane in 0..ROWS {
                     let row = &raw[(g * ROWS + lane) * row_bytes..][..row_bytes];
                     for (b, blk) in row.chunks_exact(bb).enumerate() {
@@ -121,6 +130,8 @@ impl Packed {
                     }
                 }
             });
+            done(g0 * group_bytes, g1 * group_bytes);
+        }
         Self {
             kind,
             groups,
@@ -206,6 +217,16 @@ impl Packed {
             mins: plane(|p| &p.mins),
         })
     }
+}
+
+impl super::qmatmul::Interleaved for Packed {
+    fn groups(&self) -> usize {
+        self.groups
+    }
+
+    fn blocks(&self) -> usize {
+        self.nb
+    }
 
     /// `y[t * ld + 8g + lane] = row (8g + lane) · x[t]` for the groups `g0..g1` and `N` (1 to 4)
     /// activation rows. Only called when [`super::qdot::has_vnni`] is true.
@@ -213,7 +234,7 @@ impl Packed {
     /// # Safety
     /// `y` must have room for `(N - 1) * ld + 8 * g1` values, and no other thread may write the
     /// slots this call writes.
-    pub(crate) unsafe fn gemv<const N: usize>(
+    unsafe fn gemv<const N: usize>(
         &self,
         g0: usize,
         g1: usize,

@@ -96,8 +96,12 @@ pub fn read_rope_parameters(json: &mut serde_json::Value) -> std::result::Result
 
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    inv_freq: std::sync::Arc<Vec<f64>>,
+    max_pos: usize,
+    /// `[n, head_dim / 2]` cos and sin tables for the first `n` positions, grown (doubling) as
+    /// a sequence reaches them: tables for a whole 32k context are 17 MB each, and Gemma has
+    /// four, where a chat uses the first few hundred rows.
+    grown: std::sync::Arc<std::sync::Mutex<Option<(Tensor, Tensor)>>>,
     /// The same tables as plain rows `[max_pos, head_dim / 2]`, made on first use (training
     /// only: inference does not pay their memory).
     rows: std::sync::Arc<std::sync::OnceLock<(Vec<f32>, Vec<f32>)>>,
@@ -161,12 +165,14 @@ pub fn tables(
     max_pos: usize,
     scaling: Option<&RopeScaling>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let inv_freq = inv_freq(head_dim, theta, scaling)?;
-    let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(max_pos * half);
-    let mut sin = Vec::with_capacity(max_pos * half);
-    for p in 0..max_pos {
-        for f in &inv_freq {
+    Ok(tables_for(&inv_freq(head_dim, theta, scaling)?, max_pos))
+}
+
+fn tables_for(inv_freq: &[f64], positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut cos = Vec::with_capacity(positions * inv_freq.len());
+    let mut sin = Vec::with_capacity(positions * inv_freq.len());
+    for p in 0..positions {
+        for f in inv_freq {
             // transformers computes the angles in f32; do the same so tables agree bit for bit
             // as far as possible.
             let a = (p as f32) * (*f as f32);
@@ -174,7 +180,7 @@ pub fn tables(
             sin.push(a.sin());
         }
     }
-    Ok((cos, sin))
+    (cos, sin)
 }
 
 impl Rope {
@@ -184,30 +190,40 @@ impl Rope {
         max_pos: usize,
         scaling: Option<&RopeScaling>,
     ) -> Result<Self> {
-        let (cos, sin) = tables(head_dim, theta, max_pos, scaling)?;
-        let half = head_dim / 2;
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_pos, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (max_pos, half), &Device::Cpu)?,
+            inv_freq: inv_freq(head_dim, theta, scaling)?.into(),
+            max_pos,
+            grown: Default::default(),
             rows: Default::default(),
         })
     }
 
     /// `(cos, sin)` as rows `[max_pos, head_dim / 2]`.
     pub fn rows(&self) -> (&[f32], &[f32]) {
-        let (c, s) = self.rows.get_or_init(|| {
-            let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
-            // The tables are f32 tensors made above: reading them back cannot fail.
-            (
-                flat(&self.cos).unwrap_or_default(),
-                flat(&self.sin).unwrap_or_default(),
-            )
-        });
+        let (c, s) = self
+            .rows
+            .get_or_init(|| tables_for(&self.inv_freq, self.max_pos));
         (c, s)
     }
 
     pub fn max_positions(&self) -> usize {
-        self.cos.dims()[0]
+        self.max_pos
+    }
+
+    /// Tables that cover the first `n` positions (`n` at most `max_pos`).
+    fn tables_to(&self, n: usize) -> Result<(Tensor, Tensor)> {
+        let mut grown = self.grown.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((c, s)) = grown.as_ref().filter(|(c, _)| c.dims()[0] >= n) {
+            return Ok((c.clone(), s.clone()));
+        }
+        let have = grown.as_ref().map_or(0, |(c, _)| c.dims()[0]);
+        let len = n.max(2 * have).max(256).min(self.max_pos);
+        let (cos, sin) = tables_for(&self.inv_freq, len);
+        let half = self.inv_freq.len();
+        let c = Tensor::from_vec(cos, (len, half), &Device::Cpu)?;
+        let s = Tensor::from_vec(sin, (len, half), &Device::Cpu)?;
+        *grown = Some((c.clone(), s.clone()));
+        Ok((c, s))
     }
 
     /// `x` is `[b, heads, t, head_dim]` for positions `pos..pos+t`.
@@ -219,8 +235,9 @@ impl Rope {
                 context: self.max_positions(),
             });
         }
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
+        let (cos, sin) = self.tables_to(pos + t)?;
+        let cos = cos.narrow(0, pos, t)?;
+        let sin = sin.narrow(0, pos, t)?;
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
 }

@@ -194,7 +194,7 @@ pub fn quantize_gguf(
                 dtype,
                 rows,
                 cols,
-                data: bytes.to_vec(),
+                data: bytes.to_vec().into(),
             }
             .dequantize()?
             .reshape(dims.clone())?;

@@ -7,6 +7,7 @@ pub mod gguf_vocab;
 pub mod marian;
 pub mod preprocess;
 pub mod spm;
+pub mod spm_bpe;
 pub mod to_gguf;
 pub mod train;
 
@@ -41,7 +42,11 @@ pub(crate) fn added_token(id: u32, content: &str, special: bool) -> Value {
 }
 
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    /// transformers' tokenizer; for a SentencePiece BPE vocabulary (`spm`) built only if
+    /// something asks for it (encoder pairs, constrained decoding).
+    inner: std::sync::OnceLock<tokenizers::Tokenizer>,
+    /// SentencePiece BPE vocabularies encode and decode here, from their pieces (`spm_bpe.rs`).
+    spm: Option<std::sync::Arc<spm_bpe::SpmBpe>>,
     /// Where the tokenizer came from, for error messages.
     pub origin: PathBuf,
     pub bos: Option<u32>,
@@ -391,8 +396,15 @@ fn read_json(path: &Path) -> Result<Value> {
 
 impl Tokenizer {
     pub fn from_tokenizer(inner: tokenizers::Tokenizer, origin: PathBuf) -> Self {
+        let mut t = Self::without_inner(origin);
+        t.inner = inner.into();
+        t
+    }
+
+    fn without_inner(origin: PathBuf) -> Self {
         Self {
-            inner,
+            inner: std::sync::OnceLock::new(),
+            spm: None,
             origin,
             bos: None,
             eos: Vec::new(),
@@ -416,15 +428,17 @@ impl Tokenizer {
     }
 
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let inner = if g.meta_str("tokenizer.ggml.model") == Some("llama") {
+        let mut t = if g.meta_str("tokenizer.ggml.model") == Some("llama") {
             let (pieces, unk, space_prefix) = gguf_vocab::spm_vocab(g)?;
-            spm::tokenizer(&pieces, unk.as_deref(), space_prefix).in_file(&g.path)?
+            Self::from_spm_bpe(&g.path, &pieces, unk.as_deref(), space_prefix)?
         } else if g.meta_str("tokenizer.ggml.model") == Some("gpt2") {
-            gguf_vocab::gpt2_tokenizer(g)?
+            Self::from_tokenizer(gguf_vocab::gpt2_tokenizer(g)?, g.path.clone())
         } else {
-            from_json(&gguf_vocab::tokenizer_json(g)?, &g.path)?
+            Self::from_tokenizer(
+                from_json(&gguf_vocab::tokenizer_json(g)?, &g.path)?,
+                g.path.clone(),
+            )
         };
-        let mut t = Self::from_tokenizer(inner, g.path.clone());
         let id = |k: &str| g.meta_u64(k).map(|v| v as u32);
         t.bos = id("tokenizer.ggml.bos_token_id");
         t.eos = [
@@ -586,12 +600,45 @@ impl Tokenizer {
 
     fn from_spm_pieces(path: &Path, pieces: Vec<spm::Piece>) -> Result<Self> {
         let unk = pieces.iter().find(|p| p.kind == 2).map(|p| p.text.clone());
-        let inner = spm::tokenizer(&pieces, unk.as_deref(), true).in_file(path)?;
-        let mut t = Self::from_tokenizer(inner, path.to_path_buf());
+        let mut t = Self::from_spm_bpe(path, &pieces, unk.as_deref(), true)?;
         let find = |s: &str| pieces.iter().position(|p| p.text == s).map(|i| i as u32);
         t.bos = find("<s>");
         t.eos = find("</s>").into_iter().collect();
         Ok(t)
+    }
+
+    /// A SentencePiece BPE vocabulary, encoded from its pieces; transformers' form of it only
+    /// where two pieces share a text (its maps keep the last of them).
+    fn from_spm_bpe(
+        path: &Path,
+        pieces: &[spm::Piece],
+        unk: Option<&str>,
+        space_prefix: bool,
+    ) -> Result<Self> {
+        Ok(
+            match spm_bpe::SpmBpe::new(pieces, unk, space_prefix).in_file(path)? {
+                Some(m) => {
+                    let mut t = Self::without_inner(path.to_path_buf());
+                    t.spm = Some(std::sync::Arc::new(m));
+                    t
+                }
+                None => Self::from_tokenizer(
+                    spm::tokenizer(pieces, unk, space_prefix).in_file(path)?,
+                    path.to_path_buf(),
+                ),
+            },
+        )
+    }
+
+    /// transformers' tokenizer, built on first use for a SentencePiece BPE vocabulary.
+    fn hf(&self) -> Result<&tokenizers::Tokenizer> {
+        if let Some(t) = self.inner.get() {
+            return Ok(t);
+        }
+        let m = self.spm.as_ref().expect("a tokenizer has `inner` or `spm`");
+        let built =
+            spm::tokenizer(&m.pieces(), m.unk_text(), m.space_prefix()).in_file(&self.origin)?;
+        Ok(self.inner.get_or_init(|| built))
     }
 
     /// Token ids for `text`. With `add_special`, BOS/EOS are added as the model's tokenizer would.
@@ -600,11 +647,15 @@ impl Tokenizer {
         if let Some(m) = &self.marian {
             return m.encode(text, false, add_special);
         }
-        let enc = self
-            .inner
-            .encode(text, add_special && !self.manual_specials)
-            .map_err(|e| Error::msg(format!("tokenization failed: {e}")))?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = match &self.spm {
+            Some(m) => m.encode(text),
+            None => self
+                .hf()?
+                .encode(text, add_special && !self.manual_specials)
+                .map_err(|e| Error::msg(format!("tokenization failed: {e}")))?
+                .get_ids()
+                .to_vec(),
+        };
         if add_special && self.manual_specials {
             if self.add_bos {
                 if let Some(b) = self.bos {
@@ -629,13 +680,10 @@ impl Tokenizer {
         };
         use tokenizers::PostProcessor;
         let err = |e| Error::msg(format!("tokenization failed: {e}"));
-        let ea = self.inner.encode(a, false).map_err(err)?;
-        let eb = b
-            .map(|b| self.inner.encode(b, false))
-            .transpose()
-            .map_err(err)?;
-        let added = self
-            .inner
+        let inner = self.hf()?;
+        let ea = inner.encode(a, false).map_err(err)?;
+        let eb = b.map(|b| inner.encode(b, false)).transpose().map_err(err)?;
+        let added = inner
             .get_post_processor()
             .map_or(0, |p| p.added_tokens(b.is_some()));
         let full_len = ea.len() + eb.as_ref().map_or(0, |e| e.len()) + added;
@@ -650,7 +698,7 @@ impl Tokenizer {
         } else {
             (ea, eb)
         };
-        let enc = self.inner.post_process(ea, eb, true).map_err(err)?;
+        let enc = inner.post_process(ea, eb, true).map_err(err)?;
         Ok(EncoderInput {
             ids: enc.get_ids().to_vec(),
             type_ids: enc.get_type_ids().to_vec(),
@@ -674,9 +722,9 @@ impl Tokenizer {
         let err = |e| Error::msg(format!("tokenization failed: {e}"));
         let words: Vec<&str> = words.iter().map(String::as_str).collect();
         let input = tokenizers::InputSequence::PreTokenized(words.into());
-        let enc = self.inner.encode(input, false).map_err(err)?;
-        let added = self
-            .inner
+        let inner = self.hf()?;
+        let enc = inner.encode(input, false).map_err(err)?;
+        let added = inner
             .get_post_processor()
             .map_or(0, |p| p.added_tokens(false));
         let full_len = enc.len() + added;
@@ -691,7 +739,7 @@ impl Tokenizer {
         } else {
             enc
         };
-        let enc = self.inner.post_process(enc, None, true).map_err(err)?;
+        let enc = inner.post_process(enc, None, true).map_err(err)?;
         Ok((
             EncoderInput {
                 ids: enc.get_ids().to_vec(),
@@ -744,8 +792,12 @@ impl Tokenizer {
         if let Some(m) = &self.marian {
             return Ok(m.decode(ids, skip_special));
         }
+        if let Some(m) = &self.spm {
+            return Ok(m.decode(ids, skip_special));
+        }
+        let inner = self.hf()?;
         let decode = |ids: &[u32]| {
-            self.inner
+            inner
                 .decode(ids, skip_special)
                 .map_err(|e| Error::msg(format!("detokenization failed: {e}")))
         };
@@ -754,7 +806,7 @@ impl Tokenizer {
         }
         // T5Tokenizer: SentencePiece decodes the pieces between special tokens; a space goes
         // before each such run that a special token ends; the text is stripped.
-        let specials = self.inner.get_added_tokens_decoder();
+        let specials = inner.get_added_tokens_decoder();
         let (mut out, mut run, mut after_special) = (String::new(), Vec::new(), false);
         for &id in ids {
             match specials.get(&id).filter(|t| t.special) {
@@ -781,21 +833,30 @@ impl Tokenizer {
         if let Some(m) = &self.marian {
             return m.vocab_size();
         }
-        self.inner.get_vocab_size(true)
+        match &self.spm {
+            Some(m) => m.len(),
+            None => self.hf().map_or(0, |t| t.get_vocab_size(true)),
+        }
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         if let Some(m) = &self.marian {
             return m.id_to_token(id);
         }
-        self.inner.id_to_token(id)
+        match &self.spm {
+            Some(m) => m.piece(id).map(String::from),
+            None => self.hf().ok()?.id_to_token(id),
+        }
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         if let Some(m) = &self.marian {
             return m.token_to_id(token);
         }
-        self.inner.token_to_id(token)
+        match &self.spm {
+            Some(m) => m.id(token),
+            None => self.hf().ok()?.token_to_id(token),
+        }
     }
 
     pub fn is_eos(&self, id: u32) -> bool {
@@ -807,9 +868,10 @@ impl Tokenizer {
         &self.eos
     }
 
-    /// The `tokenizers` tokenizer underneath (for libraries that read its vocabulary).
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+    /// The `tokenizers` tokenizer underneath (for libraries that read its vocabulary), built
+    /// now if this vocabulary has been encoding without it.
+    pub fn inner(&self) -> Result<&tokenizers::Tokenizer> {
+        self.hf()
     }
 
     /// A tokenizer with more ids than the model has embedding rows would index out of range.

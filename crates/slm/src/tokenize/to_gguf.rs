@@ -52,7 +52,7 @@ pub fn gguf_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value
         ("pad", "tokenizer.ggml.padding_token_id"),
     ] {
         let id = token_str(cfg.get(format!("{name}_token")))
-            .and_then(|s| tok.inner.token_to_id(&s))
+            .and_then(|s| tok.token_to_id(&s))
             .or_else(|| {
                 model_cfg[format!("{name}_token_id")]
                     .as_u64()
