@@ -145,6 +145,45 @@ pub fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
         .collect()
 }
 
+/// Activations for the k-quant products as llama.cpp's `quantize_row_q8_K` makes them: one
+/// f32 scale per 256 values, `-max / 127` with the sign of the value of largest magnitude (the
+/// first such), codes `min(127, round-to-even(x · -127 / max))`. Returned as the eight 32-value
+/// blocks of each superblock, all with the superblock's scale, which the k-quant kernel reads
+/// once per superblock.
+pub fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8> {
+    const QK_K: usize = 256;
+    assert!(x.len().is_multiple_of(QK_K));
+    let mut out = Vec::with_capacity(x.len() / QK);
+    for c in x.chunks_exact(QK_K) {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &v in c {
+            if v.abs() > amax {
+                (amax, max) = (v.abs(), v);
+            }
+        }
+        let iscale = if amax > 0.0 { -127.0 / max } else { 0.0 };
+        let d = if amax > 0.0 { 1.0 / iscale } else { 0.0 };
+        for part in c.chunks_exact(QK) {
+            let mut qs = [0i8; QK];
+            for (q, v) in qs.iter_mut().zip(part) {
+                // llama.cpp's nearest_int: 1.5·2²³ added leaves round-to-even in the low bits.
+                let r = (iscale * v + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+                *q = r.min(127) as i8;
+            }
+            let lo: i32 = qs[..16].iter().map(|&q| q as i32).sum();
+            let s: i32 = lo + qs[16..].iter().map(|&q| q as i32).sum::<i32>();
+            out.push(BlockQ8 {
+                qs,
+                d,
+                sum: d * s as f32,
+                isum: s,
+                isum_lo: lo,
+            });
+        }
+    }
+    out
+}
+
 pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
@@ -339,5 +378,61 @@ mod avx2 {
             out[t] = hsum(acc[t]) + extra[t];
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The k-quants' activation blocks against candle's `Q8K` quantization of the same values
+    /// (scale, codes and 16-value sums as its bytes hold them), over superblocks of different
+    /// ranges, with the largest magnitude negative and positive (the scale takes its sign), and
+    /// an all-zero one.
+    #[test]
+    fn q8k_activations_match_candles_q8k_blocks() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let n = 4 * 256;
+        let x: Vec<f32> = (0..n)
+            .map(|i| match i / 256 {
+                0 => ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0,
+                1 => {
+                    ((i * 104729 % 997) as f32 / 498.5 - 1.0) * 0.01
+                        - if i == 300 { 0.5 } else { 0.0 }
+                }
+                2 => 0.0,
+                _ => (i as f32 * 0.37).sin() * 40.0 + if i == 900 { 50.0 } else { 0.0 },
+            })
+            .collect();
+        let ours = quantize_q8k(&x);
+        let t = Tensor::from_vec(x.clone(), (1, n), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q8K).unwrap();
+        let raw = q.data().unwrap().to_vec();
+        assert_eq!(raw.len(), 4 * (4 + 256 + 32), "candle's Q8K blocks");
+        // candle's block: d (f32), 256 codes, 16 sums of 16 (i16).
+        for (s, b) in raw.chunks_exact(4 + 256 + 32).enumerate() {
+            let d = f32::from_le_bytes(b[..4].try_into().unwrap());
+            for j in 0..8 {
+                let ob = &ours[s * 8 + j];
+                assert_eq!(ob.d.to_bits(), d.to_bits(), "superblock {s}");
+                for i in 0..32 {
+                    // candle rounds halves away from zero, llama.cpp (and slm) to even.
+                    let v = x[s * 256 + 32 * j + i] * if d == 0.0 { 0.0 } else { 1.0 / d };
+                    let tie = (v.abs().fract() - 0.5).abs() < 1e-6;
+                    let theirs = b[4 + 32 * j + i] as i8;
+                    assert!(
+                        ob.qs[i] == theirs || tie,
+                        "superblock {s} value {}",
+                        32 * j + i
+                    );
+                }
+                let sum16 = |h: usize| {
+                    let at = 4 + 256 + 2 * (2 * j + h);
+                    i16::from_le_bytes([b[at], b[at + 1]]) as i32
+                };
+                assert_eq!((ob.isum_lo, ob.isum), (sum16(0), sum16(0) + sum16(1)));
+            }
+        }
     }
 }

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::io::QuantWeight;
 
-use super::qdot::{dot, dot_xn, has_vnni, quantize_q8, BlockQ8, Kind, QK};
+use super::qdot::{dot, dot_xn, has_vnni, quantize_q8, quantize_q8k, BlockQ8, Kind, QK};
 use super::qpack::{Packed, ROWS};
 use super::qpack_k::{KKind, KPacked, QK_K};
 
@@ -195,7 +195,7 @@ impl QMatMul {
             QMatMul::Candle(q) => Ok(q.forward(&x.contiguous()?)?),
             QMatMul::Own(q) => own_forward(x, q.rows, q.cols, |xs, m, y| q.matmul(xs, m, y)),
             QMatMul::OwnK(p) => own_forward(x, p.rows(), p.cols(), |xs, m, y| {
-                let xq = quantize_rows(xs, p.cols(), m);
+                let xq = quantize_rows_with(xs, p.cols(), m, quantize_q8k);
                 run_interleaved(
                     p,
                     &xq,
@@ -293,12 +293,18 @@ fn run_interleaved<P: Interleaved>(
     }
 }
 
-/// Activations as 8-bit blocks, rows quantized in parallel from four on.
-fn quantize_rows(x: &[f32], cols: usize, m: usize) -> Vec<BlockQ8> {
+/// Activations as 8-bit blocks (`quantize`: the legacy types' `quantize_q8`, the k-quants'
+/// `quantize_q8k`), rows quantized in parallel from four on.
+fn quantize_rows_with(
+    x: &[f32],
+    cols: usize,
+    m: usize,
+    quantize: fn(&[f32]) -> Vec<BlockQ8>,
+) -> Vec<BlockQ8> {
     if m >= 4 {
-        x.par_chunks(cols).flat_map_iter(quantize_q8).collect()
+        x.par_chunks(cols).flat_map_iter(quantize).collect()
     } else {
-        quantize_q8(x)
+        x.chunks(cols).flat_map(quantize).collect()
     }
 }
 
@@ -415,7 +421,7 @@ impl OwnQ {
             return self.matmul_f32(x, m, y);
         }
         let nb = self.cols / QK;
-        let xq = quantize_rows(x, self.cols, m);
+        let xq = quantize_rows_with(x, self.cols, m, quantize_q8);
         let row_bytes = nb * self.kind.block_bytes();
         let rows = self.rows;
         let xr = |i: usize| &xq[i * nb..(i + 1) * nb];
@@ -566,6 +572,13 @@ mod tests {
             };
             let kind = KKind::of(dtype).unwrap();
             let bb = kind.block_bytes() * cols / QK_K;
+            // candle's k-quant product (its activations quantized per 256 as well).
+            let theirs = CandleQMatMul::from_qtensor(QTensor::quantize(&wt, dtype).unwrap())
+                .unwrap()
+                .forward(&xt)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             let alone: Vec<Vec<f32>> = (0..m)
                 .map(|i| {
                     let y = own.forward(&xt.narrow(0, i, 1).unwrap()).unwrap();
@@ -578,12 +591,17 @@ mod tests {
                 for i in 0..mm {
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got[i]), bits(&alone[i]), "{dtype:?} m={mm} token {i}");
-                    let xq = quantize_q8(&x[i * cols..(i + 1) * cols]);
+                    let xq = quantize_q8k(&x[i * cols..(i + 1) * cols]);
                     for r in 0..rows {
                         let (g, w) = (got[i][r], want[i][r]);
                         assert!(
                             (g - w).abs() < 0.02 * (1.0 + w.abs()),
                             "{dtype:?} [{i},{r}]: {g} vs dequantized {w}"
+                        );
+                        let c = theirs[i][r];
+                        assert!(
+                            (g - c).abs() < 1e-4 * (1.0 + c.abs()),
+                            "{dtype:?} [{i},{r}]: {g} vs candle's {c}"
                         );
                         let reference = dot_scalar(kind, &raw[r * bb..(r + 1) * bb], &xq);
                         assert!(

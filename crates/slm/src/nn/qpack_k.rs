@@ -159,14 +159,16 @@ pub(crate) fn unpack(kind: KKind, blk: &[u8]) -> Unpacked {
     u
 }
 
-/// The reference the kernel is tested against: one row against one activation row, in the
-/// kernel's arithmetic (integer sums per sub-block, f64 here).
+/// The reference the kernel is tested against: one row against one activation row (from
+/// [`super::qdot::quantize_q8k`]), in llama.cpp's arithmetic for these types: integer sums over
+/// each superblock, then `d_w d_y Σ − dmin_w d_y Σmin` (in f64 here).
 #[cfg(test)]
 pub(crate) fn dot_scalar(kind: KKind, w: &[u8], x: &[BlockQ8]) -> f32 {
     let mut acc = 0f64;
     for (s, blk) in w.chunks_exact(kind.block_bytes()).enumerate() {
         let u = unpack(kind, blk);
-        let (mut sb, mut sbm) = (0f64, 0f64);
+        let dy = x[s * SUB].d as f64;
+        let (mut sb, mut sbm) = (0i64, 0i64);
         for j in 0..SUB {
             let xb = &x[s * SUB + j];
             let code = |i: usize| u.codes[32 * j + i] as i32;
@@ -181,10 +183,10 @@ pub(crate) fn dot_scalar(kind: KKind, w: &[u8], x: &[BlockQ8]) -> f32 {
             } else {
                 u.scales[j] * (0..QK).map(|i| code(i) * y(i)).sum::<i32>()
             };
-            sb += p as f64 * xb.d as f64;
-            sbm += u.mins[j] as f64 * (xb.d * xb.isum as f32) as f64;
+            sb += p as i64;
+            sbm += (u.mins[j] * xb.isum) as i64;
         }
-        acc += u.d as f64 * sb - u.dmin as f64 * sbm;
+        acc += u.d as f64 * dy * sb as f64 - u.dmin as f64 * dy * sbm as f64;
     }
     acc as f32
 }
@@ -385,8 +387,10 @@ mod vnni {
             let mut acc = [_mm256_setzero_ps(); N];
             for sb in 0..nsb {
                 let su = g * nsb + sb;
-                let mut sacc = [_mm256_setzero_ps(); N];
-                let mut macc = [_mm256_setzero_ps(); N];
+                // Integer sums over the superblock, as llama.cpp's k-quant dot products keep
+                // them: the activations share one scale per superblock.
+                let mut isacc = [zero; N];
+                let mut imacc = [zero; N];
                 for j in 0..SUB {
                     let u = su * SUB + j;
                     let mut a = [zero; 8];
@@ -452,17 +456,13 @@ mod vnni {
                                 _mm256_mullo_epi32(s0, lo),
                                 _mm256_mullo_epi32(s1, hi),
                             );
-                            sacc[t] = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(s),
-                                _mm256_set1_ps(xb.d),
-                                sacc[t],
-                            );
+                            isacc[t] = _mm256_add_epi32(isacc[t], s);
                         }
                     } else {
                         let sp = p.scales.as_ptr().add(u * ROWS) as *const __m128i;
                         let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sp));
                         let mp = p.mins.as_ptr().add(u * ROWS) as *const __m128i;
-                        let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(mp)));
+                        let mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64(mp));
                         for t in 0..N {
                             let xb = &x[t][sb * SUB + j];
                             let q = xb.qs.as_ptr() as *const i32;
@@ -477,26 +477,23 @@ mod vnni {
                             s0 = _mm256_dpbusd_epi32(s0, a[6], bc(6));
                             s1 = _mm256_dpbusd_epi32(s1, a[7], bc(7));
                             let s = _mm256_mullo_epi32(_mm256_add_epi32(s0, s1), sc);
-                            sacc[t] = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(s),
-                                _mm256_set1_ps(xb.d),
-                                sacc[t],
-                            );
-                            let ys = _mm256_set1_ps(xb.d * xb.isum as f32);
-                            macc[t] = _mm256_fmadd_ps(mn, ys, macc[t]);
+                            isacc[t] = _mm256_add_epi32(isacc[t], s);
+                            let m = _mm256_mullo_epi32(mn, _mm256_set1_epi32(xb.isum));
+                            imacc[t] = _mm256_add_epi32(imacc[t], m);
                         }
                     }
                 }
                 let dv = _mm256_load_ps(p.d.as_ptr().add(su * ROWS * 4) as *const f32);
-                if kind == KKind::Q6K {
-                    for t in 0..N {
-                        acc[t] = _mm256_fmadd_ps(dv, sacc[t], acc[t]);
-                    }
-                } else {
+                for t in 0..N {
+                    let dy = _mm256_set1_ps(x[t][sb * SUB].d);
+                    let d = _mm256_mul_ps(dv, dy);
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isacc[t]), acc[t]);
+                }
+                if kind.has_min() {
                     let mv = _mm256_load_ps(p.dmin.as_ptr().add(su * ROWS * 4) as *const f32);
                     for t in 0..N {
-                        acc[t] = _mm256_fmadd_ps(dv, sacc[t], acc[t]);
-                        acc[t] = _mm256_fnmadd_ps(mv, macc[t], acc[t]);
+                        let dmin = _mm256_mul_ps(mv, _mm256_set1_ps(x[t][sb * SUB].d));
+                        acc[t] = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(imacc[t]), acc[t]);
                     }
                 }
             }
