@@ -41,48 +41,94 @@ pub struct OwnQ {
 /// where the buffer starts decides how many of the kernel's loads split; measured: prefill ran
 /// 15% slower from an allocation at 16 mod 64 than from one on a line.
 pub(super) struct AlignedBytes {
-    buf: Vec<Line>,
+    buf: Storage,
     len: usize,
+}
+
+enum Storage {
+    Lines(Vec<Line>),
+    /// Planes of a few MB and more: an anonymous mapping on 2 MB boundaries with transparent
+    /// huge pages asked for, so that filling it at load faults once per 2 MB instead of once per
+    /// 4 kB (the faults were half of SmolLM2's load time).
+    Map(memmap2::MmapMut, usize),
 }
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([u8; 64]);
 
+const HUGE: usize = 2 << 20;
+
+/// `n` zeroed lines straight from the allocator (`vec![Line(..); n]` would write every byte: a
+/// pass over the whole plane before packing writes it again).
+fn zeroed_lines(n: usize) -> Vec<Line> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let layout = std::alloc::Layout::array::<Line>(n).expect("weights fit in memory");
+    // SAFETY: a non-zero-sized layout; zero bytes are a valid `Line`; the Vec owns an allocation
+    // of exactly `n` Lines made by the global allocator with Line's layout.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut Line;
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(p, n, n)
+    }
+}
+
 impl AlignedBytes {
     pub(super) fn zeroed(len: usize) -> Self {
-        Self {
-            buf: vec![Line([0; 64]); len.div_ceil(64)],
-            len,
-        }
+        let buf = if len >= 2 * HUGE {
+            match memmap2::MmapMut::map_anon(len + HUGE) {
+                Ok(m) => {
+                    let off = (m.as_ptr() as usize).next_multiple_of(HUGE) - m.as_ptr() as usize;
+                    #[cfg(target_os = "linux")]
+                    let _ = m.advise(memmap2::Advice::HugePage);
+                    Storage::Map(m, off)
+                }
+                Err(_) => Storage::Lines(zeroed_lines(len.div_ceil(64))),
+            }
+        } else {
+            Storage::Lines(zeroed_lines(len.div_ceil(64)))
+        };
+        Self { buf, len }
     }
 
     pub(super) fn from_slices(parts: &[&[u8]]) -> Self {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        let mut buf = vec![Line([0; 64]); len.div_ceil(64)];
-        // SAFETY: `buf` holds at least `len` bytes and Line is plain bytes.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, len) };
+        let mut out = Self::zeroed(len);
         let mut at = 0;
         for p in parts {
-            bytes[at..at + p.len()].copy_from_slice(p);
+            out[at..at + p.len()].copy_from_slice(p);
             at += p.len();
         }
-        Self { buf, len }
+        out
     }
 }
 
 impl std::ops::Deref for AlignedBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: as in from_slices.
-        unsafe { std::slice::from_raw_parts(self.buf.as_ptr() as *const u8, self.len) }
+        match &self.buf {
+            // SAFETY: the lines hold at least `len` bytes and Line is plain bytes.
+            Storage::Lines(v) => unsafe {
+                std::slice::from_raw_parts(v.as_ptr() as *const u8, self.len)
+            },
+            Storage::Map(m, off) => &m[*off..*off + self.len],
+        }
     }
 }
 
 impl std::ops::DerefMut for AlignedBytes {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in from_slices.
-        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr() as *mut u8, self.len) }
+        match &mut self.buf {
+            // SAFETY: as in deref.
+            Storage::Lines(v) => unsafe {
+                std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, self.len)
+            },
+            Storage::Map(m, off) => &mut m[*off..*off + self.len],
+        }
     }
 }
 
