@@ -10,6 +10,7 @@ its dictionary from every split). Defaults are main.py's: LSTM, emsize 200, nhid
 dropout 0.2, bptt 35, batch 20, lr 20, clip 0.25; eval batch 10.
 
 Run: python tools/bench_wlm.py [--epochs 3] [--seeds 1111 1112 1113] [--threads 2] [--arch lstm|gru] [--slm target/release/slm]
+     [--no-mkldnn]
 """
 import argparse
 import json
@@ -51,7 +52,11 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[1111, 1112, 1113],
                     help="one paired run (the same initial weights) per seed")
     ap.add_argument("--slm", default=str(ROOT / "target" / "release" / "slm"))
+    ap.add_argument("--no-mkldnn", action="store_true",
+                    help="PyTorch's own ATen LSTM kernels instead of oneDNN's (torch.backends.mkldnn)")
     a = ap.parse_args()
+    if a.no_mkldnn:
+        torch.backends.mkldnn.enabled = False
     src = ASSETS / "corpora" / "wikitext-2" / "valid.txt"
     lines = src.read_text(encoding="utf8").splitlines(keepends=True)
     work = Path(tempfile.mkdtemp(prefix="bench_wlm_"))
@@ -63,7 +68,8 @@ def main():
     ids = lambda f: [vocab.get(w, vocab["<unk>"]) for w in words((work / f).read_text(encoding="utf8").splitlines(keepends=True))]
     train_ids, valid_ids = ids("train.txt"), ids("valid.txt")
 
-    print(f"CPU: {cpu_model()}; {a.threads} threads; torch {torch.__version__}")
+    print(f"CPU: {cpu_model()}; {a.threads} threads; torch {torch.__version__}"
+          f"{'; oneDNN off' if a.no_mkldnn else ''}")
     print(f"work folder (data, vocabulary, initial weights; tools/wlm_dropout_rng.py reads it): {work}")
     print(f"{a.arch.upper()} 200/200 x2, dropout {a.dropout}, vocab {len(vocab)}, {len(train_ids)} train / {len(valid_ids)} valid tokens")
 
