@@ -635,7 +635,10 @@ impl Tokenizer {
         if let Some(t) = self.inner.get() {
             return Ok(t);
         }
-        let m = self.spm.as_ref().expect("a tokenizer has `inner` or `spm`");
+        let m = self
+            .spm
+            .as_ref()
+            .ok_or_else(|| Error::file(&self.origin, "no tokenizer was built"))?;
         let built =
             spm::tokenizer(&m.pieces(), m.unk_text(), m.space_prefix()).in_file(&self.origin)?;
         Ok(self.inner.get_or_init(|| built))
