@@ -80,7 +80,8 @@ impl WeightBytes {
         {
             let end = end.min(*len);
             if start < end {
-                // SAFETY: as in `drop`.
+                // SAFETY: a read-only shared file mapping: MADV_DONTNEED only unmaps the
+                // pages, and a later read faults them back in from the file, unchanged.
                 let _ = unsafe {
                     map.unchecked_advise_range(
                         memmap2::UncheckedAdvice::DontNeed,
@@ -98,13 +99,7 @@ impl WeightBytes {
 /// faults them back in from the file, unchanged.
 impl Drop for WeightBytes {
     fn drop(&mut self) {
-        #[cfg(unix)]
-        if let WeightBytes::Mapped { map, start, len } = self {
-            // SAFETY: a read-only shared file mapping: MADV_DONTNEED only unmaps the pages.
-            let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, *len)
-            };
-        }
+        self.release(0, self.len());
     }
 }
 

@@ -51,8 +51,8 @@ enum Storage {
     Lines(Vec<Line>),
     /// Planes of 4 MB and more: an anonymous mapping on 2 MB boundaries with transparent huge
     /// pages asked for, so that filling it at load faults once per 2 MB instead of once per 4 kB
-    /// (Gemma's 168 MB table: its model load went from 0.20-0.24 to 0.13-0.17 s), and reading
-    /// it for every decoded token misses the TLB less.
+    /// (Gemma's 168 MB table: its model load went from 0.20-0.24 to 0.13-0.17 s; decode measured
+    /// the same either way).
     Map(memmap2::MmapMut, usize),
 }
 
@@ -284,8 +284,12 @@ pub(super) trait Interleaved: Sync {
     fn groups(&self) -> usize;
     /// Blocks of 32 per row.
     fn blocks(&self) -> usize;
+    /// `y[t * ld + 8g + lane] = row (8g + lane) · x[t]` for the groups `g0..g1` and `N` (1 to
+    /// 4) activation rows of `blocks()` blocks each. Only called when `has_vnni()` is true.
+    ///
     /// # Safety
-    /// As `Packed::gemv`: room in `y`, and no other writer of the slots written.
+    /// `y` must have room for `(N - 1) * ld + 8 * g1` values, and no other thread may write the
+    /// slots this call writes.
     unsafe fn gemv<const N: usize>(
         &self,
         g0: usize,
@@ -534,6 +538,19 @@ mod tests {
     use crate::nn::qdot::dot_scalar;
     use candle_core::quantized::QTensor;
 
+    /// `wt` quantized by candle to `dtype`: its bytes, the dequantized weights, and
+    /// `xt · deqᵀ` in f32 (the product the kernels approximate).
+    fn quantized(wt: &Tensor, xt: &Tensor, dtype: GgmlDType) -> (Vec<u8>, Tensor, Vec<Vec<f32>>) {
+        let q = QTensor::quantize(wt, dtype).unwrap();
+        let deq = q.dequantize(&Device::Cpu).unwrap();
+        let want = xt
+            .matmul(&deq.t().unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        (q.data().unwrap().to_vec(), deq, want)
+    }
+
     /// Each kernel against the f32 product with candle's dequantized weights: the only
     /// difference allowed is the 8-bit quantization of the activations.
     #[test]
@@ -554,14 +571,7 @@ mod tests {
             GgmlDType::Q5_1,
             GgmlDType::Q8_0,
         ] {
-            let q = QTensor::quantize(&wt, dtype).unwrap();
-            let deq = q.dequantize(&Device::Cpu).unwrap();
-            let want = xt
-                .matmul(&deq.t().unwrap())
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            let raw = q.data().unwrap().to_vec();
+            let (raw, deq, want) = quantized(&wt, &xt, dtype);
             let kind = own_kind(&QuantWeight {
                 dtype,
                 rows,
@@ -600,14 +610,7 @@ mod tests {
         let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
         for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
-            let q = QTensor::quantize(&wt, dtype).unwrap();
-            let deq = q.dequantize(&Device::Cpu).unwrap();
-            let want = xt
-                .matmul(&deq.t().unwrap())
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            let raw = q.data().unwrap().to_vec();
+            let (raw, _, want) = quantized(&wt, &xt, dtype);
             let own = QMatMul::new(QuantWeight {
                 dtype,
                 rows,

@@ -228,12 +228,6 @@ impl super::qmatmul::Interleaved for Packed {
         self.nb
     }
 
-    /// `y[t * ld + 8g + lane] = row (8g + lane) · x[t]` for the groups `g0..g1` and `N` (1 to 4)
-    /// activation rows. Only called when [`super::qdot::has_vnni`] is true.
-    ///
-    /// # Safety
-    /// `y` must have room for `(N - 1) * ld + 8 * g1` values, and no other thread may write the
-    /// slots this call writes.
     unsafe fn gemv<const N: usize>(
         &self,
         g0: usize,
@@ -253,10 +247,47 @@ impl super::qmatmul::Interleaved for Packed {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod vnni {
+pub(super) mod vnni {
     use super::{has_high, has_min, Packed, ROWS};
     use crate::nn::qdot::{BlockQ8, Kind};
     use std::arch::x86_64::*;
+
+    /// The eight operands of a 4-bit unit (128 bytes at `c`): low nibbles of vector `j` are
+    /// operand `j`, high nibbles operand `j + 4`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(in crate::nn) unsafe fn nibbles(c: *const u8) -> [__m256i; 8] {
+        let nib = _mm256_set1_epi8(0x0F);
+        let mut a = [_mm256_setzero_si256(); 8];
+        for j in 0..4 {
+            let v = _mm256_load_si256(c.add(32 * j) as *const __m256i);
+            a[j] = _mm256_and_si256(v, nib);
+            a[j + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+        }
+        a
+    }
+
+    /// Bit k of each byte of the 32 bytes at `h` to bit 4 of operand k (16-bit shifts by at
+    /// most four never carry a bit that lands on bit 4 across the byte boundary).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(in crate::nn) unsafe fn fifth_bits(a: &mut [__m256i; 8], h: *const u8) {
+        let bit5 = _mm256_set1_epi8(0x10);
+        let h = _mm256_load_si256(h as *const __m256i);
+        let hs = [
+            _mm256_slli_epi16::<4>(h),
+            _mm256_slli_epi16::<3>(h),
+            _mm256_slli_epi16::<2>(h),
+            _mm256_slli_epi16::<1>(h),
+            h,
+            _mm256_srli_epi16::<1>(h),
+            _mm256_srli_epi16::<2>(h),
+            _mm256_srli_epi16::<3>(h),
+        ];
+        for k in 0..8 {
+            a[k] = _mm256_or_si256(a[k], _mm256_and_si256(hs[k], bit5));
+        }
+    }
 
     // `b` and `t` index several arrays alike.
     #[allow(clippy::needless_range_loop)]
@@ -278,8 +309,6 @@ mod vnni {
             Kind::Q8_0 => 128,
             _ => 0,
         };
-        let nib = _mm256_set1_epi8(0x0F);
-        let bit5 = _mm256_set1_epi8(0x10);
         let zero = _mm256_setzero_si256();
         let codes = p.codes.as_ptr();
         for g in g0..g1 {
@@ -294,29 +323,9 @@ mod vnni {
                         a[k] = _mm256_load_si256(c.add(32 * k) as *const __m256i);
                     }
                 } else {
-                    let c = codes.add(u * 128);
-                    for j in 0..4 {
-                        let v = _mm256_load_si256(c.add(32 * j) as *const __m256i);
-                        a[j] = _mm256_and_si256(v, nib);
-                        a[j + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
-                    }
+                    a = nibbles(codes.add(u * 128));
                     if high {
-                        // Bit k of each byte to bit 4 of operand k (16-bit shifts by at most
-                        // four never carry a bit that lands on bit 4 across the byte boundary).
-                        let h = _mm256_load_si256(p.high.as_ptr().add(u * 32) as *const __m256i);
-                        let hs = [
-                            _mm256_slli_epi16::<4>(h),
-                            _mm256_slli_epi16::<3>(h),
-                            _mm256_slli_epi16::<2>(h),
-                            _mm256_slli_epi16::<1>(h),
-                            h,
-                            _mm256_srli_epi16::<1>(h),
-                            _mm256_srli_epi16::<2>(h),
-                            _mm256_srli_epi16::<3>(h),
-                        ];
-                        for k in 0..8 {
-                            a[k] = _mm256_or_si256(a[k], _mm256_and_si256(hs[k], bit5));
-                        }
+                        fifth_bits(&mut a, p.high.as_ptr().add(u * 32));
                     }
                 }
                 let sp = p.scales.as_ptr().add(u * 2 * ROWS) as *const __m128i;

@@ -289,12 +289,6 @@ impl Interleaved for KPacked {
         self.nsb * SUB
     }
 
-    /// `y[t * ld + 8g + lane] = row (8g + lane) · x[t]` for the groups `g0..g1` and `N` (1 to
-    /// 4) activation rows of `cols / 32` blocks. Only called when `has_vnni()` is true.
-    ///
-    /// # Safety
-    /// `y` must have room for `(N - 1) * ld + 8 * g1` values, and no other thread may write the
-    /// slots this call writes.
     unsafe fn gemv<const N: usize>(
         &self,
         g0: usize,
@@ -363,6 +357,7 @@ fn pack_superblock(kind: KKind, u: &Unpacked, sb: usize, lane: usize, planes: [&
 mod vnni {
     use super::{KKind, KPacked, ROWS, SUB};
     use crate::nn::qdot::BlockQ8;
+    use crate::nn::qpack::vnni::{fifth_bits, nibbles};
     use std::arch::x86_64::*;
 
     // `t` and `k` index several arrays alike.
@@ -378,8 +373,6 @@ mod vnni {
     ) {
         let kind = p.kind;
         let nsb = p.nsb;
-        let nib = _mm256_set1_epi8(0x0F);
-        let bit5 = _mm256_set1_epi8(0x10);
         let two = _mm256_set1_epi8(0x30);
         let zero = _mm256_setzero_si256();
         let (codes, high) = (p.codes.as_ptr(), p.high.as_ptr());
@@ -393,29 +386,10 @@ mod vnni {
                 let mut imacc = [zero; N];
                 for j in 0..SUB {
                     let u = su * SUB + j;
-                    let mut a = [zero; 8];
-                    let c = codes.add(u * 128);
-                    for v in 0..4 {
-                        let w = _mm256_load_si256(c.add(32 * v) as *const __m256i);
-                        a[v] = _mm256_and_si256(w, nib);
-                        a[v + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nib);
-                    }
+                    let mut a = nibbles(codes.add(u * 128));
                     if kind == KKind::Q5K {
-                        // As Q5_0 in qpack.rs: bit k of each byte to bit 4 of operand k.
-                        let h = _mm256_load_si256(high.add(u * 32) as *const __m256i);
-                        let hs = [
-                            _mm256_slli_epi16::<4>(h),
-                            _mm256_slli_epi16::<3>(h),
-                            _mm256_slli_epi16::<2>(h),
-                            _mm256_slli_epi16::<1>(h),
-                            h,
-                            _mm256_srli_epi16::<1>(h),
-                            _mm256_srli_epi16::<2>(h),
-                            _mm256_srli_epi16::<3>(h),
-                        ];
-                        for k in 0..8 {
-                            a[k] = _mm256_or_si256(a[k], _mm256_and_si256(hs[k], bit5));
-                        }
+                        // As Q5_0's fifth bits in qpack.rs.
+                        fifth_bits(&mut a, high.add(u * 32));
                     } else if kind == KKind::Q6K {
                         // Bits 2k, 2k + 1 of vector w to bits 4, 5 of operand 4w + k (16-bit
                         // shifts by at most four never carry a bit into bits 4-5 of the
