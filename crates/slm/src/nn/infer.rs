@@ -786,7 +786,21 @@ impl Loader for VbLoader {
         douts: &[usize],
         bias: bool,
     ) -> Result<Parts<Linear>> {
-        let ls = self.each(names, din, douts, bias)?;
+        let ls = if bias {
+            self.each(names, din, douts, bias)?
+        } else {
+            let ws = names
+                .iter()
+                .zip(douts)
+                .map(|(n, &d)| self.at(n).get_weight("weight", &[d, din]))
+                .collect::<Result<Vec<_>>>()?;
+            if let Some(l) = Linear::stacked(&ws) {
+                return Ok(Parts::Fused(l, douts.to_vec()));
+            }
+            ws.into_iter()
+                .map(|w| Linear::from_weight(w, None))
+                .collect::<Result<Vec<_>>>()?
+        };
         // One product (and one quantization of x) instead of several.
         Ok(match Linear::try_concat(&ls.iter().collect::<Vec<_>>())? {
             Some(l) => Parts::Fused(l, douts.to_vec()),

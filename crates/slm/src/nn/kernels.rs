@@ -7,8 +7,8 @@
 //! the layer norm.
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
-use rayon::prelude::*;
 
+use super::pool::{self, SharedMut};
 use super::Activation;
 use crate::error::{Error, Result};
 
@@ -155,11 +155,7 @@ pub fn activate(y: &mut [f32], act: Activation) {
         }),
         Activation::Tanh => c.iter_mut().for_each(|v| *v = tanh(*v)),
     };
-    if y.len() >= 1 << 15 {
-        y.par_chunks_mut(1 << 13).for_each(f);
-    } else {
-        f(y);
-    }
+    pool::chunks_mut(y, 1 << 13, 1 << 15, |_, c| f(c));
 }
 
 /// Splits a fused projection `[b, t, Σheads·hd]` into `N` head-major buffers
@@ -192,14 +188,19 @@ pub fn split_heads<const N: usize>(
 
 /// `act(gate) * up` from a fused `[m, 2n]` projection (gate columns first), in one pass.
 pub fn gated(gu: &[f32], n: usize, act: Activation) -> Vec<f32> {
-    let mut out: Vec<f32> = Vec::with_capacity(gu.len() / 2);
-    for row in gu.chunks_exact(2 * n) {
-        out.extend_from_slice(&row[..n]);
-    }
-    activate(&mut out, act);
-    for (o, row) in out.chunks_exact_mut(n).zip(gu.chunks_exact(2 * n)) {
-        o.iter_mut().zip(&row[n..]).for_each(|(g, u)| *g *= u);
-    }
+    let mut out = vec![0f32; gu.len() / 2];
+    // About 8k values a task, whole rows.
+    let rows = (1usize << 13).div_ceil(n.max(1));
+    pool::chunks_mut(&mut out, rows * n, 1 << 15, |i, o| {
+        let src = gu[i * rows * 2 * n..].chunks_exact(2 * n);
+        for (orow, row) in o.chunks_exact_mut(n).zip(src.clone()) {
+            orow.copy_from_slice(&row[..n]);
+        }
+        activate(o, act);
+        for (orow, row) in o.chunks_exact_mut(n).zip(src) {
+            orow.iter_mut().zip(&row[n..]).for_each(|(g, u)| *g *= u);
+        }
+    });
     out
 }
 
@@ -248,6 +249,21 @@ fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// RMS norm per row of `h` values, in candle's `rms_norm` arithmetic (a sequential sum of
+/// squares, `x / rms · w`), so results are bit for bit candle's; on the forward pass's pool.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, h: usize) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    pool::chunks_mut(&mut y, h, 1 << 15, |i, row| {
+        let src = &x[i * h..(i + 1) * h];
+        let sum2: f32 = src.iter().map(|v| v * v).sum();
+        let m = (sum2 / h as f32 + eps).sqrt();
+        for ((d, s), g) in row.iter_mut().zip(src).zip(w) {
+            *d = *s / m * *g;
+        }
+    });
+    y
+}
+
 /// `layer_norm(x + res)` per row of `h` values (`res` optional).
 pub fn add_layer_norm(
     x: &[f32],
@@ -269,11 +285,7 @@ pub fn add_layer_norm(
             *v = (*v - mean) * inv * g + bb;
         }
     };
-    if y.len() >= 1 << 15 {
-        y.par_chunks_mut(h).for_each(norm);
-    } else {
-        y.chunks_mut(h).for_each(norm);
-    }
+    pool::chunks_mut(&mut y, h, 1 << 15, |_, row| norm(row));
     y
 }
 
@@ -307,20 +319,6 @@ pub fn softmax_in_place(row: &mut [f32]) -> (f32, f32) {
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
     (max, sum)
-}
-
-/// A raw pointer that tasks share to write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: every task writes a region no other task touches (see bidirectional_attention).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// Through a method, so closures capture the Send wrapper rather than the bare pointer.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// One head's attention: `S = scale·QKᵀ` (`t × nk`), a softmax of each row `i` over the keys
@@ -426,7 +424,7 @@ pub fn bidirectional_attention(
     let groups = nh / nkv;
     let mut y = vec![0f32; b * t * hidden];
     let out = SharedMut(y.as_mut_ptr());
-    (0..b * nh).into_par_iter().for_each(|task| {
+    pool::for_each(b * nh, |task| {
         let (s, h) = (task / nh, task % nh);
         let kvh = h / groups;
         let len = lengths[s].clamp(1, t);
@@ -443,7 +441,7 @@ pub fn bidirectional_attention(
                 len,
                 hd,
                 sc,
-                bias.map(|b| b.head(h, 0)),
+                bias.map(|b| b.head(h, 0, 0)),
                 |_| 0..len,
             )
         }
@@ -482,13 +480,15 @@ pub struct RelBias<'a> {
 }
 
 impl<'a> RelBias<'a> {
-    /// Head `h`'s biases for queries whose first row sits at position `q0`.
-    fn head(&self, h: usize, q0: usize) -> HeadBias<'a> {
+    /// Head `h`'s biases for queries whose first row sits at position `q0`, against keys
+    /// whose first sits at `k0`.
+    fn head(&self, h: usize, q0: usize, k0: usize) -> HeadBias<'a> {
         let n = 2 * self.d + 1;
         HeadBias {
             row: &self.table[h * n..(h + 1) * n],
             d: self.d as isize,
             q0,
+            k0,
         }
     }
 }
@@ -498,14 +498,16 @@ struct HeadBias<'a> {
     row: &'a [f32],
     d: isize,
     q0: usize,
+    k0: usize,
 }
 
 impl HeadBias<'_> {
-    /// Adds the biases of keys `k0..k0 + scores.len()` to query row `i`'s scores.
+    /// Adds the biases of keys `k0..k0 + scores.len()` (counted from the view's first key) to
+    /// query row `i`'s scores.
     fn add(&self, scores: &mut [f32], k0: usize, i: usize) {
         let q = (self.q0 + i) as isize;
         for (j, s) in scores.iter_mut().enumerate() {
-            let r = ((k0 + j) as isize - q).clamp(-self.d, self.d);
+            let r = ((self.k0 + k0 + j) as isize - q).clamp(-self.d, self.d);
             *s += self.row[(r + self.d) as usize];
         }
     }
@@ -519,6 +521,9 @@ pub struct KeyView<'a> {
     pub cap: usize,
     pub len: usize,
 }
+
+/// Query rows per attention task of a long prompt.
+const QUERY_BLOCK: usize = 64;
 
 /// Causal attention of `t` new queries at positions `pos..pos+t` (`q`: `[nh, t, hd]`) over the
 /// cached keys, with an optional sliding window. Returns `[t, nh·hd]`.
@@ -578,30 +583,47 @@ fn cached_attention(
     let groups = nh / nkv;
     let mut y = vec![0f32; t * hidden];
     let out = SharedMut(y.as_mut_ptr());
-    let run = |h: usize| {
+    // A long prompt's queries go in blocks, so that a causal block computes the scores of the
+    // keys it can see and no more (5/8 of the full square for four blocks, not all of it), and
+    // the pool gets more tasks than heads to balance.
+    let block = if t >= 2 * QUERY_BLOCK {
+        QUERY_BLOCK
+    } else {
+        t.max(1)
+    };
+    let blocks = t.div_ceil(block);
+    let run = |task: usize| {
+        let (h, i0) = (task / blocks, task % blocks * block);
+        let i1 = (i0 + block).min(t);
         let kvh = h / groups;
-        // SAFETY: q is [nh, t, hd] and each head of the cache holds `cap >= len` rows of hd
-        // (checked above); this call alone writes head h's columns of `y` (t × hidden).
+        // Keys' ranges only move forward with the query (causal, sliding window, or all).
+        let (k0, k1) = (keys(i0).start, keys(i1 - 1).end);
+        // SAFETY: q is [nh, t, hd] and each head of the cache holds `cap >= len >= k1` rows of
+        // hd (checked above); this call alone writes rows i0..i1 of head h's columns of `y`
+        // (t × hidden).
         unsafe {
             head_attention(
-                (q[h * t * hd..].as_ptr(), hd),
-                (kv.k[kvh * kv.cap * hd..].as_ptr(), hd),
-                (kv.v[kvh * kv.cap * hd..].as_ptr(), hd),
-                (out.ptr().add(h * hd), hidden),
-                t,
-                kv.len,
+                (q[(h * t + i0) * hd..].as_ptr(), hd),
+                (kv.k[(kvh * kv.cap + k0) * hd..].as_ptr(), hd),
+                (kv.v[(kvh * kv.cap + k0) * hd..].as_ptr(), hd),
+                (out.ptr().add(i0 * hidden + h * hd), hidden),
+                i1 - i0,
+                k1 - k0,
                 hd,
                 sc,
-                bias.map(|(b, q0)| b.head(h, q0)),
-                &keys,
+                bias.map(|(b, q0)| b.head(h, q0 + i0, k0)),
+                |i| {
+                    let r = keys(i0 + i);
+                    r.start - k0..r.end - k0
+                },
             )
         }
     };
     // A decoded token's heads are too small to be worth waking the pool.
     if t * kv.len >= 4096 {
-        (0..nh).into_par_iter().for_each(run);
+        pool::for_each(nh * blocks, run);
     } else {
-        (0..nh).for_each(run);
+        (0..nh * blocks).for_each(run);
     }
     y
 }
@@ -664,62 +686,98 @@ mod tests {
         }
     }
 
+    /// RMS norm bit for bit candle's, on few rows (one thread) and many (the pool).
+    #[test]
+    fn rms_norm_matches_candles() {
+        for rows in [3, 100] {
+            let h = 576;
+            let x = Tensor::randn(0f32, 2.0, (rows, h), &Device::Cpu).unwrap();
+            let w = Tensor::randn(1f32, 0.1, h, &Device::Cpu).unwrap();
+            let want = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ws = w.to_vec1::<f32>().unwrap();
+            let got = rms_norm(&xs, &ws, 1e-5, h);
+            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{rows} rows");
+        }
+    }
+
+    /// Against a naive softmax, short (one task per head) and long (query blocks, each over
+    /// the keys it can see), with and without a sliding window and relative position biases.
     #[test]
     fn causal_attention_matches_a_naive_softmax() {
-        let (nh, nkv, hd, pos, t) = (4, 2, 3, 2, 3);
-        let total = pos + t;
+        let (nh, nkv, hd) = (4, 2, 3);
         let f = |n: usize, m: usize| -> Vec<f32> {
             (0..n).map(|i| ((i * m % 17) as f32 - 8.0) / 7.0).collect()
         };
-        let (q, k, v) = (
-            f(nh * t * hd, 5),
-            f(nkv * total * hd, 3),
-            f(nkv * total * hd, 11),
-        );
-        for window in [None, Some(2)] {
-            let kv = KeyView {
-                k: &k,
-                v: &v,
-                cap: total,
-                len: total,
-            };
-            let y = causal_attention(
-                &q,
-                kv,
-                nh,
-                nkv,
-                hd,
-                pos,
-                Scores {
-                    window,
-                    ..Scores::standard(hd)
-                },
-                None,
+        let d = 5;
+        let table = f(nh * (2 * d + 1), 13);
+        for (pos, t) in [(2, 3), (7, 150)] {
+            let total = pos + t;
+            let (q, k, v) = (
+                f(nh * t * hd, 5),
+                f(nkv * total * hd, 3),
+                f(nkv * total * hd, 11),
             );
-            for h in 0..nh {
-                let kvh = h / (nh / nkv);
-                for i in 0..t {
-                    let qp = pos + i;
-                    let lo = window.map_or(0, |w| (qp + 1).saturating_sub(w));
-                    let s: Vec<f32> = (lo..=qp)
-                        .map(|j| {
-                            (0..hd)
-                                .map(|d| q[(h * t + i) * hd + d] * k[(kvh * total + j) * hd + d])
-                                .sum::<f32>()
-                                / (hd as f32).sqrt()
-                        })
-                        .collect();
-                    let m = s.iter().cloned().fold(f32::MIN, f32::max);
-                    let z: f32 = s.iter().map(|x| (x - m).exp()).sum();
-                    for d in 0..hd {
-                        let want: f32 = (lo..=qp)
-                            .map(|j| (s[j - lo] - m).exp() / z * v[(kvh * total + j) * hd + d])
-                            .sum();
-                        let got = y[i * nh * hd + h * hd + d];
-                        assert!(
-                            (got - want).abs() < 1e-5,
-                            "{window:?} h{h} i{i} d{d}: {got} vs {want}"
-                        );
+            for window in [None, Some(2), Some(70)] {
+                for biased in [false, true] {
+                    let kv = KeyView {
+                        k: &k,
+                        v: &v,
+                        cap: total,
+                        len: total,
+                    };
+                    let bias = biased.then_some(RelBias { table: &table, d });
+                    let y = causal_attention(
+                        &q,
+                        kv,
+                        nh,
+                        nkv,
+                        hd,
+                        pos,
+                        Scores {
+                            window,
+                            ..Scores::standard(hd)
+                        },
+                        bias,
+                    );
+                    for h in 0..nh {
+                        let kvh = h / (nh / nkv);
+                        for i in 0..t {
+                            let qp = pos + i;
+                            let lo = window.map_or(0, |w| (qp + 1).saturating_sub(w));
+                            let s: Vec<f32> = (lo..=qp)
+                                .map(|j| {
+                                    let dot = (0..hd)
+                                        .map(|c| {
+                                            q[(h * t + i) * hd + c] * k[(kvh * total + j) * hd + c]
+                                        })
+                                        .sum::<f32>()
+                                        / (hd as f32).sqrt();
+                                    let r = (j as isize - qp as isize).clamp(-5, 5) + 5;
+                                    dot + if biased {
+                                        table[h * (2 * d + 1) + r as usize]
+                                    } else {
+                                        0.0
+                                    }
+                                })
+                                .collect();
+                            let m = s.iter().cloned().fold(f32::MIN, f32::max);
+                            let z: f32 = s.iter().map(|x| (x - m).exp()).sum();
+                            for c in 0..hd {
+                                let want: f32 = (lo..=qp)
+                                    .map(|j| {
+                                        (s[j - lo] - m).exp() / z * v[(kvh * total + j) * hd + c]
+                                    })
+                                    .sum();
+                                let got = y[i * nh * hd + h * hd + c];
+                                assert!(
+                                    (got - want).abs() < 1e-5,
+                                    "t {t} {window:?} bias {biased} h{h} i{i} c{c}: {got} vs {want}"
+                                );
+                            }
+                        }
                     }
                 }
             }

@@ -114,6 +114,23 @@ impl Linear {
         }
     }
 
+    /// Unbiased quantized weights as one layer whose matrix is packed straight from their
+    /// bytes ([`QMatMul::stacked`]); None when slm's kernels cannot take them as one.
+    pub fn stacked(ws: &[Weight]) -> Option<Self> {
+        let qs: Vec<&QuantWeight> = ws
+            .iter()
+            .map(|w| match w {
+                Weight::Quant(q) => Some(q),
+                Weight::Dense(_) => None,
+            })
+            .collect::<Option<_>>()?;
+        Some(Self {
+            weight: LinearWeight::Quant(Arc::new(QMatMul::stacked(&qs)?)),
+            bias: None,
+            out_features: qs.iter().map(|q| q.rows).sum(),
+        })
+    }
+
     /// One layer computing several layers' outputs side by side (Q, K and V; gate and up), so
     /// one product (and one quantization of the input) replaces several. None when the parts
     /// cannot share a matrix (dense mixed with quantized, different block types, some biased).

@@ -7,6 +7,7 @@ pub mod infer;
 pub mod kernels;
 pub mod linear;
 pub mod norm;
+pub mod pool;
 pub mod qdot;
 pub mod qmatmul;
 mod qpack;

@@ -1,4 +1,4 @@
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::kernels::{self, with_f32};
 use super::Vb;
@@ -31,11 +31,24 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.weight,
-            self.eps,
-        )?)
+        if x.dtype() != DType::F32 || self.weight.dtype() != DType::F32 {
+            return Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.weight,
+                self.eps,
+            )?);
+        }
+        let h = self.size()?;
+        if x.dims().last() != Some(&h) {
+            return Err(crate::error::Error::msg(format!(
+                "rms norm of width {h} over a tensor of shape {:?}",
+                x.dims()
+            )));
+        }
+        let y = with_f32(x, |xs| {
+            with_f32(&self.weight, |w| kernels::rms_norm(xs, w, self.eps, h))
+        })??;
+        kernels::tensor(y, x.dims().to_vec())
     }
 }
 

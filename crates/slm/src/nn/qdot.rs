@@ -101,7 +101,7 @@ impl Kind {
 /// One block of quantized activations: `x ≈ d * qs`. `sum` is `d * Σqs` rounded to f16 (for
 /// the types with a minimum), `isum` the exact `Σqs` (for the types with an offset), `isum_lo`
 /// that of the first 16 (Q6_K's offset applies per 16 values, each with its own scale).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 #[repr(C, align(32))]
 pub struct BlockQ8 {
     pub(crate) qs: [i8; QK],
@@ -114,35 +114,22 @@ pub struct BlockQ8 {
 /// Activations to 8-bit blocks as llama.cpp's `quantize_row_q8_0`/`q8_1` do on x86: scale
 /// 127/amax, ties to even, the scale and the block sum stored as f16.
 pub fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
-    x.chunks_exact(QK)
-        .map(|c| {
-            // Lane-wise max keeps this loop vectorised.
-            let mut m8 = [0f32; 8];
-            for part in c.chunks_exact(8) {
-                for l in 0..8 {
-                    m8[l] = m8[l].max(part[l].abs());
-                }
-            }
-            let amax = m8.iter().fold(0f32, |a, &v| a.max(v));
-            let d = amax / 127.0;
-            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut qs = [0i8; QK];
-            for (q, v) in qs.iter_mut().zip(c) {
-                // Adding 1.5·2²³ leaves round-to-even(v·id) in the low mantissa bits.
-                let r = (v * id + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-                *q = r as i8;
-            }
-            let lo: i32 = qs[..16].iter().map(|&q| q as i32).sum();
-            let s: i32 = lo + qs[16..].iter().map(|&q| q as i32).sum::<i32>();
-            BlockQ8 {
-                qs,
-                d: f16::from_f32(d).to_f32(),
-                sum: f16::from_f32(d * s as f32).to_f32(),
-                isum: s,
-                isum_lo: lo,
-            }
-        })
-        .collect()
+    let mut out = vec![BlockQ8::default(); x.len() / QK];
+    quantize_q8_into(x, &mut out);
+    out
+}
+
+/// [`quantize_q8`] into `out` (`x.len() / 32` blocks).
+pub fn quantize_q8_into(x: &[f32], out: &mut [BlockQ8]) {
+    assert_eq!(x.len(), out.len() * QK);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked).
+            return unsafe { avx2::quantize_q8(x, out) };
+        }
+    }
+    q8_blocks::<false>(x, out)
 }
 
 /// Activations for the k-quant products as llama.cpp's `quantize_row_q8_K` makes them: one
@@ -151,37 +138,109 @@ pub fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
 /// blocks of each superblock, all with the superblock's scale, which the k-quant kernel reads
 /// once per superblock.
 pub fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8> {
-    const QK_K: usize = 256;
-    assert!(x.len().is_multiple_of(QK_K));
-    let mut out = Vec::with_capacity(x.len() / QK);
-    for c in x.chunks_exact(QK_K) {
-        let (mut max, mut amax) = (0f32, 0f32);
-        for &v in c {
-            if v.abs() > amax {
-                (amax, max) = (v.abs(), v);
-            }
-        }
-        let iscale = if amax > 0.0 { -127.0 / max } else { 0.0 };
-        let d = if amax > 0.0 { 1.0 / iscale } else { 0.0 };
-        for part in c.chunks_exact(QK) {
-            let mut qs = [0i8; QK];
-            for (q, v) in qs.iter_mut().zip(part) {
-                // llama.cpp's nearest_int: 1.5·2²³ added leaves round-to-even in the low bits.
-                let r = (iscale * v + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-                *q = r.min(127) as i8;
-            }
-            let lo: i32 = qs[..16].iter().map(|&q| q as i32).sum();
-            let s: i32 = lo + qs[16..].iter().map(|&q| q as i32).sum::<i32>();
-            out.push(BlockQ8 {
-                qs,
-                d,
-                sum: d * s as f32,
-                isum: s,
-                isum_lo: lo,
-            });
+    let mut out = vec![BlockQ8::default(); x.len() / QK];
+    quantize_q8k_into(x, &mut out);
+    out
+}
+
+/// [`quantize_q8k`] into `out` (`x.len() / 32` blocks).
+pub fn quantize_q8k_into(x: &[f32], out: &mut [BlockQ8]) {
+    assert!(x.len().is_multiple_of(256) && x.len() == out.len() * QK);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked).
+            return unsafe { avx2::quantize_q8k(x, out) };
         }
     }
-    out
+    q8k_blocks::<false>(x, out)
+}
+
+/// The legacy types' blocks; `SIMD`: through [`avx2`]'s helpers (only from an AVX2 context).
+/// With AVX2 the largest magnitude, the rounding and the sums run eight values per
+/// instruction: the scalar loops took ~2.6 ns per value, a tenth of a prompt's time.
+#[inline(always)]
+fn q8_blocks<const SIMD: bool>(x: &[f32], out: &mut [BlockQ8]) {
+    for (c, o) in x.chunks_exact(QK).zip(out) {
+        let amax = abs_max::<SIMD>(c);
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let (s, lo) = round_codes::<SIMD>(c, id, &mut o.qs);
+        let d = amax / 127.0;
+        o.d = f16::from_f32(d).to_f32();
+        o.sum = f16::from_f32(d * s as f32).to_f32();
+        o.isum = s;
+        o.isum_lo = lo;
+    }
+}
+
+/// The k-quants' blocks (see [`q8_blocks`]).
+#[inline(always)]
+fn q8k_blocks<const SIMD: bool>(x: &[f32], out: &mut [BlockQ8]) {
+    for (c, o) in x.chunks_exact(256).zip(out.chunks_exact_mut(256 / QK)) {
+        let amax = abs_max::<SIMD>(c);
+        // The first value of that magnitude gives the scale its sign.
+        let max = c.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
+        let iscale = if amax > 0.0 { -127.0 / max } else { 0.0 };
+        let d = if amax > 0.0 { 1.0 / iscale } else { 0.0 };
+        for (part, o) in c.chunks_exact(QK).zip(o) {
+            let (s, lo) = round_codes::<SIMD>(part, iscale, &mut o.qs);
+            o.d = d;
+            o.sum = d * s as f32;
+            o.isum = s;
+            o.isum_lo = lo;
+        }
+    }
+}
+
+/// The largest `|v|` of `x` (a multiple of 32 values).
+#[inline(always)]
+fn abs_max<const SIMD: bool>(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: SIMD is only set from AVX2 contexts.
+        return unsafe { avx2::abs_max(x) };
+    }
+    // Lane-wise max keeps this loop vectorised.
+    let mut m8 = [0f32; 8];
+    for part in x.chunks_exact(8) {
+        for l in 0..8 {
+            m8[l] = m8[l].max(part[l].abs());
+        }
+    }
+    m8.iter().fold(0f32, |a, &v| a.max(v))
+}
+
+/// `qs[i] = min(127, round-to-even(x[i] · mul))` for 32 values; returns the sum of the 32
+/// codes and that of the first 16.
+#[inline(always)]
+fn round_codes<const SIMD: bool>(x: &[f32], mul: f32, qs: &mut [i8; QK]) -> (i32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: SIMD is only set from AVX2 contexts.
+        return unsafe { avx2::round_codes(x, mul, qs) };
+    }
+    for (q, v) in qs.iter_mut().zip(x) {
+        // llama.cpp's nearest_int: 1.5·2²³ added leaves round-to-even in the low bits.
+        let r = (v * mul + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+        *q = r.min(127) as i8;
+    }
+    let lo: i32 = qs[..16].iter().map(|&q| q as i32).sum();
+    (lo + qs[16..].iter().map(|&q| q as i32).sum::<i32>(), lo)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        *AVX2.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -265,8 +324,73 @@ pub(crate) fn dot_scalar(kind: Kind, w: &[u8], x: &[BlockQ8]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_at, BlockQ8, Kind, Layout};
+    use super::{f16_at, BlockQ8, Kind, Layout, QK};
     use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+        super::q8_blocks::<true>(x, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_q8k(x: &[f32], out: &mut [BlockQ8]) {
+        super::q8k_blocks::<true>(x, out)
+    }
+
+    /// [`super::abs_max`]: the same maximum in any order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn abs_max(x: &[f32]) -> f32 {
+        let abs = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_setzero_ps();
+        for c in x.chunks_exact(8) {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(abs, _mm256_loadu_ps(c.as_ptr())));
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+    }
+
+    /// [`super::round_codes`]: the same products, rounded to even by `cvtps2dq` in the default
+    /// rounding mode; packing saturates at 127 as the `min` does.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn round_codes(x: &[f32], mul: f32, qs: &mut [i8; QK]) -> (i32, i32) {
+        assert_eq!(x.len(), QK);
+        let p = x.as_ptr();
+        let mul = _mm256_set1_ps(mul);
+        let q = [0, 8, 16, 24]
+            .map(|i| _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p.add(i)), mul)));
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        // packs interleaves the two 128-bit lanes; this puts the bytes back in order.
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, bytes);
+        // Sums of the saturated codes, as the scalar path sums what it stored.
+        let wide = |b: __m128i| _mm256_cvtepi8_epi32(b);
+        let lo128 = _mm256_castsi256_si128(bytes);
+        let hi128 = _mm256_extracti128_si256(bytes, 1);
+        let lo = hsum_i32(_mm256_add_epi32(
+            wide(lo128),
+            wide(_mm_srli_si128(lo128, 8)),
+        ));
+        let hi = hsum_i32(_mm256_add_epi32(
+            wide(hi128),
+            wide(_mm_srli_si128(hi128, 8)),
+        ));
+        (lo + hi, lo)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
 
     /// The sum of the eight lanes, in llama.cpp's `hsum_float_8` order.
     #[target_feature(enable = "avx2,fma")]
@@ -384,6 +508,47 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX2 quantization against the scalar loops, block for block and bit for bit: rows
+    /// with exact ties after scaling (round to even), a negative largest magnitude, zeros, a
+    /// block whose largest value repeats with both signs, and tiny and huge ranges.
+    #[test]
+    fn simd_activation_quantization_matches_scalar() {
+        let n = 8 * 256;
+        let x: Vec<f32> = (0..n)
+            .map(|i| match i / 256 {
+                0 => ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0,
+                // 127 in the block makes the scale 1: every x.5 value is a tie.
+                1 if i % 32 == 0 => 127.0,
+                1 => (i % 64) as f32 - 31.5,
+                2 => 0.0,
+                3 if i % 32 == 5 => -9.0,
+                3 if i % 32 == 9 => 9.0,
+                3 => (i as f32 * 0.37).sin() * 9.0,
+                4 => (i as f32 * 0.11).cos() * 1e-30,
+                5 => (i as f32 * 0.7).sin() * 3e37,
+                _ => -((i * 104729 % 997) as f32) / 100.0,
+            })
+            .collect();
+        for k in [false, true] {
+            let mut scalar = vec![BlockQ8::default(); n / QK];
+            let ours = if k {
+                q8k_blocks::<false>(&x, &mut scalar);
+                quantize_q8k(&x)
+            } else {
+                q8_blocks::<false>(&x, &mut scalar);
+                quantize_q8(&x)
+            };
+            for (b, (o, s)) in ours.iter().zip(&scalar).enumerate() {
+                let bits = |v: &BlockQ8| (v.qs, v.d.to_bits(), v.sum.to_bits(), v.isum, v.isum_lo);
+                assert_eq!(bits(o), bits(s), "q8k {k}, block {b}");
+            }
+            // The ties really are there, and rounded to even.
+            if !k {
+                assert_eq!(scalar[8].qs[1..5], [-30, -30, -28, -28], "x.5 to even");
+            }
+        }
+    }
 
     /// The k-quants' activation blocks against candle's `Q8K` quantization of the same values
     /// (scale, codes and 16-value sums as its bytes hold them), over superblocks of different

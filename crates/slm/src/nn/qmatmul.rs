@@ -13,13 +13,14 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul as CandleQMatMul};
 use candle_core::{Device, Module, Tensor};
-use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::io::QuantWeight;
 
-use super::qdot::{dot, dot_xn, has_vnni, quantize_q8, quantize_q8k, BlockQ8, Kind, QK};
-use super::qpack::{Packed, ROWS};
+use super::kernels;
+use super::pool::{self, SharedMut};
+use super::qdot::{dot, dot_xn, has_vnni, quantize_q8_into, quantize_q8k_into, BlockQ8, Kind, QK};
+use super::qpack::{Groups, Packed, ROWS};
 use super::qpack_k::{KKind, KPacked, QK_K};
 
 pub enum QMatMul {
@@ -154,25 +155,43 @@ impl QMatMul {
     }
 
     pub fn new(w: QuantWeight) -> Result<Self> {
-        let kind = own_kind(&w);
-        if let Some(k) = KKind::of(w.dtype).filter(|_| has_vnni()) {
-            if w.rows > 0 && w.rows.is_multiple_of(ROWS) && w.cols.is_multiple_of(QK_K) {
-                let done = |a, b| w.data.release(a, b);
-                let p = KPacked::new(k, &w.data, w.rows, w.cols / QK_K, &done);
-                return Ok(QMatMul::OwnK(p));
+        Ok(match Self::stacked(&[&w]) {
+            Some(q) => q,
+            None => QMatMul::Candle(CandleQMatMul::from_qtensor(w.to_qtensor()?)?),
+        })
+    }
+
+    /// The rows of several weights as one matrix (Q, K and V; gate and up), packed straight
+    /// from each weight's bytes: packing the parts apart and then copying them together wrote
+    /// (and faulted in) the fused planes twice at load. None unless slm's own kernels take
+    /// them all alike (one block type, one width; eight-row groups where they meet).
+    pub fn stacked(ws: &[&QuantWeight]) -> Option<Self> {
+        let first = ws.first()?;
+        if ws
+            .iter()
+            .any(|w| w.dtype != first.dtype || w.cols != first.cols || w.rows == 0)
+        {
+            return None;
+        }
+        let raws: Vec<&[u8]> = ws.iter().map(|w| &w.data[..]).collect();
+        let release = |part: usize, a: usize, b: usize| ws[part].data.release(a, b);
+        if let Some(k) = KKind::of(first.dtype).filter(|_| has_vnni()) {
+            if ws.iter().all(|w| w.rows.is_multiple_of(ROWS)) && first.cols.is_multiple_of(QK_K) {
+                let nsb = first.cols / QK_K;
+                let groups: Vec<usize> = ws.iter().map(|w| w.rows / ROWS).collect();
+                let src = Groups::new(&raws, &groups, ROWS * nsb * k.block_bytes(), &release);
+                return Some(QMatMul::OwnK(KPacked::new(k, &src, nsb)));
             }
         }
-        Ok(match kind {
-            Some(kind) => QMatMul::Own(OwnQ::build(
-                kind,
-                w.rows,
-                w.cols,
-                &w.data,
-                has_vnni(),
-                &|a, b| w.data.release(a, b),
-            )),
-            _ => QMatMul::Candle(CandleQMatMul::from_qtensor(w.to_qtensor()?)?),
-        })
+        let kind = own_kind(first)?;
+        let pack = has_vnni();
+        let last = ws.len() - 1;
+        if pack && !ws[..last].iter().all(|w| w.rows.is_multiple_of(ROWS)) {
+            return None;
+        }
+        Some(QMatMul::Own(OwnQ::build(
+            kind, first.cols, &raws, pack, &release,
+        )))
     }
 
     /// Row `r` in f32 into `out` (`cols` values), for our own block types: an embedding table
@@ -242,42 +261,42 @@ impl QMatMul {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             QMatMul::Candle(q) => Ok(q.forward(&x.contiguous()?)?),
-            QMatMul::Own(q) => own_forward(x, q.rows, q.cols, |xs, m, y| q.matmul(xs, m, y)),
+            // SAFETY (both): `matmul_into` and `run_interleaved` write all m × rows values.
+            QMatMul::Own(q) => own_forward(x, q.rows, q.cols, |xs, m, y| unsafe {
+                q.matmul_into(xs, m, y)
+            }),
             QMatMul::OwnK(p) => own_forward(x, p.rows(), p.cols(), |xs, m, y| {
-                let xq = quantize_rows_with(xs, p.cols(), m, quantize_q8k);
-                run_interleaved(
-                    p,
-                    &xq,
-                    m,
-                    p.rows(),
-                    y.as_mut_ptr(),
-                    alone(m, p.rows(), p.cols()),
-                )
+                let xq = quantize_rows_with(xs, p.cols(), m, quantize_q8k_into);
+                run_interleaved(p, &xq, m, p.rows(), y, alone(m, p.rows(), p.cols()))
             }),
         }
     }
 }
 
-/// `x` (`[.., cols]`) through `matmul(x, m, y)` into a `[.., rows]` tensor.
+/// `x` (`[.., cols]`) through `matmul(x, m, y)` into a `[.., rows]` tensor. The input is read
+/// in place and the output is not zeroed first: a prompt's products wrote ~160 MB of zeros
+/// and copied ~100 MB of inputs on the main thread while the pool waited.
+///
+/// # Safety
+/// `matmul` must write every one of the `m × rows` values at `y`.
 fn own_forward(
     x: &Tensor,
     rows: usize,
     cols: usize,
-    matmul: impl FnOnce(&[f32], usize, &mut [f32]),
+    matmul: impl FnOnce(&[f32], usize, *mut f32),
 ) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let m = xs.len() / cols;
-    let mut y = vec![0f32; m * rows];
-    matmul(&xs, m, &mut y);
-    let mut out = dims;
+    let mut out = x.dims().to_vec();
+    let y = kernels::with_f32(x, |xs| {
+        let m = xs.len() / cols;
+        let mut y = Vec::<f32>::with_capacity(m * rows);
+        matmul(xs, m, y.spare_capacity_mut().as_mut_ptr().cast());
+        // SAFETY: matmul wrote all m × rows values (the caller's promise).
+        unsafe { y.set_len(m * rows) };
+        y
+    })?;
     *out.last_mut().unwrap() = rows;
     Ok(Tensor::from_vec(y, out, &Device::Cpu)?)
 }
-
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// Weights interleaved in groups of eight rows for a VNNI kernel (`qpack.rs`, `qpack_k.rs`).
 pub(super) trait Interleaved: Sync {
@@ -312,7 +331,7 @@ fn run_interleaved<P: Interleaved>(
 ) {
     let nb = p.blocks();
     let xr = |i: usize| &xq[i * nb..(i + 1) * nb];
-    let out = SendPtr(y);
+    let out = SharedMut(y);
     let out = &out;
     // Tokens outer, groups inner: four tokens' activations and the chunk's weights both stay in
     // L1 while every pair of them meets once.
@@ -322,7 +341,7 @@ fn run_interleaved<P: Interleaved>(
             // SAFETY: groups g0..g1 of each token's row belong to this task alone, and y has
             // m*ld slots.
             unsafe {
-                let y = out.0.add(i * ld);
+                let y = out.ptr().add(i * ld);
                 match m - i {
                     1 => p.gemv(g0, g1, [xr(i)], y, ld),
                     2 => p.gemv(g0, g1, [xr(i), xr(i + 1)], y, ld),
@@ -340,25 +359,27 @@ fn run_interleaved<P: Interleaved>(
     } else {
         // candle's barrier pool: its workers spin briefly between calls, so the ~200 small
         // products of one decoded token start without a futex wake-up each.
-        candle_core::utils::barrier_pool().execute_chunked(groups.div_ceil(2), |c| {
+        pool::ranges(groups.div_ceil(2), |c| {
             run(2 * c.start, (2 * c.end).min(groups))
         });
     }
 }
 
-/// Activations as 8-bit blocks (`quantize`: the legacy types' `quantize_q8`, the k-quants'
-/// `quantize_q8k`), rows quantized in parallel from four on.
+/// Activations as 8-bit blocks (`quantize`: the legacy types' `quantize_q8_into`, the
+/// k-quants' `quantize_q8k_into`) in one buffer.
 fn quantize_rows_with(
     x: &[f32],
     cols: usize,
     m: usize,
-    quantize: fn(&[f32]) -> Vec<BlockQ8>,
+    quantize: fn(&[f32], &mut [BlockQ8]),
 ) -> Vec<BlockQ8> {
-    if m >= 4 {
-        x.par_chunks(cols).flat_map_iter(quantize).collect()
-    } else {
-        x.chunks(cols).flat_map(quantize).collect()
-    }
+    let nb = cols / QK;
+    let mut out = vec![BlockQ8::default(); m * nb];
+    // Eight rows a task, in parallel from sixteen.
+    pool::chunks_mut(&mut out, 8 * nb, 16 * nb, |i, o| {
+        quantize(&x[i * 8 * cols..][..o.len() / nb * cols], o)
+    });
+    out
 }
 
 /// Whether a product this size is run on this thread alone: handing work to other threads costs
@@ -374,26 +395,41 @@ fn alone(m: usize, rows: usize, cols: usize) -> bool {
 pub const GEMM_FROM_TOKENS: usize = 32;
 
 impl OwnQ {
-    /// `pack`: interleave the rows for the VNNI kernel (tests also run the other path).
-    /// `done(a, b)`: bytes `a..b` of `raw` are repacked and will not be read again.
+    /// The rows of `parts` stacked (each part whole rows of `cols`; every part but the last a
+    /// whole number of eight-row groups when packing). `pack`: interleave the rows for the
+    /// VNNI kernel (tests also run the other path). `release(part, a, b)`: bytes `a..b` of a
+    /// part are repacked and will not be read again.
     fn build(
         kind: Kind,
-        rows: usize,
         cols: usize,
-        raw: &[u8],
+        parts: &[&[u8]],
         pack: bool,
-        done: &(dyn Fn(usize, usize) + Sync),
+        release: &(dyn Fn(usize, usize, usize) + Sync),
     ) -> Self {
-        let groups = if pack { rows / ROWS } else { 0 };
         let nb = cols / QK;
-        let packed = (groups > 0).then(|| Packed::new(kind, raw, groups, nb, done));
-        let tail = &raw[groups * ROWS * nb * kind.block_bytes()..];
+        let row_bytes = nb * kind.block_bytes();
+        let rows: Vec<usize> = parts.iter().map(|p| p.len() / row_bytes).collect();
+        let groups: Vec<usize> = rows
+            .iter()
+            .map(|r| if pack { r / ROWS } else { 0 })
+            .collect();
+        let last = parts.len() - 1;
+        assert!(!pack || rows[..last].iter().all(|r| r.is_multiple_of(ROWS)));
+        let src = Groups::new(parts, &groups, ROWS * row_bytes, release);
+        let packed = (src.count() > 0).then(|| Packed::new(kind, &src, nb));
+        // Rows outside the groups keep the file's layout: all of them without packing, else
+        // the last part's last `rows % 8`.
+        let tails: Vec<&[u8]> = parts
+            .iter()
+            .zip(&groups)
+            .map(|(p, g)| &p[g * ROWS * row_bytes..])
+            .collect();
         Self {
             kind,
-            rows,
+            rows: rows.iter().sum(),
             cols,
             packed,
-            data: AlignedBytes::from_slices(&[tail]),
+            data: AlignedBytes::from_slices(&tails),
         }
     }
 
@@ -420,16 +456,19 @@ impl OwnQ {
     }
 
     /// The prefill path: dequantize (in parallel), then one f32 GEMM.
-    fn matmul_f32(&self, x: &[f32], m: usize, y: &mut [f32]) {
+    /// # Safety
+    /// As [`Self::matmul_into`].
+    unsafe fn matmul_f32(&self, x: &[f32], m: usize, y: *mut f32) {
         let (rows, cols) = (self.rows, self.cols);
         let mut w = vec![0f32; rows * cols];
-        let dst = SendPtr(w.as_mut_ptr());
+        let dst = SharedMut(w.as_mut_ptr());
         let dst = &dst;
-        candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(16), |blocks| {
+        pool::ranges(rows.div_ceil(16), |blocks| {
             let (r0, r1) = (blocks.start * 16, (blocks.end * 16).min(rows));
             // SAFETY: rows r0..r1 of w belong to this task alone.
-            let out =
-                unsafe { std::slice::from_raw_parts_mut(dst.0.add(r0 * cols), (r1 - r0) * cols) };
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(dst.ptr().add(r0 * cols), (r1 - r0) * cols)
+            };
             self.dequantize_rows(r0, r1, out);
         });
         let threads = rayon::current_num_threads();
@@ -445,7 +484,7 @@ impl OwnQ {
                 m,
                 rows,
                 cols,
-                y.as_mut_ptr(),
+                y,
                 1,
                 rows as isize,
                 false,
@@ -467,28 +506,38 @@ impl OwnQ {
 
     /// `y[i, r] = Σ_k x[i, k] * W[r, k]` for `m` rows of `x`.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        assert!(x.len() == m * self.cols && y.len() == m * self.rows);
+        assert!(y.len() == m * self.rows);
+        // SAFETY: y has room for m × rows values.
+        unsafe { self.matmul_into(x, m, y.as_mut_ptr()) }
+    }
+
+    /// [`Self::matmul`] into `m × rows` values at `y`, every one of them written.
+    ///
+    /// # Safety
+    /// `y` must have room for `m * rows` values that no one else reads or writes meanwhile.
+    unsafe fn matmul_into(&self, x: &[f32], m: usize, y: *mut f32) {
+        assert!(x.len() == m * self.cols);
         // Interleaved weights stay on the integer kernel at every length: four tokens per
         // unpacked block beat dequantizing plus the f32 GEMM by 1.8-2.5x in prefill here.
         if m >= GEMM_FROM_TOKENS && self.packed.is_none() {
             return self.matmul_f32(x, m, y);
         }
         let nb = self.cols / QK;
-        let xq = quantize_rows_with(x, self.cols, m, quantize_q8);
+        let xq = quantize_rows_with(x, self.cols, m, quantize_q8_into);
         let row_bytes = nb * self.kind.block_bytes();
         let rows = self.rows;
         let xr = |i: usize| &xq[i * nb..(i + 1) * nb];
         let alone = alone(m, rows, self.cols);
         if let Some(p) = &self.packed {
-            run_interleaved(p, &xq, m, rows, y.as_mut_ptr(), alone);
+            run_interleaved(p, &xq, m, rows, y, alone);
         }
         let r_off = self.packed_rows();
-        let out = SendPtr(y.as_mut_ptr());
+        let out = SharedMut(y);
         let out = &out;
         let run = |r0: usize, wchunk: &[u8]| {
             // SAFETY (all writes below): each (i, r) of y is written by exactly one task, and
             // y has m*rows slots.
-            let put = |i: usize, r: usize, v: f32| unsafe { *out.0.add(i * rows + r0 + r) = v };
+            let put = |i: usize, r: usize, v: f32| unsafe { *out.ptr().add(i * rows + r0 + r) = v };
             for (r, wrow) in wchunk.chunks_exact(row_bytes).enumerate() {
                 // Up to four tokens share each unpacked weight block.
                 let mut i = 0;
@@ -525,7 +574,7 @@ impl OwnQ {
             return;
         }
         let data = &self.data;
-        candle_core::utils::barrier_pool().execute_chunked(tail_rows.div_ceil(16), |blocks| {
+        pool::ranges(tail_rows.div_ceil(16), |blocks| {
             let (r0, r1) = (blocks.start * 16, (blocks.end * 16).min(tail_rows));
             run(r_off + r0, &data[r0 * row_bytes..r1 * row_bytes]);
         });
@@ -535,7 +584,7 @@ impl OwnQ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::qdot::dot_scalar;
+    use crate::nn::qdot::{dot_scalar, quantize_q8, quantize_q8k};
     use candle_core::quantized::QTensor;
 
     /// `wt` quantized by candle to `dtype`: its bytes, the dequantized weights, and
@@ -549,6 +598,81 @@ mod tests {
             .to_vec2::<f32>()
             .unwrap();
         (q.data().unwrap().to_vec(), deq, want)
+    }
+
+    /// Weights stacked into one matrix (fused Q, K, V) give, row for row and bit for bit, what
+    /// each weight gives alone, for every block type slm packs (the last part ending in rows
+    /// outside any eight-row group), and every packed byte of each part is released once.
+    #[test]
+    fn stacked_weights_match_each_weight_alone() {
+        use std::sync::Mutex;
+        let (cols, m) = (256, 5);
+        let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let k = KKind::of(dtype).is_some();
+            let heights: &[usize] = if k { &[16, 8, 24] } else { &[16, 8, 13] };
+            let ws: Vec<QuantWeight> = heights
+                .iter()
+                .map(|&rows| {
+                    let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+                    let q = QTensor::quantize(&w, dtype).unwrap();
+                    QuantWeight {
+                        dtype,
+                        rows,
+                        cols,
+                        data: q.data().unwrap().to_vec().into(),
+                    }
+                })
+                .collect();
+            let refs: Vec<&QuantWeight> = ws.iter().collect();
+            let stacked = QMatMul::stacked(&refs).expect("slm's own kernels take these");
+            let got = stacked.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            let mut r0 = 0;
+            for w in &ws {
+                let alone = QMatMul::stacked(&[w]).unwrap();
+                let want = alone.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                for i in 0..m {
+                    for r in 0..w.rows {
+                        assert_eq!(
+                            got[i][r0 + r].to_bits(),
+                            want[i][r].to_bits(),
+                            "{dtype:?} token {i} row {}",
+                            r0 + r
+                        );
+                    }
+                }
+                r0 += w.rows;
+            }
+            assert_eq!(r0, got[0].len());
+            if has_vnni() {
+                // What the packing releases: each part's packed groups, each byte once.
+                let seen = Mutex::new(vec![Vec::new(); ws.len()]);
+                let release = |p: usize, a: usize, b: usize| seen.lock().unwrap()[p].push((a, b));
+                let raws: Vec<&[u8]> = ws.iter().map(|w| &w.data[..]).collect();
+                let row_bytes = ws[0].data.len() / ws[0].rows;
+                let groups: Vec<usize> = ws.iter().map(|w| w.rows / ROWS).collect();
+                let src = Groups::new(&raws, &groups, ROWS * row_bytes, &release);
+                (0..src.count()).for_each(|g| src.done(g, g + 1));
+                for (p, mut ranges) in seen.into_inner().unwrap().into_iter().enumerate() {
+                    ranges.sort();
+                    let mut at = 0;
+                    for (a, b) in ranges {
+                        assert_eq!(a, at, "{dtype:?} part {p}: a gap or overlap");
+                        at = b;
+                    }
+                    assert_eq!(at, groups[p] * ROWS * row_bytes, "{dtype:?} part {p}");
+                }
+            }
+        }
     }
 
     /// Each kernel against the f32 product with candle's dequantized weights: the only
@@ -581,7 +705,7 @@ mod tests {
             .unwrap();
             // Both layouts where the CPU runs both; the file's layout alone elsewhere.
             for pack in [false, true].into_iter().filter(|&p| !p || has_vnni()) {
-                let own = OwnQ::build(kind, rows, cols, &raw, pack, &|_, _| {});
+                let own = OwnQ::build(kind, cols, &[&raw], pack, &|_, _, _| {});
                 // 70 rows: packed, 8 interleaved groups and 6 rows in the file's layout.
                 assert_eq!(own.packed_rows(), if pack { 64 } else { 0 });
                 check(&own, &raw, &x, m, &want, &deq);

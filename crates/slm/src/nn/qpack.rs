@@ -47,6 +47,71 @@ pub(crate) fn per_group(plane: &mut [u8], groups: usize) -> Vec<&mut [u8]> {
     plane.chunks_mut(n).collect()
 }
 
+/// The rows a packing reads: one weight in GGUF's row layout, or several stacked (Q, K and V
+/// packed straight into one matrix, not packed apart and then copied together), counted in
+/// groups of eight rows across them. `release(part, a, b)` is told when bytes `a..b` of a part
+/// will not be read again.
+pub(crate) struct Groups<'a> {
+    /// Each part's bytes, its first group and its number of groups.
+    parts: Vec<(&'a [u8], usize, usize)>,
+    group_bytes: usize,
+    release: &'a (dyn Fn(usize, usize, usize) + Sync),
+}
+
+impl<'a> Groups<'a> {
+    /// The first `groups[i]` groups of each part `raws[i]`, groups of `group_bytes`.
+    pub(crate) fn new(
+        raws: &[&'a [u8]],
+        groups: &[usize],
+        group_bytes: usize,
+        release: &'a (dyn Fn(usize, usize, usize) + Sync),
+    ) -> Self {
+        let mut first = 0;
+        let parts = raws
+            .iter()
+            .zip(groups)
+            .map(|(&raw, &n)| {
+                assert!(
+                    raw.len() >= n * group_bytes,
+                    "a part shorter than its groups"
+                );
+                first += n;
+                (raw, first - n, n)
+            })
+            .collect();
+        Self {
+            parts,
+            group_bytes,
+            release,
+        }
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.parts.iter().map(|p| p.2).sum()
+    }
+
+    /// The eight rows of group `g`.
+    pub(crate) fn group(&self, g: usize) -> &'a [u8] {
+        let &(raw, first, _) = self
+            .parts
+            .iter()
+            .find(|p| g < p.1 + p.2)
+            .expect("a group within the parts");
+        &raw[(g - first) * self.group_bytes..][..self.group_bytes]
+    }
+
+    /// Groups `g0..g1` are packed.
+    pub(crate) fn done(&self, g0: usize, g1: usize) {
+        for (i, &(_, first, n)) in self.parts.iter().enumerate() {
+            let (a, b) = (g0.max(first), g1.min(first + n));
+            if a < b {
+                let gb = self.group_bytes;
+                (self.release)(i, (a - first) * gb, (b - first) * gb);
+            }
+        }
+    }
+}
+
 /// Lane `r` of stored operand `k` is row r's four code bytes at `4k` in the file's order:
 /// Q8_0's values `4k..4k+4` (eight operands), or the 4-bit bytes `4k..4k+4`, whose low nibbles
 /// are values `4k..` and high nibbles values `16 + 4k..` (operands k and k + 4 of the kernel).
@@ -67,18 +132,12 @@ fn has_min(kind: Kind) -> bool {
 }
 
 impl Packed {
-    /// The first `groups * ROWS` rows of `raw` (GGUF row layout, `nb` blocks per row), packed
-    /// a few MB at a time; after each stretch `done(a, b)` says bytes `a..b` of `raw` are
-    /// no longer needed.
-    pub(crate) fn new(
-        kind: Kind,
-        raw: &[u8],
-        groups: usize,
-        nb: usize,
-        done: &(dyn Fn(usize, usize) + Sync),
-    ) -> Self {
+    /// The rows of `src` (GGUF row layout, `nb` blocks per row), packed a few MB at a time
+    /// and released after each stretch.
+    pub(crate) fn new(kind: Kind, src: &Groups, nb: usize) -> Self {
         let bb = kind.block_bytes();
         let row_bytes = nb * bb;
+        let groups = src.count();
         let cb = code_bytes(kind);
         let per = |on: bool, unit: usize| if on { groups * nb * unit } else { 0 };
         let mut codes = AlignedBytes::zeroed(groups * nb * cb);
@@ -100,8 +159,9 @@ impl Packed {
             let chunk: Vec<_> = parts.by_ref().take(step).collect();
             let (g0, g1) = (chunk[0].0, chunk[chunk.len() - 1].0 + 1);
             chunk.into_par_iter().for_each(|(g, (((c, h), s), m))| {
+                let rows = src.group(g);
                 for lane in 0..ROWS {
-                    let row = &raw[(g * ROWS + lane) * row_bytes..][..row_bytes];
+                    let row = &rows[lane * row_bytes..][..row_bytes];
                     for (b, blk) in row.chunks_exact(bb).enumerate() {
                         let sc = b * 2 * ROWS + 2 * lane;
                         s[sc..sc + 2].copy_from_slice(&blk[..2]);
@@ -130,7 +190,7 @@ impl Packed {
                     }
                 }
             });
-            done(g0 * group_bytes, g1 * group_bytes);
+            src.done(g0, g1);
         }
         Self {
             kind,

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use super::qdot::{BlockQ8, QK};
 use super::qmatmul::{AlignedBytes, Interleaved};
-use super::qpack::{per_group, ROWS};
+use super::qpack::{per_group, Groups, ROWS};
 
 pub(crate) const QK_K: usize = 256;
 const SUB: usize = QK_K / QK;
@@ -205,18 +205,10 @@ pub struct KPacked {
 }
 
 impl KPacked {
-    /// `rows` (a multiple of eight) rows of `raw` in GGUF's layout, `nsb` superblocks each,
-    /// packed a few MB at a time; after each stretch `done(a, b)` says bytes `a..b` of `raw`
-    /// are no longer needed.
-    pub(crate) fn new(
-        kind: KKind,
-        raw: &[u8],
-        rows: usize,
-        nsb: usize,
-        done: &(dyn Fn(usize, usize) + Sync),
-    ) -> Self {
-        assert!(rows.is_multiple_of(ROWS) && raw.len() >= rows * nsb * kind.block_bytes());
-        let groups = rows / ROWS;
+    /// The rows of `src` in GGUF's layout, `nsb` superblocks each, packed a few MB at a time
+    /// and released after each stretch.
+    pub(crate) fn new(kind: KKind, src: &Groups, nsb: usize) -> Self {
+        let groups = src.count();
         let units = groups * nsb;
         let per = |n: usize| AlignedBytes::zeroed(units * n);
         let mut p = Self {
@@ -258,15 +250,16 @@ impl KPacked {
             chunk
                 .into_par_iter()
                 .for_each(|(g, (((((c, h), s), m), d), dm))| {
+                    let rows = src.group(g);
                     for lane in 0..ROWS {
-                        let row = &raw[(g * ROWS + lane) * row_bytes..][..row_bytes];
+                        let row = &rows[lane * row_bytes..][..row_bytes];
                         for (sb, blk) in row.chunks_exact(kind.block_bytes()).enumerate() {
                             let u = unpack(kind, blk);
                             pack_superblock(kind, &u, sb, lane, [c, h, s, m, d, dm]);
                         }
                     }
                 });
-            done(g0 * group_bytes, g1 * group_bytes);
+            src.done(g0, g1);
         }
         p
     }

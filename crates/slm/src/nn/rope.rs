@@ -1,7 +1,10 @@
 //! Rotary position embeddings in HF's "rotate half" layout, with the frequency scalings that
 //! transformers' `ROPE_INIT_FUNCTIONS` define.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::kernels::{tensor, with_f32};
+use super::pool;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -238,8 +241,49 @@ impl Rope {
         let (cos, sin) = self.tables_to(pos + t)?;
         let cos = cos.narrow(0, pos, t)?;
         let sin = sin.narrow(0, pos, t)?;
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        if x.dtype() != DType::F32 {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?);
+        }
+        let d = x.dim(3)?;
+        let y = with_f32(x, |x| {
+            with_f32(&cos, |c| with_f32(&sin, |s| rotate_halves(x, c, s, t, d)))
+        })????;
+        tensor(y, x.dims().to_vec())
     }
+}
+
+/// candle's `rope` (each row's two halves rotated by the position's angles, the same products
+/// in the same order, so bit for bit its result), with the heads spread over the forward
+/// pass's pool. `x` holds heads of `t` rows of `d`; `cos` and `sin` rows of `d / 2`.
+fn rotate_halves(x: &[f32], cos: &[f32], sin: &[f32], t: usize, d: usize) -> Result<Vec<f32>> {
+    let half = d / 2;
+    if !d.is_multiple_of(2)
+        || !x.len().is_multiple_of(t * d)
+        || cos.len() != t * half
+        || sin.len() != t * half
+    {
+        return Err(Error::msg(format!(
+            "internal: rope over rows of {d} with {} angles for {t} positions",
+            cos.len()
+        )));
+    }
+    let mut y = vec![0f32; x.len()];
+    pool::chunks_mut(&mut y, t * d, 1 << 15, |h, dst| {
+        let src = &x[h * t * d..(h + 1) * t * d];
+        for ((s, o), (c, sn)) in src
+            .chunks_exact(d)
+            .zip(dst.chunks_exact_mut(d))
+            .zip(cos.chunks_exact(half).zip(sin.chunks_exact(half)))
+        {
+            let (s1, s2) = s.split_at(half);
+            let (o1, o2) = o.split_at_mut(half);
+            for j in 0..half {
+                o1[j] = s1[j] * c[j] - s2[j] * sn[j];
+                o2[j] = s1[j] * sn[j] + s2[j] * c[j];
+            }
+        }
+    });
+    Ok(y)
 }
 
 /// llama.cpp's per-frequency divisors (`rope_freqs.weight`) for a scaling: what GGUF stores in
@@ -345,6 +389,29 @@ pub fn llama3_from_factors(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rotation against candle's `rope` on the same tables: bit for bit, for a prompt (the
+    /// pool's path), one decoded token and positions further on.
+    #[test]
+    fn rotation_matches_candles_rope() {
+        let rope = Rope::new(64, 10000.0, 4096, None).unwrap();
+        for (heads, t, pos) in [(9, 256, 0), (3, 1, 700), (2, 37, 1000)] {
+            let x = Tensor::randn(0f32, 1.0, (1, heads, t, 64), &Device::Cpu).unwrap();
+            let ours = rope.apply(&x, pos).unwrap();
+            let (cos, sin) = rope.tables_to(pos + t).unwrap();
+            let (cos, sin) = (
+                cos.narrow(0, pos, t).unwrap(),
+                sin.narrow(0, pos, t).unwrap(),
+            );
+            let want = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap();
+            let bits = |v: &Tensor| -> Vec<u32> {
+                let v = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|f| f.to_bits()).collect()
+            };
+            assert_eq!(ours.dims(), want.dims());
+            assert_eq!(bits(&ours), bits(&want), "{heads} heads, {t} rows at {pos}");
+        }
+    }
 
     fn llama3(factor: f64, lo: f64, hi: f64, old: usize) -> RopeScaling {
         RopeScaling {
