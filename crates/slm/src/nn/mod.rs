@@ -2,6 +2,7 @@
 //! none of them knows which file format its weights came from.
 
 pub mod activation;
+mod aligned;
 pub mod exec;
 pub mod infer;
 pub mod kernels;

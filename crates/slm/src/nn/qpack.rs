@@ -16,8 +16,8 @@
 
 use rayon::prelude::*;
 
+use super::aligned::AlignedBytes;
 use super::qdot::{Kind, QK};
-use super::qmatmul::AlignedBytes;
 
 /// Rows per interleaved group: the eight 32-bit lanes of a 256-bit register.
 pub(crate) const ROWS: usize = 8;

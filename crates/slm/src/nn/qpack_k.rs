@@ -23,8 +23,9 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
+use super::aligned::AlignedBytes;
 use super::qdot::{BlockQ8, QK};
-use super::qmatmul::{AlignedBytes, Interleaved};
+use super::qmatmul::Interleaved;
 use super::qpack::{per_group, Groups, ROWS};
 
 pub(crate) const QK_K: usize = 256;
