@@ -7,6 +7,7 @@
 //! the layer norm.
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
+use rayon::prelude::*;
 
 use super::pool::{self, SharedMut};
 use super::Activation;
@@ -142,7 +143,9 @@ pub fn matmul_on(
     }
 }
 
-/// Applies `act` in place, in parallel chunks for large buffers.
+/// Applies `act` in place, in parallel chunks for large buffers: on rayon's pool, where the
+/// f32 GEMMs before it (dense layers, training) run; the quantized forward pass applies it to
+/// pieces below the parallel size from its own pool (`gated`).
 pub fn activate(y: &mut [f32], act: Activation) {
     let f = |c: &mut [f32]| match act {
         Activation::Gelu => c.iter_mut().for_each(|v| *v = gelu_erf(*v)),
@@ -155,7 +158,11 @@ pub fn activate(y: &mut [f32], act: Activation) {
         }),
         Activation::Tanh => c.iter_mut().for_each(|v| *v = tanh(*v)),
     };
-    pool::chunks_mut(y, 1 << 13, 1 << 15, |_, c| f(c));
+    if y.len() >= 1 << 15 {
+        y.par_chunks_mut(1 << 13).for_each(f);
+    } else {
+        f(y);
+    }
 }
 
 /// Splits a fused projection `[b, t, Σheads·hd]` into `N` head-major buffers
@@ -285,7 +292,11 @@ pub fn add_layer_norm(
             *v = (*v - mean) * inv * g + bb;
         }
     };
-    pool::chunks_mut(&mut y, h, 1 << 15, |_, row| norm(row));
+    if y.len() >= 1 << 15 {
+        y.par_chunks_mut(h).for_each(norm);
+    } else {
+        y.chunks_mut(h).for_each(norm);
+    }
     y
 }
 
@@ -424,7 +435,7 @@ pub fn bidirectional_attention(
     let groups = nh / nkv;
     let mut y = vec![0f32; b * t * hidden];
     let out = SharedMut(y.as_mut_ptr());
-    pool::for_each(b * nh, |task| {
+    (0..b * nh).into_par_iter().for_each(|task| {
         let (s, h) = (task / nh, task % nh);
         let kvh = h / groups;
         let len = lengths[s].clamp(1, t);

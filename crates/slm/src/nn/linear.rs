@@ -90,6 +90,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(w) => {
                 let n = self.out_features;
+                super::pool::products_on_rayon(true);
                 let y = with_f32(x, |xs| {
                     with_f32(w, |ws| match &self.bias {
                         Some(b) => {
@@ -101,6 +102,7 @@ impl Linear {
                 kernels::tensor(y, dims)
             }
             LinearWeight::Quant(q) => {
+                super::pool::products_on_rayon(false);
                 let y = q.forward(x)?;
                 let y = match &self.bias {
                     Some(b) => y.broadcast_add(b)?,

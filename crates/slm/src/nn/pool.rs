@@ -1,12 +1,15 @@
-//! The one set of worker threads a forward pass runs on: candle's barrier pool, whose workers
-//! spin briefly after each task so that the ~200 small products of a decoded token start
-//! without a futex wake-up each, and in which the calling thread takes a share of the work.
+//! The set of worker threads a forward pass's steps between its products run on: the pool its
+//! products run on. Quantized products run on candle's barrier pool, whose workers spin briefly
+//! after each task so that the ~200 small products of a decoded token start without a futex
+//! wake-up each, and in which the calling thread takes a share of the work; dense f32 products
+//! run on rayon's pool (the `gemm` crate's parallelism). Each product says which it used
+//! ([`products_on_rayon`]), and attention, norms, RoPE and the other steps follow it.
 //!
-//! Every parallel step of inference goes through here, not through rayon's pool. With two
-//! pools, a barrier worker still spinning after a product took a core from rayon's threads
-//! running the attention, norms or activations that followed (three runnable threads on two
-//! cores): a 256-token prefill ran 10-25% faster with the spin cut short, before these steps
-//! moved here.
+//! With the two pools mixed, a barrier worker still spinning after a quantized product took a
+//! core from rayon's threads running the attention, norms or activations that followed (three
+//! runnable threads on two cores): a 256-token prefill ran 10-25% faster with the spin cut
+//! short, before these steps moved to the barrier pool; and a dense model's prefill lost 9%
+//! when they ran on the barrier pool beside its rayon GEMMs.
 
 /// A raw pointer that tasks share to write disjoint parts of one buffer.
 pub(crate) struct SharedMut<T>(pub(crate) *mut T);
@@ -22,6 +25,8 @@ impl<T> SharedMut<T> {
 }
 
 thread_local! {
+    /// Whether this thread's last product ran on rayon's pool (a dense GEMM).
+    static ON_RAYON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Set on a thread while it hands out pool work: the pool takes one caller at a time (a
     /// lock the caller holds while it works its own share), so a task that asks for the pool
     /// again runs its work inline. The pool's own workers are marked by candle.
@@ -34,6 +39,13 @@ pub fn ranges(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
     if HANDING_OUT.get() {
         return f(0..n);
     }
+    if ON_RAYON.get() {
+        use rayon::prelude::*;
+        let chunk = n.div_ceil(8 * rayon::current_num_threads()).max(1);
+        return (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .for_each(|c| f(c * chunk..n.min((c + 1) * chunk)));
+    }
     HANDING_OUT.set(true);
     // Cleared on unwinding too, so a caught panic leaves the thread able to use the pool.
     struct Reset;
@@ -44,6 +56,12 @@ pub fn ranges(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
     }
     let _reset = Reset;
     candle_core::utils::barrier_pool().execute_chunked(n, f);
+}
+
+/// Records which pool the calling thread's products run on: `true` for rayon's (dense GEMMs),
+/// `false` for candle's barrier pool (quantized products).
+pub fn products_on_rayon(on: bool) {
+    ON_RAYON.set(on);
 }
 
 /// `f(i)` for every `i` in `0..n`, spread over the pool.
