@@ -292,11 +292,7 @@ pub fn add_layer_norm(
             *v = (*v - mean) * inv * g + bb;
         }
     };
-    if y.len() >= 1 << 15 {
-        y.par_chunks_mut(h).for_each(norm);
-    } else {
-        y.chunks_mut(h).for_each(norm);
-    }
+    pool::chunks_mut(&mut y, h, 1 << 15, |_, row| norm(row));
     y
 }
 
@@ -435,7 +431,7 @@ pub fn bidirectional_attention(
     let groups = nh / nkv;
     let mut y = vec![0f32; b * t * hidden];
     let out = SharedMut(y.as_mut_ptr());
-    (0..b * nh).into_par_iter().for_each(|task| {
+    pool::for_each(b * nh, |task| {
         let (s, h) = (task / nh, task % nh);
         let kvh = h / groups;
         let len = lengths[s].clamp(1, t);

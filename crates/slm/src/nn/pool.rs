@@ -9,7 +9,8 @@
 //! core from rayon's threads running the attention, norms or activations that followed (three
 //! runnable threads on two cores): a 256-token prefill ran 10-25% faster with the spin cut
 //! short, before these steps moved to the barrier pool; and a dense model's prefill lost 9%
-//! when they ran on the barrier pool beside its rayon GEMMs.
+//! when they ran on the barrier pool beside its rayon GEMMs. (Training runs on rayon's pool
+//! throughout and does not come here.)
 
 /// A raw pointer that tasks share to write disjoint parts of one buffer.
 pub(crate) struct SharedMut<T>(pub(crate) *mut T);
