@@ -195,19 +195,32 @@ pub fn split_heads<const N: usize>(
 
 /// `act(gate) * up` from a fused `[m, 2n]` projection (gate columns first), in one pass.
 pub fn gated(gu: &[f32], n: usize, act: Activation) -> Vec<f32> {
-    let mut out = vec![0f32; gu.len() / 2];
-    // About 8k values a task, whole rows.
+    let len = gu.len() / 2;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    // About 8k values a task, whole rows; each piece is written before it is read, so the
+    // buffer is not zeroed first.
     let rows = (1usize << 13).div_ceil(n.max(1));
-    pool::chunks_mut(&mut out, rows * n, 1 << 15, |i, o| {
-        let src = gu[i * rows * 2 * n..].chunks_exact(2 * n);
-        for (orow, row) in o.chunks_exact_mut(n).zip(src.clone()) {
-            orow.copy_from_slice(&row[..n]);
-        }
-        activate(o, act);
-        for (orow, row) in o.chunks_exact_mut(n).zip(src) {
-            orow.iter_mut().zip(&row[n..]).for_each(|(g, u)| *g *= u);
-        }
-    });
+    pool::chunks_mut(
+        &mut out.spare_capacity_mut()[..len],
+        rows * n,
+        1 << 15,
+        |i, o| {
+            let src = gu[i * rows * 2 * n..].chunks_exact(2 * n);
+            for (orow, row) in o.chunks_exact_mut(n).zip(src.clone()) {
+                orow.iter_mut().zip(&row[..n]).for_each(|(d, g)| {
+                    d.write(*g);
+                });
+            }
+            // SAFETY: every value of the piece was written just above (the piece is whole rows).
+            let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            activate(o, act);
+            for (orow, row) in o.chunks_exact_mut(n).zip(src) {
+                orow.iter_mut().zip(&row[n..]).for_each(|(g, u)| *g *= u);
+            }
+        },
+    );
+    // SAFETY: the pieces cover all `len` values, each written above.
+    unsafe { out.set_len(len) };
     out
 }
 

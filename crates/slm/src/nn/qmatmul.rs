@@ -166,14 +166,17 @@ impl QMatMul {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             QMatMul::Candle(q) => Ok(q.forward(&x.contiguous()?)?),
-            // SAFETY (both): `matmul_into` and `run_interleaved` write all m × rows values.
-            QMatMul::Own(q) => own_forward(x, q.rows, q.cols, |xs, m, y| unsafe {
-                q.matmul_into(xs, m, y)
-            }),
-            QMatMul::OwnK(p) => own_forward(x, p.rows(), p.cols(), |xs, m, y| {
-                let xq = quantize_rows_with(xs, p.cols(), m, quantize_q8k_into);
-                run_interleaved(p, &xq, m, p.rows(), y, alone(m, p.rows(), p.cols()))
-            }),
+            // SAFETY (both): `matmul_into` and `run_interleaved` write all m × rows values, at a
+            // y with room for them that only they use.
+            QMatMul::Own(q) => unsafe {
+                own_forward(x, q.rows, q.cols, |xs, m, y| q.matmul_into(xs, m, y))
+            },
+            QMatMul::OwnK(p) => unsafe {
+                own_forward(x, p.rows(), p.cols(), |xs, m, y| {
+                    let xq = quantize_rows_with(xs, p.cols(), m, quantize_q8k_into);
+                    run_interleaved(p, &xq, m, p.rows(), y, alone(m, p.rows(), p.cols()))
+                })
+            },
         }
     }
 }
@@ -184,7 +187,7 @@ impl QMatMul {
 ///
 /// # Safety
 /// `matmul` must write every one of the `m × rows` values at `y`.
-fn own_forward(
+unsafe fn own_forward(
     x: &Tensor,
     rows: usize,
     cols: usize,
@@ -226,7 +229,11 @@ pub(super) trait Interleaved: Sync {
 
 /// `y[i, r]` for the `m` quantized activation rows of `xq` and every interleaved row (`ld`
 /// values per row of `y`), split by groups across candle's barrier pool unless `alone`.
-fn run_interleaved<P: Interleaved>(
+///
+/// # Safety
+/// `y` must have room for `(m - 1) * ld + p.groups() * 8` values that no one else reads or
+/// writes meanwhile.
+unsafe fn run_interleaved<P: Interleaved>(
     p: &P,
     xq: &[BlockQ8],
     m: usize,
@@ -434,6 +441,7 @@ impl OwnQ {
         let xr = |i: usize| &xq[i * nb..(i + 1) * nb];
         let alone = alone(m, rows, self.cols);
         if let Some(p) = &self.packed {
+            // SAFETY: y has room for m × rows values (the caller's promise).
             run_interleaved(p, &xq, m, rows, y, alone);
         }
         let r_off = self.packed_rows();
