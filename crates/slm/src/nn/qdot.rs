@@ -286,13 +286,46 @@ pub(crate) fn has_vnni() -> bool {
         *VNNI.get_or_init(|| {
             std::arch::is_x86_feature_detected!("avx512vnni")
                 && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
+                && has_avx2()
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// The instructions an interleaved kernel (`qpack.rs`, `qpack_k.rs`) multiplies bytes with.
+/// Both give the same integers, so the same results bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX-512 VNNI's `vpdpbusd` on 256-bit registers: four byte products summed per lane.
+    Vnni,
+    /// AVX2's `vpmaddubsw` + `vpmaddwd`, for CPUs without VNNI (Zen 2/3, Intel's client cores).
+    Avx2,
+}
+
+impl Isa {
+    pub(crate) fn available(self) -> bool {
+        match self {
+            Isa::Vnni => has_vnni(),
+            Isa::Avx2 => has_avx2(),
+        }
+    }
+}
+
+/// The kernel quantized weights are packed for at load: the best the CPU has, unless
+/// `SLM_KERNELS` caps it (`avx2`: the AVX2 kernel on a VNNI CPU; `rows`: no repacking, the
+/// file's row layout), to compare kernels on one machine or to rule one out.
+pub(crate) fn interleaved_isa() -> Option<Isa> {
+    use std::sync::OnceLock;
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = [Isa::Vnni, Isa::Avx2].into_iter().find(|i| i.available());
+        match std::env::var("SLM_KERNELS").as_deref() {
+            Ok("rows") => None,
+            Ok("avx2") => best.and(Isa::Avx2.available().then_some(Isa::Avx2)),
+            _ => best,
+        }
+    })
 }
 
 /// The reference each SIMD path is tested against.

@@ -20,7 +20,9 @@ use crate::io::QuantWeight;
 use super::aligned::AlignedBytes;
 use super::kernels;
 use super::pool::{self, SharedMut};
-use super::qdot::{dot, dot_xn, has_vnni, quantize_q8_into, quantize_q8k_into, BlockQ8, Kind, QK};
+use super::qdot::{
+    dot, dot_xn, interleaved_isa, quantize_q8_into, quantize_q8k_into, BlockQ8, Isa, Kind, QK,
+};
 use super::qpack::{Groups, Packed, ROWS};
 use super::qpack_k::{KKind, KPacked, QK_K};
 
@@ -80,18 +82,19 @@ impl QMatMul {
         }
         let raws: Vec<&[u8]> = ws.iter().map(|w| &w.data[..]).collect();
         let release = |part: usize, a: usize, b: usize| ws[part].data.release(a, b);
-        if let Some(k) = KKind::of(first.dtype).filter(|_| has_vnni()) {
+        let isa = interleaved_isa();
+        if let (Some(k), Some(isa)) = (KKind::of(first.dtype), isa) {
             if ws.iter().all(|w| w.rows.is_multiple_of(ROWS)) && first.cols.is_multiple_of(QK_K) {
                 let nsb = first.cols / QK_K;
                 let groups: Vec<usize> = ws.iter().map(|w| w.rows / ROWS).collect();
                 let src = Groups::new(&raws, &groups, ROWS * nsb * k.block_bytes(), &release);
-                return Some(QMatMul::OwnK(KPacked::new(k, &src, nsb)));
+                return Some(QMatMul::OwnK(KPacked::new(k, &src, nsb, isa)));
             }
         }
         let kind = own_kind(first)?;
-        let pack = has_vnni();
+        let pack = isa;
         let last = ws.len() - 1;
-        if pack && !ws[..last].iter().all(|w| w.rows.is_multiple_of(ROWS)) {
+        if pack.is_some() && !ws[..last].iter().all(|w| w.rows.is_multiple_of(ROWS)) {
             return None;
         }
         Some(QMatMul::Own(OwnQ::build(
@@ -206,13 +209,13 @@ unsafe fn own_forward(
     Ok(Tensor::from_vec(y, out, &Device::Cpu)?)
 }
 
-/// Weights interleaved in groups of eight rows for a VNNI kernel (`qpack.rs`, `qpack_k.rs`).
+/// Weights interleaved in groups of eight rows for the integer kernels (`qpack.rs`, `qpack_k.rs`).
 pub(super) trait Interleaved: Sync {
     fn groups(&self) -> usize;
     /// Blocks of 32 per row.
     fn blocks(&self) -> usize;
     /// `y[t * ld + 8g + lane] = row (8g + lane) · x[t]` for the groups `g0..g1` and `N` (1 to
-    /// 4) activation rows of `blocks()` blocks each. Only called when `has_vnni()` is true.
+    /// 4) activation rows of `blocks()` blocks each.
     ///
     /// # Safety
     /// `y` must have room for `(N - 1) * ld + 8 * g1` values, and no other thread may write the
@@ -308,14 +311,14 @@ pub const GEMM_FROM_TOKENS: usize = 32;
 
 impl OwnQ {
     /// The rows of `parts` stacked (each part whole rows of `cols`; every part but the last a
-    /// whole number of eight-row groups when packing). `pack`: interleave the rows for the
-    /// VNNI kernel (tests also run the other path). `release(part, a, b)`: bytes `a..b` of a
-    /// part are repacked and will not be read again.
+    /// whole number of eight-row groups when packing). `pack`: interleave the rows for that
+    /// kernel (tests also run the others). `release(part, a, b)`: bytes `a..b` of a part are
+    /// repacked and will not be read again.
     fn build(
         kind: Kind,
         cols: usize,
         parts: &[&[u8]],
-        pack: bool,
+        pack: Option<Isa>,
         release: &(dyn Fn(usize, usize, usize) + Sync),
     ) -> Self {
         let nb = cols / QK;
@@ -323,12 +326,14 @@ impl OwnQ {
         let rows: Vec<usize> = parts.iter().map(|p| p.len() / row_bytes).collect();
         let groups: Vec<usize> = rows
             .iter()
-            .map(|r| if pack { r / ROWS } else { 0 })
+            .map(|r| if pack.is_some() { r / ROWS } else { 0 })
             .collect();
         let last = parts.len() - 1;
-        assert!(!pack || rows[..last].iter().all(|r| r.is_multiple_of(ROWS)));
+        assert!(pack.is_none() || rows[..last].iter().all(|r| r.is_multiple_of(ROWS)));
         let src = Groups::new(parts, &groups, ROWS * row_bytes, release);
-        let packed = (src.count() > 0).then(|| Packed::new(kind, &src, nb));
+        let packed = pack
+            .filter(|_| src.count() > 0)
+            .map(|isa| Packed::new(kind, &src, nb, isa));
         // Rows outside the groups keep the file's layout: all of them without packing, else
         // the last part's last `rows % 8`.
         let tails: Vec<&[u8]> = parts
@@ -566,7 +571,7 @@ mod tests {
                 r0 += w.rows;
             }
             assert_eq!(r0, got[0].len());
-            if has_vnni() {
+            if interleaved_isa().is_some() {
                 // What the packing releases: each part's packed groups, each byte once.
                 let seen = Mutex::new(vec![Vec::new(); ws.len()]);
                 let release = |p: usize, a: usize, b: usize| seen.lock().unwrap()[p].push((a, b));
@@ -616,13 +621,36 @@ mod tests {
                 data: Vec::new().into(),
             })
             .unwrap();
-            // Both layouts where the CPU runs both; the file's layout alone elsewhere.
-            for pack in [false, true].into_iter().filter(|&p| !p || has_vnni()) {
+            // The file's layout and every interleaved kernel the CPU runs.
+            let mut outputs = Vec::new();
+            for pack in [None, Some(Isa::Avx2), Some(Isa::Vnni)] {
+                if pack.is_some_and(|i| !i.available()) {
+                    continue;
+                }
                 let own = OwnQ::build(kind, cols, &[&raw], pack, &|_, _, _| {});
                 // 70 rows: packed, 8 interleaved groups and 6 rows in the file's layout.
-                assert_eq!(own.packed_rows(), if pack { 64 } else { 0 });
+                assert_eq!(own.packed_rows(), if pack.is_some() { 64 } else { 0 });
                 check(&own, &raw, &x, m, &want, &deq);
+                if pack.is_some() {
+                    let mut y = vec![0f32; m * rows];
+                    own.matmul(&x, m, &mut y);
+                    outputs.push((pack, y));
+                }
             }
+            same_bits_across_kernels(&outputs, &format!("{dtype:?}"));
+        }
+    }
+
+    /// The instruction sets compute the same integers, so their results agree bit for bit.
+    fn same_bits_across_kernels(outputs: &[(Option<Isa>, Vec<f32>)], what: &str) {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (isa, y) in outputs.iter().skip(1) {
+            assert_eq!(
+                bits(y),
+                bits(&outputs[0].1),
+                "{what}: {isa:?} against {:?}",
+                outputs[0].0
+            );
         }
     }
 
@@ -646,20 +674,25 @@ mod tests {
             .collect();
         let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        let mut outputs = Vec::new();
+        for (dtype, isa) in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K]
+            .into_iter()
+            .flat_map(|d| [(d, Isa::Avx2), (d, Isa::Vnni)])
+            .filter(|(_, isa)| isa.available())
+        {
             let (raw, _, want) = quantized(&wt, &xt, dtype);
-            let own = QMatMul::new(QuantWeight {
-                dtype,
-                rows,
-                cols,
-                data: raw.clone().into(),
-            })
-            .unwrap();
-            let QMatMul::OwnK(p) = &own else {
-                assert!(!has_vnni(), "{dtype:?} should take the VNNI kernel");
-                continue;
-            };
             let kind = KKind::of(dtype).unwrap();
+            let src = Groups::new(
+                &[&raw],
+                &[rows / ROWS],
+                ROWS * cols / QK_K * kind.block_bytes(),
+                &|_, _, _| {},
+            );
+            let packed = KPacked::new(kind, &src, cols / QK_K, isa);
+            assert_eq!((packed.rows(), packed.cols()), (rows, cols));
+            let own = QMatMul::OwnK(packed);
+            let full = own.forward(&xt).unwrap().flatten_all().unwrap();
+            outputs.push((dtype, isa, full.to_vec1::<f32>().unwrap()));
             let bb = kind.block_bytes() * cols / QK_K;
             // candle's k-quant product (its activations quantized per 256 as well).
             let theirs = CandleQMatMul::from_qtensor(QTensor::quantize(&wt, dtype).unwrap())
@@ -700,7 +733,15 @@ mod tests {
                     }
                 }
             }
-            assert_eq!((p.rows(), p.cols()), (rows, cols));
+        }
+        assert!(!outputs.is_empty() || !Isa::Avx2.available());
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let same: Vec<_> = outputs
+                .iter()
+                .filter(|o| o.0 == dtype)
+                .map(|o| (Some(o.1), o.2.clone()))
+                .collect();
+            same_bits_across_kernels(&same, &format!("{dtype:?}"));
         }
     }
 

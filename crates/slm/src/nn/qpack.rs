@@ -1,6 +1,7 @@
-//! Legacy block-quantized weights repacked at load for the VNNI kernels: eight rows interleaved,
-//! so that each 32-bit lane of a `vpdpbusd` accumulates one row (llama.cpp's repacked `Q4_0_8x8`
-//! idea, for every legacy type). In GGUF's row layout a block of one row fills the eight lanes
+//! Legacy block-quantized weights repacked at load for the integer kernels: eight rows
+//! interleaved, so that each 32-bit lane of a `vpdpbusd` (AVX-512 VNNI; `vpmaddubsw` +
+//! `vpmaddwd` on AVX2) accumulates one row (llama.cpp's repacked `Q4_0_8x8` idea, for every
+//! legacy type). In GGUF's row layout a block of one row fills the eight lanes
 //! and has to be summed across them, scaled and added once per row; interleaved, one
 //! conversion, one scale multiply and one FMA serve eight rows, the activation bytes are
 //! broadcast from memory, and the eight results land side by side with no horizontal sum.
@@ -17,13 +18,15 @@
 use rayon::prelude::*;
 
 use super::aligned::AlignedBytes;
-use super::qdot::{Kind, QK};
+use super::qdot::{Isa, Kind, QK};
 
 /// Rows per interleaved group: the eight 32-bit lanes of a 256-bit register.
 pub(crate) const ROWS: usize = 8;
 
 pub(crate) struct Packed {
     kind: Kind,
+    /// The kernel it runs on (the layout is the same for both).
+    isa: Isa,
     groups: usize,
     /// Blocks per row.
     nb: usize,
@@ -134,7 +137,7 @@ fn has_min(kind: Kind) -> bool {
 impl Packed {
     /// The rows of `src` (GGUF row layout, `nb` blocks per row), packed a few MB at a time
     /// and released after each stretch.
-    pub(crate) fn new(kind: Kind, src: &Groups, nb: usize) -> Self {
+    pub(crate) fn new(kind: Kind, src: &Groups, nb: usize, isa: Isa) -> Self {
         let bb = kind.block_bytes();
         let row_bytes = nb * bb;
         let groups = src.count();
@@ -194,6 +197,7 @@ impl Packed {
         }
         Self {
             kind,
+            isa,
             groups,
             nb,
             codes,
@@ -260,7 +264,7 @@ impl Packed {
         let first = parts.first()?;
         if parts
             .iter()
-            .any(|p| p.kind != first.kind || p.nb != first.nb)
+            .any(|p| p.kind != first.kind || p.nb != first.nb || p.isa != first.isa)
         {
             return None;
         }
@@ -269,6 +273,7 @@ impl Packed {
         };
         Some(Packed {
             kind: first.kind,
+            isa: first.isa,
             groups: parts.iter().map(|p| p.groups).sum(),
             nb: first.nb,
             codes: plane(|p| &p.codes),
@@ -298,8 +303,9 @@ impl super::qmatmul::Interleaved for Packed {
     ) {
         assert!(g1 <= self.groups && x.iter().all(|r| r.len() == self.nb));
         #[cfg(target_arch = "x86_64")]
-        {
-            vnni::gemv(self, g0, g1, x, y, ld)
+        match self.isa {
+            Isa::Vnni => simd::gemv_vnni(self, g0, g1, x, y, ld),
+            Isa::Avx2 => simd::gemv_avx2(self, g0, g1, x, y, ld),
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!()
@@ -307,10 +313,61 @@ impl super::qmatmul::Interleaved for Packed {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod vnni {
+pub(super) mod simd {
     use super::{has_high, has_min, Packed, ROWS};
     use crate::nn::qdot::{BlockQ8, Kind};
     use std::arch::x86_64::*;
+
+    /// Unsigned code bytes times signed activation bytes, summed in fours into the 32-bit
+    /// lanes of `acc`: two operand pairs at a time. The instruction sets give the same
+    /// integers: AVX2's pairwise 16-bit sums cannot saturate for codes of at most six bits
+    /// (4 · 63 · 127 < 2¹⁵; activations are at most 127 in magnitude). Q8_0's full bytes do
+    /// not fit, so on AVX2 they take [`q8_dot`] instead.
+    pub(in crate::nn) trait Dot {
+        const VNNI: bool;
+        unsafe fn dot2(acc: __m256i, a0: __m256i, b0: __m256i, a1: __m256i, b1: __m256i)
+            -> __m256i;
+    }
+
+    pub(in crate::nn) struct Vnni;
+    pub(in crate::nn) struct Avx2;
+
+    impl Dot for Vnni {
+        const VNNI: bool = true;
+        #[inline(always)]
+        unsafe fn dot2(
+            acc: __m256i,
+            a0: __m256i,
+            b0: __m256i,
+            a1: __m256i,
+            b1: __m256i,
+        ) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, a0, b0), a1, b1)
+        }
+    }
+
+    impl Dot for Avx2 {
+        const VNNI: bool = false;
+        #[inline(always)]
+        unsafe fn dot2(
+            acc: __m256i,
+            a0: __m256i,
+            b0: __m256i,
+            a1: __m256i,
+            b1: __m256i,
+        ) -> __m256i {
+            let p = _mm256_add_epi16(_mm256_maddubs_epi16(a0, b0), _mm256_maddubs_epi16(a1, b1));
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        }
+    }
+
+    /// Q8_0 on AVX2: the stored (biased) operand `a` back to signed `w`, then `|w| · (y with w's
+    /// sign)`, whose pairwise sums fit 16 bits (2 · 128 · 127 < 2¹⁵). No bias to take out after.
+    #[inline(always)]
+    unsafe fn q8_dot(acc: __m256i, w: __m256i, wabs: __m256i, y: __m256i) -> __m256i {
+        let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(y, w));
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    }
 
     /// The eight operands of a 4-bit unit (128 bytes at `c`): low nibbles of vector `j` are
     /// operand `j`, high nibbles operand `j + 4`.
@@ -349,10 +406,35 @@ pub(super) mod vnni {
         }
     }
 
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub(super) unsafe fn gemv_vnni<const N: usize>(
+        p: &Packed,
+        g0: usize,
+        g1: usize,
+        x: [&[BlockQ8]; N],
+        y: *mut f32,
+        ld: usize,
+    ) {
+        gemv::<N, Vnni>(p, g0, g1, x, y, ld)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_avx2<const N: usize>(
+        p: &Packed,
+        g0: usize,
+        g1: usize,
+        x: [&[BlockQ8]; N],
+        y: *mut f32,
+        ld: usize,
+    ) {
+        gemv::<N, Avx2>(p, g0, g1, x, y, ld)
+    }
+
+    /// Inlined into each instruction set's entry point above, which compiles it for that set.
     // `b` and `t` index several arrays alike.
     #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub(super) unsafe fn gemv<const N: usize>(
+    #[inline(always)]
+    unsafe fn gemv<const N: usize, D: Dot>(
         p: &Packed,
         g0: usize,
         g1: usize,
@@ -363,10 +445,12 @@ pub(super) mod vnni {
         let kind = p.kind;
         let nb = p.nb;
         let (high, min) = (has_high(kind), has_min(kind));
+        // Q8_0's signed products on AVX2 need no bias taken out.
+        let sign_trick = kind == Kind::Q8_0 && !D::VNNI;
         let offset = match kind {
             Kind::Q4_0 => 8,
             Kind::Q5_0 => 16,
-            Kind::Q8_0 => 128,
+            Kind::Q8_0 if !sign_trick => 128,
             _ => 0,
         };
         let zero = _mm256_setzero_si256();
@@ -377,10 +461,15 @@ pub(super) mod vnni {
             for b in 0..nb {
                 let u = g * nb + b;
                 let mut a = [zero; 8];
+                let mut wabs = [zero; 8];
                 if kind == Kind::Q8_0 {
                     let c = codes.add(u * 256);
                     for k in 0..8 {
                         a[k] = _mm256_load_si256(c.add(32 * k) as *const __m256i);
+                        if sign_trick {
+                            a[k] = _mm256_xor_si256(a[k], _mm256_set1_epi8(-128));
+                            wabs[k] = _mm256_abs_epi8(a[k]);
+                        }
                     }
                 } else {
                     a = nibbles(codes.add(u * 128));
@@ -400,16 +489,22 @@ pub(super) mod vnni {
                     let xb = &x[t][b];
                     let q = xb.qs.as_ptr() as *const i32;
                     let bc = |k: usize| _mm256_set1_epi32(q.add(k).read_unaligned());
-                    // Two chains of four keep the multiply-adds' latency hidden.
-                    let mut s0 = _mm256_dpbusd_epi32(zero, a[0], bc(0));
-                    let mut s1 = _mm256_dpbusd_epi32(zero, a[1], bc(1));
-                    s0 = _mm256_dpbusd_epi32(s0, a[2], bc(2));
-                    s1 = _mm256_dpbusd_epi32(s1, a[3], bc(3));
-                    s0 = _mm256_dpbusd_epi32(s0, a[4], bc(4));
-                    s1 = _mm256_dpbusd_epi32(s1, a[5], bc(5));
-                    s0 = _mm256_dpbusd_epi32(s0, a[6], bc(6));
-                    s1 = _mm256_dpbusd_epi32(s1, a[7], bc(7));
-                    let mut s = _mm256_add_epi32(s0, s1);
+                    let mut s = if sign_trick {
+                        // Two chains of four keep the multiply-adds' latency hidden.
+                        let mut s0 = q8_dot(zero, a[0], wabs[0], bc(0));
+                        let mut s1 = q8_dot(zero, a[1], wabs[1], bc(1));
+                        for k in (2..8).step_by(2) {
+                            s0 = q8_dot(s0, a[k], wabs[k], bc(k));
+                            s1 = q8_dot(s1, a[k + 1], wabs[k + 1], bc(k + 1));
+                        }
+                        _mm256_add_epi32(s0, s1)
+                    } else {
+                        let s0 = D::dot2(zero, a[0], bc(0), a[2], bc(2));
+                        let s1 = D::dot2(zero, a[1], bc(1), a[3], bc(3));
+                        let s0 = D::dot2(s0, a[4], bc(4), a[6], bc(6));
+                        let s1 = D::dot2(s1, a[5], bc(5), a[7], bc(7));
+                        _mm256_add_epi32(s0, s1)
+                    };
                     if offset != 0 {
                         s = _mm256_sub_epi32(s, _mm256_set1_epi32(offset * xb.isum));
                     }
@@ -423,6 +518,89 @@ pub(super) mod vnni {
             for t in 0..N {
                 let out = y.add(t * ld + g * ROWS);
                 _mm256_storeu_ps(out, _mm256_add_ps(acc[t], accm[t]));
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Lane sums of `a[i] · b[i]` over the 32 bytes, as i32 (unsigned codes, signed bytes).
+        fn lanes(a: &[u8; 32], b: &[i8; 32]) -> [i32; 8] {
+            std::array::from_fn(|l| {
+                (0..4)
+                    .map(|i| a[4 * l + i] as i32 * b[4 * l + i] as i32)
+                    .sum()
+            })
+        }
+
+        fn vec<T: Copy>(v: &[T; 32]) -> __m256i {
+            // SAFETY: 32 bytes read unaligned.
+            unsafe { _mm256_loadu_si256(v.as_ptr() as *const __m256i) }
+        }
+
+        fn ints(v: __m256i) -> [i32; 8] {
+            let mut out = [0i32; 8];
+            // SAFETY: 32 bytes written unaligned.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, v) };
+            out
+        }
+
+        /// AVX2's 16-bit pair sums at their largest: six-bit codes against ±127 (and Q8_0's
+        /// full bytes, -128 included, through the sign trick) give the exact integers, as
+        /// VNNI does; a seventh code bit would saturate.
+        #[test]
+        fn avx2_byte_products_are_exact_at_the_extremes() {
+            if !crate::nn::qdot::Isa::Avx2.available() {
+                return;
+            }
+            let ys: [[i8; 32]; 3] = [
+                [127; 32],
+                [-127; 32],
+                std::array::from_fn(|i| if i % 3 == 0 { -127 } else { 127 - i as i8 }),
+            ];
+            for max in [15u8, 31, 63] {
+                for (ya, yb) in ys.iter().zip(ys.iter().rev()) {
+                    let a0: [u8; 32] = std::array::from_fn(|i| max - (i % 2) as u8);
+                    let a1 = [max; 32];
+                    let want: Vec<i32> = (0..8)
+                        .map(|l| 5 + lanes(&a0, ya)[l] + lanes(&a1, yb)[l])
+                        .collect();
+                    // SAFETY: the CPU has AVX2 (checked above); the helpers inline into this call.
+                    let got = ints(unsafe {
+                        let five = _mm256_set1_epi32(5);
+                        Avx2::dot2(five, vec(&a0), vec(ya), vec(&a1), vec(yb))
+                    });
+                    assert_eq!(got.to_vec(), want, "codes up to {max}");
+                    if crate::nn::qdot::Isa::Vnni.available() {
+                        // SAFETY: the CPU has AVX-512 VNNI (checked).
+                        let v = ints(unsafe {
+                            let five = _mm256_set1_epi32(5);
+                            Vnni::dot2(five, vec(&a0), vec(ya), vec(&a1), vec(yb))
+                        });
+                        assert_eq!(v, got);
+                    }
+                }
+            }
+            let ws: [[i8; 32]; 3] = [
+                [-128; 32],
+                [127; 32],
+                std::array::from_fn(|i| (i as i8).wrapping_mul(37)),
+            ];
+            for w in &ws {
+                for y in &ys {
+                    let wabs: [u8; 32] = std::array::from_fn(|i| w[i].unsigned_abs());
+                    let want: [i32; 8] = std::array::from_fn(|l| {
+                        (0..4)
+                            .map(|i| w[4 * l + i] as i32 * y[4 * l + i] as i32)
+                            .sum()
+                    });
+                    // SAFETY: the CPU has AVX2 (checked above).
+                    let got =
+                        ints(unsafe { q8_dot(_mm256_setzero_si256(), vec(w), vec(&wabs), vec(y)) });
+                    assert_eq!(got, want, "Q8_0 bytes {w:?} · {y:?}");
+                }
             }
         }
     }

@@ -1,7 +1,7 @@
-//! k-quant weights (Q4_K, Q5_K, Q6_K: 256-value superblocks) repacked at load for the VNNI
-//! kernel, in the interleaved layout of `qpack.rs`: eight rows per group, each 32-bit lane of a
-//! `vpdpbusd` accumulating one row, the 32-value sub-blocks meeting the activations' 8-bit
-//! blocks one to one.
+//! k-quant weights (Q4_K, Q5_K, Q6_K: 256-value superblocks) repacked at load for the integer
+//! kernels (AVX-512 VNNI or AVX2), in the interleaved layout of `qpack.rs`: eight rows per
+//! group, each 32-bit lane of a `vpdpbusd` accumulating one row, the 32-value sub-blocks meeting
+//! the activations' 8-bit blocks one to one.
 //!
 //! The sub-block scales stay integers (6-bit for Q4_K/Q5_K, 8-bit per 16 values for Q6_K): the
 //! integer dot product is scaled in integers, converted once per sub-block and multiplied by the
@@ -24,7 +24,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::aligned::AlignedBytes;
-use super::qdot::{BlockQ8, QK};
+use super::qdot::{BlockQ8, Isa, QK};
 use super::qmatmul::Interleaved;
 use super::qpack::{per_group, Groups, ROWS};
 
@@ -194,6 +194,8 @@ pub(crate) fn dot_scalar(kind: KKind, w: &[u8], x: &[BlockQ8]) -> f32 {
 
 pub struct KPacked {
     kind: KKind,
+    /// The kernel it runs on (the layout is the same for both).
+    isa: Isa,
     groups: usize,
     /// Superblocks per row.
     nsb: usize,
@@ -208,12 +210,13 @@ pub struct KPacked {
 impl KPacked {
     /// The rows of `src` in GGUF's layout, `nsb` superblocks each, packed a few MB at a time
     /// and released after each stretch.
-    pub(crate) fn new(kind: KKind, src: &Groups, nsb: usize) -> Self {
+    pub(crate) fn new(kind: KKind, src: &Groups, nsb: usize, isa: Isa) -> Self {
         let groups = src.count();
         let units = groups * nsb;
         let per = |n: usize| AlignedBytes::zeroed(units * n);
         let mut p = Self {
             kind,
+            isa,
             groups,
             nsb,
             codes: per(SUB * 128),
@@ -293,8 +296,9 @@ impl Interleaved for KPacked {
     ) {
         assert!(g1 <= self.groups && x.iter().all(|r| r.len() == self.nsb * SUB));
         #[cfg(target_arch = "x86_64")]
-        {
-            vnni::gemv(self, g0, g1, x, y, ld)
+        match self.isa {
+            Isa::Vnni => simd::gemv_vnni(self, g0, g1, x, y, ld),
+            Isa::Avx2 => simd::gemv_avx2(self, g0, g1, x, y, ld),
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!()
@@ -348,16 +352,41 @@ fn pack_superblock(kind: KKind, u: &Unpacked, sb: usize, lane: usize, planes: [&
 }
 
 #[cfg(target_arch = "x86_64")]
-mod vnni {
+mod simd {
     use super::{KKind, KPacked, ROWS, SUB};
     use crate::nn::qdot::BlockQ8;
-    use crate::nn::qpack::vnni::{fifth_bits, nibbles};
+    use crate::nn::qpack::simd::{fifth_bits, nibbles, Avx2, Dot, Vnni};
     use std::arch::x86_64::*;
 
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub(super) unsafe fn gemv_vnni<const N: usize>(
+        p: &KPacked,
+        g0: usize,
+        g1: usize,
+        x: [&[BlockQ8]; N],
+        y: *mut f32,
+        ld: usize,
+    ) {
+        gemv::<N, Vnni>(p, g0, g1, x, y, ld)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemv_avx2<const N: usize>(
+        p: &KPacked,
+        g0: usize,
+        g1: usize,
+        x: [&[BlockQ8]; N],
+        y: *mut f32,
+        ld: usize,
+    ) {
+        gemv::<N, Avx2>(p, g0, g1, x, y, ld)
+    }
+
+    /// Inlined into each instruction set's entry point above, which compiles it for that set.
     // `t` and `k` index several arrays alike.
     #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub(super) unsafe fn gemv<const N: usize>(
+    #[inline(always)]
+    unsafe fn gemv<const N: usize, D: Dot>(
         p: &KPacked,
         g0: usize,
         g1: usize,
@@ -411,12 +440,10 @@ mod vnni {
                             let xb = &x[t][sb * SUB + j];
                             let q = xb.qs.as_ptr() as *const i32;
                             let bc = |k: usize| _mm256_set1_epi32(q.add(k).read_unaligned());
-                            let mut s0 = _mm256_dpbusd_epi32(zero, a[0], bc(0));
-                            let mut s1 = _mm256_dpbusd_epi32(zero, a[4], bc(4));
-                            for k in 1..4 {
-                                s0 = _mm256_dpbusd_epi32(s0, a[k], bc(k));
-                                s1 = _mm256_dpbusd_epi32(s1, a[k + 4], bc(k + 4));
-                            }
+                            let s0 = D::dot2(zero, a[0], bc(0), a[1], bc(1));
+                            let s1 = D::dot2(zero, a[4], bc(4), a[5], bc(5));
+                            let mut s0 = D::dot2(s0, a[2], bc(2), a[3], bc(3));
+                            let mut s1 = D::dot2(s1, a[6], bc(6), a[7], bc(7));
                             let hi_sum = xb.isum - xb.isum_lo;
                             s0 = _mm256_sub_epi32(s0, _mm256_set1_epi32(32 * xb.isum_lo));
                             s1 = _mm256_sub_epi32(s1, _mm256_set1_epi32(32 * hi_sum));
@@ -435,15 +462,11 @@ mod vnni {
                             let xb = &x[t][sb * SUB + j];
                             let q = xb.qs.as_ptr() as *const i32;
                             let bc = |k: usize| _mm256_set1_epi32(q.add(k).read_unaligned());
-                            // Two chains of four keep the multiply-adds' latency hidden.
-                            let mut s0 = _mm256_dpbusd_epi32(zero, a[0], bc(0));
-                            let mut s1 = _mm256_dpbusd_epi32(zero, a[1], bc(1));
-                            s0 = _mm256_dpbusd_epi32(s0, a[2], bc(2));
-                            s1 = _mm256_dpbusd_epi32(s1, a[3], bc(3));
-                            s0 = _mm256_dpbusd_epi32(s0, a[4], bc(4));
-                            s1 = _mm256_dpbusd_epi32(s1, a[5], bc(5));
-                            s0 = _mm256_dpbusd_epi32(s0, a[6], bc(6));
-                            s1 = _mm256_dpbusd_epi32(s1, a[7], bc(7));
+                            // Two chains keep the multiply-adds' latency hidden.
+                            let s0 = D::dot2(zero, a[0], bc(0), a[2], bc(2));
+                            let s1 = D::dot2(zero, a[1], bc(1), a[3], bc(3));
+                            let s0 = D::dot2(s0, a[4], bc(4), a[6], bc(6));
+                            let s1 = D::dot2(s1, a[5], bc(5), a[7], bc(7));
                             let s = _mm256_mullo_epi32(_mm256_add_epi32(s0, s1), sc);
                             isacc[t] = _mm256_add_epi32(isacc[t], s);
                             let m = _mm256_mullo_epi32(mn, _mm256_set1_epi32(xb.isum));

@@ -7,7 +7,9 @@ use super::spm::{self, Piece};
 use crate::error::{Context, Error, Result};
 use crate::io::gguf::GgufFile;
 
-fn strings(g: &GgufFile, key: &str) -> Result<Option<Vec<String>>> {
+/// Borrowed from the parsed metadata: a vocabulary is tens of thousands of strings, and each
+/// copy of them all was a few milliseconds of the load.
+fn strings<'g>(g: &'g GgufFile, key: &str) -> Result<Option<Vec<&'g str>>> {
     let Some(v) = g.meta(key) else {
         return Ok(None);
     };
@@ -17,7 +19,7 @@ fn strings(g: &GgufFile, key: &str) -> Result<Option<Vec<String>>> {
     arr.iter()
         .map(|x| {
             x.to_string()
-                .cloned()
+                .map(String::as_str)
                 .map_err(|_| Error::file(&g.path, format!("'{key}' holds a non-string")))
         })
         .collect::<Result<Vec<_>>>()
@@ -52,12 +54,12 @@ pub fn spm_vocab(g: &GgufFile) -> Result<(Vec<Piece>, Option<String>, bool)> {
     let unk = g
         .meta_u64("tokenizer.ggml.unknown_token_id")
         .and_then(|i| tokens.get(i as usize))
-        .cloned();
+        .map(|t| t.to_string());
     let pieces = tokens
         .into_iter()
         .enumerate()
         .map(|(i, text)| Piece {
-            text,
+            text: text.to_string(),
             score: scores.get(i).copied().unwrap_or(0.0) as f32,
             kind: types.get(i).map_or(1, |&t| t as i32),
         })
@@ -131,11 +133,11 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
             let vocab: serde_json::Map<String, Value> = tokens
                 .iter()
                 .enumerate()
-                .map(|(i, t)| (t.clone(), json!(i)))
+                .map(|(i, t)| (t.to_string(), json!(i)))
                 .collect();
             let added: Vec<Value> = (0..tokens.len())
                 .filter(|&i| matches!(kind(i), 3 | 4))
-                .map(|i| super::added_token(i as u32, &tokens[i], kind(i) == 3))
+                .map(|i| super::added_token(i as u32, tokens[i], kind(i) == 3))
                 .collect();
             Ok(gpt2_doc(
                 gpt2_pre(g),
@@ -163,7 +165,7 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
                 .enumerate()
                 .map(|(i, t)| {
                     let orig = if t.starts_with('[') && t.ends_with(']') {
-                        t.clone()
+                        t.to_string()
                     } else if let Some(rest) = t.strip_prefix('\u{2581}') {
                         rest.to_string()
                     } else {
@@ -174,7 +176,7 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Value> {
                 .collect();
             let added: Vec<Value> = (0..tokens.len())
                 .filter(|&i| kind(i) == 3)
-                .map(|i| super::added_token(i as u32, &tokens[i], true))
+                .map(|i| super::added_token(i as u32, tokens[i], true))
                 .collect();
             // Specials are added by the caller, as for every GGUF vocabulary.
             Ok(super::wordpiece_json(vocab, added, true, None, false))
@@ -196,7 +198,7 @@ fn gpt2_merges(g: &GgufFile) -> Result<Vec<(String, String)>> {
         .into_iter()
         .map(|m| match m.split_once(' ') {
             Some((a, b)) => (a.to_string(), b.to_string()),
-            None => (m, String::new()),
+            None => (m.to_string(), String::new()),
         })
         .collect())
 }
@@ -239,7 +241,7 @@ pub fn gpt2_tokenizer(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
     let vocab: tokenizers::models::bpe::Vocab = tokens
         .iter()
         .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
+        .map(|(i, t)| (t.to_string(), i as u32))
         .collect();
     let model = tokenizers::models::bpe::BPE::builder()
         .vocab_and_merges(vocab, gpt2_merges(g)?)
@@ -249,7 +251,7 @@ pub fn gpt2_tokenizer(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
     t.with_model(model);
     let added = (0..tokens.len())
         .filter(|&i| matches!(kind(i), 3 | 4))
-        .map(|i| (tokens[i].clone(), kind(i) == 3));
+        .map(|i| (tokens[i].to_string(), kind(i) == 3));
     super::add_vocab_tokens(&mut t, added).map_err(built)?;
     Ok(t)
 }
