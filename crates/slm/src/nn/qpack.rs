@@ -134,6 +134,39 @@ fn has_min(kind: Kind) -> bool {
     matches!(kind, Kind::Q4_1 | Kind::Q5_1)
 }
 
+/// Bits 0, 4, 8, .. 28 of `x` as bits 0..8: Q5's fifth bits regrouped per four values.
+fn every_fourth_bit(x: u32) -> u8 {
+    let x = x & 0x1111_1111;
+    let x = (x | x >> 3) & 0x0303_0303;
+    let x = (x | x >> 6) & 0x000F_000F;
+    ((x | x >> 12) & 0xFF) as u8
+}
+
+/// The code bytes of one block of the eight rows (`rows[r]` from the block's first code byte)
+/// into the interleaved operands: `ops` operands, operand `k` holding row r's bytes `4k..4k + 4`
+/// in lane `r` (an 8 × `ops` transpose of 32-bit words), Q8_0's biased to unsigned (`flip`).
+fn transpose_codes(rows: [&[u8]; ROWS], ops: usize, flip: bool, dst: &mut [u8]) {
+    assert!(dst.len() >= ops * 4 * ROWS && rows.iter().all(|r| r.len() >= 4 * ops));
+    #[cfg(target_arch = "x86_64")]
+    if super::qdot::Isa::Avx2.available() && (ops == 4 || ops == 8) {
+        // SAFETY: AVX2 is there (checked) and the assert bounds every read and write.
+        unsafe { simd::transpose_codes(rows.map(<[u8]>::as_ptr), ops, flip, dst.as_mut_ptr()) };
+        return;
+    }
+    transpose_codes_scalar(rows, ops, flip, dst)
+}
+
+fn transpose_codes_scalar(rows: [&[u8]; ROWS], ops: usize, flip: bool, dst: &mut [u8]) {
+    let bias = if flip { 0x80 } else { 0 };
+    for (lane, row) in rows.iter().enumerate() {
+        for k in 0..ops {
+            for i in 0..4 {
+                dst[k * 32 + lane * 4 + i] = row[4 * k + i] ^ bias;
+            }
+        }
+    }
+}
+
 impl Packed {
     /// The rows of `src` (GGUF row layout, `nb` blocks per row), packed a few MB at a time
     /// and released after each stretch.
@@ -163,34 +196,24 @@ impl Packed {
             let (g0, g1) = (chunk[0].0, chunk[chunk.len() - 1].0 + 1);
             chunk.into_par_iter().for_each(|(g, (((c, h), s), m))| {
                 let rows = src.group(g);
-                for lane in 0..ROWS {
-                    let row = &rows[lane * row_bytes..][..row_bytes];
-                    for (b, blk) in row.chunks_exact(bb).enumerate() {
+                for b in 0..nb {
+                    let blk = |lane: usize| &rows[lane * row_bytes + b * bb..][..bb];
+                    for lane in 0..ROWS {
+                        let blk = blk(lane);
                         let sc = b * 2 * ROWS + 2 * lane;
                         s[sc..sc + 2].copy_from_slice(&blk[..2]);
                         if has_min(kind) {
                             m[sc..sc + 2].copy_from_slice(&blk[2..4]);
                         }
-                        let codes = &mut c[b * cb..(b + 1) * cb];
-                        for k in 0..ops {
-                            let src = &blk[at + 4 * k..at + 4 * k + 4];
-                            let dst = &mut codes[k * 32 + lane * 4..][..4];
-                            dst.copy_from_slice(src);
-                            if kind == Kind::Q8_0 {
-                                dst.iter_mut().for_each(|q| *q ^= 0x80);
-                            }
-                        }
                         if let Some(hat) = high_at {
                             let qh = u32::from_le_bytes(blk[hat..hat + 4].try_into().unwrap());
                             for i in 0..4 {
-                                let mut hb = 0u8;
-                                for k in 0..8 {
-                                    hb |= (((qh >> (4 * k + i)) & 1) as u8) << k;
-                                }
-                                h[b * 32 + lane * 4 + i] = hb;
+                                h[b * 32 + lane * 4 + i] = every_fourth_bit(qh >> i);
                             }
                         }
                     }
+                    let codes: [&[u8]; ROWS] = std::array::from_fn(|l| &blk(l)[at..]);
+                    transpose_codes(codes, ops, kind == Kind::Q8_0, &mut c[b * cb..][..cb]);
                 }
             });
             src.done(g0, g1);
@@ -312,6 +335,34 @@ impl super::qmatmul::Interleaved for Packed {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SIMD transpose against the scalar one, for the four- and eight-operand block types,
+    /// biased and not; and the fifth-bit regrouping against its definition.
+    #[test]
+    fn packing_transpose_matches_scalar() {
+        let bytes: Vec<u8> = (0..8 * 40).map(|i| (i * 151 % 256) as u8).collect();
+        let rows: [&[u8]; ROWS] = std::array::from_fn(|r| &bytes[r * 40 + r % 3..]);
+        for (ops, flip) in [(4, false), (8, true), (8, false)] {
+            let mut fast = vec![0u8; ops * 32];
+            let mut slow = vec![0u8; ops * 32];
+            transpose_codes(rows, ops, flip, &mut fast);
+            transpose_codes_scalar(rows, ops, flip, &mut slow);
+            assert_eq!(fast, slow, "{ops} operands");
+            assert_eq!(
+                slow[32 + 4 * 3 + 2],
+                rows[3][6] ^ if flip { 0x80 } else { 0 }
+            );
+        }
+        for x in [0u32, u32::MAX, 0x1234_5678, 0x8000_0001, 0x1111_1111] {
+            let want = (0..8).fold(0u8, |a, k| a | (((x >> (4 * k)) & 1) as u8) << k);
+            assert_eq!(every_fourth_bit(x), want, "{x:#x}");
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod simd {
     use super::{has_high, has_min, Packed, ROWS};
@@ -403,6 +454,40 @@ pub(super) mod simd {
         ];
         for k in 0..8 {
             a[k] = _mm256_or_si256(a[k], _mm256_and_si256(hs[k], bit5));
+        }
+    }
+
+    /// [`super::transpose_codes`] for four or eight operands: rows r and r + 4 share a register
+    /// (one per 128-bit half), and two rounds of unpacking transpose each half's 4 × 4 words.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn transpose_codes(
+        rows: [*const u8; 8],
+        ops: usize,
+        flip: bool,
+        dst: *mut u8,
+    ) {
+        let bias = _mm256_set1_epi8(if flip { -128 } else { 0 });
+        // Halves 0 and 1 hold words 0..4 and 4..8 of each row.
+        for half in 0..ops / 4 {
+            let r: [__m256i; 4] = std::array::from_fn(|i| {
+                let lo = _mm_loadu_si128(rows[i].add(16 * half) as *const __m128i);
+                let hi = _mm_loadu_si128(rows[i + 4].add(16 * half) as *const __m128i);
+                _mm256_set_m128i(hi, lo)
+            });
+            let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+            let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+            let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+            let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+            let out = [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ];
+            for (k, o) in out.into_iter().enumerate() {
+                let at = dst.add(32 * (4 * half + k)) as *mut __m256i;
+                _mm256_storeu_si256(at, _mm256_xor_si256(o, bias));
+            }
         }
     }
 
