@@ -314,7 +314,8 @@ impl Isa {
 
 /// The kernel quantized weights are packed for at load: the best the CPU has, unless
 /// `SLM_KERNELS` caps it (`avx2`: the AVX2 kernel on a VNNI CPU; `rows`: no repacking, the
-/// file's row layout), to compare kernels on one machine or to rule one out.
+/// file's row layout; `vnni` or empty: the default), to compare kernels on one machine or to rule
+/// one out. Another value is reported on stderr and ignored.
 pub(crate) fn interleaved_isa() -> Option<Isa> {
     use std::sync::OnceLock;
     static ISA: OnceLock<Option<Isa>> = OnceLock::new();
@@ -323,7 +324,12 @@ pub(crate) fn interleaved_isa() -> Option<Isa> {
         match std::env::var("SLM_KERNELS").as_deref() {
             Ok("rows") => None,
             Ok("avx2") => best.and(Isa::Avx2.available().then_some(Isa::Avx2)),
-            _ => best,
+            Ok("" | "vnni") | Err(_) => best,
+            Ok(other) => {
+                // A typo should not pass for a measurement of the kernel it meant.
+                eprintln!("slm: ignoring SLM_KERNELS={other:?} (expected avx2 or rows)");
+                best
+            }
         }
     })
 }
