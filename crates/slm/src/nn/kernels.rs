@@ -729,25 +729,35 @@ mod tests {
     /// the keys it can see), with and without a sliding window and relative position biases.
     #[test]
     fn causal_attention_matches_a_naive_softmax() {
-        let (nh, nkv, hd) = (4, 2, 3);
+        // Two query heads per K/V head, and four on one (Gemma 3's shape).
+        for (nh, nkv) in [(4, 2), (4, 1)] {
+            causal_attention_case(nh, nkv);
+        }
+    }
+
+    fn causal_attention_case(nh: usize, nkv: usize) {
+        let hd = 3;
         let f = |n: usize, m: usize| -> Vec<f32> {
             (0..n).map(|i| ((i * m % 17) as f32 - 8.0) / 7.0).collect()
         };
         let d = 5;
         let table = f(nh * (2 * d + 1), 13);
-        for (pos, t) in [(2, 3), (7, 150)] {
+        // Decoded tokens too (t = 1), alone and on the pool (from 256 keys); the cache holds
+        // more rows than are filled, as it does while decoding.
+        for (pos, t) in [(2, 3), (7, 150), (9, 1), (300, 1)] {
             let total = pos + t;
+            let cap = total + 3;
             let (q, k, v) = (
                 f(nh * t * hd, 5),
-                f(nkv * total * hd, 3),
-                f(nkv * total * hd, 11),
+                f(nkv * cap * hd, 3),
+                f(nkv * cap * hd, 11),
             );
             for window in [None, Some(2), Some(70)] {
                 for biased in [false, true] {
                     let kv = KeyView {
                         k: &k,
                         v: &v,
-                        cap: total,
+                        cap,
                         len: total,
                     };
                     let bias = biased.then_some(RelBias { table: &table, d });
@@ -773,7 +783,7 @@ mod tests {
                                 .map(|j| {
                                     let dot = (0..hd)
                                         .map(|c| {
-                                            q[(h * t + i) * hd + c] * k[(kvh * total + j) * hd + c]
+                                            q[(h * t + i) * hd + c] * k[(kvh * cap + j) * hd + c]
                                         })
                                         .sum::<f32>()
                                         / (hd as f32).sqrt();
@@ -790,7 +800,7 @@ mod tests {
                             for c in 0..hd {
                                 let want: f32 = (lo..=qp)
                                     .map(|j| {
-                                        (s[j - lo] - m).exp() / z * v[(kvh * total + j) * hd + c]
+                                        (s[j - lo] - m).exp() / z * v[(kvh * cap + j) * hd + c]
                                     })
                                     .sum();
                                 let got = y[i * nh * hd + h * hd + c];
