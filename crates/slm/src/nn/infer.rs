@@ -139,21 +139,23 @@ impl KvCache {
         self.recurrent = true;
     }
 
-    /// Appends `t` positions of `k`, `v` (`[heads, t, hd]`).
+    /// Appends `t` positions of `k`, `v` (`[heads, t, hd]`). V keeps a row per position; K goes
+    /// into tiles of 16 positions stored by dimension (see `kernels::KeyView`).
     fn append(&mut self, k: &[f32], v: &[f32], heads: usize, t: usize, hd: usize) {
+        const L: usize = kernels::KEY_TILE;
         if self.len == 0 {
             *self = KvCache::default();
         }
         let need = self.len + t;
         if need > self.cap {
             // Small first capacity: the reference tests then cross a growth step.
-            let cap = need.max(2 * self.cap).max(16);
+            let cap = need.max(2 * self.cap).max(16).next_multiple_of(L);
+            // Each head's first positions (whole tiles of K) keep their place in the head.
+            let n = self.len.next_multiple_of(L) * hd;
             let grow = |old: &[f32]| {
                 let mut new = vec![0f32; heads * cap * hd];
                 for h in 0..heads {
-                    let n = self.len * hd;
-                    new[h * cap * hd..h * cap * hd + n]
-                        .copy_from_slice(&old[h * self.cap * hd..h * self.cap * hd + n]);
+                    new[h * cap * hd..][..n].copy_from_slice(&old[h * self.cap * hd..][..n]);
                 }
                 new
             };
@@ -164,8 +166,15 @@ impl KvCache {
         for h in 0..heads {
             let dst = (h * self.cap + self.len) * hd;
             let src = h * t * hd;
-            self.k[dst..dst + t * hd].copy_from_slice(&k[src..src + t * hd]);
             self.v[dst..dst + t * hd].copy_from_slice(&v[src..src + t * hd]);
+            let head = &mut self.k[h * self.cap * hd..][..self.cap * hd];
+            for (i, row) in k[src..src + t * hd].chunks_exact(hd).enumerate() {
+                let p = self.len + i;
+                let tile = &mut head[p / L * L * hd..][..L * hd];
+                for (d, &x) in row.iter().enumerate() {
+                    tile[d * L + p % L] = x;
+                }
+            }
         }
         self.len = need;
     }
@@ -529,6 +538,7 @@ impl Exec for Infer<'_> {
                 v: &kv.v,
                 cap: kv.len,
                 len: kv.len,
+                k_tiled: false,
             };
             let y = kernels::with_f32(&qh, |q| {
                 kernels::cross_attention(q, keys, nh, nkv, hd, a.scores())
@@ -701,6 +711,7 @@ fn cached_attention(
         v: &cache.v,
         cap: cache.cap,
         len: cache.len,
+        k_tiled: true,
     };
     let y = with_bias(bias, |bias| {
         kernels::with_f32(&q, |q| {
