@@ -62,8 +62,8 @@ pub struct AttnSpec {
 
 impl AttnSpec {
     /// How the scores are formed, as the kernels take it.
-    pub fn scores(&self) -> super::kernels::Scores {
-        super::kernels::Scores {
+    pub fn scores(&self) -> super::attention::Scores {
+        super::attention::Scores {
             scale: self.scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt()),
             softcap: self.softcap,
             window: self.window,

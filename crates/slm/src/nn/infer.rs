@@ -10,7 +10,7 @@ use super::exec::{
     AttnSpec, Exec, Loader, NormKind, Parts, Pool, RelativePositions, Rows, Weights,
 };
 use super::recurrent::{self, Hidden, Layout, RecurrentSpec, State};
-use super::{kernels, Activation, Embedding, LayerNorm, Linear, Norm, RmsNorm, Vb};
+use super::{attention, kernels, Activation, Embedding, LayerNorm, Linear, Norm, RmsNorm, Vb};
 use crate::error::{Error, Result};
 
 /// Inference weights: dense or block-quantized `Linear`s, as loaded.
@@ -140,9 +140,9 @@ impl KvCache {
     }
 
     /// Appends `t` positions of `k`, `v` (`[heads, t, hd]`). V keeps a row per position; K goes
-    /// into tiles of 16 positions stored by dimension (see `kernels::KeyView`).
+    /// into tiles of 16 positions stored by dimension (see `attention::KeyView`).
     fn append(&mut self, k: &[f32], v: &[f32], heads: usize, t: usize, hd: usize) {
-        const L: usize = kernels::KEY_TILE;
+        const L: usize = attention::KEY_TILE;
         if self.len == 0 {
             *self = KvCache::default();
         }
@@ -357,7 +357,7 @@ impl Infer<'_> {
         let bias = bias.map(|b| b.tensor()).transpose()?;
         let y = with_bias(bias.as_ref(), |bias| {
             kernels::with_f32(&fused, |s| {
-                kernels::bidirectional_attention(s, t, nh, nkv, hd, lengths, a.scores(), bias)
+                attention::bidirectional_attention(s, t, nh, nkv, hd, lengths, a.scores(), bias)
             })
         })??;
         Ok(Act::Full(kernels::tensor(y, vec![b, t, nh * hd])?))
@@ -365,12 +365,15 @@ impl Infer<'_> {
 }
 
 /// `f` given the relative biases of `bias` (`[heads, 2d + 1]`), if any.
-fn with_bias<R>(bias: Option<&Tensor>, f: impl FnOnce(Option<kernels::RelBias>) -> R) -> Result<R> {
+fn with_bias<R>(
+    bias: Option<&Tensor>,
+    f: impl FnOnce(Option<attention::RelBias>) -> R,
+) -> Result<R> {
     match bias {
         None => Ok(f(None)),
         Some(b) => {
             let d = (b.dim(1)? - 1) / 2;
-            kernels::with_f32(b, |table| f(Some(kernels::RelBias { table, d })))
+            kernels::with_f32(b, |table| f(Some(attention::RelBias { table, d })))
         }
     }
 }
@@ -533,7 +536,7 @@ impl Exec for Infer<'_> {
                 return Err(Error::msg("internal: no cross-attention keys"));
             };
             let qh = heads(&q.rows(start, seq.t)?, nh, hd)?;
-            let keys = kernels::KeyView {
+            let keys = attention::KeyView {
                 k: &kv.k,
                 v: &kv.v,
                 cap: kv.len,
@@ -541,7 +544,7 @@ impl Exec for Infer<'_> {
                 k_tiled: false,
             };
             let y = kernels::with_f32(&qh, |q| {
-                kernels::cross_attention(q, keys, nh, nkv, hd, a.scores())
+                attention::cross_attention(q, keys, nh, nkv, hd, a.scores())
             })?;
             ys.push(kernels::tensor(y, vec![1, seq.t, nh * hd])?);
             start += seq.t;
@@ -706,7 +709,7 @@ fn cached_attention(
     kernels::with_f32(&k, |k| {
         kernels::with_f32(&v, |v| cache.append(k, v, nkv, t, hd))
     })??;
-    let keys = kernels::KeyView {
+    let keys = attention::KeyView {
         k: &cache.k,
         v: &cache.v,
         cap: cache.cap,
@@ -715,7 +718,7 @@ fn cached_attention(
     };
     let y = with_bias(bias, |bias| {
         kernels::with_f32(&q, |q| {
-            kernels::causal_attention(q, keys, nh, nkv, hd, pos, a.scores(), bias)
+            attention::causal_attention(q, keys, nh, nkv, hd, pos, a.scores(), bias)
         })
     })??;
     Ok(Act::Full(kernels::tensor(y, vec![1, t, nh * hd])?))

@@ -3,6 +3,7 @@
 
 pub mod activation;
 mod aligned;
+pub mod attention;
 pub mod exec;
 pub mod infer;
 pub mod kernels;
