@@ -155,37 +155,59 @@ unsafe fn untile(tiles: *const f32, k0: usize, nk: usize, hd: usize) -> Vec<f32>
     rows
 }
 
-/// `out = Σ_j p_j v_j` over the keys `keys` (the others have probability 0), 64 columns at a
-/// time so that the sums stay in registers across the keys.
+/// `out = Σ_j p_j v_j` over the keys `keys` (the others have probability 0): a whole row of
+/// 64, 128 or 256 columns at a time, so that each V row is read once with the sums in
+/// registers (Gemma 3's 256-wide heads in four 64-column passes read V four times); 64 at a
+/// time for other widths.
 ///
 /// # Safety
 /// As [`head_attention`] for one query row.
 unsafe fn row_values(
     p: &[f32],
     keys: std::ops::Range<usize>,
-    (v, v_rs): (*const f32, usize),
+    v: (*const f32, usize),
     hd: usize,
     out: *mut f32,
 ) {
-    const C: usize = 64;
     let out = std::slice::from_raw_parts_mut(out, hd);
-    let mut c0 = 0;
-    while c0 + C <= hd {
-        let mut acc = [0f32; C];
-        for j in keys.clone() {
-            let vr = &*(v.add(j * v_rs + c0) as *const [f32; C]);
-            for (a, x) in acc.iter_mut().zip(vr) {
-                *a = p[j].mul_add(*x, *a);
+    match hd {
+        256 => row_values_by::<256>(p, keys, v, 0, out),
+        128 => row_values_by::<128>(p, keys, v, 0, out),
+        _ => {
+            let mut c0 = 0;
+            while c0 + 64 <= hd {
+                row_values_by::<64>(p, keys.clone(), v, c0, &mut out[c0..c0 + 64]);
+                c0 += 64;
+            }
+            let (v, v_rs) = v;
+            for (c, o) in out.iter_mut().enumerate().skip(c0) {
+                *o = keys
+                    .clone()
+                    .fold(0f32, |a, j| p[j].mul_add(*v.add(j * v_rs + c), a));
             }
         }
-        out[c0..c0 + C].copy_from_slice(&acc);
-        c0 += C;
     }
-    for (c, o) in out.iter_mut().enumerate().skip(c0) {
-        *o = keys
-            .clone()
-            .fold(0f32, |a, j| p[j].mul_add(*v.add(j * v_rs + c), a));
+}
+
+/// Columns `c0..c0 + C` of [`row_values`] into `out` (`C` values).
+///
+/// # Safety
+/// As [`head_attention`] for one query row.
+unsafe fn row_values_by<const C: usize>(
+    p: &[f32],
+    keys: std::ops::Range<usize>,
+    (v, v_rs): (*const f32, usize),
+    c0: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [0f32; C];
+    for j in keys {
+        let vr = &*(v.add(j * v_rs + c0) as *const [f32; C]);
+        for (a, x) in acc.iter_mut().zip(vr) {
+            *a = p[j].mul_add(*x, *a);
+        }
     }
+    out.copy_from_slice(&acc);
 }
 
 /// Bidirectional attention straight from a fused projection `qkv` (`[b, t, (nh + 2·nkv)·hd]`,
@@ -453,13 +475,20 @@ mod tests {
     #[test]
     fn causal_attention_matches_a_naive_softmax() {
         // Two query heads per K/V head, and four on one (Gemma 3's shape).
-        for (nh, nkv) in [(4, 2), (4, 1)] {
-            causal_attention_case(nh, nkv);
+        // Head widths of 64 and more take the decoded token's register sums of whole rows.
+        for (nh, nkv, hd) in [
+            (4, 2, 3),
+            (4, 1, 3),
+            (2, 1, 64),
+            (2, 1, 128),
+            (2, 1, 256),
+            (2, 1, 72),
+        ] {
+            causal_attention_case(nh, nkv, hd);
         }
     }
 
-    fn causal_attention_case(nh: usize, nkv: usize) {
-        let hd = 3;
+    fn causal_attention_case(nh: usize, nkv: usize, hd: usize) {
         let f = |n: usize, m: usize| -> Vec<f32> {
             (0..n).map(|i| ((i * m % 17) as f32 - 8.0) / 7.0).collect()
         };
