@@ -8,11 +8,13 @@ use super::pool::{self, SharedMut};
 
 /// One head's attention: `S = scale·QKᵀ` (`t × nk`), a softmax of each row `i` over the keys
 /// `keys(i)` only (the rest get probability 0), then `O = PV` written to `out` with row stride
-/// `out_rs`. Q, K and V are read in place with row strides `q_rs`, `k_rs`, `v_rs`.
+/// `out_rs`. Q and V are read in place with row strides `q_rs` and `v_rs`, K where `keys_at`
+/// says.
 ///
 /// # Safety
 /// Every pointer must address `t` (Q, out) or `nk` (K, V) rows of `hd` floats at the given
-/// strides, and no other thread may write the `out` rows' `hd` columns meanwhile.
+/// strides (K: tiles holding those keys), and no other thread may write the `out` rows' `hd`
+/// columns meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn head_attention(
     (q, q_rs): (*const f32, usize),
@@ -26,45 +28,27 @@ unsafe fn head_attention(
     bias: Option<HeadBias>,
     keys: impl Fn(usize) -> std::ops::Range<usize>,
 ) {
-    let scale = sc.scale;
     let mut scores = vec![0f32; t * nk];
-    let mut rows = Vec::new();
-    let (k, k_rs) = match keys_at {
+    let decoded_from_tiles = t == 1 && matches!(keys_at, KeysAt::Tiles(..));
+    match keys_at {
         KeysAt::Tiles(tiles, k0) if t == 1 => {
-            tile_scores(q, tiles, k0, nk, hd, scale, &mut scores);
-            (std::ptr::null(), 0)
+            tile_scores(q, tiles, k0, nk, hd, sc.scale, &mut scores)
         }
         // A prompt's rows: the GEMM wants the keys as rows (it packs them anyway).
         KeysAt::Tiles(tiles, k0) => {
-            rows = untile(tiles, k0, nk, hd);
-            (rows.as_ptr(), hd)
+            let rows = untile(tiles, k0, nk, hd);
+            qk_gemm(
+                (q, q_rs),
+                (rows.as_ptr(), hd),
+                t,
+                nk,
+                hd,
+                sc.scale,
+                &mut scores,
+            )
         }
-        KeysAt::Rows(k, k_rs) => (k, k_rs),
-    };
-    if !k.is_null() {
-        gemm::gemm(
-            t,
-            nk,
-            hd,
-            scores.as_mut_ptr(),
-            1,
-            nk as isize,
-            false,
-            q,
-            1,
-            q_rs as isize,
-            k,
-            k_rs as isize,
-            1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        KeysAt::Rows(k, k_rs) => qk_gemm((q, q_rs), (k, k_rs), t, nk, hd, sc.scale, &mut scores),
     }
-    drop(rows);
     for (i, row) in scores.chunks_mut(nk).enumerate() {
         let r = keys(i);
         row[..r.start].fill(0.0);
@@ -79,7 +63,7 @@ unsafe fn head_attention(
         }
         softmax_in_place(&mut row[r]);
     }
-    if t == 1 && matches!(keys_at, KeysAt::Tiles(..)) {
+    if decoded_from_tiles {
         return row_values(&scores, keys(0), (v, v_rs), hd, out);
     }
     gemm::gemm(
@@ -98,6 +82,43 @@ unsafe fn head_attention(
         v_rs as isize,
         0.0,
         1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// `scores = scale·QKᵀ` (`t × nk`) with K as rows of `hd` at stride `k_rs`.
+///
+/// # Safety
+/// As [`head_attention`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn qk_gemm(
+    (q, q_rs): (*const f32, usize),
+    (k, k_rs): (*const f32, usize),
+    t: usize,
+    nk: usize,
+    hd: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    gemm::gemm(
+        t,
+        nk,
+        hd,
+        scores.as_mut_ptr(),
+        1,
+        nk as isize,
+        false,
+        q,
+        1,
+        q_rs as isize,
+        k,
+        k_rs as isize,
+        1,
+        0.0,
+        scale,
         false,
         false,
         false,

@@ -323,7 +323,7 @@ pub(crate) fn interleaved_isa() -> Option<Isa> {
         let best = [Isa::Vnni, Isa::Avx2].into_iter().find(|i| i.available());
         match std::env::var("SLM_KERNELS").as_deref() {
             Ok("rows") => None,
-            Ok("avx2") => best.and(Isa::Avx2.available().then_some(Isa::Avx2)),
+            Ok("avx2") => Isa::Avx2.available().then_some(Isa::Avx2),
             Ok("" | "vnni") | Err(_) => best,
             Ok(other) => {
                 // A typo should not pass for a measurement of the kernel it meant.

@@ -92,13 +92,12 @@ impl QMatMul {
             }
         }
         let kind = own_kind(first)?;
-        let pack = isa;
         let last = ws.len() - 1;
-        if pack.is_some() && !ws[..last].iter().all(|w| w.rows.is_multiple_of(ROWS)) {
+        if isa.is_some() && !ws[..last].iter().all(|w| w.rows.is_multiple_of(ROWS)) {
             return None;
         }
         Some(QMatMul::Own(OwnQ::build(
-            kind, first.cols, &raws, pack, &release,
+            kind, first.cols, &raws, isa, &release,
         )))
     }
 
@@ -552,6 +551,12 @@ mod tests {
                 })
                 .collect();
             let refs: Vec<&QuantWeight> = ws.iter().collect();
+            if KKind::of(dtype).is_some() && interleaved_isa().is_none() {
+                // Without an interleaved kernel (no AVX2, or `SLM_KERNELS=rows`) k-quants stay
+                // candle's, one weight at a time.
+                assert!(QMatMul::stacked(&refs).is_none(), "{dtype:?}");
+                continue;
+            }
             let stacked = QMatMul::stacked(&refs).expect("slm's own kernels take these");
             let got = stacked.forward(&x).unwrap().to_vec2::<f32>().unwrap();
             let mut r0 = 0;
@@ -681,6 +686,19 @@ mod tests {
             .filter(|(_, isa)| isa.available())
         {
             let (raw, _, want) = quantized(&wt, &xt, dtype);
+            // Loading takes slm's kernel for these wherever it packs weights.
+            let loaded = QMatMul::new(QuantWeight {
+                dtype,
+                rows,
+                cols,
+                data: raw.clone().into(),
+            })
+            .unwrap();
+            assert_eq!(
+                matches!(loaded, QMatMul::OwnK(_)),
+                interleaved_isa().is_some(),
+                "{dtype:?}"
+            );
             let kind = KKind::of(dtype).unwrap();
             let src = Groups::new(
                 &[&raw],

@@ -148,7 +148,7 @@ fn every_fourth_bit(x: u32) -> u8 {
 fn transpose_codes(rows: [&[u8]; ROWS], ops: usize, flip: bool, dst: &mut [u8]) {
     assert!(dst.len() >= ops * 4 * ROWS && rows.iter().all(|r| r.len() >= 4 * ops));
     #[cfg(target_arch = "x86_64")]
-    if super::qdot::Isa::Avx2.available() && (ops == 4 || ops == 8) {
+    if Isa::Avx2.available() && (ops == 4 || ops == 8) {
         // SAFETY: AVX2 is there (checked) and the assert bounds every read and write.
         unsafe { simd::transpose_codes(rows.map(<[u8]>::as_ptr), ops, flip, dst.as_mut_ptr()) };
         return;
@@ -412,8 +412,9 @@ pub(super) mod simd {
         }
     }
 
-    /// Q8_0 on AVX2: the stored (biased) operand `a` back to signed `w`, then `|w| · (y with w's
-    /// sign)`, whose pairwise sums fit 16 bits (2 · 128 · 127 < 2¹⁵). No bias to take out after.
+    /// Q8_0 on AVX2, the signed weights `w` (the stored bytes with their bias removed) and their
+    /// magnitudes `wabs`: `|w| · (y with w's sign)`, whose pairwise sums fit 16 bits
+    /// (2 · 128 · 127 < 2¹⁵). No bias to take out after.
     #[inline(always)]
     unsafe fn q8_dot(acc: __m256i, w: __m256i, wabs: __m256i, y: __m256i) -> __m256i {
         let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(y, w));
