@@ -164,6 +164,8 @@ fn main() -> ExitCode {
         Command::Rm(a) => commands::hub::rm(a),
     });
     let result = result.and_then(|()| Ok(output::flush()?));
+    // A first load's packed-weights cache may still be syncing; the output is already out.
+    slm::io::pack_cache::wait_for_commits();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn slm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_slm"));
-    c.env_remove("RUST_BACKTRACE");
-    c
+    crate::common::command()
 }
 
 fn fixtures() -> PathBuf {

@@ -11,6 +11,7 @@ mod encoders_cli;
 mod eval_cli;
 mod finetune_cli;
 mod hub_cli;
+mod pack_cache_cli;
 mod quantize_cli;
 mod seq2seq_cli;
 mod serve_cli;

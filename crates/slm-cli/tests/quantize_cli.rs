@@ -64,6 +64,7 @@ fn q8_0_rereads_bit_exactly_and_generates() {
             rows,
             cols,
             data: bytes_a.to_vec().into(),
+            origin: None,
         }
         .dequantize()
         .unwrap()

@@ -54,6 +54,11 @@ pub fn command() -> Command {
     ] {
         cmd.env_remove(k);
     }
+    // Packed-weights caches of the many models tests write go under target/, not ~/.cache.
+    cmd.env(
+        "SLM_PACK_CACHE",
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pack-cache"),
+    );
     cmd
 }
 

@@ -17,6 +17,8 @@ pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
     mmap: std::sync::Arc<Mmap>,
+    /// The packed-weights cache, opened at the first quantized weight loaded for the kernels.
+    pack: std::sync::OnceLock<Option<std::sync::Arc<super::pack_cache::PackCache>>>,
 }
 
 impl GgufFile {
@@ -101,6 +103,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             content,
             mmap: std::sync::Arc::new(mmap),
+            pack: Default::default(),
         })
     }
 
@@ -424,6 +427,12 @@ fn map_name(arch: &str, name: &str, to_gguf: bool) -> Option<String> {
 }
 
 impl WeightStore for GgufFile {
+    fn finish_load(&self) {
+        if let Some(Some(c)) = self.pack.get() {
+            c.commit_in_background();
+        }
+    }
+
     fn file_of(&self, _name: &str) -> &Path {
         &self.path
     }
@@ -474,6 +483,7 @@ impl WeightStore for GgufFile {
                 start,
                 len: bytes.len(),
             },
+            origin: None,
         };
         if let Some(heads) = self.qk_heads(name) {
             if rows % heads != 0 || (rows / heads) % 2 != 0 {
@@ -501,6 +511,14 @@ impl WeightStore for GgufFile {
         }
         let quantized = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if keep_quant && quantized && dims.len() == 2 {
+            let cache = self.pack.get_or_init(|| {
+                let layout = crate::nn::qmatmul::packed_layout();
+                super::pack_cache::PackCache::for_file(&self.path, &layout)
+            });
+            q.origin = cache.as_ref().map(|c| super::Origin {
+                cache: c.clone(),
+                name: g.clone(),
+            });
             return Ok(Weight::Quant(q));
         }
         let mut t = q.dequantize()?.reshape(dims)?;

@@ -3,6 +3,7 @@
 
 pub mod folder;
 pub mod gguf;
+pub mod pack_cache;
 pub mod peft;
 pub mod pickle;
 pub mod safetensors;
@@ -26,6 +27,23 @@ pub struct QuantWeight {
     pub rows: usize,
     pub cols: usize,
     pub data: WeightBytes,
+    /// Where the kernels may find this weight already repacked (a GGUF weight, while the
+    /// packed-weights cache is on).
+    pub origin: Option<Origin>,
+}
+
+/// A quantized weight's place in the packed-weights cache of its file.
+#[derive(Clone)]
+pub struct Origin {
+    pub cache: Arc<pack_cache::PackCache>,
+    /// The tensor's name in its file.
+    pub name: String,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "'{}' in the packed-weights cache", self.name)
+    }
 }
 
 /// A quantized weight's bytes: its own copy, or still in the file's mapping. Kernels that repack
@@ -172,6 +190,9 @@ pub trait WeightStore: Send + Sync {
     /// Loads a tensor; block-quantized tensors stay quantized when `keep_quant` is set and are
     /// dequantized to f32 otherwise. Dense tensors are always converted to f32.
     fn load(&self, name: &str, keep_quant: bool) -> Result<Weight>;
+    /// Called once a model is built from this store: a GGUF file's packed-weights cache
+    /// written during the load is finished here.
+    fn finish_load(&self) {}
 }
 
 pub(crate) fn to_f32(t: Tensor) -> Result<Tensor> {

@@ -751,6 +751,7 @@ pub fn load_causal_with(
             ))
         }
     };
+    weights.finish_load();
     Ok(LoadedModel {
         config,
         files,

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use crate::io::pack_cache::Plane;
+
 /// Weight bytes starting on a cache line. The 20-byte Q4_1 blocks straddle lines anyway, but
 /// where the buffer starts decides how many of the kernel's loads split; measured: prefill ran
 /// 15% slower from an allocation at 16 mod 64 than from one on a line.
@@ -15,6 +17,8 @@ enum Storage {
     Lines(Vec<Line>),
     /// Planes of 64 kB and more: a piece of a shared anonymous mapping (see [`Slab`]).
     Slab(Arc<Slab>, usize),
+    /// A plane of the packed-weights cache file, read-only.
+    Mapped(Plane),
 }
 
 #[derive(Clone, Copy)]
@@ -114,6 +118,20 @@ impl AlignedBytes {
         Self { buf, len }
     }
 
+    /// A plane of the packed-weights cache, as it was written (on a cache line: the cache
+    /// places planes so).
+    pub(crate) fn mapped(plane: Plane) -> Self {
+        Self {
+            len: plane.len(),
+            buf: Storage::Mapped(plane),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_mapped(&self) -> bool {
+        matches!(self.buf, Storage::Mapped(_))
+    }
+
     pub(crate) fn from_slices(parts: &[&[u8]]) -> Self {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut out = Self::zeroed(len);
@@ -158,6 +176,7 @@ impl std::ops::Deref for AlignedBytes {
             Storage::Slab(slab, at) => unsafe {
                 std::slice::from_raw_parts(slab.at(*at), self.len)
             },
+            Storage::Mapped(p) => p,
         }
     }
 }
@@ -173,6 +192,9 @@ impl std::ops::DerefMut for AlignedBytes {
             Storage::Slab(slab, at) => unsafe {
                 std::slice::from_raw_parts_mut(slab.at(*at), self.len)
             },
+            // Planes are written only between `zeroed` and the end of packing; a cached plane
+            // replaces the packing, so nothing ever writes one.
+            Storage::Mapped(_) => unreachable!("a cached weight plane is read-only"),
         }
     }
 }

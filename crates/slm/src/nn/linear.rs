@@ -263,6 +263,7 @@ impl Embedding {
                         rows: 1,
                         cols: q.cols,
                         data: q.data[id * rb..(id + 1) * rb].to_vec().into(),
+                        origin: None,
                     };
                     out.extend(row.dequantize()?.flatten_all()?.to_vec1::<f32>()?);
                 }

@@ -15,6 +15,7 @@ use candle_core::quantized::{GgmlDType, QMatMul as CandleQMatMul};
 use candle_core::{Device, Module, Tensor};
 
 use crate::error::Result;
+use crate::io::pack_cache::PackCache;
 use crate::io::QuantWeight;
 
 use super::aligned::AlignedBytes;
@@ -83,12 +84,22 @@ impl QMatMul {
         let raws: Vec<&[u8]> = ws.iter().map(|w| &w.data[..]).collect();
         let release = |part: usize, a: usize, b: usize| ws[part].data.release(a, b);
         let isa = interleaved_isa();
+        let cached = CacheSlot::of(ws);
         if let (Some(k), Some(isa)) = (KKind::of(first.dtype), isa) {
             if ws.iter().all(|w| w.rows.is_multiple_of(ROWS)) && first.cols.is_multiple_of(QK_K) {
                 let nsb = first.cols / QK_K;
                 let groups: Vec<usize> = ws.iter().map(|w| w.rows / ROWS).collect();
+                let total = groups.iter().sum();
+                if let Some(p) = cached
+                    .take()
+                    .and_then(|planes| KPacked::from_planes(k, total, nsb, isa, planes))
+                {
+                    return Some(QMatMul::OwnK(p));
+                }
                 let src = Groups::new(&raws, &groups, ROWS * nsb * k.block_bytes(), &release);
-                return Some(QMatMul::OwnK(KPacked::new(k, &src, nsb, isa)));
+                let p = KPacked::new(k, &src, nsb, isa);
+                cached.put(&p.planes());
+                return Some(QMatMul::OwnK(p));
             }
         }
         let kind = own_kind(first)?;
@@ -96,9 +107,16 @@ impl QMatMul {
         if isa.is_some() && !ws[..last].iter().all(|w| w.rows.is_multiple_of(ROWS)) {
             return None;
         }
-        Some(QMatMul::Own(OwnQ::build(
-            kind, first.cols, &raws, isa, &release,
-        )))
+        let rows: Vec<usize> = ws.iter().map(|w| w.rows).collect();
+        if let Some(q) = cached
+            .take()
+            .and_then(|planes| OwnQ::from_planes(kind, first.cols, &rows, isa, planes))
+        {
+            return Some(QMatMul::Own(q));
+        }
+        let q = OwnQ::build(kind, first.cols, &raws, isa, &release);
+        cached.put(&q.planes());
+        Some(QMatMul::Own(q))
     }
 
     /// Row `r` in f32 into `out` (`cols` values), for our own block types: an embedding table
@@ -181,6 +199,62 @@ impl QMatMul {
             },
         }
     }
+}
+
+/// Where a product's planes sit in the packed-weights cache: under its parts' names, when
+/// they all come from one file whose cache is on.
+struct CacheSlot(Option<(std::sync::Arc<PackCache>, String)>);
+
+impl CacheSlot {
+    fn of(ws: &[&QuantWeight]) -> Self {
+        let origins: Option<Vec<_>> = ws.iter().map(|w| w.origin.as_ref()).collect();
+        Self(origins.and_then(|o| {
+            let cache = &o.first()?.cache;
+            o.iter()
+                .all(|x| std::sync::Arc::ptr_eq(&x.cache, cache))
+                .then(|| {
+                    let names: Vec<&str> = o.iter().map(|x| x.name.as_str()).collect();
+                    (cache.clone(), names.join("+"))
+                })
+        }))
+    }
+
+    fn take(&self) -> Option<Vec<AlignedBytes>> {
+        let (cache, key) = self.0.as_ref()?;
+        let planes = cache.take(key)?;
+        Some(planes.into_iter().map(AlignedBytes::mapped).collect())
+    }
+
+    fn put(&self, planes: &[&[u8]]) {
+        if let Some((cache, key)) = &self.0 {
+            cache.put(key, planes);
+        }
+    }
+}
+
+/// What decides the bytes of a cached packing: the kernel chosen for this CPU and the code
+/// that packs (its sources, hashed: any edit to them retires every cache made before it).
+pub fn packed_layout() -> String {
+    use sha2::{Digest, Sha256};
+    const SOURCES: [&str; 7] = [
+        include_str!("qmatmul.rs"),
+        include_str!("qpack.rs"),
+        include_str!("qpack_k.rs"),
+        include_str!("qdot.rs"),
+        include_str!("aligned.rs"),
+        include_str!("../io/gguf.rs"),
+        include_str!("../io/pack_cache.rs"),
+    ];
+    let mut h = Sha256::new();
+    for s in SOURCES {
+        h.update(s.as_bytes());
+    }
+    let hash: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let isa = interleaved_isa().map_or("rows".to_string(), |i| format!("{i:?}"));
+    format!("{} {isa} {hash}", env!("CARGO_PKG_VERSION"))
 }
 
 /// `x` (`[.., cols]`) through `matmul(x, m, y)` into a `[.., rows]` tensor. The input is read
@@ -313,6 +387,53 @@ impl OwnQ {
     /// whole number of eight-row groups when packing). `pack`: interleave the rows for that
     /// kernel (tests also run the others). `release(part, a, b)`: bytes `a..b` of a part are
     /// repacked and will not be read again.
+    /// Each part's rows packed in groups of eight: all its whole groups when packing.
+    fn groups(rows: &[usize], pack: Option<Isa>) -> Vec<usize> {
+        rows.iter()
+            .map(|r| if pack.is_some() { r / ROWS } else { 0 })
+            .collect()
+    }
+
+    /// The planes, in the order [`OwnQ::from_planes`] takes them: the packed ones, if any,
+    /// then the rows in the file's layout.
+    fn planes(&self) -> Vec<&[u8]> {
+        let mut planes: Vec<&[u8]> = self.packed.iter().flat_map(|p| p.planes()).collect();
+        planes.push(&self.data);
+        planes
+    }
+
+    /// The weights of parts of `rows` rows as an earlier load packed them (the packed-weights
+    /// cache); None unless the planes are the ones [`OwnQ::build`] makes for this shape.
+    fn from_planes(
+        kind: Kind,
+        cols: usize,
+        rows: &[usize],
+        pack: Option<Isa>,
+        mut planes: Vec<AlignedBytes>,
+    ) -> Option<Self> {
+        let nb = cols / QK;
+        let row_bytes = nb * kind.block_bytes();
+        let groups = Self::groups(rows, pack);
+        let total: usize = groups.iter().sum();
+        let data = planes.pop()?;
+        let tail_rows: usize = rows.iter().zip(&groups).map(|(r, g)| r - g * ROWS).sum();
+        if data.len() != tail_rows * row_bytes {
+            return None;
+        }
+        let packed = match pack.filter(|_| total > 0) {
+            Some(isa) => Some(Packed::from_planes(kind, total, nb, isa, planes)?),
+            None if planes.is_empty() => None,
+            None => return None,
+        };
+        Some(Self {
+            kind,
+            rows: rows.iter().sum(),
+            cols,
+            packed,
+            data,
+        })
+    }
+
     fn build(
         kind: Kind,
         cols: usize,
@@ -323,10 +444,7 @@ impl OwnQ {
         let nb = cols / QK;
         let row_bytes = nb * kind.block_bytes();
         let rows: Vec<usize> = parts.iter().map(|p| p.len() / row_bytes).collect();
-        let groups: Vec<usize> = rows
-            .iter()
-            .map(|r| if pack.is_some() { r / ROWS } else { 0 })
-            .collect();
+        let groups = Self::groups(&rows, pack);
         let last = parts.len() - 1;
         assert!(pack.is_none() || rows[..last].iter().all(|r| r.is_multiple_of(ROWS)));
         let src = Groups::new(parts, &groups, ROWS * row_bytes, release);
@@ -547,6 +665,7 @@ mod tests {
                         rows,
                         cols,
                         data: q.data().unwrap().to_vec().into(),
+                        origin: None,
                     }
                 })
                 .collect();
@@ -598,6 +717,118 @@ mod tests {
         }
     }
 
+    /// A product loaded from the packed-weights cache is the one packed at the first load,
+    /// bit for bit, and maps its planes instead of repacking; an entry whose planes do not fit
+    /// the weight's shape is repacked, never used.
+    #[test]
+    fn cached_packings_give_the_same_products() {
+        use crate::io::pack_cache::PackCache;
+        use crate::io::Origin;
+        let dir = std::env::temp_dir().join(format!("slm-qcache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("model.gguf");
+        std::fs::write(&src, b"source").unwrap();
+        let (cols, m) = (256, 3);
+        let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
+        let planes_of = |q: &QMatMul| -> Vec<bool> {
+            match q {
+                QMatMul::Own(o) => {
+                    let mut v: Vec<bool> =
+                        o.packed.iter().flat_map(|p| p.planes_mapped()).collect();
+                    v.push(o.data.is_mapped());
+                    v
+                }
+                QMatMul::OwnK(p) => p.planes_mapped(),
+                QMatMul::Candle(_) => Vec::new(),
+            }
+        };
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let k = KKind::of(dtype).is_some();
+            if k && interleaved_isa().is_none() {
+                continue;
+            }
+            let heights: &[usize] = if k { &[16, 8, 24] } else { &[16, 8, 13] };
+            let raws: Vec<Vec<u8>> = heights
+                .iter()
+                .map(|&rows| {
+                    let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+                    QTensor::quantize(&w, dtype)
+                        .unwrap()
+                        .data()
+                        .unwrap()
+                        .to_vec()
+                })
+                .collect();
+            let weights = |cache: &std::sync::Arc<PackCache>| -> Vec<QuantWeight> {
+                raws.iter()
+                    .zip(heights)
+                    .enumerate()
+                    .map(|(i, (raw, &rows))| QuantWeight {
+                        dtype,
+                        rows,
+                        cols,
+                        data: raw.clone().into(),
+                        origin: Some(Origin {
+                            cache: cache.clone(),
+                            name: format!("w{i}"),
+                        }),
+                    })
+                    .collect()
+            };
+            let layout = format!("{dtype:?}");
+            let first = PackCache::in_dir(&dir, &src, &layout).unwrap();
+            let ws = weights(&first);
+            let refs: Vec<&QuantWeight> = ws.iter().collect();
+            let packed = QMatMul::stacked(&refs).unwrap();
+            let alone = QMatMul::stacked(&refs[..1]).unwrap();
+            assert!(planes_of(&packed).iter().all(|m| !m), "{dtype:?}");
+            let want = packed.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            let want_alone = alone.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            first.commit().expect("cache written");
+
+            let again = PackCache::in_dir(&dir, &src, &layout).unwrap();
+            assert!(again.is_filled());
+            let ws = weights(&again);
+            let refs: Vec<&QuantWeight> = ws.iter().collect();
+            let cached = QMatMul::stacked(&refs).unwrap();
+            let mapped = planes_of(&cached);
+            assert!(!mapped.is_empty() && mapped.iter().all(|m| *m), "{dtype:?}");
+            let got = cached.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            let got_alone = QMatMul::stacked(&refs[..1]).unwrap().forward(&x).unwrap();
+            let bits =
+                |v: &[Vec<f32>]| -> Vec<u32> { v.concat().iter().map(|f| f.to_bits()).collect() };
+            assert_eq!(bits(&got), bits(&want), "{dtype:?}");
+            assert_eq!(
+                bits(&got_alone.to_vec2::<f32>().unwrap()),
+                bits(&want_alone)
+            );
+
+            // An entry whose planes are not this shape's: repacked, with the same products.
+            let bad = PackCache::in_dir(&dir, &src, &format!("{layout} bad")).unwrap();
+            let junk = vec![[7u8; 64]; planes_of(&packed).len()];
+            bad.put("w0+w1+w2", &junk.iter().map(|j| &j[..]).collect::<Vec<_>>());
+            bad.commit().unwrap();
+            let bad = PackCache::in_dir(&dir, &src, &format!("{layout} bad")).unwrap();
+            let ws = weights(&bad);
+            let refs: Vec<&QuantWeight> = ws.iter().collect();
+            let repacked = QMatMul::stacked(&refs).unwrap();
+            assert!(planes_of(&repacked).iter().all(|m| !m), "{dtype:?}");
+            let got = repacked.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(bits(&got), bits(&want), "{dtype:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// Each kernel against the f32 product with candle's dequantized weights: the only
     /// difference allowed is the 8-bit quantization of the activations.
     #[test]
@@ -624,6 +855,7 @@ mod tests {
                 rows,
                 cols,
                 data: Vec::new().into(),
+                origin: None,
             })
             .unwrap();
             // The file's layout and every interleaved kernel the CPU runs.
@@ -692,6 +924,7 @@ mod tests {
                 rows,
                 cols,
                 data: raw.clone().into(),
+                origin: None,
             })
             .unwrap();
             assert_eq!(

@@ -175,11 +175,8 @@ impl Packed {
         let row_bytes = nb * bb;
         let groups = src.count();
         let cb = code_bytes(kind);
-        let per = |on: bool, unit: usize| if on { groups * nb * unit } else { 0 };
-        let mut codes = AlignedBytes::zeroed(groups * nb * cb);
-        let mut high = AlignedBytes::zeroed(per(has_high(kind), 32));
-        let mut scales = AlignedBytes::zeroed(groups * nb * 2 * ROWS);
-        let mut mins = AlignedBytes::zeroed(per(has_min(kind), 2 * ROWS));
+        let [mut codes, mut high, mut scales, mut mins] =
+            Self::plane_lens(kind, groups, nb).map(AlignedBytes::zeroed);
         let (at, high_at) = kind.codes_at();
         let ops = operands_stored(kind);
         let (c, h, s, m) = (
@@ -228,6 +225,60 @@ impl Packed {
             scales,
             mins,
         }
+    }
+
+    /// Bytes of each plane: codes, fifth bits, scales, minimums.
+    fn plane_lens(kind: Kind, groups: usize, nb: usize) -> [usize; 4] {
+        let per = |on: bool, unit: usize| if on { groups * nb * unit } else { 0 };
+        [
+            groups * nb * code_bytes(kind),
+            per(has_high(kind), 32),
+            groups * nb * 2 * ROWS,
+            per(has_min(kind), 2 * ROWS),
+        ]
+    }
+
+    /// The planes, in the order [`Packed::from_planes`] takes them.
+    pub(crate) fn planes(&self) -> [&[u8]; 4] {
+        [&self.codes, &self.high, &self.scales, &self.mins]
+    }
+
+    /// A packing made earlier (the packed-weights cache), None unless every plane has the
+    /// length this shape needs.
+    pub(crate) fn from_planes(
+        kind: Kind,
+        groups: usize,
+        nb: usize,
+        isa: Isa,
+        planes: Vec<AlignedBytes>,
+    ) -> Option<Self> {
+        let [codes, high, scales, mins]: [AlignedBytes; 4] = planes.try_into().ok()?;
+        let lens = Self::plane_lens(kind, groups, nb);
+        if [&codes, &high, &scales, &mins]
+            .iter()
+            .zip(lens)
+            .any(|(p, n)| p.len() != n)
+        {
+            return None;
+        }
+        Some(Self {
+            kind,
+            isa,
+            groups,
+            nb,
+            codes,
+            high,
+            scales,
+            mins,
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn planes_mapped(&self) -> Vec<bool> {
+        [&self.codes, &self.high, &self.scales, &self.mins]
+            .iter()
+            .map(|p| p.is_mapped())
+            .collect()
     }
 
     pub(crate) fn rows(&self) -> usize {

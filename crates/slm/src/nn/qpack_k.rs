@@ -212,19 +212,19 @@ impl KPacked {
     /// and released after each stretch.
     pub(crate) fn new(kind: KKind, src: &Groups, nsb: usize, isa: Isa) -> Self {
         let groups = src.count();
-        let units = groups * nsb;
-        let per = |n: usize| AlignedBytes::zeroed(units * n);
+        let [codes, high, scales, mins, d, dmin] =
+            Self::plane_lens(kind, groups, nsb).map(AlignedBytes::zeroed);
         let mut p = Self {
             kind,
             isa,
             groups,
             nsb,
-            codes: per(SUB * 128),
-            high: per(SUB * kind.high_bytes()),
-            scales: per(SUB * ROWS * kind.scale_bytes()),
-            mins: per(if kind.has_min() { SUB * ROWS } else { 0 }),
-            d: per(4 * ROWS),
-            dmin: per(if kind.has_min() { 4 * ROWS } else { 0 }),
+            codes,
+            high,
+            scales,
+            mins,
+            d,
+            dmin,
         };
         let row_bytes = nsb * kind.block_bytes();
         let group_bytes = ROWS * row_bytes;
@@ -266,6 +266,73 @@ impl KPacked {
             src.done(g0, g1);
         }
         p
+    }
+
+    /// Bytes of each plane: codes, high bits, scales, minimums, d, dmin.
+    fn plane_lens(kind: KKind, groups: usize, nsb: usize) -> [usize; 6] {
+        let min = |n: usize| if kind.has_min() { n } else { 0 };
+        [
+            SUB * 128,
+            SUB * kind.high_bytes(),
+            SUB * ROWS * kind.scale_bytes(),
+            min(SUB * ROWS),
+            4 * ROWS,
+            min(4 * ROWS),
+        ]
+        .map(|n| groups * nsb * n)
+    }
+
+    /// The planes, in the order [`KPacked::from_planes`] takes them.
+    pub(crate) fn planes(&self) -> [&[u8]; 6] {
+        [
+            &self.codes,
+            &self.high,
+            &self.scales,
+            &self.mins,
+            &self.d,
+            &self.dmin,
+        ]
+    }
+
+    /// A packing made earlier (the packed-weights cache), None unless every plane has the
+    /// length this shape needs.
+    pub(crate) fn from_planes(
+        kind: KKind,
+        groups: usize,
+        nsb: usize,
+        isa: Isa,
+        planes: Vec<AlignedBytes>,
+    ) -> Option<Self> {
+        let [codes, high, scales, mins, d, dmin]: [AlignedBytes; 6] = planes.try_into().ok()?;
+        let p = Self {
+            kind,
+            isa,
+            groups,
+            nsb,
+            codes,
+            high,
+            scales,
+            mins,
+            d,
+            dmin,
+        };
+        let lens = Self::plane_lens(kind, groups, nsb);
+        (p.planes().iter().zip(lens).all(|(p, n)| p.len() == n)).then_some(p)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn planes_mapped(&self) -> Vec<bool> {
+        [
+            &self.codes,
+            &self.high,
+            &self.scales,
+            &self.mins,
+            &self.d,
+            &self.dmin,
+        ]
+        .iter()
+        .map(|p| p.is_mapped())
+        .collect()
     }
 
     pub(crate) fn rows(&self) -> usize {

@@ -195,6 +195,7 @@ pub fn quantize_gguf(
                 rows,
                 cols,
                 data: bytes.to_vec().into(),
+                origin: None,
             }
             .dequantize()?
             .reshape(dims.clone())?;
