@@ -102,7 +102,11 @@ impl PackCache {
     /// The cache of the GGUF file at `source` for packing code `layout` (a string that changes
     /// whenever the packed bytes would); None when the cache is off or the file is unknown.
     pub fn for_file(source: &Path, layout: &str) -> Option<Arc<Self>> {
-        Self::in_dir(&cache_dir()?, source, layout)
+        let dir = cache_dir()?;
+        // A cache this process is still committing (the same model loaded again at once, as
+        // `slm bench --repeats` does) is read, not written a second time.
+        wait_for_commits();
+        Self::in_dir(&dir, source, layout)
     }
 
     pub(crate) fn in_dir(dir: &Path, source: &Path, layout: &str) -> Option<Arc<Self>> {
@@ -510,7 +514,9 @@ mod tests {
         assert_eq!(&w[0][..], &a[..]);
         assert_eq!(&w[1][..], &b[..]);
         assert!(w[2].is_empty());
-        assert!(w.iter().all(|p| (p.as_ptr() as usize).is_multiple_of(ALIGN)));
+        assert!(w
+            .iter()
+            .all(|p| (p.as_ptr() as usize).is_multiple_of(ALIGN)));
         assert_eq!(&c.take("x").unwrap()[0][..], &b[..]);
         assert!(c.take("y").is_none());
         // A filled cache is not written again.
