@@ -35,6 +35,24 @@ fn the_packed_weights_cache_is_written_once_read_after_and_rewritten_when_damage
     let want = with("off");
     assert!(!cache.exists());
     let c = cache.to_str().unwrap();
+    let info = |c: &str| {
+        let (code, out, err) = run_env(
+            &["info", "--model", model.to_str().unwrap()],
+            None,
+            &[("SLM_PACK_CACHE", c)],
+        );
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .find(|l| l.starts_with("packed cache:"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(info("off").ends_with(" off"), "{}", info("off"));
+    assert!(
+        info(c).ends_with("(written at the next load)"),
+        "{}",
+        info(c)
+    );
 
     // The first load packs, writes the cache and waits for it before exiting.
     assert_eq!(with(c), want);
@@ -47,6 +65,11 @@ fn the_packed_weights_cache_is_written_once_read_after_and_rewritten_when_damage
     let file = &files[0];
     assert_eq!(file.extension().unwrap(), "slmpack");
     let whole = std::fs::read(file).unwrap();
+    let shown = info(c);
+    assert!(
+        shown.contains(file.to_str().unwrap()) && shown.ends_with(" MB)"),
+        "{shown}"
+    );
 
     // The next loads map it: the same output, the file untouched.
     assert_eq!(with(c), want);

@@ -59,6 +59,9 @@ pub fn run(mut a: Args) -> Result<()> {
         }
     }
     outln!("format:         {format}");
+    if let WeightFormat::Gguf(p) = &files.format {
+        outln!("packed cache:   {}", pack_cache(p));
+    }
     outln!("parameters:     {params} ({:.1}M)", params as f64 / 1e6);
     for (dtype, (n, p)) in &by_type {
         outln!("  {dtype:<12}  {n:>4} tensors, {p:>11} parameters");
@@ -108,4 +111,17 @@ pub fn run(mut a: Args) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// Where the kernels' packing of this file is cached, and whether a load has written it yet.
+fn pack_cache(gguf: &std::path::Path) -> String {
+    use slm::io::pack_cache::PackCache;
+    match PackCache::for_file(gguf, &slm::nn::qmatmul::packed_layout()) {
+        None => "off".to_string(),
+        Some(c) if c.is_filled() => {
+            let size = std::fs::metadata(c.path()).map_or(0, |m| m.len());
+            format!("{} ({:.1} MB)", c.path().display(), size as f64 / 1e6)
+        }
+        Some(c) => format!("{} (written at the next load)", c.path().display()),
+    }
 }

@@ -146,6 +146,11 @@ impl PackCache {
         }))
     }
 
+    /// Where the cache is, or will be once a load writes it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Whether an earlier load's planes are there to map.
     pub fn is_filled(&self) -> bool {
         self.reader.is_some()
