@@ -383,10 +383,6 @@ fn alone(m: usize, rows: usize, cols: usize) -> bool {
 pub const GEMM_FROM_TOKENS: usize = 32;
 
 impl OwnQ {
-    /// The rows of `parts` stacked (each part whole rows of `cols`; every part but the last a
-    /// whole number of eight-row groups when packing). `pack`: interleave the rows for that
-    /// kernel (tests also run the others). `release(part, a, b)`: bytes `a..b` of a part are
-    /// repacked and will not be read again.
     /// Each part's rows packed in groups of eight: all its whole groups when packing.
     fn groups(rows: &[usize], pack: Option<Isa>) -> Vec<usize> {
         rows.iter()
@@ -434,6 +430,10 @@ impl OwnQ {
         })
     }
 
+    /// The rows of `parts` stacked (each part whole rows of `cols`; every part but the last a
+    /// whole number of eight-row groups when packing). `pack`: interleave the rows for that
+    /// kernel (tests also run the others). `release(part, a, b)`: bytes `a..b` of a part are
+    /// repacked and will not be read again.
     fn build(
         kind: Kind,
         cols: usize,
