@@ -108,6 +108,29 @@ fn a_gguf_repo_id_with_a_quant_is_pulled_on_first_use() {
     let (code, again, err) = run_env(&args, None, &env);
     assert_eq!((code, again), (0, out), "{err}");
     assert_eq!(hub.requests().len(), n);
+
+    // The quantized kernels pack the file once into the packed-weights cache; removing the
+    // model removes that too.
+    let packed = cache.join("packed");
+    let [e1, e2] = env;
+    let env = [e1, e2, ("SLM_PACK_CACHE", packed.to_str().unwrap())];
+    let quantized: Vec<&str> = args
+        .iter()
+        .filter(|a| !["--dtype", "f32"].contains(a))
+        .copied()
+        .collect();
+    let (code, _, err) = run_env(&quantized, None, &env);
+    assert_eq!(code, 0, "{err}");
+    let caches = || std::fs::read_dir(&packed).unwrap().count();
+    assert_eq!(caches(), 1);
+    let (code, _, err) = run_env(
+        &["rm", "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"],
+        None,
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("of packed weights"), "{err}");
+    assert_eq!(caches(), 0);
     let _ = std::fs::remove_dir_all(&cache);
 }
 

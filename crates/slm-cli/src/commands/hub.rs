@@ -137,8 +137,15 @@ pub fn rm(a: RmArgs) -> Result<()> {
     let model = ModelRef::parse(&a.model)?;
     let cfg = HubConfig::from_env();
     let freed = cfg.cache().remove(&model.repo)?;
+    // The weights slm's kernels packed from the removed files go with them.
+    let packed = slm::io::pack_cache::remove_orphans();
+    let also = if packed > 0 {
+        format!(", and {} of packed weights", indicatif::HumanBytes(packed))
+    } else {
+        String::new()
+    };
     eprintln!(
-        "removed {} ({} freed)",
+        "removed {} ({} freed{also})",
         model.repo,
         indicatif::HumanBytes(freed)
     );

@@ -266,6 +266,27 @@ impl PackCache {
     }
 }
 
+/// Removes the caches whose model file is gone (`slm rm` calls it after deleting a model);
+/// returns the bytes freed.
+pub fn remove_orphans() -> u64 {
+    let Some(dir) = cache_dir() else {
+        return 0;
+    };
+    let mut freed = 0;
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "slmpack")
+            && source_of(&path).is_some_and(|s| !s.exists())
+        {
+            let size = e.metadata().map_or(0, |m| m.len());
+            if std::fs::remove_file(&path).is_ok() {
+                freed += size;
+            }
+        }
+    }
+    freed
+}
+
 /// A cache's source file, from its header.
 fn source_of(cache: &Path) -> Option<PathBuf> {
     use std::io::Read;
