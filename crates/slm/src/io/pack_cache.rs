@@ -5,10 +5,15 @@
 //! slm repacks every weight into interleaved layouts, which means writing the whole model into
 //! fresh memory at each load; on a VM whose host backs guest memory lazily, faulting in those
 //! fresh huge pages took 0.02-0.42 s for 160 MB, from run to run. A mapped cache file is read
-//! from the page cache instead: written in 2 MB pieces, a file on a filesystem with large
-//! folios (ext4, XFS, tmpfs on current Linux) is mapped with 2 MB pages as well, so decode
-//! keeps the huge-page TLB reach the anonymous planes had. (The same idea as XNNPACK's weight
-//! cache file.)
+//! from the page cache instead: written in 2 MB pieces, a file on a filesystem that keeps
+//! large folios (ext4 on Linux 6.18, measured) is mapped with 2 MB pages as well, so decode
+//! keeps the huge-page TLB reach the anonymous planes had; elsewhere it is mapped with 4 kB
+//! pages. (The same idea as XNNPACK's weight cache file.)
+//!
+//! The file: `SLMPACK1`, the identity's length (u64 LE) and the identity (the text the cache
+//! is keyed by, compared whole at open); the planes, each on 64 bytes; the index (entry count,
+//! then per entry its key and its planes' offsets and lengths, all u64 LE); the index's offset
+//! and length, the first 8 bytes of its SHA-256, and `SLMPEND1`.
 //!
 //! The cache is keyed by the source file (canonical path, size, modification time, inode) and
 //! by the packing code itself (a hash of its sources, and the kernel chosen for this CPU), so
