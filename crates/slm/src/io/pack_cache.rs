@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 
+/// Changed whenever the file's format changes (the planes' contents are keyed apart).
 const MAGIC: &[u8; 8] = b"SLMPACK1";
 const FOOTER: &[u8; 8] = b"SLMPEND1";
 /// Bytes written at a time: each write is one 2 MB folio of the page cache, which is what lets

@@ -233,17 +233,17 @@ impl CacheSlot {
 }
 
 /// What decides the bytes of a cached packing: the kernel chosen for this CPU and the code
-/// that packs (its sources, hashed: any edit to them retires every cache made before it).
+/// that packs (its sources, hashed: any edit to them retires every cache made before it;
+/// `gguf.rs` un-permutes Q and K rows before packing). The cache file's own format is
+/// versioned by its magic bytes.
 pub fn packed_layout() -> String {
     use sha2::{Digest, Sha256};
-    const SOURCES: [&str; 7] = [
+    const SOURCES: [&str; 5] = [
         include_str!("qmatmul.rs"),
         include_str!("qpack.rs"),
         include_str!("qpack_k.rs"),
         include_str!("qdot.rs"),
-        include_str!("aligned.rs"),
         include_str!("../io/gguf.rs"),
-        include_str!("../io/pack_cache.rs"),
     ];
     let mut h = Sha256::new();
     for s in SOURCES {
