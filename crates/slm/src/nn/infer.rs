@@ -706,21 +706,34 @@ fn cached_attention(
         .cache
         .get_mut(layer)
         .ok_or_else(|| Error::msg(format!("internal: no KV cache for layer {layer}")))?;
-    kernels::with_f32(&k, |k| {
-        kernels::with_f32(&v, |v| cache.append(k, v, nkv, t, hd))
-    })??;
-    let keys = attention::KeyView {
-        k: &cache.k,
-        v: &cache.v,
-        cap: cache.cap,
-        len: cache.len,
-        k_tiled: true,
+    let mut attend = |k: &[f32], v: &[f32]| -> Result<Vec<f32>> {
+        cache.append(k, v, nkv, t, hd);
+        // A prompt from the first position sees only its own keys: read them as the rows they
+        // are here, not copied back out of the cache's tiles.
+        let keys = if pos == 0 {
+            attention::KeyView {
+                k,
+                v,
+                cap: t,
+                len: t,
+                k_tiled: false,
+            }
+        } else {
+            attention::KeyView {
+                k: &cache.k,
+                v: &cache.v,
+                cap: cache.cap,
+                len: cache.len,
+                k_tiled: true,
+            }
+        };
+        with_bias(bias, |bias| {
+            kernels::with_f32(&q, |q| {
+                attention::causal_attention(q, keys, nh, nkv, hd, pos, a.scores(), bias)
+            })
+        })?
     };
-    let y = with_bias(bias, |bias| {
-        kernels::with_f32(&q, |q| {
-            attention::causal_attention(q, keys, nh, nkv, hd, pos, a.scores(), bias)
-        })
-    })??;
+    let y = kernels::with_f32(&k, |k| kernels::with_f32(&v, |v| attend(k, v)))???;
     Ok(Act::Full(kernels::tensor(y, vec![1, t, nh * hd])?))
 }
 
