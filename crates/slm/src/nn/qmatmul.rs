@@ -237,6 +237,11 @@ impl CacheSlot {
 /// `gguf.rs` un-permutes Q and K rows before packing). The cache file's own format is
 /// versioned by its magic bytes.
 pub fn packed_layout() -> String {
+    static LAYOUT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LAYOUT.get_or_init(layout_of_this_build).clone()
+}
+
+fn layout_of_this_build() -> String {
     use sha2::{Digest, Sha256};
     const SOURCES: [&str; 5] = [
         include_str!("qmatmul.rs"),

@@ -5,6 +5,28 @@ use super::*;
 use crate::nn::qdot::{dot_scalar, quantize_q8, quantize_q8k};
 use candle_core::quantized::QTensor;
 
+/// Every block type slm's kernels pack.
+const PACKED: [GgmlDType; 8] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+/// Heights of three stacked parts: eight-row groups, the last part ending outside one where
+/// the type allows it (k-quants need whole groups).
+fn heights(dtype: GgmlDType) -> &'static [usize] {
+    if KKind::of(dtype).is_some() {
+        &[16, 8, 24]
+    } else {
+        &[16, 8, 13]
+    }
+}
+
 /// `wt` quantized by candle to `dtype`: its bytes, the dequantized weights, and
 /// `xt · deqᵀ` in f32 (the product the kernels approximate).
 fn quantized(wt: &Tensor, xt: &Tensor, dtype: GgmlDType) -> (Vec<u8>, Tensor, Vec<Vec<f32>>) {
@@ -26,18 +48,8 @@ fn stacked_weights_match_each_weight_alone() {
     use std::sync::Mutex;
     let (cols, m) = (256, 5);
     let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
-        let k = KKind::of(dtype).is_some();
-        let heights: &[usize] = if k { &[16, 8, 24] } else { &[16, 8, 13] };
+    for dtype in PACKED {
+        let heights = heights(dtype);
         let ws: Vec<QuantWeight> = heights
             .iter()
             .map(|&rows| {
@@ -125,21 +137,11 @@ fn cached_packings_give_the_same_products() {
             QMatMul::Candle(_) => Vec::new(),
         }
     };
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
-        let k = KKind::of(dtype).is_some();
-        if k && interleaved_isa().is_none() {
+    for dtype in PACKED {
+        if KKind::of(dtype).is_some() && interleaved_isa().is_none() {
             continue;
         }
-        let heights: &[usize] = if k { &[16, 8, 24] } else { &[16, 8, 13] };
+        let heights = heights(dtype);
         let raws: Vec<Vec<u8>> = heights
             .iter()
             .map(|&rows| {
@@ -195,9 +197,20 @@ fn cached_packings_give_the_same_products() {
             bits(&want_alone)
         );
 
-        // An entry whose planes are not this shape's: repacked, with the same products.
+        // An entry whose first plane is a line longer than this shape's (the others, the
+        // rows in the file's layout included, the right length): repacked, with the same
+        // products.
         let bad = PackCache::in_dir(&dir, &src, &format!("{layout} bad")).unwrap();
-        let junk = vec![[7u8; 64]; planes_of(&packed).len()];
+        let lens: Vec<usize> = match &packed {
+            QMatMul::Own(o) => o.planes().iter().map(|p| p.len()).collect(),
+            QMatMul::OwnK(p) => p.planes().iter().map(|p| p.len()).collect(),
+            QMatMul::Candle(_) => unreachable!("slm's kernels pack every type here"),
+        };
+        let junk: Vec<Vec<u8>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![7u8; n + if i == 0 { 64 } else { 0 }])
+            .collect();
         bad.put("w0+w1+w2", &junk.iter().map(|j| &j[..]).collect::<Vec<_>>());
         bad.commit().unwrap();
         let bad = PackCache::in_dir(&dir, &src, &format!("{layout} bad")).unwrap();

@@ -215,6 +215,11 @@ impl Packed {
             });
             src.done(g0, g1);
         }
+        Self::assemble(kind, isa, groups, nb, [codes, high, scales, mins])
+    }
+
+    fn assemble(kind: Kind, isa: Isa, groups: usize, nb: usize, planes: [AlignedBytes; 4]) -> Self {
+        let [codes, high, scales, mins] = planes;
         Self {
             kind,
             isa,
@@ -252,25 +257,9 @@ impl Packed {
         isa: Isa,
         planes: Vec<AlignedBytes>,
     ) -> Option<Self> {
-        let [codes, high, scales, mins]: [AlignedBytes; 4] = planes.try_into().ok()?;
+        let p = Self::assemble(kind, isa, groups, nb, planes.try_into().ok()?);
         let lens = Self::plane_lens(kind, groups, nb);
-        if [&codes, &high, &scales, &mins]
-            .iter()
-            .zip(lens)
-            .any(|(p, n)| p.len() != n)
-        {
-            return None;
-        }
-        Some(Self {
-            kind,
-            isa,
-            groups,
-            nb,
-            codes,
-            high,
-            scales,
-            mins,
-        })
+        (p.planes().iter().zip(lens).all(|(p, n)| p.len() == n)).then_some(p)
     }
 
     #[cfg(test)]

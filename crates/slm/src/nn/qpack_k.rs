@@ -212,20 +212,8 @@ impl KPacked {
     /// and released after each stretch.
     pub(crate) fn new(kind: KKind, src: &Groups, nsb: usize, isa: Isa) -> Self {
         let groups = src.count();
-        let [codes, high, scales, mins, d, dmin] =
-            Self::plane_lens(kind, groups, nsb).map(AlignedBytes::zeroed);
-        let mut p = Self {
-            kind,
-            isa,
-            groups,
-            nsb,
-            codes,
-            high,
-            scales,
-            mins,
-            d,
-            dmin,
-        };
+        let zeroed = Self::plane_lens(kind, groups, nsb).map(AlignedBytes::zeroed);
+        let mut p = Self::assemble(kind, isa, groups, nsb, zeroed);
         let row_bytes = nsb * kind.block_bytes();
         let group_bytes = ROWS * row_bytes;
         let (c, h, s) = (
@@ -282,6 +270,28 @@ impl KPacked {
         .map(|n| groups * nsb * n)
     }
 
+    fn assemble(
+        kind: KKind,
+        isa: Isa,
+        groups: usize,
+        nsb: usize,
+        planes: [AlignedBytes; 6],
+    ) -> Self {
+        let [codes, high, scales, mins, d, dmin] = planes;
+        Self {
+            kind,
+            isa,
+            groups,
+            nsb,
+            codes,
+            high,
+            scales,
+            mins,
+            d,
+            dmin,
+        }
+    }
+
     /// The planes, in the order [`KPacked::from_planes`] takes them.
     pub(crate) fn planes(&self) -> [&[u8]; 6] {
         [
@@ -303,19 +313,7 @@ impl KPacked {
         isa: Isa,
         planes: Vec<AlignedBytes>,
     ) -> Option<Self> {
-        let [codes, high, scales, mins, d, dmin]: [AlignedBytes; 6] = planes.try_into().ok()?;
-        let p = Self {
-            kind,
-            isa,
-            groups,
-            nsb,
-            codes,
-            high,
-            scales,
-            mins,
-            d,
-            dmin,
-        };
+        let p = Self::assemble(kind, isa, groups, nsb, planes.try_into().ok()?);
         let lens = Self::plane_lens(kind, groups, nsb);
         (p.planes().iter().zip(lens).all(|(p, n)| p.len() == n)).then_some(p)
     }
