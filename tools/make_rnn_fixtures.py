@@ -23,7 +23,10 @@ tools/requirements.txt), under tests/fixtures/rnn/.
 Words seen fewer than 3 times in the training lines are <unk>, as slm's word tokenizer maps
 words missing from vocab.txt.
 
-Run: python tools/make_rnn_fixtures.py [classifiers]   (SLM_ASSETS defaults to ../shared/assets)
+- wlm_lstm/trajectory.json: main.py's training loop continued from that checkpoint for three
+  epochs with dropout off, the clipping norm summed exactly: each step's loss and norm.
+
+Run: python tools/make_rnn_fixtures.py [classifiers|trajectory]   (SLM_ASSETS defaults to ../shared/assets)
 """
 import json
 import math
@@ -45,6 +48,8 @@ WIKI = ASSETS / "corpora" / "wikitext-2" / "valid.txt"
 TRAIN_LINES = (0, 600)
 EVAL_LINES = (600, 700)
 GRAD_LINES = (700, 760)
+TRAJECTORY_LINES = (760, 1400)
+TRAJECTORY_VALID = (1400, 1500)
 
 
 def lines(span):
@@ -140,6 +145,64 @@ def record_wlm(name, rnn_type, ninp, nhid, tied, safetensors):
     print(name, "vocab", len(vocab), "eval ppl", math.exp(mean_nll), "loss2", loss.item())
 
 
+def exact_clip_(params, max_norm):
+    """clip_grad_norm_ with the norm summed in float64. PyTorch's own float32 norm of a 1e6-value
+    gradient is off by up to ~1e-3 relative on CPU (-1.1e-3 for a 13777 x 200 decoder), which
+    changes the clipped step, so its trajectory leaves any other implementation's after a few
+    steps whatever else they do."""
+    total = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    return total
+
+
+def record_trajectory():
+    """main.py's training loop from the wlm_lstm checkpoint, dropout off (nothing random): three
+    epochs of SGD (lr 20, clip 0.25, bptt 35, batch 20) with the lr annealing after each
+    evaluation, the clipping norm exact. Every step's loss and gradient norm, and each epoch's
+    validation loss (eval batch 10). Also, unasserted, the stock clip_grad_norm_'s norm."""
+    d = OUT / "wlm_lstm"
+    vocab = (d / "vocab.txt").read_text().splitlines()
+    index = {w: i for i, w in enumerate(vocab)}
+    to_ids = lambda span: [index.get(w, 0) for w in words(lines(span))]
+    sd = torch.load(d / "model.pt", weights_only=True)
+    model = RNNModel("LSTM", len(vocab), 24, 24, 2, dropout=0.0)
+    model.load_state_dict(sd)
+    data = batchify(to_ids(TRAJECTORY_LINES), 20)
+    valid = to_ids(TRAJECTORY_VALID)
+    crit = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    lr, best, steps, epochs = 20.0, None, [], []
+    for epoch in range(3):
+        model.train()
+        hidden = model.init_hidden(20)
+        for i in range(0, data.size(0) - 1, 35):
+            x, y = get_batch(data, i, 35)
+            model.zero_grad()
+            hidden = repackage(hidden)
+            out, hidden = model(x, hidden)
+            loss = crit(out, y)
+            loss.backward()
+            stock = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+            norm = exact_clip_(params, 0.25)
+            for p in params:
+                p.data.add_(p.grad, alpha=-lr)
+            steps.append({"loss": loss.item(), "grad_norm": norm, "stock_grad_norm": stock, "lr": lr})
+        v = evaluate(model, valid, 35, 10)
+        epochs.append({"valid_loss": v, "lr": lr})
+        if best is None or v < best:
+            best = v
+        else:
+            lr /= 4.0
+    ref = {"train_lines": list(TRAJECTORY_LINES), "valid_lines": list(TRAJECTORY_VALID),
+           "batch": 20, "bptt": 35, "eval_batch": 10, "lr": 20.0, "clip": 0.25, "dropout": 0.0,
+           "steps": steps, "epochs": epochs}
+    (d / "trajectory.json").write_text(json.dumps(ref, indent=1))
+    print("trajectory", len(steps), "steps; valid ppl", [math.exp(e["valid_loss"]) for e in epochs])
+
+
 def record_classifier(name, rnn_type, nlayers, bidirectional, pooling):
     from tokenizers import Tokenizer, models, pre_tokenizers
     torch.manual_seed(11)
@@ -183,10 +246,13 @@ def main():
     print("torch", torch.__version__)
     torch.set_num_threads(2)
     OUT.mkdir(parents=True, exist_ok=True)
+    if sys.argv[1:] == ["trajectory"]:
+        return record_trajectory()
     if sys.argv[1:] != ["classifiers"]:
         record_cells()
         record_wlm("wlm_lstm", "LSTM", 24, 24, tied=False, safetensors=False)
         record_wlm("wlm_gru_tied", "GRU", 20, 20, tied=True, safetensors=True)
+        record_trajectory()
     record_classifier("bilstm_max", "LSTM", 2, True, "max")
     record_classifier("gru_mean", "GRU", 1, False, "mean")
 
