@@ -45,7 +45,7 @@ fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     );
 }
 
-fn check(path: &Path, prompts: &[Vec<u32>], tol: f32) {
+pub fn check(path: &Path, prompts: &[Vec<u32>], tol: f32) {
     let mut loaded = load_causal(path, ComputeDtype::Auto).unwrap();
     let m = loaded.model.as_mut();
     let steps = 6;
@@ -162,4 +162,38 @@ fn smollm2_q4_1_batched_equal_alone_bit_for_bit() {
         "the test's batch must stay under the bound"
     );
     check(&common::smollm2_gguf(), &prompts, 0.0);
+}
+
+/// Heap allocations the calling thread makes for each of `steps` greedy tokens decoded after
+/// `prompt` and two warm-up tokens (a growing KV cache or score buffer reallocates now and
+/// then, by doubling: the positions here cross no doubling).
+pub fn decode_allocations(m: &mut dyn CausalLM, prompt: &[u32], steps: usize) -> Vec<usize> {
+    m.clear_cache();
+    let logits = |t: candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut next = argmax(&logits(m.forward(prompt, 0, false).unwrap()));
+    let mut made = Vec::new();
+    for (i, pos) in (prompt.len()..).take(2 + steps).enumerate() {
+        let before = crate::allocations::made();
+        let y = m.forward(&[next], pos, false).unwrap();
+        if i >= 2 {
+            made.push(crate::allocations::made() - before);
+        }
+        next = argmax(&logits(y));
+    }
+    made
+}
+
+/// A decoded token runs over buffers kept from the token before: the only allocations left
+/// are the logits tensor handed back (~2,700 a token when every op made a candle tensor).
+#[test]
+fn a_decoded_token_allocates_only_its_logits() {
+    let prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646];
+    for dtype in [ComputeDtype::Auto, ComputeDtype::F32] {
+        let mut m = load_causal(&common::smollm2_gguf(), dtype).unwrap();
+        let made = decode_allocations(m.model.as_mut(), &prompt, 4);
+        assert!(
+            made.iter().all(|&n| n <= 8),
+            "{dtype:?}: allocations per decoded token {made:?}"
+        );
+    }
 }

@@ -206,3 +206,23 @@ fn gemma_chat_uses_start_of_turn_and_stops_at_end_of_turn() {
         .to_string();
     assert!(err.contains("alternate"), "{err}");
 }
+
+/// Gemma's decoded tokens (k-quant products, head norms, the embedding's scale) run on the
+/// decode executor: the logits the batched path gives, bit for bit, and no allocation but the
+/// logits handed back.
+#[test]
+fn gemma3_270m_decodes_as_batched_bit_for_bit_allocating_only_its_logits() {
+    let path = gemma_270m();
+    let prompts = vec![
+        vec![2, 818, 5279, 529],
+        vec![2, 4521],
+        vec![2, 105, 2364, 107, 9259],
+    ];
+    crate::batch_decode::check(&path, &prompts, 0.0);
+    let mut m = slm::models::load_causal(&path, slm::models::ComputeDtype::Auto).unwrap();
+    let made = crate::batch_decode::decode_allocations(m.model.as_mut(), &prompts[2], 4);
+    assert!(
+        made.iter().all(|&n| n <= 8),
+        "allocations per decoded token {made:?}"
+    );
+}

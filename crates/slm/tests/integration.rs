@@ -2,6 +2,8 @@
 //! real models and data (`SLM_ASSETS`) against recorded references.
 //! (One binary, not one per file: each links the whole dependency tree, ~60 MB in a debug build.)
 
+#[path = "support/allocations.rs"]
+mod allocations;
 mod common;
 #[path = "support/mock_hub.rs"]
 mod mock_hub;

@@ -7,9 +7,7 @@
 use serde::Deserialize;
 
 use crate::error::Result;
-use crate::nn::exec::{
-    three, AttnSpec, Exec, Loader, NormKind, Parts, Rows, Seq2SeqFamily, Weights,
-};
+use crate::nn::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Rows, Seq2SeqFamily, Weights};
 use crate::nn::Activation;
 
 const EPS: f64 = 1e-5;
@@ -322,7 +320,7 @@ impl<W: Weights> Bart<W> {
         x: E::X,
     ) -> Result<E::X> {
         let c = &self.cfg;
-        let [q, k, v] = three(e.parts(&layer.attn.qkv, &x)?)?;
+        let [q, k, v] = e.parts(&layer.attn.qkv, &x)?;
         let a = e.attention(spec, i, q, k, v)?;
         let a = e.linear(&layer.attn.out, &a, None)?;
         let a = e.dropout(a, c.dropout)?;

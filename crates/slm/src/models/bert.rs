@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::nn::exec::{three, AttnSpec, Exec, Loader, NormKind, Parts, Rows, Weights};
+use crate::nn::exec::{AttnSpec, Exec, Loader, NormKind, Parts, Rows, Weights};
 use crate::nn::infer::{stored_tensor, Act, Infer, InferW, VbLoader};
 use crate::nn::{Activation, Vb};
 use crate::tokenize::EncoderInput;
@@ -500,7 +500,7 @@ impl<W: Weights> Bert<W> {
             d
         };
         for (i, l) in self.layers.iter().enumerate() {
-            let [q, k, v] = three(e.parts(&l.qkv, &x)?)?;
+            let [q, k, v] = e.parts(&l.qkv, &x)?;
             let a = e.attention(&self.attn, i, q, k, v)?;
             let a = e.linear(&l.o, &a, None)?;
             let a = e.dropout(a, attn_drop)?;

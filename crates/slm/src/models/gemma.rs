@@ -10,9 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::nn::exec::{
-    three, two, AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Rows, Weights,
-};
+use crate::nn::exec::{AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Rows, Weights};
 use crate::nn::{Activation, Rope, RopeScaling};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,7 +326,7 @@ impl<W: Weights> CausalFamily<W> for Gemma<W> {
         let mut x = e.scale(x, (self.cfg.hidden_size as f64).sqrt() as f32)?;
         for (i, l) in self.layers.iter().enumerate() {
             let h = e.norm(&l.input_layernorm, &x)?;
-            let [mut q, mut k, v] = three(e.parts(&l.qkv, &h)?)?;
+            let [mut q, mut k, v] = e.parts(&l.qkv, &h)?;
             if let Some((qn, kn)) = &l.qk_norm {
                 q = e.norm_heads(qn, q)?;
                 k = e.norm_heads(kn, k)?;
@@ -338,7 +336,7 @@ impl<W: Weights> CausalFamily<W> for Gemma<W> {
             let a = e.norm(&l.post_attention_layernorm, &a)?;
             x = e.add(x, a)?;
             let h = e.norm(&l.pre_feedforward_layernorm, &x)?;
-            let [gate, up] = two(e.parts(&l.gate_up, &h)?)?;
+            let [gate, up] = e.parts(&l.gate_up, &h)?;
             let m = e.glu(&gate, &up, self.cfg.activation())?;
             let m = e.linear(&l.down_proj, &m, None)?;
             let m = e.norm(&l.post_feedforward_layernorm, &m)?;

@@ -3,9 +3,7 @@
 use serde::Deserialize;
 
 use crate::error::Result;
-use crate::nn::exec::{
-    three, AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Rows, Weights,
-};
+use crate::nn::exec::{AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Rows, Weights};
 use crate::nn::Activation;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,7 +153,7 @@ impl<W: Weights> CausalFamily<W> for Gpt2<W> {
         let mut x = e.dropout(x, c.embd_pdrop)?;
         for (i, b) in self.blocks.iter().enumerate() {
             let h = e.norm(&b.ln_1, &x)?;
-            let [q, k, v] = three(e.parts(&b.c_attn, &h)?)?;
+            let [q, k, v] = e.parts(&b.c_attn, &h)?;
             let a = e.attention(&self.attn, i, q, k, v)?;
             let a = e.linear(&b.attn_proj, &a, None)?;
             let a = e.dropout(a, c.resid_pdrop)?;

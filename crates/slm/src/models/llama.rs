@@ -6,9 +6,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::error::Result;
-use crate::nn::exec::{
-    three, two, AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Rows, Weights,
-};
+use crate::nn::exec::{AttnSpec, CausalFamily, Exec, Loader, NormKind, Parts, Rows, Weights};
 use crate::nn::{Activation, Rope, RopeScaling};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,12 +233,12 @@ impl<W: Weights> CausalFamily<W> for Llama<W> {
         let mut x = e.embed(&self.embed_tokens, ids)?;
         for (i, l) in self.layers.iter().enumerate() {
             let h = e.norm(&l.input_layernorm, &x)?;
-            let [q, k, v] = three(e.parts(&l.qkv, &h)?)?;
+            let [q, k, v] = e.parts(&l.qkv, &h)?;
             let a = e.attention(&self.attn, i, q, k, v)?;
             let a = e.linear(&l.o_proj, &a, None)?;
             x = e.add(x, a)?;
             let h = e.norm(&l.post_attention_layernorm, &x)?;
-            let [gate, up] = two(e.parts(&l.gate_up, &h)?)?;
+            let [gate, up] = e.parts(&l.gate_up, &h)?;
             let m = e.glu(&gate, &up, self.cfg.hidden_act)?;
             let m = e.linear(&l.down_proj, &m, None)?;
             x = e.add(x, m)?;

@@ -19,6 +19,7 @@ use candle_core::Tensor;
 use crate::error::{Context, Error, Result};
 use crate::io::gguf::GgufFile;
 use crate::io::{open_weights, ModelFiles, WeightFormat, WeightStore};
+use crate::nn::decode::{Arena, Decode};
 use crate::nn::exec::CausalFamily;
 use crate::nn::infer::{Infer, InferW, KvCache, VbLoader};
 use crate::nn::Vb;
@@ -82,12 +83,18 @@ impl SeqCache {
 pub struct Decoder<F> {
     model: F,
     cache: SeqCache,
+    /// A decoded token's activations, kept for the next.
+    arena: Arena,
 }
 
 impl<F: CausalFamily<InferW>> Decoder<F> {
     pub fn new(model: F) -> Self {
         let cache = SeqCache(vec![KvCache::default(); model.n_layers()]);
-        Self { model, cache }
+        Self {
+            model,
+            cache,
+            arena: Arena::default(),
+        }
     }
 }
 
@@ -96,6 +103,12 @@ impl<F: CausalFamily<InferW> + Send> CausalLM for Decoder<F> {
         check_context(pos + ids.len(), self.model.context_length())?;
         if ids.is_empty() {
             return Err(Error::msg("internal: forward called without tokens"));
+        }
+        if ids.len() == 1 && !self.model.recurrent() && self.cache.len() == pos {
+            // A decoded token: the same forward pass over buffers kept between tokens.
+            let mut e = Decode::new(&mut self.cache.0, &mut self.arena);
+            let y = self.model.forward(&mut e, ids, true)?;
+            return e.tensor(y);
         }
         let mut e = Infer::new(&mut self.cache.0, pos, ids.len())?;
         let y = self.model.forward(&mut e, ids, !all_logits)?;

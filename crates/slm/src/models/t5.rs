@@ -7,8 +7,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::nn::exec::{
-    three, two, AttnSpec, Exec, Loader, NormKind, Parts, RelativePositions, Rows, Seq2SeqFamily,
-    Weights,
+    AttnSpec, Exec, Loader, NormKind, Parts, RelativePositions, Rows, Seq2SeqFamily, Weights,
 };
 use crate::nn::Activation;
 
@@ -197,7 +196,7 @@ impl<W: Weights> Ff<W> {
         let h = match &self.wi {
             FeedForward::Dense(wi) => e.linear(wi, &h, Some(act))?,
             FeedForward::Gated(p) => {
-                let [g, u] = two(e.parts(p, &h)?)?;
+                let [g, u] = e.parts(p, &h)?;
                 e.glu(&g, &u, act)?
             }
         };
@@ -244,7 +243,7 @@ impl<W: Weights> SelfAttn<W> {
         x: E::X,
     ) -> Result<E::X> {
         let h = e.norm(&self.norm, &x)?;
-        let [q, k, v] = three(e.parts(&self.qkv, &h)?)?;
+        let [q, k, v] = e.parts(&self.qkv, &h)?;
         let a = e.attention_biased(spec, layer, q, k, v, bias)?;
         let a = e.linear(&self.o, &a, None)?;
         let a = e.dropout(a, cfg.dropout_rate)?;

@@ -28,26 +28,61 @@ unsafe fn head_attention(
     bias: Option<HeadBias>,
     keys: impl Fn(usize) -> std::ops::Range<usize>,
 ) {
-    let mut scores = vec![0f32; t * nk];
-    let decoded_from_tiles = t == 1 && matches!(keys_at, KeysAt::Tiles(..));
-    match keys_at {
-        KeysAt::Tiles(tiles, k0) if t == 1 => {
-            tile_scores(q, tiles, k0, nk, hd, sc.scale, &mut scores)
-        }
-        // A prompt's rows: the GEMM wants the keys as rows (it packs them anyway).
-        KeysAt::Tiles(tiles, k0) => {
-            let rows = untile(tiles, k0, nk, hd);
-            qk_gemm(
+    SCORES.with_borrow_mut(|scores| {
+        scores.clear();
+        scores.resize(t * nk, 0.0);
+        // SAFETY: as this function's own contract.
+        unsafe {
+            head_scores_values(
                 (q, q_rs),
-                (rows.as_ptr(), hd),
+                keys_at,
+                (v, v_rs),
+                (out, out_rs),
                 t,
                 nk,
                 hd,
-                sc.scale,
-                &mut scores,
+                sc,
+                bias,
+                keys,
+                scores,
             )
         }
-        KeysAt::Rows(k, k_rs) => qk_gemm((q, q_rs), (k, k_rs), t, nk, hd, sc.scale, &mut scores),
+    })
+}
+
+thread_local! {
+    /// Each thread's score rows, kept from call to call: a decoded token's heads allocate
+    /// nothing.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`head_attention`] with its `t × nk` scores in `scores`.
+///
+/// # Safety
+/// As [`head_attention`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_scores_values(
+    (q, q_rs): (*const f32, usize),
+    keys_at: KeysAt,
+    (v, v_rs): (*const f32, usize),
+    (out, out_rs): (*mut f32, usize),
+    t: usize,
+    nk: usize,
+    hd: usize,
+    sc: Scores,
+    bias: Option<HeadBias>,
+    keys: impl Fn(usize) -> std::ops::Range<usize>,
+    scores: &mut [f32],
+) {
+    let decoded_from_tiles = t == 1 && matches!(keys_at, KeysAt::Tiles(..));
+    match keys_at {
+        KeysAt::Tiles(tiles, k0) if t == 1 => tile_scores(q, tiles, k0, nk, hd, sc.scale, scores),
+        // A prompt's rows: the GEMM wants the keys as rows (it packs them anyway).
+        KeysAt::Tiles(tiles, k0) => {
+            let rows = untile(tiles, k0, nk, hd);
+            qk_gemm((q, q_rs), (rows.as_ptr(), hd), t, nk, hd, sc.scale, scores)
+        }
+        KeysAt::Rows(k, k_rs) => qk_gemm((q, q_rs), (k, k_rs), t, nk, hd, sc.scale, scores),
     }
     for (i, row) in scores.chunks_mut(nk).enumerate() {
         let r = keys(i);
@@ -64,7 +99,7 @@ unsafe fn head_attention(
         softmax_in_place(&mut row[r]);
     }
     if decoded_from_tiles {
-        return row_values(&scores, keys(0), (v, v_rs), hd, out);
+        return row_values(scores, keys(0), (v, v_rs), hd, out);
     }
     gemm::gemm(
         t,
@@ -395,6 +430,24 @@ pub fn causal_attention(
     sc: Scores,
     bias: Option<RelBias>,
 ) -> Vec<f32> {
+    let mut y = vec![0f32; q.len()];
+    causal_attention_into(q, kv, nh, nkv, hd, pos, sc, bias, &mut y);
+    y
+}
+
+/// [`causal_attention`] into `y` (`[t, nh·hd]`, overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_into(
+    q: &[f32],
+    kv: KeyView,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    pos: usize,
+    sc: Scores,
+    bias: Option<RelBias>,
+    y: &mut [f32],
+) {
     let t = q.len() / (nh * hd);
     assert!(pos + t <= kv.len);
     let keys = |i: usize| {
@@ -402,7 +455,7 @@ pub fn causal_attention(
         let lo = sc.window.map_or(0, |w| (qpos + 1).saturating_sub(w));
         lo..qpos + 1
     };
-    cached_attention(q, kv, nh, nkv, hd, sc, bias.map(|b| (b, pos)), keys)
+    cached_attention(q, kv, nh, nkv, hd, sc, bias.map(|b| (b, pos)), keys, y)
 }
 
 /// Cross-attention of `t` decoder queries (`[nh, t, hd]`) over every key of the encoder's
@@ -416,7 +469,9 @@ pub fn cross_attention(
     sc: Scores,
 ) -> Vec<f32> {
     let len = kv.len;
-    cached_attention(q, kv, nh, nkv, hd, sc, None, |_| 0..len)
+    let mut y = vec![0f32; q.len()];
+    cached_attention(q, kv, nh, nkv, hd, sc, None, |_| 0..len, &mut y);
+    y
 }
 
 /// Each head of `q` over the keys `keys(i)` of its K/V head in `kv`, rows `i` of query
@@ -431,14 +486,16 @@ fn cached_attention(
     sc: Scores,
     bias: Option<(RelBias, usize)>,
     keys: impl Fn(usize) -> std::ops::Range<usize> + Sync,
-) -> Vec<f32> {
+    y: &mut [f32],
+) {
     let t = q.len() / (nh * hd);
     assert_eq!(q.len(), nh * t * hd);
     assert!(kv.k.len() == nkv * kv.cap * hd && kv.v.len() == kv.k.len());
     assert!(kv.len <= kv.cap);
     let hidden = nh * hd;
     let groups = nh / nkv;
-    let mut y = vec![0f32; t * hidden];
+    assert_eq!(y.len(), t * hidden);
+    y.fill(0.0);
     let out = SharedMut(y.as_mut_ptr());
     // A long prompt's queries go in blocks, so that a causal block computes the scores of the
     // keys it can see and no more (5/8 of the full square for four blocks, not all of it), and
@@ -484,7 +541,6 @@ fn cached_attention(
     } else {
         (0..nh * blocks).for_each(run);
     }
-    y
 }
 
 #[cfg(test)]

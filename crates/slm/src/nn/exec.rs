@@ -150,11 +150,11 @@ pub trait Exec {
         x: &Self::X,
         act: Option<Activation>,
     ) -> Result<Self::X>;
-    fn parts(
+    fn parts<const N: usize>(
         &mut self,
         p: &Parts<<Self::W as Weights>::Linear>,
         x: &Self::X,
-    ) -> Result<Vec<Self::X>>;
+    ) -> Result<[Self::X; N]>;
     fn norm(&mut self, n: &<Self::W as Weights>::Norm, x: &Self::X) -> Result<Self::X>;
     /// The norm applied to each head's `n.size` values of `[tokens, heads·size]` on its own
     /// (Gemma 3's and Qwen 3's q/k norms).
@@ -401,16 +401,9 @@ pub trait Seq2SeqFamily<W: Weights> {
     fn context_length(&self) -> usize;
 }
 
-/// Three parts (Q, K, V), whatever an executor returned.
-pub fn three<X>(v: Vec<X>) -> Result<[X; 3]> {
-    <[X; 3]>::try_from(v).map_err(|v| {
-        crate::error::Error::msg(format!("internal: expected 3 parts, got {}", v.len()))
-    })
-}
-
-/// Two parts (gate, up).
-pub fn two<X>(v: Vec<X>) -> Result<[X; 2]> {
-    <[X; 2]>::try_from(v).map_err(|v| {
-        crate::error::Error::msg(format!("internal: expected 2 parts, got {}", v.len()))
+/// The `N` parts an executor computed as a list, as an array.
+pub fn array<X, const N: usize>(v: Vec<X>) -> Result<[X; N]> {
+    <[X; N]>::try_from(v).map_err(|v| {
+        crate::error::Error::msg(format!("internal: expected {N} parts, got {}", v.len()))
     })
 }

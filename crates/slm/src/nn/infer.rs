@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use super::exec::{
-    AttnSpec, Exec, Loader, NormKind, Parts, Pool, RelativePositions, Rows, Weights,
+    array, AttnSpec, Exec, Loader, NormKind, Parts, Pool, RelativePositions, Rows, Weights,
 };
 use super::recurrent::{self, Hidden, Layout, RecurrentSpec, State};
 use super::{attention, kernels, Activation, Embedding, LayerNorm, Linear, Norm, RmsNorm, Vb};
@@ -139,9 +139,20 @@ impl KvCache {
         self.recurrent = true;
     }
 
+    /// The keys and values held, as the attention kernel reads them.
+    pub(super) fn view(&self) -> attention::KeyView<'_> {
+        attention::KeyView {
+            k: &self.k,
+            v: &self.v,
+            cap: self.cap,
+            len: self.len,
+            k_tiled: true,
+        }
+    }
+
     /// Appends `t` positions of `k`, `v` (`[heads, t, hd]`). V keeps a row per position; K goes
     /// into tiles of 16 positions stored by dimension (see `attention::KeyView`).
-    fn append(&mut self, k: &[f32], v: &[f32], heads: usize, t: usize, hd: usize) {
+    pub(super) fn append(&mut self, k: &[f32], v: &[f32], heads: usize, t: usize, hd: usize) {
         const L: usize = attention::KEY_TILE;
         if self.len == 0 {
             *self = KvCache::default();
@@ -410,22 +421,25 @@ impl Exec for Infer<'_> {
         Ok(Act::Full(l.forward_act(&x.tensor()?, act)?))
     }
 
-    fn parts(&mut self, p: &Parts<Linear>, x: &Act) -> Result<Vec<Act>> {
+    fn parts<const N: usize>(&mut self, p: &Parts<Linear>, x: &Act) -> Result<[Act; N]> {
         let x = x.tensor()?;
-        match p {
+        array(match p {
             Parts::Fused(l, widths) => {
                 let whole = l.forward(&x)?;
                 let widths: Arc<[usize]> = widths.clone().into();
-                Ok((0..widths.len())
+                (0..widths.len())
                     .map(|index| Act::Part {
                         whole: whole.clone(),
                         widths: widths.clone(),
                         index,
                     })
-                    .collect())
+                    .collect()
             }
-            Parts::Separate(ls) => ls.iter().map(|l| Ok(Act::Full(l.forward(&x)?))).collect(),
-        }
+            Parts::Separate(ls) => ls
+                .iter()
+                .map(|l| Ok(Act::Full(l.forward(&x)?)))
+                .collect::<Result<_>>()?,
+        })
     }
 
     fn norm(&mut self, n: &Norm, x: &Act) -> Result<Act> {
@@ -477,7 +491,13 @@ impl Exec for Infer<'_> {
             let h = kernels::with_f32(whole, |s| kernels::gated(s, w[0], act))?;
             return Ok(Act::Full(kernels::tensor(h, dims)?));
         }
-        Ok(Act::Full((act.forward(&gate.tensor()?)? * up.tensor()?)?))
+        // Separate gate and up: slm's activation kernels, as the fused path and the decode
+        // executor apply them.
+        let (g, u) = (gate.tensor()?, up.tensor()?);
+        let mut y = kernels::with_f32(&g, |g| g.to_vec())?;
+        kernels::activate(&mut y, act);
+        kernels::with_f32(&u, |u| y.iter_mut().zip(u).for_each(|(d, v)| *d *= v))?;
+        Ok(Act::Full(kernels::tensor(y, g.dims().to_vec())?))
     }
 
     fn attention(&mut self, a: &AttnSpec, layer: usize, q: Act, k: Act, v: Act) -> Result<Act> {
@@ -719,13 +739,7 @@ fn cached_attention(
                 k_tiled: false,
             }
         } else {
-            attention::KeyView {
-                k: &cache.k,
-                v: &cache.v,
-                cap: cache.cap,
-                len: cache.len,
-                k_tiled: true,
-            }
+            cache.view()
         };
         with_bias(bias, |bias| {
             kernels::with_f32(&q, |q| {

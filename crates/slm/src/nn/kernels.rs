@@ -46,15 +46,30 @@ pub fn linear(
     bias: Option<&[f32]>,
     act: Option<Activation>,
 ) -> Vec<f32> {
-    let mut y = match bias {
-        Some(b) => b.repeat(m),
-        None => vec![0f32; m * n],
-    };
-    matmul(&mut y, bias.is_some(), x, false, wt, false, (m, n, k), 1.0);
-    if let Some(act) = act {
-        activate(&mut y, act);
-    }
+    let mut y = vec![0f32; m * n];
+    linear_into(x, m, k, wt, n, bias, act, &mut y);
     y
+}
+
+/// [`linear`] into `y` (`m × n` values, overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_into(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    wt: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    act: Option<Activation>,
+    y: &mut [f32],
+) {
+    if let Some(b) = bias {
+        y.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b));
+    }
+    matmul(y, bias.is_some(), x, false, wt, false, (m, n, k), 1.0);
+    if let Some(act) = act {
+        activate(y, act);
+    }
 }
 
 /// `dst[m, n] = alpha · dst + a[m, k] · b[k, n]`, where `a` is stored `[k, m]` when `at` and
@@ -197,31 +212,33 @@ pub fn split_heads<const N: usize>(
 pub fn gated(gu: &[f32], n: usize, act: Activation) -> Vec<f32> {
     let len = gu.len() / 2;
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    // About 8k values a task, whole rows; each piece is written before it is read, so the
-    // buffer is not zeroed first.
-    let rows = (1usize << 13).div_ceil(n.max(1));
-    pool::chunks_mut(
-        &mut out.spare_capacity_mut()[..len],
-        rows * n,
-        1 << 15,
-        |i, o| {
-            let src = gu[i * rows * 2 * n..].chunks_exact(2 * n);
-            for (orow, row) in o.chunks_exact_mut(n).zip(src.clone()) {
-                orow.iter_mut().zip(&row[..n]).for_each(|(d, g)| {
-                    d.write(*g);
-                });
-            }
-            // SAFETY: every value of the piece was written just above (the piece is whole rows).
-            let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            activate(o, act);
-            for (orow, row) in o.chunks_exact_mut(n).zip(src) {
-                orow.iter_mut().zip(&row[n..]).for_each(|(g, u)| *g *= u);
-            }
-        },
-    );
-    // SAFETY: the pieces cover all `len` values, each written above.
-    unsafe { out.set_len(len) };
+    // SAFETY: `gated_into` writes each of the `len` values before it reads it, so the buffer
+    // need not be zeroed first.
+    unsafe {
+        gated_into(gu, n, act, &mut out.spare_capacity_mut()[..len]);
+        out.set_len(len);
+    }
     out
+}
+
+/// [`gated`] into `out` (`m × n` values, each written before it is read).
+pub fn gated_into(gu: &[f32], n: usize, act: Activation, out: &mut [std::mem::MaybeUninit<f32>]) {
+    // About 8k values a task, whole rows.
+    let rows = (1usize << 13).div_ceil(n.max(1));
+    pool::chunks_mut(out, rows * n, 1 << 15, |i, o| {
+        let src = gu[i * rows * 2 * n..].chunks_exact(2 * n);
+        for (orow, row) in o.chunks_exact_mut(n).zip(src.clone()) {
+            orow.iter_mut().zip(&row[..n]).for_each(|(d, g)| {
+                d.write(*g);
+            });
+        }
+        // SAFETY: every value of the piece was written just above (the piece is whole rows).
+        let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+        activate(o, act);
+        for (orow, row) in o.chunks_exact_mut(n).zip(src) {
+            orow.iter_mut().zip(&row[n..]).for_each(|(g, u)| *g *= u);
+        }
+    });
 }
 
 /// `exp` to ~1 ulp (Cephes' polynomial on a ln2 range reduction), written so that loops over
@@ -273,7 +290,13 @@ fn gelu_erf(x: f32) -> f32 {
 /// squares, `x / rms · w`), so results are bit for bit candle's; on the forward pass's pool.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, h: usize) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
-    pool::chunks_mut(&mut y, h, 1 << 15, |i, row| {
+    rms_norm_into(x, w, eps, h, &mut y);
+    y
+}
+
+/// [`rms_norm`] into `y` (as long as `x`).
+pub fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, h: usize, y: &mut [f32]) {
+    pool::chunks_mut(y, h, 1 << 15, |i, row| {
         let src = &x[i * h..(i + 1) * h];
         let sum2: f32 = src.iter().map(|v| v * v).sum();
         let m = (sum2 / h as f32 + eps).sqrt();
@@ -281,7 +304,6 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, h: usize) -> Vec<f32> {
             *d = *s / m * *g;
         }
     });
-    y
 }
 
 /// `layer_norm(x + res)` per row of `h` values (`res` optional).
@@ -293,10 +315,28 @@ pub fn add_layer_norm(
     eps: f32,
     h: usize,
 ) -> Vec<f32> {
-    let mut y = match res {
-        Some(r) => x.iter().zip(r).map(|(a, b)| a + b).collect(),
-        None => x.to_vec(),
-    };
+    let mut y = vec![0f32; x.len()];
+    add_layer_norm_into(x, res, w, b, eps, h, &mut y);
+    y
+}
+
+/// [`add_layer_norm`] into `y` (as long as `x`).
+pub fn add_layer_norm_into(
+    x: &[f32],
+    res: Option<&[f32]>,
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    h: usize,
+    y: &mut [f32],
+) {
+    match res {
+        Some(r) => y
+            .iter_mut()
+            .zip(x.iter().zip(r))
+            .for_each(|(d, (a, b))| *d = a + b),
+        None => y.copy_from_slice(x),
+    }
     let norm = |row: &mut [f32]| {
         let mean = row.iter().sum::<f32>() / h as f32;
         let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
@@ -305,8 +345,7 @@ pub fn add_layer_norm(
             *v = (*v - mean) * inv * g + bb;
         }
     };
-    pool::chunks_mut(&mut y, h, 1 << 15, |_, row| norm(row));
-    y
+    pool::chunks_mut(y, h, 1 << 15, |_, row| norm(row));
 }
 
 /// Softmax of one row; returns the row's max and `Σ exp(x − max)`, so `log Σ exp(x)` costs no

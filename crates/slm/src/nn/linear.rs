@@ -3,6 +3,7 @@ use std::sync::Arc;
 use candle_core::{Module, Tensor};
 
 use super::kernels::{self, with_f32};
+use super::qdot::BlockQ8;
 use super::qmatmul::QMatMul;
 use super::{Activation, Vb};
 use crate::error::Result;
@@ -87,33 +88,58 @@ impl Linear {
         let k = *dims.last().unwrap_or(&0);
         let m = dims.iter().product::<usize>() / k.max(1);
         *dims.last_mut().unwrap() = self.out_features;
+        if let LinearWeight::Quant(q) = &self.weight {
+            if self.bias.is_none() && act.is_none() {
+                super::pool::products_on_rayon(false);
+                return q.forward(x);
+            }
+        }
+        let mut y = vec![0f32; m * self.out_features];
+        with_f32(x, |xs| {
+            self.forward_into(xs, m, &mut y, act, &mut Vec::new())
+        })??;
+        kernels::tensor(y, dims)
+    }
+
+    /// [`Self::forward_act`] of `m` rows of `x` into `y` (`m × out`, overwritten); a quantized
+    /// weight's activations are quantized into `xq`, a buffer kept from call to call.
+    pub fn forward_into(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        act: Option<Activation>,
+        xq: &mut Vec<BlockQ8>,
+    ) -> Result<()> {
+        let (k, n) = (x.len() / m.max(1), self.out_features);
         match &self.weight {
             LinearWeight::Dense(w) => {
-                let n = self.out_features;
                 super::pool::products_on_rayon(true);
-                let y = with_f32(x, |xs| {
-                    with_f32(w, |ws| match &self.bias {
-                        Some(b) => {
-                            with_f32(b, |bs| kernels::linear(xs, m, k, ws, n, Some(bs), act))
-                        }
-                        None => Ok(kernels::linear(xs, m, k, ws, n, None, act)),
-                    })
-                })???;
-                kernels::tensor(y, dims)
+                with_f32(w, |ws| match &self.bias {
+                    Some(b) => with_f32(b, |bs| {
+                        kernels::linear_into(x, m, k, ws, n, Some(bs), act, y)
+                    }),
+                    None => {
+                        kernels::linear_into(x, m, k, ws, n, None, act, y);
+                        Ok(())
+                    }
+                })??;
             }
             LinearWeight::Quant(q) => {
                 super::pool::products_on_rayon(false);
-                let y = q.forward(x)?;
-                let y = match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                match act {
-                    Some(a) => a.forward(&y),
-                    None => Ok(y),
+                q.forward_into(x, m, y, xq)?;
+                if let Some(b) = &self.bias {
+                    with_f32(b, |bs| {
+                        y.chunks_exact_mut(n)
+                            .for_each(|r| r.iter_mut().zip(bs).for_each(|(v, b)| *v += b))
+                    })?;
+                }
+                if let Some(a) = act {
+                    kernels::activate(y, a);
                 }
             }
         }
+        Ok(())
     }
 
     /// Unbiased quantized weights as one layer whose matrix is packed straight from their
@@ -238,6 +264,41 @@ impl Embedding {
                     m.dequantize_row(r, row);
                 }
                 kernels::tensor(out, vec![rows, cols])
+            }
+        }
+    }
+
+    /// Values per row.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The rows of `ids` into `y` (`ids.len() × dim`): a decoded token's embedding without a
+    /// tensor, where the table is f32 or in slm's own block layout.
+    pub fn rows_into(&self, ids: &[u32], y: &mut [f32]) -> Result<()> {
+        let dim = self.dim;
+        let outside = |id: u32| {
+            crate::error::Error::msg(format!("token id {id} is outside the embedding table"))
+        };
+        match &self.table {
+            EmbeddingTable::Dense(t) => with_f32(t, |table| {
+                for (row, &id) in y.chunks_exact_mut(dim).zip(ids) {
+                    let src = table.get(id as usize * dim..(id as usize + 1) * dim);
+                    row.copy_from_slice(src.ok_or_else(|| outside(id))?);
+                }
+                Ok(())
+            })?,
+            EmbeddingTable::Product(m) => {
+                for (row, &id) in y.chunks_exact_mut(dim).zip(ids) {
+                    if !m.dequantize_row(id as usize, row) {
+                        return Err(outside(id));
+                    }
+                }
+                Ok(())
+            }
+            EmbeddingTable::Quant(_) => {
+                let t = self.forward(&Tensor::new(ids, &candle_core::Device::Cpu)?)?;
+                with_f32(&t, |rows| y.copy_from_slice(rows))
             }
         }
     }

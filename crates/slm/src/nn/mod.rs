@@ -4,6 +4,7 @@
 pub mod activation;
 mod aligned;
 pub mod attention;
+pub mod decode;
 pub mod exec;
 pub mod infer;
 pub mod kernels;

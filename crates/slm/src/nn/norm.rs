@@ -118,4 +118,27 @@ impl Norm {
             Norm::Layer(n) => n.forward(x),
         }
     }
+
+    /// `norm(x + residual)` per row into `y` (as long as `x`), in the arithmetic of
+    /// [`Self::forward`] (bit for bit) on f32 weights; a residual for LayerNorm only (one pass).
+    pub fn forward_into(&self, x: &[f32], residual: Option<&[f32]>, y: &mut [f32]) -> Result<()> {
+        let h = self.size()?;
+        if h == 0 || !x.len().is_multiple_of(h) || y.len() != x.len() {
+            return Err(crate::error::Error::msg(format!(
+                "internal: a norm of width {h} over {} values",
+                x.len()
+            )));
+        }
+        match self {
+            Norm::Rms(_) if residual.is_some() => Err(crate::error::Error::msg(
+                "internal: an RMS norm takes its residual added first",
+            )),
+            Norm::Rms(n) => with_f32(&n.weight, |w| kernels::rms_norm_into(x, w, n.eps, h, y)),
+            Norm::Layer(n) => with_f32(&n.weight, |w| {
+                with_f32(&n.bias, |b| {
+                    kernels::add_layer_norm_into(x, residual, w, b, n.eps, h, y)
+                })
+            })?,
+        }
+    }
 }

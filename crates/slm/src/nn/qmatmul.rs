@@ -184,19 +184,57 @@ impl QMatMul {
 
     /// `x` is `[.., cols]`; the result is `[.., rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, cols) = match self {
+            QMatMul::Own(q) => (q.rows, q.cols),
+            QMatMul::OwnK(p) => (p.rows(), p.cols()),
+            QMatMul::Candle(q) => return Ok(q.forward(&x.contiguous()?)?),
+        };
+        // SAFETY: `matmul_with` writes all m × rows values, at a y with room for them that only
+        // it uses.
+        unsafe {
+            own_forward(x, rows, cols, |xs, m, y| {
+                self.matmul_with(xs, m, y, &mut Vec::new())
+            })
+        }
+    }
+
+    /// `y` (`m × rows`, overwritten) for the `m` rows of `x`, the activations quantized into
+    /// `xq` (a buffer kept from call to call: a decoded token's products allocate nothing).
+    pub fn forward_into(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        xq: &mut Vec<BlockQ8>,
+    ) -> Result<()> {
+        let rows = match self {
+            QMatMul::Own(q) => q.rows,
+            QMatMul::OwnK(p) => p.rows(),
+            QMatMul::Candle(q) => {
+                let cols = x.len() / m.max(1);
+                let x = kernels::tensor(x.to_vec(), vec![m, cols])?;
+                let out = q.forward(&x)?;
+                return kernels::with_f32(&out, |o| y.copy_from_slice(o));
+            }
+        };
+        assert_eq!(y.len(), m * rows, "product output");
+        // SAFETY: y has room for m × rows values, and only this call uses it.
+        unsafe { self.matmul_with(x, m, y.as_mut_ptr(), xq) };
+        Ok(())
+    }
+
+    /// Slm's own kernels (not for `Candle`).
+    ///
+    /// # Safety
+    /// As [`OwnQ::matmul_into`].
+    unsafe fn matmul_with(&self, x: &[f32], m: usize, y: *mut f32, xq: &mut Vec<BlockQ8>) {
         match self {
-            QMatMul::Candle(q) => Ok(q.forward(&x.contiguous()?)?),
-            // SAFETY (both): `matmul_into` and `run_interleaved` write all m × rows values, at a
-            // y with room for them that only they use.
-            QMatMul::Own(q) => unsafe {
-                own_forward(x, q.rows, q.cols, |xs, m, y| q.matmul_into(xs, m, y))
-            },
-            QMatMul::OwnK(p) => unsafe {
-                own_forward(x, p.rows(), p.cols(), |xs, m, y| {
-                    let xq = quantize_rows_with(xs, p.cols(), m, quantize_q8k_into);
-                    run_interleaved(p, &xq, m, p.rows(), y, alone(m, p.rows(), p.cols()))
-                })
-            },
+            QMatMul::Own(q) => q.matmul_into(x, m, y, xq),
+            QMatMul::OwnK(p) => {
+                quantize_rows_into(x, p.cols(), m, quantize_q8k_into, xq);
+                run_interleaved(p, xq, m, p.rows(), y, alone(m, p.rows(), p.cols()))
+            }
+            QMatMul::Candle(_) => unreachable!("candle's product runs through its own forward"),
         }
     }
 }
@@ -359,20 +397,20 @@ unsafe fn run_interleaved<P: Interleaved>(
 }
 
 /// Activations as 8-bit blocks (`quantize`: the legacy types' `quantize_q8_into`, the
-/// k-quants' `quantize_q8k_into`) in one buffer.
-fn quantize_rows_with(
+/// k-quants' `quantize_q8k_into`) in `out`, resized to them.
+fn quantize_rows_into(
     x: &[f32],
     cols: usize,
     m: usize,
     quantize: fn(&[f32], &mut [BlockQ8]),
-) -> Vec<BlockQ8> {
+    out: &mut Vec<BlockQ8>,
+) {
     let nb = cols / QK;
-    let mut out = vec![BlockQ8::default(); m * nb];
+    out.resize(m * nb, BlockQ8::default());
     // Eight rows a task, in parallel from sixteen.
-    pool::chunks_mut(&mut out, 8 * nb, 16 * nb, |i, o| {
+    pool::chunks_mut(out, 8 * nb, 16 * nb, |i, o| {
         quantize(&x[i * 8 * cols..][..o.len() / nb * cols], o)
     });
-    out
 }
 
 /// Whether a product this size is run on this thread alone: handing work to other threads costs
@@ -547,14 +585,15 @@ impl OwnQ {
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
         assert!(y.len() == m * self.rows);
         // SAFETY: y has room for m × rows values.
-        unsafe { self.matmul_into(x, m, y.as_mut_ptr()) }
+        unsafe { self.matmul_into(x, m, y.as_mut_ptr(), &mut Vec::new()) }
     }
 
-    /// [`Self::matmul`] into `m × rows` values at `y`, every one of them written.
+    /// [`Self::matmul`] into `m × rows` values at `y`, every one of them written; the
+    /// activations are quantized into `xq`.
     ///
     /// # Safety
     /// `y` must have room for `m * rows` values that no one else reads or writes meanwhile.
-    unsafe fn matmul_into(&self, x: &[f32], m: usize, y: *mut f32) {
+    unsafe fn matmul_into(&self, x: &[f32], m: usize, y: *mut f32, xq: &mut Vec<BlockQ8>) {
         assert!(x.len() == m * self.cols);
         // Interleaved weights stay on the integer kernel at every length: four tokens per
         // unpacked block beat dequantizing plus the f32 GEMM by 1.8-2.5x in prefill here.
@@ -562,14 +601,15 @@ impl OwnQ {
             return self.matmul_f32(x, m, y);
         }
         let nb = self.cols / QK;
-        let xq = quantize_rows_with(x, self.cols, m, quantize_q8_into);
+        quantize_rows_into(x, self.cols, m, quantize_q8_into, xq);
+        let xq = &*xq;
         let row_bytes = nb * self.kind.block_bytes();
         let rows = self.rows;
         let xr = |i: usize| &xq[i * nb..(i + 1) * nb];
         let alone = alone(m, rows, self.cols);
         if let Some(p) = &self.packed {
             // SAFETY: y has room for m × rows values (the caller's promise).
-            run_interleaved(p, &xq, m, rows, y, alone);
+            run_interleaved(p, xq, m, rows, y, alone);
         }
         let r_off = self.packed_rows();
         let out = SharedMut(y);

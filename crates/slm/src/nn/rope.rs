@@ -252,6 +252,41 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// [`Rope::apply`] to one position's heads in place (`x`: heads of `head_dim` values), the
+    /// same products: a decoded token's queries and keys.
+    pub fn rotate_one(&self, x: &mut [f32], pos: usize) -> Result<()> {
+        if pos >= self.max_positions() {
+            return Err(Error::ContextOverflow {
+                tokens: pos + 1,
+                context: self.max_positions(),
+            });
+        }
+        let (cos, sin) = self.tables_to(pos + 1)?;
+        let half = self.inv_freq.len();
+        if !x.len().is_multiple_of(2 * half) {
+            return Err(Error::msg(format!(
+                "internal: rope over heads of {} with {} values",
+                2 * half,
+                x.len()
+            )));
+        }
+        with_f32(&cos, |c| {
+            with_f32(&sin, |s| {
+                let (c, s) = (&c[pos * half..][..half], &s[pos * half..][..half]);
+                for head in x.chunks_exact_mut(2 * half) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    for j in 0..half {
+                        let (a, b) = (x1[j], x2[j]);
+                        x1[j] = a * c[j] - b * s[j];
+                        x2[j] = a * s[j] + b * c[j];
+                    }
+                }
+            })
+        })?
+    }
+}
+
 /// candle's `rope` (each row's two halves rotated by the position's angles, the same products
 /// in the same order, so bit for bit its result), with the heads spread over the forward
 /// pass's pool. `x` holds heads of `t` rows of `d`; `cos` and `sin` rows of `d / 2`.

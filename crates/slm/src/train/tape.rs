@@ -11,7 +11,9 @@ use super::params::{dropout_mask, Lin, LinCache, Params};
 pub use super::record::Record;
 use super::record::{bias_of, gain};
 use crate::error::{Error, Result};
-use crate::nn::exec::{AttnSpec, Exec, NormKind, Parts, Pool, RelativePositions, Rows, Weights};
+use crate::nn::exec::{
+    array, AttnSpec, Exec, NormKind, Parts, Pool, RelativePositions, Rows, Weights,
+};
 use crate::nn::recurrent::{self, Hidden, Layout, RecurrentSpec, Saved, State};
 use crate::nn::{Activation, Rope};
 
@@ -407,9 +409,12 @@ impl Exec for Tape<'_> {
         }
     }
 
-    fn parts(&mut self, p: &Parts<Lin>, x: &usize) -> Result<Vec<usize>> {
-        match p {
-            Parts::Separate(ls) => ls.iter().map(|l| self.linear(l, x, None)).collect(),
+    fn parts<const N: usize>(&mut self, p: &Parts<Lin>, x: &usize) -> Result<[usize; N]> {
+        array(match p {
+            Parts::Separate(ls) => ls
+                .iter()
+                .map(|l| self.linear(l, x, None))
+                .collect::<Result<_>>()?,
             Parts::Fused(l, widths) => {
                 let y = self.linear(l, x, None)?;
                 let (total, needs) = (l.dout, self.nodes[y].needs);
@@ -427,9 +432,9 @@ impl Exec for Tape<'_> {
                 }
                 // The parts are copies; the linear's backward reads its input, not this.
                 self.nodes[y].value = Vec::new();
-                Ok(out)
+                out
             }
-        }
+        })
     }
 
     fn norm(&mut self, n: &NormP, x: &usize) -> Result<usize> {
