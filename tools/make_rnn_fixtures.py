@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from wlm_reference import RNNClassifier, RNNModel, batchify, evaluate, get_batch, repackage, train, words
+from wlm_reference import (RNNClassifier, RNNModel, batchify, evaluate, exact_clip_, get_batch, repackage,
+                           train, words)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "rnn"
@@ -143,19 +144,6 @@ def record_wlm(name, rnn_type, ninp, nhid, tied, safetensors):
     }
     (d / "reference.json").write_text(json.dumps(ref, indent=1))
     print(name, "vocab", len(vocab), "eval ppl", math.exp(mean_nll), "loss2", loss.item())
-
-
-def exact_clip_(params, max_norm):
-    """clip_grad_norm_ with the norm summed in float64. PyTorch's own float32 norm of a 1e6-value
-    gradient is off by up to ~1e-3 relative on CPU (-1.1e-3 for a 13777 x 200 decoder), which
-    changes the clipped step, so its trajectory leaves any other implementation's after a few
-    steps whatever else they do."""
-    total = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params))
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        for p in params:
-            p.grad.mul_(coef)
-    return total
 
 
 def record_trajectory():

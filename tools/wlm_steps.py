@@ -8,7 +8,7 @@ the two runs apart within a few steps); `--no-mkldnn` runs ATen's LSTM kernels.
     python tools/bench_wlm.py --epochs 1 --seeds 1111 --dropout 0     # prints its work folder
     python tools/wlm_steps.py WORK_DIR [--seed 1111] [--steps 60] [--exact-clip] [--no-mkldnn]
 """
-import argparse, json, math, sys
+import argparse, json, sys
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wlm_reference import RNNModel, batchify, get_batch, repackage, words  # noqa: E402
+from wlm_reference import RNNModel, batchify, exact_clip_, get_batch, repackage, words  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("work")
@@ -49,11 +49,7 @@ for step, i in enumerate(range(0, data.size(0) - 1, 35)):
     loss = crit(out, y)
     loss.backward()
     if a.exact_clip:
-        norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params))
-        coef = 0.25 / (norm + 1e-6)
-        if coef < 1:
-            for p in params:
-                p.grad.mul_(coef)
+        norm = exact_clip_(params, 0.25)
     else:
         norm = float(torch.nn.utils.clip_grad_norm_(params, 0.25))
     for p in params:

@@ -28,100 +28,68 @@ unsafe fn head_attention(
     bias: Option<HeadBias>,
     keys: impl Fn(usize) -> std::ops::Range<usize>,
 ) {
-    SCORES.with_borrow_mut(|scores| {
+    // Each thread's score rows are kept from call to call: a decoded token's heads allocate
+    // nothing.
+    // SAFETY (the block): the pointers are this function's, under its contract.
+    SCORES.with_borrow_mut(|scores| unsafe {
         scores.clear();
         scores.resize(t * nk, 0.0);
-        // SAFETY: as this function's own contract.
-        unsafe {
-            head_scores_values(
-                (q, q_rs),
-                keys_at,
-                (v, v_rs),
-                (out, out_rs),
-                t,
-                nk,
-                hd,
-                sc,
-                bias,
-                keys,
-                scores,
-            )
+        let decoded_from_tiles = t == 1 && matches!(keys_at, KeysAt::Tiles(..));
+        match keys_at {
+            KeysAt::Tiles(tiles, k0) if t == 1 => {
+                tile_scores(q, tiles, k0, nk, hd, sc.scale, scores)
+            }
+            // A prompt's rows: the GEMM wants the keys as rows (it packs them anyway).
+            KeysAt::Tiles(tiles, k0) => {
+                let rows = untile(tiles, k0, nk, hd);
+                qk_gemm((q, q_rs), (rows.as_ptr(), hd), t, nk, hd, sc.scale, scores)
+            }
+            KeysAt::Rows(k, k_rs) => qk_gemm((q, q_rs), (k, k_rs), t, nk, hd, sc.scale, scores),
         }
+        for (i, row) in scores.chunks_mut(nk).enumerate() {
+            let r = keys(i);
+            row[..r.start].fill(0.0);
+            row[r.end..].fill(0.0);
+            if let Some(b) = &bias {
+                b.add(&mut row[r.clone()], r.start, i);
+            }
+            if let Some(cap) = sc.softcap {
+                row[r.clone()]
+                    .iter_mut()
+                    .for_each(|s| *s = cap * (*s / cap).tanh());
+            }
+            softmax_in_place(&mut row[r]);
+        }
+        if decoded_from_tiles {
+            return row_values(scores, keys(0), (v, v_rs), hd, out);
+        }
+        gemm::gemm(
+            t,
+            hd,
+            nk,
+            out,
+            1,
+            out_rs as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            nk as isize,
+            v,
+            1,
+            v_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     })
 }
 
 thread_local! {
-    /// Each thread's score rows, kept from call to call: a decoded token's heads allocate
-    /// nothing.
+    /// Each thread's scores for [`head_attention`].
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// [`head_attention`] with its `t × nk` scores in `scores`.
-///
-/// # Safety
-/// As [`head_attention`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn head_scores_values(
-    (q, q_rs): (*const f32, usize),
-    keys_at: KeysAt,
-    (v, v_rs): (*const f32, usize),
-    (out, out_rs): (*mut f32, usize),
-    t: usize,
-    nk: usize,
-    hd: usize,
-    sc: Scores,
-    bias: Option<HeadBias>,
-    keys: impl Fn(usize) -> std::ops::Range<usize>,
-    scores: &mut [f32],
-) {
-    let decoded_from_tiles = t == 1 && matches!(keys_at, KeysAt::Tiles(..));
-    match keys_at {
-        KeysAt::Tiles(tiles, k0) if t == 1 => tile_scores(q, tiles, k0, nk, hd, sc.scale, scores),
-        // A prompt's rows: the GEMM wants the keys as rows (it packs them anyway).
-        KeysAt::Tiles(tiles, k0) => {
-            let rows = untile(tiles, k0, nk, hd);
-            qk_gemm((q, q_rs), (rows.as_ptr(), hd), t, nk, hd, sc.scale, scores)
-        }
-        KeysAt::Rows(k, k_rs) => qk_gemm((q, q_rs), (k, k_rs), t, nk, hd, sc.scale, scores),
-    }
-    for (i, row) in scores.chunks_mut(nk).enumerate() {
-        let r = keys(i);
-        row[..r.start].fill(0.0);
-        row[r.end..].fill(0.0);
-        if let Some(b) = &bias {
-            b.add(&mut row[r.clone()], r.start, i);
-        }
-        if let Some(cap) = sc.softcap {
-            row[r.clone()]
-                .iter_mut()
-                .for_each(|s| *s = cap * (*s / cap).tanh());
-        }
-        softmax_in_place(&mut row[r]);
-    }
-    if decoded_from_tiles {
-        return row_values(scores, keys(0), (v, v_rs), hd, out);
-    }
-    gemm::gemm(
-        t,
-        hd,
-        nk,
-        out,
-        1,
-        out_rs as isize,
-        false,
-        scores.as_ptr(),
-        1,
-        nk as isize,
-        v,
-        1,
-        v_rs as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
 }
 
 /// `scores = scale·QKᵀ` (`t × nk`) with K as rows of `hd` at stride `k_rs`.

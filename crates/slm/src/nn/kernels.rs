@@ -36,22 +36,7 @@ pub fn tensor(data: Vec<f32>, dims: Vec<usize>) -> Result<Tensor> {
 /// Below this many multiply-adds a GEMM runs on one thread: waking the pool costs more.
 const PAR_MACS: usize = 1 << 18;
 
-/// `y[m, n] = x[m, k] · wt[k, n] + bias`, then `act` in place.
-pub fn linear(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    wt: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    act: Option<Activation>,
-) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
-    linear_into(x, m, k, wt, n, bias, act, &mut y);
-    y
-}
-
-/// [`linear`] into `y` (`m × n` values, overwritten).
+/// `y[m, n] = x[m, k] · wt[k, n] + bias`, then `act` in place (`y` overwritten).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_into(
     x: &[f32],
@@ -429,7 +414,8 @@ mod tests {
             .collect();
         let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
         let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-        let y = linear(&x, m, k, &wt, n, Some(&b), None);
+        let mut y = vec![f32::NAN; m * n];
+        linear_into(&x, m, k, &wt, n, Some(&b), None, &mut y);
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = b[j] + (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum::<f32>();
