@@ -22,11 +22,8 @@ fn assets() -> PathBuf {
     dir
 }
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("slm-bad-input-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir(name: &str) -> crate::scratch::Scratch {
+    crate::scratch::Scratch::new(&format!("bad-input-{name}"))
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -38,7 +35,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// A tiny GPT-2 fixture folder with the real GPT-2 tokenizer files, so the CLI can run it.
-fn gpt2_model(name: &str, format: &str) -> PathBuf {
+fn gpt2_model(name: &str, format: &str) -> crate::scratch::Scratch {
     let d = tempdir(name);
     copy_dir(&fixtures().join("gpt2").join(format), &d);
     d

@@ -5,7 +5,6 @@
 use crate::common;
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use common::{fixtures, smollm2, tempdir};
@@ -49,16 +48,18 @@ fn tensor_info(data: &[u8], name: &str) -> (usize, usize) {
     (at + 4, at + 4 + 8 * n_dims + 4)
 }
 
-fn gguf_with(name: &str, edit: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+/// A folder holding the edited copy as `model.gguf`.
+fn gguf_with(name: &str, edit: impl FnOnce(&mut Vec<u8>)) -> crate::scratch::Scratch {
     let mut data = std::fs::read(smollm2()).unwrap();
     edit(&mut data);
-    let p = tempdir(name).join("model.gguf");
-    std::fs::write(&p, data).unwrap();
-    p
+    let d = tempdir(name);
+    std::fs::write(d.join("model.gguf"), data).unwrap();
+    d
 }
 
 fn gguf_fails(name: &str, edit: impl FnOnce(&mut Vec<u8>), want: &str) {
-    let p = gguf_with(name, edit);
+    let d = gguf_with(name, edit);
+    let p = d.join("model.gguf");
     for cmd in ["info", "generate"] {
         let mut args = vec![cmd, "-m", p.to_str().unwrap()];
         if cmd == "generate" {
@@ -129,7 +130,8 @@ fn gguf_tensor_sizes_that_wrap() {
     };
     gguf_fails("dim2^62", edit, "'token_embd.weight' has a malformed size");
     // quantize must not write it into a new file either.
-    let p = gguf_with("dim2^62-q", edit);
+    let d = gguf_with("dim2^62-q", edit);
+    let p = d.join("model.gguf");
     let out = p.with_file_name("out.gguf");
     fails_naming(
         &[
@@ -183,7 +185,7 @@ fn gguf_alignment_of_zero() {
 
 // ---- config.json ----
 
-fn llama_with(name: &str, edit: Edit) -> PathBuf {
+fn llama_with(name: &str, edit: Edit) -> crate::scratch::Scratch {
     let d = tempdir(name);
     for e in std::fs::read_dir(fixtures().join("llama/safetensors")).unwrap() {
         let e = e.unwrap();
@@ -269,7 +271,7 @@ fn tokenizer_template_with_an_unknown_special_token() {
 // ---- PyTorch .bin ----
 
 /// The GPT-2 fixture's pytorch_model.bin rewritten with `edit` applied to each entry's bytes.
-fn bin_with(name: &str, edit: impl Fn(&str, &mut Vec<u8>)) -> PathBuf {
+fn bin_with(name: &str, edit: impl Fn(&str, &mut Vec<u8>)) -> crate::scratch::Scratch {
     let d = tempdir(name);
     let src = fixtures().join("gpt2/bin");
     for f in ["config.json", "generation_config.json"] {
@@ -420,7 +422,8 @@ fn rust_backtrace_does_not_turn_errors_into_backtraces() {
 
 #[test]
 fn generation_that_fills_the_context_says_so() {
-    let p = gguf_with("ctx32", |d| set_u32(d, "llama.context_length", 32));
+    let d = gguf_with("ctx32", |d| set_u32(d, "llama.context_length", 32));
+    let p = d.join("model.gguf");
     let (code, out, err) = common::run(
         &[
             "generate",

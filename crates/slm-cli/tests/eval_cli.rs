@@ -11,10 +11,8 @@ fn slm(args: &[&str]) -> (i32, String, String) {
     common::run(args, None)
 }
 
-fn model_with_tokenizer(format: &str, name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("slm-eval-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+fn model_with_tokenizer(format: &str, name: &str) -> crate::scratch::Scratch {
+    let d = crate::scratch::Scratch::new(&format!("eval-cli-{name}"));
     for e in std::fs::read_dir(fixtures().join("gpt2").join(format)).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), d.join(e.file_name())).unwrap();

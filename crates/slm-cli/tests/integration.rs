@@ -4,6 +4,8 @@
 mod common;
 #[path = "../../slm/tests/support/mock_hub.rs"]
 mod mock_hub;
+#[path = "../../slm/tests/support/scratch.rs"]
+mod scratch;
 
 mod bad_input;
 mod damaged_files;

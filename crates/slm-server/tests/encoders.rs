@@ -4,8 +4,6 @@
 
 use crate::support;
 
-use std::path::PathBuf;
-
 use serde_json::{json, Value};
 use support::*;
 
@@ -79,7 +77,7 @@ fn embeddings_in_float_and_base64_match_the_library() {
 
 /// A one-label cross-encoder cut from the 3-label BERT fixture: its single logit is the
 /// fixture's first logit, which transformers computed (tests/fixtures/encoders/expected.json).
-fn cross_encoder() -> PathBuf {
+fn cross_encoder() -> support::scratch::Scratch {
     let src = common::fixtures().join("encoders/bert_cls/safetensors");
     let dir = common::tempdir("rerank-cross-encoder");
     for e in std::fs::read_dir(&src).unwrap() {
@@ -127,7 +125,7 @@ fn rerank_scores_with_a_cross_encoder_or_an_embedding_model() {
     let ce = cross_encoder();
     let (_s, base) = start(options(vec![
         minilm(),
-        ce.clone(),
+        ce.to_path_buf(),
         common::fixtures().join("encoders/bert_cls/safetensors"),
         smollm2(),
     ]));

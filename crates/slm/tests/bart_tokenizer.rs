@@ -40,7 +40,8 @@ fn bart_folder(dir: &Path) -> PathBuf {
 
 #[test]
 fn bart_vocab_and_merges_encode_and_decode_as_bart_tokenizer() {
-    let dir = bart_folder(&tempdir("bart-tok"));
+    let scratch = tempdir("bart-tok");
+    let dir = bart_folder(&scratch);
     let tok = Tokenizer::from_hf_folder(&dir).unwrap();
     let want = read_json(fixtures().join("bart_tok/expected.json"));
     assert_eq!(tok.vocab_size(), 50262);
@@ -84,7 +85,8 @@ fn bart_vocab_and_merges_encode_and_decode_as_bart_tokenizer() {
 #[test]
 fn the_same_files_without_a_bart_config_stay_gpt2() {
     // GPT-2's own folders name no model type that makes them RoBERTa-style: nothing is added.
-    let dir = bart_folder(&tempdir("bart-tok-gpt2"));
+    let scratch = tempdir("bart-tok-gpt2");
+    let dir = bart_folder(&scratch);
     std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
     let tok = Tokenizer::from_hf_folder(&dir).unwrap();
     // "Hello world" is GPT-2's 15496 995, moved up by 4.

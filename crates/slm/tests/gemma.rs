@@ -12,7 +12,7 @@ fn folder(family: &str) -> PathBuf {
 }
 
 /// A copy of the fixture's weights with another config.json.
-fn with_config(family: &str, tag: &str, config: &serde_json::Value) -> PathBuf {
+fn with_config(family: &str, tag: &str, config: &serde_json::Value) -> crate::scratch::Scratch {
     let d = common::tempdir(&format!("{family}-{tag}"));
     for e in std::fs::read_dir(folder(family)).unwrap() {
         let e = e.unwrap();

@@ -8,7 +8,7 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
 use slm::convert::{gguf_to_hf, Dtype};
@@ -50,7 +50,7 @@ fn write_bpe_320(dir: &Path) {
 }
 
 /// A copy of the fixture's safetensors folder with a tokenizer beside it.
-fn hf_folder(family: &str, tag: &str) -> PathBuf {
+fn hf_folder(family: &str, tag: &str) -> crate::scratch::Scratch {
     let d = common::tempdir(&format!("export-{tag}"));
     let src = common::fixtures().join(family).join("safetensors");
     for e in std::fs::read_dir(&src).unwrap() {
@@ -62,7 +62,7 @@ fn hf_folder(family: &str, tag: &str) -> PathBuf {
 }
 
 /// Returns the folder holding `model.gguf` and the converted-back `back/`.
-fn round_trip(family: &str) -> PathBuf {
+fn round_trip(family: &str) -> crate::scratch::Scratch {
     let hf = hf_folder(family, family);
     let gguf = hf.join("model.gguf");
     quantize_hf(&hf, None, GgmlDType::F32, &gguf, false, |_, _| {}).unwrap();

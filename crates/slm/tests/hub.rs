@@ -9,11 +9,8 @@ use std::time::{Duration, Instant};
 use mock_hub::{commit, Fault, MockFile, MockHub, MockRepo};
 use slm::hub::{self, HubConfig, HubError, ModelRef, NoProgress, Progress, Selection};
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("slm-hub-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> crate::scratch::Scratch {
+    crate::scratch::Scratch::new(&format!("hub-{name}"))
 }
 
 fn config(hub: &MockHub, cache: &Path) -> HubConfig {
@@ -249,7 +246,7 @@ fn stalled_downloads_time_out_and_resume_while_they_progress() {
     // Nothing at all, every time: two timeouts and one backoff, then a network error.
     let cache = scratch("stall-dead");
     let cfg = HubConfig {
-        cache_dir: cache.clone(),
+        cache_dir: cache.to_path_buf(),
         ..cfg
     };
     hub.fault("tokenizer.json", &vec![Fault::Stall(0); 8]);
@@ -383,7 +380,8 @@ fn gated_missing_and_failing_repos_give_clear_errors() {
 fn server_errors_are_retried_with_backoff() {
     let hub = MockHub::start();
     hub.add_repo("org/small", small_repo());
-    let cfg = config(&hub, &scratch("retry-500"));
+    let cache = scratch("retry-500");
+    let cfg = config(&hub, &cache);
     hub.fault("config.json", &[Fault::Status(500), Fault::Status(503)]);
     let t = Instant::now();
     let only_config = Selection {
@@ -404,7 +402,8 @@ fn server_errors_are_retried_with_backoff() {
         .count();
     assert_eq!(resolves, 3);
 
-    let cfg = config(&hub, &scratch("retry-500-gives-up"));
+    let cache = scratch("retry-500-gives-up");
+    let cfg = config(&hub, &cache);
     hub.fault(
         "config.json",
         &[Fault::Status(500), Fault::Status(500), Fault::Status(500)],
@@ -537,7 +536,8 @@ fn progress_reports_every_byte_and_file() {
     let total: u64 = repo.files.iter().map(|f| f.data.len() as u64).sum();
     hub.add_repo("org/small", repo);
     let tally = Tally::default();
-    let cfg = config(&hub, &scratch("progress"));
+    let cache = scratch("progress");
+    let cfg = config(&hub, &cache);
     hub::pull(
         &ModelRef::parse("org/small").unwrap(),
         &everything(),

@@ -7,6 +7,8 @@ mod allocations;
 mod common;
 #[path = "support/mock_hub.rs"]
 mod mock_hub;
+#[path = "support/scratch.rs"]
+mod scratch;
 #[path = "support/train_fixture.rs"]
 mod train_fixture;
 

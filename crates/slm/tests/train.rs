@@ -314,8 +314,7 @@ fn smollm2_tokenizer() -> slm::tokenize::Tokenizer {
 fn chat_and_completion_data_learn_only_the_answers() {
     use slm::train::causal::{load_causal_data, CausalDataOptions};
     let tok = smollm2_tokenizer();
-    let d = std::env::temp_dir().join(format!("slm-train-data-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
+    let d = crate::scratch::Scratch::new("train-data");
     let path = d.join("sft.jsonl");
     std::fs::write(
         &path,
@@ -556,10 +555,13 @@ fn whole_model_gradients_match_finite_differences() {
 }
 
 /// A copy of a fixture folder with `key` of its config.json set to `value`.
-fn with_config(src: &std::path::Path, name: &str, key: &str, value: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("slm-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+fn with_config(
+    src: &std::path::Path,
+    name: &str,
+    key: &str,
+    value: &str,
+) -> crate::scratch::Scratch {
+    let d = crate::scratch::Scratch::new(&format!("train-{name}"));
     for e in std::fs::read_dir(src).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
@@ -634,7 +636,7 @@ fn encoder_training_and_inference_forwards_give_the_same_logits() {
     let enc = |n: &str| fixtures().join(format!("encoders/{n}/safetensors"));
     let models = [
         ("bert_cls", enc("bert_cls")),
-        ("bert relu", relu),
+        ("bert relu", relu.to_path_buf()),
         ("distilbert_cls", enc("distilbert_cls")),
         ("roberta_cls", enc("roberta_cls")),
         ("bert_mlm", enc("bert_mlm")),

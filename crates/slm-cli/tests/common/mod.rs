@@ -27,12 +27,9 @@ pub fn minilm() -> PathBuf {
     asset("models/all-MiniLM-L6-v2")
 }
 
-/// A fresh, empty folder unique to this test process.
-pub fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("slm-cli-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh, empty folder unique to this process and `name`, removed when dropped.
+pub fn tempdir(name: &str) -> super::scratch::Scratch {
+    super::scratch::Scratch::new(name)
 }
 
 /// Runs the binary (without RUST_BACKTRACE, so errors are one line): exit code, stdout, stderr.

@@ -13,6 +13,8 @@ use slm_server::{ModelSpec, ServeOptions, Server};
 
 #[path = "../../../slm/tests/common/mod.rs"]
 pub mod common;
+#[path = "../../../slm/tests/support/scratch.rs"]
+pub mod scratch;
 
 pub fn smollm2() -> PathBuf {
     common::smollm2_gguf()

@@ -37,12 +37,9 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// A fresh, empty folder under the system temp dir, unique to this process and `name`.
-pub fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("slm-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh, empty folder unique to this process and `name`, removed when dropped.
+pub fn tempdir(name: &str) -> super::scratch::Scratch {
+    super::scratch::Scratch::new(name)
 }
 
 /// The model at `path` against transformers' outputs for the `family` fixture
