@@ -25,8 +25,12 @@ words missing from vocab.txt.
 
 - wlm_lstm/trajectory.json: main.py's training loop continued from that checkpoint for three
   epochs with dropout off, the clipping norm summed exactly: each step's loss and norm.
+- wlm_lstm/dropout.json and wlm_gru_tied/dropout.json: reference.json's second chunk in
+  training mode with dropout 0.2 at main.py's three sites (embedding, between the recurrent
+  layers, output), the masks those slm draws for that batch (its generator replicated below),
+  applied by PyTorch: the loss and gradients.
 
-Run: python tools/make_rnn_fixtures.py [classifiers|trajectory]   (SLM_ASSETS defaults to ../shared/assets)
+Run: python tools/make_rnn_fixtures.py [classifiers|trajectory|dropout]   (SLM_ASSETS defaults to ../shared/assets)
 """
 import json
 import math
@@ -35,6 +39,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -191,6 +196,89 @@ def record_trajectory():
     print("trajectory", len(steps), "steps; valid ppl", [math.exp(e["valid_loss"]) for e in epochs])
 
 
+G = 0x9E3779B97F4A7C15
+M64 = (1 << 64) - 1
+
+
+def slm_step_seed(seed, ids):
+    """slm's train::params::step_seed: FNV-1a of the batch's ids from the run's seed."""
+    h = seed ^ 0xCBF29CE484222325
+    for i in ids:
+        h = ((h ^ i) * 0x100000001B3) & M64
+    return h
+
+
+def slm_mask(n, p, seed):
+    """slm's train::params::dropout_mask: element i is kept (scaled by 1/(1-p)) unless
+    splitmix64(seed + i·G) falls below p·2^64."""
+    i = np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + i * np.uint64(G)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    threshold = np.uint64(int(float(np.float32(p)) * float(M64)))
+    return np.where(z < threshold, 0.0, 1.0 / (1.0 - float(np.float32(p)))).astype(np.float32)
+
+
+def record_dropout(name, rnn_type, ninp, nhid, tied):
+    """reference.json's carried-state chunk in training mode with slm's dropout masks (seed 5,
+    p 0.2): slm's sites are the tape's nodes 1 (embedding), 4 (between the layers) and 7
+    (output), each mask over slm's [sequence, position, feature] rows. PyTorch runs the two
+    layers as one-layer modules so the between-layer mask can be given (nn.LSTM(dropout=p)
+    equals that with F.dropout's mask, bit for bit)."""
+    d = OUT / name
+    r = json.loads((d / "reference.json").read_text())
+    g = r["grad"]
+    b, t, seed, p = g["batch"], g["bptt"], 5, 0.2
+    vocab = (d / "vocab.txt").read_text().splitlines()
+    model = RNNModel(rnn_type, len(vocab), ninp, nhid, 2, dropout=p, tie_weights=tied)
+    if (d / "model.pt").exists():
+        model.load_state_dict(torch.load(d / "model.pt", weights_only=True))
+    else:
+        from safetensors.torch import load_file
+        sd = load_file(str(d / "model.safetensors"))
+        if tied:
+            sd["decoder.weight"] = sd["encoder.weight"]
+        model.load_state_dict(sd)
+    as_tb = lambda v: torch.tensor([int(i) for i in v]).view(b, t).t()
+    x1, x2, y2 = as_tb(g["chunk1"]), as_tb(g["chunk2"]), as_tb(g["targets2"]).reshape(-1)
+    model.eval()
+    with torch.no_grad():
+        _, hidden = model(x1, model.init_hidden(b))
+    step = slm_step_seed(seed, [int(i) for i in g["chunk2"]])
+    masks = [torch.from_numpy(slm_mask(b * t * w, p, step ^ ((site * G) & M64))).view(b, t, w).transpose(0, 1)
+             for site, w in ((1, ninp), (4, nhid), (7, nhid))]
+    layers = [getattr(nn, rnn_type)(ninp if k == 0 else nhid, nhid) for k in range(2)]
+    with torch.no_grad():
+        for k, l in enumerate(layers):
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(l, n + "_l0").copy_(getattr(model.rnn, f"{n}_l{k}"))
+    state = lambda k: tuple(h[k:k + 1] for h in hidden) if rnn_type == "LSTM" else hidden[k:k + 1]
+    model.zero_grad()
+    x = model.encoder(x2) * masks[0]
+    x, _ = layers[0](x, state(0))
+    x, _ = layers[1](x * masks[1], state(1))
+    out = model.decoder(x * masks[2]).view(-1, len(vocab))
+    loss = nn.CrossEntropyLoss()(out, y2)
+    loss.backward()
+    named = dict(model.named_parameters())
+    for k, l in enumerate(layers):
+        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            named[f"rnn.{n}_l{k}"] = getattr(l, n + "_l0")
+    grads = {}
+    for n, prm in named.items():
+        gr = prm.grad.reshape(-1)
+        if n.startswith("rnn.") or n == "decoder.bias":
+            grads[n] = {"all": flat(gr)}
+        else:
+            idx = torch.linspace(0, gr.numel() - 1, 64).long()
+            grads[n] = {"idx": idx.tolist(), "val": flat(gr[idx]), "abs_sum": float(gr.abs().sum())}
+    ref = {"seed": seed, "dropout": p, "sites": [1, 4, 7], "loss": loss.item(), "grads": grads}
+    (d / "dropout.json").write_text(json.dumps(ref, indent=1))
+    print(name, "dropout loss", loss.item())
+
+
 def record_classifier(name, rnn_type, nlayers, bidirectional, pooling):
     from tokenizers import Tokenizer, models, pre_tokenizers
     torch.manual_seed(11)
@@ -236,11 +324,16 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     if sys.argv[1:] == ["trajectory"]:
         return record_trajectory()
+    if sys.argv[1:] == ["dropout"]:
+        record_dropout("wlm_lstm", "LSTM", 24, 24, tied=False)
+        return record_dropout("wlm_gru_tied", "GRU", 20, 20, tied=True)
     if sys.argv[1:] != ["classifiers"]:
         record_cells()
         record_wlm("wlm_lstm", "LSTM", 24, 24, tied=False, safetensors=False)
         record_wlm("wlm_gru_tied", "GRU", 20, 20, tied=True, safetensors=True)
         record_trajectory()
+        record_dropout("wlm_lstm", "LSTM", 24, 24, tied=False)
+        record_dropout("wlm_gru_tied", "GRU", 20, 20, tied=True)
     record_classifier("bilstm_max", "LSTM", 2, True, "max")
     record_classifier("gru_mean", "GRU", 1, False, "mean")
 

@@ -233,7 +233,11 @@ fn ids_of(v: &Value) -> Vec<u32> {
 }
 
 /// RNNModel's loss and gradients on a second chunk whose state is carried (detached) from the
-/// first, dropout off: the family on the training executor against PyTorch's autograd.
+/// first: the family on the training executor against PyTorch's autograd, dropout off
+/// (reference.json) and in training mode with dropout 0.2 at main.py's three sites
+/// (dropout.json: the masks slm draws for the batch, applied by PyTorch). The second shows that
+/// slm's dropout, forward and backward, between the recurrent layers included, is PyTorch's
+/// for any mask: only which masks are drawn differs between the two.
 #[test]
 fn rnn_model_gradients_with_a_carried_state_match_pytorch() {
     use slm::train::lm::{CausalBatch, CausalLm};
@@ -241,14 +245,12 @@ fn rnn_model_gradients_with_a_carried_state_match_pytorch() {
     for name in ["wlm_lstm", "wlm_gru_tied"] {
         let dir = rnn_fixtures().join(name);
         let r = common::read_json(dir.join("reference.json"));
+        let dropped = common::read_json(dir.join("dropout.json"));
         let g = &r["grad"];
         let (b, t) = (
             g["batch"].as_u64().unwrap() as usize,
             g["bptt"].as_u64().unwrap() as usize,
         );
-        let mut m = CausalLm::load(&dir, None, 0).unwrap();
-        assert!(m.recurrent());
-        m.dropout = Dropout::Off;
         let batch = |ids: Vec<u32>, targets: Vec<Option<u32>>| CausalBatch {
             ids,
             targets,
@@ -256,46 +258,70 @@ fn rnn_model_gradients_with_a_carried_state_match_pytorch() {
             t,
         };
         let first = batch(ids_of(&g["chunk1"]), vec![None; b * t]);
-        let (_, _, states) = m.loss_sum_with(&first, Vec::new()).unwrap();
-        assert!(
-            states.iter().all(Option::is_some),
-            "{name}: no state carried"
-        );
         let targets = ids_of(&g["targets2"]).into_iter().map(Some).collect();
         let second = batch(ids_of(&g["chunk2"]), targets);
-        m.params.zero_grad();
-        let (loss, _) = m.forward_backward_with(&second, 1, states).unwrap();
-        let want = g["loss"].as_f64().unwrap();
-        assert!((loss - want).abs() < 1e-5, "{name}: loss {loss} vs {want}");
-        let grads = g["grads"].as_object().unwrap();
-        for (pname, w) in grads {
-            let p = m
-                .params
-                .list
-                .iter()
-                .find(|p| &p.name == pname)
-                .unwrap_or_else(|| panic!("{name}: no parameter {pname}"));
-            let got = p.grad.as_ref().unwrap();
-            if let Some(all) = w.get("all") {
-                close(&format!("{name} d{pname}"), got, &floats(all), 1e-4);
-            } else {
-                let picked: Vec<f32> = ids_of(&w["idx"]).iter().map(|&i| got[i as usize]).collect();
-                close(
-                    &format!("{name} d{pname} (sampled)"),
-                    &picked,
-                    &floats(&w["val"]),
-                    1e-4,
-                );
-                let sum: f64 = got.iter().map(|x| x.abs() as f64).sum();
-                let want = w["abs_sum"].as_f64().unwrap();
-                assert!(
-                    (sum / want - 1.0).abs() < 1e-4,
-                    "{name} |d{pname}|: {sum} vs {want}"
-                );
-            }
+        let cases = [
+            ("no dropout", 0, Dropout::Off, g),
+            (
+                "dropout",
+                dropped["seed"].as_u64().unwrap(),
+                Dropout::Rate(dropped["dropout"].as_f64().unwrap() as f32),
+                &dropped,
+            ),
+        ];
+        for (case, seed, dropout, want) in cases {
+            let name = format!("{name} ({case})");
+            let mut m = CausalLm::load(&dir, None, seed).unwrap();
+            assert!(m.recurrent());
+            m.dropout = dropout;
+            let (_, _, states) = m.loss_sum_with(&first, Vec::new()).unwrap();
+            assert!(
+                states.iter().all(Option::is_some),
+                "{name}: no state carried"
+            );
+            m.params.zero_grad();
+            let (loss, _) = m.forward_backward_with(&second, 1, states).unwrap();
+            let want_loss = want["loss"].as_f64().unwrap();
+            assert!(
+                (loss - want_loss).abs() < 1e-5,
+                "{name}: loss {loss} vs {want_loss}"
+            );
+            check_grads(&name, &m.params, want["grads"].as_object().unwrap());
         }
-        assert_eq!(grads.len(), m.params.list.len(), "{name}: parameters");
     }
+}
+
+fn check_grads(
+    name: &str,
+    params: &slm::train::params::Params,
+    grads: &serde_json::Map<String, Value>,
+) {
+    for (pname, w) in grads {
+        let p = params
+            .list
+            .iter()
+            .find(|p| &p.name == pname)
+            .unwrap_or_else(|| panic!("{name}: no parameter {pname}"));
+        let got = p.grad.as_ref().unwrap();
+        if let Some(all) = w.get("all") {
+            close(&format!("{name} d{pname}"), got, &floats(all), 1e-4);
+        } else {
+            let picked: Vec<f32> = ids_of(&w["idx"]).iter().map(|&i| got[i as usize]).collect();
+            close(
+                &format!("{name} d{pname} (sampled)"),
+                &picked,
+                &floats(&w["val"]),
+                1e-4,
+            );
+            let sum: f64 = got.iter().map(|x| x.abs() as f64).sum();
+            let want = w["abs_sum"].as_f64().unwrap();
+            assert!(
+                (sum / want - 1.0).abs() < 1e-4,
+                "{name} |d{pname}|: {sum} vs {want}"
+            );
+        }
+    }
+    assert_eq!(grads.len(), params.list.len(), "{name}: parameters");
 }
 
 /// A recurrent text classifier (tools/make_rnn_fixtures.py: PyTorch's modules at their own
