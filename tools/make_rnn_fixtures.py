@@ -29,6 +29,8 @@ words missing from vocab.txt.
   training mode with dropout 0.2 at main.py's three sites (embedding, between the recurrent
   layers, output), the masks those slm draws for that batch (its generator replicated below),
   applied by PyTorch: the loss and gradients.
+- bilstm_max/dropout.json and gru_mean/dropout.json: the same for the classifiers' batch
+  (dropout 0.3 on the embedding, between the layers and on the pooled vector).
 
 Run: python tools/make_rnn_fixtures.py [classifiers|trajectory|dropout]   (SLM_ASSETS defaults to ../shared/assets)
 """
@@ -318,6 +320,71 @@ def record_classifier(name, rnn_type, nlayers, bidirectional, pooling):
     (d / "reference.json").write_text(json.dumps(ref, indent=1))
 
 
+def record_classifier_dropout(name, rnn_type, nlayers, bidirectional, pooling):
+    """The classifier's batch in training mode with the dropout masks slm draws (seed 5, p 0.3).
+    slm's tape numbers its nodes embedding 0, dropout 1, then per layer a projection and a
+    recurrence per direction and a concatenation of two directions, a dropout before every
+    layer but the first, then the pooling and the head's dropout; PyTorch runs the layers as
+    one-layer modules over packed sequences so the between-layer mask can be given."""
+    d = OUT / name
+    r = json.loads((d / "reference.json").read_text())
+    cfg = json.loads((d / "config.json").read_text())
+    from safetensors.torch import load_file
+    sd = load_file(str(d / "model.safetensors"))
+    seed, p = 5, 0.3
+    ninp, nhid, dirs = cfg["ninp"], cfg["nhid"], 2 if bidirectional else 1
+    model = RNNClassifier(rnn_type, cfg["ntoken"], ninp, nhid, nlayers, len(cfg["labels"]),
+                          bidirectional=bidirectional, pooling=pooling, dropout=p)
+    model.load_state_dict(sd)
+    ids = r["ids"]
+    b, t = len(ids), max(map(len, ids))
+    padded = [i + [0] * (t - len(i)) for i in ids]
+    x, lengths = torch.tensor(padded), torch.tensor([len(i) for i in ids])
+    step = slm_step_seed(seed, [i for row in padded for i in row])
+    node, sites = 2, [(1, b * t * ninp)]
+    for k in range(nlayers):
+        if k > 0:
+            sites.append((node, b * t * nhid * dirs))
+            node += 1
+        node += 2 * dirs + (1 if dirs == 2 else 0)
+    node += 1  # the pooling
+    sites.append((node, b * nhid * dirs))
+    masks = [torch.from_numpy(slm_mask(n, p, step ^ ((site * G) & M64))) for site, n in sites]
+    layers = [getattr(nn, rnn_type)(ninp if k == 0 else nhid * dirs, nhid, 1, batch_first=True,
+                                    bidirectional=bidirectional) for k in range(nlayers)]
+    with torch.no_grad():
+        for k, l in enumerate(layers):
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                for sfx in ([""] + (["_reverse"] if bidirectional else [])):
+                    getattr(l, f"{n}_l0{sfx}").copy_(getattr(model.rnn, f"{n}_l{k}{sfx}"))
+    model.train()
+    model.zero_grad()
+    h = model.encoder(x) * masks[0].view(b, t, ninp)
+    for k, l in enumerate(layers):
+        if k > 0:
+            h = h * masks[k].view(b, t, nhid * dirs)
+        packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = l(packed)
+        h, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=t)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).unsqueeze(-1)
+    if pooling == "max":
+        pooled = h.masked_fill(~mask, float("-inf")).max(1).values
+    else:
+        pooled = (h * mask).sum(1) / lengths[:, None].to(h.dtype)
+    logits = model.classifier(pooled * masks[-1].view(b, nhid * dirs))
+    loss = nn.functional.cross_entropy(logits, torch.tensor(r["labels"]))
+    loss.backward()
+    named = {n: prm for n, prm in model.named_parameters() if not n.startswith("rnn.")}
+    for k, l in enumerate(layers):
+        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            for sfx in ([""] + (["_reverse"] if bidirectional else [])):
+                named[f"rnn.{n}_l{k}{sfx}"] = getattr(l, f"{n}_l0{sfx}")
+    ref = {"seed": seed, "dropout": p, "sites": [s for s, _ in sites], "loss": float(loss),
+           "grads": {n: flat(prm.grad) for n, prm in named.items()}}
+    (d / "dropout.json").write_text(json.dumps(ref, indent=1))
+    print(name, "dropout loss", float(loss), "sites", ref["sites"])
+
+
 def main():
     print("torch", torch.__version__)
     torch.set_num_threads(2)
@@ -326,7 +393,9 @@ def main():
         return record_trajectory()
     if sys.argv[1:] == ["dropout"]:
         record_dropout("wlm_lstm", "LSTM", 24, 24, tied=False)
-        return record_dropout("wlm_gru_tied", "GRU", 20, 20, tied=True)
+        record_dropout("wlm_gru_tied", "GRU", 20, 20, tied=True)
+        record_classifier_dropout("bilstm_max", "LSTM", 2, True, "max")
+        return record_classifier_dropout("gru_mean", "GRU", 1, False, "mean")
     if sys.argv[1:] != ["classifiers"]:
         record_cells()
         record_wlm("wlm_lstm", "LSTM", 24, 24, tied=False, safetensors=False)
@@ -336,6 +405,8 @@ def main():
         record_dropout("wlm_gru_tied", "GRU", 20, 20, tied=True)
     record_classifier("bilstm_max", "LSTM", 2, True, "max")
     record_classifier("gru_mean", "GRU", 1, False, "mean")
+    record_classifier_dropout("bilstm_max", "LSTM", 2, True, "max")
+    record_classifier_dropout("gru_mean", "GRU", 1, False, "mean")
 
 
 if __name__ == "__main__":

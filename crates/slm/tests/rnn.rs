@@ -326,7 +326,8 @@ fn check_grads(
 
 /// A recurrent text classifier (tools/make_rnn_fixtures.py: PyTorch's modules at their own
 /// initialisation, packed sequences of different lengths): the training executor's logits,
-/// loss and every gradient, and the inference executor's probabilities, against PyTorch's.
+/// loss and every gradient (dropout off, and with the masks slm draws), and the inference
+/// executor's probabilities, against PyTorch's.
 fn check_classifier(name: &str) {
     use slm::tokenize::EncoderInput;
     use slm::train::bert::Batch;
@@ -362,25 +363,35 @@ fn check_classifier(name: &str) {
         &want,
         1e-5,
     );
-    let loss = m.forward_backward(&batch, 1).unwrap();
-    let want_loss = r["loss"].as_f64().unwrap();
-    assert!(
-        (loss - want_loss).abs() < 1e-5,
-        "{name}: loss {loss} vs {want_loss}"
-    );
-    let grads = r["grads"].as_object().unwrap();
-    assert_eq!(grads.len(), m.params.list.len(), "{name}: parameters");
-    for p in &m.params.list {
-        let want = grads
-            .get(&p.name)
-            .unwrap_or_else(|| panic!("{name}: PyTorch has no parameter {}", p.name));
-        close(
-            &format!("{name} d{}", p.name),
-            p.grad.as_deref().unwrap(),
-            &floats(want),
-            1e-4,
+    let train_step = |m: &mut RnnClassifierTrain, case: &str, want: &Value| {
+        m.params.zero_grad();
+        let loss = m.forward_backward(&batch, 1).unwrap();
+        let want_loss = want["loss"].as_f64().unwrap();
+        assert!(
+            (loss - want_loss).abs() < 1e-5,
+            "{name} ({case}): loss {loss} vs {want_loss}"
         );
-    }
+        let grads = want["grads"].as_object().unwrap();
+        assert_eq!(grads.len(), m.params.list.len(), "{name}: parameters");
+        for p in &m.params.list {
+            let want = grads
+                .get(&p.name)
+                .unwrap_or_else(|| panic!("{name}: PyTorch has no parameter {}", p.name));
+            close(
+                &format!("{name} ({case}) d{}", p.name),
+                p.grad.as_deref().unwrap(),
+                &floats(want),
+                1e-4,
+            );
+        }
+    };
+    train_step(&mut m, "no dropout", &r);
+    // Training mode: the dropout masks slm draws for this batch, applied by PyTorch (on the
+    // embedding, between the layers and on the pooled vector), give the same loss and gradients.
+    let dropped = common::read_json(dir.join("dropout.json"));
+    let mut dm = RnnClassifierTrain::load(&dir, dropped["seed"].as_u64().unwrap()).unwrap();
+    dm.dropout = slm::train::tape::Dropout::Rate(dropped["dropout"].as_f64().unwrap() as f32);
+    train_step(&mut dm, "dropout", &dropped);
     // Inference: the same network over the inference executor, from the texts.
     let c = slm::encode::rnn::RnnTextClassifier::load(&dir).unwrap();
     let texts: Vec<&str> = r["texts"]
