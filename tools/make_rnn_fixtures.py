@@ -70,6 +70,33 @@ def flat(t):
     return [round(float(v), 8) for v in t.detach().reshape(-1).tolist()]
 
 
+def sampled_grads(named):
+    """Every gradient of the recurrent layers and the decoder bias; 64 samples and the absolute
+    sum of the larger ones."""
+    grads = {}
+    for n, prm in named.items():
+        g = prm.grad.reshape(-1)
+        if n.startswith("rnn.") or n == "decoder.bias":
+            grads[n] = {"all": flat(g)}
+        else:
+            idx = torch.linspace(0, g.numel() - 1, 64).long()
+            grads[n] = {"idx": idx.tolist(), "val": flat(g[idx]), "abs_sum": float(g.abs().sum())}
+    return grads
+
+
+def one_layer_modules(rnn, layers, bidirectional=False):
+    """Copies each layer of the stacked `rnn` into the one-layer module `layers[k]` (so that a
+    mask can be given between them) and returns the copies' parameters under `rnn`'s names."""
+    named = {}
+    with torch.no_grad():
+        for k, l in enumerate(layers):
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                for sfx in [""] + (["_reverse"] if bidirectional else []):
+                    getattr(l, f"{n}_l0{sfx}").copy_(getattr(rnn, f"{n}_l{k}{sfx}"))
+                    named[f"rnn.{n}_l{k}{sfx}"] = getattr(l, f"{n}_l0{sfx}")
+    return named
+
+
 def record_cells():
     torch.manual_seed(7)
     out = {}
@@ -133,14 +160,7 @@ def record_wlm(name, rnn_type, ninp, nhid, tied, safetensors):
     out, _ = model(x2, repackage(hidden))
     loss = nn.CrossEntropyLoss()(out, y2)
     loss.backward()
-    grads = {}
-    for n, p in model.named_parameters():
-        g = p.grad.reshape(-1)
-        if n.startswith("rnn.") or n == "decoder.bias":
-            grads[n] = {"all": flat(g)}
-        else:
-            idx = torch.linspace(0, g.numel() - 1, 64).long()
-            grads[n] = {"idx": idx.tolist(), "val": flat(g[idx]), "abs_sum": float(g.abs().sum())}
+    grads = sampled_grads(dict(model.named_parameters()))
     ref = {
         "rnn_type": rnn_type, "ntoken": len(vocab), "ninp": ninp, "nhid": nhid, "nlayers": 2,
         "tied": tied, "eval_lines": list(EVAL_LINES), "eval_tokens": len(eval_ids),
@@ -252,10 +272,7 @@ def record_dropout(name, rnn_type, ninp, nhid, tied):
     masks = [torch.from_numpy(slm_mask(b * t * w, p, step ^ ((site * G) & M64))).view(b, t, w).transpose(0, 1)
              for site, w in ((1, ninp), (4, nhid), (7, nhid))]
     layers = [getattr(nn, rnn_type)(ninp if k == 0 else nhid, nhid) for k in range(2)]
-    with torch.no_grad():
-        for k, l in enumerate(layers):
-            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                getattr(l, n + "_l0").copy_(getattr(model.rnn, f"{n}_l{k}"))
+    copies = one_layer_modules(model.rnn, layers)
     state = lambda k: tuple(h[k:k + 1] for h in hidden) if rnn_type == "LSTM" else hidden[k:k + 1]
     model.zero_grad()
     x = model.encoder(x2) * masks[0]
@@ -264,18 +281,7 @@ def record_dropout(name, rnn_type, ninp, nhid, tied):
     out = model.decoder(x * masks[2]).view(-1, len(vocab))
     loss = nn.CrossEntropyLoss()(out, y2)
     loss.backward()
-    named = dict(model.named_parameters())
-    for k, l in enumerate(layers):
-        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            named[f"rnn.{n}_l{k}"] = getattr(l, n + "_l0")
-    grads = {}
-    for n, prm in named.items():
-        gr = prm.grad.reshape(-1)
-        if n.startswith("rnn.") or n == "decoder.bias":
-            grads[n] = {"all": flat(gr)}
-        else:
-            idx = torch.linspace(0, gr.numel() - 1, 64).long()
-            grads[n] = {"idx": idx.tolist(), "val": flat(gr[idx]), "abs_sum": float(gr.abs().sum())}
+    grads = sampled_grads({**dict(model.named_parameters()), **copies})
     ref = {"seed": seed, "dropout": p, "sites": [1, 4, 7], "loss": loss.item(), "grads": grads}
     (d / "dropout.json").write_text(json.dumps(ref, indent=1))
     print(name, "dropout loss", loss.item())
@@ -352,11 +358,7 @@ def record_classifier_dropout(name, rnn_type, nlayers, bidirectional, pooling):
     masks = [torch.from_numpy(slm_mask(n, p, step ^ ((site * G) & M64))) for site, n in sites]
     layers = [getattr(nn, rnn_type)(ninp if k == 0 else nhid * dirs, nhid, 1, batch_first=True,
                                     bidirectional=bidirectional) for k in range(nlayers)]
-    with torch.no_grad():
-        for k, l in enumerate(layers):
-            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                for sfx in ([""] + (["_reverse"] if bidirectional else [])):
-                    getattr(l, f"{n}_l0{sfx}").copy_(getattr(model.rnn, f"{n}_l{k}{sfx}"))
+    copies = one_layer_modules(model.rnn, layers, bidirectional)
     model.train()
     model.zero_grad()
     h = model.encoder(x) * masks[0].view(b, t, ninp)
@@ -375,10 +377,7 @@ def record_classifier_dropout(name, rnn_type, nlayers, bidirectional, pooling):
     loss = nn.functional.cross_entropy(logits, torch.tensor(r["labels"]))
     loss.backward()
     named = {n: prm for n, prm in model.named_parameters() if not n.startswith("rnn.")}
-    for k, l in enumerate(layers):
-        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            for sfx in ([""] + (["_reverse"] if bidirectional else [])):
-                named[f"rnn.{n}_l{k}{sfx}"] = getattr(l, f"{n}_l0{sfx}")
+    named.update(copies)
     ref = {"seed": seed, "dropout": p, "sites": [s for s, _ in sites], "loss": float(loss),
            "grads": {n: flat(prm.grad) for n, prm in named.items()}}
     (d / "dropout.json").write_text(json.dumps(ref, indent=1))
